@@ -1,0 +1,2 @@
+//! podsnap benchmarks (placeholder).
+fn main() {}

@@ -1,0 +1,1 @@
+//! CRIU RPC client (placeholder until the crate lands).

@@ -1,0 +1,1 @@
+//! Harness for podsnap end-to-end tests (placeholder).

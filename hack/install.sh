@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Install everything podsnap's node, tests and demo need, idempotently, cached in $PODSNAP_CACHE:
+# Debian packages, CRIU from source, containerd/runc/crictl/critest/CNI/checkpointctl from their
+# Go modules. Each built artefact is keyed by version and recipe, so a rerun costs seconds.
+set -euo pipefail
+# shellcheck source=hack/lib.sh
+. "$(dirname "$0")/lib.sh"
+require_root
+mkdir -p "$PODSNAP_BIN" "$PODSNAP_CACHE/src" "$PODSNAP_CACHE/stamps"
+export DEBIAN_FRONTEND=noninteractive
+
+APT_PACKAGES=(
+	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev
+	libseccomp-dev iptables iproute2 util-linux procps psmisc
+	libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
+	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
+	docker-registry shellcheck busybox-static python3
+)
+
+# stamp NAME RECIPE: true when NAME was built with this exact RECIPE before.
+stamp_ok() { [ -f "$PODSNAP_CACHE/stamps/$1" ] && [ "$(cat "$PODSNAP_CACHE/stamps/$1")" = "$2" ]; }
+stamp_set() { printf '%s' "$2" >"$PODSNAP_CACHE/stamps/$1"; }
+
+install_apt() {
+	local missing=()
+	for p in "${APT_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	apt-get update -q
+	apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+}
+
+# Debian's trixie suite carries CRIU 4.1.1's upstream tarball; bookworm's CRIU 3.17 fails on this
+# kernel. Only the source is fetched: trixie binaries would pull a newer libc.
+trixie_source() {
+	local pkg=$1 list=/etc/apt/sources.list.d/podsnap-trixie-src.sources uri
+	if [ ! -f "$list" ]; then
+		uri=$(grep -hoE '^URIs: *[^ ]+' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
+		[ -n "$uri" ] || uri=$(grep -hoE '^deb +[^ ]+' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
+		[ -n "$uri" ] || die "cannot find the Debian mirror in apt's configuration"
+		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
+		apt-get update -q
+	fi
+	(cd "$PODSNAP_CACHE/src" && apt-get source --download-only "$pkg/trixie" </dev/null) || true
+}
+
+install_criu() {
+	local recipe="criu-$CRIU_VERSION-r1"
+	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
+	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir
+	[ -f "$tarball" ] || trixie_source criu
+	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
+	dir=$(mktemp -d)
+	tar -C "$dir" -xf "$tarball"
+	make -C "$dir/criu-$CRIU_VERSION" -j"$(nproc)" criu >/dev/null
+	install -m 0755 "$dir/criu-$CRIU_VERSION/criu/criu" "$PODSNAP_BIN/criu"
+	rm -rf "$dir"
+	"$PODSNAP_BIN/criu" --version
+	stamp_set criu "$recipe"
+}
+
+# go_module MODULE VERSION: print a writable copy of the module's source tree.
+go_module() {
+	local dir src
+	dir=$(GOFLAGS=-mod=mod go mod download -json "$1@$2" | jq -r .Dir)
+	[ -d "$dir" ] || die "go mod download $1@$2 failed"
+	src=$(mktemp -d)
+	cp -r "$dir/." "$src/"
+	chmod -R u+w "$src"
+	echo "$src"
+}
+
+install_containerd() {
+	local recipe="containerd-$CONTAINERD_VERSION-r1" src
+	stamp_ok containerd "$recipe" && return 0
+	src=$(go_module github.com/containerd/containerd/v2 "$CONTAINERD_VERSION")
+	(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=1 go build -tags "no_btrfs" -trimpath \
+		-ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+		-o "$PODSNAP_BIN/" ./cmd/containerd ./cmd/ctr ./cmd/containerd-shim-runc-v2)
+	rm -rf "$src"
+	stamp_set containerd "$recipe"
+}
+
+install_runc() {
+	local recipe="runc-$RUNC_VERSION-r1" src
+	stamp_ok runc "$recipe" && return 0
+	src=$(go_module github.com/opencontainers/runc "$RUNC_VERSION")
+	(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=1 go build -tags seccomp -trimpath \
+		-ldflags "-s -w -X main.version=${RUNC_VERSION#v}" -o "$PODSNAP_BIN/runc" .)
+	rm -rf "$src"
+	stamp_set runc "$recipe"
+}
+
+install_cri_tools() {
+	local recipe="cri-tools-$CRI_TOOLS_VERSION-r1" src
+	stamp_ok cri-tools "$recipe" && return 0
+	src=$(go_module sigs.k8s.io/cri-tools "$CRI_TOOLS_VERSION")
+	(cd "$src" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
+		-o "$PODSNAP_BIN/crictl" ./cmd/crictl &&
+		GOFLAGS=-mod=mod go test -c -trimpath -o "$PODSNAP_BIN/critest" ./cmd/critest)
+	rm -rf "$src"
+	stamp_set cri-tools "$recipe"
+}
+
+install_cni() {
+	local recipe="cni-$CNI_PLUGINS_VERSION-r1" src
+	stamp_ok cni "$recipe" && return 0
+	src=$(go_module github.com/containernetworking/plugins "$CNI_PLUGINS_VERSION")
+	mkdir -p "$PODSNAP_CACHE/cni/bin"
+	(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$PODSNAP_CACHE/cni/bin/" \
+		./plugins/main/bridge ./plugins/main/loopback ./plugins/ipam/host-local ./plugins/meta/portmap)
+	rm -rf "$src"
+	stamp_set cni "$recipe"
+}
+
+install_checkpointctl() {
+	local recipe="checkpointctl-$CHECKPOINTCTL_VERSION-r1" src
+	stamp_ok checkpointctl "$recipe" && return 0
+	src=$(go_module github.com/checkpoint-restore/checkpointctl "$CHECKPOINTCTL_VERSION")
+	(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$PODSNAP_BIN/checkpointctl" .)
+	rm -rf "$src"
+	stamp_set checkpointctl "$recipe"
+}
+
+main() {
+	local t0
+	t0=$(date +%s)
+	step apt install_apt
+	step criu install_criu
+	step runc install_runc
+	step containerd install_containerd
+	step cni install_cni
+	step cri-tools install_cri_tools
+	step checkpointctl install_checkpointctl
+	log "install done in $(($(date +%s) - t0))s"
+}
+main "$@"

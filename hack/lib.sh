@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Shared settings for podsnap's hack/ scripts: where the toolchain is cached, where a node keeps
+# its state, and small helpers. Sourced, never executed.
+
+PODSNAP_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PODSNAP_ROOT
+# Built tools live outside the repository, keyed by version, so reruns cost nothing.
+export PODSNAP_CACHE=${PODSNAP_CACHE:-/var/cache/podsnap}
+export PODSNAP_BIN=$PODSNAP_CACHE/bin
+# A node's runtime state (sockets, pid files) and persistent state (images, snapshots).
+export PODSNAP_NODE_RUN=${PODSNAP_NODE_RUN:-/run/podsnap-node}
+export PODSNAP_NODE_LIB=${PODSNAP_NODE_LIB:-/var/lib/podsnap-node}
+export CONTAINERD_SOCK=$PODSNAP_NODE_RUN/containerd/containerd.sock
+export PODSNAP_REGISTRY=127.0.0.1:5000
+
+# Pinned versions of everything built from source.
+export CRIU_VERSION=4.1.1
+export CONTAINERD_VERSION=v2.4.2
+export RUNC_VERSION=v1.3.7
+export CRI_TOOLS_VERSION=v1.37.0
+export CNI_PLUGINS_VERSION=v1.10.0
+export CHECKPOINTCTL_VERSION=v1.4.0
+
+export PATH=$PODSNAP_BIN:/usr/local/go/bin:$HOME/.cargo/bin:/usr/sbin:/sbin:$PATH
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# step NAME CMD...: run a step, logging how long it took.
+step() {
+	local name=$1 start rc
+	shift
+	start=$(date +%s)
+	log "==> $name"
+	"$@"
+	rc=$?
+	log "<== $name: rc=$rc in $(($(date +%s) - start))s"
+	return $rc
+}
+
+require_root() { [ "$(id -u)" = 0 ] || die "must run as root (containerd, CRIU and cgroups need it)"; }
