@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
 	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev
 	libseccomp-dev iptables iproute2 util-linux procps psmisc
-	libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
+	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
 	docker-registry shellcheck busybox-static python3
 )
@@ -114,6 +114,21 @@ install_cni() {
 	stamp_set cni "$recipe"
 }
 
+# critest --parallel N hands the run to the ginkgo CLI, which must be on PATH: build it at the
+# version cri-tools pins in its go.mod, so the CLI and the suite compiled into critest match.
+install_ginkgo() {
+	local gomod version recipe src
+	gomod=$(GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/cri-tools@$CRI_TOOLS_VERSION" | jq -r .GoMod)
+	version=$(awk '$1 == "github.com/onsi/ginkgo/v2" {print $2; exit}' "$gomod")
+	[ -n "$version" ] || die "cannot find ginkgo's version in $gomod"
+	recipe="ginkgo-$version-r1"
+	stamp_ok ginkgo "$recipe" && [ -x "$PODSNAP_BIN/ginkgo" ] && return 0
+	src=$(go_module github.com/onsi/ginkgo/v2 "$version")
+	(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$PODSNAP_BIN/ginkgo" ./ginkgo)
+	rm -rf "$src"
+	stamp_set ginkgo "$recipe"
+}
+
 install_checkpointctl() {
 	local recipe="checkpointctl-$CHECKPOINTCTL_VERSION-r1" src
 	stamp_ok checkpointctl "$recipe" && return 0
@@ -132,6 +147,7 @@ main() {
 	step containerd install_containerd
 	step cni install_cni
 	step cri-tools install_cri_tools
+	step ginkgo install_ginkgo
 	step checkpointctl install_checkpointctl
 	log "install done in $(($(date +%s) - t0))s"
 }
