@@ -1,0 +1,157 @@
+//! A container's cgroup, seen from the shim: the processes in it, freezing it, changing its
+//! resources and reading its statistics in the form containerd's `Stats` call returns
+//! (`io.containerd.cgroups.v1.Metrics`). Creating and removing the cgroup is libcontainer's job.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat, Throttle,
+};
+use libcgroups::common::{
+    AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt, FreezerState,
+};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxResources, Spec};
+
+/// Where cgroup filesystems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup of one container, named by the spec's `cgroupsPath`.
+#[derive(Debug, Clone)]
+pub struct ContainerCgroup {
+    pub path: PathBuf,
+    container_id: String,
+}
+
+impl ContainerCgroup {
+    pub fn of(spec: &Spec, container_id: &str) -> Self {
+        let configured = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+        Self {
+            path: libcontainer::utils::get_cgroup_path(&configured, container_id),
+            container_id: container_id.to_string(),
+        }
+    }
+
+    fn manager(&self) -> anyhow::Result<AnyCgroupManager> {
+        libcgroups::common::create_cgroup_manager(CgroupConfig {
+            cgroup_path: self.path.clone(),
+            systemd_cgroup: false,
+            container_name: self.container_id.clone(),
+        })
+        .with_context(|| format!("open cgroup {}", self.path.display()))
+    }
+
+    /// Every process in the cgroup.
+    pub fn pids(&self) -> anyhow::Result<Vec<Pid>> {
+        self.manager()?
+            .get_all_pids()
+            .with_context(|| format!("list processes of cgroup {}", self.path.display()))
+    }
+
+    /// Freezes (`true`) or thaws the cgroup.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let state = if frozen {
+            FreezerState::Frozen
+        } else {
+            FreezerState::Thawed
+        };
+        self.manager()?
+            .freeze(state)
+            .with_context(|| format!("freeze={frozen} cgroup {}", self.path.display()))
+    }
+
+    /// Applies new resource limits.
+    pub fn update(&self, resources: &LinuxResources) -> anyhow::Result<()> {
+        self.manager()?
+            .apply(&ControllerOpt {
+                resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .with_context(|| format!("update resources of cgroup {}", self.path.display()))
+    }
+
+    /// The v1 hierarchy directory of `controller`, if this host runs cgroup v1 for it.
+    pub fn v1_dir(&self, controller: &str) -> Option<PathBuf> {
+        let relative = self.path.strip_prefix("/").unwrap_or(&self.path);
+        let dir = Path::new(CGROUP_ROOT).join(controller).join(relative);
+        dir.is_dir().then_some(dir)
+    }
+
+    /// The unified (v2) directory of the cgroup, when the host is cgroup v2 only.
+    pub fn v2_dir(&self) -> Option<PathBuf> {
+        if !Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+            return None;
+        }
+        let relative = self.path.strip_prefix("/").unwrap_or(&self.path);
+        Some(Path::new(CGROUP_ROOT).join(relative))
+    }
+
+    /// Statistics in containerd's cgroup v1 metrics format.
+    pub fn metrics(&self) -> anyhow::Result<Metrics> {
+        let stats = self
+            .manager()?
+            .stats()
+            .with_context(|| format!("read statistics of cgroup {}", self.path.display()))?;
+        let mut metrics = Metrics::new();
+
+        let mut usage = CPUUsage::new();
+        usage.total = stats.cpu.usage.usage_total;
+        usage.user = stats.cpu.usage.usage_user;
+        usage.kernel = stats.cpu.usage.usage_kernel;
+        usage.per_cpu = stats.cpu.usage.per_core_usage_total.clone();
+        if usage.total == 0 {
+            // libcgroups' v1 statistics leave out cpuacct; read it directly.
+            if let Some(total) = self.v1_cpuacct_usage() {
+                usage.total = total;
+            }
+        }
+        let mut throttling = Throttle::new();
+        throttling.periods = stats.cpu.throttling.periods;
+        throttling.throttled_periods = stats.cpu.throttling.throttled_periods;
+        throttling.throttled_time = stats.cpu.throttling.throttled_time;
+        let mut cpu = CPUStat::new();
+        cpu.usage = Some(usage).into();
+        cpu.throttling = Some(throttling).into();
+        metrics.cpu = Some(cpu).into();
+
+        let entry = |data: &libcgroups::stats::MemoryData| {
+            let mut entry = MemoryEntry::new();
+            entry.usage = data.usage;
+            entry.max = data.max_usage;
+            entry.failcnt = data.fail_count;
+            entry.limit = data.limit;
+            entry
+        };
+        let stat = |key: &str| stats.memory.stats.get(key).copied().unwrap_or_default();
+        let mut memory = MemoryStat::new();
+        memory.usage = Some(entry(&stats.memory.memory)).into();
+        memory.swap = Some(entry(&stats.memory.memswap)).into();
+        memory.kernel = Some(entry(&stats.memory.kernel)).into();
+        memory.kernel_tcp = Some(entry(&stats.memory.kernel_tcp)).into();
+        memory.cache = stats.memory.cache;
+        memory.rss = stat("rss");
+        memory.inactive_file = stat("inactive_file");
+        memory.active_file = stat("active_file");
+        memory.total_inactive_file = stat("total_inactive_file").max(stat("inactive_file"));
+        memory.total_rss = stat("total_rss");
+        memory.total_cache = stat("total_cache");
+        metrics.memory = Some(memory).into();
+
+        let mut pids = PidsStat::new();
+        pids.current = stats.pids.current;
+        pids.limit = stats.pids.limit;
+        metrics.pids = Some(pids).into();
+        Ok(metrics)
+    }
+
+    fn v1_cpuacct_usage(&self) -> Option<u64> {
+        ["cpuacct", "cpu,cpuacct"]
+            .iter()
+            .filter_map(|c| self.v1_dir(c))
+            .find_map(|dir| std::fs::read_to_string(dir.join("cpuacct.usage")).ok())
+            .and_then(|s| s.trim().parse().ok())
+    }
+}

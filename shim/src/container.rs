@@ -1,0 +1,548 @@
+//! One container of the pod and its processes (the init and any exec'd ones): their lifecycle
+//! from create to delete, on top of libcontainer and the [`zygote`](crate::zygote).
+//!
+//! This module owns the container's bundle mounts, its libcontainer state and its processes'
+//! stdio. It does not publish events or know about ttrpc beyond returning errors with the right
+//! code; the task service does that.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim::api::{CreateTaskRequest, StateResponse, Status};
+use containerd_shim::protos::protobuf::EnumOrUnknown;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::util::convert_to_timestamp;
+use libcontainer::container::Container as LibContainer;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::cgroup::ContainerCgroup;
+use crate::stdio::{self, ShimStdio, StdioPaths};
+use crate::zygote;
+
+/// Where libcontainer keeps container state, per containerd namespace.
+pub const STATE_ROOT: &str = "/run/containerd/podsnap";
+
+/// How long a process's output may take to drain after it exits.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// A ttrpc error with `code` and `message`.
+pub fn rpc_error(code: Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+/// The lifecycle state of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl State {
+    pub fn to_status(self) -> Status {
+        match self {
+            State::Created => Status::CREATED,
+            State::Running => Status::RUNNING,
+            State::Paused => Status::PAUSED,
+            State::Stopped => Status::STOPPED,
+        }
+    }
+}
+
+/// How and when a process exited.
+#[derive(Debug, Clone, Copy)]
+pub struct ExitInfo {
+    pub status: u32,
+    pub at: OffsetDateTime,
+}
+
+/// A process of a container: its init (exec id "") or an exec'd one.
+pub struct Process {
+    pub exec_id: String,
+    /// 0 until the process exists.
+    pub pid: i32,
+    pub state: State,
+    pub exit: Option<ExitInfo>,
+    pub paths: StdioPaths,
+    pub stdio: ShimStdio,
+    /// Holds the exit once it is published; `Wait` watches it.
+    pub exited: watch::Sender<Option<ExitInfo>>,
+    /// The OCI process of an exec, kept until it starts.
+    pub spec: Option<oci_spec::runtime::Process>,
+}
+
+impl Process {
+    pub fn new(exec_id: &str, paths: StdioPaths) -> Self {
+        Self {
+            exec_id: exec_id.to_string(),
+            pid: 0,
+            state: State::Created,
+            exit: None,
+            paths,
+            stdio: ShimStdio::default(),
+            exited: watch::channel(None).0,
+            spec: None,
+        }
+    }
+
+    pub fn set_exited(&mut self, status: i32, at: OffsetDateTime) {
+        self.state = State::Stopped;
+        self.exit = Some(ExitInfo {
+            status: status as u32,
+            at,
+        });
+    }
+
+    pub fn state_response(&self, container: &Container) -> StateResponse {
+        let mut resp = StateResponse::new();
+        resp.id = container.id.clone();
+        resp.bundle = container.bundle.display().to_string();
+        resp.pid = self.pid.max(0) as u32;
+        resp.status = EnumOrUnknown::new(self.state.to_status());
+        resp.stdin = self.paths.stdin.clone();
+        resp.stdout = self.paths.stdout.clone();
+        resp.stderr = self.paths.stderr.clone();
+        resp.terminal = self.paths.terminal;
+        resp.exec_id = self.exec_id.clone();
+        if let Some(exit) = self.exit {
+            resp.exit_status = exit.status;
+            resp.exited_at = Some(convert_to_timestamp(Some(exit.at))).into();
+        }
+        resp
+    }
+}
+
+/// One container of the pod.
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// libcontainer's state root for this namespace (the container's state is `<root>/<id>`).
+    pub state_root: PathBuf,
+    pub spec: Spec,
+    pub cgroup: ContainerCgroup,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+    rootfs_mounted: bool,
+}
+
+impl Container {
+    /// Mounts the rootfs, sets up stdio and creates the init process (left waiting for start).
+    /// On error nothing is left behind: no mount, no libcontainer state, no process.
+    pub async fn create(namespace: &str, req: &CreateTaskRequest) -> ttrpc::Result<Container> {
+        let id = req.id.clone();
+        validate_id(&id)?;
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = load_spec(&id, &bundle)?;
+        let state_root = Path::new(STATE_ROOT).join(namespace);
+        std::fs::create_dir_all(&state_root).map_err(|e| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("container {id}: create state root {}: {e}", state_root.display()),
+            )
+        })?;
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut container = Container {
+            cgroup: ContainerCgroup::of(&spec, &id),
+            id: id.clone(),
+            bundle,
+            state_root,
+            spec,
+            init: Process::new("", paths),
+            execs: HashMap::new(),
+            rootfs_mounted: false,
+        };
+        match container.create_init(req).await {
+            Ok(()) => Ok(container),
+            Err(err) => {
+                container.destroy().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn create_init(&mut self, req: &CreateTaskRequest) -> ttrpc::Result<()> {
+        let id = self.id.clone();
+        let rootfs = self.rootfs();
+        for m in &req.rootfs {
+            let (fs_type, source, options, target) = (
+                m.type_.clone(),
+                m.source.clone(),
+                m.options.clone(),
+                rootfs.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                containerd_shim::mount::mount_rootfs(
+                    Some(&fs_type),
+                    Some(&source),
+                    &options,
+                    &target,
+                )
+            })
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: mount task: {e}")))?
+            .map_err(|e| {
+                rpc_error(
+                    Code::INTERNAL,
+                    format!("container {id}: mount rootfs {}: {e}", m.type_),
+                )
+            })?;
+            self.rootfs_mounted = true;
+        }
+        if !rootfs.is_dir() {
+            return Err(rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "container {id}: rootfs {} does not exist or is not a directory",
+                    rootfs.display()
+                ),
+            ));
+        }
+        let (container_stdio, mut shim_stdio) = stdio::prepare(&self.init.paths)
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
+        let request = zygote::Request::CreateInit {
+            id: id.clone(),
+            bundle: self.bundle.clone(),
+            state_root: self.state_root.clone(),
+            console_socket: container_stdio.console.as_ref().map(|c| c.path()),
+            stdio: container_stdio.to_send().0,
+        };
+        let paths = self.init.paths.clone();
+        let (pid, shim_stdio) = tokio::task::spawn_blocking(move || {
+            let (_, fds) = container_stdio.to_send();
+            let pid = zygote::call(&request, &fds)?;
+            if let Some(console) = &container_stdio.console {
+                stdio::attach_console(console, &paths, &mut shim_stdio)
+                    .map_err(|e| format!("terminal: {e:#}"))?;
+            }
+            Ok::<_, String>((pid, shim_stdio))
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: create task: {e}")))?
+        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: {e}")))?;
+        self.init.pid = pid;
+        self.init.stdio = shim_stdio;
+        Ok(())
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        let root = self
+            .spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        if root.is_absolute() {
+            root
+        } else {
+            self.bundle.join(root)
+        }
+    }
+
+    /// Whether the container has a PID namespace of its own (then its processes die with init).
+    pub fn has_own_pid_namespace(&self) -> bool {
+        self.spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|namespaces| {
+                namespaces
+                    .iter()
+                    .any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none())
+            })
+    }
+
+    /// Lets the created init process run.
+    pub async fn start_init(&mut self) -> ttrpc::Result<i32> {
+        let dir = self.state_root.join(&self.id);
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let mut container = LibContainer::load(dir).map_err(|e| e.to_string())?;
+            container.start().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: start task: {e}")))?
+        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: start: {e}")))?;
+        self.init.state = State::Running;
+        Ok(self.init.pid)
+    }
+
+    /// Starts the exec'd process `exec_id` recorded earlier by `Exec`.
+    pub async fn start_exec(&mut self, exec_id: &str) -> ttrpc::Result<i32> {
+        let id = self.id.clone();
+        if self.init.state != State::Running {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {id} is not running: cannot start exec {exec_id}"),
+            ));
+        }
+        let process = self.execs.get_mut(exec_id).ok_or_else(|| {
+            rpc_error(Code::NOT_FOUND, format!("container {id}: exec {exec_id} not found"))
+        })?;
+        if process.state != State::Created {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {id}: exec {exec_id} was already started"),
+            ));
+        }
+        let spec = process.spec.clone().unwrap_or_default();
+        let file = tempfile::Builder::new()
+            .prefix(".podsnap-exec-")
+            .suffix(".json")
+            .tempfile_in(&self.bundle)
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec spec: {e}")))?;
+        serde_json::to_writer(file.as_file(), &spec)
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec spec: {e}")))?;
+        let (container_stdio, mut shim_stdio) = stdio::prepare(&process.paths).map_err(|e| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("container {id}: exec {exec_id} stdio: {e:#}"),
+            )
+        })?;
+        let request = zygote::Request::Exec {
+            id: id.clone(),
+            state_root: self.state_root.clone(),
+            process: file.path().to_path_buf(),
+            console_socket: container_stdio.console.as_ref().map(|c| c.path()),
+            stdio: container_stdio.to_send().0,
+        };
+        let paths = process.paths.clone();
+        let (pid, shim_stdio) = tokio::task::spawn_blocking(move || {
+            let (_, fds) = container_stdio.to_send();
+            let pid = zygote::call(&request, &fds)?;
+            if let Some(console) = &container_stdio.console {
+                stdio::attach_console(console, &paths, &mut shim_stdio)
+                    .map_err(|e| format!("terminal: {e:#}"))?;
+            }
+            drop(file);
+            Ok::<_, String>((pid, shim_stdio))
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec task: {e}")))?
+        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: exec {exec_id}: {e}")))?;
+        process.pid = pid;
+        process.state = State::Running;
+        process.stdio = shim_stdio;
+        Ok(pid)
+    }
+
+    /// The process `exec_id` ("" or `None` is the init).
+    pub fn process(&self, exec_id: Option<&str>) -> ttrpc::Result<&Process> {
+        match exec_id {
+            None | Some("") => Ok(&self.init),
+            Some(exec_id) => self.execs.get(exec_id).ok_or_else(|| {
+                rpc_error(
+                    Code::NOT_FOUND,
+                    format!("container {}: exec {exec_id} not found", self.id),
+                )
+            }),
+        }
+    }
+
+    pub fn process_mut(&mut self, exec_id: Option<&str>) -> ttrpc::Result<&mut Process> {
+        match exec_id {
+            None | Some("") => Ok(&mut self.init),
+            Some(exec_id) => {
+                let id = self.id.clone();
+                self.execs.get_mut(exec_id).ok_or_else(|| {
+                    rpc_error(
+                        Code::NOT_FOUND,
+                        format!("container {id}: exec {exec_id} not found"),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Sends `signal` to a process, or with `all` to every process of the container.
+    pub async fn kill(&mut self, exec_id: Option<&str>, signal: u32, all: bool) -> ttrpc::Result<()> {
+        let id = self.id.clone();
+        let sig = Signal::try_from(signal as i32).map_err(|_| {
+            rpc_error(Code::INVALID_ARGUMENT, format!("container {id}: invalid signal {signal}"))
+        })?;
+        let paused = self.init.state == State::Paused;
+        let process = self.process(exec_id)?;
+        if all && process.exec_id.is_empty() {
+            let cgroup = self.cgroup.clone();
+            let pids = cgroup.pids().unwrap_or_default();
+            for pid in pids {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            if paused && sig == Signal::SIGKILL {
+                let _ = cgroup.freeze(false);
+            }
+            return Ok(());
+        }
+        if process.state == State::Stopped || process.pid <= 0 {
+            return Err(rpc_error(
+                Code::NOT_FOUND,
+                format!(
+                    "container {id}: process {} already finished",
+                    if process.exec_id.is_empty() { "init" } else { &process.exec_id }
+                ),
+            ));
+        }
+        nix::sys::signal::kill(Pid::from_raw(process.pid), sig).map_err(|e| {
+            rpc_error(
+                Code::NOT_FOUND,
+                format!("container {id}: signal {sig} to pid {}: {e}", process.pid),
+            )
+        })?;
+        if paused && sig == Signal::SIGKILL {
+            let _ = self.cgroup.freeze(false);
+        }
+        Ok(())
+    }
+
+    /// Kills what is left, removes libcontainer's state and cgroup and unmounts the rootfs.
+    /// Safe to call more than once and on a half-created container.
+    pub async fn destroy(&mut self) {
+        let dir = self.state_root.join(&self.id);
+        let cgroup = self.cgroup.clone();
+        let rootfs = self.rootfs();
+        let mounted = self.rootfs_mounted;
+        let id = self.id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            destroy_container(&id, &dir, &cgroup);
+            if mounted {
+                unmount_rootfs(&rootfs);
+            }
+        })
+        .await;
+        self.rootfs_mounted = false;
+    }
+}
+
+/// Kills the processes of a container and removes its libcontainer state and cgroup.
+pub fn destroy_container(id: &str, state_dir: &Path, cgroup: &ContainerCgroup) {
+    for pid in cgroup.pids().unwrap_or_default() {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    }
+    let _ = cgroup.freeze(false);
+    if state_dir.join("state.json").exists() {
+        match LibContainer::load(state_dir.to_path_buf()) {
+            Ok(mut container) => {
+                if let Err(e) = container.delete(true) {
+                    log::warn!("container {id}: libcontainer delete: {e}");
+                }
+            }
+            Err(e) => log::warn!("container {id}: load libcontainer state: {e}"),
+        }
+    }
+    if state_dir.exists() {
+        let _ = std::fs::remove_dir_all(state_dir);
+    }
+    // Deleting a cgroup fails while processes are still exiting; retry briefly.
+    for _ in 0..50 {
+        if cgroup.pids().map(|p| p.is_empty()).unwrap_or(true) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    remove_cgroup_dirs(cgroup);
+}
+
+fn remove_cgroup_dirs(cgroup: &ContainerCgroup) {
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for entry in entries.flatten() {
+            let relative = cgroup.path.strip_prefix("/").unwrap_or(&cgroup.path);
+            let dir = entry.path().join(relative);
+            if dir.is_dir() {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
+    if let Some(dir) = cgroup.v2_dir() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Unmounts everything at or under `rootfs`.
+pub fn unmount_rootfs(rootfs: &Path) {
+    if let Some(target) = rootfs.to_str()
+        && let Err(e) = containerd_shim::mount::umount_recursive(Some(target), libc::MNT_DETACH)
+    {
+        log::warn!("unmount {target}: {e}");
+    }
+}
+
+fn validate_id(id: &str) -> ttrpc::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!("invalid container id {id:?}"),
+        ))
+    }
+}
+
+/// Reads and checks the bundle's `config.json`.
+pub fn load_spec(id: &str, bundle: &Path) -> ttrpc::Result<Spec> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|e| {
+        rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!("container {id}: bundle config {}: {e}", path.display()),
+        )
+    })?;
+    if spec.process().is_none() {
+        return Err(rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!("container {id}: bundle config {} has no process", path.display()),
+        ));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_path_characters_are_rejected() {
+        assert!(validate_id("abc-123_x.y").is_ok());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("../etc").is_err());
+        assert!(validate_id("a/b").is_err());
+        assert!(validate_id(".hidden").is_err());
+    }
+
+    #[test]
+    fn malformed_config_json_is_invalid_argument_naming_the_container() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), b"{ not json").unwrap();
+        let err = load_spec("web-1", dir.path()).unwrap_err();
+        let ttrpc::Error::RpcStatus(status) = err else {
+            panic!("not a status: {err:?}")
+        };
+        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+        assert!(status.message().contains("web-1"), "{}", status.message());
+    }
+
+    #[test]
+    fn missing_config_json_is_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_spec("c1", dir.path()).unwrap_err();
+        let ttrpc::Error::RpcStatus(status) = err else {
+            panic!("not a status")
+        };
+        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+    }
+}

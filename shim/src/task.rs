@@ -1,0 +1,580 @@
+//! The containerd Task API (v3) for every container of the pod this shim serves: request
+//! validation, the container map, process exits and the events containerd expects
+//! (TaskCreate/Start/Exit/ExecAdded/ExecStarted/OOM/Paused/Resumed/Delete).
+//!
+//! Container lifecycle mechanics live in [`crate::container`]; this module decides what may
+//! happen in which state and with which error code.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use containerd_shim::api::{
+    ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
+    DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
+    PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse,
+    StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest,
+    WaitResponse,
+};
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::event::Event;
+use containerd_shim::monitor::{ExitEvent, Subject};
+use containerd_shim::protos::api::{CheckpointTaskRequest, CloseIORequest, ProcessInfo};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+    TaskPaused, TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::ttrpc::{self, Code, r#async::TtrpcContext};
+use containerd_shim::util::{convert_to_any, convert_to_timestamp};
+use oci_spec::runtime::LinuxResources;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::container::{Container, DRAIN_LIMIT, ExitInfo, Process, State, rpc_error};
+use crate::stdio::StdioPaths;
+
+/// Events on their way to containerd: (topic, event).
+pub type EventSender = mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>;
+
+/// How long an exit reaped before its pid was recorded is remembered.
+const EARLY_EXIT_TTL: Duration = Duration::from_secs(30);
+
+/// Every container of the pod, and exits not yet matched to a process.
+#[derive(Default)]
+pub struct Pod {
+    pub containers: HashMap<String, Container>,
+    early_exits: HashMap<i32, (i32, OffsetDateTime, Instant)>,
+}
+
+/// The Task service of one shim (one pod).
+#[derive(Clone)]
+pub struct PodTask {
+    pub pod: Arc<Mutex<Pod>>,
+    namespace: String,
+    events: EventSender,
+    exit: Arc<ExitSignal>,
+    oom: mpsc::UnboundedSender<String>,
+}
+
+fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> ttrpc::Result<&'a mut Container> {
+    pod.containers
+        .get_mut(id)
+        .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("container {id} not found")))
+}
+
+fn exec_id(id: &str) -> Option<&str> {
+    (!id.is_empty()).then_some(id)
+}
+
+/// An exit to publish once the process's output has drained.
+struct PendingExit {
+    container_id: String,
+    exec_id: String,
+    pid: i32,
+    info: ExitInfo,
+    stdio: crate::stdio::ShimStdio,
+    exited: tokio::sync::watch::Sender<Option<ExitInfo>>,
+}
+
+impl PodTask {
+    pub fn new(
+        namespace: &str,
+        events: EventSender,
+        exit: Arc<ExitSignal>,
+        oom: mpsc::UnboundedSender<String>,
+    ) -> Self {
+        Self {
+            pod: Arc::default(),
+            namespace: namespace.to_string(),
+            events,
+            exit,
+            oom,
+        }
+    }
+
+    pub fn send_event(&self, event: impl Event + 'static) {
+        let topic = event.topic();
+        if self.events.send((topic.clone(), Box::new(event))).is_err() {
+            log::warn!("event {topic} dropped: publisher gone");
+        }
+    }
+
+    /// Publishes an OOM event for `container_id`.
+    pub fn send_oom(&self, container_id: String) {
+        self.send_event(TaskOOM {
+            container_id,
+            ..Default::default()
+        });
+    }
+
+    /// Records the exit of a reaped child and publishes it once its output has drained.
+    pub async fn on_exit(&self, event: ExitEvent) {
+        let Subject::Pid(pid) = event.subject else {
+            return;
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut pod = self.pod.lock().await;
+        let pending = mark_exited(&mut pod, pid, event.exit_code, now);
+        if pending.is_none() {
+            pod.early_exits
+                .retain(|_, (_, _, seen)| seen.elapsed() < EARLY_EXIT_TTL);
+            pod.early_exits
+                .insert(pid, (event.exit_code, now, Instant::now()));
+        }
+        drop(pod);
+        if let Some(pending) = pending {
+            self.publish_exit(pending);
+        }
+    }
+
+    fn publish_exit(&self, mut pending: PendingExit) {
+        let task = self.clone();
+        tokio::spawn(async move {
+            pending.stdio.drain(DRAIN_LIMIT).await;
+            let id = if pending.exec_id.is_empty() {
+                pending.container_id.clone()
+            } else {
+                pending.exec_id.clone()
+            };
+            task.send_event(TaskExit {
+                container_id: pending.container_id,
+                id,
+                pid: pending.pid as u32,
+                exit_status: pending.info.status,
+                exited_at: Some(convert_to_timestamp(Some(pending.info.at))).into(),
+                ..Default::default()
+            });
+            pending.exited.send_replace(Some(pending.info));
+        });
+    }
+
+    /// Applies an exit that was reaped before `pid` was recorded, if there was one.
+    fn claim_early_exit(&self, pod: &mut Pod, pid: i32) {
+        if let Some((code, at, _)) = pod.early_exits.remove(&pid)
+            && let Some(pending) = mark_exited(pod, pid, code, at)
+        {
+            self.publish_exit(pending);
+        }
+    }
+}
+
+/// Marks the process with `pid` exited; for a container's init, kills what is left in its PID
+/// namespace, as runc's shim does.
+fn mark_exited(pod: &mut Pod, pid: i32, code: i32, at: OffsetDateTime) -> Option<PendingExit> {
+    for container in pod.containers.values_mut() {
+        let own_pid_ns = container.has_own_pid_namespace();
+        let cgroup = container.cgroup.clone();
+        let container_id = container.id.clone();
+        let process: Option<&mut Process> = if container.init.pid == pid {
+            Some(&mut container.init)
+        } else {
+            container.execs.values_mut().find(|p| p.pid == pid)
+        };
+        let Some(process) = process else { continue };
+        if process.state == State::Stopped {
+            return None;
+        }
+        process.set_exited(code, at);
+        if process.exec_id.is_empty() && own_pid_ns {
+            for pid in cgroup.pids().unwrap_or_default() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        return Some(PendingExit {
+            container_id,
+            exec_id: process.exec_id.clone(),
+            pid,
+            info: process.exit.expect("just set"),
+            stdio: std::mem::take(&mut process.stdio),
+            exited: process.exited.clone(),
+        });
+    }
+    None
+}
+
+#[async_trait]
+impl Task for PodTask {
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        let process = container.process(exec_id(&req.exec_id))?;
+        Ok(process.state_response(container))
+    }
+
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
+        log::info!("create container {} (bundle {})", req.id, req.bundle);
+        let mut pod = self.pod.lock().await;
+        if pod.containers.contains_key(&req.id) {
+            return Err(rpc_error(
+                Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(rpc_error(
+                Code::UNIMPLEMENTED,
+                format!("container {}: restore from a checkpoint is not supported yet", req.id),
+            ));
+        }
+        let container = Container::create(&self.namespace, &req).await?;
+        let pid = container.init.pid;
+        pod.containers.insert(req.id.clone(), container);
+        self.claim_early_exit(&mut pod, pid);
+        drop(pod);
+        self.send_event(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        });
+        Ok(CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        let pid = if let Some(exec) = exec_id(&req.exec_id) {
+            let pid = container.start_exec(exec).await?;
+            self.claim_early_exit(&mut pod, pid);
+            self.send_event(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            });
+            pid
+        } else {
+            match container.init.state {
+                State::Created => {}
+                State::Stopped => {
+                    return Err(rpc_error(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {}: init process has already exited", req.id),
+                    ));
+                }
+                State::Running | State::Paused => {
+                    return Err(rpc_error(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {} was already started", req.id),
+                    ));
+                }
+            }
+            let pid = container.start_init().await?;
+            if let Err(e) = crate::oom::watch(&container.cgroup, &req.id, self.oom.clone()) {
+                log::warn!("container {}: no OOM notifications: {e:#}", req.id);
+            }
+            self.send_event(TaskStart {
+                container_id: req.id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            });
+            pid
+        };
+        Ok(StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        if let Some(exec) = exec_id(&req.exec_id) {
+            let process = container.process(Some(exec))?;
+            if matches!(process.state, State::Running | State::Paused) {
+                return Err(rpc_error(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {}: exec {exec} is still running", req.id),
+                ));
+            }
+            let process = container.execs.remove(exec).expect("checked above");
+            return Ok(delete_response(&process));
+        }
+        if matches!(container.init.state, State::Running | State::Paused) {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is still running: kill it before delete", req.id),
+            ));
+        }
+        container.destroy().await;
+        let mut container = pod.containers.remove(&req.id).expect("looked up above");
+        if container.init.exit.is_none() {
+            // Created but never started: the init was killed by destroy.
+            container.init.set_exited(137, OffsetDateTime::now_utc());
+        }
+        drop(pod);
+        let resp = delete_response(&container.init);
+        self.send_event(TaskDelete {
+            container_id: req.id.clone(),
+            pid: resp.pid,
+            exit_status: resp.exit_status,
+            exited_at: resp.exited_at.clone(),
+            id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(resp)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let cgroup = {
+            let mut pod = self.pod.lock().await;
+            container_mut(&mut pod, &req.id)?.cgroup.clone()
+        };
+        let pids = tokio::task::spawn_blocking(move || cgroup.pids())
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+        Ok(PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid: pid.as_raw() as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        if container.init.state != State::Running {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        let cgroup = container.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.freeze(true))
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+        container.init.state = State::Paused;
+        drop(pod);
+        self.send_event(TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        if container.init.state != State::Paused {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not paused", req.id),
+            ));
+        }
+        let cgroup = container.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.freeze(false))
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+        container.init.state = State::Running;
+        drop(pod);
+        self.send_event(TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        container
+            .kill(exec_id(&req.exec_id), req.signal, req.all)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        if req.exec_id.is_empty() {
+            return Err(rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("container {}: exec id is empty", req.id),
+            ));
+        }
+        if container.execs.contains_key(&req.exec_id) {
+            return Err(rpc_error(
+                Code::ALREADY_EXISTS,
+                format!("container {}: exec {} already exists", req.id, req.exec_id),
+            ));
+        }
+        if container.init.state != State::Running {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running: cannot exec", req.id),
+            ));
+        }
+        let spec: oci_spec::runtime::Process = serde_json::from_slice(
+            &req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default(),
+        )
+        .map_err(|e| {
+            rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("container {}: exec {}: process spec: {e}", req.id, req.exec_id),
+            )
+        })?;
+        let mut process = Process::new(
+            &req.exec_id,
+            StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+        );
+        process.spec = Some(spec);
+        container.execs.insert(req.exec_id.clone(), process);
+        drop(pod);
+        self.send_event(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        let process = container.process(exec_id(&req.exec_id))?;
+        process
+            .stdio
+            .resize(req.width, req.height)
+            .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)))?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        container
+            .process_mut(exec_id(&req.exec_id))?
+            .stdio
+            .close_stdin();
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let resources: LinuxResources = serde_json::from_slice(
+            &req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default(),
+        )
+        .map_err(|e| {
+            rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("container {}: resources: {e}", req.id),
+            )
+        })?;
+        let cgroup = {
+            let mut pod = self.pod.lock().await;
+            container_mut(&mut pod, &req.id)?.cgroup.clone()
+        };
+        tokio::task::spawn_blocking(move || cgroup.update(&resources))
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let mut exited = {
+            let mut pod = self.pod.lock().await;
+            let container = container_mut(&mut pod, &req.id)?;
+            container.process(exec_id(&req.exec_id))?.exited.subscribe()
+        };
+        let info = exited
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| {
+                rpc_error(
+                    Code::NOT_FOUND,
+                    format!("container {}: process deleted while waiting", req.id),
+                )
+            })?
+            .expect("waited for Some");
+        Ok(WaitResponse {
+            exit_status: info.status,
+            exited_at: Some(convert_to_timestamp(Some(info.at))).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let cgroup = {
+            let mut pod = self.pod.lock().await;
+            container_mut(&mut pod, &req.id)?.cgroup.clone()
+        };
+        let metrics = tokio::task::spawn_blocking(move || cgroup.metrics())
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+        let stats = convert_to_any(Box::new(metrics))
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e}", req.id)))?;
+        Ok(StatsResponse {
+            stats: Some(stats).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+        let mut pod = self.pod.lock().await;
+        let task_pid = container_mut(&mut pod, &req.id)?.init.pid;
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: task_pid as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        if self.pod.lock().await.containers.is_empty() {
+            self.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        Err(rpc_error(
+            Code::UNIMPLEMENTED,
+            format!("container {}: checkpoint is not supported yet", req.id),
+        ))
+    }
+}
+
+fn delete_response(process: &Process) -> DeleteResponse {
+    let mut resp = DeleteResponse::new();
+    resp.pid = process.pid.max(0) as u32;
+    if let Some(exit) = process.exit {
+        resp.exit_status = exit.status;
+        resp.exited_at = Some(convert_to_timestamp(Some(exit.at))).into();
+    }
+    resp
+}
