@@ -148,6 +148,13 @@ fn serve(sock: OwnedFd) -> ! {
     if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
         std::process::exit(0);
     }
+    // The shim's stdout is how `start` learns the server is up: containerd waits for it to
+    // close, so the zygote must not hold it (nor stdin/stderr).
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for fd in 0..=2 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
     loop {
         let (payload, fds) = match recv(sock.as_raw_fd()) {
             Ok(Some(message)) => message,
