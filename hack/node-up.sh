@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Start the single-machine test node: the local registry (with every test image pushed, see
+# images.sh) and a containerd 2.x of our own with the CRI plugin, runtime handlers `runc`
+# (default) and `podsnap` (containerd-shim-podsnap-v2), CNI bridge $PODSNAP_BRIDGE and registry
+# mirrors to the local registry. Idempotent: when the node is up it only refreshes the shim link
+# and the images. Stop it with hack/node-down.sh.
+#
+# Environment: PODSNAP_SHIM (shim binary; default target/debug/containerd-shim-podsnap-v2),
+# PODSNAP_SKIP_IMAGES=1 (do not run images.sh), PODSNAP_POD_CIDR, PODSNAP_BRIDGE,
+# CONTAINERD_LOG_LEVEL (default info).
+set -euo pipefail
+# shellcheck source=hack/lib.sh
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=hack/node-lib.sh
+. "$(dirname "$0")/node-lib.sh"
+require_root
+
+check_tools() {
+	local t
+	for t in containerd containerd-shim-runc-v2 runc crictl criu; do
+		[ -x "$PODSNAP_BIN/$t" ] || die "$PODSNAP_BIN/$t is missing: run hack/install.sh"
+	done
+	for t in bridge host-local loopback portmap; do
+		[ -x "$CNI_BIN_DIR/$t" ] || die "CNI plugin $CNI_BIN_DIR/$t is missing: run hack/install.sh"
+	done
+	command -v iptables >/dev/null || die "iptables is missing (portmap and CRIU need it): run hack/install.sh"
+}
+
+# The podsnap shim: containerd looks up containerd-shim-podsnap-v2 on its PATH, $NODE_BIN first.
+link_shim() {
+	mkdir -p "$NODE_BIN"
+	ln -sfn "$PODSNAP_SHIM" "$NODE_BIN/containerd-shim-podsnap-v2"
+	if [ ! -x "$PODSNAP_SHIM" ]; then
+		log "warning: $PODSNAP_SHIM is not built yet: runtime handler 'podsnap' will fail until it is (the link is in place)"
+	fi
+}
+
+write_cni_config() {
+	mkdir -p "$CNI_CONF_DIR" "$CNI_IPAM_DIR"
+	rm -f "$CNI_CONF_DIR"/*.conf "$CNI_CONF_DIR"/*.conflist "$CNI_CONF_DIR"/*.json
+	cat >"$CNI_CONF_DIR/10-podsnap.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "podsnap",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$PODSNAP_BRIDGE",
+      "isGateway": true,
+      "ipMasq": false,
+      "promiscMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$CNI_IPAM_DIR",
+        "ranges": [[{ "subnet": "$PODSNAP_POD_CIDR" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    },
+    { "type": "portmap", "capabilities": { "portMappings": true } }
+  ]
+}
+EOF
+}
+
+# hosts.toml per registry: pull and resolve from the local registry over plain http. `server`
+# points there too, so containerd never falls back to the (unreachable) upstream.
+write_registry_hosts() {
+	local reg dir
+	rm -rf "$REGISTRY_HOSTS_DIR"
+	for reg in "${MIRRORED_REGISTRIES[@]}" _default; do
+		dir=$REGISTRY_HOSTS_DIR/$reg
+		mkdir -p "$dir"
+		cat >"$dir/hosts.toml" <<EOF
+# Written by hack/node-up.sh (podsnap): $reg is served by the node's local registry.
+server = "http://$PODSNAP_REGISTRY"
+
+[host."http://$PODSNAP_REGISTRY"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+EOF
+	done
+}
+
+write_containerd_config() {
+	mkdir -p "$NODE_ETC" "$CONTAINERD_ROOT" "$CONTAINERD_STATE" "$RUNC_ROOT" "$(dirname "$NRI_SOCKET")" \
+		"$PODSNAP_NODE_LIB/nri/plugins" "$PODSNAP_NODE_LIB/nri/conf.d" "$PODSNAP_NODE_LIB/opt"
+	cat >"$CONTAINERD_CONFIG" <<EOF
+# Written by hack/node-up.sh (podsnap): the test node's containerd. Nothing here is shared with a
+# system containerd: own root, state, sockets, CNI, NRI socket and registry configuration.
+version = 3
+root = "$CONTAINERD_ROOT"
+state = "$CONTAINERD_STATE"
+
+[grpc]
+  address = "$CONTAINERD_SOCK"
+
+[ttrpc]
+  address = "$CONTAINERD_SOCK.ttrpc"
+
+[debug]
+  level = "${CONTAINERD_LOG_LEVEL:-info}"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$PODSNAP_NODE_LIB/opt"
+
+  [plugins."io.containerd.nri.v1.nri"]
+    disable = false
+    disable_connections = false
+    socket_path = "$NRI_SOCKET"
+    plugin_path = "$PODSNAP_NODE_LIB/nri/plugins"
+    plugin_config_path = "$PODSNAP_NODE_LIB/nri/conf.d"
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = "$SANDBOX_IMAGE"
+    [plugins."io.containerd.cri.v1.images".registry]
+      config_path = "$REGISTRY_HOSTS_DIR"
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    # Root lacks CAP_SYS_RESOURCE here: a negative oom_score_adj cannot be written.
+    restrict_oom_score_adj = true
+    # Pod network namespaces under our state dir, not /run/netns (which podman shares).
+    netns_mounts_under_state_dir = true
+    [plugins."io.containerd.cri.v1.runtime".containerd]
+      default_runtime_name = "runc"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+          BinaryName = "$PODSNAP_BIN/runc"
+          Root = "$RUNC_ROOT"
+          SystemdCgroup = false
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.podsnap]
+        runtime_type = "io.containerd.podsnap.v2"
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = ["$CNI_BIN_DIR"]
+      conf_dir = "$CNI_CONF_DIR"
+      max_conf_num = 1
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+EOF
+	cat >"$CRICTL_CONFIG" <<EOF
+runtime-endpoint: unix://$CONTAINERD_SOCK
+image-endpoint: unix://$CONTAINERD_SOCK
+timeout: 30
+EOF
+}
+
+# The pod CIDR must not be routed elsewhere already (podman's cni-podman0 uses 10.88.0.0/16 too).
+check_pod_cidr() {
+	local routes
+	routes=$(ip -4 -o route show "$PODSNAP_POD_CIDR" 2>/dev/null | grep -v "dev $PODSNAP_BRIDGE " || true)
+	[ -z "$routes" ] || die "pod CIDR $PODSNAP_POD_CIDR is already routed ($routes): stop what uses it (podman?) or set PODSNAP_POD_CIDR"
+}
+
+start_containerd() {
+	local pid i
+	log "starting containerd $("$PODSNAP_BIN/containerd" --version | awk '{print $3}') (config $CONTAINERD_CONFIG, log $CONTAINERD_LOG)"
+	(
+		export PATH="$NODE_BIN:$PODSNAP_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+		exec setsid "$PODSNAP_BIN/containerd" --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null
+	) &
+	pid=$!
+	echo "$pid" >"$CONTAINERD_PIDFILE"
+	for ((i = 0; i < 600; i++)); do
+		containerd_answers && { log "containerd is up (pid $pid, socket $CONTAINERD_SOCK)"; return 0; }
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	tail -n 30 "$CONTAINERD_LOG" >&2 || true
+	stop_pidfile "$CONTAINERD_PIDFILE" containerd 10
+	die "containerd did not answer CRI on $CONTAINERD_SOCK (log: $CONTAINERD_LOG)"
+}
+
+main() {
+	check_tools
+	mkdir -p "$PODSNAP_NODE_RUN" "$PODSNAP_NODE_LIB"
+	link_shim
+	registry_up
+	if [ "${PODSNAP_SKIP_IMAGES:-0}" != 1 ]; then
+		"$PODSNAP_ROOT/hack/images.sh"
+	fi
+	if pid_running "$CONTAINERD_PIDFILE" containerd >/dev/null; then
+		containerd_answers || die "containerd (pid $(cat "$CONTAINERD_PIDFILE")) runs but does not answer CRI: run hack/node-down.sh"
+		log "node is already up (containerd pid $(cat "$CONTAINERD_PIDFILE"))"
+		return 0
+	fi
+	[ -S "$CONTAINERD_SOCK" ] && ! containerd_answers && rm -f "$CONTAINERD_SOCK" "$CONTAINERD_SOCK.ttrpc"
+	containerd_answers && die "something else serves $CONTAINERD_SOCK without our pid file"
+	check_pod_cidr
+	write_cni_config
+	write_registry_hosts
+	write_containerd_config
+	start_containerd
+	log "node up: export CONTAINER_RUNTIME_ENDPOINT=unix://$CONTAINERD_SOCK (or crictl --config $CRICTL_CONFIG)"
+}
+main "$@"
