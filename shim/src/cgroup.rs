@@ -73,6 +73,52 @@ impl ContainerCgroup {
             .with_context(|| format!("update resources of cgroup {}", self.path.display()))
     }
 
+    /// Creates the cgroup in every hierarchy (initialising cpuset on v1, which needs it before
+    /// any task joins) and applies the spec's resources: where a restore puts its tasks.
+    pub fn prepare(&self, spec: &Spec) -> anyhow::Result<()> {
+        let relative = self
+            .path
+            .strip_prefix("/")
+            .unwrap_or(&self.path)
+            .to_path_buf();
+        if let Some(dir) = self.v2_dir() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        } else {
+            for entry in std::fs::read_dir(CGROUP_ROOT)?.flatten() {
+                let hierarchy = entry.path();
+                if !hierarchy.join("cgroup.procs").exists() || entry.file_name() == "unified" {
+                    continue;
+                }
+                let mut dir = hierarchy.clone();
+                for part in relative.components() {
+                    let parent = dir.clone();
+                    dir.push(part);
+                    if !dir.exists() {
+                        std::fs::create_dir(&dir)
+                            .with_context(|| format!("create {}", dir.display()))?;
+                    }
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        let own = dir.join(file);
+                        if own.exists()
+                            && std::fs::read_to_string(&own)
+                                .unwrap_or_default()
+                                .trim()
+                                .is_empty()
+                        {
+                            let inherited = std::fs::read_to_string(parent.join(file))?;
+                            std::fs::write(&own, inherited.trim())
+                                .with_context(|| format!("initialise {}", own.display()))?;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+            self.update(resources)?;
+        }
+        Ok(())
+    }
+
     /// The v1 hierarchy directory of `controller`, if this host runs cgroup v1 for it.
     pub fn v1_dir(&self, controller: &str) -> Option<PathBuf> {
         let relative = self.path.strip_prefix("/").unwrap_or(&self.path);

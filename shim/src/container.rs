@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::cgroup::ContainerCgroup;
+use crate::checkpoint;
 use crate::stdio::{self, ShimStdio, StdioPaths};
 use crate::zygote;
 
@@ -128,6 +129,8 @@ pub struct Container {
     pub cgroup: ContainerCgroup,
     pub init: Process,
     pub execs: HashMap<String, Process>,
+    /// The checkpoint `start` restores from, when the task was created from one.
+    pub checkpoint: Option<PathBuf>,
     rootfs_mounted: bool,
 }
 
@@ -143,7 +146,10 @@ impl Container {
         std::fs::create_dir_all(&state_root).map_err(|e| {
             rpc_error(
                 Code::INTERNAL,
-                format!("container {id}: create state root {}: {e}", state_root.display()),
+                format!(
+                    "container {id}: create state root {}: {e}",
+                    state_root.display()
+                ),
             )
         })?;
         let paths = StdioPaths {
@@ -160,6 +166,7 @@ impl Container {
             spec,
             init: Process::new("", paths),
             execs: HashMap::new(),
+            checkpoint: (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint)),
             rootfs_mounted: false,
         };
         match container.create_init(req).await {
@@ -207,6 +214,19 @@ impl Container {
                     rootfs.display()
                 ),
             ));
+        }
+        if let Some(checkpoint) = &self.checkpoint {
+            // Restored at start; only check the path is absolute here.
+            if !checkpoint.is_absolute() {
+                return Err(rpc_error(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "container {id}: checkpoint path {} is not absolute",
+                        checkpoint.display()
+                    ),
+                ));
+            }
+            return Ok(());
         }
         let (container_stdio, mut shim_stdio) = stdio::prepare(&self.init.paths)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
@@ -262,8 +282,11 @@ impl Container {
             })
     }
 
-    /// Lets the created init process run.
+    /// Lets the created init process run, or restores it when the task came from a checkpoint.
     pub async fn start_init(&mut self) -> ttrpc::Result<i32> {
+        if let Some(checkpoint) = self.checkpoint.clone() {
+            return self.restore_init(&checkpoint).await;
+        }
         let dir = self.state_root.join(&self.id);
         let id = self.id.clone();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -277,6 +300,63 @@ impl Container {
         Ok(self.init.pid)
     }
 
+    /// Restores the init from `checkpoint` into this (created) container: verifies the checkpoint
+    /// before creating anything, then lets CRIU recreate the process tree as a child of the shim,
+    /// inside the container's cgroup, attached to fresh stdio pipes.
+    async fn restore_init(&mut self, checkpoint: &Path) -> ttrpc::Result<i32> {
+        let id = self.id.clone();
+        let images = checkpoint.to_path_buf();
+        let (metadata, descriptors) =
+            tokio::task::spawn_blocking(move || checkpoint::verify(&images))
+                .await
+                .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
+                .map_err(|e| {
+                    rpc_error(
+                        Code::FAILED_PRECONDITION,
+                        format!("container {id}: cannot restore: {e:#}"),
+                    )
+                })?;
+        let (container_stdio, shim_stdio) = stdio::prepare(&self.init.paths)
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
+        if container_stdio.console.is_some() {
+            return Err(rpc_error(
+                Code::UNIMPLEMENTED,
+                format!("container {id}: restoring a container with a terminal is not supported"),
+            ));
+        }
+        let spec = self.spec.clone();
+        let rootfs = self.rootfs();
+        let cgroup = self.cgroup.clone();
+        let images = checkpoint.to_path_buf();
+        let bundle = self.bundle.clone();
+        let state_root = self.state_root.clone();
+        let restored_id = id.clone();
+        let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+            cgroup.prepare(&spec)?;
+            let [stdin, stdout, stderr] = &container_stdio.fds;
+            let target = checkpoint::RestoreTarget {
+                id: &restored_id,
+                spec: &spec,
+                rootfs: &rootfs,
+                cgroup_path: &cgroup.path,
+                stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
+            };
+            let pid = checkpoint::restore(&target, &images, &metadata, &descriptors)?;
+            if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+                cgroup.update(resources)?;
+            }
+            record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
+            Ok(pid)
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
+        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: {e:#}")))?;
+        self.init.pid = pid;
+        self.init.stdio = shim_stdio;
+        self.init.state = State::Running;
+        Ok(pid)
+    }
+
     /// Starts the exec'd process `exec_id` recorded earlier by `Exec`.
     pub async fn start_exec(&mut self, exec_id: &str) -> ttrpc::Result<i32> {
         let id = self.id.clone();
@@ -287,7 +367,10 @@ impl Container {
             ));
         }
         let process = self.execs.get_mut(exec_id).ok_or_else(|| {
-            rpc_error(Code::NOT_FOUND, format!("container {id}: exec {exec_id} not found"))
+            rpc_error(
+                Code::NOT_FOUND,
+                format!("container {id}: exec {exec_id} not found"),
+            )
         })?;
         if process.state != State::Created {
             return Err(rpc_error(
@@ -329,7 +412,12 @@ impl Container {
         })
         .await
         .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec task: {e}")))?
-        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: exec {exec_id}: {e}")))?;
+        .map_err(|e| {
+            rpc_error(
+                Code::UNKNOWN,
+                format!("container {id}: exec {exec_id}: {e}"),
+            )
+        })?;
         process.pid = pid;
         process.state = State::Running;
         process.stdio = shim_stdio;
@@ -365,10 +453,18 @@ impl Container {
     }
 
     /// Sends `signal` to a process, or with `all` to every process of the container.
-    pub async fn kill(&mut self, exec_id: Option<&str>, signal: u32, all: bool) -> ttrpc::Result<()> {
+    pub async fn kill(
+        &mut self,
+        exec_id: Option<&str>,
+        signal: u32,
+        all: bool,
+    ) -> ttrpc::Result<()> {
         let id = self.id.clone();
         let sig = Signal::try_from(signal as i32).map_err(|_| {
-            rpc_error(Code::INVALID_ARGUMENT, format!("container {id}: invalid signal {signal}"))
+            rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("container {id}: invalid signal {signal}"),
+            )
         })?;
         let paused = self.init.state == State::Paused;
         let process = self.process(exec_id)?;
@@ -388,7 +484,11 @@ impl Container {
                 Code::NOT_FOUND,
                 format!(
                     "container {id}: process {} already finished",
-                    if process.exec_id.is_empty() { "init" } else { &process.exec_id }
+                    if process.exec_id.is_empty() {
+                        "init"
+                    } else {
+                        &process.exec_id
+                    }
                 ),
             ));
         }
@@ -421,6 +521,37 @@ impl Container {
         .await;
         self.rootfs_mounted = false;
     }
+}
+
+/// Writes libcontainer's state for a restored container, so that exec, kill and delete work on
+/// it as on a created one.
+fn record_restored(
+    id: &str,
+    pid: i32,
+    spec: &Spec,
+    bundle: &Path,
+    state_root: &Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = state_root.join(id);
+    checkpoint::private_dir(&dir)?;
+    let mut container = LibContainer::new(
+        id,
+        libcontainer::container::ContainerStatus::Running,
+        Some(pid),
+        bundle,
+        &dir,
+    )
+    .map_err(|e| anyhow::anyhow!("libcontainer state for {id}: {e}"))?;
+    container.set_systemd(false);
+    container
+        .save()
+        .map_err(|e| anyhow::anyhow!("save libcontainer state for {id}: {e}"))?;
+    libcontainer::config::YoukiConfig::from_spec(spec, id)
+        .map_err(|e| anyhow::anyhow!("libcontainer config for {id}: {e}"))?
+        .save(&dir)
+        .map_err(|e| anyhow::anyhow!("save libcontainer config for {id}: {e}"))
+        .context("record the restored container")
 }
 
 /// Kills the processes of a container and removes its libcontainer state and cgroup.
@@ -505,7 +636,10 @@ pub fn load_spec(id: &str, bundle: &Path) -> ttrpc::Result<Spec> {
     if spec.process().is_none() {
         return Err(rpc_error(
             Code::INVALID_ARGUMENT,
-            format!("container {id}: bundle config {} has no process", path.display()),
+            format!(
+                "container {id}: bundle config {} has no process",
+                path.display()
+            ),
         ));
     }
     Ok(spec)

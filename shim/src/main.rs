@@ -6,6 +6,7 @@
 //! The shim itself is the subreaper of every container process and reaps them.
 
 mod cgroup;
+mod checkpoint;
 mod container;
 mod oom;
 mod service;

@@ -87,11 +87,13 @@ fn watch_v2(dir: PathBuf, inotify: Inotify, id: String, events: UnboundedSender<
     };
     let mut kills = read_kills().unwrap_or_default();
     loop {
-        let Ok(list) = inotify.read_events() else { return };
-        if list
-            .iter()
-            .any(|e| e.mask.intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_IGNORED))
-        {
+        let Ok(list) = inotify.read_events() else {
+            return;
+        };
+        if list.iter().any(|e| {
+            e.mask
+                .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_IGNORED)
+        }) {
             return;
         }
         let Some(now) = read_kills() else { return };

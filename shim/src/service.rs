@@ -56,8 +56,9 @@ impl Shim for Service {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let spec = oci_spec::runtime::Spec::load("config.json")
-            .map_err(|e| Error::InvalidArgument(format!("container {}: config.json: {e}", opts.id)))?;
+        let spec = oci_spec::runtime::Spec::load("config.json").map_err(|e| {
+            Error::InvalidArgument(format!("container {}: config.json: {e}", opts.id))
+        })?;
         let group = grouping(&spec, &opts.id);
         let address = spawn(opts, &group, Vec::new()).await?;
         tokio::fs::write("address", &address)
@@ -149,7 +150,10 @@ mod tests {
     fn containers_of_a_cri_pod_share_the_sandbox_group() {
         let mut spec = oci_spec::runtime::Spec::default();
         let mut annotations = std::collections::HashMap::new();
-        annotations.insert("io.kubernetes.cri.sandbox-id".to_string(), "sb1".to_string());
+        annotations.insert(
+            "io.kubernetes.cri.sandbox-id".to_string(),
+            "sb1".to_string(),
+        );
         spec.set_annotations(Some(annotations));
         assert_eq!(grouping(&spec, "c1"), "sb1");
         assert_eq!(grouping(&oci_spec::runtime::Spec::default(), "c2"), "c2");

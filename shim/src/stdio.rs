@@ -122,8 +122,7 @@ impl ConsoleSocket {
             .prefix("podsnap-console-")
             .tempdir()
             .context("create console socket directory")?;
-        let listener =
-            UnixListener::bind(dir.path().join("s")).context("bind console socket")?;
+        let listener = UnixListener::bind(dir.path().join("s")).context("bind console socket")?;
         Ok(Self { dir, listener })
     }
 
@@ -193,7 +192,9 @@ pub fn inode(fd: BorrowedFd<'_>) -> u64 {
 }
 
 /// Opens where a process's output goes: a FIFO (the usual case) or a `file://` URI.
-async fn open_output(target: &str) -> anyhow::Result<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> {
+async fn open_output(
+    target: &str,
+) -> anyhow::Result<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> {
     if let Some(path) = target.strip_prefix("file://") {
         let file = tokio::fs::OpenOptions::new()
             .create(true)

@@ -22,8 +22,8 @@ use containerd_shim::event::Event;
 use containerd_shim::monitor::{ExitEvent, Subject};
 use containerd_shim::protos::api::{CheckpointTaskRequest, CloseIORequest, ProcessInfo};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO,
+    TaskOOM, TaskPaused, TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::shim_async::Task;
@@ -217,12 +217,6 @@ impl Task for PodTask {
                 format!("container {} already exists", req.id),
             ));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                format!("container {}: restore from a checkpoint is not supported yet", req.id),
-            ));
-        }
         let container = Container::create(&self.namespace, &req).await?;
         let pid = container.init.pid;
         pod.containers.insert(req.id.clone(), container);
@@ -296,7 +290,11 @@ impl Task for PodTask {
         })
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         if let Some(exec) = exec_id(&req.exec_id) {
@@ -313,7 +311,10 @@ impl Task for PodTask {
         if matches!(container.init.state, State::Running | State::Paused) {
             return Err(rpc_error(
                 Code::FAILED_PRECONDITION,
-                format!("container {} is still running: kill it before delete", req.id),
+                format!(
+                    "container {} is still running: kill it before delete",
+                    req.id
+                ),
             ));
         }
         container.destroy().await;
@@ -433,12 +434,18 @@ impl Task for PodTask {
             ));
         }
         let spec: oci_spec::runtime::Process = serde_json::from_slice(
-            &req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default(),
+            &req.spec
+                .as_ref()
+                .map(|a| a.value.clone())
+                .unwrap_or_default(),
         )
         .map_err(|e| {
             rpc_error(
                 Code::INVALID_ARGUMENT,
-                format!("container {}: exec {}: process spec: {e}", req.id, req.exec_id),
+                format!(
+                    "container {}: exec {}: process spec: {e}",
+                    req.id, req.exec_id
+                ),
             )
         })?;
         let mut process = Process::new(
@@ -465,10 +472,12 @@ impl Task for PodTask {
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         let process = container.process(exec_id(&req.exec_id))?;
-        process
-            .stdio
-            .resize(req.width, req.height)
-            .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)))?;
+        process.stdio.resize(req.width, req.height).map_err(|e| {
+            rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {}: {e:#}", req.id),
+            )
+        })?;
         Ok(Empty::new())
     }
 
@@ -484,7 +493,10 @@ impl Task for PodTask {
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
         let resources: LinuxResources = serde_json::from_slice(
-            &req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default(),
+            &req.resources
+                .as_ref()
+                .map(|a| a.value.clone())
+                .unwrap_or_default(),
         )
         .map_err(|e| {
             rpc_error(
@@ -543,7 +555,11 @@ impl Task for PodTask {
         })
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
         let mut pod = self.pod.lock().await;
         let task_pid = container_mut(&mut pod, &req.id)?.init.pid;
         Ok(ConnectResponse {
@@ -561,12 +577,121 @@ impl Task for PodTask {
         Ok(Empty::new())
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        Err(rpc_error(
-            Code::UNIMPLEMENTED,
-            format!("container {}: checkpoint is not supported yet", req.id),
-        ))
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CheckpointTaskRequest,
+    ) -> ttrpc::Result<Empty> {
+        let opts = checkpoint_options(&req)?;
+        let images = opts
+            .image_path
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(&req.path));
+        if !images.is_absolute() {
+            return Err(rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "container {}: checkpoint path {:?} is not absolute",
+                    req.id, images
+                ),
+            ));
+        }
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, &req.id)?;
+        let was_paused = match container.init.state {
+            State::Running => false,
+            State::Paused => true,
+            State::Created | State::Stopped => {
+                return Err(rpc_error(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {} is not running: cannot checkpoint it", req.id),
+                ));
+            }
+        };
+        let spec = container.spec.clone();
+        let rootfs = container.rootfs();
+        let cgroup = container.cgroup.clone();
+        let pid = container.init.pid;
+        let id = req.id.clone();
+        let dump_opts = opts.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let freezer = cgroup.v1_dir("freezer").or_else(|| cgroup.v2_dir());
+            let target = crate::checkpoint::DumpTarget {
+                id: &id,
+                pid,
+                spec: &spec,
+                rootfs: &rootfs,
+                freezer,
+            };
+            let result = crate::checkpoint::dump(&target, &images, &dump_opts);
+            // CRIU leaves the cgroup as it found it, but not if it died half-way; and killed
+            // tasks only die once thawed.
+            if !was_paused || (result.is_ok() && dump_opts.exit) {
+                let _ = cgroup.freeze(false);
+            }
+            result
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e}", req.id)))?;
+        drop(pod);
+        result.map_err(|e| rpc_error(Code::UNKNOWN, format!("{e:#}")))?;
+        self.send_event(TaskCheckpointed {
+            container_id: req.id.clone(),
+            checkpoint: req.path.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
     }
+}
+
+/// containerd's runc `CheckpointOptions` from the request (defaults when absent).
+fn checkpoint_options(
+    req: &CheckpointTaskRequest,
+) -> ttrpc::Result<crate::checkpoint::CheckpointOptions> {
+    use containerd_shim::protos::protobuf::Message;
+    let Some(any) = req.options.as_ref() else {
+        return Ok(Default::default());
+    };
+    if !any.type_url.is_empty()
+        && !any
+            .type_url
+            .ends_with("containerd.runc.v1.CheckpointOptions")
+    {
+        return Err(rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!(
+                "container {}: unsupported checkpoint options type {}",
+                req.id, any.type_url
+            ),
+        ));
+    }
+    let o = containerd_shim::protos::shim::oci::CheckpointOptions::parse_from_bytes(&any.value)
+        .map_err(|e| {
+            rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("container {}: checkpoint options: {e}", req.id),
+            )
+        })?;
+    if !o.empty_namespaces.is_empty() {
+        return Err(rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!(
+                "container {}: empty_namespaces ({}) is not supported",
+                req.id,
+                o.empty_namespaces.join(",")
+            ),
+        ));
+    }
+    let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+    Ok(crate::checkpoint::CheckpointOptions {
+        exit: o.exit,
+        open_tcp: o.open_tcp,
+        external_unix_sockets: o.external_unix_sockets,
+        terminal: o.terminal,
+        file_locks: o.file_locks,
+        image_path: path(&o.image_path),
+        work_path: path(&o.work_path),
+    })
 }
 
 fn delete_response(process: &Process) -> DeleteResponse {

@@ -127,7 +127,11 @@ fn recv(sock: RawFd) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
             if let ControlMessageOwned::ScmRights(received) = cmsg {
                 // SAFETY: the kernel just installed these descriptors in this process; nothing
                 // else owns them.
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         (msg.bytes, fds)
@@ -150,7 +154,11 @@ fn serve(sock: OwnedFd) -> ! {
     }
     // The shim's stdout is how `start` learns the server is up: containerd waits for it to
     // close, so the zygote must not hold it (nor stdin/stderr).
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         for fd in 0..=2 {
             let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
         }
