@@ -349,6 +349,11 @@ fn dump_into(
         &images.join(METADATA),
         &serde_json::to_vec_pretty(&metadata)?,
     )?;
+    // The images hold all of the container's memory, secrets included: root only.
+    for entry in fs::read_dir(images)?.flatten() {
+        fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", entry.path().display()))?;
+    }
     write_checksums(images)
 }
 
