@@ -45,6 +45,8 @@ pub struct CheckpointOptions {
     pub file_locks: bool,
     pub image_path: Option<PathBuf>,
     pub work_path: Option<PathBuf>,
+    /// Give up when CRIU is silent this long (it is then killed; the tasks survive).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// How a mount the container has was handled at dump.
@@ -338,9 +340,11 @@ fn dump_into(
                 .unwrap_or_else(|_| "/dev/null".to_string())
         })
         .collect();
-    Criu::new()
-        .dump(&criu_opts)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut criu = Criu::new();
+    if let Some(timeout) = opts.timeout {
+        criu = criu.timeout(timeout);
+    }
+    criu.dump(&criu_opts).map_err(|e| anyhow::anyhow!("{e}"))?;
     write_private(
         &images.join(DESCRIPTORS),
         &serde_json::to_vec(&descriptors)?,
@@ -349,6 +353,8 @@ fn dump_into(
         &images.join(METADATA),
         &serde_json::to_vec_pretty(&metadata)?,
     )?;
+    // CRIU writes its statistics next to its log; checkpointctl reads them from the images.
+    let _ = fs::copy(work.join("stats-dump"), images.join("stats-dump"));
     // The images hold all of the container's memory, secrets included: root only.
     for entry in fs::read_dir(images)?.flatten() {
         fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))

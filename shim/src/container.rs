@@ -28,6 +28,15 @@ use crate::zygote;
 /// Where libcontainer keeps container state, per containerd namespace.
 pub const STATE_ROOT: &str = "/run/containerd/podsnap";
 
+/// Annotation with which podsnapd's RestorePod marks a container to restore from a pod
+/// checkpoint's container directory.
+pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+
+/// The value of a spec annotation.
+pub fn spec_annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a String> {
+    spec.annotations().as_ref().and_then(|a| a.get(key))
+}
+
 /// How long a process's output may take to drain after it exits.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -131,6 +140,11 @@ pub struct Container {
     pub execs: HashMap<String, Process>,
     /// The checkpoint `start` restores from, when the task was created from one.
     pub checkpoint: Option<PathBuf>,
+    /// A pod checkpoint's per-container directory (`checkpoint/`, `rootfs-diff.tar`,
+    /// `deleted.files`), when podsnapd's RestorePod created this container.
+    pub restore_dir: Option<PathBuf>,
+    /// The overlay upper directory: the container's writable layer.
+    pub upperdir: Option<PathBuf>,
     rootfs_mounted: bool,
 }
 
@@ -167,8 +181,28 @@ impl Container {
             init: Process::new("", paths),
             execs: HashMap::new(),
             checkpoint: (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint)),
+            restore_dir: None,
+            upperdir: req.rootfs.iter().find_map(|m| {
+                m.options
+                    .iter()
+                    .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
+            }),
             rootfs_mounted: false,
         };
+        if let Some(dir) = spec_annotation(&container.spec, RESTORE_ANNOTATION) {
+            let dir = PathBuf::from(dir);
+            if !dir.is_absolute() || container.checkpoint.is_some() {
+                return Err(rpc_error(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "container {id}: invalid {RESTORE_ANNOTATION} {}",
+                        dir.display()
+                    ),
+                ));
+            }
+            container.checkpoint = Some(dir.join("checkpoint"));
+            container.restore_dir = Some(dir);
+        }
         match container.create_init(req).await {
             Ok(()) => Ok(container),
             Err(err) => {
@@ -331,7 +365,11 @@ impl Container {
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
         let restored_id = id.clone();
+        let restore_dir = self.restore_dir.clone();
         let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+            if let Some(dir) = &restore_dir {
+                crate::rootfs_diff::apply(dir, &rootfs)?;
+            }
             cgroup.prepare(&spec)?;
             let [stdin, stdout, stderr] = &container_stdio.fds;
             let target = checkpoint::RestoreTarget {

@@ -9,6 +9,8 @@ mod cgroup;
 mod checkpoint;
 mod container;
 mod oom;
+mod pod_checkpoint;
+mod rootfs_diff;
 mod service;
 mod stdio;
 mod task;

@@ -83,6 +83,7 @@ impl Shim for Service {
                 .and_then(|s| s.root().as_ref().map(|r| r.path().clone()))
                 .unwrap_or_else(|| "rootfs".into());
             unmount_rootfs(&bundle.join(root));
+            let _ = std::fs::remove_file(podsnap_pod_api::socket_path(&id));
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
@@ -94,6 +95,7 @@ impl Shim for Service {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        let _ = std::fs::remove_file(podsnap_pod_api::socket_path(&self.id));
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> PodTask {
@@ -115,6 +117,13 @@ impl Shim for Service {
         tokio::spawn(async move {
             while let Some(container_id) = oom_rx.recv().await {
                 oom_task.send_oom(container_id);
+            }
+        });
+        let socket = podsnap_pod_api::socket_path(&self.id);
+        let pod_task = task.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::pod_checkpoint::serve(pod_task, socket).await {
+                log::error!("pod socket: {e:#}");
             }
         });
         match monitor_subscribe(Topic::Pid).await {

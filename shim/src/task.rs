@@ -691,6 +691,7 @@ fn checkpoint_options(
         file_locks: o.file_locks,
         image_path: path(&o.image_path),
         work_path: path(&o.work_path),
+        timeout: None,
     })
 }
 

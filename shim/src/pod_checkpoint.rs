@@ -1,0 +1,261 @@
+//! Pod checkpoint: several containers of the pod captured as one consistent cut, served on the
+//! shim's pod socket to podsnapd ([`podsnap_pod_api`]).
+//!
+//! Every selected container is frozen before any is captured and all stay frozen until every
+//! capture finished (or failed, or the deadline passed); then all are thawed, whatever
+//! happened. The captures run in parallel, one CRIU per container. A failed pod checkpoint
+//! removes what it wrote.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use podsnap_pod_api::{ContainerCapture, PodRequest, PodResponse};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::cgroup::ContainerCgroup;
+use crate::checkpoint::{self, CheckpointOptions, DumpTarget};
+use crate::container::State;
+use crate::task::PodTask;
+
+/// One container to capture, copied out of the pod state.
+struct Capture {
+    id: String,
+    pid: i32,
+    spec: oci_spec::runtime::Spec,
+    rootfs: PathBuf,
+    cgroup: ContainerCgroup,
+    upperdir: Option<PathBuf>,
+}
+
+fn failed(code: &str, message: impl Into<String>) -> PodResponse {
+    PodResponse::Failed {
+        code: code.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Serves the pod socket until the shim exits.
+pub async fn serve(task: PodTask, socket: PathBuf) -> anyhow::Result<()> {
+    let dir = socket.parent().context("pod socket has no directory")?;
+    checkpoint::private_dir(dir)?;
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("listen on {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let task = task.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(task, stream).await {
+                log::warn!("pod socket: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle(task: PodTask, mut stream: UnixStream) -> anyhow::Result<()> {
+    let len = stream.read_u32().await?;
+    anyhow::ensure!(len <= podsnap_pod_api::MAX_MESSAGE, "request too large");
+    let mut data = vec![0u8; len as usize];
+    stream.read_exact(&mut data).await?;
+    let response = match serde_json::from_slice::<PodRequest>(&data) {
+        Ok(request) => checkpoint_sandbox(&task, request).await,
+        Err(e) => failed("InvalidArgument", format!("malformed pod request: {e}")),
+    };
+    let mut out = Vec::new();
+    podsnap_pod_api::write_message(&mut out, &response)?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse {
+    let PodRequest::CheckpointSandbox {
+        container_ids,
+        output_dir,
+        leave_running,
+        tcp_established,
+        timeout_ms,
+    } = request;
+    if container_ids.is_empty() {
+        return failed("InvalidArgument", "no containers to checkpoint");
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = container_ids.iter().find(|id| !seen.insert(*id)) {
+        return failed(
+            "InvalidArgument",
+            format!("container {dup} is listed twice"),
+        );
+    }
+    if !output_dir.is_absolute() || !output_dir.is_dir() {
+        return failed(
+            "InvalidArgument",
+            format!(
+                "output directory {} is not an existing absolute directory",
+                output_dir.display()
+            ),
+        );
+    }
+    // Hold the pod for the whole capture: no container starts, stops or goes away meanwhile.
+    let pod = task.pod.lock().await;
+    let mut captures = Vec::new();
+    for id in &container_ids {
+        let Some(container) = pod.containers.get(id) else {
+            return failed("NotFound", format!("container {id} is not in this pod"));
+        };
+        if container.init.state != State::Running {
+            return failed(
+                "FailedPrecondition",
+                format!("container {id} is not running ({:?})", container.init.state),
+            );
+        }
+        captures.push(Capture {
+            id: id.clone(),
+            pid: container.init.pid,
+            spec: container.spec.clone(),
+            rootfs: container.rootfs(),
+            cgroup: container.cgroup.clone(),
+            upperdir: container.upperdir.clone(),
+        });
+    }
+    let opts = CheckpointOptions {
+        exit: !leave_running,
+        open_tcp: tcp_established,
+        ..Default::default()
+    };
+    let timeout = timeout_ms.map(Duration::from_millis);
+    let result =
+        tokio::task::spawn_blocking(move || capture_pod(&captures, &output_dir, &opts, timeout))
+            .await;
+    drop(pod);
+    match result {
+        Ok(response) => response,
+        Err(e) => failed("Internal", format!("pod checkpoint task: {e}")),
+    }
+}
+
+/// Freezes all, captures all in parallel, thaws all.
+fn capture_pod(
+    captures: &[Capture],
+    output_dir: &Path,
+    opts: &CheckpointOptions,
+    timeout: Option<Duration>,
+) -> PodResponse {
+    let start = Instant::now();
+    let deadline = timeout.map(|t| start + t);
+    let mut frozen: Vec<&ContainerCgroup> = Vec::new();
+    let mut response = None;
+    for capture in captures {
+        if let Err(e) = capture.cgroup.freeze(true) {
+            response = Some(failed(
+                "Internal",
+                format!("container {}: freeze: {e:#}", capture.id),
+            ));
+            break;
+        }
+        frozen.push(&capture.cgroup);
+    }
+    let response = response.unwrap_or_else(|| {
+        let results: Vec<anyhow::Result<ContainerCapture>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = captures
+                .iter()
+                .map(|capture| {
+                    scope.spawn(move || capture_container(capture, output_dir, opts, deadline))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked")))
+                })
+                .collect()
+        });
+        let mut containers = Vec::new();
+        let mut errors = Vec::new();
+        for result in results {
+            match result {
+                Ok(capture) => containers.push(capture),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            PodResponse::Checkpointed {
+                containers,
+                freeze_window_ms: 0,
+            }
+        } else {
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            failed(
+                if expired {
+                    "DeadlineExceeded"
+                } else {
+                    "Internal"
+                },
+                errors.join("; "),
+            )
+        }
+    });
+    // Thaw everything we froze, whatever happened: a pod is never left frozen.
+    for cgroup in frozen {
+        if let Err(e) = cgroup.freeze(false) {
+            log::error!("thaw {}: {e:#}", cgroup.path.display());
+        }
+    }
+    let window = start.elapsed().as_millis() as u64;
+    match response {
+        PodResponse::Checkpointed { containers, .. } => PodResponse::Checkpointed {
+            containers,
+            freeze_window_ms: window,
+        },
+        failure => {
+            for capture in captures {
+                let _ = std::fs::remove_dir_all(output_dir.join(&capture.id));
+            }
+            failure
+        }
+    }
+}
+
+fn capture_container(
+    capture: &Capture,
+    output_dir: &Path,
+    opts: &CheckpointOptions,
+    deadline: Option<Instant>,
+) -> anyhow::Result<ContainerCapture> {
+    let started = Instant::now();
+    let dir = output_dir.join(&capture.id);
+    checkpoint::private_dir(&dir)?;
+    let mut opts = opts.clone();
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(
+            !left.is_zero(),
+            "container {}: deadline exceeded before its dump",
+            capture.id
+        );
+        opts.timeout = Some(left);
+    }
+    let target = DumpTarget {
+        id: &capture.id,
+        pid: capture.pid,
+        spec: &capture.spec,
+        rootfs: &capture.rootfs,
+        freezer: capture
+            .cgroup
+            .v1_dir("freezer")
+            .or_else(|| capture.cgroup.v2_dir()),
+    };
+    checkpoint::dump(&target, &dir.join("checkpoint"), &opts)?;
+    if let Some(upper) = &capture.upperdir {
+        crate::rootfs_diff::capture(upper, &dir)
+            .with_context(|| format!("container {}: capture writable layer", capture.id))?;
+    }
+    Ok(ContainerCapture {
+        container_id: capture.id.clone(),
+        dir,
+        dump_ms: started.elapsed().as_millis() as u64,
+    })
+}
