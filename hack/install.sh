@@ -8,13 +8,14 @@ set -euo pipefail
 require_root
 mkdir -p "$PODSNAP_BIN" "$PODSNAP_CACHE/src" "$PODSNAP_CACHE/stamps"
 export DEBIAN_FRONTEND=noninteractive
+BUSYBOX_VERSION=1.37.0
 
 APT_PACKAGES=(
 	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev
 	libseccomp-dev iptables iproute2 util-linux procps psmisc
 	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
-	docker-registry shellcheck busybox-static python3
+	docker-registry shellcheck busybox-static bzip2 python3
 )
 
 # stamp NAME RECIPE: true when NAME was built with this exact RECIPE before.
@@ -33,8 +34,8 @@ install_apt() {
 
 # Debian's trixie suite carries CRIU 4.1.1's upstream tarball; bookworm's CRIU 3.17 fails on this
 # kernel. Only the source is fetched: trixie binaries would pull a newer libc.
-trixie_source() {
-	local pkg=$1 list=/etc/apt/sources.list.d/podsnap-trixie-src.sources uri
+trixie_sources() {
+	local list=/etc/apt/sources.list.d/podsnap-trixie-src.sources uri
 	if [ ! -f "$list" ]; then
 		uri=$(grep -hoE '^URIs: *[^ ]+' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
 		[ -n "$uri" ] || uri=$(grep -hoE '^deb +[^ ]+' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
@@ -42,7 +43,12 @@ trixie_source() {
 		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
 		apt-get update -q
 	fi
-	(cd "$PODSNAP_CACHE/src" && apt-get source --download-only "$pkg/trixie" </dev/null) || true
+}
+
+# trixie_source PKG [SPEC]: download PKG's source (SPEC: what apt-get source gets, default PKG/trixie).
+trixie_source() {
+	trixie_sources
+	(cd "$PODSNAP_CACHE/src" && apt-get source --download-only "${2:-$1/trixie}" </dev/null) || true
 }
 
 install_criu() {
@@ -58,6 +64,33 @@ install_criu() {
 	rm -rf "$dir"
 	"$PODSNAP_BIN/criu" --version
 	stamp_set criu "$recipe"
+}
+
+# The test images' busybox (hack/mkimage.py): upstream's defconfig, static. Debian's busybox-static
+# cannot serve: its shell runs applets in-process instead of exec'ing them from PATH
+# (FEATURE_SH_STANDALONE), which defeats critest's MaskedPaths spec (it masks /bin/ls and expects
+# `sh -c ls` to fail), and it lacks applets critest runs (pgrep, ipcs). 1.37.0 is the version
+# cri-tools' test images are built from; trixie carries its tarball. Takes ~40 s on 2 cores.
+install_busybox() {
+	local recipe="busybox-$BUSYBOX_VERSION-defconfig-static-r1" tarball dir version
+	stamp_ok busybox "$recipe" && [ -x "$PODSNAP_BIN/busybox" ] && return 0
+	tarball="$PODSNAP_CACHE/src/busybox_$BUSYBOX_VERSION.orig.tar.bz2"
+	if [ ! -f "$tarball" ]; then
+		trixie_sources
+		version=$(apt-cache showsrc busybox | awk -v v="$BUSYBOX_VERSION" '$1 == "Version:" && $2 ~ ("^([0-9]+:)?" v "-") {print $2}' | sort -V | tail -1)
+		[ -n "$version" ] || die "Debian offers no busybox $BUSYBOX_VERSION source package"
+		trixie_source busybox "busybox=$version"
+	fi
+	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
+	dir=$(mktemp -d)
+	tar -C "$dir" -xjf "$tarball"
+	(cd "$dir/busybox-$BUSYBOX_VERSION" && make defconfig >/dev/null &&
+		sed -i -e 's/^# CONFIG_STATIC is not set/CONFIG_STATIC=y/' -e 's/^CONFIG_TC=y/# CONFIG_TC is not set/' .config &&
+		{ yes "" || true; } | make oldconfig >/dev/null &&
+		make -j"$(nproc)" busybox >/dev/null 2>&1)
+	install -m 0755 "$dir/busybox-$BUSYBOX_VERSION/busybox" "$PODSNAP_BIN/busybox"
+	rm -rf "$dir"
+	stamp_set busybox "$recipe"
 }
 
 # go_module MODULE VERSION: print a writable copy of the module's source tree.
@@ -143,6 +176,7 @@ main() {
 	t0=$(date +%s)
 	step apt install_apt
 	step criu install_criu
+	step busybox install_busybox
 	step runc install_runc
 	step containerd install_containerd
 	step cni install_cni

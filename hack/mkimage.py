@@ -2,9 +2,17 @@
 """Build podsnap's local container images and push them to the local registry (stdlib only).
 
 No container registry is reachable from the test machine, so every image that critest
-(cri-tools v1.37.0) or the demo pulls is built here: one linux/amd64 layer (tar.gz) made from
-Debian's static busybox (/bin/busybox of busybox-static) with its applet symlinks, plus whatever
+(cri-tools v1.37.0) or the demo pulls is built here: one linux/amd64 layer (tar.gz) made from a
+static busybox with its applets as hard links (as in the upstream busybox image), plus whatever
 files, users, groups, USER and tags each image needs, pushed as an OCI image manifest.
+
+The busybox is busybox 1.37.0 (what cri-tools' test images are built FROM) with upstream's
+defconfig, built static by hack/install.sh into $PODSNAP_BIN/busybox from Debian's source
+tarball. Debian's busybox-static binary does not do: its shell runs applets in-process instead
+of exec'ing /bin/<applet> (FEATURE_SH_STANDALONE), so critest's MaskedPaths spec, which masks
+/bin/ls and expects `sh -c ls` to fail, cannot pass with it for any runtime; and it lacks the
+pgrep and ipcs applets critest runs. nginx, httpd, nonewprivs and pause are small static C
+programs in hack/images/ that do what critest checks of the upstream images.
 
 containerd resolves docker.io, registry.k8s.io, k8s.gcr.io, gcr.io, quay.io, ... to the local
 registry through hosts.toml mirrors (hack/node-up.sh), so an image pulled as
@@ -20,7 +28,8 @@ Every image's config carries the label io.podsnap.image.recipe, a hash of this s
 helper sources in hack/images/, the busybox binary and the image's spec. A tag whose manifest in
 the registry already carries the current recipe is left alone, so a rerun only reads manifests.
 
-Usage: mkimage.py [--registry 127.0.0.1:5000] [--busybox /bin/busybox] [--force] [--list]
+Usage: mkimage.py [--registry 127.0.0.1:5000] [--busybox PATH] [--force] [--list]
+                  [--changed FILE]
 """
 
 import argparse
@@ -262,16 +271,17 @@ class Layer:
         info.size = len(data)
         self.entries[path.lstrip("/")] = (info, data)
 
-    def symlink(self, path, target):
-        info = self._info(path, tarfile.SYMTYPE, 0o777)
-        info.linkname = target
+    def hardlink(self, path, target):
+        info = self._info(path, tarfile.LNKTYPE, 0o755)
+        info.linkname = target.lstrip("/")
         self.entries[path.lstrip("/")] = (info, None)
 
     def build(self):
         """Returns (uncompressed tar, gzipped tar)."""
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in sorted(self.entries):
+            # Hard links after everything else: their target must be in the archive first.
+            for path in sorted(self.entries, key=lambda p: (self.entries[p][0].type == tarfile.LNKTYPE, p)):
                 info, data = self.entries[path]
                 tar.addfile(info, io.BytesIO(data) if data is not None else None)
         tar_bytes = raw.getvalue()
@@ -312,9 +322,6 @@ class Builder:
                 shutil.rmtree(out, ignore_errors=True)
         return self._helpers
 
-    def helper_script(self, name):
-        return open(os.path.join(HELPERS, name), "rb").read()
-
     def busybox_rootfs(self, spec):
         layer = Layer()
         for d, mode in (("/bin", 0o755), ("/dev", 0o755), ("/etc", 0o755), ("/home", 0o755),
@@ -324,11 +331,10 @@ class Builder:
                         ("/var/www", 0o755), ("/run", 0o755)):
             layer.dir(d, mode)
         layer.file("/bin/busybox", self.busybox_bytes, 0o755)
+        # Applets are hard links, as in the upstream busybox image: critest masks /bin/ls
+        # (MaskedPaths), and a mount over a symlink would mask /bin/busybox, i.e. every applet.
         for applet in self.applets():
-            layer.symlink(f"/bin/{applet}", "busybox")
-        # Debian's busybox-static lacks these applets; critest runs them.
-        for script in ("pgrep", "ipcs"):
-            layer.file(f"/bin/{script}", self.helper_script(script), 0o755)
+            layer.hardlink(f"/bin/{applet}", "/bin/busybox")
         passwd, group = list(PASSWD), list(GROUP)
         for user, uid, gid, home in spec.get("users", []):
             passwd.append(f"{user}:x:{uid}:{gid}:Linux User,,,:{home}:/bin/sh")
@@ -418,9 +424,12 @@ def current(registry, repo, tag, recipe):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--registry", default=os.environ.get("PODSNAP_REGISTRY", "127.0.0.1:5000"))
-    ap.add_argument("--busybox", default="/bin/busybox")
+    ap.add_argument("--busybox", default=os.path.join(
+        os.environ.get("PODSNAP_BIN", "/var/cache/podsnap/bin"), "busybox"))
     ap.add_argument("--force", action="store_true", help="rebuild and push even when up to date")
     ap.add_argument("--list", action="store_true", help="print every image reference and exit")
+    ap.add_argument("--changed", metavar="FILE",
+                    help="write the references of every image pushed by this run to FILE")
     args = ap.parse_args()
 
     if args.list:
@@ -436,6 +445,7 @@ def main():
     base = base_recipe(args.busybox)
     builder = Builder(args.busybox)
     built = skipped = 0
+    changed = []
     for spec in IMAGES:
         recipe = spec_recipe(base, spec)
         targets = list(dict.fromkeys(split_ref(ref) for ref in spec["refs"]))
@@ -444,6 +454,7 @@ def main():
             skipped += len(targets)
             continue
         blobs, manifest = builder.image(spec, recipe)
+        changed.extend(spec["refs"])
         for repo, tag in stale:
             for data in blobs.values():
                 registry.push_blob(repo, data)
@@ -451,6 +462,9 @@ def main():
             log(f"pushed {args.registry}/{repo}:{tag} ({sha256(manifest)[:19]})")
             built += 1
         skipped += len(targets) - len(stale)
+    if args.changed:
+        with open(args.changed, "w") as f:
+            f.writelines(ref + "\n" for ref in changed)
     log(f"{built} tag(s) pushed, {skipped} already up to date")
     return 0
 
