@@ -1,0 +1,407 @@
+//! The on-disk format of a podsnap pod checkpoint, and the checks a restore makes before it
+//! trusts one.
+//!
+//! ```text
+//! <checkpoint>/
+//!   podsnap-manifest.json      versioned manifest: pod and container configs, image
+//!                              references, CRIU and kernel versions, sha256 of every file
+//!   <container name>/          one per container, in the layout CRI-O, containerd and
+//!     checkpoint/              checkpointctl share: CRIU images (+ podsnap metadata)
+//!     config.dump spec.dump    container metadata and OCI spec
+//!     rootfs-diff.tar          writable-layer changes
+//!     deleted.files            paths the container deleted
+//!     stats-dump               CRIU's dump statistics
+//! ```
+//!
+//! [`verify`] accepts a directory only if the manifest parses, has this format and version,
+//! and lists exactly the regular files present with their sha256; symlinks, devices, FIFOs,
+//! sockets and paths that leave the directory are refused. This crate does not create
+//! containers or talk to CRIU.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "podsnap-manifest.json";
+/// The manifest's `format` value.
+pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
+/// The manifest version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Largest manifest accepted.
+const MAX_MANIFEST: u64 = 16 << 20;
+
+/// Why a checkpoint was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("checkpoint {0} does not exist or is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("checkpoint manifest {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint manifest {path} is malformed: {source}")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("checkpoint manifest is too large ({0} bytes)")]
+    TooLarge(u64),
+    #[error("not a podsnap pod checkpoint (format {format:?}, version {version})")]
+    Format { format: String, version: u32 },
+    #[error("checkpoint path {0:?} escapes the checkpoint directory")]
+    Escapes(String),
+    #[error("{0} is a symlink: a checkpoint holds no symlinks")]
+    Symlink(PathBuf),
+    #[error("{0} is a device, FIFO or socket: a checkpoint holds only files and directories")]
+    SpecialFile(PathBuf),
+    #[error("checkpoint file {0} is not listed in the manifest")]
+    Unlisted(String),
+    #[error("checkpoint file {0} is missing (truncated checkpoint?)")]
+    Missing(String),
+    #[error("checkpoint file {path} was modified (sha256 {actual}, manifest says {expected})")]
+    Modified {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("the manifest lists container {0:?} twice")]
+    DuplicateContainer(String),
+    #[error("container directory {0:?} is not a plain name")]
+    BadContainerDir(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The pod part of the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PodEntry {
+    pub sandbox_id: String,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub runtime_handler: String,
+    /// The CRI `PodSandboxConfig` as containerd reported it (JSON).
+    pub config: serde_json::Value,
+}
+
+/// One container of the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerEntry {
+    /// The CRI metadata name, unique in the pod; also the directory name.
+    pub name: String,
+    pub id: String,
+    /// The image as the container config named it.
+    pub image: String,
+    /// The image's resolved reference (digest or id).
+    pub image_ref: String,
+    /// The CRI `ContainerConfig` as containerd reported it (JSON).
+    pub config: serde_json::Value,
+}
+
+/// The manifest of a pod checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// RFC 3339 time of the checkpoint.
+    pub created: String,
+    pub pod: PodEntry,
+    pub containers: Vec<ContainerEntry>,
+    pub criu_version: String,
+    pub kernel: String,
+    /// The `podsnap.io/...` options the checkpoint was taken with.
+    pub options: BTreeMap<String, String>,
+    /// sha256 of every file, by path relative to the checkpoint directory.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Every regular file under `root` except the manifest, by relative path; refuses symlinks
+/// and special files.
+pub fn files(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    collect(root, root, &mut out)?;
+    out.remove(MANIFEST);
+    Ok(out)
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(io(&path))?;
+        if kind.is_symlink() {
+            return Err(Error::Symlink(path));
+        } else if kind.is_dir() {
+            collect(root, &path, out)?;
+        } else if kind.is_file() {
+            let relative = path
+                .strip_prefix(root)
+                .expect("walked from root")
+                .to_string_lossy()
+                .to_string();
+            out.insert(relative, path);
+        } else {
+            return Err(Error::SpecialFile(path));
+        }
+    }
+    Ok(())
+}
+
+/// A relative path inside the checkpoint, or [`Error::Escapes`].
+pub fn contained(relative: &str) -> Result<PathBuf> {
+    let path = Path::new(relative);
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => clean.push(part),
+            _ => return Err(Error::Escapes(relative.to_string())),
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(Error::Escapes(relative.to_string()));
+    }
+    Ok(clean)
+}
+
+/// Hashes every file under `root` into `manifest.files` and writes the manifest (0600).
+pub fn write_manifest(root: &Path, manifest: &mut Manifest) -> Result<()> {
+    manifest.files.clear();
+    for (relative, path) in files(root)? {
+        manifest
+            .files
+            .insert(relative, sha256_file(&path).map_err(io(&path))?);
+    }
+    let path = root.join(MANIFEST);
+    let data = serde_json::to_vec_pretty(manifest).map_err(|source| Error::Malformed {
+        path: path.clone(),
+        source,
+    })?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    file.write_all(&data).map_err(io(&path))
+}
+
+/// Reads and checks a pod checkpoint before anything is restored from it.
+pub fn verify(root: &Path) -> Result<Manifest> {
+    if !root.is_dir() {
+        return Err(Error::NotADirectory(root.to_path_buf()));
+    }
+    let path = root.join(MANIFEST);
+    let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+    if meta.file_type().is_symlink() {
+        return Err(Error::Symlink(path));
+    }
+    if meta.len() > MAX_MANIFEST {
+        return Err(Error::TooLarge(meta.len()));
+    }
+    let data = fs::read(&path).map_err(io(&path))?;
+    let manifest: Manifest = serde_json::from_slice(&data).map_err(|source| Error::Malformed {
+        path: path.clone(),
+        source,
+    })?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(Error::Format {
+            format: manifest.format,
+            version: manifest.version,
+        });
+    }
+    let mut names = std::collections::HashSet::new();
+    for container in &manifest.containers {
+        if !names.insert(container.name.as_str()) {
+            return Err(Error::DuplicateContainer(container.name.clone()));
+        }
+        let dir = contained(&container.name)?;
+        if dir.components().count() != 1 {
+            return Err(Error::BadContainerDir(container.name.clone()));
+        }
+    }
+    for relative in manifest.files.keys() {
+        contained(relative)?;
+    }
+    let present = files(root)?;
+    for relative in present.keys() {
+        if !manifest.files.contains_key(relative) {
+            return Err(Error::Unlisted(relative.clone()));
+        }
+    }
+    for (relative, expected) in &manifest.files {
+        let path = present
+            .get(relative)
+            .ok_or_else(|| Error::Missing(relative.clone()))?;
+        let actual = sha256_file(path).map_err(io(path))?;
+        if &actual != expected {
+            return Err(Error::Modified {
+                path: relative.clone(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(root: &Path) -> Manifest {
+        fs::create_dir_all(root.join("web/checkpoint")).unwrap();
+        fs::write(root.join("web/checkpoint/pages-1.img"), b"pages").unwrap();
+        fs::write(root.join("web/rootfs-diff.tar"), b"tar").unwrap();
+        let mut manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            created: "2026-11-27T00:00:00Z".into(),
+            pod: PodEntry {
+                sandbox_id: "sb".into(),
+                name: "pod".into(),
+                namespace: "default".into(),
+                uid: "u".into(),
+                runtime_handler: "podsnap".into(),
+                config: serde_json::json!({}),
+            },
+            containers: vec![ContainerEntry {
+                name: "web".into(),
+                id: "c1".into(),
+                image: "busybox".into(),
+                image_ref: "sha256:x".into(),
+                config: serde_json::json!({}),
+            }],
+            criu_version: "4.1.1".into(),
+            kernel: "6.18".into(),
+            options: BTreeMap::new(),
+            files: BTreeMap::new(),
+        };
+        write_manifest(root, &mut manifest).unwrap();
+        manifest
+    }
+
+    #[test]
+    fn a_written_checkpoint_verifies_and_lists_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = sample(dir.path());
+        assert_eq!(manifest.files.len(), 2);
+        assert_eq!(verify(dir.path()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn a_modified_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        fs::write(dir.path().join("web/rootfs-diff.tar"), b"evil").unwrap();
+        let err = verify(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::Modified { .. }), "{err}");
+        assert!(err.to_string().contains("web/rootfs-diff.tar"), "{err}");
+    }
+
+    #[test]
+    fn missing_and_extra_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        fs::remove_file(dir.path().join("web/rootfs-diff.tar")).unwrap();
+        assert!(matches!(verify(dir.path()).unwrap_err(), Error::Missing(_)));
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        fs::write(dir.path().join("web/extra"), b"x").unwrap();
+        assert!(matches!(
+            verify(dir.path()).unwrap_err(),
+            Error::Unlisted(_)
+        ));
+    }
+
+    #[test]
+    fn symlinks_that_escape_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        std::os::unix::fs::symlink("/etc", dir.path().join("web/etc")).unwrap();
+        assert!(matches!(verify(dir.path()).unwrap_err(), Error::Symlink(_)));
+    }
+
+    #[test]
+    fn manifest_paths_and_names_that_escape_are_refused() {
+        assert!(contained("../x").is_err());
+        assert!(contained("/etc/passwd").is_err());
+        assert!(contained("a/../../b").is_err());
+        assert!(contained("a/b").is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = sample(dir.path());
+        manifest.containers[0].name = "../escape".into();
+        fs::write(
+            dir.path().join(MANIFEST),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(verify(dir.path()).unwrap_err(), Error::Escapes(_)));
+    }
+
+    #[test]
+    fn a_device_node_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        let fifo = dir.path().join("web/fifo");
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(matches!(
+            verify(dir.path()).unwrap_err(),
+            Error::SpecialFile(_)
+        ));
+    }
+
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = sample(dir.path());
+        manifest.version = 99;
+        fs::write(
+            dir.path().join(MANIFEST),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(dir.path()).unwrap_err(),
+            Error::Format { .. }
+        ));
+    }
+}
