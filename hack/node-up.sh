@@ -133,6 +133,9 @@ state = "$CONTAINERD_STATE"
           SystemdCgroup = false
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.podsnap]
         runtime_type = "io.containerd.podsnap.v2"
+        # podsnapd's RestorePod marks containers to restore with podsnap.io/* annotations;
+        # only this handler passes them through to the shim.
+        container_annotations = ["podsnap.io/*"]
     [plugins."io.containerd.cri.v1.runtime".cni]
       bin_dirs = ["$CNI_BIN_DIR"]
       conf_dir = "$CNI_CONF_DIR"
