@@ -1,0 +1,519 @@
+//! Container checkpoint and restore through containerd's own paths on the podsnap shim: `ctr
+//! task checkpoint` (leave running, `--exit`), `ctr container checkpoint`/`restore` (memory,
+//! files, the count going on), a 256 MiB process restored with every page verified, CRI's
+//! `crictl checkpoint --export` read by the upstream `checkpointctl`, CRIU killed mid-dump and
+//! the checkpoint of a container that is not running. Run with
+//! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh`.
+
+#![forbid(unsafe_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use podsnap_e2e::{
+    CRI_NAMESPACE, CTR_NAMESPACE, CommandLine, ContainerConfig, CtrContainer, Handler, Node, Pod,
+    serving_shim, wait_for,
+};
+
+/// Liveness deadline for a container to reach a state or print something.
+const LIVENESS: Duration = Duration::from_secs(60);
+
+/// A shell loop that counts in memory and records the count in /tmp/count and its log.
+const COUNTER: &str = "i=0; echo before > /before; while true; do i=$((i+1)); echo $i > /tmp/count; echo count=$i; sleep 0.1; done";
+
+fn private_dir(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("podsnap-e2e-{name}-"))
+        .tempdir()
+        .expect("temporary directory");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// The memtest fixture, compiled static once per test binary.
+fn memtest() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("podsnap-e2e-memtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("memtest");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/memtest.c");
+        let build = CommandLine::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .timeout(Duration::from_secs(120))
+            .run()
+            .expect("run gcc");
+        assert!(build.success(), "cannot build memtest: {}", build.report());
+        out
+    })
+}
+
+/// The count a ctr container last wrote.
+fn ctr_count(c: &CtrContainer) -> u64 {
+    let exec_id = format!("count{}", rand_suffix());
+    let out = c.task("exec", &["--exec-id", &exec_id], &["cat", "/tmp/count"]);
+    assert!(out.success(), "{}", out.report());
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count: {:?}", out.stdout))
+}
+
+fn rand_suffix() -> u32 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos()
+}
+
+fn ctr_exec(c: &CtrContainer, argv: &[&str]) -> String {
+    let exec_id = format!("x{}", rand_suffix());
+    let out = c.task("exec", &["--exec-id", &exec_id], argv);
+    assert!(
+        out.success(),
+        "{}\n{}",
+        out.report(),
+        c.node.log_excerpt(&[&c.id])
+    );
+    out.stdout
+}
+
+fn last_count_in(log: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| {
+            l.rsplit_once("count=")
+                .and_then(|(_, n)| n.trim().parse().ok())
+        })
+        .next_back()
+}
+
+/// Every file of a checkpoint is root-only, and the images and our metadata are there.
+fn assert_private_checkpoint(dir: &Path) {
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode,
+        0o700,
+        "checkpoint dir {} has mode {mode:o}",
+        dir.display()
+    );
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", entry.path().display());
+        names.push(entry.file_name().to_string_lossy().to_string());
+    }
+    for needed in [
+        "inventory.img",
+        "descriptors.json",
+        "podsnap.sha256",
+        "podsnap-checkpoint.json",
+    ] {
+        assert!(
+            names.iter().any(|n| n == needed),
+            "{needed} missing from {names:?}"
+        );
+    }
+}
+
+#[test]
+fn podsnap_ctr_task_checkpoint_leaving_it_running_writes_private_images_and_the_count_goes_on() {
+    let node = Node::get();
+    let mut pod = Pod::run(Handler::Podsnap, "ckpt-running");
+    let c = pod.run_container(&ContainerConfig::shell("counter", COUNTER));
+    wait_for("the counter to count", LIVENESS, || {
+        last_count_in(&pod.logs(&c))
+            .filter(|n| *n >= 3)
+            .ok_or_else(|| pod.logs(&c))
+    });
+    let dir = private_dir("task-ckpt");
+    let images = dir.path().join("images");
+    node.ctr(
+        CRI_NAMESPACE,
+        [
+            "task",
+            "checkpoint",
+            "--image-path",
+            images.to_str().unwrap(),
+            &c,
+        ],
+    );
+    assert_private_checkpoint(&images);
+    assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
+    assert_eq!(
+        node.task_status(CRI_NAMESPACE, &c).as_deref(),
+        Some("RUNNING")
+    );
+    let after = last_count_in(&pod.logs(&c)).unwrap();
+    wait_for("the count to go on after the checkpoint", LIVENESS, || {
+        let now = last_count_in(&pod.logs(&c)).unwrap_or_default();
+        if now > after + 3 {
+            Ok(())
+        } else {
+            Err(format!("count {now}, was {after}"))
+        }
+    });
+    pod.remove();
+}
+
+#[test]
+fn podsnap_ctr_task_checkpoint_with_exit_stops_the_container_after_writing_its_images() {
+    let node = Node::get();
+    let mut pod = Pod::run(Handler::Podsnap, "ckpt-exit");
+    let c = pod.run_container(&ContainerConfig::shell("counter", COUNTER));
+    wait_for("the counter to count", LIVENESS, || {
+        last_count_in(&pod.logs(&c))
+            .filter(|n| *n >= 2)
+            .ok_or_else(|| pod.logs(&c))
+    });
+    let dir = private_dir("task-exit");
+    let images = dir.path().join("images");
+    node.ctr(
+        CRI_NAMESPACE,
+        [
+            "task",
+            "checkpoint",
+            "--exit",
+            "--image-path",
+            images.to_str().unwrap(),
+            &c,
+        ],
+    );
+    assert_private_checkpoint(&images);
+    wait_for("the checkpointed container to exit", LIVENESS, || {
+        let state = node.container_state(&c);
+        if state == "CONTAINER_EXITED" {
+            Ok(())
+        } else {
+            Err(state)
+        }
+    });
+    pod.remove();
+}
+
+#[test]
+fn podsnap_ctr_container_checkpoint_and_restore_continue_the_count_with_its_files() {
+    let node = Node::get();
+    let original = CtrContainer::run_detached(Handler::Podsnap, "cr", &["sh", "-c", COUNTER]);
+    wait_for("the counter to count", LIVENESS, || {
+        let out = original.task("exec", &["--exec-id", "probe"], &["cat", "/tmp/count"]);
+        if out.success() && out.stdout.trim().parse::<u64>().unwrap_or(0) >= 5 {
+            Ok(())
+        } else {
+            Err(out.report())
+        }
+    });
+    let before = ctr_count(&original);
+    let image = format!("podsnap-e2e/checkpoint:{}", original.id);
+    node.ctr(
+        CTR_NAMESPACE,
+        [
+            "container",
+            "checkpoint",
+            "--rw",
+            "--task",
+            &original.id,
+            &image,
+        ],
+    );
+    let after = ctr_count(&original);
+    assert!(
+        after >= before,
+        "the original went on counting: {before} then {after}"
+    );
+    // The original is gone before the restore: the restored one stands on its own.
+    drop(original);
+
+    let restored = CtrContainer::unstarted(Handler::Podsnap, "cr-restored");
+    node.ctr(
+        CTR_NAMESPACE,
+        [
+            "container",
+            "restore",
+            "--rw",
+            "--live",
+            &restored.id,
+            &image,
+        ],
+    );
+    assert_eq!(restored.status().as_deref(), Some("RUNNING"));
+    let resumed = ctr_count(&restored);
+    assert!(
+        resumed >= before,
+        "the restored counter starts again from {resumed}, below the checkpointed {before}"
+    );
+    wait_for("the restored counter to go on", LIVENESS, || {
+        let now = ctr_count(&restored);
+        if now > resumed + 3 {
+            Ok(())
+        } else {
+            Err(format!("count {now}, restored at {resumed}"))
+        }
+    });
+    assert_eq!(ctr_exec(&restored, &["cat", "/before"]).trim(), "before");
+    let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
+}
+
+#[test]
+fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
+    let node = Node::get();
+    let binary = memtest();
+    let c = CtrContainer::unstarted(Handler::Podsnap, "mem256");
+    c.pull_busybox();
+    let mount = format!(
+        "type=bind,src={},dst=/memtest,options=rbind:ro",
+        binary.display()
+    );
+    let out = c.run(
+        &["-d", "--mount", &mount, podsnap_e2e::BUSYBOX],
+        &["/memtest", "256"],
+    );
+    assert!(out.success(), "{}", out.report());
+    wait_for("memtest to touch its memory", LIVENESS, || {
+        let out = c.task(
+            "exec",
+            &["--exec-id", "ready"],
+            &["cat", "/tmp/memtest.ready"],
+        );
+        if out.success() {
+            Ok(())
+        } else {
+            Err(out.report())
+        }
+    });
+    let image = format!("podsnap-e2e/mem:{}", c.id);
+    node.ctr(
+        CTR_NAMESPACE,
+        ["container", "checkpoint", "--rw", "--task", &c.id, &image],
+    );
+    drop(c);
+    let restored = CtrContainer::unstarted(Handler::Podsnap, "mem256-restored");
+    node.ctr(
+        CTR_NAMESPACE,
+        [
+            "container",
+            "restore",
+            "--rw",
+            "--live",
+            &restored.id,
+            &image,
+        ],
+    );
+    let out = restored.task("kill", &["--signal", "SIGUSR1"], &[]);
+    assert!(out.success(), "{}", out.report());
+    let result = wait_for("memtest to check its pages", LIVENESS, || {
+        let out = restored.task(
+            "exec",
+            &["--exec-id", "result"],
+            &["cat", "/tmp/memtest.result"],
+        );
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out.report())
+        }
+    });
+    assert_eq!(result.trim(), "checked 65536 pages, 0 bad words");
+    let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
+}
+
+#[test]
+fn podsnap_crictl_checkpoint_export_is_read_by_checkpointctl() {
+    let node = Node::get();
+    let mut pod = Pod::run(Handler::Podsnap, "cri-ckpt");
+    let c = pod.run_container(&ContainerConfig::shell("counter", COUNTER));
+    wait_for("the counter to count", LIVENESS, || {
+        last_count_in(&pod.logs(&c))
+            .filter(|n| *n >= 2)
+            .ok_or_else(|| pod.logs(&c))
+    });
+    let dir = private_dir("cri-export");
+    let archive = dir.path().join("counter.tar");
+    node.crictl(["checkpoint", &format!("--export={}", archive.display()), &c]);
+    assert!(archive.exists(), "crictl checkpoint wrote no archive");
+    let checkpointctl = node.crictl.with_file_name("checkpointctl");
+    let show = CommandLine::new(&checkpointctl)
+        .arg("show")
+        .arg(&archive)
+        .timeout(Duration::from_secs(60))
+        .run()
+        .expect("run checkpointctl");
+    assert!(show.success(), "{}", show.report());
+    assert!(
+        show.stdout.contains("counter"),
+        "checkpointctl show:\n{}",
+        show.stdout
+    );
+    assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
+    pod.remove();
+}
+
+/// The pids of `criu` processes whose parent is `parent`.
+fn criu_children(parent: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid: i32 = rest
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if comm.ends_with("(criu") && ppid == parent {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn podsnap_criu_killed_mid_dump_leaves_the_container_running_and_no_partial_images() {
+    let node = Node::get();
+    let binary = memtest();
+    let c = CtrContainer::unstarted(Handler::Podsnap, "criu-killed");
+    c.pull_busybox();
+    let mount = format!(
+        "type=bind,src={},dst=/memtest,options=rbind:ro",
+        binary.display()
+    );
+    let out = c.run(
+        &["-d", "--mount", &mount, podsnap_e2e::BUSYBOX],
+        &["/memtest", "1024"],
+    );
+    assert!(out.success(), "{}", out.report());
+    wait_for("memtest to touch its memory", LIVENESS, || {
+        let out = c.task(
+            "exec",
+            &["--exec-id", "ready"],
+            &["cat", "/tmp/memtest.ready"],
+        );
+        if out.success() {
+            Ok(())
+        } else {
+            Err(out.report())
+        }
+    });
+    let shim = serving_shim(Handler::Podsnap, &c.id)
+        .expect("the container's shim")
+        .pid;
+    let dir = private_dir("criu-killed");
+    let images = dir.path().join("images");
+    let mut killed = false;
+    let checkpoint = node
+        .ctr_command(
+            CTR_NAMESPACE,
+            [
+                "task",
+                "checkpoint",
+                "--image-path",
+                images.to_str().unwrap(),
+                &c.id,
+            ],
+        )
+        .timeout(Duration::from_secs(120));
+    let outcome = std::thread::scope(|scope| {
+        let run = scope.spawn(|| checkpoint.run());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !run.is_finished() && Instant::now() < deadline {
+            if let Some(pid) = criu_children(shim).first() {
+                std::thread::sleep(Duration::from_millis(150));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        run.join().unwrap().expect("ctr task checkpoint ran")
+    });
+    assert!(
+        killed,
+        "never saw CRIU running under shim {shim}: {}",
+        outcome.report()
+    );
+    assert!(
+        !outcome.success(),
+        "the checkpoint succeeded although CRIU was killed"
+    );
+    assert!(
+        outcome.stderr.contains(&c.id),
+        "the error does not name the container: {}",
+        outcome.report()
+    );
+    wait_for("the container to run again", LIVENESS, || {
+        let status = c.status().unwrap_or_default();
+        if status == "RUNNING" {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    });
+    let leftovers: Vec<_> = std::fs::read_dir(&images)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".img")),
+        "partial images left: {leftovers:?}"
+    );
+    let out = c.task("kill", &["--signal", "SIGUSR1"], &[]);
+    assert!(out.success(), "{}", out.report());
+    let result = wait_for("memtest to check its pages", LIVENESS, || {
+        let out = c.task(
+            "exec",
+            &["--exec-id", "result"],
+            &["cat", "/tmp/memtest.result"],
+        );
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out.report())
+        }
+    });
+    assert_eq!(result.trim(), "checked 262144 pages, 0 bad words");
+}
+
+#[test]
+fn podsnap_checkpoint_of_a_container_that_is_not_running_fails_naming_it() {
+    let node = Node::get();
+    let c = CtrContainer::run_detached(Handler::Podsnap, "not-running", &["sh", "-c", "exit 0"]);
+    wait_for("the task to stop", LIVENESS, || {
+        let status = c.status().unwrap_or_default();
+        if status == "STOPPED" {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    });
+    let dir = private_dir("not-running");
+    let images = dir.path().join("images");
+    let out = c.task(
+        "checkpoint",
+        &["--image-path", images.to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.success(), "checkpoint of a stopped task succeeded");
+    assert!(out.stderr.contains("not running"), "{}", out.report());
+    assert!(out.stderr.contains(&c.id), "{}", out.report());
+    assert!(
+        !images.exists(),
+        "a checkpoint of a stopped task left {}",
+        images.display()
+    );
+    let _ = node;
+}
