@@ -579,3 +579,38 @@ fn podsnap_tty_container_output_reaches_its_log_and_exec_gets_a_terminal() {
     let footprint = pod.remove();
     assert_nothing_left(node, &footprint);
 }
+
+#[test]
+fn podsnap_exec_runs_under_the_container_seccomp_filter() {
+    let c = CtrContainer::unstarted(Handler::Podsnap, "seccomp-exec");
+    c.pull_busybox();
+    let out = c.run(
+        &["-d", "--seccomp", podsnap_e2e::BUSYBOX],
+        &["sleep", "600"],
+    );
+    assert!(out.success(), "{}", out.report());
+    let status = |exec_id: &str, pid: &str| {
+        let out = c.task(
+            "exec",
+            &["--exec-id", exec_id],
+            &["grep", "^Seccomp:", &format!("/proc/{pid}/status")],
+        );
+        assert!(out.success(), "{}", out.report());
+        out.stdout
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Mode 2 is "filter": the init has the default profile, and so must every exec.
+    assert_eq!(
+        status("init", "1"),
+        "2",
+        "the init runs without the seccomp filter"
+    );
+    assert_eq!(
+        status("self", "self"),
+        "2",
+        "an exec escaped the container's seccomp filter"
+    );
+}
