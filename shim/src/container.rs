@@ -37,6 +37,9 @@ pub fn spec_annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a String> {
     spec.annotations().as_ref().and_then(|a| a.get(key))
 }
 
+/// Where compressed checkpoints are expanded for a restore (on disk, not in memory).
+pub const SCRATCH_ROOT: &str = "/var/lib/podsnap/scratch";
+
 /// How long a process's output may take to drain after it exits.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -339,17 +342,32 @@ impl Container {
     /// inside the container's cgroup, attached to fresh stdio pipes.
     async fn restore_init(&mut self, checkpoint: &Path) -> ttrpc::Result<i32> {
         let id = self.id.clone();
-        let images = checkpoint.to_path_buf();
-        let (metadata, descriptors) =
-            tokio::task::spawn_blocking(move || checkpoint::verify(&images))
-                .await
-                .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
-                .map_err(|e| {
-                    rpc_error(
-                        Code::FAILED_PRECONDITION,
-                        format!("container {id}: cannot restore: {e:#}"),
-                    )
-                })?;
+        let source = checkpoint.to_path_buf();
+        // Compressed pages are expanded into a private scratch directory first: CRIU reads
+        // only plain images, and the checkpoint itself is never modified.
+        let (scratch, metadata, descriptors) = tokio::task::spawn_blocking(move || {
+            let scratch = if podsnap_checkpoint_format::pages::is_compressed(&source) {
+                checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
+                let dir = tempfile::Builder::new()
+                    .prefix("restore-")
+                    .tempdir_in(SCRATCH_ROOT)?;
+                podsnap_checkpoint_format::pages::expand_into(&source, dir.path())?;
+                Some(dir)
+            } else {
+                None
+            };
+            let images = scratch.as_ref().map_or(source.as_path(), |d| d.path());
+            let (metadata, descriptors) = checkpoint::verify(images)?;
+            Ok::<_, anyhow::Error>((scratch, metadata, descriptors))
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
+        .map_err(|e| {
+            rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {id}: cannot restore: {e:#}"),
+            )
+        })?;
         let (container_stdio, shim_stdio) = stdio::prepare(&self.init.paths)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
         if container_stdio.console.is_some() {
@@ -361,7 +379,9 @@ impl Container {
         let spec = self.spec.clone();
         let rootfs = self.rootfs();
         let cgroup = self.cgroup.clone();
-        let images = checkpoint.to_path_buf();
+        let images = scratch
+            .as_ref()
+            .map_or_else(|| checkpoint.to_path_buf(), |d| d.path().to_path_buf());
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
         let restored_id = id.clone();
@@ -384,6 +404,7 @@ impl Container {
                 cgroup.update(resources)?;
             }
             record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
+            drop(scratch);
             Ok(pid)
         })
         .await

@@ -18,6 +18,8 @@
 //! sockets and paths that leave the directory are refused. This crate does not create
 //! containers or talk to CRIU.
 
+pub mod pages;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
