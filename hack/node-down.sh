@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Stop the test node that hack/node-up.sh started and leave nothing of it running: remove every
-# pod of our containerd through CRI (so CNI releases addresses and port mappings), kill what is
-# left of our containers through our own runc state, stop containerd and the registry by their
-# pid files, stop leftover shims by the shim.pid files in our state dir, unmount whatever is
-# still mounted under our directories and delete the CNI bridge. Safe to run twice, or when the
-# node is half up. Images stay: containerd's content in $PODSNAP_NODE_LIB, the registry's in
-# $PODSNAP_CACHE/registry.
+# pod of our containerd through CRI (so CNI releases addresses and port mappings; a containerd
+# that died is started again for that), kill what is left of our containers through our own runc
+# state, stop containerd and the registry by their pid files, stop leftover shims found through
+# the bootstrap.json files in our state dir, unmount whatever is still mounted under our
+# directories and delete the CNI bridge. Safe to run twice, or when the node is half up. Images
+# stay: containerd's content in $PODSNAP_NODE_LIB, the registry's in $PODSNAP_CACHE/registry.
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -49,22 +49,26 @@ kill_runc_leftovers() {
 	done
 }
 
-# Shims our containerd started write shim.pid into their bundle under our state dir. Only a
-# process whose command line names our containerd socket is stopped.
+# Shims our containerd started and that outlived it. containerd records each shim's socket in
+# the bundle's bootstrap.json under our state dir: the process listening there is the shim (and
+# its command line must name our containerd's socket).
 stop_shims() {
-	local f pid n
-	for f in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/*/*/shim.pid; do
+	local f addr pid n
+	for f in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/*/*/bootstrap.json; do
 		[ -f "$f" ] || continue
-		pid=$(cat "$f" 2>/dev/null || true)
-		[[ $pid =~ ^[0-9]+$ ]] || continue
-		tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF "$CONTAINERD_SOCK" || continue
-		log "stopping leftover shim pid $pid ($(dirname "$f"))"
-		kill -TERM "$pid" 2>/dev/null || true
-		for ((n = 0; n < 50; n++)); do
-			kill -0 "$pid" 2>/dev/null || break
-			sleep 0.1
+		addr=$(jq -r '.address // empty' "$f" 2>/dev/null || true)
+		addr=${addr#unix://}
+		[ -n "$addr" ] || continue
+		for pid in $({ ss -Hxlp "src $addr" 2>/dev/null || true; } | { grep -oE 'pid=[0-9]+' || true; } | cut -d= -f2 | sort -u); do
+			tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF "$CONTAINERD_SOCK" || continue
+			log "stopping leftover shim pid $pid ($(basename "$(dirname "$f")"))"
+			kill -TERM "$pid" 2>/dev/null || true
+			for ((n = 0; n < 50; n++)); do
+				kill -0 "$pid" 2>/dev/null || break
+				sleep 0.1
+			done
+			kill -KILL "$pid" 2>/dev/null || true
 		done
-		kill -KILL "$pid" 2>/dev/null || true
 	done
 }
 
@@ -95,7 +99,20 @@ delete_bridge() {
 	fi
 }
 
+# Tasks of ours still alive although containerd is not (it crashed or was killed): start it
+# again so that CRI can remove the pods properly, CNI DEL included.
+restart_if_orphans() {
+	local bundles
+	pid_running "$CONTAINERD_PIDFILE" containerd >/dev/null && return 0
+	[ -f "$CONTAINERD_CONFIG" ] || return 0
+	bundles=$(find "$CONTAINERD_STATE/io.containerd.runtime.v2.task" -mindepth 2 -maxdepth 2 -type d 2>/dev/null | head -1)
+	[ -n "$bundles" ] || return 0
+	log "containerd is not running but has left tasks behind: restarting it to remove them"
+	start_containerd || log "warning: containerd does not start again; killing the leftovers directly"
+}
+
 main() {
+	restart_if_orphans
 	remove_pods
 	stop_pidfile "$CONTAINERD_PIDFILE" containerd 30
 	kill_runc_leftovers

@@ -97,6 +97,12 @@ registry_up() {
 	if pid=$(pid_running "$REGISTRY_PIDFILE" docker-registry) && registry_answers; then
 		return 0
 	fi
+	if [ "${PODSNAP_SHARED_REGISTRY:-0}" = 1 ]; then
+		# A second node on this machine (PODSNAP_NODE_RUN/PODSNAP_NODE_LIB of its own) uses the
+		# registry the first one runs, and neither starts nor stops it.
+		registry_answers || die "PODSNAP_SHARED_REGISTRY=1 but nothing answers on $PODSNAP_REGISTRY"
+		return 0
+	fi
 	[ -x "$REGISTRY_BIN" ] || die "$REGISTRY_BIN is missing: run hack/install.sh (Debian package docker-registry)"
 	owner=$(port_owner "${PODSNAP_REGISTRY##*:}")
 	if [ -n "$owner" ]; then
@@ -138,3 +144,25 @@ EOF
 registry_down() { stop_pidfile "$REGISTRY_PIDFILE" docker-registry 10; }
 
 containerd_answers() { node_crictl --timeout 5s info >/dev/null 2>&1; }
+
+# start_containerd: start containerd with the config node-up.sh wrote; wait until CRI answers
+# (return 1, containerd stopped again, when it does not within a minute).
+start_containerd() {
+	local pid i
+	log "starting containerd $("$PODSNAP_BIN/containerd" --version | awk '{print $3}') (config $CONTAINERD_CONFIG, log $CONTAINERD_LOG)"
+	(
+		export PATH="$NODE_BIN:$PODSNAP_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+		exec setsid "$PODSNAP_BIN/containerd" --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null
+	) &
+	pid=$!
+	echo "$pid" >"$CONTAINERD_PIDFILE"
+	for ((i = 0; i < 600; i++)); do
+		containerd_answers && { log "containerd is up (pid $pid, socket $CONTAINERD_SOCK)"; return 0; }
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	tail -n 30 "$CONTAINERD_LOG" >&2 || true
+	stop_pidfile "$CONTAINERD_PIDFILE" containerd 10
+	log "error: containerd did not answer CRI on $CONTAINERD_SOCK (log: $CONTAINERD_LOG)"
+	return 1
+}

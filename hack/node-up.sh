@@ -7,7 +7,9 @@
 #
 # Environment: PODSNAP_SHIM (shim binary; default target/debug/containerd-shim-podsnap-v2),
 # PODSNAP_SKIP_IMAGES=1 (do not run images.sh), PODSNAP_POD_CIDR, PODSNAP_BRIDGE,
-# CONTAINERD_LOG_LEVEL (default info).
+# CONTAINERD_LOG_LEVEL (default info). A second node on the same machine: other PODSNAP_NODE_RUN,
+# PODSNAP_NODE_LIB, PODSNAP_BRIDGE and PODSNAP_POD_CIDR, and PODSNAP_SHARED_REGISTRY=1 to use the
+# first node's registry.
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -159,25 +161,6 @@ check_pod_cidr() {
 	[ -z "$routes" ] || die "pod CIDR $PODSNAP_POD_CIDR is already routed ($routes): stop what uses it (podman?) or set PODSNAP_POD_CIDR"
 }
 
-start_containerd() {
-	local pid i
-	log "starting containerd $("$PODSNAP_BIN/containerd" --version | awk '{print $3}') (config $CONTAINERD_CONFIG, log $CONTAINERD_LOG)"
-	(
-		export PATH="$NODE_BIN:$PODSNAP_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-		exec setsid "$PODSNAP_BIN/containerd" --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null
-	) &
-	pid=$!
-	echo "$pid" >"$CONTAINERD_PIDFILE"
-	for ((i = 0; i < 600; i++)); do
-		containerd_answers && { log "containerd is up (pid $pid, socket $CONTAINERD_SOCK)"; return 0; }
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	tail -n 30 "$CONTAINERD_LOG" >&2 || true
-	stop_pidfile "$CONTAINERD_PIDFILE" containerd 10
-	die "containerd did not answer CRI on $CONTAINERD_SOCK (log: $CONTAINERD_LOG)"
-}
-
 main() {
 	check_tools
 	mkdir -p "$PODSNAP_NODE_RUN" "$PODSNAP_NODE_LIB"
@@ -197,7 +180,7 @@ main() {
 	write_cni_config
 	write_registry_hosts
 	write_containerd_config
-	start_containerd
+	start_containerd || die "containerd did not come up"
 	log "node up: export CONTAINER_RUNTIME_ENDPOINT=unix://$CONTAINERD_SOCK (or crictl --config $CRICTL_CONFIG)"
 }
 main "$@"
