@@ -8,7 +8,7 @@
 # Usage: hack/critest.sh [--handlers "podsnap runc"] [--parallel N] [--focus REGEX] [--out DIR]
 #                        [-- EXTRA-CRITEST-ARGS...]
 # Environment: CRITEST_HANDLERS, CRITEST_PARALLEL (default 4), CRITEST_FLAKE_ATTEMPTS (default 2),
-# CRITEST_OUT (default /tmp/podsnap-critest). Reports: $CRITEST_OUT/<handler>/{report.json,junit.xml,critest.log}.
+# CRITEST_OUT (default /tmp/podsnap-critest), CRITEST_KNOWN (the known-differences file). Reports: $CRITEST_OUT/<handler>/{report.json,junit.xml,critest.log}.
 #
 # Specs skipped for EVERY handler, because they cannot pass on this machine for any runtime:
 #   - "public image with digest should be pulled and removed": critest pulls
@@ -16,6 +16,10 @@
 #     multi-arch manifest list. No registry is reachable and a digest cannot be rebuilt locally
 #     (hack/mkimage.py pushes the repository's tag, not those bytes), so the pull fails whatever
 #     the runtime. Every other image critest uses is built locally (hack/images.sh).
+#   - "NRI plugin synchronization should receive information about all containers without the
+#     race condition during initialization": it skips itself when containerd (not the runtime)
+#     loses a container created during a late plugin's Synchronize, which happens at random here
+#     (pass or skip from run to run, with runc as with podsnap), so it cannot compare handlers.
 # Everything else runs; specs that skip themselves (AppArmor absent from this kernel, optional
 # features) are reported as skipped by critest itself.
 set -euo pipefail
@@ -33,10 +37,11 @@ flake_attempts=${CRITEST_FLAKE_ATTEMPTS:-2}
 out=${CRITEST_OUT:-/tmp/podsnap-critest}
 focus=""
 extra=()
-known=$PODSNAP_ROOT/hack/critest-known-differences.txt
+known=${CRITEST_KNOWN:-$PODSNAP_ROOT/hack/critest-known-differences.txt}
 # Regexes (ginkgo --skip) of specs that no runtime can pass here; see the header.
 SKIPS=(
 	'public image with digest should be pulled and removed'
+	'should receive information about all containers without the race condition during initialization'
 )
 
 while [ $# -gt 0 ]; do
@@ -107,10 +112,10 @@ for h in $handlers; do
 done
 
 # shellcheck disable=SC2086 # one argument per handler
-python3 - "$out" "$known" $handlers <<'EOF'
+python3 - "$out" "$known" "$focus" $handlers <<'EOF'
 import json, os, sys
 
-out, known_path, handlers = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, known_path, focus, handlers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 
 
 flaky = {}
@@ -189,7 +194,9 @@ for base in handlers[1:]:
     diff.update({n: f"passes with {subject}, {b.get(n, 'absent')} with {base}" for n in pa - pb})
     unexpected = sorted(n for n in diff if n not in known)
     expected = sorted(n for n in diff if n in known)
-    stale = sorted(n for n in known if n not in diff)
+    # With --focus, entries for specs outside the focus (skipped by both) are not judged.
+    stale = sorted(n for n in known if n not in diff
+                   and not (focus and a.get(n, "skipped") == "skipped" and b.get(n, "skipped") == "skipped"))
     print(f"\nparity {subject} vs {base}: {len(pa)} vs {len(pb)} passed, {len(diff)} difference(s), "
           f"{len(expected)} known, {len(unexpected)} unexpected, {len(stale)} stale known")
     for n in expected:
