@@ -1,1 +1,106 @@
-fn main() {}
+//! `podsnapd`: command line, logging and signals around [`podsnapd::run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use cri_api::{RuntimeServiceClient, unix_channel};
+use podsnapd::pod::PodCheckpointService;
+use podsnapd::{DEFAULT_CONTAINERD, DEFAULT_LISTEN, ServerConfig};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// The CRI server of podsnap: serves CheckpointPod and RestorePod, forwards every other CRI call
+/// to containerd. Point kubelet's --container-runtime-endpoint and --image-service-endpoint (or
+/// crictl's) at --listen. Logging: RUST_LOG (default info).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The unix socket to serve CRI on (created mode 0600).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_LISTEN)]
+    listen: PathBuf,
+    /// containerd's CRI socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTAINERD)]
+    containerd: PathBuf,
+    /// Seconds that calls in flight may still run after SIGTERM or SIGINT.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+/// kubelet's CRI message size limit: ListContainers on a busy node exceeds tonic's 4 MiB.
+const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let containerd = RuntimeServiceClient::new(unix_channel(&args.containerd))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    tokio::spawn(report_containerd(
+        containerd.clone(),
+        args.containerd.clone(),
+    ));
+    let checkpointer = Arc::new(PodCheckpointService::new(containerd));
+
+    let config = ServerConfig {
+        listen: args.listen,
+        containerd: args.containerd,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let shutdown = shutdown_signal().context("installing signal handlers")?;
+    podsnapd::run(&config, checkpointer, shutdown)
+        .await
+        .context("serving CRI")?;
+    tracing::info!("podsnapd stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+    })
+}
+
+/// Logs which containerd answers behind podsnapd, or that none does yet (calls then fail with
+/// Unavailable until it is up; podsnapd keeps serving).
+async fn report_containerd(
+    mut containerd: RuntimeServiceClient<tonic::transport::Channel>,
+    socket: PathBuf,
+) {
+    let mut request = tonic::Request::new(cri_api::v1::VersionRequest::default());
+    request.set_timeout(Duration::from_secs(10));
+    match containerd.version(request).await {
+        Ok(version) => {
+            let version = version.into_inner();
+            tracing::info!(
+                socket = %socket.display(),
+                runtime = %version.runtime_name,
+                version = %version.runtime_version,
+                cri = %version.runtime_api_version,
+                "containerd CRI is up"
+            );
+        }
+        Err(status) => tracing::warn!(
+            socket = %socket.display(),
+            code = ?status.code(),
+            message = status.message(),
+            "containerd CRI does not answer yet"
+        ),
+    }
+}

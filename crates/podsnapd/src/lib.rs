@@ -1,0 +1,24 @@
+//! podsnapd, the node daemon of podsnap: the CRI server that kubelet and crictl use as their
+//! runtime and image endpoint. It serves `CheckpointPod` and `RestorePod` itself and forwards
+//! every other CRI call to containerd as raw HTTP/2, so nothing a newer kubelet sends is lost.
+//!
+//! Modules: `server` (socket, connections, routing, shutdown), `route` (which calls stay),
+//! `forward` (the raw proxy to containerd), `pod_rpc` (the pod RPCs' gRPC side and the
+//! [`PodCheckpointer`] trait), `pod` (what they do), `deadline` (`grpc-timeout`), `socket`.
+
+mod deadline;
+mod forward;
+pub mod pod;
+mod pod_rpc;
+mod route;
+mod server;
+mod socket;
+
+pub use pod_rpc::PodCheckpointer;
+pub use server::{CriRouter, ServeError, ServerConfig, run};
+pub use socket::SocketError;
+
+/// Where podsnapd listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "/run/podsnap-node/podsnapd.sock";
+/// containerd's CRI socket on the podsnap test node (`hack/node-up.sh`).
+pub const DEFAULT_CONTAINERD: &str = "/run/podsnap-node/containerd/containerd.sock";

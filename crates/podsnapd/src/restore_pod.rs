@@ -1,0 +1,341 @@
+//! CRI `RestorePod`: verify a podsnap pod checkpoint before creating anything, check that the
+//! requested container configs match it, then create a new sandbox (its own network namespace
+//! and IP) and its containers through containerd's CRI, each marked with
+//! `podsnap.io/restore-from` so that the podsnap shim restores it from its checkpoint directory
+//! on `StartContainer`. Everything created is removed again if any step fails.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cri_api::RuntimeServiceClient;
+use cri_api::v1::{
+    ContainerConfig, CreateContainerRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RestorePodRequest, RestorePodResponse, RestoredContainer, RunPodSandboxRequest,
+    StopPodSandboxRequest,
+};
+use podsnap_checkpoint_format::{ContainerEntry, Manifest};
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::checkpoint_pod::{HANDLER, with_deadline};
+use crate::pod_options::check_restore_options;
+
+/// The annotation the podsnap shim restores a container from.
+pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+
+/// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash.
+pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest), Status> {
+    let path = PathBuf::from(checkpoint_path);
+    if checkpoint_path.is_empty() || !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "checkpoint_path {checkpoint_path:?} must be an absolute path"
+        )));
+    }
+    let manifest = podsnap_checkpoint_format::verify(&path).map_err(|e| match e {
+        podsnap_checkpoint_format::Error::NotADirectory(_) => Status::invalid_argument(e.to_string()),
+        other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
+    })?;
+    if manifest.pod.runtime_handler != HANDLER {
+        return Err(Status::failed_precondition(format!(
+            "checkpoint {checkpoint_path} was taken on runtime handler {:?}",
+            manifest.pod.runtime_handler
+        )));
+    }
+    Ok((path, manifest))
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// Checks one requested container config against the checkpoint's: the image and, where the
+/// request states them, command, args, working directory and environment must match.
+pub fn check_container(config: &ContainerConfig, entry: &ContainerEntry) -> Result<(), Status> {
+    let name = &entry.name;
+    let image = config.image.as_ref().map(|i| i.image.as_str()).unwrap_or_default();
+    let checkpointed = &entry.config;
+    let same_image = image == entry.image
+        || image == entry.image_ref
+        || checkpointed["image"]["image"].as_str() == Some(image);
+    if !same_image {
+        return Err(Status::invalid_argument(format!(
+            "container {name}: image {image:?} does not match the checkpoint's {:?} ({})",
+            entry.image, entry.image_ref
+        )));
+    }
+    let compare = |field: &str, requested: Vec<String>, saved: Vec<String>| -> Result<(), Status> {
+        if !requested.is_empty() && requested != saved {
+            return Err(Status::invalid_argument(format!(
+                "container {name}: {field} {requested:?} does not match the checkpoint's {saved:?}"
+            )));
+        }
+        Ok(())
+    };
+    compare("command", config.command.clone(), strings(&checkpointed["command"]))?;
+    compare("args", config.args.clone(), strings(&checkpointed["args"]))?;
+    if !config.working_dir.is_empty()
+        && checkpointed["working_dir"].as_str().unwrap_or_default() != config.working_dir
+    {
+        return Err(Status::invalid_argument(format!(
+            "container {name}: working_dir {:?} does not match the checkpoint's {:?}",
+            config.working_dir, checkpointed["working_dir"]
+        )));
+    }
+    if !config.envs.is_empty() {
+        let requested: BTreeSet<String> =
+            config.envs.iter().map(|e| format!("{}={}", e.key, e.value)).collect();
+        let saved: BTreeSet<String> = checkpointed["envs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "{}={}",
+                            e["key"].as_str().unwrap_or_default(),
+                            e["value"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if requested != saved {
+            return Err(Status::invalid_argument(format!(
+                "container {name}: environment does not match the checkpoint's"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Matches the requested configs to the checkpoint's containers by metadata name.
+pub fn match_containers<'a>(
+    configs: &'a [ContainerConfig],
+    manifest: &'a Manifest,
+) -> Result<Vec<(&'a ContainerConfig, &'a ContainerEntry)>, Status> {
+    if configs.is_empty() {
+        return Err(Status::invalid_argument("container_configs is empty"));
+    }
+    let mut by_name: HashMap<&str, &ContainerConfig> = HashMap::new();
+    for config in configs {
+        let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+        if name.is_empty() {
+            return Err(Status::invalid_argument("a container config has no metadata name"));
+        }
+        if by_name.insert(name, config).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "container_configs names {name:?} twice"
+            )));
+        }
+    }
+    let requested: BTreeSet<&str> = by_name.keys().copied().collect();
+    let saved: BTreeSet<&str> = manifest.containers.iter().map(|c| c.name.as_str()).collect();
+    if requested != saved {
+        return Err(Status::invalid_argument(format!(
+            "container_configs name {requested:?}, the checkpoint holds {saved:?}"
+        )));
+    }
+    manifest
+        .containers
+        .iter()
+        .map(|entry| {
+            let config = by_name[entry.name.as_str()];
+            check_container(config, entry)?;
+            Ok((config, entry))
+        })
+        .collect()
+}
+
+/// RestorePod, as the CRI contract describes it.
+pub async fn restore_pod(
+    mut cri: RuntimeServiceClient<Channel>,
+    req: RestorePodRequest,
+    deadline: Option<Instant>,
+) -> Result<RestorePodResponse, Status> {
+    check_restore_options(&req.options)?;
+    if !req.runtime_handler.is_empty() && req.runtime_handler != HANDLER {
+        return Err(Status::invalid_argument(format!(
+            "runtime handler {:?} cannot restore a podsnap checkpoint: use {HANDLER:?}",
+            req.runtime_handler
+        )));
+    }
+    let config = req
+        .config
+        .clone()
+        .ok_or_else(|| Status::invalid_argument("config (the pod sandbox config) is missing"))?;
+    let checkpoint_path = req.checkpoint_path.clone();
+    let (root, manifest) = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
+        .await
+        .map_err(|e| Status::internal(format!("verify task: {e}")))??;
+    let pairs = match_containers(&req.container_configs, &manifest)?;
+
+    let sandbox = cri
+        .run_pod_sandbox(with_deadline(
+            RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: HANDLER.to_string(),
+            },
+            deadline,
+            "creating the pod sandbox",
+        )?)
+        .await
+        .map_err(|e| Status::new(e.code(), format!("create the restored pod sandbox: {}", e.message())))?
+        .into_inner()
+        .pod_sandbox_id;
+    let mut created: Vec<RestoredContainer> = Vec::new();
+    let mut failure = None;
+    for (container, entry) in pairs {
+        let mut container = container.clone();
+        let dir: &Path = &root.join(&entry.name);
+        container
+            .annotations
+            .insert(RESTORE_ANNOTATION.to_string(), dir.display().to_string());
+        let request = match with_deadline(
+            CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(container),
+                sandbox_config: Some(config.clone()),
+            },
+            deadline,
+            "creating the restored containers",
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        match cri.create_container(request).await {
+            Ok(resp) => created.push(RestoredContainer {
+                name: entry.name.clone(),
+                container_id: resp.into_inner().container_id,
+            }),
+            Err(e) => {
+                failure = Some(Status::new(
+                    e.code(),
+                    format!("create restored container {}: {}", entry.name, e.message()),
+                ));
+                break;
+            }
+        }
+    }
+    if let Some(failure) = failure {
+        // Remove everything this call created; the caller's deadline may have passed, so
+        // these calls get a time of their own.
+        for c in &created {
+            let _ = cri
+                .remove_container(RemoveContainerRequest {
+                    container_id: c.container_id.clone(),
+                })
+                .await;
+        }
+        let _ = cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sandbox.clone(),
+            })
+            .await;
+        let _ = cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sandbox.clone(),
+            })
+            .await;
+        return Err(failure);
+    }
+    tracing::info!(sandbox = %sandbox, checkpoint = %req.checkpoint_path, containers = created.len(), "pod restored (created)");
+    Ok(RestorePodResponse {
+        pod_sandbox_id: sandbox,
+        restored_containers: created,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cri_api::v1::{ContainerMetadata, ImageSpec, KeyValue};
+
+    fn entry(name: &str) -> ContainerEntry {
+        ContainerEntry {
+            name: name.into(),
+            id: format!("{name}-id"),
+            image: "127.0.0.1:5000/podsnap/busybox:latest".into(),
+            image_ref: "sha256:abc".into(),
+            config: serde_json::json!({
+                "command": ["sh", "-c", "count"],
+                "envs": [{"key": "A", "value": "1"}],
+            }),
+        }
+    }
+
+    fn config(name: &str, image: &str) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+            image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn manifest(names: &[&str]) -> Manifest {
+        Manifest {
+            format: podsnap_checkpoint_format::FORMAT.into(),
+            version: podsnap_checkpoint_format::VERSION,
+            created: String::new(),
+            pod: podsnap_checkpoint_format::PodEntry {
+                sandbox_id: "sb".into(),
+                name: "p".into(),
+                namespace: "n".into(),
+                uid: "u".into(),
+                runtime_handler: HANDLER.into(),
+                config: serde_json::Value::Null,
+            },
+            containers: names.iter().map(|n| entry(n)).collect(),
+            criu_version: String::new(),
+            kernel: String::new(),
+            options: Default::default(),
+            files: Default::default(),
+        }
+    }
+
+    #[test]
+    fn names_must_be_exactly_the_checkpoint_s() {
+        let m = manifest(&["web", "counter"]);
+        let ok = [config("counter", "sha256:abc"), config("web", "127.0.0.1:5000/podsnap/busybox:latest")];
+        assert_eq!(match_containers(&ok, &m).unwrap().len(), 2);
+        let err = match_containers(&ok[..1], &m).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("web"), "{}", err.message());
+        let dup = [config("web", "sha256:abc"), config("web", "sha256:abc")];
+        assert!(match_containers(&dup, &m).unwrap_err().message().contains("twice"));
+        assert!(match_containers(&[], &m).is_err());
+    }
+
+    #[test]
+    fn a_different_image_command_or_environment_is_refused() {
+        let e = entry("web");
+        let err = check_container(&config("web", "nginx"), &e).unwrap_err();
+        assert!(err.message().contains("image"), "{}", err.message());
+        let mut c = config("web", "sha256:abc");
+        c.command = vec!["sleep".into()];
+        assert!(check_container(&c, &e).unwrap_err().message().contains("command"));
+        let mut c = config("web", "sha256:abc");
+        c.envs = vec![KeyValue { key: "A".into(), value: "2".into() }];
+        assert!(check_container(&c, &e).unwrap_err().message().contains("environment"));
+        let mut c = config("web", "sha256:abc");
+        c.command = vec!["sh".into(), "-c".into(), "count".into()];
+        c.envs = vec![KeyValue { key: "A".into(), value: "1".into() }];
+        assert!(check_container(&c, &e).is_ok());
+    }
+
+    #[test]
+    fn relative_or_missing_checkpoints_are_refused_before_anything_is_created() {
+        assert_eq!(open_checkpoint("rel/dir").unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(open_checkpoint("/nonexistent/ckpt").unwrap_err().code(), tonic::Code::InvalidArgument);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            open_checkpoint(dir.path().to_str().unwrap()).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+}
