@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod command;
+pub mod fixtures;
 pub mod leaks;
 pub mod node;
 pub mod pod;

@@ -8,8 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podsnap_e2e::{
@@ -30,26 +29,6 @@ fn private_dir(name: &str) -> tempfile::TempDir {
         .expect("temporary directory");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
-}
-
-/// The memtest fixture, compiled static once per test binary.
-fn memtest() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("podsnap-e2e-memtest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("memtest");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/memtest.c");
-        let build = CommandLine::new("gcc")
-            .args(["-static", "-O2", "-o"])
-            .arg(&out)
-            .arg(&source)
-            .timeout(Duration::from_secs(120))
-            .run()
-            .expect("run gcc");
-        assert!(build.success(), "cannot build memtest: {}", build.report());
-        out
-    })
 }
 
 /// The count a ctr container last wrote.
@@ -262,7 +241,7 @@ fn podsnap_ctr_container_checkpoint_and_restore_continue_the_count_with_its_file
 #[test]
 fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
     let node = Node::get();
-    let binary = memtest();
+    let binary = podsnap_e2e::fixtures::memtest();
     let c = CtrContainer::unstarted(Handler::Podsnap, "mem256");
     c.pull_busybox();
     let mount = format!(
@@ -381,7 +360,7 @@ fn criu_children(parent: i32) -> Vec<i32> {
 #[test]
 fn podsnap_criu_killed_mid_dump_leaves_the_container_running_and_no_partial_images() {
     let node = Node::get();
-    let binary = memtest();
+    let binary = podsnap_e2e::fixtures::memtest();
     let c = CtrContainer::unstarted(Handler::Podsnap, "criu-killed");
     c.pull_busybox();
     let mount = format!(
