@@ -46,7 +46,7 @@ impl CriEndpoint {
         &self.socket
     }
 
-    /// A channel to this endpoint (see [`unix_channel`]).
+    /// A channel to this endpoint (see [`unix_channel`]; within a tokio runtime).
     pub fn channel(&self) -> Channel {
         unix_channel(&self.socket)
     }
@@ -86,6 +86,8 @@ impl fmt::Display for CriEndpoint {
 /// A gRPC channel to the server on the unix socket `socket`. It connects on first use, and
 /// again after the connection breaks; a call while the server is unreachable fails with
 /// `Unavailable`. HTTP/2's `:authority` is `localhost`, as grpc-go sends for unix sockets.
+///
+/// Must be called within a tokio runtime (the channel spawns its worker there).
 pub fn unix_channel(socket: impl Into<PathBuf>) -> Channel {
     let socket = socket.into();
     Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
