@@ -88,18 +88,21 @@ run_handler() {
 	mkdir -p "$dir"
 	args=(
 		--runtime-endpoint "unix://$CONTAINERD_SOCK" --image-endpoint "unix://$CONTAINERD_SOCK"
-		--runtime-handler "$h" --nri-socket "$NRI_SOCKET" --config "$CRICTL_CONFIG"
-		--parallel "$parallel"
+		--runtime-handler "$h" --nri-socket "$NRI_SOCKET"
 		--ginkgo.skip "$skip_regex"
 		--ginkgo.json-report "$dir/report.json" --ginkgo.junit-report "$dir/junit.xml"
 		--ginkgo.no-color --ginkgo.timeout 60m --ginkgo.flake-attempts "$flake_attempts"
 	)
 	[ -z "$focus" ] || args+=(--ginkgo.focus "$focus")
+	# --parallel 1 would trip ginkgo's check against `go test -parallel`: one process is the default.
+	[ "$parallel" -le 1 ] || args+=(--parallel "$parallel")
 	remove_leftover_pods
 	log "critest $CRI_TOOLS_VERSION, handler $h, --parallel $parallel (log $dir/critest.log)"
 	start=$(date +%s)
-	# critest --parallel runs `ginkgo` in the working directory: keep its temp files out of the repo.
-	(cd "$dir" && "$PODSNAP_BIN/critest" "${args[@]}" "${extra[@]}") >"$dir/critest.log" 2>&1 </dev/null || rc=$?
+	# critest --parallel runs `ginkgo` in the working directory and leaves a directory in $TMPDIR
+	# per run; specs make host directories there too: keep all of it in $dir.
+	mkdir -p "$dir/tmp"
+	(cd "$dir" && TMPDIR=$dir/tmp "$PODSNAP_BIN/critest" "${args[@]}" "${extra[@]}") >"$dir/critest.log" 2>&1 </dev/null || rc=$?
 	echo "$(($(date +%s) - start))" >"$dir/seconds"
 	echo "$rc" >"$dir/rc"
 	log "handler $h: critest rc=$rc in $(($(date +%s) - start))s"
