@@ -19,6 +19,8 @@ use tokio::sync::Mutex;
 use tonic::Status;
 use tonic::body::Body;
 
+use crate::server::MAX_HEADER_LIST_SIZE;
+
 /// Why a call could not be handed to containerd.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -116,11 +118,9 @@ impl Containerd {
     /// or when `reconnect` says the current one failed.
     async fn sender(&self, reconnect: bool) -> Result<SendRequest<Incoming>, ForwardError> {
         let mut connection = self.connection.lock().await;
-        if let Some(sender) = connection.as_ref()
-            && !reconnect
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
+        match connection.as_ref() {
+            Some(sender) if !reconnect && !sender.is_closed() => return Ok(sender.clone()),
+            _ => {}
         }
         let sender = self.connect().await?;
         *connection = Some(sender.clone());
@@ -136,6 +136,7 @@ impl Containerd {
                     source,
                 })?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ForwardError::Handshake {

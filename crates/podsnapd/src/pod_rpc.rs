@@ -2,10 +2,15 @@
 //! [`PodCheckpointer`] trait that does the work, and the tonic-generated `RuntimeService`
 //! server that decodes the calls, hands each to it with the caller's deadline, and logs it.
 //!
+//! Each call runs as a task of its own, detached from the connection: a caller that goes away
+//! (cancels, times out, disconnects) does not cancel work that may hold a pod frozen; the call
+//! runs to its end and its answer is dropped. Shutdown waits for these tasks ([`PodCalls`]).
+//!
 //! What checkpointing and restoring a pod means lives behind the trait (`pod.rs`); this module
 //! owns only the gRPC side. Every other `RuntimeService` method of the generated server keeps its
 //! `Unimplemented` stub: routing never sends those here.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +18,9 @@ use cri_api::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use cri_api::v1::{
     CheckpointPodRequest, CheckpointPodResponse, RestorePodRequest, RestorePodResponse,
 };
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::deadline::CallDeadline;
 
@@ -21,8 +28,9 @@ use crate::deadline::CallDeadline;
 /// `k8s.io/cri-api` v0.37's comments on them specify.
 ///
 /// `deadline` is the caller's (from `grpc-timeout`), `None` when it set none. podsnapd does not
-/// cut a call off at its deadline: an implementation must itself stop in time and still leave no
-/// frozen pod and no partial checkpoint or sandbox behind.
+/// cut a call off at its deadline, nor when the caller goes away, nor at shutdown: an
+/// implementation must itself stop in time and still leave no frozen pod and no partial
+/// checkpoint or sandbox behind.
 #[tonic::async_trait]
 pub trait PodCheckpointer: Send + Sync + 'static {
     /// `RuntimeService.CheckpointPod`.
@@ -40,12 +48,80 @@ pub trait PodCheckpointer: Send + Sync + 'static {
     ) -> Result<RestorePodResponse, Status>;
 }
 
-/// The tonic server for the pod RPCs, backed by `checkpointer`.
-pub fn pod_rpc_server(checkpointer: Arc<dyn PodCheckpointer>) -> RuntimeServiceServer<PodRpcs> {
+/// The pod calls running now, for shutdown to wait on.
+#[derive(Debug, Clone)]
+pub struct PodCalls {
+    running: Arc<watch::Sender<usize>>,
+}
+
+impl Default for PodCalls {
+    fn default() -> Self {
+        Self {
+            running: Arc::new(watch::Sender::new(0)),
+        }
+    }
+}
+
+impl PodCalls {
+    /// How many are running.
+    pub fn running(&self) -> usize {
+        *self.running.borrow()
+    }
+
+    /// Resolves once none is running.
+    pub async fn finished(&self) {
+        let mut running = self.running.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = running.wait_for(|count| *count == 0).await;
+    }
+
+    /// Runs `call` as a detached task, counted until it ends.
+    async fn run<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = Result<T, Status>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let counted = CountedCall::start(&self.running);
+        let task = tokio::spawn(async move {
+            let result = call.await;
+            drop(counted);
+            result
+        });
+        task.await.unwrap_or_else(|err| {
+            Err(Status::internal(format!(
+                "podsnapd: the pod call's task failed: {err}"
+            )))
+        })
+    }
+}
+
+/// One running pod call in [`PodCalls`]' count, until dropped (also when the call panics).
+struct CountedCall(Arc<watch::Sender<usize>>);
+
+impl CountedCall {
+    fn start(running: &Arc<watch::Sender<usize>>) -> Self {
+        running.send_modify(|count| *count += 1);
+        Self(running.clone())
+    }
+}
+
+impl Drop for CountedCall {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
+    }
+}
+
+/// The tonic server for the pod RPCs, backed by `checkpointer`, counting its calls in `calls`.
+pub fn pod_rpc_server(
+    checkpointer: Arc<dyn PodCheckpointer>,
+    calls: PodCalls,
+) -> RuntimeServiceServer<PodRpcs> {
     // RestorePod carries every container's config: allow what kubelet's CRI client allows.
-    RuntimeServiceServer::new(PodRpcs { checkpointer })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    RuntimeServiceServer::new(PodRpcs {
+        checkpointer,
+        calls,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_MESSAGE_SIZE)
 }
 
 /// kubelet's CRI message size limit (16 MiB).
@@ -54,6 +130,7 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// The generated `RuntimeService`, answering the pod RPCs through a [`PodCheckpointer`].
 pub struct PodRpcs {
     checkpointer: Arc<dyn PodCheckpointer>,
+    calls: PodCalls,
 }
 
 fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
@@ -94,7 +171,6 @@ impl RuntimeService for PodRpcs {
     ) -> Result<Response<CheckpointPodResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
-        let started = Instant::now();
         let span = tracing::info_span!(
             "CheckpointPod",
             pod = %request.pod_sandbox_id,
@@ -108,13 +184,17 @@ impl RuntimeService for PodRpcs {
                 "checkpointing pod"
             )
         });
-        let result = tracing::Instrument::instrument(
-            self.checkpointer.checkpoint_pod(request, deadline),
-            span.clone(),
-        )
-        .await;
-        span.in_scope(|| log_outcome("CheckpointPod", started, &result));
-        result.map(Response::new)
+        let checkpointer = self.checkpointer.clone();
+        let call = async move {
+            let started = Instant::now();
+            let result = checkpointer.checkpoint_pod(request, deadline).await;
+            log_outcome("CheckpointPod", started, &result);
+            result
+        };
+        self.calls
+            .run(call.instrument(span))
+            .await
+            .map(Response::new)
     }
 
     async fn restore_pod(
@@ -123,7 +203,6 @@ impl RuntimeService for PodRpcs {
     ) -> Result<Response<RestorePodResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
-        let started = Instant::now();
         let pod_name = request
             .config
             .as_ref()
@@ -144,17 +223,48 @@ impl RuntimeService for PodRpcs {
                 "restoring pod"
             )
         });
-        let result = tracing::Instrument::instrument(
-            self.checkpointer.restore_pod(request, deadline),
-            span.clone(),
-        )
-        .await;
-        span.in_scope(|| {
+        let checkpointer = self.checkpointer.clone();
+        let call = async move {
+            let started = Instant::now();
+            let result = checkpointer.restore_pod(request, deadline).await;
             if let Ok(restored) = &result {
                 tracing::info!(sandbox = %restored.pod_sandbox_id, "restored");
             }
-            log_outcome("RestorePod", started, &result)
+            log_outcome("RestorePod", started, &result);
+            result
+        };
+        self.calls
+            .run(call.instrument(span))
+            .await
+            .map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_dropped_call_runs_to_its_end_and_is_counted_until_then() {
+        let calls = PodCalls::default();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let call = calls.run(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = done_tx.send(());
+            Ok::<_, Status>(())
         });
-        result.map(Response::new)
+        // The caller gives up almost at once.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), call)
+                .await
+                .is_err()
+        );
+        assert_eq!(calls.running(), 1);
+        tokio::time::timeout(Duration::from_secs(5), calls.finished())
+            .await
+            .expect("the call finished");
+        assert_eq!(calls.running(), 0);
+        done_rx.await.expect("the call ran to its end");
     }
 }

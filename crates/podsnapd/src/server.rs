@@ -3,7 +3,8 @@
 //! from bind to a graceful stop.
 //!
 //! On shutdown the socket stops accepting and is removed at once, open connections get a
-//! GOAWAY, and calls in flight have a grace period to finish.
+//! GOAWAY, and calls in flight have a grace period to finish; pod checkpoint/restore calls are
+//! waited for to their end, however long.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,7 +23,7 @@ use tower::Service;
 
 use crate::deadline::call_deadline;
 use crate::forward::Containerd;
-use crate::pod_rpc::{PodCheckpointer, PodRpcs, pod_rpc_server};
+use crate::pod_rpc::{PodCalls, PodCheckpointer, PodRpcs, pod_rpc_server};
 use crate::route::{Route, route};
 use crate::socket::{ListeningSocket, SocketError};
 use cri_api::v1::runtime_service_server::RuntimeServiceServer;
@@ -49,19 +50,26 @@ pub enum ServeError {
 /// (`GetContainerEvents`, streaming stats) next to its calls; containerd sets no limit.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// The largest header block (headers or trailers) accepted, as grpc-go's default: the proxy
+/// must not refuse what containerd or kubelet would take.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 20;
+
 /// Routes each call: the pod RPCs to a [`PodCheckpointer`], everything else to containerd.
 pub struct CriRouter {
     containerd: Containerd,
     pods: RuntimeServiceServer<PodRpcs>,
+    pod_calls: PodCalls,
 }
 
 impl CriRouter {
     /// A router forwarding to containerd's CRI socket `containerd` and answering the pod RPCs
     /// with `checkpointer`.
     pub fn new(containerd: impl Into<PathBuf>, checkpointer: Arc<dyn PodCheckpointer>) -> Self {
+        let pod_calls = PodCalls::default();
         Self {
             containerd: Containerd::new(containerd),
-            pods: pod_rpc_server(checkpointer),
+            pods: pod_rpc_server(checkpointer, pod_calls.clone()),
+            pod_calls,
         }
     }
 
@@ -100,7 +108,7 @@ pub async fn run(
         "serving CRI"
     );
     let router = Arc::new(CriRouter::new(&config.containerd, checkpointer));
-    let graceful = serve(listener, router, shutdown).await;
+    let graceful = serve(listener, router.clone(), shutdown).await;
     socket.remove();
     tracing::info!(
         grace_s = config.shutdown_grace.as_secs_f64(),
@@ -111,6 +119,17 @@ pub async fn run(
         Err(_) => {
             tracing::warn!("connections still open at the end of the grace period; closing them")
         }
+    }
+    // Pod calls are never cut short, grace or not: one may hold a pod frozen. Their deadlines
+    // bound them.
+    let running = router.pod_calls.running();
+    if running > 0 {
+        tracing::info!(
+            running,
+            "waiting for pod checkpoint/restore calls to finish"
+        );
+        router.pod_calls.finished().await;
+        tracing::info!("pod calls finished");
     }
     Ok(())
 }
@@ -123,7 +142,9 @@ async fn serve(
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder.max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {

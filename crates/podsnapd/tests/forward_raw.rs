@@ -138,7 +138,13 @@ struct Asked {
 #[derive(Default)]
 struct FakeCheckpointer {
     asked: Mutex<Asked>,
+    /// Checkpoints that ran to their end.
+    finished: AtomicUsize,
 }
+
+/// The sandbox ID for which the fake checkpoint takes `SLOW_CHECKPOINT`.
+const SLOW_SANDBOX: &str = "slow";
+const SLOW_CHECKPOINT: Duration = Duration::from_millis(500);
 
 #[tonic::async_trait]
 impl PodCheckpointer for FakeCheckpointer {
@@ -148,7 +154,12 @@ impl PodCheckpointer for FakeCheckpointer {
         deadline: Option<Instant>,
     ) -> Result<CheckpointPodResponse, Status> {
         let relative = !request.output_path.starts_with('/');
+        let slow = request.pod_sandbox_id == SLOW_SANDBOX;
         self.asked.lock().unwrap().checkpoint = Some((request, deadline));
+        if slow {
+            tokio::time::sleep(SLOW_CHECKPOINT).await;
+        }
+        self.finished.fetch_add(1, Ordering::SeqCst);
         if relative {
             return Err(Status::invalid_argument(
                 "fake: output_path must be absolute",
@@ -182,10 +193,19 @@ struct Podsnapd {
 
 impl Podsnapd {
     async fn start(dir: &Path, containerd: &Path, checkpointer: Arc<dyn PodCheckpointer>) -> Self {
+        Self::start_with_grace(dir, containerd, checkpointer, Duration::from_secs(2)).await
+    }
+
+    async fn start_with_grace(
+        dir: &Path,
+        containerd: &Path,
+        checkpointer: Arc<dyn PodCheckpointer>,
+        shutdown_grace: Duration,
+    ) -> Self {
         let config = ServerConfig {
             listen: dir.join("podsnapd.sock"),
             containerd: containerd.to_path_buf(),
-            shutdown_grace: Duration::from_secs(2),
+            shutdown_grace,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let socket = config.listen.clone();
@@ -430,13 +450,22 @@ async fn containerd_away_is_unavailable_and_a_restarted_one_is_reconnected() {
         .unwrap();
     assert_eq!(containerd.requests(), 1);
 
-    // Restarted: the broken connection is replaced.
+    // Restarted: the broken connection is replaced. A call racing podsnapd's notice of the
+    // closed connection may fail Unavailable (gRPC clients retry those); the next ones work.
     containerd.stop(&containerd_socket).await;
     let containerd = FakeContainerd::start(&containerd_socket);
-    tokio::time::timeout(WAIT, cri.version(version()))
-        .await
-        .unwrap()
-        .unwrap();
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(WAIT, cri.version(version()))
+            .await
+            .unwrap()
+        {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+        assert!(started.elapsed() < WAIT, "podsnapd never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(containerd.requests(), 1);
     podsnapd.shut_down().await;
 }
@@ -454,4 +483,42 @@ async fn shutdown_removes_the_socket() {
     assert!(socket.exists());
     podsnapd.shut_down().await;
     assert!(!socket.exists(), "{socket:?} left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_call_outlives_its_caller_and_shutdown_waits_for_it_past_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpointer = Arc::new(FakeCheckpointer::default());
+    let podsnapd = Podsnapd::start_with_grace(
+        dir.path(),
+        &dir.path().join("containerd.sock"),
+        checkpointer.clone(),
+        Duration::from_millis(10),
+    )
+    .await;
+    let mut cri = podsnapd.cri();
+    let request = CheckpointPodRequest {
+        pod_sandbox_id: SLOW_SANDBOX.into(),
+        output_path: "/checkpoints/slow".into(),
+        ..Default::default()
+    };
+    // The caller gives up long before the checkpoint is done (as kubelet at its deadline).
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), cri.checkpoint_pod(request)).await;
+    assert!(
+        gave_up.is_err(),
+        "the slow checkpoint answered early: {gave_up:?}"
+    );
+    drop(cri);
+    assert_eq!(checkpointer.finished.load(Ordering::SeqCst), 0);
+
+    // Shutdown, with a grace much shorter than the checkpoint, still lets it finish.
+    let stopping = Instant::now();
+    podsnapd.shut_down().await;
+    assert_eq!(
+        checkpointer.finished.load(Ordering::SeqCst),
+        1,
+        "podsnapd stopped after {:?} with the checkpoint cut short",
+        stopping.elapsed()
+    );
 }
