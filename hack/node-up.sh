@@ -78,7 +78,6 @@ server = "http://$PODSNAP_REGISTRY"
 
 [host."http://$PODSNAP_REGISTRY"]
   capabilities = ["pull", "resolve"]
-  skip_verify = true
 EOF
 	done
 }
