@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Benchmarks podsnap against containerd's runc shim and raw CRIU (bench/, podsnap-bench): builds
+# the shim and podsnap-bench in release, points the node's `podsnap` handler at the release shim
+# (hack/node-up.sh with PODSNAP_SHIM; the node is started when it is down), runs the benchmarks,
+# and then points the node back at the debug shim, or takes it down again when this script
+# brought it up. Pods already running keep the shim they were started with.
+#
+# Usage: hack/bench.sh                      podsnap-bench start, then podsnap-bench checkpoint
+#        hack/bench.sh start|checkpoint [N] one of them (see target/release/podsnap-bench help)
+#
+# Environment: PODSNAP_BENCH_SKIP_BUILD=1 (use the release binaries already built),
+# PODSNAP_BENCH_DIR (where checkpoint images go; default /var/tmp).
+set -euo pipefail
+exec </dev/null
+# shellcheck source=hack/lib.sh
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=hack/node-lib.sh
+. "$(dirname "$0")/node-lib.sh"
+require_root
+cd "$PODSNAP_ROOT"
+
+release_shim=$PODSNAP_ROOT/target/release/containerd-shim-podsnap-v2
+bench=$PODSNAP_ROOT/target/release/podsnap-bench
+
+if [ "${PODSNAP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
+	step "release build (fat LTO: minutes)" timeout --kill-after=30 3600 \
+		cargo build --release -p containerd-shim-podsnap-v2 -p podsnap-bench
+fi
+[ -x "$release_shim" ] || die "$release_shim is not built"
+[ -x "$bench" ] || die "$bench is not built"
+
+node_was_up=0
+containerd_answers && node_was_up=1
+
+restore_node() {
+	local rc=$?
+	if [ "$node_was_up" = 1 ]; then
+		log "pointing the node back at the debug shim"
+		env -u PODSNAP_SHIM PODSNAP_SKIP_IMAGES=1 "$PODSNAP_ROOT/hack/node-up.sh" ||
+			log "warning: hack/node-up.sh could not relink the debug shim"
+	else
+		timeout 300 "$PODSNAP_ROOT/hack/node-down.sh" || log "warning: hack/node-down.sh failed"
+	fi
+	exit "$rc"
+}
+trap restore_node EXIT
+
+# A node that is up only gets the link changed (no image refresh: others may be using it).
+PODSNAP_SHIM=$release_shim PODSNAP_SKIP_IMAGES=$node_was_up timeout 600 "$PODSNAP_ROOT/hack/node-up.sh"
+
+run_bench() { step "podsnap-bench $*" timeout --kill-after=30 3600 "$bench" "$@"; }
+if [ $# = 0 ]; then
+	run_bench start
+	run_bench checkpoint
+else
+	run_bench "$@"
+fi
