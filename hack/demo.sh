@@ -79,8 +79,8 @@ pods=()
 log "restoring the pod from $checkpoint"
 restored=$(podsnap pod restore "$checkpoint" --pod-config "$work/pod.json" --container-config "$work/counter.json" --start)
 echo "$restored"
-new_pod=$(echo "$restored" | awk '/^pod /{print $2}')
-new_ctr=$(echo "$restored" | awk '/^container /{print $3}')
+new_pod=$(echo "$restored" | head -n 1)
+new_ctr=$(echo "$restored" | awk -F '\t' '$2 == "counter" {print $1}')
 if [ -z "$new_pod" ] || [ -z "$new_ctr" ]; then die "podsnap pod restore printed no pod/container ids"; fi
 pods+=("$new_pod")
 sleep 3

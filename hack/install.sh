@@ -11,7 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 BUSYBOX_VERSION=1.37.0
 
 APT_PACKAGES=(
-	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev
+	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev patch
 	libseccomp-dev iptables iproute2 util-linux procps psmisc
 	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
@@ -51,14 +51,21 @@ trixie_source() {
 	(cd "$PODSNAP_CACHE/src" && apt-get source --download-only "${2:-$1/trixie}" </dev/null) || true
 }
 
+# CRIU with podsnap's patches (hack/criu-*.patch): on Linux >= 6.16, getsockopt(SO_PASSCRED)
+# fails with EOPNOTSUPP on TCP/UDP sockets, and CRIU 4.1.1 then cannot dump any such socket.
 install_criu() {
-	local recipe="criu-$CRIU_VERSION-r1"
+	local patches recipe
+	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)
+	recipe="criu-$CRIU_VERSION-r2-$patches"
 	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
-	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir
+	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch
 	[ -f "$tarball" ] || trixie_source criu
 	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
 	dir=$(mktemp -d)
 	tar -C "$dir" -xf "$tarball"
+	for patch in "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch; do
+		patch -d "$dir/criu-$CRIU_VERSION" -p1 --quiet <"$patch"
+	done
 	make -C "$dir/criu-$CRIU_VERSION" -j"$(nproc)" criu >/dev/null
 	install -m 0755 "$dir/criu-$CRIU_VERSION/criu/criu" "$PODSNAP_BIN/criu"
 	rm -rf "$dir"

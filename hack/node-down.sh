@@ -112,6 +112,8 @@ restart_if_orphans() {
 }
 
 main() {
+	stop_pidfile "$PODSNAPD_PIDFILE" podsnapd 10
+	rm -f "$PODSNAPD_SOCK"
 	restart_if_orphans
 	remove_pods
 	stop_pidfile "$CONTAINERD_PIDFILE" containerd 30

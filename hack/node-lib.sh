@@ -17,6 +17,12 @@ REGISTRY_STORAGE=$PODSNAP_CACHE/registry
 REGISTRY_BIN=${REGISTRY_BIN:-/usr/bin/docker-registry}
 CONTAINERD_PIDFILE=$PODSNAP_NODE_RUN/containerd.pid
 CONTAINERD_LOG=$PODSNAP_NODE_RUN/containerd.log
+# podsnapd: the node's CRI endpoint for kubelet and crictl (CheckpointPod/RestorePod, the rest
+# forwarded to containerd).
+PODSNAPD_BINARY=${PODSNAPD_BINARY:-$PODSNAP_ROOT/target/debug/podsnapd}
+PODSNAPD_SOCK=$PODSNAP_NODE_RUN/podsnapd.sock
+PODSNAPD_PIDFILE=$PODSNAP_NODE_RUN/podsnapd.pid
+PODSNAPD_LOG=$PODSNAP_NODE_RUN/podsnapd.log
 CONTAINERD_CONFIG=$NODE_ETC/containerd.toml
 CONTAINERD_ROOT=$PODSNAP_NODE_LIB/containerd
 CONTAINERD_STATE=$PODSNAP_NODE_RUN/containerd

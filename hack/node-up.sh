@@ -160,6 +160,25 @@ check_pod_cidr() {
 	[ -z "$routes" ] || die "pod CIDR $PODSNAP_POD_CIDR is already routed ($routes): stop what uses it (podman?) or set PODSNAP_POD_CIDR"
 }
 
+# podsnapd in front of containerd; restarted on every node-up so a rebuilt binary is used.
+start_podsnapd() {
+	local i
+	stop_pidfile "$PODSNAPD_PIDFILE" podsnapd 10
+	if [ ! -x "$PODSNAPD_BINARY" ]; then
+		log "warning: $PODSNAPD_BINARY is not built: no podsnapd (cargo build -p podsnapd)"
+		return 0
+	fi
+	rm -f "$PODSNAPD_SOCK"
+	setsid "$PODSNAPD_BINARY" --listen "$PODSNAPD_SOCK" --containerd "$CONTAINERD_SOCK" \
+		</dev/null >>"$PODSNAPD_LOG" 2>&1 &
+	echo $! >"$PODSNAPD_PIDFILE"
+	for ((i = 0; i < 100; i++)); do
+		[ -S "$PODSNAPD_SOCK" ] && return 0
+		sleep 0.1
+	done
+	die "podsnapd did not listen on $PODSNAPD_SOCK (see $PODSNAPD_LOG)"
+}
+
 main() {
 	check_tools
 	mkdir -p "$PODSNAP_NODE_RUN" "$PODSNAP_NODE_LIB"
@@ -171,6 +190,7 @@ main() {
 	if pid_running "$CONTAINERD_PIDFILE" containerd >/dev/null; then
 		containerd_answers || die "containerd (pid $(cat "$CONTAINERD_PIDFILE")) runs but does not answer CRI: run hack/node-down.sh"
 		log "node is already up (containerd pid $(cat "$CONTAINERD_PIDFILE"))"
+		start_podsnapd
 		return 0
 	fi
 	[ -S "$CONTAINERD_SOCK" ] && ! containerd_answers && rm -f "$CONTAINERD_SOCK" "$CONTAINERD_SOCK.ttrpc"
@@ -180,6 +200,7 @@ main() {
 	write_registry_hosts
 	write_containerd_config
 	start_containerd || die "containerd did not come up"
+	start_podsnapd
 	log "node up: export CONTAINER_RUNTIME_ENDPOINT=unix://$CONTAINERD_SOCK (or crictl --config $CRICTL_CONFIG)"
 }
 main "$@"

@@ -86,7 +86,13 @@ impl ContainerCgroup {
         } else {
             for entry in std::fs::read_dir(CGROUP_ROOT)?.flatten() {
                 let hierarchy = entry.path();
-                if !hierarchy.join("cgroup.procs").exists() || entry.file_name() == "unified" {
+                // Only controller hierarchies: not the unified one of a hybrid host, nor named
+                // ones such as name=systemd (CRIU restores only the controllers it dumped).
+                let name = entry.file_name();
+                if !hierarchy.join("cgroup.procs").exists()
+                    || name == "unified"
+                    || name == "systemd"
+                {
                     continue;
                 }
                 let mut dir = hierarchy.clone();

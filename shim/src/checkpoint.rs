@@ -186,6 +186,17 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
     Ok(external)
 }
 
+/// The cgroup v1 controllers of `pid` (from `/proc/<pid>/cgroup`), without named hierarchies.
+fn v1_controllers(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.splitn(3, ':').nth(1).map(str::to_string))
+        .flat_map(|list| list.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter(|c| !c.is_empty() && !c.starts_with("name="))
+        .collect()
+}
+
 /// The path of a namespace the spec joins, if it joins one of `typ`.
 fn joined_namespace(spec: &Spec, typ: LinuxNamespaceType) -> Option<PathBuf> {
     spec.linux()
@@ -319,6 +330,12 @@ fn dump_into(
         .root(target.rootfs);
     if let Some(freezer) = &target.freezer {
         criu_opts = criu_opts.freeze_cgroup(freezer);
+    }
+    // Only the controllers the runtime manages: named hierarchies (name=systemd) and the
+    // unified one of a hybrid host hold the tasks wherever the shim is, and restoring those
+    // paths under the new container's root would nest cgroups ever deeper.
+    for controller in v1_controllers(pid) {
+        criu_opts = criu_opts.cgroup_dump_controller(controller);
     }
     for m in &mounts {
         criu_opts = criu_opts.ext_mount(m.destination(), m.destination());

@@ -642,18 +642,25 @@ pub fn destroy_container(id: &str, state_dir: &Path, cgroup: &ContainerCgroup) {
     remove_cgroup_dirs(cgroup);
 }
 
+/// Removes the container's cgroup from every hierarchy (v1 controllers, named hierarchies
+/// such as `name=systemd`, the unified one), retrying while exiting tasks still hold it.
 fn remove_cgroup_dirs(cgroup: &ContainerCgroup) {
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
-        for entry in entries.flatten() {
-            let relative = cgroup.path.strip_prefix("/").unwrap_or(&cgroup.path);
-            let dir = entry.path().join(relative);
-            if dir.is_dir() {
-                let _ = std::fs::remove_dir(&dir);
-            }
-        }
-    }
+    let relative = cgroup.path.strip_prefix("/").unwrap_or(&cgroup.path);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| entries.flatten().map(|e| e.path().join(relative)).collect())
+        .unwrap_or_default();
     if let Some(dir) = cgroup.v2_dir() {
-        let _ = std::fs::remove_dir(dir);
+        dirs.push(dir);
+    }
+    for _ in 0..100 {
+        dirs.retain(|dir| dir.is_dir() && std::fs::remove_dir(dir).is_err());
+        if dirs.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in dirs {
+        log::warn!("cgroup {} is still in use and was left", dir.display());
     }
 }
 

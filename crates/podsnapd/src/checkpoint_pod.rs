@@ -30,7 +30,9 @@ pub fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duratio
         Some(d) => {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                Err(Status::deadline_exceeded(format!("deadline exceeded {what}")))
+                Err(Status::deadline_exceeded(format!(
+                    "deadline exceeded {what}"
+                )))
             } else {
                 Ok(Some(left))
             }
@@ -39,7 +41,11 @@ pub fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duratio
 }
 
 /// A CRI request carrying the caller's remaining time.
-pub fn with_deadline<T>(message: T, deadline: Option<Instant>, what: &str) -> Result<tonic::Request<T>, Status> {
+pub fn with_deadline<T>(
+    message: T,
+    deadline: Option<Instant>,
+    what: &str,
+) -> Result<tonic::Request<T>, Status> {
     let mut request = tonic::Request::new(message);
     if let Some(left) = remaining(deadline, what)? {
         request.set_timeout(left);
@@ -55,9 +61,8 @@ pub fn check_output_dir(output_path: &str) -> Result<PathBuf, Status> {
             "output_path {output_path:?} must be an absolute path"
         )));
     }
-    let meta = std::fs::symlink_metadata(&path).map_err(|e| {
-        Status::invalid_argument(format!("output_path {output_path}: {e}"))
-    })?;
+    let meta = std::fs::symlink_metadata(&path)
+        .map_err(|e| Status::invalid_argument(format!("output_path {output_path}: {e}")))?;
     if !meta.is_dir() {
         return Err(Status::invalid_argument(format!(
             "output_path {output_path} is not a directory"
@@ -154,6 +159,17 @@ pub async fn checkpoint_pod(
     deadline: Option<Instant>,
 ) -> Result<CheckpointPodResponse, Status> {
     let started = Instant::now();
+    // Keep some of the time (a fifth, at least 150 ms, at most 1 s, never more than half) to
+    // stop CRIU, thaw, clean up and answer before the caller gives up: the caller should hear
+    // DeadlineExceeded from us, not time out on its own.
+    let deadline = deadline.map(|d| {
+        let total = d.saturating_duration_since(started);
+        let margin = (total / 5)
+            .max(Duration::from_millis(150))
+            .min(Duration::from_secs(1))
+            .min(total / 2);
+        d - margin
+    });
     if req.pod_sandbox_id.is_empty() {
         return Err(Status::invalid_argument("pod_sandbox_id is empty"));
     }
@@ -207,7 +223,9 @@ pub async fn checkpoint_pod(
     let mut selected = Vec::new();
     for id in &req.container_ids {
         let container = listed.iter().find(|c| &c.id == id).ok_or_else(|| {
-            Status::not_found(format!("container {id} is not a container of pod sandbox {sandbox}"))
+            Status::not_found(format!(
+                "container {id} is not a container of pod sandbox {sandbox}"
+            ))
         })?;
         if container.state != ContainerState::ContainerRunning as i32 {
             return Err(Status::failed_precondition(format!(
@@ -237,7 +255,11 @@ pub async fn checkpoint_pod(
         selected.push(Selected {
             id: id.clone(),
             name,
-            image: container.image.as_ref().map(|i| i.image.clone()).unwrap_or_default(),
+            image: container
+                .image
+                .as_ref()
+                .map(|i| i.image.clone())
+                .unwrap_or_default(),
             image_ref: container.image_ref.clone(),
             config: info["config"].clone(),
             spec: info["runtimeSpec"].clone(),
@@ -262,9 +284,10 @@ pub async fn checkpoint_pod(
     };
     let sandbox_id = sandbox.clone();
     let wait = left.unwrap_or(Duration::from_secs(3600)) + Duration::from_secs(5);
-    let answer = tokio::task::spawn_blocking(move || podsnap_pod_api::call(&sandbox_id, &request, wait))
-        .await
-        .map_err(|e| Status::internal(format!("pod socket task: {e}")))?;
+    let answer =
+        tokio::task::spawn_blocking(move || podsnap_pod_api::call(&sandbox_id, &request, wait))
+            .await
+            .map_err(|e| Status::internal(format!("pod socket task: {e}")))?;
     let captured = match answer {
         Ok(PodResponse::Checkpointed {
             containers,
@@ -275,7 +298,10 @@ pub async fn checkpoint_pod(
         }
         Ok(PodResponse::Failed { code, message }) => {
             empty_dir(&output);
-            return Err(Status::new(code_from_name(&code), format!("pod sandbox {sandbox}: {message}")));
+            return Err(Status::new(
+                code_from_name(&code),
+                format!("pod sandbox {sandbox}: {message}"),
+            ));
         }
         Err(e) => {
             empty_dir(&output);
@@ -300,7 +326,8 @@ pub async fn checkpoint_pod(
                 let dir = output.join(&s.name);
                 std::fs::rename(&capture.dir, &dir)
                     .map_err(|e| format!("rename {}: {e}", capture.dir.display()))?;
-                write_container_files(&dir, s, &runtime_handler).map_err(|e| format!("container {}: {e}", s.id))?;
+                write_container_files(&dir, s, &runtime_handler)
+                    .map_err(|e| format!("container {}: {e}", s.id))?;
                 if options.compression == Compression::Zstd {
                     podsnap_checkpoint_format::pages::compress_pages(&dir.join("checkpoint"))
                         .map_err(|e| format!("container {}: compress pages: {e}", s.id))?;
@@ -337,7 +364,8 @@ pub async fn checkpoint_pod(
                 options: options.to_map(),
                 files: Default::default(),
             };
-            podsnap_checkpoint_format::write_manifest(&output, &mut manifest).map_err(|e| e.to_string())
+            podsnap_checkpoint_format::write_manifest(&output, &mut manifest)
+                .map_err(|e| e.to_string())
         }
     })
     .await
@@ -406,13 +434,29 @@ mod tests {
 
     #[test]
     fn output_path_must_be_absolute_existing_and_empty() {
-        assert_eq!(check_output_dir("relative/dir").unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert_eq!(check_output_dir("").unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert!(check_output_dir("/nonexistent/podsnap").unwrap_err().message().contains("/nonexistent/podsnap"));
+        assert_eq!(
+            check_output_dir("relative/dir").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            check_output_dir("").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(
+            check_output_dir("/nonexistent/podsnap")
+                .unwrap_err()
+                .message()
+                .contains("/nonexistent/podsnap")
+        );
         let dir = tempfile::tempdir().unwrap();
         assert!(check_output_dir(dir.path().to_str().unwrap()).is_ok());
         std::fs::write(dir.path().join("x"), b"").unwrap();
-        assert!(check_output_dir(dir.path().to_str().unwrap()).unwrap_err().message().contains("not empty"));
+        assert!(
+            check_output_dir(dir.path().to_str().unwrap())
+                .unwrap_err()
+                .message()
+                .contains("not empty")
+        );
         let link = dir.path().join("link");
         std::os::unix::fs::symlink("/tmp", &link).unwrap();
         assert!(check_output_dir(link.to_str().unwrap()).is_err());
@@ -429,7 +473,10 @@ mod tests {
     #[test]
     fn an_expired_deadline_is_deadline_exceeded() {
         let past = Instant::now() - Duration::from_millis(1);
-        assert_eq!(remaining(Some(past), "x").unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            remaining(Some(past), "x").unwrap_err().code(),
+            tonic::Code::DeadlineExceeded
+        );
         assert!(remaining(None, "x").unwrap().is_none());
     }
 

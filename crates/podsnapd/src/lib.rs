@@ -6,10 +6,13 @@
 //! `forward` (the raw proxy to containerd), `pod_rpc` (the pod RPCs' gRPC side and the
 //! [`PodCheckpointer`] trait), `pod` (what they do), `deadline` (`grpc-timeout`), `socket`.
 
+mod checkpoint_pod;
 mod deadline;
 mod forward;
 pub mod pod;
+mod pod_options;
 mod pod_rpc;
+mod restore_pod;
 mod route;
 mod server;
 mod socket;

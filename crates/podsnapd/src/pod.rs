@@ -5,7 +5,7 @@
 //! Not here: gRPC decoding, deadlines and logging of the calls (`pod_rpc`), and every other CRI
 //! call (forwarded to containerd by `forward`).
 //!
-//! For now both RPCs answer `Unimplemented`.
+//! The work itself is in `checkpoint_pod` and `restore_pod`; options in `pod_options`.
 
 use std::time::Instant;
 
@@ -41,21 +41,17 @@ impl PodCheckpointService {
 impl PodCheckpointer for PodCheckpointService {
     async fn checkpoint_pod(
         &self,
-        _request: CheckpointPodRequest,
-        _deadline: Option<Instant>,
+        request: CheckpointPodRequest,
+        deadline: Option<Instant>,
     ) -> Result<CheckpointPodResponse, Status> {
-        Err(Status::unimplemented(
-            "podsnapd: CheckpointPod is not implemented yet",
-        ))
+        crate::checkpoint_pod::checkpoint_pod(self.containerd(), request, deadline).await
     }
 
     async fn restore_pod(
         &self,
-        _request: RestorePodRequest,
-        _deadline: Option<Instant>,
+        request: RestorePodRequest,
+        deadline: Option<Instant>,
     ) -> Result<RestorePodResponse, Status> {
-        Err(Status::unimplemented(
-            "podsnapd: RestorePod is not implemented yet",
-        ))
+        crate::restore_pod::restore_pod(self.containerd(), request, deadline).await
     }
 }

@@ -110,7 +110,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -136,7 +139,11 @@ mod tests {
     fn unknown_keys_and_bad_values_are_invalid_arguments_naming_them() {
         let err = CheckpointOptions::parse(&map(&[("podsnap.io/turbo", "on")])).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("podsnap.io/turbo"), "{}", err.message());
+        assert!(
+            err.message().contains("podsnap.io/turbo"),
+            "{}",
+            err.message()
+        );
         let err = CheckpointOptions::parse(&map(&[(COMPRESSION, "lz4")])).unwrap_err();
         assert!(err.message().contains("lz4"), "{}", err.message());
         let err = CheckpointOptions::parse(&map(&[(LEAVE_RUNNING, "yes")])).unwrap_err();

@@ -33,7 +33,9 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest), Sta
         )));
     }
     let manifest = podsnap_checkpoint_format::verify(&path).map_err(|e| match e {
-        podsnap_checkpoint_format::Error::NotADirectory(_) => Status::invalid_argument(e.to_string()),
+        podsnap_checkpoint_format::Error::NotADirectory(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
     })?;
     if manifest.pod.runtime_handler != HANDLER {
@@ -48,7 +50,11 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest), Sta
 fn strings(value: &serde_json::Value) -> Vec<String> {
     value
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -56,7 +62,11 @@ fn strings(value: &serde_json::Value) -> Vec<String> {
 /// request states them, command, args, working directory and environment must match.
 pub fn check_container(config: &ContainerConfig, entry: &ContainerEntry) -> Result<(), Status> {
     let name = &entry.name;
-    let image = config.image.as_ref().map(|i| i.image.as_str()).unwrap_or_default();
+    let image = config
+        .image
+        .as_ref()
+        .map(|i| i.image.as_str())
+        .unwrap_or_default();
     let checkpointed = &entry.config;
     let same_image = image == entry.image
         || image == entry.image_ref
@@ -75,7 +85,11 @@ pub fn check_container(config: &ContainerConfig, entry: &ContainerEntry) -> Resu
         }
         Ok(())
     };
-    compare("command", config.command.clone(), strings(&checkpointed["command"]))?;
+    compare(
+        "command",
+        config.command.clone(),
+        strings(&checkpointed["command"]),
+    )?;
     compare("args", config.args.clone(), strings(&checkpointed["args"]))?;
     if !config.working_dir.is_empty()
         && checkpointed["working_dir"].as_str().unwrap_or_default() != config.working_dir
@@ -86,8 +100,11 @@ pub fn check_container(config: &ContainerConfig, entry: &ContainerEntry) -> Resu
         )));
     }
     if !config.envs.is_empty() {
-        let requested: BTreeSet<String> =
-            config.envs.iter().map(|e| format!("{}={}", e.key, e.value)).collect();
+        let requested: BTreeSet<String> = config
+            .envs
+            .iter()
+            .map(|e| format!("{}={}", e.key, String::from_utf8_lossy(&e.value)))
+            .collect();
         let saved: BTreeSet<String> = checkpointed["envs"]
             .as_array()
             .map(|a| {
@@ -121,9 +138,15 @@ pub fn match_containers<'a>(
     }
     let mut by_name: HashMap<&str, &ContainerConfig> = HashMap::new();
     for config in configs {
-        let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or_default();
         if name.is_empty() {
-            return Err(Status::invalid_argument("a container config has no metadata name"));
+            return Err(Status::invalid_argument(
+                "a container config has no metadata name",
+            ));
         }
         if by_name.insert(name, config).is_some() {
             return Err(Status::invalid_argument(format!(
@@ -132,7 +155,11 @@ pub fn match_containers<'a>(
         }
     }
     let requested: BTreeSet<&str> = by_name.keys().copied().collect();
-    let saved: BTreeSet<&str> = manifest.containers.iter().map(|c| c.name.as_str()).collect();
+    let saved: BTreeSet<&str> = manifest
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     if requested != saved {
         return Err(Status::invalid_argument(format!(
             "container_configs name {requested:?}, the checkpoint holds {saved:?}"
@@ -182,7 +209,12 @@ pub async fn restore_pod(
             "creating the pod sandbox",
         )?)
         .await
-        .map_err(|e| Status::new(e.code(), format!("create the restored pod sandbox: {}", e.message())))?
+        .map_err(|e| {
+            Status::new(
+                e.code(),
+                format!("create the restored pod sandbox: {}", e.message()),
+            )
+        })?
         .into_inner()
         .pod_sandbox_id;
     let mut created: Vec<RestoredContainer> = Vec::new();
@@ -271,8 +303,14 @@ mod tests {
 
     fn config(name: &str, image: &str) -> ContainerConfig {
         ContainerConfig {
-            metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-            image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -301,13 +339,21 @@ mod tests {
     #[test]
     fn names_must_be_exactly_the_checkpoint_s() {
         let m = manifest(&["web", "counter"]);
-        let ok = [config("counter", "sha256:abc"), config("web", "127.0.0.1:5000/podsnap/busybox:latest")];
+        let ok = [
+            config("counter", "sha256:abc"),
+            config("web", "127.0.0.1:5000/podsnap/busybox:latest"),
+        ];
         assert_eq!(match_containers(&ok, &m).unwrap().len(), 2);
         let err = match_containers(&ok[..1], &m).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("web"), "{}", err.message());
         let dup = [config("web", "sha256:abc"), config("web", "sha256:abc")];
-        assert!(match_containers(&dup, &m).unwrap_err().message().contains("twice"));
+        assert!(
+            match_containers(&dup, &m)
+                .unwrap_err()
+                .message()
+                .contains("twice")
+        );
         assert!(match_containers(&[], &m).is_err());
     }
 
@@ -318,23 +364,47 @@ mod tests {
         assert!(err.message().contains("image"), "{}", err.message());
         let mut c = config("web", "sha256:abc");
         c.command = vec!["sleep".into()];
-        assert!(check_container(&c, &e).unwrap_err().message().contains("command"));
+        assert!(
+            check_container(&c, &e)
+                .unwrap_err()
+                .message()
+                .contains("command")
+        );
         let mut c = config("web", "sha256:abc");
-        c.envs = vec![KeyValue { key: "A".into(), value: "2".into() }];
-        assert!(check_container(&c, &e).unwrap_err().message().contains("environment"));
+        c.envs = vec![KeyValue {
+            key: "A".into(),
+            value: "2".into(),
+        }];
+        assert!(
+            check_container(&c, &e)
+                .unwrap_err()
+                .message()
+                .contains("environment")
+        );
         let mut c = config("web", "sha256:abc");
         c.command = vec!["sh".into(), "-c".into(), "count".into()];
-        c.envs = vec![KeyValue { key: "A".into(), value: "1".into() }];
+        c.envs = vec![KeyValue {
+            key: "A".into(),
+            value: "1".into(),
+        }];
         assert!(check_container(&c, &e).is_ok());
     }
 
     #[test]
     fn relative_or_missing_checkpoints_are_refused_before_anything_is_created() {
-        assert_eq!(open_checkpoint("rel/dir").unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert_eq!(open_checkpoint("/nonexistent/ckpt").unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            open_checkpoint("rel/dir").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            open_checkpoint("/nonexistent/ckpt").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
-            open_checkpoint(dir.path().to_str().unwrap()).unwrap_err().code(),
+            open_checkpoint(dir.path().to_str().unwrap())
+                .unwrap_err()
+                .code(),
             tonic::Code::FailedPrecondition
         );
     }
