@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use containerd_shim::protos::cgroups::metrics::{
-    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat, Throttle,
+    CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat, Metrics, PidsStat, Throttle,
 };
 use libcgroups::common::{
     AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt, FreezerState,
@@ -191,6 +191,17 @@ impl ContainerCgroup {
         memory.total_rss = stat("total_rss");
         memory.total_cache = stat("total_cache");
         metrics.memory = Some(memory).into();
+
+        if let Some(control) = self
+            .v1_dir("memory")
+            .and_then(|dir| std::fs::read_to_string(dir.join("memory.oom_control")).ok())
+        {
+            let mut oom = MemoryOomControl::new();
+            oom.oom_kill_disable = crate::oom::counter(&control, "oom_kill_disable");
+            oom.under_oom = crate::oom::counter(&control, "under_oom");
+            oom.oom_kill = crate::oom::counter(&control, "oom_kill");
+            metrics.memory_oom_control = Some(oom).into();
+        }
 
         let mut pids = PidsStat::new();
         pids.current = stats.pids.current;

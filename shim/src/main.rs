@@ -8,6 +8,7 @@
 mod cgroup;
 mod checkpoint;
 mod container;
+mod info;
 mod oom;
 mod pod_checkpoint;
 mod rootfs_diff;

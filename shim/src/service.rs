@@ -144,10 +144,7 @@ impl Shim for Service {
         runtime_id: &str,
         _options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
     ) -> containerd_shim::Result<containerd_shim::protos::types::introspection::RuntimeInfo> {
-        Ok(containerd_shim::protos::types::introspection::RuntimeInfo {
-            name: runtime_id.to_string(),
-            ..Default::default()
-        })
+        Ok(crate::info::runtime_info(runtime_id))
     }
 }
 
