@@ -1,11 +1,13 @@
 //! `podsnap-bench checkpoint`: checkpoint and restore of a container holding 1 GiB of anonymous
 //! memory, in one run: podsnap vs raw CRIU vs containerd's runc shim.
 //!
-//! The workload is busybox `dd if=/dev/zero bs=1G count=1 | { while :; do sleep 3600; done; }`:
-//! dd reads 1 GiB into one buffer (its anonymous memory, every page touched) and then blocks for
-//! ever writing it into a pipe nobody reads. The loop restarts `sleep`, which exits when a dump
-//! interrupts its nanosleep (CRIU turns that into EINTR). Raw CRIU gets the same pipeline as a
-//! process tree of its own session, started by the benchmark.
+//! The workload is busybox `dd if=/dev/urandom bs=1G count=1 iflag=fullblock | { while :; do
+//! sleep 3600; done; }`: dd reads 1 GiB into one buffer (its anonymous memory, every page touched;
+//! random, so no compression or zero-page shortcut helps anyone) and then blocks for ever writing
+//! it into a pipe nobody reads. The loop restarts `sleep`, which exits when a dump interrupts its
+//! nanosleep (CRIU turns that into EINTR). Raw CRIU gets the same pipeline as a process tree of
+//! its own session, started by the benchmark. Every timed command starts after a `sync`, so none
+//! pays for writing back another's dirty pages.
 //!
 //! Checkpoints (all leave the workload running; every image is deleted after it is measured,
 //! but the last of each kind, which the restores use):
@@ -25,7 +27,7 @@ use std::time::Duration;
 use crate::node::{BENCH_NS, BUSYBOX_CRI, BUSYBOX_CTR, CRI_NS, Cleanup, Handler, Item, Node};
 use crate::procfs;
 use crate::report::{Table, max, median, min, ratio, secs};
-use crate::run::wait_for;
+use crate::run::{Cmd, wait_for};
 
 /// The workload's memory, KiB.
 const GIB_KIB: u64 = 1 << 20;
@@ -35,7 +37,10 @@ const LONG: Duration = Duration::from_secs(300);
 const FILL: Duration = Duration::from_secs(60);
 
 fn workload(busybox: &str) -> String {
-    format!("{busybox}dd if=/dev/zero bs=1G count=1 | {{ while :; do {busybox}sleep 3600; done; }}")
+    format!(
+        "{busybox}dd if=/dev/urandom bs=1G count=1 iflag=fullblock | \
+         {{ while :; do {busybox}sleep 3600; done; }}"
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -117,7 +122,11 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
         "podsnap-bench checkpoint: N={n}, podsnap shim {}",
         shim.display()
     );
-    println!("images under {}", dir.display());
+    println!(
+        "images under {}; {} cgroups on the host",
+        dir.display(),
+        crate::node::host_cgroups()
+    );
     let w = start_workloads(node, &mut cleanup, &dir)?;
 
     let mut dumps: Vec<Vec<f64>> = vec![Vec::new(); Dump::ALL.len()];
@@ -129,6 +138,7 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
     for i in 0..n {
         for k in (0..Dump::ALL.len()).map(|j| (i + j) % Dump::ALL.len()) {
             let d = Dump::ALL[k];
+            sync()?;
             let (seconds, size) = match d {
                 Dump::RawCriu => {
                     let images = dir.join(format!("raw-{i}"));
@@ -229,6 +239,7 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
     for i in 0..n {
         for k in (0..Restore::ALL.len()).map(|j| (i + j) % Restore::ALL.len()) {
             let r = Restore::ALL[k];
+            sync()?;
             let seconds = match r {
                 Restore::RawCriu => {
                     let log = format!("restore-{i}.log");
@@ -301,6 +312,7 @@ fn start_workloads(node: &Node, cleanup: &mut Cleanup, dir: &Path) -> Result<Wor
         let name = format!("ckpt-{}-{me}", h.name());
         let (pod, config) = node.run_pod(cleanup, h, &name, dir)?;
         let id = node.create_container(&pod, &config, "dd", &["sh", "-c", &script])?;
+        cleanup.add_final(Item::Cgroup(format!("{CRI_NS}/{id}")));
         node.crictl(["start", &id]).run()?;
         cri.push(id);
     }
@@ -316,6 +328,8 @@ fn start_workloads(node: &Node, cleanup: &mut Cleanup, dir: &Path) -> Result<Wor
     let mut ctr = Vec::new();
     for h in [Handler::Podsnap, Handler::Runc] {
         let id = format!("ckpt-{}-{me}", h.name());
+        // Restored containers keep the original's cgroup path.
+        cleanup.add_final(Item::Cgroup(format!("{BENCH_NS}/{id}")));
         cleanup.add(Item::CtrContainer(id.clone()));
         let mut cmd = node.ctr(
             BENCH_NS,
@@ -345,6 +359,11 @@ fn start_workloads(node: &Node, cleanup: &mut Cleanup, dir: &Path) -> Result<Wor
         cri: [c0, c1],
         ctr: [t0, t1],
     })
+}
+
+/// Writes dirty pages back, untimed.
+fn sync() -> Result<(), String> {
+    Cmd::new("sync").timeout(LONG).run().map(|_| ())
 }
 
 /// Waits until the tree under `root` holds 1 GiB of anonymous memory.

@@ -247,6 +247,9 @@ pub enum Item {
     BenchNamespace,
     /// A process group the benchmark started (raw CRIU's workload).
     Group(u32),
+    /// A container's cgroup, `<namespace>/<id>` in every hierarchy, once the container is gone:
+    /// what a runtime left there (a restore may recreate dumped cgroups below it) is removed.
+    Cgroup(String),
     Dir(PathBuf),
 }
 
@@ -267,6 +270,11 @@ impl<'n> Cleanup<'n> {
 
     pub fn add(&mut self, item: Item) {
         self.items.push(item);
+    }
+
+    /// Registers `item` to be removed after everything else.
+    pub fn add_final(&mut self, item: Item) {
+        self.items.insert(0, item);
     }
 
     /// Removes `item` now and forgets it.
@@ -338,6 +346,23 @@ fn undo(node: &Node, item: &Item) -> Result<(), String> {
                 || Ok(procfs::group(*pgid).is_empty().then_some(())),
             )?;
         }
+        Item::Cgroup(path) => {
+            let mut removed = 0;
+            for hierarchy in cgroup_hierarchies() {
+                removed += remove_cgroup_tree(&hierarchy.join(path))?;
+                if path.starts_with(&format!("{BENCH_NS}/")) {
+                    // The runtimes' cgroup of our namespace, when empty.
+                    let _ = fs::remove_dir(hierarchy.join(BENCH_NS));
+                }
+            }
+            // The runtime removes the container's own cgroup: anything more is a leak.
+            if removed > 0 {
+                eprintln!(
+                    "warning: {removed} cgroup directories were left under /sys/fs/cgroup/*/{path} \
+                     after the container was deleted; removed them"
+                );
+            }
+        }
         Item::Dir(dir) => match fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(format!("remove {}: {e}", dir.display()));
@@ -346,6 +371,56 @@ fn undo(node: &Node, item: &Item) -> Result<(), String> {
         },
     }
     Ok(())
+}
+
+/// The cgroup hierarchies mounted under /sys/fs/cgroup (one on a v2 host).
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.procs").exists() {
+        return vec![root.to_path_buf()];
+    }
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// How many cgroups the host has, in all hierarchies (CRIU's cgroup work grows with it).
+pub fn host_cgroups() -> usize {
+    fn count(dir: &Path) -> usize {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        1 + entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| count(&e.path()))
+            .sum::<usize>()
+    }
+    cgroup_hierarchies().iter().map(|h| count(h)).sum()
+}
+
+/// Removes the cgroup `dir` and every cgroup below it, deepest first; how many were removed.
+/// A cgroup that still has processes cannot be removed: that is an error.
+fn remove_cgroup_tree(dir: &Path) -> Result<usize, String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            removed += remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(removed + 1),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) => Err(format!("remove cgroup {}: {e}", dir.display())),
+    }
 }
 
 /// Ok when `result` is Ok or says that what it removes does not exist.
