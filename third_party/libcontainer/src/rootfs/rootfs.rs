@@ -39,7 +39,9 @@ impl RootFS {
         cgroup_ns: bool,
     ) -> Result<()> {
         let mut flags = MsFlags::MS_REC;
-        match linux.rootfs_propagation().as_deref() {
+        // podsnap: accept the recursive spellings runc accepts (containerd's CRI sets
+        // "rshared" for Bidirectional and "rslave" for HostToContainer mounts).
+        match normalized_propagation(linux.rootfs_propagation().as_deref()) {
             Some("shared") => flags |= MsFlags::MS_SHARED,
             Some("private") => flags |= MsFlags::MS_PRIVATE,
             Some("slave" | "unbindable") | None => flags |= MsFlags::MS_SLAVE,
@@ -127,7 +129,7 @@ impl RootFS {
 
     /// Change propagation type of rootfs as specified in spec.
     pub fn adjust_root_mount_propagation(&self, linux: &Linux) -> Result<()> {
-        let rootfs_propagation = linux.rootfs_propagation().as_deref();
+        let rootfs_propagation = normalized_propagation(linux.rootfs_propagation().as_deref());
         let flags = match rootfs_propagation {
             Some("shared") => Some(MsFlags::MS_SHARED),
             Some("unbindable") => Some(MsFlags::MS_UNBINDABLE),
@@ -149,4 +151,16 @@ impl RootFS {
 
         Ok(())
     }
+}
+
+/// podsnap: `rootfsPropagation` with runc's recursive aliases (`rshared`, `rslave`, `rprivate`,
+/// `runbindable`) mapped to the plain names: the root mount is always changed recursively.
+fn normalized_propagation(value: Option<&str>) -> Option<&str> {
+    value.map(|v| match v {
+        "rshared" => "shared",
+        "rslave" => "slave",
+        "rprivate" => "private",
+        "runbindable" => "unbindable",
+        other => other,
+    })
 }
