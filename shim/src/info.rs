@@ -8,18 +8,72 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 
 /// The type URL containerd registers for runtime-spec `Features` (JSON-encoded).
-const FEATURES_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
+const FEATURES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
 
 /// Mount options libcontainer understands, recursive (`r*`, via mount_setattr) ones included.
 const MOUNT_OPTIONS: &[&str] = &[
-    "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "iversion",
-    "lazytime", "loud", "mand", "noatime", "nodev", "nodiratime", "noexec", "noiversion",
-    "nolazytime", "nomand", "norelatime", "nostrictatime", "nosuid", "nosymfollow", "private",
-    "ratime", "rbind", "rdev", "rdiratime", "relatime", "remount", "rexec", "rnoatime", "rnodev",
-    "rnodiratime", "rnoexec", "rnorelatime", "rnostrictatime", "rnosuid", "rnosymfollow", "ro",
-    "rprivate", "rrelatime", "rro", "rrw", "rshared", "rslave", "rstrictatime", "rsuid",
-    "rsymfollow", "runbindable", "rw", "shared", "silent", "slave", "strictatime", "suid",
-    "symfollow", "sync", "unbindable", "idmap", "ridmap",
+    "async",
+    "atime",
+    "bind",
+    "defaults",
+    "dev",
+    "diratime",
+    "dirsync",
+    "exec",
+    "iversion",
+    "lazytime",
+    "loud",
+    "mand",
+    "noatime",
+    "nodev",
+    "nodiratime",
+    "noexec",
+    "noiversion",
+    "nolazytime",
+    "nomand",
+    "norelatime",
+    "nostrictatime",
+    "nosuid",
+    "nosymfollow",
+    "private",
+    "ratime",
+    "rbind",
+    "rdev",
+    "rdiratime",
+    "relatime",
+    "remount",
+    "rexec",
+    "rnoatime",
+    "rnodev",
+    "rnodiratime",
+    "rnoexec",
+    "rnorelatime",
+    "rnostrictatime",
+    "rnosuid",
+    "rnosymfollow",
+    "ro",
+    "rprivate",
+    "rrelatime",
+    "rro",
+    "rrw",
+    "rshared",
+    "rslave",
+    "rstrictatime",
+    "rsuid",
+    "rsymfollow",
+    "runbindable",
+    "rw",
+    "shared",
+    "silent",
+    "slave",
+    "strictatime",
+    "suid",
+    "symfollow",
+    "sync",
+    "unbindable",
+    "idmap",
+    "ridmap",
 ];
 
 /// The runtime-spec features document.
@@ -74,7 +128,13 @@ mod tests {
             .filter_map(|v| v.as_str())
             .collect();
         assert!(options.contains(&"rro"));
-        assert!(f["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n == "user"));
+        assert!(
+            f["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n == "user")
+        );
         assert_eq!(f["linux"]["mountExtensions"]["idmap"]["enabled"], true);
         let info = runtime_info("io.containerd.podsnap.v2");
         assert_eq!(info.features.type_url, FEATURES_TYPE_URL);
