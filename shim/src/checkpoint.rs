@@ -191,7 +191,7 @@ fn v1_controllers(pid: i32) -> Vec<String> {
     fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|line| line.splitn(3, ':').nth(1).map(str::to_string))
+        .filter_map(|line| line.split(':').nth(1).map(str::to_string))
         .flat_map(|list| list.split(',').map(str::to_string).collect::<Vec<_>>())
         .filter(|c| !c.is_empty() && !c.starts_with("name="))
         .collect()
