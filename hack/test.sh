@@ -13,10 +13,19 @@ require_root
 cd "$PODSNAP_ROOT"
 
 T0=$(date +%s)
+# The whole run must end within PODSNAP_TEST_BUDGET seconds (CI allows 90 minutes): each phase's
+# limit is cut to what is left, so a hang fails the run with its phase named.
+BUDGET=${PODSNAP_TEST_BUDGET:-4800}
 # phase NAME LIMIT_SECONDS CMD...: one step of the run, killed if it outlives its limit.
 phase() {
-	local name=$1 limit=$2
+	local name=$1 limit=$2 left
 	shift 2
+	left=$((T0 + BUDGET - $(date +%s)))
+	if [ "$left" -le 30 ]; then
+		log "FAILED: no time left for $name (budget ${BUDGET}s)"
+		exit 1
+	fi
+	[ "$limit" -le "$left" ] || limit=$left
 	if ! step "$name" timeout --kill-after=30 "$limit" "$@"; then
 		log "FAILED: $name (after $(($(date +%s) - T0))s in all)"
 		exit 1
