@@ -133,7 +133,8 @@ impl PodTask {
     fn publish_exit(&self, mut pending: PendingExit) {
         let task = self.clone();
         tokio::spawn(async move {
-            pending.stdio.drain(DRAIN_LIMIT).await;
+            // containerd waits for the process's output itself (it reads the FIFOs to EOF), so
+            // the exit is published at once; the copying finishes in the background.
             let id = if pending.exec_id.is_empty() {
                 pending.container_id.clone()
             } else {
@@ -148,6 +149,7 @@ impl PodTask {
                 ..Default::default()
             });
             pending.exited.send_replace(Some(pending.info));
+            pending.stdio.drain(DRAIN_LIMIT).await;
         });
     }
 
