@@ -21,7 +21,7 @@ step node-up hack/node-up.sh
 PODSNAPD_SOCK=$PODSNAP_NODE_RUN/podsnapd.sock
 [ -S "$PODSNAPD_SOCK" ] || die "podsnapd is not listening on $PODSNAPD_SOCK"
 export CONTAINER_RUNTIME_ENDPOINT=unix://$PODSNAPD_SOCK
-crictl() { "$PODSNAP_BIN/crictl" --runtime-endpoint "unix://$PODSNAPD_SOCK" --image-endpoint "unix://$PODSNAPD_SOCK" --timeout 60s "$@"; }
+crictl() { "$PODSNAP_BIN/crictl" --config "$PODSNAP_NODE_RUN/etc/crictl.yaml" --runtime-endpoint "unix://$PODSNAPD_SOCK" --image-endpoint "unix://$PODSNAPD_SOCK" --timeout 60s "$@"; }
 podsnap() { "$PODSNAP_ROOT/target/debug/podsnap" --runtime-endpoint "unix://$PODSNAPD_SOCK" "$@"; }
 
 work=$(mktemp -d /tmp/podsnap-demo.XXXXXX)
@@ -46,6 +46,11 @@ trap cleanup EXIT
 cat >"$work/pod.json" <<JSON
 {"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-$$"},
  "log_directory": "$work/logs", "linux": {}}
+JSON
+# The restored pod is a new pod (as the kubelet makes it): its own UID and log directory.
+cat >"$work/restored-pod.json" <<JSON
+{"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-restored-$$"},
+ "log_directory": "$work/logs-restored", "linux": {}}
 JSON
 cat >"$work/counter.json" <<'JSON'
 {"metadata": {"name": "counter"},
@@ -77,7 +82,7 @@ crictl rmp "$pod" >/dev/null
 pods=()
 
 log "restoring the pod from $checkpoint"
-restored=$(podsnap pod restore "$checkpoint" --pod-config "$work/pod.json" --container-config "$work/counter.json" --start)
+restored=$(podsnap pod restore "$checkpoint" --pod-config "$work/restored-pod.json" --container-config "$work/counter.json" --start)
 echo "$restored"
 new_pod=$(echo "$restored" | head -n 1)
 new_ctr=$(echo "$restored" | awk -F '\t' '$2 == "counter" {print $1}')
