@@ -820,6 +820,23 @@ fn podsnap_bad_pod_checkpoint_and_restore_requests_are_refused_and_leave_nothing
         Code::FailedPrecondition,
         "escapes",
     );
+    let with_device = copy("with-device");
+    let fifo = with_device.join("counter/checkpoint/fifo.img");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_status(
+        cri.restore(
+            with_device.to_str().unwrap(),
+            "podsnap",
+            pod_config.clone(),
+            containers.clone(),
+        ),
+        Code::FailedPrecondition,
+        "FIFO",
+    );
     let truncated = copy("truncated");
     std::fs::remove_file(truncated.join("counter/rootfs-diff.tar")).unwrap();
     assert_status(
