@@ -3,10 +3,12 @@
 # the shim and podsnap-bench in release, points the node's `podsnap` handler at the release shim
 # (hack/node-up.sh with PODSNAP_SHIM; the node is started when it is down), runs the benchmarks,
 # and then points the node back at the debug shim, or takes it down again when this script
-# brought it up. Pods already running keep the shim they were started with.
+# brought it up. Pods already running keep the shim they were started with. The pod benchmark
+# goes through podsnapd and the podsnap CLI: for it both are built in release too, and the node's
+# podsnapd is restarted from the release build (PODSNAPD_BINARY), then from the debug one again.
 #
-# Usage: hack/bench.sh                      podsnap-bench start, then podsnap-bench checkpoint
-#        hack/bench.sh start|checkpoint [N] one of them (see target/release/podsnap-bench help)
+# Usage: hack/bench.sh                          podsnap-bench start, checkpoint, then pod
+#        hack/bench.sh start|checkpoint|pod [N] one of them (see target/release/podsnap-bench help)
 #
 # Environment: PODSNAP_BENCH_SKIP_BUILD=1 (use the release binaries already built),
 # PODSNAP_BENCH_DIR (where checkpoint images go; default /var/tmp).
@@ -19,15 +21,25 @@ exec </dev/null
 require_root
 cd "$PODSNAP_ROOT"
 
-release_shim=$PODSNAP_ROOT/target/release/containerd-shim-podsnap-v2
-bench=$PODSNAP_ROOT/target/release/podsnap-bench
+release=$PODSNAP_ROOT/target/release
+release_shim=$release/containerd-shim-podsnap-v2
+bench=$release/podsnap-bench
+packages=(-p containerd-shim-podsnap-v2 -p podsnap-bench)
+binaries=("$release_shim" "$bench")
+node_env=("PODSNAP_SHIM=$release_shim")
+if [ $# = 0 ] || [ "$1" = pod ]; then
+	packages+=(-p podsnapd -p podsnap-cli)
+	binaries+=("$release/podsnapd" "$release/podsnap")
+	node_env+=("PODSNAPD_BINARY=$release/podsnapd")
+fi
 
 if [ "${PODSNAP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
 	step "release build (fat LTO: minutes)" timeout --kill-after=30 3600 \
-		cargo build --release -p containerd-shim-podsnap-v2 -p podsnap-bench
+		cargo build --release "${packages[@]}"
 fi
-[ -x "$release_shim" ] || die "$release_shim is not built"
-[ -x "$bench" ] || die "$bench is not built"
+for b in "${binaries[@]}"; do
+	[ -x "$b" ] || die "$b is not built"
+done
 
 node_was_up=0
 containerd_answers && node_was_up=1
@@ -35,8 +47,8 @@ containerd_answers && node_was_up=1
 restore_node() {
 	local rc=$?
 	if [ "$node_was_up" = 1 ]; then
-		log "pointing the node back at the debug shim"
-		env -u PODSNAP_SHIM PODSNAP_SKIP_IMAGES=1 "$PODSNAP_ROOT/hack/node-up.sh" ||
+		log "pointing the node back at the debug shim (and podsnapd)"
+		env -u PODSNAP_SHIM -u PODSNAPD_BINARY PODSNAP_SKIP_IMAGES=1 "$PODSNAP_ROOT/hack/node-up.sh" ||
 			log "warning: hack/node-up.sh could not relink the debug shim"
 	else
 		timeout 300 "$PODSNAP_ROOT/hack/node-down.sh" || log "warning: hack/node-down.sh failed"
@@ -46,12 +58,16 @@ restore_node() {
 trap restore_node EXIT
 
 # A node that is up only gets the link changed (no image refresh: others may be using it).
-PODSNAP_SHIM=$release_shim PODSNAP_SKIP_IMAGES=$node_was_up timeout 600 "$PODSNAP_ROOT/hack/node-up.sh"
+env "${node_env[@]}" PODSNAP_SKIP_IMAGES=$node_was_up timeout 600 "$PODSNAP_ROOT/hack/node-up.sh"
 
-run_bench() { step "podsnap-bench $*" timeout --kill-after=30 3600 "$bench" "$@"; }
+run_bench() {
+	step "podsnap-bench $*" env PODSNAP_CLI="$release/podsnap" \
+		timeout --kill-after=30 3600 "$bench" "$@"
+}
 if [ $# = 0 ]; then
 	run_bench start
 	run_bench checkpoint
+	run_bench pod
 else
 	run_bench "$@"
 fi

@@ -32,7 +32,7 @@ use crate::run::{Cmd, wait_for};
 /// The workload's memory, KiB.
 const GIB_KIB: u64 = 1 << 20;
 /// Limit of one checkpoint or restore command.
-const LONG: Duration = Duration::from_secs(300);
+pub const LONG: Duration = Duration::from_secs(300);
 /// How long a workload may take to fill (or show again) its memory.
 const FILL: Duration = Duration::from_secs(60);
 
@@ -145,13 +145,7 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
                     cleanup.add(Item::Dir(images.clone()));
                     std::fs::create_dir(&images)
                         .map_err(|e| format!("create {}: {e}", images.display()))?;
-                    let t = node
-                        .criu(["dump", "-t", &w.raw.to_string(), "--leave-running"])
-                        .args(["-o", "dump.log", "-v2", "-D"])
-                        .arg(&images)
-                        .timeout(LONG)
-                        .run()
-                        .map_err(|e| with_log(e, &images.join("dump.log")))?;
+                    let t = raw_dump(node, w.raw, &images)?;
                     wait_memory("raw workload after dump", w.raw)?;
                     let size = procfs::du(&images);
                     if let Some(old) = raw_images.replace(images) {
@@ -280,30 +274,7 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
 
 fn start_workloads(node: &Node, cleanup: &mut Cleanup, dir: &Path) -> Result<Workloads, String> {
     let me = std::process::id();
-    // Raw CRIU's: its own session (so no --shell-job), stdio /dev/null, cwd the work dir.
-    let pidfile = dir.join("raw.pid");
-    let script = format!(
-        "echo $$ > {}; {}",
-        pidfile.display(),
-        workload("/bin/busybox ")
-    );
-    let status = Command::new("setsid")
-        .args(["-f", "/bin/busybox", "sh", "-c", &script])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run setsid: {e}"))?;
-    if !status.success() {
-        return Err(format!("setsid -f /bin/busybox sh -c ...: {status}"));
-    }
-    let raw = wait_for("raw workload's pid file", Duration::from_secs(10), || {
-        Ok(std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok()))
-    })?;
-    cleanup.add(Item::Group(raw));
+    let raw = start_raw(cleanup, dir, "raw", &workload("/bin/busybox "))?;
 
     let script = workload("");
     let mut cri = Vec::new();
@@ -361,8 +332,54 @@ fn start_workloads(node: &Node, cleanup: &mut Cleanup, dir: &Path) -> Result<Wor
     })
 }
 
+/// Starts raw CRIU's workload: busybox `sh -c` running `command` in a session of its own (so
+/// no --shell-job), stdio /dev/null, cwd `dir`; registered with `cleanup` as a process group.
+/// Returns the shell's pid (= the session and the process group; `command` may `exec`).
+pub fn start_raw(
+    cleanup: &mut Cleanup,
+    dir: &Path,
+    name: &str,
+    command: &str,
+) -> Result<u32, String> {
+    let pidfile = dir.join(format!("{name}.pid"));
+    let script = format!("echo $$ > {}; {command}", pidfile.display());
+    let status = Command::new("setsid")
+        .args(["-f", "/bin/busybox", "sh", "-c", &script])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run setsid: {e}"))?;
+    if !status.success() {
+        return Err(format!("setsid -f /bin/busybox sh -c ...: {status}"));
+    }
+    let pid = wait_for(
+        &format!("{name} workload's pid file"),
+        Duration::from_secs(10),
+        || {
+            Ok(std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok()))
+        },
+    )?;
+    cleanup.add(Item::Group(pid));
+    Ok(pid)
+}
+
+/// Raw `criu dump --leave-running` of the tree of `pid` into `images` (which exists); the
+/// error carries the end of CRIU's log.
+pub fn raw_dump(node: &Node, pid: u32, images: &Path) -> Result<crate::run::Done, String> {
+    node.criu(["dump", "-t", &pid.to_string(), "--leave-running"])
+        .args(["-o", "dump.log", "-v2", "-D"])
+        .arg(images)
+        .timeout(LONG)
+        .run()
+        .map_err(|e| with_log(e, &images.join("dump.log")))
+}
+
 /// Writes dirty pages back, untimed.
-fn sync() -> Result<(), String> {
+pub fn sync() -> Result<(), String> {
     Cmd::new("sync").timeout(LONG).run().map(|_| ())
 }
 
@@ -385,7 +402,7 @@ fn check_task(node: &Node, what: &str, id: &str) -> Result<(), String> {
 }
 
 /// Checkpoint images containerd's client made for container `id` in the CRI namespace.
-fn client_images(node: &Node, id: &str) -> Result<Vec<String>, String> {
+pub fn client_images(node: &Node, id: &str) -> Result<Vec<String>, String> {
     let prefix = format!("containerd.io/checkpoint/{id}:");
     let out = node.ctr(CRI_NS, ["images", "ls", "-q"]).run()?;
     Ok(out

@@ -4,7 +4,9 @@
 //! targets are reported, never asserted. Everything a run creates is removed again, by id.
 
 mod checkpoint;
+mod criu_stats;
 mod node;
+mod pod;
 mod procfs;
 mod report;
 mod run;
@@ -18,9 +20,12 @@ use node::{Cleanup, Item, Node};
 
 const USAGE: &str = "usage: podsnap-bench start [N]       pod start latency and shim memory per pod, podsnap vs runc (N=10)
        podsnap-bench checkpoint [N]  checkpoint/restore of a container holding 1 GiB: podsnap vs raw CRIU vs runc (N=3)
+       podsnap-bench pod [N]         pod checkpoint/restore through podsnapd: 4 x 256 MiB pod vs 4 sequential
+                                     container checkpoints, freeze window, restore; 1 GiB pod vs raw CRIU (N=3)
 
 Runs as root against the node of hack/node-up.sh (PODSNAP_BIN, PODSNAP_NODE_RUN, CONTAINERD_SOCK as
-in hack/lib.sh); work files go under $PODSNAP_BENCH_DIR (default /var/tmp).";
+in hack/lib.sh); work files go under $PODSNAP_BENCH_DIR (default /var/tmp). `pod` also needs podsnapd
+(node-up starts it) and the podsnap CLI ($PODSNAP_CLI, default `podsnap` next to this binary), and gcc.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
     let result = match (args.first().map(String::as_str), args.len()) {
         (Some("start"), 1 | 2) => count(10).and_then(|n| start::run(&node, n)),
         (Some("checkpoint"), 1 | 2) => count(3).and_then(|n| checkpoint::run(&node, n)),
+        (Some("pod"), 1 | 2) => count(3).and_then(|n| pod::run(&node, n)),
         (Some("-h" | "--help" | "help"), _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -53,6 +53,8 @@ pub struct Node {
     bin: PathBuf,
     node_run: PathBuf,
     sock: String,
+    /// The podsnap CLI: $PODSNAP_CLI, else `podsnap` next to this benchmark's binary.
+    cli: PathBuf,
 }
 
 impl Node {
@@ -66,10 +68,18 @@ impl Node {
                 .display()
                 .to_string(),
         );
+        let cli = std::env::var_os("PODSNAP_CLI")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.join("podsnap"))
+            })
+            .unwrap_or_else(|| PathBuf::from("podsnap"));
         Self {
             bin: PathBuf::from(var("PODSNAP_BIN", "/var/cache/podsnap/bin")),
             node_run,
             sock,
+            cli,
         }
     }
 
@@ -172,21 +182,26 @@ impl Node {
         name: &str,
         dir: &Path,
     ) -> Result<(String, PathBuf), String> {
-        let config = dir.join(format!("{name}-pod.json"));
-        let json = format!(
-            r#"{{"metadata":{{"name":{n},"namespace":{ns},"uid":{n},"attempt":0}},"log_directory":{logs},"linux":{{}}}}"#,
-            n = json_str(name),
-            ns = json_str(BENCH_NS),
-            logs = json_str(&dir.join(format!("{name}-logs")).display().to_string()),
-        );
-        fs::write(&config, json).map_err(|e| format!("write {}: {e}", config.display()))?;
+        let config = write_pod_config(dir, name, "{}")?;
+        let id = self.run_pod_config(cleanup, handler, &config)?;
+        Ok((id, config))
+    }
+
+    /// `crictl runp` of a pod config written by [`write_pod_config`]; the pod is registered
+    /// with `cleanup`. Returns the sandbox id.
+    pub fn run_pod_config(
+        &self,
+        cleanup: &mut Cleanup,
+        handler: Handler,
+        config: &Path,
+    ) -> Result<String, String> {
         let out = self
             .crictl(["runp", "--runtime", handler.name()])
-            .arg(&config)
+            .arg(config)
             .run()?;
         let id = out.stdout.trim().to_string();
         cleanup.add(Item::Pod(id.clone()));
-        Ok((id, config))
+        Ok(id)
     }
 
     /// Creates (not starts) a busybox container running `argv` in a pod.
@@ -197,23 +212,117 @@ impl Node {
         name: &str,
         argv: &[&str],
     ) -> Result<String, String> {
-        let config = pod_config.with_file_name(format!("{name}-container.json"));
-        let argv: Vec<String> = argv.iter().map(|a| json_str(a)).collect();
-        let json = format!(
-            r#"{{"metadata":{{"name":{n}}},"image":{{"image":{img}}},"command":[{argv}],"log_path":{log},"linux":{{}}}}"#,
-            n = json_str(name),
-            img = json_str(BUSYBOX_CRI),
-            argv = argv.join(","),
-            log = json_str(&format!("{name}.log")),
-        );
-        fs::write(&config, json).map_err(|e| format!("write {}: {e}", config.display()))?;
+        let config = write_container_config(pod_config, name, argv, &[], "{}")?;
+        self.create_container_config(pod, pod_config, &config)
+    }
+
+    /// `crictl create` of a container config written by [`write_container_config`].
+    pub fn create_container_config(
+        &self,
+        pod: &str,
+        pod_config: &Path,
+        config: &Path,
+    ) -> Result<String, String> {
         let out = self
             .crictl(["create", pod])
-            .arg(&config)
+            .arg(config)
             .arg(pod_config)
             .run()?;
         Ok(out.stdout.trim().to_string())
     }
+
+    /// The podsnap CLI against the node's podsnapd.
+    pub fn podsnap<S: AsRef<std::ffi::OsStr>>(&self, args: impl IntoIterator<Item = S>) -> Cmd {
+        let endpoint = format!("unix://{}", self.node_run.join("podsnapd.sock").display());
+        Cmd::new(&self.cli)
+            .args(["--runtime-endpoint", &endpoint])
+            .args(args)
+    }
+
+    /// podsnapd's log (hack/node-up.sh appends its stdout and stderr there).
+    pub fn podsnapd_log(&self) -> PathBuf {
+        self.node_run.join("podsnapd.log")
+    }
+
+    /// Fails unless podsnapd listens and the podsnap CLI is there; returns the podsnapd binary
+    /// that runs and the CLI's path.
+    pub fn check_podsnapd(&self) -> Result<(PathBuf, PathBuf), String> {
+        let sock = self.node_run.join("podsnapd.sock");
+        if !sock.exists() {
+            return Err(format!(
+                "podsnapd does not listen on {} (hack/node-up.sh starts it)",
+                sock.display()
+            ));
+        }
+        let pidfile = self.node_run.join("podsnapd.pid");
+        let exe = fs::read_to_string(&pidfile)
+            .map_err(|e| format!("{}: {e}", pidfile.display()))
+            .and_then(|pid| {
+                let exe = format!("/proc/{}/exe", pid.trim());
+                fs::read_link(&exe).map_err(|e| format!("podsnapd is not running ({exe}: {e})"))
+            })?;
+        if !self.cli.is_file() {
+            return Err(format!(
+                "the podsnap CLI {} is not built (cargo build --release -p podsnap-cli, or set \
+                 PODSNAP_CLI)",
+                self.cli.display()
+            ));
+        }
+        Ok((exe, self.cli.clone()))
+    }
+}
+
+/// A pod's or container's `linux` options giving it a PID namespace of its own (per container,
+/// kubelet's default: it sets this in both the pod's and every container's config).
+pub const PID_NAMESPACE_PER_CONTAINER: &str =
+    r#"{"security_context":{"namespace_options":{"pid":1}}}"#;
+
+/// Writes the config of a pod `name` in [`BENCH_NS`] (logs under `dir`) with the JSON object
+/// `linux` as its Linux options; returns its path, `<dir>/<name>-pod.json`.
+pub fn write_pod_config(dir: &Path, name: &str, linux: &str) -> Result<PathBuf, String> {
+    let config = dir.join(format!("{name}-pod.json"));
+    let json = format!(
+        r#"{{"metadata":{{"name":{n},"namespace":{ns},"uid":{n},"attempt":0}},"log_directory":{logs},"linux":{linux}}}"#,
+        n = json_str(name),
+        ns = json_str(BENCH_NS),
+        logs = json_str(&dir.join(format!("{name}-logs")).display().to_string()),
+    );
+    fs::write(&config, json).map_err(|e| format!("write {}: {e}", config.display()))?;
+    Ok(config)
+}
+
+/// Writes the config of a busybox container `name` running `argv`, with read-only bind
+/// `mounts` (host path, container path) and the JSON object `linux` as its Linux options, next
+/// to its pod's config; returns its path.
+pub fn write_container_config(
+    pod_config: &Path,
+    name: &str,
+    argv: &[&str],
+    mounts: &[(&Path, &str)],
+    linux: &str,
+) -> Result<PathBuf, String> {
+    let config = pod_config.with_file_name(format!("{name}-container.json"));
+    let argv: Vec<String> = argv.iter().map(|a| json_str(a)).collect();
+    let mounts: Vec<String> = mounts
+        .iter()
+        .map(|(host, path)| {
+            format!(
+                r#"{{"container_path":{},"host_path":{},"readonly":true}}"#,
+                json_str(path),
+                json_str(&host.display().to_string())
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"metadata":{{"name":{n}}},"image":{{"image":{img}}},"command":[{argv}],"mounts":[{mounts}],"log_path":{log},"linux":{linux}}}"#,
+        n = json_str(name),
+        img = json_str(BUSYBOX_CRI),
+        argv = argv.join(","),
+        mounts = mounts.join(","),
+        log = json_str(&format!("{name}.log")),
+    );
+    fs::write(&config, json).map_err(|e| format!("write {}: {e}", config.display()))?;
+    Ok(config)
 }
 
 /// `s` as a JSON string literal.

@@ -63,14 +63,21 @@ impl Table {
     }
 }
 
-/// `RATIO <label>: <num/den> (target <= T: met|NOT met)`.
+/// `RATIO <label>: <num/den> (target <= T: met|NOT met)`; a ratio that rounds to its target
+/// shows a third decimal, so that the verdict can be seen.
 pub fn ratio(label: &str, num: f64, den: f64, target: Option<f64>) -> String {
     let r = num / den;
     match target {
-        Some(t) => format!(
-            "RATIO {label}: {r:.2} (target <= {t:.2}: {})",
-            if r <= t { "met" } else { "NOT met" }
-        ),
+        Some(t) => {
+            let shown = match format!("{r:.2}") == format!("{t:.2}") && r != t {
+                true => format!("{r:.3}"),
+                false => format!("{r:.2}"),
+            };
+            format!(
+                "RATIO {label}: {shown} (target <= {t:.2}: {})",
+                if r <= t { "met" } else { "NOT met" }
+            )
+        }
         None => format!("RATIO {label}: {r:.2}"),
     }
 }
@@ -110,6 +117,10 @@ mod tests {
         assert_eq!(
             ratio("a/b", 3.0, 2.0, Some(1.2)),
             "RATIO a/b: 1.50 (target <= 1.20: NOT met)"
+        );
+        assert_eq!(
+            ratio("a/b", 1.561, 2.218, Some(0.7)),
+            "RATIO a/b: 0.704 (target <= 0.70: NOT met)"
         );
     }
 }

@@ -64,6 +64,12 @@ impl Cmd {
     /// Runs the program to its end; an error names the command and carries its stderr when it
     /// fails, times out or cannot start. `elapsed` is the wall time of the whole run.
     pub fn run(&self) -> Result<Done, String> {
+        self.run_keeping_stdout().1
+    }
+
+    /// [`Cmd::run`], and also what the program printed on stdout when it failed (what it made
+    /// before failing may need cleaning up).
+    pub fn run_keeping_stdout(&self) -> (String, Result<Done, String>) {
         let start = Instant::now();
         let out = Command::new("timeout")
             .arg("--kill-after=5")
@@ -71,12 +77,18 @@ impl Cmd {
             .arg(&self.program)
             .args(&self.args)
             .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run `{}`: {e}", self.display()))?;
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let e = format!("cannot run `{}`: {e}", self.display());
+                return (String::new(), Err(e));
+            }
+        };
         let elapsed = start.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
-            return Ok(Done { stdout, elapsed });
+            return (stdout.clone(), Ok(Done { stdout, elapsed }));
         }
         // ctr warns about cgroup v1 on every call: not worth repeating.
         let stderr: Vec<&str> = std::str::from_utf8(&out.stderr)
@@ -89,13 +101,14 @@ impl Cmd {
             Some(code) => format!("exit code {code}"),
             None => format!("{}", out.status),
         };
-        Err(format!(
+        let error = format!(
             "`{}` failed ({why}) after {:.2}s:\n{}{}",
             self.display(),
             elapsed.as_secs_f64(),
             tail(&stdout, 2000),
             tail(&stderr.join("\n"), 4000)
-        ))
+        );
+        (stdout, Err(error))
     }
 }
 
@@ -139,6 +152,11 @@ mod tests {
             .run()
             .unwrap_err();
         assert!(err.contains("exit code 3") && err.contains("oops"), "{err}");
+        let (stdout, err) = Cmd::new("sh")
+            .args(["-c", "echo made; exit 1"])
+            .run_keeping_stdout();
+        assert_eq!(stdout, "made\n");
+        assert!(err.is_err());
         let err = Cmd::new("sleep")
             .arg("10")
             .timeout(Duration::from_millis(200))
