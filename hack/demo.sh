@@ -45,18 +45,18 @@ trap cleanup EXIT
 
 cat >"$work/pod.json" <<JSON
 {"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-$$"},
- "log_directory": "$work/logs", "linux": {}}
+ "log_directory": "$work/logs", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
 JSON
 # The restored pod is a new pod (as the kubelet makes it): its own UID and log directory.
 cat >"$work/restored-pod.json" <<JSON
 {"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-restored-$$"},
- "log_directory": "$work/logs-restored", "linux": {}}
+ "log_directory": "$work/logs-restored", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
 JSON
 cat >"$work/counter.json" <<'JSON'
 {"metadata": {"name": "counter"},
  "image": {"image": "127.0.0.1:5000/podsnap/busybox:latest"},
  "command": ["sh", "-c", "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 1; done"],
- "log_path": "counter.log", "linux": {}}
+ "log_path": "counter.log", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
 JSON
 
 log "running a counting pod on runtime handler podsnap"

@@ -100,6 +100,16 @@ fn assert_private_checkpoint(dir: &Path) {
     }
 }
 
+/// Removes the checkpoint images `ctr task checkpoint --image-path` also leaves in containerd's
+/// content store for a runtime other than runc's (`containerd.io/checkpoint/<id>:<time>`).
+fn remove_checkpoint_images(node: &Node, container_id: &str) {
+    let prefix = format!("containerd.io/checkpoint/{container_id}:");
+    let listed = node.ctr(CRI_NAMESPACE, ["images", "ls", "-q"]);
+    for image in listed.lines().filter(|l| l.starts_with(&prefix)) {
+        let _ = node.ctr_try(CRI_NAMESPACE, ["images", "rm", image]);
+    }
+}
+
 #[test]
 fn podsnap_ctr_task_checkpoint_leaving_it_running_writes_private_images_and_the_count_goes_on() {
     let node = Node::get();
@@ -123,6 +133,7 @@ fn podsnap_ctr_task_checkpoint_leaving_it_running_writes_private_images_and_the_
         ],
     );
     assert_private_checkpoint(&images);
+    remove_checkpoint_images(node, &c);
     assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
     assert_eq!(
         node.task_status(CRI_NAMESPACE, &c).as_deref(),
@@ -164,6 +175,7 @@ fn podsnap_ctr_task_checkpoint_with_exit_stops_the_container_after_writing_its_i
         ],
     );
     assert_private_checkpoint(&images);
+    remove_checkpoint_images(node, &c);
     wait_for("the checkpointed container to exit", LIVENESS, || {
         let state = node.container_state(&c);
         if state == "CONTAINER_EXITED" {

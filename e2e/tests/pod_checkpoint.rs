@@ -112,7 +112,8 @@ impl Workspace {
                 "command": command,
                 "log_path": format!("{name}.log"),
                 "mounts": mounts,
-                "linux": {},
+                // containerd takes the PID namespace mode from each container's config.
+                "linux": {"security_context": {"namespace_options": {"pid": 1}}},
             }),
         )
     }

@@ -246,9 +246,32 @@ pub struct DumpTarget<'a> {
     pub freezer: Option<PathBuf>,
 }
 
-/// Dumps the container into `images` (created 0700 if missing). On error, files this call
-/// wrote are removed and the container keeps running.
+/// Dumps the container into `images` (created 0700 if missing) and seals it (`podsnap.sha256`).
+/// On error, files this call wrote are removed and the container keeps running.
 pub fn dump(
+    target: &DumpTarget<'_>,
+    images: &Path,
+    opts: &CheckpointOptions,
+) -> anyhow::Result<()> {
+    let created = !images.exists();
+    dump_unsealed(target, images, opts)?;
+    seal(images).inspect_err(|_| {
+        if created {
+            let _ = fs::remove_dir_all(images);
+        } else {
+            remove_written(images);
+        }
+    })
+}
+
+/// Writes `podsnap.sha256` for a dumped checkpoint. Needs no frozen container: a pod checkpoint
+/// seals its containers' images after thawing them.
+pub fn seal(images: &Path) -> anyhow::Result<()> {
+    write_checksums(images).with_context(|| format!("seal checkpoint {}", images.display()))
+}
+
+/// [`dump`] without [`seal`]: what must happen while the container is frozen.
+pub fn dump_unsealed(
     target: &DumpTarget<'_>,
     images: &Path,
     opts: &CheckpointOptions,
@@ -377,7 +400,7 @@ fn dump_into(
         fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 0600 {}", entry.path().display()))?;
     }
-    write_checksums(images)
+    Ok(())
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -205,6 +205,37 @@ fn capture_pod(
         }
     }
     let window = start.elapsed().as_millis() as u64;
+    // Hashing the images needs no frozen pod: seal them after the thaw, in parallel.
+    let response = match response {
+        PodResponse::Checkpointed { containers, .. } => {
+            let sealed: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = containers
+                    .iter()
+                    .map(|c| scope.spawn(move || checkpoint::seal(&c.dir.join("checkpoint"))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("seal thread panicked")))
+                    })
+                    .collect()
+            });
+            let errors: Vec<String> = sealed
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+                .collect();
+            if errors.is_empty() {
+                PodResponse::Checkpointed {
+                    containers,
+                    freeze_window_ms: window,
+                }
+            } else {
+                failed("Internal", errors.join("; "))
+            }
+        }
+        failure => failure,
+    };
     match response {
         PodResponse::Checkpointed { containers, .. } => PodResponse::Checkpointed {
             containers,
@@ -248,7 +279,7 @@ fn capture_container(
             .v1_dir("freezer")
             .or_else(|| capture.cgroup.v2_dir()),
     };
-    checkpoint::dump(&target, &dir.join("checkpoint"), &opts)?;
+    checkpoint::dump_unsealed(&target, &dir.join("checkpoint"), &opts)?;
     if let Some(upper) = &capture.upperdir {
         crate::rootfs_diff::capture(upper, &dir)
             .with_context(|| format!("container {}: capture writable layer", capture.id))?;

@@ -203,11 +203,24 @@ pub fn contained(relative: &str) -> Result<PathBuf> {
 
 /// Hashes every file under `root` into `manifest.files` and writes the manifest (0600).
 pub fn write_manifest(root: &Path, manifest: &mut Manifest) -> Result<()> {
+    write_manifest_reusing(root, manifest, &BTreeMap::new())
+}
+
+/// [`write_manifest`], taking the hash of a file from `known` (relative path → sha256) when the
+/// caller computed it already (the shim's `podsnap.sha256` of each container's images, moments
+/// before): a checkpoint's gigabytes are hashed once, not twice.
+pub fn write_manifest_reusing(
+    root: &Path,
+    manifest: &mut Manifest,
+    known: &BTreeMap<String, String>,
+) -> Result<()> {
     manifest.files.clear();
     for (relative, path) in files(root)? {
-        manifest
-            .files
-            .insert(relative, sha256_file(&path).map_err(io(&path))?);
+        let hash = match known.get(&relative) {
+            Some(hash) => hash.clone(),
+            None => sha256_file(&path).map_err(io(&path))?,
+        };
+        manifest.files.insert(relative, hash);
     }
     let path = root.join(MANIFEST);
     let data = serde_json::to_vec_pretty(manifest).map_err(|source| Error::Malformed {

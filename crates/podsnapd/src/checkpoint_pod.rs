@@ -364,7 +364,18 @@ pub async fn checkpoint_pod(
                 options: options.to_map(),
                 files: Default::default(),
             };
-            podsnap_checkpoint_format::write_manifest(&output, &mut manifest)
+            // The shim hashed each container's images already (`podsnap.sha256`); reuse those.
+            let mut known = std::collections::BTreeMap::new();
+            for s in &selected {
+                let sums = output.join(&s.name).join("checkpoint/podsnap.sha256");
+                let listed = std::fs::read_to_string(sums).unwrap_or_default();
+                for line in listed.lines() {
+                    if let Some((hash, file)) = line.split_once("  ") {
+                        known.insert(format!("{}/checkpoint/{file}", s.name), hash.to_string());
+                    }
+                }
+            }
+            podsnap_checkpoint_format::write_manifest_reusing(&output, &mut manifest, &known)
                 .map_err(|e| e.to_string())
         }
     })
