@@ -614,3 +614,33 @@ fn podsnap_exec_runs_under_the_container_seccomp_filter() {
         "an exec escaped the container's seccomp filter"
     );
 }
+
+/// A container joining a pod PID namespace that has used many pids must start: libcontainer
+/// once looked its own namespaced pid up in the host's /proc while mounting cgroups
+/// (third_party/libcontainer/PODSNAP.md, fix 5) and failed with "failed to prepare rootfs".
+#[test]
+fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
+    let node = Node::get();
+    // The harness's pods share one PID namespace among their containers (CRI's default).
+    let mut pod = Pod::run(Handler::Podsnap, "busy-pidns");
+    let busy = pod.run_container(&ContainerConfig::shell(
+        "busy",
+        "while true; do /bin/true; done",
+    ));
+    wait_for(
+        "the busy container to use up a few thousand pids",
+        LIVENESS,
+        || {
+            let out = pod.exec(&busy, &["sh", "-c", "/bin/true & echo $!"]);
+            let pid: u32 = out.stdout.trim().parse().unwrap_or(0);
+            if pid > 5000 {
+                Ok(())
+            } else {
+                Err(format!("last pid {pid}"))
+            }
+        },
+    );
+    let second = pod.run_container(&ContainerConfig::shell("second", "exec sleep 600"));
+    assert_eq!(node.container_state(&second), "CONTAINER_RUNNING");
+    pod.remove();
+}

@@ -280,7 +280,11 @@ impl Mount {
         // get process cgroups
         let ppid = std::os::unix::process::parent_id();
         // The non-zero ppid means that the PID Namespace is not separated.
-        let ppid = if ppid == 0 { std::process::id() } else { ppid };
+        // podsnap: with a zero ppid the process is in a PID namespace its parent is not in,
+        // but /proc here is still the host's: look at the host's PID 1, not at our own
+        // namespaced pid (which in a joined, busy PID namespace names another process or none,
+        // so the container failed to start with ENOENT).
+        let ppid = if ppid == 0 { 1 } else { ppid };
         let root_cgroups = Process::new(ppid as i32)?.cgroups()?.0;
         let process_cgroups: HashMap<String, String> =
             ProcessCGroups::from_read(ProcfsHandle::new()?.open(
