@@ -250,19 +250,20 @@ fn podsnap_ctr_container_checkpoint_and_restore_continue_the_count_with_its_file
     let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
 }
 
-#[test]
-fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
-    let node = Node::get();
+/// A ctr container on podsnap running the memtest fixture over `mib` MiB, once it has touched
+/// its memory.
+fn run_memtest(name: &str, mib: u32) -> CtrContainer {
     let binary = podsnap_e2e::fixtures::memtest();
-    let c = CtrContainer::unstarted(Handler::Podsnap, "mem256");
+    let c = CtrContainer::unstarted(Handler::Podsnap, name);
     c.pull_busybox();
     let mount = format!(
         "type=bind,src={},dst=/memtest,options=rbind:ro",
         binary.display()
     );
+    let mib = mib.to_string();
     let out = c.run(
         &["-d", "--mount", &mount, podsnap_e2e::BUSYBOX],
-        &["/memtest", "256"],
+        &["/memtest", &mib],
     );
     assert!(out.success(), "{}", out.report());
     wait_for("memtest to touch its memory", LIVENESS, || {
@@ -277,6 +278,32 @@ fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
             Err(out.report())
         }
     });
+    c
+}
+
+/// Has memtest check every page (SIGUSR1) and returns its verdict.
+fn memtest_check(c: &CtrContainer) -> String {
+    let out = c.task("kill", &["--signal", "SIGUSR1"], &[]);
+    assert!(out.success(), "{}", out.report());
+    let result = wait_for("memtest to check its pages", LIVENESS, || {
+        let out = c.task(
+            "exec",
+            &["--exec-id", "result"],
+            &["cat", "/tmp/memtest.result"],
+        );
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out.report())
+        }
+    });
+    result.trim().to_string()
+}
+
+#[test]
+fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
+    let node = Node::get();
+    let c = run_memtest("mem256", 256);
     let image = format!("podsnap-e2e/mem:{}", c.id);
     node.ctr(
         CTR_NAMESPACE,
@@ -295,21 +322,7 @@ fn podsnap_restored_process_has_every_one_of_its_256_mib_of_pages() {
             &image,
         ],
     );
-    let out = restored.task("kill", &["--signal", "SIGUSR1"], &[]);
-    assert!(out.success(), "{}", out.report());
-    let result = wait_for("memtest to check its pages", LIVENESS, || {
-        let out = restored.task(
-            "exec",
-            &["--exec-id", "result"],
-            &["cat", "/tmp/memtest.result"],
-        );
-        if out.success() {
-            Ok(out.stdout)
-        } else {
-            Err(out.report())
-        }
-    });
-    assert_eq!(result.trim(), "checked 65536 pages, 0 bad words");
+    assert_eq!(memtest_check(&restored), "checked 65536 pages, 0 bad words");
     let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
 }
 
@@ -372,30 +385,7 @@ fn criu_children(parent: i32) -> Vec<i32> {
 #[test]
 fn podsnap_criu_killed_mid_dump_leaves_the_container_running_and_no_partial_images() {
     let node = Node::get();
-    let binary = podsnap_e2e::fixtures::memtest();
-    let c = CtrContainer::unstarted(Handler::Podsnap, "criu-killed");
-    c.pull_busybox();
-    let mount = format!(
-        "type=bind,src={},dst=/memtest,options=rbind:ro",
-        binary.display()
-    );
-    let out = c.run(
-        &["-d", "--mount", &mount, podsnap_e2e::BUSYBOX],
-        &["/memtest", "1024"],
-    );
-    assert!(out.success(), "{}", out.report());
-    wait_for("memtest to touch its memory", LIVENESS, || {
-        let out = c.task(
-            "exec",
-            &["--exec-id", "ready"],
-            &["cat", "/tmp/memtest.ready"],
-        );
-        if out.success() {
-            Ok(())
-        } else {
-            Err(out.report())
-        }
-    });
+    let c = run_memtest("criu-killed", 1024);
     let shim = serving_shim(Handler::Podsnap, &c.id)
         .expect("the container's shim")
         .pid;
@@ -462,21 +452,7 @@ fn podsnap_criu_killed_mid_dump_leaves_the_container_running_and_no_partial_imag
             .all(|n| !n.to_string_lossy().ends_with(".img")),
         "partial images left: {leftovers:?}"
     );
-    let out = c.task("kill", &["--signal", "SIGUSR1"], &[]);
-    assert!(out.success(), "{}", out.report());
-    let result = wait_for("memtest to check its pages", LIVENESS, || {
-        let out = c.task(
-            "exec",
-            &["--exec-id", "result"],
-            &["cat", "/tmp/memtest.result"],
-        );
-        if out.success() {
-            Ok(out.stdout)
-        } else {
-            Err(out.report())
-        }
-    });
-    assert_eq!(result.trim(), "checked 262144 pages, 0 bad words");
+    assert_eq!(memtest_check(&c), "checked 262144 pages, 0 bad words");
 }
 
 #[test]

@@ -153,6 +153,30 @@ impl PodTask {
         });
     }
 
+    /// Pause (`frozen`) or resume a running (paused) container through its freezer cgroup.
+    async fn set_frozen(&self, id: &str, frozen: bool) -> ttrpc::Result<()> {
+        let (from, to, not) = if frozen {
+            (State::Running, State::Paused, "running")
+        } else {
+            (State::Paused, State::Running, "paused")
+        };
+        let mut pod = self.pod.lock().await;
+        let container = container_mut(&mut pod, id)?;
+        if container.init.state != from {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {id} is not {not}"),
+            ));
+        }
+        let cgroup = container.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.freeze(frozen))
+            .await
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e:#}")))?;
+        container.init.state = to;
+        Ok(())
+    }
+
     /// Applies an exit that was reaped before `pid` was recorded, if there was one.
     fn claim_early_exit(&self, pod: &mut Pod, pid: i32) {
         if let Some((code, at, _)) = pod.early_exits.remove(&pid)
@@ -360,21 +384,7 @@ impl Task for PodTask {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
-        let mut pod = self.pod.lock().await;
-        let container = container_mut(&mut pod, &req.id)?;
-        if container.init.state != State::Running {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not running", req.id),
-            ));
-        }
-        let cgroup = container.cgroup.clone();
-        tokio::task::spawn_blocking(move || cgroup.freeze(true))
-            .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
-        container.init.state = State::Paused;
-        drop(pod);
+        self.set_frozen(&req.id, true).await?;
         self.send_event(TaskPaused {
             container_id: req.id.clone(),
             ..Default::default()
@@ -383,21 +393,7 @@ impl Task for PodTask {
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
-        let mut pod = self.pod.lock().await;
-        let container = container_mut(&mut pod, &req.id)?;
-        if container.init.state != State::Paused {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not paused", req.id),
-            ));
-        }
-        let cgroup = container.cgroup.clone();
-        tokio::task::spawn_blocking(move || cgroup.freeze(false))
-            .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
-        container.init.state = State::Running;
-        drop(pod);
+        self.set_frozen(&req.id, false).await?;
         self.send_event(TaskResumed {
             container_id: req.id.clone(),
             ..Default::default()
