@@ -623,28 +623,38 @@ fn dump_of_non_session_leader_needs_shell_job() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // Its own process group (so it can be killed as one), but our session.
-    let mut child = Command::new("sh")
-        .args(["-c", "while :; do sleep 0.05; done"])
-        .process_group(0)
+    // A session of its own whose leader (the outer shell) is another process in our PID
+    // namespace: the test's own session leader may live outside it (CI runs us that way), and
+    // CRIU then fails earlier with "A session leader ... is outside of its pid namespace".
+    let mut leader = Command::new("sh");
+    leader
+        .args(["-c", "sh -c 'while :; do sleep 0.05; done' & echo $!; wait"])
         .current_dir(dir.path())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        leader.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut leader = leader.spawn().unwrap();
+    let sid = leader.id() as i32;
+    let mut line = String::new();
+    BufReader::new(leader.stdout.take().unwrap())
+        .read_line(&mut line)
         .unwrap();
-    let pid = child.id() as i32;
+    let pid: i32 = line.trim().parse().expect("the loop's pid");
     let opts = DumpOptions::new(pid, dir.path()).leave_running(true);
     let err = host.criu.dump(&opts).unwrap_err();
     assert!(err.to_string().contains("is not a session leader"), "{err}");
     host.criu.dump(&opts.shell_job(true)).unwrap();
-    assert_eq!(
-        child.try_wait().unwrap(),
-        None,
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
         "leave_running keeps it alive"
     );
-    kill(Pid::from_raw(-pid), Signal::SIGKILL).unwrap();
-    child.wait().unwrap();
+    kill(Pid::from_raw(-sid), Signal::SIGKILL).unwrap();
+    leader.wait().unwrap();
+    reap_until_gone(SESSION, sid);
     reap_until_gone(PGRP, pid);
 }
 
