@@ -7,6 +7,12 @@
 # stalling it; each phase logs how long it took.
 set -euo pipefail
 exec </dev/null
+# A CI runner may start us in no session of our own (PID 1's session 0 here): give the run its
+# own, as a login shell would, so nothing under test inherits a session leader CRIU cannot see.
+if [ "$(ps -o sid= -p $$ | tr -d ' ')" != "$$" ] && [ -z "${PODSNAP_TEST_SESSION:-}" ]; then
+	export PODSNAP_TEST_SESSION=1
+	exec setsid --wait bash "$0" "$@"
+fi
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
 require_root
