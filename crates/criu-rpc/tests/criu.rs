@@ -635,7 +635,11 @@ fn dump_of_non_session_leader_needs_shell_job() {
         .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe.
     unsafe {
-        leader.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        leader.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     let mut leader = leader.spawn().unwrap();
     let sid = leader.id() as i32;
