@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The podsnap demo: a counting pod on the podsnap runtime is checkpointed as a whole through
-# podsnapd's CRI CheckpointPod, removed, and restored through RestorePod into a new pod (new
-# sandbox, new IP): its log counts on from where it was. Installs and builds what it needs,
-# brings the node up, and takes it down again unless --keep is given.
+# The podsnap demo, as in the seed talk, on a real single-node Kubernetes cluster: a counting pod
+# (runtimeClassName: podsnap) is checkpointed through the kubelet's pod checkpoint API (reached
+# through the API server's node proxy), deleted, and created again with the annotation
+# checkpoint.k8s.io/restore-from: the kubelet restores it through CRI RestorePod and its log
+# counts on from the checkpoint instead of from 0. Installs and builds what it needs (cached),
+# brings the cluster up, and takes it down again unless --keep is given.
 set -euo pipefail
 exec </dev/null
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source=hack/node-lib.sh
+. "$(dirname "$0")/node-lib.sh"
+# shellcheck source=hack/cluster-lib.sh
+. "$(dirname "$0")/cluster-lib.sh"
 require_root
 cd "$PODSNAP_ROOT"
 
@@ -15,82 +21,57 @@ keep=0
 
 step install hack/install.sh
 step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
+KUBE_BIN=$(step kube-build hack/kube-build.sh)
 step images hack/images.sh
-step node-up hack/node-up.sh
+step cluster-up hack/cluster-up.sh
 
-PODSNAPD_SOCK=$PODSNAP_NODE_RUN/podsnapd.sock
-[ -S "$PODSNAPD_SOCK" ] || die "podsnapd is not listening on $PODSNAPD_SOCK"
-export CONTAINER_RUNTIME_ENDPOINT=unix://$PODSNAPD_SOCK
-crictl() { "$PODSNAP_BIN/crictl" --config "$PODSNAP_NODE_RUN/etc/crictl.yaml" --runtime-endpoint "unix://$PODSNAPD_SOCK" --image-endpoint "unix://$PODSNAPD_SOCK" --timeout 60s "$@"; }
-podsnap() { "$PODSNAP_ROOT/target/debug/podsnap" --runtime-endpoint "unix://$PODSNAPD_SOCK" "$@"; }
-
-work=$(mktemp -d /tmp/podsnap-demo.XXXXXX)
-pods=()
+kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
+show() {
+	printf '\n$ kubectl %s\n' "$*" >&2
+	kubectl "$@"
+}
 cleanup() {
-	local p
-	for p in "${pods[@]}"; do
-		if [ "$keep" = 1 ]; then
-			log "kept pod $p"
-		else
-			crictl stopp "$p" >/dev/null 2>&1 || true
-			crictl rmp -f "$p" >/dev/null 2>&1 || true
-		fi
-	done
-	rm -rf "$work"
-	if [ "$keep" = 0 ]; then
-		hack/node-down.sh || true
+	if [ "$keep" = 1 ]; then
+		log "kept the cluster: export KUBECONFIG=$ADMIN_KUBECONFIG; kubectl is $KUBE_BIN/kubectl"
+		return
 	fi
+	kubectl delete pod counter-app --ignore-not-found --wait=true --timeout 60s >/dev/null 2>&1 || true
+	hack/cluster-down.sh --node || true
 }
 trap cleanup EXIT
 
-cat >"$work/pod.json" <<JSON
-{"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-$$"},
- "log_directory": "$work/logs", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
-JSON
-# The restored pod is a new pod (as the kubelet makes it): its own UID and log directory.
-cat >"$work/restored-pod.json" <<JSON
-{"metadata": {"name": "demo-counter", "namespace": "default", "uid": "demo-counter-restored-$$"},
- "log_directory": "$work/logs-restored", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
-JSON
-cat >"$work/counter.json" <<'JSON'
-{"metadata": {"name": "counter"},
- "image": {"image": "127.0.0.1:5000/podsnap/busybox:latest"},
- "command": ["sh", "-c", "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 1; done"],
- "log_path": "counter.log", "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
-JSON
+# last_count POD: the highest "count: N" in the pod's log.
+last_count() { kubectl logs "$1" | sed -n 's/^count: \([0-9]*\)$/\1/p' | tail -1; }
 
-log "running a counting pod on runtime handler podsnap"
-crictl pull 127.0.0.1:5000/podsnap/busybox:latest >/dev/null
-pod=$(crictl runp --runtime podsnap "$work/pod.json")
-pods+=("$pod")
-ctr=$(crictl create "$pod" "$work/counter.json" "$work/pod.json")
-crictl start "$ctr" >/dev/null
-sleep 5
-crictl logs "$ctr" | tail -n 3
-ip=$(crictl inspectp "$pod" | jq -r .status.network.ip)
-log "pod $pod has IP $ip"
+show apply -f examples/counter-pod.yaml
+kubectl wait --for=condition=Ready pod/counter-app --timeout 180s >/dev/null
+sleep 6
+show get pods -o wide
+show logs counter-app
 
-checkpoint=$PODSNAP_NODE_LIB/checkpoints/demo-$(date +%Y%m%d-%H%M%S)
-mkdir -p "$(dirname "$checkpoint")"
-mkdir -m 0700 "$checkpoint"
-log "checkpointing the pod into $checkpoint"
-podsnap pod checkpoint "$pod" "$checkpoint"
-last=$(crictl logs "$ctr" | tail -n 1)
-log "the original pod printed \"$last\" by the time of the checkpoint; removing it"
-crictl stopp "$pod" >/dev/null
-crictl rmp "$pod" >/dev/null
-pods=()
+node=$(kubectl get pod counter-app -o jsonpath='{.spec.nodeName}')
+before=$(last_count counter-app)
+printf '\n$ kubectl create --raw /api/v1/nodes/%s/proxy/checkpointpod/default/counter-app -f /dev/null\n' "$node" >&2
+answer=$(kubectl create --raw "/api/v1/nodes/$node/proxy/checkpointpod/default/counter-app?timeout=120" -f /dev/null)
+echo "$answer" | jq . >&2
+after=$(last_count counter-app)
+checkpoint=$(echo "$answer" | jq -r '.items[0]')
+if [ -z "$checkpoint" ] || [ "$checkpoint" = null ]; then
+	die "the kubelet returned no checkpoint location: $answer"
+fi
+log "checkpointed while the counter was between $before and $after"
 
-log "restoring the pod from $checkpoint"
-restored=$(podsnap pod restore "$checkpoint" --pod-config "$work/restored-pod.json" --container-config "$work/counter.json" --start)
-echo "$restored"
-new_pod=$(echo "$restored" | head -n 1)
-new_ctr=$(echo "$restored" | awk -F '\t' '$2 == "counter" {print $1}')
-if [ -z "$new_pod" ] || [ -z "$new_ctr" ]; then die "podsnap pod restore printed no pod/container ids"; fi
-pods+=("$new_pod")
-sleep 3
-log "the restored pod $new_pod has IP $(crictl inspectp "$new_pod" | jq -r .status.network.ip); its log:"
-crictl logs "$new_ctr" | head -n 3
-first=$(crictl logs "$new_ctr" | head -n 1 | awk '{print $2}')
-[ "${first:-0}" -gt 1 ] || die "the restored counter started again from ${first:-nothing}"
-log "the restored counter went on from count $first: checkpoint and restore worked"
+show delete pod counter-app --wait=true
+sed "s|CHECKPOINT|$(basename "$checkpoint")|" examples/counter-pod-restore.yaml >"$CLUSTER_RUN/counter-pod-restore.yaml"
+show apply -f "$CLUSTER_RUN/counter-pod-restore.yaml"
+kubectl wait --for=condition=Ready pod/counter-app --timeout 180s >/dev/null
+sleep 4
+show get pods -o wide
+show logs counter-app
+show get events --field-selector involvedObject.name=counter-app,reason=Restored
+first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | head -1)
+[ -n "$first" ] || die "the restored pod logged no count"
+if [ "$first" -le 0 ] || [ "$first" -lt $((before + 1)) ] || [ "$first" -gt $((after + 1)) ]; then
+	die "the restored pod started at count $first, not from the checkpoint (counter was at $before..$after)"
+fi
+log "the restored counter went on from count $((first - 1)): its first line is count: $first"

@@ -20,6 +20,9 @@ export RUNC_VERSION=v1.3.7
 export CRI_TOOLS_VERSION=v1.37.0
 export CNI_PLUGINS_VERSION=v1.10.0
 export CHECKPOINTCTL_VERSION=v1.4.0
+# Kubernetes: k8s.io/kubernetes with kubelet-patches/ applied; staging modules k8s.io/* at the
+# matching v0.x (from the Go module proxy); etcd at the version Kubernetes pins.
+export KUBERNETES_VERSION=v1.37.2
 
 export PATH=$PODSNAP_BIN:/usr/local/go/bin:$HOME/.cargo/bin:/usr/sbin:/sbin:$PATH
 

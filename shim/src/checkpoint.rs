@@ -616,7 +616,12 @@ pub fn restore(
         .tcp_established(metadata.tcp_established)
         .ext_unix_sk(metadata.ext_unix_sk)
         .file_locks(metadata.file_locks)
-        .shell_job(metadata.shell_job);
+        .shell_job(metadata.shell_job)
+        // CRIU's mount-v2 engine cannot restore the sharing of a container's external bind
+        // mounts when their sources lie on a shared mount, as the kubelet's root directory is
+        // (/dev/termination-log, /etc/hosts: "Failed to copy sharing ... Invalid argument",
+        // CRIU issue 2023); the compat engine mounts them as given.
+        .mntns_compat_mode(true);
     for (destination, source) in &sources {
         opts = opts.ext_mount(destination.as_str(), source.as_str());
     }
