@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod command;
 pub mod fixtures;
 pub mod leaks;

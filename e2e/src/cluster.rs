@@ -1,0 +1,377 @@
+//! The single-node Kubernetes cluster that `hack/cluster-up.sh` starts, seen from a test: the
+//! patched kubelet, the apiserver, and `kubectl` with the administrator's kubeconfig.
+//!
+//! Like [`crate::node`], nothing here starts or builds anything: a missing cluster fails the
+//! test with what to run. Paths follow `hack/cluster-lib.sh` (`PODSNAP_CLUSTER_RUN`,
+//! `PODSNAP_CLUSTER_LIB`). Pods a test creates are deleted when their [`KubePod`] guard drops.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::command::{CommandLine, Finished};
+use crate::poll::wait_for;
+
+/// The node's name (cluster-up's default).
+pub const NODE_NAME: &str = "podsnap-node";
+
+/// The annotation that makes the patched kubelet restore a pod from a checkpoint.
+pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
+
+/// How long a pod may take to become ready (image pull from the local registry included).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub kubectl: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// The kubelet's root directory; pod checkpoints are in `pod-checkpoints/` under it.
+    pub kubelet_root: PathBuf,
+    /// The cluster's CA, whose key signs test users' client certificates.
+    pub pki: PathBuf,
+    pub kubelet_log: PathBuf,
+}
+
+/// The outcome of `POST /checkpointpod/...` through the API server's node proxy.
+#[derive(Debug)]
+pub struct CheckpointAnswer {
+    pub finished: Finished,
+    /// The checkpoint directory, when the kubelet made one.
+    pub location: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// The cluster, checked once per test binary: kubectl and the admin kubeconfig exist, the
+    /// apiserver is ready and the node is Ready. Panics with what to do otherwise (these tests
+    /// never skip).
+    pub fn get() -> &'static Cluster {
+        static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+        match CLUSTER.get_or_init(Cluster::check) {
+            Ok(cluster) => cluster,
+            Err(why) => panic!(
+                "the podsnap test cluster is not usable: {why}\n\
+                 (start it with hack/cluster-up.sh; these tests do not skip, CI={})",
+                std::env::var("CI").unwrap_or_default()
+            ),
+        }
+    }
+
+    fn check() -> Result<Cluster, String> {
+        let run = env_path("PODSNAP_CLUSTER_RUN", "/run/podsnap-cluster");
+        let lib = env_path("PODSNAP_CLUSTER_LIB", "/var/lib/podsnap-cluster");
+        let bin = std::fs::read_to_string(run.join("kube-bin"))
+            .map_err(|e| format!("{}: {e}", run.join("kube-bin").display()))?;
+        let cluster = Cluster {
+            kubectl: Path::new(bin.trim()).join("kubectl"),
+            kubeconfig: lib.join("admin.kubeconfig"),
+            kubelet_root: lib.join("kubelet"),
+            pki: lib.join("pki"),
+            kubelet_log: run.join("kubelet.log"),
+        };
+        for file in [&cluster.kubectl, &cluster.kubeconfig] {
+            if !file.exists() {
+                return Err(format!("{} is missing", file.display()));
+            }
+        }
+        let ready = cluster
+            .kubectl_try(["get", "--raw", "/readyz"])
+            .map_err(|e| format!("the apiserver is not ready: {e}"))?;
+        if !ready.success() {
+            return Err(format!("the apiserver is not ready:\n{}", ready.report()));
+        }
+        let node = cluster
+            .kubectl_try([
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .map_err(|e| e.to_string())?;
+        if node.stdout.trim() != "True" {
+            return Err(format!("node {NODE_NAME} is not Ready:\n{}", node.report()));
+        }
+        Ok(cluster)
+    }
+
+    /// `kubectl` with the admin kubeconfig, a 2-minute deadline.
+    pub fn kubectl_command<I, S>(&self, args: I) -> CommandLine
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        CommandLine::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .timeout(Duration::from_secs(120))
+    }
+
+    pub fn kubectl_try<I, S>(&self, args: I) -> Result<Finished, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        self.kubectl_command(args).run().map_err(|e| e.to_string())
+    }
+
+    /// Runs kubectl, panicking with its output when it fails; returns its stdout.
+    pub fn kubectl<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        let finished = self.kubectl_try(args).unwrap_or_else(|e| panic!("{e}"));
+        assert!(finished.success(), "{}", finished.report());
+        finished.stdout
+    }
+
+    /// `kubectl apply -f -` of a manifest.
+    pub fn apply(&self, manifest: &Value) {
+        let finished = self
+            .kubectl_command(["apply", "-f", "-"])
+            .input(manifest.to_string())
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(finished.success(), "{}", finished.report());
+    }
+
+    /// Creates a pod from a manifest and returns its guard (the pod is deleted on drop).
+    pub fn create_pod(&self, manifest: Value) -> KubePod<'_> {
+        let name = manifest["metadata"]["name"]
+            .as_str()
+            .expect("a pod manifest names its pod")
+            .to_owned();
+        let namespace = manifest["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        self.apply(&manifest);
+        KubePod {
+            cluster: self,
+            name,
+            namespace,
+        }
+    }
+
+    /// Checkpoints a pod through the API server's node proxy to the kubelet's
+    /// `POST /checkpointpod/{namespace}/{pod}`, as `user` (impersonated) when given.
+    pub fn checkpoint_pod(
+        &self,
+        namespace: &str,
+        pod: &str,
+        query: &str,
+        user: Option<&str>,
+    ) -> CheckpointAnswer {
+        let path =
+            format!("/api/v1/nodes/{NODE_NAME}/proxy/checkpointpod/{namespace}/{pod}{query}");
+        let mut args = vec![
+            "create".to_owned(),
+            "--raw".to_owned(),
+            path,
+            "-f".to_owned(),
+            "/dev/null".to_owned(),
+        ];
+        if let Some(user) = user {
+            args.push(format!("--as={user}"));
+        }
+        let finished = self.kubectl_try(args).unwrap_or_else(|e| panic!("{e}"));
+        let location = finished
+            .success()
+            .then(|| serde_json::from_str::<Value>(&finished.stdout).ok())
+            .flatten()
+            .and_then(|v| v["items"][0].as_str().map(PathBuf::from));
+        CheckpointAnswer { finished, location }
+    }
+
+    /// The events about a pod, one `reason: message` per line.
+    pub fn events(&self, namespace: &str, pod: &str) -> Vec<String> {
+        let out = self.kubectl([
+            "-n",
+            namespace,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={pod}"),
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).expect("kubectl get events -o json");
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}: {} (x{})",
+                    e["reason"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or(""),
+                    e["count"].as_u64().unwrap_or(1)
+                )
+            })
+            .collect()
+    }
+
+    /// The tail of the kubelet's log, for messages.
+    pub fn kubelet_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.kubelet_log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A pod created by a test, deleted (and waited for) when dropped.
+#[derive(Debug)]
+pub struct KubePod<'c> {
+    cluster: &'c Cluster,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl KubePod<'_> {
+    pub fn get(&self) -> Value {
+        let out = self.cluster.kubectl([
+            "-n",
+            &self.namespace,
+            "get",
+            "pod",
+            &self.name,
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str(&out).expect("kubectl get pod -o json")
+    }
+
+    /// Waits until the pod is Ready.
+    pub fn wait_ready(&self) {
+        wait_for(
+            format!("pod {}/{} to be Ready", self.namespace, self.name),
+            READY_TIMEOUT,
+            || {
+                let pod = self.get();
+                let ready = pod["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                if ready {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "status {}; events {:?}",
+                        pod["status"],
+                        self.cluster.events(&self.namespace, &self.name)
+                    ))
+                }
+            },
+        )
+    }
+
+    /// The current log of one of its containers (`kubectl logs`).
+    pub fn logs(&self, container: &str) -> String {
+        self.cluster
+            .kubectl(["-n", &self.namespace, "logs", &self.name, "-c", container])
+    }
+
+    /// `kubectl exec` in one of its containers; returns stdout.
+    pub fn exec(&self, container: &str, argv: &[&str]) -> String {
+        let mut args = vec![
+            "-n",
+            &self.namespace,
+            "exec",
+            &self.name,
+            "-c",
+            container,
+            "--",
+        ];
+        args.extend_from_slice(argv);
+        self.cluster.kubectl(args)
+    }
+
+    /// `kubectl exec`, returning stdout even when it fails (empty then).
+    pub fn exec_try(&self, container: &str, argv: &[&str]) -> String {
+        let mut args = vec![
+            "-n",
+            &self.namespace,
+            "exec",
+            &self.name,
+            "-c",
+            container,
+            "--",
+        ];
+        args.extend_from_slice(argv);
+        self.cluster
+            .kubectl_try(args)
+            .map(|f| if f.success() { f.stdout } else { String::new() })
+            .unwrap_or_default()
+    }
+
+    pub fn uid(&self) -> String {
+        self.get()["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The events about this pod.
+    pub fn events(&self) -> Vec<String> {
+        self.cluster.events(&self.namespace, &self.name)
+    }
+
+    /// Deletes the pod and waits until it is gone.
+    pub fn delete(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for KubePod<'_> {
+    fn drop(&mut self) {
+        let result = self.cluster.kubectl_try([
+            "-n",
+            &self.namespace,
+            "delete",
+            "pod",
+            &self.name,
+            "--ignore-not-found",
+            "--grace-period=2",
+            "--wait=true",
+            "--timeout=90s",
+        ]);
+        match result {
+            Ok(f) if f.success() => {}
+            Ok(f) if !std::thread::panicking() => {
+                panic!("deleting the pod failed:\n{}", f.report())
+            }
+            Err(e) if !std::thread::panicking() => panic!("deleting the pod failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// The numbers of the `count: N` lines of a log, in order.
+pub fn counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("count: "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn env_path(name: &str, default: &str) -> PathBuf {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_reads_the_counter_lines() {
+        assert_eq!(counts("count: 3\nnoise\ncount: 4\ncount: x\n"), vec![3, 4]);
+        assert!(counts("").is_empty());
+    }
+}

@@ -1,0 +1,556 @@
+//! End-to-end tests on the single-node Kubernetes cluster (hack/cluster-up.sh): the patched
+//! kubelet checkpoints a pod through `POST /checkpointpod/{namespace}/{pod}` (reached through the
+//! API server's node proxy, as a user would) and restores a pod annotated
+//! `checkpoint.k8s.io/restore-from` through CRI RestorePod on podsnapd.
+//!
+//! Run them one at a time (`--test-threads=1`): they share the node.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use podsnap_e2e::cluster::{Cluster, KubePod, RESTORE_FROM, counts};
+use podsnap_e2e::{CommandLine, wait_for};
+use serde_json::{Value, json};
+
+const BUSYBOX: &str = "docker.io/library/busybox:1.37.0";
+const COUNTER: &str = "i=0; while true; do echo \"count: $i\"; i=$((i+1)); sleep 1; done";
+
+/// The seed talk's counting pod; `restore_from` makes it a restore.
+fn counter_pod(name: &str, restore_from: Option<&str>) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "counter"}},
+        "spec": {
+            "runtimeClassName": "podsnap",
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "counter", "image": BUSYBOX, "command": ["sh", "-c", COUNTER]}]
+        }
+    });
+    if let Some(checkpoint) = restore_from {
+        pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
+    }
+    pod
+}
+
+/// Waits until the pod's counter has logged at least `n` lines; returns the highest count.
+fn wait_counting(pod: &KubePod<'_>, container: &str, n: usize) -> u64 {
+    wait_for(
+        format!("{} to count {n} times", pod.name),
+        Duration::from_secs(60),
+        || {
+            let seen = counts(&pod.logs(container));
+            if seen.len() >= n {
+                Ok(*seen.last().unwrap())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    )
+}
+
+fn last_count(pod: &KubePod<'_>, container: &str) -> u64 {
+    counts(&pod.logs(container)).last().copied().unwrap_or(0)
+}
+
+/// Checkpoints a running pod and returns its checkpoint directory, with the counter's range
+/// around the checkpoint.
+fn checkpoint(
+    cluster: &Cluster,
+    pod: &KubePod<'_>,
+    container: &str,
+) -> (std::path::PathBuf, u64, u64) {
+    let before = last_count(pod, container);
+    let answer = cluster.checkpoint_pod(&pod.namespace, &pod.name, "?timeout=120", None);
+    assert!(answer.finished.success(), "{}", answer.finished.report());
+    let location = answer.location.expect("the answer names the checkpoint");
+    let after = last_count(pod, container);
+    (location, before, after)
+}
+
+/// Waits for an event whose text contains `needle` and returns all events.
+fn wait_event(pod: &KubePod<'_>, needle: &str) -> Vec<String> {
+    wait_for(
+        format!("an event on {} saying {needle:?}", pod.name),
+        Duration::from_secs(90),
+        || {
+            let events = pod.events();
+            if events.iter().any(|e| e.contains(needle)) {
+                Ok(events)
+            } else {
+                Err(format!("{events:#?}"))
+            }
+        },
+    )
+}
+
+/// The pod never ran a container: no container status says it is or was running.
+fn assert_never_started(pod: &KubePod<'_>) {
+    let status = pod.get()["status"].clone();
+    for c in status["containerStatuses"].as_array().into_iter().flatten() {
+        assert!(
+            c["state"]["running"].is_null()
+                && c["state"]["terminated"].is_null()
+                && c["lastState"]["running"].is_null()
+                && c["lastState"]["terminated"].is_null(),
+            "a container of {} ran although its restore failed: {c}",
+            pod.name
+        );
+    }
+    assert_ne!(status["phase"], "Running", "{status}");
+}
+
+#[test]
+fn seed_demo_counter_counts_on_after_restore() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-counter", None));
+    pod.wait_ready();
+    wait_counting(&pod, "counter", 4);
+    let (location, before, after) = checkpoint(cluster, &pod, "counter");
+
+    // The checkpoint is root's alone: a directory 0700, the kubelet's record 0600.
+    let mode = fs::metadata(&location).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", location.display());
+    let record = format!("{}.kubelet.json", location.display());
+    let mode = fs::metadata(&record).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{record}");
+    assert_eq!(
+        location.parent().unwrap(),
+        cluster.kubelet_root.join("pod-checkpoints")
+    );
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("checkpoint-e2e-counter_default-"),
+        "{name}"
+    );
+
+    // Leave-running: the source keeps counting after its checkpoint.
+    wait_for("the source to count on", Duration::from_secs(30), || {
+        let now = last_count(&pod, "counter");
+        if now > after {
+            Ok(())
+        } else {
+            Err(format!("still at {now}"))
+        }
+    });
+    let old_uid = pod.uid();
+    drop(pod);
+
+    let restored = cluster.create_pod(counter_pod("e2e-counter", Some(&name)));
+    restored.wait_ready();
+    assert_ne!(restored.uid(), old_uid);
+    wait_counting(&restored, "counter", 2);
+    let seen = counts(&restored.logs("counter"));
+    let first = seen[0];
+    assert!(
+        first > before && first <= after + 1,
+        "the restored pod's first count is {first}, but the counter was at {before}..{after} when checkpointed (log {seen:?})"
+    );
+    for pair in seen.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "the restored counter skipped: {seen:?}"
+        );
+    }
+    let events = restored.events();
+    assert!(
+        events.iter().any(|e| e.starts_with("Restored:")),
+        "no Restored event: {events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("FailedRestore:")),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn two_container_pod_restores_both_with_their_shared_files() {
+    let cluster = Cluster::get();
+    let script = "i=0; while true; do echo \"count: $i\"; echo $i > /data/n.tmp && mv /data/n.tmp /data/n; i=$((i+1)); sleep 1; done";
+    let manifest = |restore_from: Option<&str>| {
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "e2e-pair", "namespace": "default"},
+            "spec": {
+                "runtimeClassName": "podsnap",
+                "terminationGracePeriodSeconds": 2,
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [
+                    {"name": "count", "image": BUSYBOX, "command": ["sh", "-c", script],
+                     "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                    {"name": "serve", "image": BUSYBOX, "command": ["sh", "-c", "mkdir -p /srv && exec httpd -f -p 8080 -h /srv"],
+                     "volumeMounts": [{"name": "data", "mountPath": "/srv/shared"}]}
+                ]
+            }
+        });
+        if let Some(checkpoint) = restore_from {
+            pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
+        }
+        pod
+    };
+    let pod = cluster.create_pod(manifest(None));
+    pod.wait_ready();
+    wait_counting(&pod, "count", 3);
+    // A file in the server's own writable layer, written before the checkpoint.
+    pod.exec("serve", &["sh", "-c", "echo written-before > /srv/marker"]);
+    let (location, before, after) = checkpoint(cluster, &pod, "count");
+    let answer_containers =
+        fs::read_to_string(format!("{}.kubelet.json", location.display())).unwrap();
+    assert!(
+        answer_containers.contains("\"count\"") && answer_containers.contains("\"serve\""),
+        "{answer_containers}"
+    );
+    drop(pod);
+
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    let restored = cluster.create_pod(manifest(Some(&name)));
+    restored.wait_ready();
+    wait_counting(&restored, "count", 2);
+    let first = counts(&restored.logs("count"))[0];
+    assert!(
+        first > before && first <= after + 1,
+        "first count {first}, checkpointed at {before}..{after}"
+    );
+    // The server, restored too, serves the file written into its layer before the checkpoint,
+    // over the restored pod's own network namespace; and the counter's file from the volume the
+    // restored containers share (emptyDir content itself is not carried: see the README).
+    let marker = restored.exec("count", &["wget", "-qO-", "http://127.0.0.1:8080/marker"]);
+    assert_eq!(marker.trim(), "written-before");
+    let n: u64 = wait_for(
+        "the counter's file in the shared volume",
+        Duration::from_secs(30),
+        || {
+            let f = restored.exec_try("count", &["wget", "-qO-", "http://127.0.0.1:8080/shared/n"]);
+            f.trim().parse::<u64>().map_err(|e| format!("{f:?}: {e}"))
+        },
+    );
+    assert!(
+        n >= first,
+        "the shared file says {n}, the restored counter started at {first}"
+    );
+}
+
+#[test]
+fn tampered_checkpoint_fails_the_restore_with_an_event_and_never_starts_fresh() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-tamper", None));
+    pod.wait_ready();
+    wait_counting(&pod, "counter", 2);
+    let (location, _, _) = checkpoint(cluster, &pod, "counter");
+    drop(pod);
+
+    // Flip a byte of the largest file in the checkpoint (a memory image).
+    let victim = largest_file(&location);
+    let mut bytes = fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&victim, bytes).unwrap();
+    let victim_name = victim.file_name().unwrap().to_str().unwrap().to_owned();
+
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    let restored = cluster.create_pod(counter_pod("e2e-tamper", Some(&name)));
+    let events = wait_event(&restored, "was modified");
+    let failed = events
+        .iter()
+        .find(|e| e.starts_with("FailedRestore:") && e.contains("was modified"))
+        .unwrap_or_else(|| panic!("no FailedRestore event naming the change: {events:#?}"));
+    assert!(
+        failed.contains(&victim_name),
+        "the event does not name {victim_name}: {failed}"
+    );
+    assert_never_started(&restored);
+    // The kubelet retries with backoff, and still never starts the pod fresh.
+    wait_for("a retried restore", Duration::from_secs(90), || {
+        let retried = restored.events().iter().any(|e| {
+            e.starts_with("FailedRestore:") && e.contains("was modified") && !e.ends_with("(x1)")
+        });
+        if retried {
+            Ok(())
+        } else {
+            Err(format!("{:#?}", restored.events()))
+        }
+    });
+    assert_never_started(&restored);
+}
+
+fn largest_file(dir: &Path) -> std::path::PathBuf {
+    let mut best: Option<(u64, std::path::PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
+                best = Some((meta.len(), entry.path()));
+            }
+        }
+    }
+    best.expect("the checkpoint has files").1
+}
+
+#[test]
+fn restore_from_a_bad_reference_fails_clearly_and_never_starts_fresh() {
+    let cluster = Cluster::get();
+    // A checkpoint of the counter, to misuse.
+    let source = cluster.create_pod(counter_pod("e2e-source", None));
+    source.wait_ready();
+    let (location, _, _) = checkpoint(cluster, &source, "counter");
+    drop(source);
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+
+    // No such checkpoint.
+    let missing = cluster.create_pod(counter_pod(
+        "e2e-missing",
+        Some("checkpoint-nothere_default-2026-01-01T00:00:00Z"),
+    ));
+    let events = wait_event(&missing, "pod checkpoint not found");
+    assert!(
+        events.iter().any(|e| e.starts_with("FailedRestore:")),
+        "{events:#?}"
+    );
+    assert_never_started(&missing);
+    drop(missing);
+
+    // A path outside the kubelet's checkpoints.
+    let outside = cluster.create_pod(counter_pod("e2e-outside", Some("/etc")));
+    wait_event(&outside, "is not a checkpoint in");
+    assert_never_started(&outside);
+    drop(outside);
+
+    // Another pod spec: a different command.
+    let mut other = counter_pod("e2e-otherspec", Some(&name));
+    other["spec"]["containers"][0]["command"] = json!(["sh", "-c", "sleep 1000"]);
+    let other = cluster.create_pod(other);
+    wait_event(&other, "checkpoint has command");
+    assert_never_started(&other);
+    drop(other);
+
+    // Another namespace: a checkpoint holds its pod's memory; it stays in its namespace.
+    cluster.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "podsnap-e2e-other"}}));
+    wait_for(
+        "the default service account of podsnap-e2e-other",
+        Duration::from_secs(60),
+        || {
+            cluster
+                .kubectl_try([
+                    "-n",
+                    "podsnap-e2e-other",
+                    "get",
+                    "serviceaccount",
+                    "default",
+                ])
+                .and_then(|f| if f.success() { Ok(()) } else { Err(f.report()) })
+        },
+    );
+    let mut foreign = counter_pod("e2e-foreign", Some(&name));
+    foreign["metadata"]["namespace"] = json!("podsnap-e2e-other");
+    let foreign = cluster.create_pod(foreign);
+    wait_event(&foreign, "restoring across namespaces is not allowed");
+    assert_never_started(&foreign);
+}
+
+#[test]
+fn checkpoint_requests_that_cannot_succeed_get_a_4xx_and_change_nothing() {
+    let cluster = Cluster::get();
+    let checkpoints = cluster.kubelet_root.join("pod-checkpoints");
+    let listing = || -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&checkpoints)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+
+    let expect = |namespace: &str,
+                  pod: &str,
+                  query: &str,
+                  user: Option<&str>,
+                  status: &str,
+                  message: &str| {
+        let before = listing();
+        let answer = cluster.checkpoint_pod(namespace, pod, query, user);
+        assert!(
+            !answer.finished.success(),
+            "checkpoint of {namespace}/{pod} succeeded: {}",
+            answer.finished.report()
+        );
+        let text = format!("{}{}", answer.finished.stdout, answer.finished.stderr);
+        assert!(
+            text.contains(status) && text.contains(message),
+            "checkpoint of {namespace}/{pod}{query}: want {status} saying {message:?}, got:\n{text}"
+        );
+        assert_eq!(
+            listing(),
+            before,
+            "a failed checkpoint left something in {}",
+            checkpoints.display()
+        );
+    };
+
+    // No such pod.
+    expect(
+        "default",
+        "nothere",
+        "",
+        None,
+        "NotFound",
+        "pod default/nothere does not exist on this node",
+    );
+
+    let pod = cluster.create_pod(counter_pod("e2e-badinput", None));
+    pod.wait_ready();
+    // A timeout that is not a number of seconds.
+    expect(
+        "default",
+        "e2e-badinput",
+        "?timeout=soon",
+        None,
+        "BadRequest",
+        "timeout must be a positive number of seconds",
+    );
+    // A caller without the permission: the API server refuses the node proxy.
+    expect(
+        "default",
+        "e2e-badinput",
+        "",
+        Some("system:serviceaccount:default:intruder"),
+        "Forbidden",
+        "nodes/proxy",
+    );
+    drop(pod);
+
+    // A pod whose containers have all exited.
+    let mut done = counter_pod("e2e-done", None);
+    done["spec"]["restartPolicy"] = json!("Never");
+    done["spec"]["containers"][0]["command"] = json!(["true"]);
+    let done = cluster.create_pod(done);
+    wait_for("e2e-done to succeed", Duration::from_secs(120), || {
+        let phase = done.get()["status"]["phase"].clone();
+        if phase == "Succeeded" {
+            Ok(())
+        } else {
+            Err(phase.to_string())
+        }
+    });
+    expect(
+        "default",
+        "e2e-done",
+        "",
+        None,
+        "Conflict",
+        "pod is not running",
+    );
+    drop(done);
+
+    // A pod on another runtime handler: podsnapd refuses it.
+    cluster.apply(&json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "runc"}, "handler": "runc"}));
+    let mut runc = counter_pod("e2e-runc", None);
+    runc["spec"]["runtimeClassName"] = json!("runc");
+    let runc = cluster.create_pod(runc);
+    runc.wait_ready();
+    expect("default", "e2e-runc", "", None, "Conflict", "runc");
+    // It was not disturbed: it counts on.
+    let at = last_count(&runc, "counter");
+    wait_for("the runc pod to count on", Duration::from_secs(30), || {
+        let now = last_count(&runc, "counter");
+        if now > at {
+            Ok(())
+        } else {
+            Err(format!("still at {now}"))
+        }
+    });
+}
+
+/// The kubelet authorises /checkpointpod itself (nodes/checkpoint), whoever reaches it: a client
+/// with a certificate of the cluster's CA but no such permission is refused.
+#[test]
+fn kubelet_refuses_a_checkpoint_by_a_user_without_the_permission() {
+    let cluster = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("intruder.key");
+    let csr = dir.path().join("intruder.csr");
+    let crt = dir.path().join("intruder.crt");
+    let openssl = |args: &[&str]| {
+        let f = CommandLine::new("openssl").args(args).run().unwrap();
+        assert!(f.success(), "{}", f.report());
+    };
+    openssl(&["genrsa", "-out", key.to_str().unwrap(), "2048"]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/CN=intruder",
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        cluster.pki.join("ca.crt").to_str().unwrap(),
+        "-CAkey",
+        cluster.pki.join("ca.key").to_str().unwrap(),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        crt.to_str().unwrap(),
+    ]);
+    let address = cluster.kubectl([
+        "get",
+        "node",
+        podsnap_e2e::cluster::NODE_NAME,
+        "-o",
+        "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
+    ]);
+    let url = format!(
+        "https://{}:10250/checkpointpod/default/anything",
+        address.trim()
+    );
+    let curl = |cert: &Path, key: &Path| {
+        CommandLine::new("curl")
+            .args(["-sS", "-k", "-X", "POST", "-w", "\n%{http_code}", "--cert"])
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg(&url)
+            .run()
+            .unwrap()
+    };
+    let refused = curl(&crt, &key);
+    assert!(
+        refused.stdout.trim_end().ends_with("403"),
+        "{}",
+        refused.report()
+    );
+    assert!(
+        refused.stdout.contains("nodes/checkpoint") || refused.stdout.contains("Forbidden"),
+        "{}",
+        refused.report()
+    );
+    // The API server's own kubelet client may: the same request gets to the handler (404: no
+    // such pod).
+    let allowed = curl(
+        &cluster.pki.join("apiserver-kubelet-client.crt"),
+        &cluster.pki.join("apiserver-kubelet-client.key"),
+    );
+    assert!(
+        allowed.stdout.trim_end().ends_with("404"),
+        "{}",
+        allowed.report()
+    );
+}
