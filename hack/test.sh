@@ -39,7 +39,11 @@ phase() {
 }
 
 node_started=0
+cluster_started=0
 cleanup() {
+	if [ "$cluster_started" = 1 ]; then
+		timeout 300 "$PODSNAP_ROOT/hack/cluster-down.sh" || log "cluster-down failed"
+	fi
 	if [ "$node_started" = 1 ]; then
 		timeout 300 "$PODSNAP_ROOT/hack/node-down.sh" || log "node-down failed"
 	fi
@@ -54,13 +58,23 @@ phase build 1200 cargo build --workspace --all-targets --locked
 # Unit tests, and the integration tests that need no node (podsnapd's node test runs later).
 phase unit 900 cargo test --workspace --exclude podsnap-e2e --exclude podsnapd --locked -- --test-threads=1
 phase unit-podsnapd 600 cargo test -p podsnapd --locked --lib --bins --test forward_raw
+# The kubelet patch series applied to k8s.io/kubernetes, Kubernetes built (cached by version and
+# patch hash), and the patched packages' Go unit tests.
+phase kubelet-patches 2400 hack/kube-build.sh --test
 phase images 1200 hack/images.sh
 node_started=1
 phase node-up 600 hack/node-up.sh
-phase e2e 2400 cargo test -p podsnap-e2e --locked -- --test-threads=1
+phase e2e 2400 cargo test -p podsnap-e2e --locked --lib --test pods --test checkpoint --test pod_checkpoint -- --test-threads=1
 phase podsnapd-node 600 cargo test -p podsnapd --locked --test crictl_through_podsnapd -- --test-threads=1
 # critest against containerd directly, for both handlers (podsnap's pass set must cover
 # runc's), then the podsnap handler through podsnapd, which must not change it.
 phase critest 1800 hack/critest.sh
 phase critest-podsnapd 1800 hack/critest.sh --endpoint "unix://$PODSNAP_NODE_RUN/podsnapd.sock"
+# The single-node Kubernetes cluster with the patched kubelet on this node: pod checkpoint and
+# restore through Kubernetes.
+cluster_started=1
+phase cluster-up 900 hack/cluster-up.sh
+phase e2e-cluster 1800 cargo test -p podsnap-e2e --locked --test cluster -- --test-threads=1
+phase cluster-down 300 hack/cluster-down.sh
+cluster_started=0
 log "all tests passed in $(($(date +%s) - T0))s"
