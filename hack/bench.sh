@@ -9,6 +9,8 @@
 #
 # Usage: hack/bench.sh                          podsnap-bench start, checkpoint, then pod
 #        hack/bench.sh start|checkpoint|pod [N] one of them (see target/release/podsnap-bench help)
+#        hack/bench.sh slow-start [N]           bench/slow-start.sh: time-to-ready of a slow-starting
+#                                               pod on the Kubernetes cluster, cold vs restored
 #
 # Environment: PODSNAP_BENCH_SKIP_BUILD=1 (use the release binaries already built),
 # PODSNAP_BENCH_DIR (where checkpoint images go; default /var/tmp).
@@ -20,6 +22,11 @@ exec </dev/null
 . "$(dirname "$0")/node-lib.sh"
 require_root
 cd "$PODSNAP_ROOT"
+
+if [ "${1:-}" = slow-start ]; then
+	shift
+	exec bench/slow-start.sh "$@"
+fi
 
 release=$PODSNAP_ROOT/target/release
 release_shim=$release/containerd-shim-podsnap-v2
