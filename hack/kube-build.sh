@@ -8,18 +8,26 @@
 #
 #   hack/kube-build.sh            build (cached)
 #   hack/kube-build.sh --test     also run the patched packages' Go unit tests
-#   hack/kube-build.sh --tree DIR leave the patched source tree in DIR (for rebasing patches)
+#   hack/kube-build.sh --tree DIR leave the patched source tree in DIR
+#   hack/kube-build.sh --base DIR only lay out the unpatched tree in DIR, as a git repository with
+#                                 one commit, and stop: rebase the series there (`git am -3`, see
+#                                 kubelet-patches/README.md)
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 run_tests=0
 tree=""
+base=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	--test) run_tests=1 ;;
 	--tree)
 		tree=$2
+		shift
+		;;
+	--base)
+		base=$2
 		shift
 		;;
 	*) die "unknown argument $1 (see the header of $0)" ;;
@@ -39,7 +47,8 @@ patch_hash=$(cat "$PODSNAP_ROOT"/kubelet-patches/*.patch | sha256sum | cut -c1-1
 KUBE_DIR=$PODSNAP_CACHE/kube/$KUBERNETES_VERSION-$patch_hash
 staging_version=v0.${KUBERNETES_VERSION#v1.}
 
-# prepare_tree DIR: the module source, staging modules from the proxy, patches applied.
+# prepare_tree DIR [--unpatched]: the module source, staging modules from the proxy, patches
+# applied (unless --unpatched).
 prepare_tree() {
 	local dir=$1 src patch
 	src=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | jq -r .Dir)
@@ -52,6 +61,7 @@ prepare_tree() {
 	rm -f "$dir/go.work" "$dir/go.work.sum"
 	sed -i -E "s#^(\s*)(k8s\.io/[a-z0-9-]+) => \./staging/src/k8s\.io/[a-z0-9-]+\$#\1\2 => \2 $staging_version#" "$dir/go.mod"
 	! grep -q '=> \./staging' "$dir/go.mod" || die "go.mod of k8s.io/kubernetes@$KUBERNETES_VERSION still replaces a module with ./staging"
+	[ "${2:-}" != --unpatched ] || return 0
 	for patch in "$PODSNAP_ROOT"/kubelet-patches/*.patch; do
 		if ! patch -d "$dir" -p1 --forward --quiet --batch <"$patch"; then
 			die "kubelet-patches/$(basename "$patch") does not apply to k8s.io/kubernetes@$KUBERNETES_VERSION: rebase it (see kubelet-patches/README.md)"
@@ -73,6 +83,13 @@ build() {
 main() {
 	local dir recipe
 	mkdir -p "$PODSNAP_CACHE/stamps" "$PODSNAP_CACHE/kube"
+	if [ -n "$base" ]; then
+		prepare_tree "$base" --unpatched
+		(cd "$base" && git init -q && git add -A &&
+			git -c user.name=podsnap -c user.email=podsnap@localhost commit -qm "k8s.io/kubernetes@$KUBERNETES_VERSION, staging modules from the proxy")
+		log "unpatched tree in $base: cd there and run git am -3 $PODSNAP_ROOT/kubelet-patches/*.patch"
+		return 0
+	fi
 	recipe="kube-$KUBERNETES_VERSION-$patch_hash-r1"
 	dir=${tree:-$(mktemp -d)}
 	if [ -n "$tree" ] || [ "$run_tests" = 1 ] || ! stamp_ok kube "$recipe" || [ ! -x "$KUBE_DIR/bin/kubelet" ]; then
