@@ -169,7 +169,8 @@ fn seed_demo_counter_counts_on_after_restore() {
 #[test]
 fn two_container_pod_restores_both_with_their_shared_files() {
     let cluster = Cluster::get();
-    let script = "i=0; while true; do echo \"count: $i\"; echo $i > /data/n.tmp && mv /data/n.tmp /data/n; i=$((i+1)); sleep 1; done";
+    // The counter also keeps a log file in the shared emptyDir open (fd 3) and appends to it.
+    let script = "exec 3>>/data/log; i=0; while true; do echo \"count: $i\"; echo \"count: $i\" >&3; echo $i > /data/n.tmp && mv /data/n.tmp /data/n; i=$((i+1)); sleep 1; done";
     let manifest = |restore_from: Option<&str>| {
         let mut pod = json!({
             "apiVersion": "v1",
@@ -195,8 +196,16 @@ fn two_container_pod_restores_both_with_their_shared_files() {
     let pod = cluster.create_pod(manifest(None));
     pod.wait_ready();
     wait_counting(&pod, "count", 3);
-    // A file in the server's own writable layer, written before the checkpoint.
-    pod.exec("serve", &["sh", "-c", "echo written-before > /srv/marker"]);
+    // Files written before the checkpoint: one in the server's own writable layer, one in the
+    // pod's emptyDir volume.
+    pod.exec(
+        "serve",
+        &[
+            "sh",
+            "-c",
+            "echo written-before > /srv/marker && echo shared-before > /srv/shared/marker",
+        ],
+    );
     let (location, before, after) = checkpoint(cluster, &pod, "count");
     let answer_containers =
         fs::read_to_string(format!("{}.kubelet.json", location.display())).unwrap();
@@ -215,19 +224,39 @@ fn two_container_pod_restores_both_with_their_shared_files() {
         first > before && first <= after + 1,
         "first count {first}, checkpointed at {before}..{after}"
     );
-    // The server, restored too, serves the file written into its layer before the checkpoint,
-    // over the restored pod's own network namespace; and the counter's file from the volume the
-    // restored containers share (emptyDir content itself is not carried: see the README).
-    let marker = restored.exec("count", &["wget", "-qO-", "http://127.0.0.1:8080/marker"]);
-    assert_eq!(marker.trim(), "written-before");
-    let n: u64 = wait_for(
-        "the counter's file in the shared volume",
+    // The server, restored too, serves over the restored pod's own network namespace the file
+    // written into its layer and the one written into the emptyDir before the checkpoint.
+    let get = |path: &str| {
+        restored.exec(
+            "count",
+            &["wget", "-qO-", &format!("http://127.0.0.1:8080/{path}")],
+        )
+    };
+    assert_eq!(get("marker").trim(), "written-before");
+    assert_eq!(get("shared/marker").trim(), "shared-before");
+    // The counter's log file in the volume, held open across the checkpoint: its lines before
+    // the checkpoint are there, and the restored process appends to it with no gap.
+    let logged = wait_for(
+        "the restored counter to append to its log file in the volume",
         Duration::from_secs(30),
         || {
-            let f = restored.exec_try("count", &["wget", "-qO-", "http://127.0.0.1:8080/shared/n"]);
-            f.trim().parse::<u64>().map_err(|e| format!("{f:?}: {e}"))
+            let seen = counts(&restored.exec_try("count", &["cat", "/data/log"]));
+            if seen.last().is_some_and(|last| *last > first) {
+                Ok(seen)
+            } else {
+                Err(format!("{seen:?}"))
+            }
         },
     );
+    let expected: Vec<u64> = (0..logged.len() as u64).collect();
+    assert_eq!(
+        logged, expected,
+        "the log file in the emptyDir has a gap or restarted (the restored counter began at {first})"
+    );
+    let n: u64 = get("shared/n")
+        .trim()
+        .parse()
+        .expect("the shared counter file holds a number");
     assert!(
         n >= first,
         "the shared file says {n}, the restored counter started at {first}"

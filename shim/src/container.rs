@@ -388,6 +388,10 @@ impl Container {
         let restore_dir = self.restore_dir.clone();
         let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
             if let Some(dir) = &restore_dir {
+                // A container of a pod checkpoint: the pod's emptyDir volumes first.
+                if let Some(pod_checkpoint) = dir.parent() {
+                    crate::volumes::restore(pod_checkpoint, &spec)?;
+                }
                 crate::rootfs_diff::apply(dir, &rootfs)?;
             }
             cgroup.prepare(&spec)?;

@@ -15,6 +15,7 @@ mod rootfs_diff;
 mod service;
 mod stdio;
 mod task;
+mod volumes;
 mod zygote;
 
 /// The runtime type containerd knows this shim by (`io.containerd.podsnap.v2`).

@@ -181,6 +181,15 @@ fn capture_pod(
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
+        // The pod's emptyDir volumes, in the same cut: while the pod is still frozen.
+        if errors.is_empty()
+            && let Err(e) = crate::volumes::capture(
+                &crate::volumes::empty_dirs(captures.iter().map(|c| &c.spec)),
+                output_dir,
+            )
+        {
+            errors.push(format!("{e:#}"));
+        }
         if errors.is_empty() {
             PodResponse::Checkpointed {
                 containers,
@@ -245,6 +254,7 @@ fn capture_pod(
             for capture in captures {
                 let _ = std::fs::remove_dir_all(output_dir.join(&capture.id));
             }
+            let _ = std::fs::remove_dir_all(output_dir.join(crate::volumes::VOLUMES_DIR));
             failure
         }
     }

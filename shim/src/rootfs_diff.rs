@@ -144,29 +144,56 @@ pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
     }
     let tar_path = dir.join(ROOTFS_DIFF);
     if tar_path.exists() {
-        let file =
-            fs::File::open(&tar_path).with_context(|| format!("open {}", tar_path.display()))?;
-        let mut archive = tar::Archive::new(file);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_overwrite(true);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let path = entry.path()?.display().to_string();
-            contained(&path)?;
-            use tar::EntryType::*;
-            match entry.header().entry_type() {
-                Regular | Directory | Symlink | Link | Continuous => {}
-                other => bail!("{ROOTFS_DIFF} entry {path:?} is a {other:?}: refused"),
-            }
-            let inside = entry
-                .unpack_in(&root)
-                .with_context(|| format!("unpack {path:?} from {ROOTFS_DIFF}"))?;
-            ensure!(
-                inside,
-                "{ROOTFS_DIFF} entry {path:?} escapes the container's rootfs"
-            );
+        unpack_tree(&tar_path, &root, "the container's rootfs")?;
+    }
+    Ok(())
+}
+
+/// Archives the directory tree `src` (directories, regular files and symlinks; sockets, FIFOs
+/// and devices are left out) into a new root-only tar file `tar_path`.
+pub fn pack_tree(src: &Path, tar_path: &Path) -> anyhow::Result<()> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tar_path)
+        .with_context(|| format!("create {}", tar_path.display()))?;
+    let mut builder = tar::Builder::new(file);
+    builder.follow_symlinks(false);
+    let mut deleted = Vec::new();
+    walk(src, Path::new(""), &mut builder, &mut deleted)?;
+    builder
+        .into_inner()
+        .with_context(|| format!("finish {}", tar_path.display()))?;
+    Ok(())
+}
+
+/// Unpacks the tar file `tar_path` into the directory `root` (already resolved), trusting
+/// nothing in it: every path must stay inside `root` (`what`, for messages), and only
+/// directories, regular files, symlinks and hard links are accepted.
+pub fn unpack_tree(tar_path: &Path, root: &Path, what: &str) -> anyhow::Result<()> {
+    let name = tar_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = fs::File::open(tar_path).with_context(|| format!("open {}", tar_path.display()))?;
+    let mut archive = tar::Archive::new(file);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.display().to_string();
+        contained(&path)?;
+        use tar::EntryType::*;
+        match entry.header().entry_type() {
+            Regular | Directory | Symlink | Link | Continuous => {}
+            other => bail!("{name} entry {path:?} is a {other:?}: refused"),
         }
+        let inside = entry
+            .unpack_in(root)
+            .with_context(|| format!("unpack {path:?} from {name}"))?;
+        ensure!(inside, "{name} entry {path:?} escapes {what}");
     }
     Ok(())
 }
