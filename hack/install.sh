@@ -15,7 +15,7 @@ APT_PACKAGES=(
 	libseccomp-dev iptables iproute2 util-linux procps psmisc
 	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
-	docker-registry shellcheck busybox-static bzip2 python3
+	docker-registry shellcheck busybox-static bzip2 python3 openssl
 )
 
 # stamp NAME RECIPE: true when NAME was built with this exact RECIPE before.
