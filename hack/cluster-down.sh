@@ -25,13 +25,13 @@ delete_pods() {
 		--grace-period 5 --wait=true --timeout 90s >/dev/null 2>&1 || log "warning: deleting pods through the API failed"
 }
 
-# Sandboxes the kubelet created (labelled with a pod UID) that are still there.
+# Sandboxes this cluster's kubelet created that are still there.
 remove_kubelet_sandboxes() {
 	local id
 	containerd_answers || return 0
-	for id in $(node_crictl pods -q --label io.kubernetes.pod.uid 2>/dev/null || true); do
-		# Only the kubelet labels io.kubernetes.pod.uid and stores its logs under our log dir.
-		if node_crictl inspectp "$id" 2>/dev/null | grep -q "\"logDirectory\": \"$KUBELET_POD_LOGS/"; then
+	for id in $(node_crictl pods -q 2>/dev/null || true); do
+		# The kubelet of this cluster is the only one that stores pod logs under its log dir.
+		if node_crictl inspectp "$id" 2>/dev/null | grep -qE "\"log_?[dD]irectory\": \"$KUBELET_POD_LOGS/"; then
 			log "removing the kubelet's pod sandbox $id"
 			node_crictl --timeout 60s stopp "$id" >/dev/null 2>&1 || true
 			node_crictl --timeout 60s rmp -f "$id" >/dev/null 2>&1 || log "warning: rmp $id failed"

@@ -35,7 +35,7 @@ cleanup() {
 		log "kept the cluster: export KUBECONFIG=$ADMIN_KUBECONFIG; kubectl is $KUBE_BIN/kubectl"
 		return
 	fi
-	kubectl delete pod counter-app --ignore-not-found --wait=true --timeout 60s >/dev/null 2>&1 || true
+	kubectl delete pod counter-app --ignore-not-found --grace-period=1 --wait=true --timeout 60s >/dev/null 2>&1 || true
 	hack/cluster-down.sh --node || true
 }
 trap cleanup EXIT
