@@ -35,7 +35,9 @@ KUBELET_PORT=10250
 SERVICE_CIDR=10.96.0.0/16
 # The cluster administrator's kubeconfig.
 ADMIN_KUBECONFIG=$CLUSTER_LIB/admin.kubeconfig
-CLUSTER_COMPONENTS=(kubelet kube-scheduler kube-controller-manager kube-apiserver etcd)
+CLUSTER_COMPONENTS=(podsnap-controller kubelet kube-scheduler kube-controller-manager kube-apiserver etcd)
+# podsnap-controller (crates/controller), run beside the cluster with its own client certificate.
+PODSNAP_CONTROLLER_BINARY=${PODSNAP_CONTROLLER_BINARY:-$PODSNAP_ROOT/target/debug/podsnap-controller}
 
 # kube_bin: the directory of the patched Kubernetes binaries (built, cached, by kube-build.sh).
 kube_bin() {

@@ -71,6 +71,7 @@ make_pki() {
 	cert admin podsnap-admin system:masters
 	cert controller-manager system:kube-controller-manager ""
 	cert scheduler system:kube-scheduler ""
+	cert podsnap-controller podsnap-controller ""
 	cert kubelet "system:node:$NODE_NAME" system:nodes
 	cert "kubelet-serving-$NODE_IP" "$NODE_NAME" "" "IP:$NODE_IP,IP:127.0.0.1,DNS:$NODE_NAME,DNS:localhost"
 	if [ ! -f "$CLUSTER_PKI/sa.key" ]; then
@@ -81,6 +82,7 @@ make_pki() {
 	kubeconfig "$ADMIN_KUBECONFIG" admin
 	kubeconfig "$CLUSTER_LIB/controller-manager.kubeconfig" controller-manager
 	kubeconfig "$CLUSTER_LIB/scheduler.kubeconfig" scheduler
+	kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" podsnap-controller
 	kubeconfig "$CLUSTER_LIB/kubelet.kubeconfig" kubelet
 }
 
@@ -253,6 +255,21 @@ handler: podsnap
 YAML
 	# The default service account exists once the controller manager has made it.
 	wait_for kube-controller-manager "the default service account" 60 cluster_kubectl -n default get serviceaccount default
+	# The PodCheckpoint/PodRestore API, its RBAC, and the controller.
+	cluster_kubectl apply -f "$PODSNAP_ROOT/deploy/crds/" >/dev/null
+	cluster_kubectl apply -f "$PODSNAP_ROOT/deploy/rbac.yaml" >/dev/null
+	wait_for kube-apiserver "the checkpoint.k8s.io CRDs" 60 cluster_kubectl wait --for condition=Established --timeout 5s \
+		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io
+}
+
+start_podsnap_controller() {
+	if [ ! -x "$PODSNAP_CONTROLLER_BINARY" ]; then
+		log "warning: $PODSNAP_CONTROLLER_BINARY is not built: no podsnap-controller (cargo build -p podsnap-controller)"
+		return 0
+	fi
+	# A rebuilt controller replaces the running one.
+	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
+	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig"
 }
 
 main() {
@@ -273,6 +290,7 @@ main() {
 	start_controllers
 	start_kubelet
 	apply_defaults
+	start_podsnap_controller
 	log "cluster up in $(($(date +%s) - t0))s: export KUBECONFIG=$ADMIN_KUBECONFIG; kubectl is $KUBE_BIN/kubectl"
 }
 main "$@"

@@ -74,7 +74,7 @@ phase critest-podsnapd 1800 hack/critest.sh --endpoint "unix://$PODSNAP_NODE_RUN
 # restore through Kubernetes.
 cluster_started=1
 phase cluster-up 900 hack/cluster-up.sh
-phase e2e-cluster 1800 cargo test -p podsnap-e2e --locked --test cluster -- --test-threads=1
+phase e2e-cluster 1800 cargo test -p podsnap-e2e --locked --test cluster --test controller -- --test-threads=1
 phase cluster-down 300 hack/cluster-down.sh
 cluster_started=0
 log "all tests passed in $(($(date +%s) - T0))s"

@@ -157,6 +157,15 @@ impl Cluster {
         }
     }
 
+    /// A guard for a pod something else created (the controller): deleted when dropped.
+    pub fn existing_pod(&self, namespace: &str, name: &str) -> KubePod<'_> {
+        KubePod {
+            cluster: self,
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        }
+    }
+
     /// Checkpoints a pod through the API server's node proxy to the kubelet's
     /// `POST /checkpointpod/{namespace}/{pod}`, as `user` (impersonated) when given.
     pub fn checkpoint_pod(

@@ -1,0 +1,195 @@
+//! Reconciling a `PodCheckpoint`: the source pod must exist, run on the `podsnap` runtime class
+//! and be running on a node; then the kubelet of that node checkpoints it
+//! (`POST /api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{pod}`), and the status records
+//! where the checkpoint is, its containers, and the pod's spec for restores.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, RUNTIME_CLASS, now};
+use crate::{Context, Error};
+
+pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = object.namespace().unwrap_or_else(|| "default".into());
+    let name = object.name_any();
+    let phase = object.status.as_ref().and_then(|s| s.phase.clone());
+    match phase.as_deref() {
+        Some("Ready" | "Failed") => return Ok(Action::await_change()),
+        Some("Checkpointing") => {
+            // Found mid-checkpoint: this controller restarted while the kubelet worked. The
+            // kubelet and the runtime thaw the pod and remove partial output on their own; the
+            // object fails cleanly rather than guessing.
+            return fail(
+                &ctx,
+                &object,
+                "ControllerRestarted",
+                "the controller restarted during the checkpoint; create a new PodCheckpoint",
+            )
+            .await;
+        }
+        _ => {}
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let source = &object.spec.source_pod_name;
+    let Some(pod) = pods.get_opt(source).await? else {
+        return fail(
+            &ctx,
+            &object,
+            "SourcePodNotFound",
+            &format!("pod {namespace}/{source} does not exist"),
+        )
+        .await;
+    };
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.runtime_class_name.as_deref() != Some(RUNTIME_CLASS) {
+        return fail(
+            &ctx,
+            &object,
+            "NotPodsnapPod",
+            &format!(
+                "pod {namespace}/{source} runs with runtime class {:?}: only {RUNTIME_CLASS:?} pods can be checkpointed",
+                spec.runtime_class_name.as_deref().unwrap_or("")
+            ),
+        )
+        .await;
+    }
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let Some(node) = spec.node_name.clone().filter(|_| running) else {
+        return fail(
+            &ctx,
+            &object,
+            "SourcePodNotRunning",
+            &format!("pod {namespace}/{source} is not running on a node"),
+        )
+        .await;
+    };
+
+    set_status(
+        &ctx,
+        &object,
+        json!({"phase": "Checkpointing", "nodeName": node, "reason": null, "message": null}),
+    )
+    .await?;
+    let query = object
+        .spec
+        .timeout_seconds
+        .map(|t| format!("?timeout={t}"))
+        .unwrap_or_default();
+    let path = format!("/api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{source}{query}");
+    let request = http::Request::post(&path)
+        .body(Vec::new())
+        .map_err(|e| Error::Other(format!("build {path}: {e}")))?;
+    tracing::info!(checkpoint = %name, pod = %source, %node, "checkpointing");
+    let answer = match ctx.client.request_text(request).await {
+        Ok(text) => text,
+        Err(kube::Error::Api(status)) => {
+            return fail(&ctx, &object, "CheckpointFailed", &status.message).await;
+        }
+        Err(e) => return fail(&ctx, &object, "CheckpointFailed", &e.to_string()).await,
+    };
+    let answer: serde_json::Value = serde_json::from_str(&answer)
+        .map_err(|e| Error::Other(format!("the kubelet's answer {answer:?}: {e}")))?;
+    let location = answer["items"][0].as_str().unwrap_or_default().to_string();
+    let containers: Vec<String> = answer["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect();
+    let status = PodCheckpointStatus {
+        phase: Some("Ready".into()),
+        node_name: Some(node.clone()),
+        checkpoint_location: Some(location.clone()),
+        containers,
+        completion_time: Some(now()),
+        checkpointed_pod_spec: Some(serde_json::to_value(&spec).unwrap_or_default()),
+        conditions: vec![Condition::new(
+            "Ready",
+            true,
+            "Checkpointed",
+            &format!("checkpoint of {source} at {location} on {node}"),
+        )],
+        ..Default::default()
+    };
+    set_status(
+        &ctx,
+        &object,
+        serde_json::to_value(&status).unwrap_or_default(),
+    )
+    .await?;
+    publish(
+        &ctx,
+        object.as_ref(),
+        EventType::Normal,
+        "Checkpointed",
+        &format!("pod {source} checkpointed on node {node}: {location}"),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn fail(
+    ctx: &Context,
+    object: &PodCheckpoint,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    tracing::warn!(checkpoint = %object.name_any(), reason, message, "checkpoint failed");
+    set_status(
+        ctx,
+        object,
+        json!({
+            "phase": "Failed", "reason": reason, "message": message,
+            "conditions": [Condition::new("Ready", false, reason, message)],
+        }),
+    )
+    .await?;
+    publish(ctx, object, EventType::Warning, reason, message).await;
+    Ok(Action::await_change())
+}
+
+async fn set_status(
+    ctx: &Context,
+    object: &PodCheckpoint,
+    status: serde_json::Value,
+) -> Result<(), Error> {
+    let api: Api<PodCheckpoint> = Api::namespaced(
+        ctx.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn publish<K>(
+    ctx: &Context,
+    object: &K,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, "publish event");
+    }
+}

@@ -1,0 +1,98 @@
+//! `podsnap-controller`: reconciles `PodCheckpoint` and `PodRestore` objects
+//! (`checkpoint.k8s.io/v1alpha1`, KEP-5823). A PodCheckpoint is taken through the kubelet's pod
+//! checkpoint API (`POST /checkpointpod/{namespace}/{pod}`, kubelet-patches/) on the source pod's
+//! node, reached through the API server's node proxy; a PodRestore creates pods annotated
+//! `checkpoint.k8s.io/restore-from`, pinned to the checkpoint's node, which the kubelet restores.
+//!
+//! Every object ends Ready/Completed or Failed with a reason; a failure is not retried (no retry
+//! storm). An object found mid-checkpoint after a restart is failed cleanly: the kubelet and the
+//! runtime thaw the pod and remove partial data themselves.
+
+mod api;
+mod checkpoint;
+mod restore;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use kube::runtime::Controller;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use api::{PodCheckpoint, PodRestore};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+}
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+}
+
+/// Why a reconcile failed (it is retried after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn requeue_on_error<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = Client::try_from(config)?;
+    let context = Arc::new(Context {
+        client: client.clone(),
+        reporter: Reporter {
+            controller: "podsnap-controller".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    });
+    tracing::info!("podsnap-controller started");
+    let checkpoints = Controller::new(
+        Api::<PodCheckpoint>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .run(checkpoint::reconcile, requeue_on_error, context.clone())
+    .for_each(|_| async {});
+    let restores = Controller::new(
+        Api::<PodRestore>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .run(restore::reconcile, requeue_on_error, context.clone())
+    .for_each(|_| async {});
+    tokio::select! {
+        _ = checkpoints => {}
+        _ = restores => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+    }
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! End-to-end tests of `PodCheckpoint` / `PodRestore` (checkpoint.k8s.io/v1alpha1) on the
+//! single-node cluster, with podsnap-controller running beside it (hack/cluster-up.sh starts it
+//! with its own least-privilege identity, deploy/rbac.yaml). Run one at a time.
+
+use std::time::Duration;
+
+use podsnap_e2e::cluster::{Cluster, KubePod, counts};
+use podsnap_e2e::wait_for;
+use serde_json::{Value, json};
+
+const BUSYBOX: &str = "docker.io/library/busybox:1.37.0";
+const COUNTER: &str = "i=0; while true; do echo \"count: $i\"; i=$((i+1)); sleep 1; done";
+
+fn counter_pod(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "runtimeClassName": "podsnap",
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "counter", "image": BUSYBOX, "command": ["sh", "-c", COUNTER]}]
+        }
+    })
+}
+
+/// A checkpoint.k8s.io object created by a test, deleted when dropped.
+struct Object<'c> {
+    cluster: &'c Cluster,
+    kind: &'static str,
+    name: String,
+}
+
+impl<'c> Object<'c> {
+    fn create(cluster: &'c Cluster, manifest: Value) -> Self {
+        let kind = match manifest["kind"].as_str() {
+            Some("PodCheckpoint") => "podcheckpoint",
+            Some("PodRestore") => "podrestore",
+            other => panic!("not a checkpoint.k8s.io kind: {other:?}"),
+        };
+        let name = manifest["metadata"]["name"].as_str().unwrap().to_owned();
+        cluster.apply(&manifest);
+        Object {
+            cluster,
+            kind,
+            name,
+        }
+    }
+
+    fn get(&self) -> Value {
+        serde_json::from_str(
+            &self
+                .cluster
+                .kubectl(["get", self.kind, &self.name, "-o", "json"]),
+        )
+        .unwrap()
+    }
+
+    /// Waits for `.status.phase` to be one of `phases`; returns the object.
+    fn wait_phase(&self, phases: &[&str]) -> Value {
+        wait_for(
+            format!("{} {} to reach {phases:?}", self.kind, self.name),
+            Duration::from_secs(180),
+            || {
+                let object = self.get();
+                match object["status"]["phase"].as_str() {
+                    Some(p) if phases.contains(&p) => Ok(object),
+                    _ => Err(object["status"].to_string()),
+                }
+            },
+        )
+    }
+}
+
+impl Drop for Object<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl_try([
+            "delete",
+            self.kind,
+            &self.name,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+    }
+}
+
+fn checkpoint_of(name: &str, pod: &str) -> Value {
+    json!({
+        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"sourcePodName": pod, "timeoutSeconds": 120}
+    })
+}
+
+fn wait_counting(pod: &KubePod<'_>, n: usize) -> Vec<u64> {
+    wait_for(
+        format!("{} to count {n} times", pod.name),
+        Duration::from_secs(60),
+        || {
+            let seen = counts(&pod.logs("counter"));
+            if seen.len() >= n {
+                Ok(seen)
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    )
+}
+
+/// The seed talk's two YAML documents apply verbatim; without a `my-pod` both end Failed with a
+/// reason (no retries), and the printer columns are the talk's.
+#[test]
+fn seed_yaml_applies_unchanged_and_fails_cleanly_without_its_pod() {
+    let cluster = Cluster::get();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let to_json = |file: &str| -> Value {
+        let out = cluster.kubectl([
+            "create",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "-f",
+            root.join(file).to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let checkpoint = Object::create(cluster, to_json("seed-podcheckpoint.yaml"));
+    let restore = Object::create(cluster, to_json("seed-podrestore.yaml"));
+    let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "SourcePodNotFound", "{failed}");
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("default/my-pod does not exist")
+    );
+    // The status in the YAML was not taken from the user.
+    assert_ne!(failed["status"]["nodeName"], "worker-1");
+    let restore_status = restore.wait_phase(&["Failed", "Completed"]);
+    assert_eq!(
+        restore_status["status"]["reason"], "CheckpointFailed",
+        "{restore_status}"
+    );
+
+    let table = cluster.kubectl(["get", "podcheckpoints"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        &header[..5],
+        ["NAME", "SOURCE", "POD", "PHASE", "NODE"],
+        "{table}"
+    );
+    let events = cluster.events("default", "my-checkpoint");
+    assert!(
+        events.iter().any(|e| e.starts_with("SourcePodNotFound:")),
+        "{events:#?}"
+    );
+    // No retry storm: one failure event, not a stream of them.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = cluster.events("default", "my-checkpoint");
+    assert_eq!(events.len(), again.len(), "{again:#?}");
+}
+
+/// Suspend and resume as one flow: checkpoint a counter, delete it, restore it under the same
+/// name; it counts on from the checkpoint.
+#[test]
+fn suspend_and_resume_under_the_same_pod_name() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-suspend"));
+    pod.wait_ready();
+    wait_counting(&pod, 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-suspend-ckpt", "e2e-suspend"));
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    assert_eq!(ready["status"]["nodeName"], podsnap_e2e::cluster::NODE_NAME);
+    assert_eq!(ready["status"]["containers"], json!(["counter"]));
+    let location = ready["status"]["checkpointLocation"].as_str().unwrap();
+    assert!(std::path::Path::new(location).is_dir(), "{location}");
+    let after = *counts(&pod.logs("counter")).last().unwrap();
+    drop(pod);
+
+    let restore = Object::create(
+        cluster,
+        json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "e2e-resume", "namespace": "default"},
+            "spec": {"checkpointName": "e2e-suspend-ckpt",
+                     "podTemplate": {"metadata": {"name": "e2e-suspend", "labels": {"app": "resumed"}}}}
+        }),
+    );
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    assert_eq!(done["status"]["restoredPodName"], "e2e-suspend");
+    let resumed = cluster.existing_pod("default", "e2e-suspend");
+    let seen = wait_counting(&resumed, 2);
+    assert!(
+        seen[0] > before && seen[0] <= after + 1,
+        "the resumed pod began at {}, the counter was at {before}..{after} when checkpointed",
+        seen[0]
+    );
+    let labels = resumed.get()["metadata"]["labels"].clone();
+    assert_eq!(labels["app"], "resumed");
+}
+
+/// Warm start: three independent pods from one checkpoint, each with its own IP, each counting
+/// on from the checkpoint.
+#[test]
+fn warm_start_of_three_replicas_from_one_checkpoint() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-warm-source"));
+    pod.wait_ready();
+    wait_counting(&pod, 3);
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-warm-ckpt", "e2e-warm-source"));
+    assert_eq!(
+        checkpoint.wait_phase(&["Ready", "Failed"])["status"]["phase"],
+        "Ready"
+    );
+    let restore = Object::create(
+        cluster,
+        json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "e2e-warm", "namespace": "default"},
+            "spec": {"checkpointName": "e2e-warm-ckpt", "replicas": 3}
+        }),
+    );
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let names: Vec<String> =
+        serde_json::from_value(done["status"]["restoredPodNames"].clone()).unwrap();
+    assert_eq!(names, ["e2e-warm-0", "e2e-warm-1", "e2e-warm-2"]);
+    let replicas: Vec<KubePod<'_>> = names
+        .iter()
+        .map(|n| cluster.existing_pod("default", n))
+        .collect();
+    let mut ips = Vec::new();
+    for replica in &replicas {
+        let seen = wait_counting(replica, 2);
+        assert!(seen[0] > 0, "{} started fresh: {seen:?}", replica.name);
+        let got = replica.get();
+        assert_eq!(
+            got["metadata"]["annotations"]["checkpoint.k8s.io/restore-from"]
+                .as_str()
+                .map(|s| s.starts_with("checkpoint-e2e-warm-source_default-")),
+            Some(true),
+            "{got}"
+        );
+        ips.push(got["status"]["podIP"].as_str().unwrap().to_owned());
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "the replicas share IPs: {ips:?}");
+    // The source was left running (leave-running checkpoint).
+    let source_counts = counts(&pod.logs("counter"));
+    assert!(source_counts.len() >= 3);
+}
+
+/// Invalid specs are refused at admission (CRD validation, CEL); objects that cannot succeed end
+/// Failed with a reason.
+#[test]
+fn invalid_specs_are_refused_and_impossible_ones_fail_with_a_reason() {
+    let cluster = Cluster::get();
+    let refused = |manifest: Value, message: &str| {
+        let f = cluster
+            .kubectl_command(["apply", "-f", "-"])
+            .input(manifest.to_string())
+            .run()
+            .unwrap();
+        assert!(!f.success(), "accepted: {manifest}");
+        assert!(
+            f.stderr.contains(message),
+            "want {message:?}: {}",
+            f.report()
+        );
+    };
+    refused(
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": "e2e-bad", "namespace": "default"},
+               "spec": {"checkpointName": "x", "replicas": 2, "podTemplate": {"metadata": {"name": "fixed"}}}}),
+        "podTemplate.metadata.name can only be set with one replica",
+    );
+    refused(
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": "e2e-bad", "namespace": "default"},
+               "spec": {"checkpointName": "x", "replicas": 0}}),
+        "should be greater than or equal to 1",
+    );
+    refused(
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
+               "metadata": {"name": "e2e-bad", "namespace": "default"},
+               "spec": {"sourcePodName": "p", "deletionPolicy": "Shred"}}),
+        "Unsupported value",
+    );
+    // Immutable source pod.
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-immutable", "nothere"));
+    let f = cluster
+        .kubectl_try([
+            "patch",
+            "podcheckpoint",
+            "e2e-immutable",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"sourcePodName":"other"}}"#,
+        ])
+        .unwrap();
+    assert!(
+        !f.success() && f.stderr.contains("sourcePodName is immutable"),
+        "{}",
+        f.report()
+    );
+    drop(checkpoint);
+
+    // A pod on another runtime class.
+    cluster.apply(&json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "runc"}, "handler": "runc"}));
+    let mut runc = counter_pod("e2e-ctl-runc");
+    runc["spec"]["runtimeClassName"] = json!("runc");
+    let runc = cluster.create_pod(runc);
+    runc.wait_ready();
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-runc-ckpt", "e2e-ctl-runc"));
+    let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
+    assert_eq!(failed["status"]["reason"], "NotPodsnapPod", "{failed}");
+
+    // A restore of a checkpoint that does not exist.
+    let restore = Object::create(
+        cluster,
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": "e2e-orphan", "namespace": "default"},
+               "spec": {"checkpointName": "nothere"}}),
+    );
+    let failed = restore.wait_phase(&["Failed", "Completed"]);
+    assert_eq!(failed["status"]["reason"], "CheckpointNotFound", "{failed}");
+}
+
+/// Who may checkpoint and who may restore are separate: a user bound only to the checkpointer
+/// role may create PodCheckpoints but not PodRestores.
+#[test]
+fn a_user_with_only_the_checkpoint_role_cannot_restore() {
+    let cluster = Cluster::get();
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "e2e-alice-checkpointer", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "podsnap-checkpointer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "e2e-alice"}]
+    }));
+    let try_create = |manifest: Value| {
+        cluster
+            .kubectl_command(["create", "--dry-run=server", "--as=e2e-alice", "-f", "-"])
+            .input(manifest.to_string())
+            .run()
+            .unwrap()
+    };
+    let checkpoint = try_create(checkpoint_of("e2e-alice-ckpt", "anything"));
+    assert!(checkpoint.success(), "{}", checkpoint.report());
+    let restore = try_create(json!({
+        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+        "metadata": {"name": "e2e-alice-restore", "namespace": "default"},
+        "spec": {"checkpointName": "e2e-alice-ckpt"}
+    }));
+    assert!(!restore.success(), "{}", restore.report());
+    assert!(
+        restore.stderr.contains("forbidden") && restore.stderr.contains("podrestores"),
+        "{}",
+        restore.report()
+    );
+    cluster.kubectl([
+        "delete",
+        "rolebinding",
+        "e2e-alice-checkpointer",
+        "-n",
+        "default",
+    ]);
+}
