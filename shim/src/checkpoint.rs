@@ -533,6 +533,41 @@ pub struct RestoreTarget<'a> {
     pub stdio: [Option<&'a OwnedFd>; 3],
 }
 
+/// Whether any of the external mount sources lies on a mount with shared propagation in the
+/// shim's mount namespace (then CRIU must restore mounts with its compat engine).
+fn needs_compat_mounts(sources: &[(String, String)]) -> bool {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    sources
+        .iter()
+        .any(|(_, source)| on_shared_mount(Path::new(source), &mountinfo))
+}
+
+/// Whether `path` lies on a mount whose propagation is shared, per `mountinfo`: the mount with
+/// the longest mount point containing it (the last such line, when mounts are stacked).
+pub fn on_shared_mount(path: &Path, mountinfo: &str) -> bool {
+    let mut best: Option<(usize, bool)> = None;
+    for line in mountinfo.lines() {
+        let Some((left, _)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let Some(mount_point) = fields.get(4).map(|m| unescape(m)) else {
+            continue;
+        };
+        if !path.starts_with(&mount_point) {
+            continue;
+        }
+        let shared = fields.iter().skip(6).any(|f| f.starts_with("shared:"));
+        let depth = Path::new(&mount_point).components().count();
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, shared));
+        }
+    }
+    best.is_some_and(|(_, shared)| shared)
+}
+
 /// Where each external mount of the checkpoint comes from in the new container.
 pub fn mount_sources(
     metadata: &Metadata,
@@ -617,11 +652,12 @@ pub fn restore(
         .ext_unix_sk(metadata.ext_unix_sk)
         .file_locks(metadata.file_locks)
         .shell_job(metadata.shell_job)
-        // CRIU's mount-v2 engine cannot restore the sharing of a container's external bind
-        // mounts when their sources lie on a shared mount, as the kubelet's root directory is
+        // CRIU's mount-v2 engine cannot restore the sharing of external bind mounts whose
+        // sources lie on a shared mount, as the kubelet's root directory is
         // (/dev/termination-log, /etc/hosts: "Failed to copy sharing ... Invalid argument",
-        // CRIU issue 2023); the compat engine mounts them as given.
-        .mntns_compat_mode(true);
+        // CRIU issue 2023): those need the compat engine. Everything else keeps mount-v2 (with
+        // the compat engine a shared file was seen read back empty after a pod restore).
+        .mntns_compat_mode(needs_compat_mounts(&sources));
     for (destination, source) in &sources {
         opts = opts.ext_mount(destination.as_str(), source.as_str());
     }
@@ -682,6 +718,27 @@ mod tests {
             .collect();
         spec.set_mounts(Some(mounts));
         spec
+    }
+
+    #[test]
+    fn a_source_on_a_shared_mount_is_told_apart() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 22 254:0 /var/lib/k /var/lib/k rw,relatime shared:301 - ext4 /dev/vda rw
+91 90 0:55 / /var/lib/k/pods/u/volumes/x rw shared:302 - tmpfs tmpfs rw
+92 22 0:56 / /tmp/priv rw - tmpfs tmpfs rw
+";
+        assert!(on_shared_mount(
+            Path::new("/var/lib/k/pods/u/etc-hosts"),
+            mountinfo
+        ));
+        assert!(on_shared_mount(
+            Path::new("/var/lib/k/pods/u/volumes/x/file"),
+            mountinfo
+        ));
+        assert!(!on_shared_mount(Path::new("/tmp/priv/data"), mountinfo));
+        assert!(!on_shared_mount(Path::new("/var/lib/kx/file"), mountinfo));
+        assert!(!on_shared_mount(Path::new("/srv"), mountinfo));
     }
 
     #[test]

@@ -1,0 +1,305 @@
+//! The Kubernetes commands: `checkpoint`, `restore`, `list`, `inspect` and `delete` work on
+//! `PodCheckpoint` / `PodRestore` objects (checkpoint.k8s.io/v1alpha1) through the API server,
+//! with the kubeconfig kubectl would use; podsnap-controller does the work. `checkpoint` and
+//! `restore` wait for the outcome, print progress on stderr, and fail with the object's reason.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use podsnap_checkpoint_api::{
+    PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate, TemplateMetadata,
+};
+
+/// Where the commands act.
+pub struct Target {
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl Target {
+    pub async fn new(namespace: Option<String>) -> anyhow::Result<Self> {
+        let config = kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+        let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).context("create a Kubernetes client")?;
+        Ok(Target { client, namespace })
+    }
+
+    fn checkpoints(&self) -> Api<PodCheckpoint> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn restores(&self) -> Api<PodRestore> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+fn stamp() -> String {
+    jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string()
+}
+
+/// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed.
+pub async fn checkpoint(
+    target: &Target,
+    pod: &str,
+    name: Option<String>,
+    timeout_seconds: Option<i32>,
+    deletion_policy: Option<String>,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let name = name.unwrap_or_else(|| format!("{pod}-{}", stamp()));
+    let object = PodCheckpoint::new(
+        &name,
+        PodCheckpointSpec {
+            source_pod_name: pod.to_string(),
+            timeout_seconds,
+            deletion_policy,
+        },
+    );
+    target
+        .checkpoints()
+        .create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("create PodCheckpoint {}/{name}", target.namespace))?;
+    eprintln!(
+        "PodCheckpoint {}/{name}: created for pod {pod}",
+        target.namespace
+    );
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let got = target.checkpoints().get(&name).await?;
+        let status = got.status.unwrap_or_default();
+        let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
+        if phase != last {
+            eprintln!("PodCheckpoint {}/{name}: {phase}", target.namespace);
+            last = phase.clone();
+        }
+        match phase.as_str() {
+            "Ready" => {
+                println!(
+                    "{name}\t{}\t{}",
+                    status.node_name.unwrap_or_default(),
+                    status.checkpoint_location.unwrap_or_default()
+                );
+                return Ok(());
+            }
+            "Failed" => bail!(
+                "PodCheckpoint {}/{name} failed: {}: {}",
+                target.namespace,
+                status.reason.unwrap_or_default(),
+                status.message.unwrap_or_default()
+            ),
+            _ if started.elapsed() > wait => bail!(
+                "PodCheckpoint {}/{name} is still {phase} after {wait:?} (is podsnap-controller running?)",
+                target.namespace
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed.
+pub async fn restore(
+    target: &Target,
+    checkpoint: &str,
+    replicas: Option<i32>,
+    pod_name: Option<String>,
+    name: Option<String>,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    if pod_name.is_some() && replicas.is_some_and(|r| r != 1) {
+        bail!("--pod-name names a single restored pod: it cannot go with --replicas above 1");
+    }
+    let name = name.unwrap_or_else(|| format!("{checkpoint}-restore-{}", stamp()));
+    let object = PodRestore::new(
+        &name,
+        PodRestoreSpec {
+            checkpoint_name: checkpoint.to_string(),
+            replicas,
+            pod_template: pod_name.map(|pod| PodTemplate {
+                metadata: Some(TemplateMetadata {
+                    name: Some(pod),
+                    ..Default::default()
+                }),
+                spec: None,
+            }),
+        },
+    );
+    target
+        .restores()
+        .create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("create PodRestore {}/{name}", target.namespace))?;
+    eprintln!(
+        "PodRestore {}/{name}: created from PodCheckpoint {checkpoint}",
+        target.namespace
+    );
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let got = target.restores().get(&name).await?;
+        let status = got.status.unwrap_or_default();
+        let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
+        if phase != last {
+            eprintln!("PodRestore {}/{name}: {phase}", target.namespace);
+            last = phase.clone();
+        }
+        match phase.as_str() {
+            "Completed" => {
+                for pod in &status.restored_pod_names {
+                    println!("{pod}");
+                }
+                return Ok(());
+            }
+            "Failed" => bail!(
+                "PodRestore {}/{name} failed: {}: {}",
+                target.namespace,
+                status.reason.unwrap_or_default(),
+                status.message.unwrap_or_default()
+            ),
+            _ if started.elapsed() > wait => bail!(
+                "PodRestore {}/{name} is still {phase} after {wait:?}",
+                target.namespace
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// `podsnap list`: the PodCheckpoints of the namespace.
+pub async fn list(target: &Target) -> anyhow::Result<()> {
+    let list = target.checkpoints().list(&ListParams::default()).await?;
+    println!("NAME\tSOURCE POD\tPHASE\tNODE\tCONTAINERS\tLOCATION");
+    for c in list.items {
+        let status = c.status.clone().unwrap_or_default();
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            c.name_any(),
+            c.spec.source_pod_name,
+            status.phase.unwrap_or_default(),
+            status.node_name.unwrap_or_default(),
+            status.containers.join(","),
+            status.checkpoint_location.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `podsnap inspect CHECKPOINT`: the object's status and, when this machine is the checkpoint's
+/// node, what the checkpoint holds (as `checkpointctl show` would): containers, images, sizes,
+/// CRIU and kernel versions, from its manifest.
+pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
+    let c = target
+        .checkpoints()
+        .get(name)
+        .await
+        .with_context(|| format!("get PodCheckpoint {}/{name}", target.namespace))?;
+    let status = c.status.clone().unwrap_or_default();
+    println!("PodCheckpoint:  {}/{name}", target.namespace);
+    println!("Source pod:     {}", c.spec.source_pod_name);
+    println!(
+        "Phase:          {}",
+        status.phase.clone().unwrap_or_default()
+    );
+    if let Some(reason) = &status.reason {
+        println!(
+            "Reason:         {reason}: {}",
+            status.message.clone().unwrap_or_default()
+        );
+    }
+    println!(
+        "Node:           {}",
+        status.node_name.clone().unwrap_or_default()
+    );
+    println!(
+        "Location:       {}",
+        status.checkpoint_location.clone().unwrap_or_default()
+    );
+    println!(
+        "Completed:      {}",
+        status.completion_time.clone().unwrap_or_default()
+    );
+    let Some(location) = status.checkpoint_location else {
+        return Ok(());
+    };
+    let manifest_path = std::path::Path::new(&location).join("podsnap-manifest.json");
+    let manifest = match std::fs::read(&manifest_path) {
+        Ok(data) => data,
+        Err(e) => {
+            println!(
+                "Containers:     {} (the checkpoint's data is on node {}: run inspect there for sizes and versions; {e})",
+                status.containers.join(", "),
+                status.node_name.unwrap_or_default()
+            );
+            return Ok(());
+        }
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest)
+        .with_context(|| format!("parse {}", manifest_path.display()))?;
+    println!(
+        "CRIU:           {}",
+        manifest["criu_version"].as_str().unwrap_or("")
+    );
+    println!(
+        "Kernel:         {}",
+        manifest["kernel"].as_str().unwrap_or("")
+    );
+    let files = manifest["files"].as_object().cloned().unwrap_or_default();
+    let size_of = |prefix: &str| -> u64 {
+        files
+            .keys()
+            .filter(|f| f.starts_with(prefix))
+            .filter_map(|f| std::fs::metadata(std::path::Path::new(&location).join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    println!("Total size:     {}", human(size_of("")));
+    println!("Containers:");
+    for container in manifest["containers"].as_array().into_iter().flatten() {
+        let cname = container["name"].as_str().unwrap_or("");
+        println!(
+            "  {cname}\timage {}\t{}",
+            container["image"].as_str().unwrap_or(""),
+            human(size_of(&format!("{cname}/")))
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `podsnap delete CHECKPOINT`: deletes the PodCheckpoint (its deletion policy decides what
+/// happens to the node-local data).
+pub async fn delete(target: &Target, name: &str) -> anyhow::Result<()> {
+    target
+        .checkpoints()
+        .delete(name, &DeleteParams::default())
+        .await
+        .with_context(|| format!("delete PodCheckpoint {}/{name}", target.namespace))?;
+    eprintln!("PodCheckpoint {}/{name}: deleted", target.namespace);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human(512), "512.0 B");
+        assert_eq!(human(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
+}

@@ -1,0 +1,135 @@
+//! `podsnap-controller node-agent`: runs on each node (beside the kubelet and podsnapd) and
+//! removes the node-local data of deleted PodCheckpoints whose deletion policy is `Delete`: the
+//! checkpoint directory under the kubelet's `pod-checkpoints/` and the kubelet's record beside
+//! it, then the `checkpoint.k8s.io/node-data` finalizer. It removes nothing outside that
+//! directory, and only entries named as the kubelet names checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::Controller;
+use kube::runtime::controller::Action;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::api::PodCheckpoint;
+use crate::finalizers::{self, NODE_DATA};
+use crate::{Error, requeue_on_error};
+
+pub struct Agent {
+    pub client: Client,
+    pub node: String,
+    pub checkpoints_dir: PathBuf,
+}
+
+pub async fn run(agent: Agent) {
+    let agent = Arc::new(agent);
+    Controller::new(
+        Api::<PodCheckpoint>::all(agent.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(reconcile, requeue_on_error, agent)
+    .for_each(|_| async {})
+    .await;
+}
+
+async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Action, Error> {
+    let status = object.status.clone().unwrap_or_default();
+    if object.meta().deletion_timestamp.is_none()
+        || status.node_name.as_deref() != Some(agent.node.as_str())
+        || !object.finalizers().iter().any(|f| f == NODE_DATA)
+    {
+        return Ok(Action::await_change());
+    }
+    if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
+        // A restore still needs the data.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    if let Some(location) = &status.checkpoint_location {
+        remove_data(&agent.checkpoints_dir, Path::new(location)).map_err(Error::Other)?;
+        tracing::info!(checkpoint = %object.name_any(), %location, "removed the checkpoint's data");
+    }
+    let api: Api<PodCheckpoint> = Api::namespaced(
+        agent.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    finalizers::remove(&api, &object, NODE_DATA).await?;
+    Ok(Action::await_change())
+}
+
+/// Removes a checkpoint directory and the kubelet's record beside it; refuses any location that
+/// is not a `checkpoint-*` entry directly inside `dir`.
+pub fn remove_data(dir: &Path, location: &Path) -> Result<(), String> {
+    let name = location
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.starts_with("checkpoint-") && !n.contains('/'))
+        .ok_or_else(|| format!("{} is not a pod checkpoint name", location.display()))?;
+    if location.parent() != Some(dir) {
+        return Err(format!(
+            "{} is not in the node's checkpoint directory {}",
+            location.display(),
+            dir.display()
+        ));
+    }
+    let path = dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => {
+            std::fs::remove_dir_all(&path).map_err(|e| format!("remove {}: {e}", path.display()))?
+        }
+        Ok(_) => return Err(format!("{} is not a directory", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let record = dir.join(format!("{name}.kubelet.json"));
+    match std::fs::remove_file(&record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("remove {}: {e}", record.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_the_checkpoint_and_its_record_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = dir.path().join("checkpoint-p_ns-t");
+        std::fs::create_dir_all(checkpoint.join("c/checkpoint")).unwrap();
+        std::fs::write(checkpoint.join("c/checkpoint/pages-1.img"), b"x").unwrap();
+        std::fs::write(dir.path().join("checkpoint-p_ns-t.kubelet.json"), b"{}").unwrap();
+        std::fs::create_dir(dir.path().join("checkpoint-other")).unwrap();
+        remove_data(dir.path(), &checkpoint).unwrap();
+        assert!(!checkpoint.exists());
+        assert!(!dir.path().join("checkpoint-p_ns-t.kubelet.json").exists());
+        assert!(dir.path().join("checkpoint-other").exists());
+        // Gone already: fine.
+        remove_data(dir.path(), &checkpoint).unwrap();
+    }
+
+    #[test]
+    fn refuses_locations_outside_the_checkpoint_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("checkpoint-x");
+        std::fs::create_dir(&outside).unwrap();
+        for bad in [
+            outside.clone(),
+            dir.path().join("etc"),
+            dir.path().join("checkpoint-a/../../x"),
+            PathBuf::from("/"),
+        ] {
+            assert!(remove_data(dir.path(), &bad).is_err(), "{}", bad.display());
+        }
+        assert!(outside.exists());
+        let link = dir.path().join("checkpoint-link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(remove_data(dir.path(), &link).is_err());
+        assert!(outside.exists());
+    }
+}
