@@ -35,7 +35,7 @@ KUBELET_PORT=10250
 SERVICE_CIDR=10.96.0.0/16
 # The cluster administrator's kubeconfig.
 ADMIN_KUBECONFIG=$CLUSTER_LIB/admin.kubeconfig
-CLUSTER_COMPONENTS=(podsnap-controller kubelet kube-scheduler kube-controller-manager kube-apiserver etcd)
+CLUSTER_COMPONENTS=(podsnap-controller podsnap-node-agent kubelet kube-scheduler kube-controller-manager kube-apiserver etcd)
 # podsnap-controller (crates/controller), run beside the cluster with its own client certificate.
 PODSNAP_CONTROLLER_BINARY=${PODSNAP_CONTROLLER_BINARY:-$PODSNAP_ROOT/target/debug/podsnap-controller}
 
@@ -49,4 +49,7 @@ kube_bin() {
 cluster_kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
 
 component_pidfile() { echo "$CLUSTER_RUN/$1.pid"; }
+# component_exe NAME: the executable's name of a component (the node agent is podsnap-controller
+# run as `podsnap-controller node-agent`).
+component_exe() { if [ "$1" = podsnap-node-agent ]; then echo podsnap-controller; else echo "$1"; fi; }
 component_log() { echo "$CLUSTER_RUN/$1.log"; }

@@ -91,7 +91,7 @@ start() {
 	local name=$1 pidfile
 	shift
 	pidfile=$(component_pidfile "$name")
-	if pid_running "$pidfile" "$name" >/dev/null; then
+	if pid_running "$pidfile" "$(component_exe "$name")" >/dev/null; then
 		log "$name is already running (pid $(cat "$pidfile"))"
 		return 0
 	fi
@@ -107,7 +107,7 @@ wait_for() {
 	shift 3
 	for ((i = 0; i < seconds * 2; i++)); do
 		"$@" >/dev/null 2>&1 && return 0
-		if ! pid_running "$(component_pidfile "$component")" "$component" >/dev/null; then
+		if ! pid_running "$(component_pidfile "$component")" "$(component_exe "$component")" >/dev/null; then
 			tail -5 "$(component_log "$component")" >&2 || true
 			die "$component exited before $what was ready (log: $(component_log "$component"))"
 		fi
@@ -124,7 +124,7 @@ check_ports() {
 		# Ours when a component of ours listens there.
 		local ours=0 c
 		for c in "${CLUSTER_COMPONENTS[@]}"; do
-			[ "$(pid_running "$(component_pidfile "$c")" "$c" 2>/dev/null)" = "$owner" ] && ours=1
+			[ "$(pid_running "$(component_pidfile "$c")" "$(component_exe "$c")" 2>/dev/null)" = "$owner" ] && ours=1
 		done
 		[ "$ours" = 1 ] || die "TCP port $port is taken by pid $owner: stop it or set PODSNAP_APISERVER_PORT/PODSNAP_ETCD_PORT"
 	done
@@ -269,7 +269,11 @@ start_podsnap_controller() {
 	fi
 	# A rebuilt controller replaces the running one.
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
+	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnap-controller 10
 	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig"
+	# The node agent removes deleted checkpoints' data on this node (deletion policy Delete).
+	start podsnap-node-agent "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
+		node-agent --node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"
 }
 
 main() {

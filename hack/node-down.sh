@@ -123,7 +123,7 @@ main() {
 	unmount_leftovers
 	delete_bridge
 	# No pod is left, so no address is allocated: drop host-local's records, and sockets.
-	rm -rf "$CNI_IPAM_DIR"
+	rm -rf "$CNI_IPAM_DIR" "$CONTAINERD_TMPDIR"
 	rm -f "$CONTAINERD_SOCK" "$CONTAINERD_SOCK.ttrpc" "$NRI_SOCKET"
 	log "node down"
 }

@@ -25,6 +25,7 @@ PODSNAPD_PIDFILE=$PODSNAP_NODE_RUN/podsnapd.pid
 PODSNAPD_LOG=$PODSNAP_NODE_RUN/podsnapd.log
 CONTAINERD_CONFIG=$NODE_ETC/containerd.toml
 CONTAINERD_ROOT=$PODSNAP_NODE_LIB/containerd
+CONTAINERD_TMPDIR=$PODSNAP_NODE_LIB/tmp
 CONTAINERD_STATE=$PODSNAP_NODE_RUN/containerd
 # runc's state for containers of our containerd (the runc shim's Root option).
 RUNC_ROOT=$PODSNAP_NODE_RUN/runc
@@ -156,8 +157,13 @@ containerd_answers() { node_crictl --timeout 5s info >/dev/null 2>&1; }
 start_containerd() {
 	local pid i
 	log "starting containerd $("$PODSNAP_BIN/containerd" --version | awk '{print $3}') (config $CONTAINERD_CONFIG, log $CONTAINERD_LOG)"
+	# containerd's temporary files (a CRI CheckpointContainer leaves a whole checkpoint in a
+	# ctrd-checkpoint* directory) stay in the node's own directory, removed by node-down.
+	mkdir -p "$CONTAINERD_TMPDIR"
+	chmod 0700 "$CONTAINERD_TMPDIR"
 	(
 		export PATH="$NODE_BIN:$PODSNAP_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+		export TMPDIR="$CONTAINERD_TMPDIR"
 		exec setsid "$PODSNAP_BIN/containerd" --config "$CONTAINERD_CONFIG" >>"$CONTAINERD_LOG" 2>&1 </dev/null
 	) &
 	pid=$!

@@ -50,6 +50,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The kubelet taints a node short of disk (disk-pressure) and no test pod would start: say so early.
+avail_gib=$(($(df --output=avail -k / | tail -1) / 1024 / 1024))
+if [ "$avail_gib" -lt 15 ]; then
+	log "warning: only ${avail_gib} GiB free on /: the cluster tests need room (checkpoints, images, builds)"
+fi
+
 phase install 2400 hack/install.sh
 phase fmt 300 cargo fmt --all -- --check
 phase clippy 1800 cargo clippy --workspace --all-targets --locked -- -D warnings

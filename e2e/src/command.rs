@@ -26,6 +26,7 @@ pub struct CommandLine {
     program: OsString,
     args: Vec<OsString>,
     input: Option<Vec<u8>>,
+    env: Vec<(OsString, OsString)>,
     timeout: Duration,
 }
 
@@ -88,6 +89,7 @@ impl CommandLine {
             program: program.into(),
             args: Vec::new(),
             input: None,
+            env: Vec::new(),
             timeout: Duration::from_secs(60),
         }
     }
@@ -103,6 +105,12 @@ impl CommandLine {
         S: Into<OsString>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the program.
+    pub fn env(mut self, name: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((name.into(), value.into()));
         self
     }
 
@@ -132,6 +140,7 @@ impl CommandLine {
         let started = Instant::now();
         let mut child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(if self.input.is_some() {
                 Stdio::piped()
             } else {

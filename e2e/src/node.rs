@@ -20,6 +20,9 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The containerd namespace of containers the tests create with `ctr`.
 pub const CTR_NAMESPACE: &str = "podsnap-e2e";
 
+/// Where ctr run by the tests keeps its temporary files.
+pub const CTR_TMPDIR: &str = "/var/tmp/podsnap-e2e-ctr";
+
 /// The deadline of one crictl or ctr call (crictl's own connection timeout is 30 s).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -196,18 +199,33 @@ impl Node {
             .timeout(COMMAND_TIMEOUT)
     }
 
-    /// A ctr command line against the node, in containerd namespace `namespace`.
+    /// A ctr command line against the node, in containerd namespace `namespace`. ctr's
+    /// temporary files (`ctr container checkpoint` leaves a `ctrd-checkpoint*` directory with a
+    /// whole checkpoint in $TMPDIR) go to [`CTR_TMPDIR`], which [`Node::remove_ctr_leftovers`]
+    /// empties.
     pub fn ctr_command<I, S>(&self, namespace: &str, args: I) -> CommandLine
     where
         I: IntoIterator<Item = S>,
         S: Into<std::ffi::OsString>,
     {
+        let _ = std::fs::create_dir_all(CTR_TMPDIR);
         CommandLine::new(&self.ctr)
+            .env("TMPDIR", CTR_TMPDIR)
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", namespace])
             .args(args)
             .timeout(COMMAND_TIMEOUT)
+    }
+
+    /// Removes what ctr left in [`CTR_TMPDIR`].
+    pub fn remove_ctr_leftovers(&self) {
+        if let Ok(entries) = std::fs::read_dir(CTR_TMPDIR) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path())
+                    .or_else(|_| std::fs::remove_file(entry.path()));
+            }
+        }
     }
 
     /// Runs crictl; whatever its exit code. Panics only when it hangs or cannot start.

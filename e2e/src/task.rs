@@ -115,5 +115,6 @@ impl Drop for CtrContainer {
                 eprintln!("cleanup of ctr container {id}: {e}");
             }
         }
+        self.node.remove_ctr_leftovers();
     }
 }

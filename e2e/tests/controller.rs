@@ -371,3 +371,265 @@ fn a_user_with_only_the_checkpoint_role_cannot_restore() {
         "default",
     ]);
 }
+
+/// The `podsnap` CLI (also `kubectl podsnap`): checkpoint, list, inspect, restore and delete
+/// through the API server, with progress, and a clear failure.
+#[test]
+fn cli_checkpoints_lists_inspects_restores_and_deletes() {
+    let cluster = Cluster::get();
+    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
+    assert!(
+        binary.exists(),
+        "{} is not built (cargo build -p podsnap-cli)",
+        binary.display()
+    );
+    let podsnap = |args: &[&str]| {
+        podsnap_e2e::CommandLine::new(&binary)
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .timeout(Duration::from_secs(300))
+            .run()
+            .unwrap()
+    };
+    let pod = cluster.create_pod(counter_pod("e2e-cli"));
+    pod.wait_ready();
+    let seen = wait_counting(&pod, 3);
+
+    let made = podsnap(&["checkpoint", "e2e-cli", "--name", "e2e-cli-ckpt"]);
+    let _checkpoint = ObjectName {
+        cluster,
+        kind: "podcheckpoint",
+        name: "e2e-cli-ckpt",
+    };
+    assert!(made.success(), "{}", made.report());
+    assert!(
+        made.stderr
+            .contains("PodCheckpoint default/e2e-cli-ckpt: Ready"),
+        "{}",
+        made.report()
+    );
+    assert!(
+        made.stdout.starts_with("e2e-cli-ckpt\tpodsnap-node\t/"),
+        "{}",
+        made.report()
+    );
+
+    let listed = podsnap(&["list"]);
+    assert!(listed.success(), "{}", listed.report());
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("e2e-cli-ckpt\te2e-cli\tReady\tpodsnap-node\tcounter\t")),
+        "{}",
+        listed.report()
+    );
+    let shown = podsnap(&["inspect", "e2e-cli-ckpt"]);
+    assert!(shown.success(), "{}", shown.report());
+    for needle in [
+        "Phase:          Ready",
+        "CRIU:           4.",
+        "Kernel:",
+        "Containers:",
+        "  counter\timage ",
+    ] {
+        assert!(
+            shown.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            shown.stdout
+        );
+    }
+    drop(pod);
+
+    let restored = podsnap(&[
+        "restore",
+        "e2e-cli-ckpt",
+        "--pod-name",
+        "e2e-cli",
+        "--name",
+        "e2e-cli-restore",
+    ]);
+    let _restore = ObjectName {
+        cluster,
+        kind: "podrestore",
+        name: "e2e-cli-restore",
+    };
+    let resumed = cluster.existing_pod("default", "e2e-cli");
+    assert!(restored.success(), "{}", restored.report());
+    assert_eq!(restored.stdout.trim(), "e2e-cli");
+    let counted = wait_counting(&resumed, 2);
+    assert!(
+        counted[0] > seen[0],
+        "the restored pod started over: {counted:?}"
+    );
+
+    // Failures: a clear message and a non-zero exit.
+    let missing = podsnap(&["checkpoint", "nothere", "--name", "e2e-cli-missing"]);
+    let _missing = ObjectName {
+        cluster,
+        kind: "podcheckpoint",
+        name: "e2e-cli-missing",
+    };
+    assert!(!missing.success());
+    assert!(
+        missing.stderr.contains("PodCheckpoint default/e2e-cli-missing failed: SourcePodNotFound: pod default/nothere does not exist"),
+        "{}",
+        missing.report()
+    );
+    let usage = podsnap(&[
+        "restore",
+        "e2e-cli-ckpt",
+        "--pod-name",
+        "x",
+        "--replicas",
+        "2",
+    ]);
+    assert!(
+        !usage.success() && usage.stderr.contains("cannot go with --replicas"),
+        "{}",
+        usage.report()
+    );
+
+    let deleted = podsnap(&["delete", "e2e-cli-ckpt"]);
+    assert!(deleted.success(), "{}", deleted.report());
+    wait_for(
+        "the PodCheckpoint to be gone",
+        Duration::from_secs(30),
+        || {
+            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-cli-ckpt"])?;
+            if f.success() {
+                Err("still there".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+/// Deletes a checkpoint.k8s.io object by name when dropped.
+struct ObjectName<'c> {
+    cluster: &'c Cluster,
+    kind: &'static str,
+    name: &'static str,
+}
+
+impl Drop for ObjectName<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl_try([
+            "delete",
+            self.kind,
+            self.name,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+    }
+}
+
+/// A checkpoint in use by a restore is not deleted under it (finalizer `checkpoint.k8s.io/in-use`),
+/// and once deleted, deletion policy Delete removes its node-local data (the node agent and
+/// finalizer `checkpoint.k8s.io/node-data`).
+#[test]
+fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-lifecycle"));
+    pod.wait_ready();
+    let mut manifest = checkpoint_of("e2e-lifecycle-ckpt", "e2e-lifecycle");
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let location =
+        std::path::PathBuf::from(ready["status"]["checkpointLocation"].as_str().unwrap());
+    let record = std::path::PathBuf::from(format!("{}.kubelet.json", location.display()));
+    assert!(location.is_dir() && record.is_file());
+    wait_for("the node-data finalizer", Duration::from_secs(30), || {
+        let f = checkpoint.get()["metadata"]["finalizers"].clone();
+        if f.to_string().contains("checkpoint.k8s.io/node-data") {
+            Ok(())
+        } else {
+            Err(f.to_string())
+        }
+    });
+    drop(pod);
+
+    // Make the kubelet's restore fail (a modified image): the restore stays in progress, its pod
+    // never starts, and the checkpoint is in use meanwhile.
+    let record_text = std::fs::read_to_string(&record).unwrap();
+    let pages = walk_files(&location)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&pages, bytes).unwrap();
+    let restore = Object::create(
+        cluster,
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": "e2e-lifecycle-restore", "namespace": "default"},
+               "spec": {"checkpointName": "e2e-lifecycle-ckpt"}}),
+    );
+    let _restored_pod = cluster.existing_pod("default", "e2e-lifecycle-restore");
+    restore.wait_phase(&["Restoring"]);
+    wait_for("the in-use finalizer", Duration::from_secs(30), || {
+        let f = checkpoint.get()["metadata"]["finalizers"].clone();
+        if f.to_string().contains("checkpoint.k8s.io/in-use") {
+            Ok(())
+        } else {
+            Err(f.to_string())
+        }
+    });
+
+    // Deleting the checkpoint now only marks it: the restore still needs it, its data stays.
+    cluster.kubectl([
+        "delete",
+        "podcheckpoint",
+        "e2e-lifecycle-ckpt",
+        "--wait=false",
+    ]);
+    std::thread::sleep(Duration::from_secs(4));
+    let held = checkpoint.get();
+    assert!(!held["metadata"]["deletionTimestamp"].is_null(), "{held}");
+    assert!(location.is_dir(), "the data went while a restore used it");
+    assert!(record.is_file(), "{record_text}");
+
+    // The restore goes: the checkpoint is released, deleted, and its data removed on the node.
+    drop(restore);
+    wait_for(
+        "the PodCheckpoint to be gone",
+        Duration::from_secs(60),
+        || {
+            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-lifecycle-ckpt"])?;
+            if f.success() { Err(f.stdout) } else { Ok(()) }
+        },
+    );
+    wait_for(
+        "the checkpoint's data to be removed",
+        Duration::from_secs(30),
+        || {
+            if location.exists() || record.exists() {
+                Err(format!("{} still there", location.display()))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    std::mem::forget(checkpoint);
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}

@@ -1,9 +1,11 @@
-//! `podsnap`, the podsnap CLI: pod checkpoint and restore through a CRI runtime endpoint
-//! (podsnapd's socket by default). Installed as `kubectl-podsnap` (a symlink to this binary on
-//! the PATH) it is also the kubectl plugin `kubectl podsnap ...`, with the same arguments; it
-//! then still talks CRI on the node it runs on, not to the API server.
+//! `podsnap`, the podsnap CLI. Installed as `kubectl-podsnap` (a symlink to this binary on the
+//! PATH) it is also the kubectl plugin `kubectl podsnap ...`, with the same arguments.
 //!
-//! This module owns the command line and error reporting; the commands are `checkpoint` and
+//! `checkpoint`, `restore`, `list`, `inspect` and `delete` work on PodCheckpoint / PodRestore
+//! objects through the API server (`kube_cmd`); `pod checkpoint` / `pod restore` talk CRI to a
+//! runtime endpoint on this node (podsnapd's socket by default), without Kubernetes.
+//!
+//! This module owns the command line and error reporting; the CRI commands are `checkpoint` and
 //! `restore`, the CRI JSON configs `config`, the calls and deadlines `cri`.
 
 mod checkpoint;
@@ -11,6 +13,7 @@ mod config;
 mod cri;
 mod duration;
 mod error;
+mod kube_cmd;
 mod options;
 mod restore;
 
@@ -25,7 +28,8 @@ use crate::checkpoint::CheckpointPod;
 use crate::duration::parse_duration;
 use crate::restore::RestorePod;
 
-/// Checkpoint and restore Kubernetes pods on this node (CRI CheckpointPod / RestorePod).
+/// Checkpoint and restore Kubernetes pods: PodCheckpoint / PodRestore through the API server, or
+/// CRI CheckpointPod / RestorePod on this node (`pod ...`).
 ///
 /// Also usable as the kubectl plugin `kubectl podsnap`: symlink this binary as
 /// `kubectl-podsnap` somewhere on the PATH.
@@ -47,9 +51,73 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Pod checkpoint and restore.
+    /// Checkpoint a pod: create a PodCheckpoint and wait until it is Ready (or Failed).
+    Checkpoint {
+        /// The pod to checkpoint.
+        pod: String,
+        #[command(flatten)]
+        namespace: Namespace,
+        /// The PodCheckpoint's name (default: <pod>-<time>).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the checkpoint itself may take, in seconds (the runtime's default if unset).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(1..=3600))]
+        timeout_seconds: Option<i32>,
+        /// What deleting the PodCheckpoint does to its data: Retain or Delete.
+        #[arg(long, value_parser = ["Retain", "Delete"])]
+        deletion_policy: Option<String>,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Restore pods from a PodCheckpoint: create a PodRestore and wait until it is Completed.
+    Restore {
+        /// The PodCheckpoint to restore.
+        checkpoint: String,
+        #[command(flatten)]
+        namespace: Namespace,
+        /// How many independent pods to restore (warm start).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100))]
+        replicas: Option<i32>,
+        /// The restored pod's name, for a single pod (suspend/resume under the same name).
+        #[arg(long)]
+        pod_name: Option<String>,
+        /// The PodRestore's name (default: <checkpoint>-restore-<time>).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// List the PodCheckpoints of a namespace.
+    List {
+        #[command(flatten)]
+        namespace: Namespace,
+    },
+    /// Show a PodCheckpoint: status, and on its node the checkpoint's containers, sizes, CRIU
+    /// and kernel versions.
+    Inspect {
+        checkpoint: String,
+        #[command(flatten)]
+        namespace: Namespace,
+    },
+    /// Delete a PodCheckpoint.
+    Delete {
+        checkpoint: String,
+        #[command(flatten)]
+        namespace: Namespace,
+    },
+    /// Pod checkpoint and restore over CRI on this node (no Kubernetes).
     #[command(subcommand)]
     Pod(PodCommand),
+}
+
+/// The namespace of a Kubernetes command.
+#[derive(Debug, clap::Args)]
+struct Namespace {
+    /// The namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long = "namespace")]
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,16 +204,67 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let pod_command = match cli.command {
+        Command::Checkpoint {
+            pod,
+            namespace,
+            name,
+            timeout_seconds,
+            deletion_policy,
+            wait,
+        } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            return kube_cmd::checkpoint(
+                &target,
+                &pod,
+                name,
+                timeout_seconds,
+                deletion_policy,
+                wait,
+            )
+            .await;
+        }
+        Command::Restore {
+            checkpoint,
+            namespace,
+            replicas,
+            pod_name,
+            name,
+            wait,
+        } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            return kube_cmd::restore(&target, &checkpoint, replicas, pod_name, name, wait).await;
+        }
+        Command::List { namespace } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            return kube_cmd::list(&target).await;
+        }
+        Command::Inspect {
+            checkpoint,
+            namespace,
+        } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            return kube_cmd::inspect(&target, &checkpoint).await;
+        }
+        Command::Delete {
+            checkpoint,
+            namespace,
+        } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            return kube_cmd::delete(&target, &checkpoint).await;
+        }
+        Command::Pod(command) => command,
+    };
     let endpoint = cli.runtime_endpoint;
     let context = format!("runtime endpoint {endpoint}");
-    let result = match cli.command {
-        Command::Pod(PodCommand::Checkpoint {
+    let result = match pod_command {
+        PodCommand::Checkpoint {
             sandbox_id,
             output_dir,
             containers,
             options,
             timeout,
-        }) => {
+        } => {
             checkpoint::checkpoint_pod(
                 &endpoint,
                 CheckpointPod {
@@ -158,7 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Pod(PodCommand::Restore {
+        PodCommand::Restore {
             checkpoint_dir,
             pod_config,
             container_configs,
@@ -166,7 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options,
             timeout,
             start,
-        }) => {
+        } => {
             restore::restore_pod(
                 &endpoint,
                 RestorePod {

@@ -12,15 +12,48 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, RUNTIME_CLASS, now};
-use crate::{Context, Error};
+use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, RUNTIME_CLASS, now};
+use crate::{Context, Error, finalizers};
 
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     let phase = object.status.as_ref().and_then(|s| s.phase.clone());
+    if object.meta().deletion_timestamp.is_some() {
+        // Being deleted: the node agent clears node-data; the in-use finalizer goes once no
+        // PodRestore of it is in progress (also when such a restore was deleted half-way).
+        if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
+            let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+            let busy = restores
+                .list(&Default::default())
+                .await?
+                .items
+                .iter()
+                .any(|r| {
+                    r.spec.checkpoint_name == name
+                        && !matches!(
+                            r.status.as_ref().and_then(|s| s.phase.as_deref()),
+                            Some("Completed" | "Failed")
+                        )
+                });
+            if busy {
+                return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+            }
+            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+            finalizers::remove(&api, &object, finalizers::IN_USE).await?;
+        }
+        return Ok(Action::await_change());
+    }
     match phase.as_deref() {
-        Some("Ready" | "Failed") => return Ok(Action::await_change()),
+        Some("Ready") => {
+            if object.spec.deletion_policy.as_deref() == Some("Delete") {
+                // Its data goes when it goes: the node agent removes it, then this finalizer.
+                let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+                finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
+            }
+            return Ok(Action::await_change());
+        }
+        Some("Failed") => return Ok(Action::await_change()),
         Some("Checkpointing") => {
             // Found mid-checkpoint: this controller restarted while the kubelet worked. The
             // kubelet and the runtime thaw the pod and remove partial output on their own; the

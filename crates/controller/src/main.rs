@@ -8,8 +8,10 @@
 //! storm). An object found mid-checkpoint after a restart is failed cleanly: the kubelet and the
 //! runtime thaw the pod and remove partial data themselves.
 
-mod api;
+use podsnap_checkpoint_api as api;
 mod checkpoint;
+mod finalizers;
+mod node_agent;
 mod restore;
 
 use std::sync::Arc;
@@ -29,8 +31,24 @@ use api::{PodCheckpoint, PodRestore};
 #[command(version, about)]
 struct Args {
     /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
-    #[arg(long, env = "KUBECONFIG")]
+    #[arg(long, env = "KUBECONFIG", global = true)]
     kubeconfig: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Mode {
+    /// Run on a node: remove the node-local data of deleted PodCheckpoints whose deletion
+    /// policy is Delete (the `checkpoint.k8s.io/node-data` finalizer).
+    NodeAgent {
+        /// This node's name, as PodCheckpoints' status.nodeName gives it.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// The kubelet's pod checkpoint directory (<root-dir>/pod-checkpoints).
+        #[arg(long, default_value = "/var/lib/kubelet/pod-checkpoints")]
+        checkpoints_dir: std::path::PathBuf,
+    },
 }
 
 /// What every reconcile needs.
@@ -48,7 +66,7 @@ pub enum Error {
     Other(String),
 }
 
-fn requeue_on_error<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+pub(crate) fn requeue_on_error<K, C>(_: Arc<K>, error: &Error, _: Arc<C>) -> Action {
     tracing::warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -69,6 +87,23 @@ async fn main() -> anyhow::Result<()> {
         None => kube::Config::infer().await?,
     };
     let client = Client::try_from(config)?;
+    if let Some(Mode::NodeAgent {
+        node,
+        checkpoints_dir,
+    }) = args.mode
+    {
+        tracing::info!(%node, dir = %checkpoints_dir.display(), "podsnap node agent started");
+        let agent = node_agent::run(node_agent::Agent {
+            client,
+            node,
+            checkpoints_dir,
+        });
+        tokio::select! {
+            _ = agent => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        }
+        return Ok(());
+    }
     let context = Arc::new(Context {
         client: client.clone(),
         reporter: Reporter {

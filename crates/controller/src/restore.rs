@@ -16,17 +16,18 @@ use serde_json::json;
 
 use crate::api::{Condition, PodCheckpoint, PodRestore, RESTORE_FROM};
 use crate::checkpoint::publish;
-use crate::{Context, Error};
+use crate::{Context, Error, finalizers};
 
 pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     let phase = object.status.as_ref().and_then(|s| s.phase.clone());
-    if matches!(phase.as_deref(), Some("Completed" | "Failed")) {
-        return Ok(Action::await_change());
-    }
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     let wanted = &object.spec.checkpoint_name;
+    if matches!(phase.as_deref(), Some("Completed" | "Failed")) {
+        release(&ctx, &checkpoints, &namespace, wanted).await?;
+        return Ok(Action::await_change());
+    }
     let Some(checkpoint) = checkpoints.get_opt(wanted).await? else {
         return fail(
             &ctx,
@@ -67,6 +68,21 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         .await;
     };
     let checkpoint_dir = location.rsplit('/').next().unwrap_or_default().to_string();
+    // The checkpoint is in use until this restore's pods run: it is not deleted meanwhile.
+    let in_use = checkpoint
+        .finalizers()
+        .iter()
+        .any(|f| f == finalizers::IN_USE);
+    if checkpoint.meta().deletion_timestamp.is_some() && !in_use {
+        return fail(
+            &ctx,
+            &object,
+            "CheckpointDeleted",
+            &format!("PodCheckpoint {wanted} is being deleted"),
+        )
+        .await;
+    }
+    finalizers::add(&checkpoints, &checkpoint, finalizers::IN_USE).await?;
 
     let replicas = object.spec.replicas.unwrap_or(1).max(1) as usize;
     let template = object
@@ -160,6 +176,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     )
     .await?;
     if done {
+        release(&ctx, &checkpoints, &namespace, wanted).await?;
         publish(
             &ctx,
             object.as_ref(),
@@ -176,6 +193,38 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     } else {
         Ok(Action::requeue(Duration::from_secs(2)))
     }
+}
+
+/// Drops the checkpoint's in-use finalizer once no PodRestore of it is in progress.
+async fn release(
+    ctx: &Context,
+    checkpoints: &Api<PodCheckpoint>,
+    namespace: &str,
+    checkpoint: &str,
+) -> Result<(), Error> {
+    let Some(object) = checkpoints.get_opt(checkpoint).await? else {
+        return Ok(());
+    };
+    if !object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
+        return Ok(());
+    }
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), namespace);
+    let busy = restores
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .any(|r| {
+            r.spec.checkpoint_name == checkpoint
+                && !matches!(
+                    r.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Completed" | "Failed")
+                )
+        });
+    if !busy {
+        finalizers::remove(checkpoints, &object, finalizers::IN_USE).await?;
+    }
+    Ok(())
 }
 
 async fn fail(
