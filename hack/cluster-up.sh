@@ -270,7 +270,8 @@ start_podsnap_controller() {
 	# A rebuilt controller replaces the running one.
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
 	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnap-controller 10
-	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig"
+	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
+		--keep-last "${PODSNAP_KEEP_LAST:-3}"
 	# The node agent removes deleted checkpoints' data on this node (deletion policy Delete).
 	start podsnap-node-agent "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
 		node-agent --node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"

@@ -633,3 +633,52 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Retention: the test cluster's controller keeps the last 3 Ready checkpoints per pod
+/// (`--keep-last 3`, PODSNAP_KEEP_LAST); a fourth prunes the oldest.
+#[test]
+fn retention_keeps_the_last_three_checkpoints_of_a_pod() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-retained"));
+    pod.wait_ready();
+    let mut objects = Vec::new();
+    for i in 0..4 {
+        let object = Object::create(
+            cluster,
+            checkpoint_of(&format!("e2e-retained-{i}"), "e2e-retained"),
+        );
+        let ready = object.wait_phase(&["Ready", "Failed"]);
+        assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+        // Completion times have second resolution: keep them apart.
+        std::thread::sleep(Duration::from_millis(1100));
+        objects.push(object);
+    }
+    wait_for(
+        "the oldest checkpoint to be pruned",
+        Duration::from_secs(30),
+        || {
+            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-retained-0"])?;
+            if f.success() {
+                Err("e2e-retained-0 is still there".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    for i in 1..4 {
+        let name = format!("e2e-retained-{i}");
+        let f = cluster
+            .kubectl_try(["get", "podcheckpoint", &name])
+            .unwrap();
+        assert!(f.success(), "{name} was pruned too: {}", f.report());
+    }
+    let events: Vec<String> = (1..4)
+        .flat_map(|i| cluster.events("default", &format!("e2e-retained-{i}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Pruned:") && e.contains("e2e-retained-0")),
+        "{events:#?}"
+    );
+}

@@ -46,10 +46,13 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     }
     match phase.as_deref() {
         Some("Ready") => {
+            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
             if object.spec.deletion_policy.as_deref() == Some("Delete") {
                 // Its data goes when it goes: the node agent removes it, then this finalizer.
-                let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
                 finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
+            }
+            if ctx.keep_last > 0 {
+                prune(&ctx, &api, &object).await?;
             }
             return Ok(Action::await_change());
         }
@@ -165,6 +168,61 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// Retention: deletes the oldest Ready checkpoints of the same source pod beyond `keep_last`
+/// (each one's deletion policy and finalizers then apply as for any deletion).
+async fn prune(
+    ctx: &Context,
+    api: &Api<PodCheckpoint>,
+    object: &PodCheckpoint,
+) -> Result<(), Error> {
+    let mut ready: Vec<PodCheckpoint> = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| {
+            c.spec.source_pod_name == object.spec.source_pod_name
+                && c.meta().deletion_timestamp.is_none()
+                && c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready")
+        })
+        .collect();
+    if ready.len() <= ctx.keep_last {
+        return Ok(());
+    }
+    // Oldest first: by completion time, then creation.
+    ready.sort_by_key(|c| {
+        (
+            c.status
+                .as_ref()
+                .and_then(|s| s.completion_time.clone())
+                .unwrap_or_default(),
+            c.meta().creation_timestamp.clone().map(|t| t.0),
+        )
+    });
+    let excess = ready.len() - ctx.keep_last;
+    for old in ready.into_iter().take(excess) {
+        let name = old.name_any();
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => continue,
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(checkpoint = %name, pod = %object.spec.source_pod_name, keep = ctx.keep_last, "pruned");
+        publish(
+            ctx,
+            object,
+            EventType::Normal,
+            "Pruned",
+            &format!(
+                "deleted PodCheckpoint {name}: only the last {} checkpoints of pod {} are kept",
+                ctx.keep_last, object.spec.source_pod_name
+            ),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 async fn fail(

@@ -33,6 +33,10 @@ struct Args {
     /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
     #[arg(long, env = "KUBECONFIG", global = true)]
     kubeconfig: Option<std::path::PathBuf>,
+    /// Keep at most this many Ready PodCheckpoints per source pod (per namespace and pod name):
+    /// when a new one is Ready the oldest beyond it are deleted. 0 keeps them all.
+    #[arg(long, env = "PODSNAP_KEEP_LAST", default_value_t = 0)]
+    keep_last: usize,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -55,6 +59,8 @@ enum Mode {
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
+    /// Retention: Ready checkpoints kept per source pod (0: all).
+    pub keep_last: usize,
 }
 
 /// Why a reconcile failed (it is retried after a pause).
@@ -110,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
             controller: "podsnap-controller".into(),
             instance: std::env::var("HOSTNAME").ok(),
         },
+        keep_last: args.keep_last,
     });
     tracing::info!("podsnap-controller started");
     let checkpoints = Controller::new(
