@@ -20,6 +20,13 @@ pub const NODE_NAME: &str = "podsnap-node";
 /// The annotation that makes the patched kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 
+/// The image of the tests' pods (pushed to the local registry by `hack/images.sh`).
+pub const COUNTER_IMAGE: &str = "docker.io/library/busybox:1.37.0";
+
+/// The seed talk's counter: prints `count: N` every second.
+pub const COUNTER_SCRIPT: &str =
+    "i=0; while true; do echo \"count: $i\"; i=$((i+1)); sleep 1; done";
+
 /// How long a pod may take to become ready (image pull from the local registry included).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -279,14 +286,30 @@ impl KubePod<'_> {
         )
     }
 
+    /// Waits until `container` has logged at least `n` `count: N` lines; returns them.
+    pub fn wait_counting(&self, container: &str, n: usize) -> Vec<u64> {
+        wait_for(
+            format!("{} to count {n} times", self.name),
+            Duration::from_secs(60),
+            || {
+                let seen = counts(&self.logs(container));
+                if seen.len() >= n {
+                    Ok(seen)
+                } else {
+                    Err(format!("{seen:?}"))
+                }
+            },
+        )
+    }
+
     /// The current log of one of its containers (`kubectl logs`).
     pub fn logs(&self, container: &str) -> String {
         self.cluster
             .kubectl(["-n", &self.namespace, "logs", &self.name, "-c", container])
     }
 
-    /// `kubectl exec` in one of its containers; returns stdout.
-    pub fn exec(&self, container: &str, argv: &[&str]) -> String {
+    /// The `kubectl exec` arguments running `argv` in one of its containers.
+    fn exec_args<'a>(&'a self, container: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "-n",
             &self.namespace,
@@ -297,23 +320,18 @@ impl KubePod<'_> {
             "--",
         ];
         args.extend_from_slice(argv);
-        self.cluster.kubectl(args)
+        args
+    }
+
+    /// `kubectl exec` in one of its containers; returns stdout.
+    pub fn exec(&self, container: &str, argv: &[&str]) -> String {
+        self.cluster.kubectl(self.exec_args(container, argv))
     }
 
     /// `kubectl exec`, returning stdout even when it fails (empty then).
     pub fn exec_try(&self, container: &str, argv: &[&str]) -> String {
-        let mut args = vec![
-            "-n",
-            &self.namespace,
-            "exec",
-            &self.name,
-            "-c",
-            container,
-            "--",
-        ];
-        args.extend_from_slice(argv);
         self.cluster
-            .kubectl_try(args)
+            .kubectl_try(self.exec_args(container, argv))
             .map(|f| if f.success() { f.stdout } else { String::new() })
             .unwrap_or_default()
     }
@@ -358,6 +376,50 @@ impl Drop for KubePod<'_> {
             _ => {}
         }
     }
+}
+
+/// The seed talk's counting pod in namespace `default`, on the podsnap runtime class: one
+/// container `counter` running [`COUNTER_SCRIPT`].
+pub fn counter_pod(name: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "counter"}},
+        "spec": {
+            "runtimeClassName": "podsnap",
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "counter", "image": COUNTER_IMAGE, "command": ["sh", "-c", COUNTER_SCRIPT]}]
+        }
+    })
+}
+
+/// Tampers with a checkpoint: flips a byte in the middle of its largest file (a memory image);
+/// returns that file.
+pub fn tamper_with(checkpoint: &Path) -> PathBuf {
+    let victim = largest_file(checkpoint);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    victim
+}
+
+/// The largest regular file under `dir`.
+fn largest_file(dir: &Path) -> PathBuf {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
+                best = Some((meta.len(), entry.path()));
+            }
+        }
+    }
+    best.expect("the directory has files").1
 }
 
 /// The numbers of the `count: N` lines of a log, in order.

@@ -10,25 +10,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{Cluster, KubePod, RESTORE_FROM, counts};
+use podsnap_e2e::cluster::{
+    self, COUNTER_IMAGE, Cluster, KubePod, RESTORE_FROM, counts, tamper_with,
+};
 use podsnap_e2e::{CommandLine, wait_for};
 use serde_json::{Value, json};
 
-const BUSYBOX: &str = "docker.io/library/busybox:1.37.0";
-const COUNTER: &str = "i=0; while true; do echo \"count: $i\"; i=$((i+1)); sleep 1; done";
-
 /// The seed talk's counting pod; `restore_from` makes it a restore.
 fn counter_pod(name: &str, restore_from: Option<&str>) -> Value {
-    let mut pod = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": "counter"}},
-        "spec": {
-            "runtimeClassName": "podsnap",
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{"name": "counter", "image": BUSYBOX, "command": ["sh", "-c", COUNTER]}]
-        }
-    });
+    let mut pod = cluster::counter_pod(name);
     if let Some(checkpoint) = restore_from {
         pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
     }
@@ -37,18 +27,7 @@ fn counter_pod(name: &str, restore_from: Option<&str>) -> Value {
 
 /// Waits until the pod's counter has logged at least `n` lines; returns the highest count.
 fn wait_counting(pod: &KubePod<'_>, container: &str, n: usize) -> u64 {
-    wait_for(
-        format!("{} to count {n} times", pod.name),
-        Duration::from_secs(60),
-        || {
-            let seen = counts(&pod.logs(container));
-            if seen.len() >= n {
-                Ok(*seen.last().unwrap())
-            } else {
-                Err(format!("{seen:?}"))
-            }
-        },
-    )
+    *pod.wait_counting(container, n).last().unwrap()
 }
 
 fn last_count(pod: &KubePod<'_>, container: &str) -> u64 {
@@ -181,9 +160,9 @@ fn two_container_pod_restores_both_with_their_shared_files() {
                 "terminationGracePeriodSeconds": 2,
                 "volumes": [{"name": "data", "emptyDir": {}}],
                 "containers": [
-                    {"name": "count", "image": BUSYBOX, "command": ["sh", "-c", script],
+                    {"name": "count", "image": COUNTER_IMAGE, "command": ["sh", "-c", script],
                      "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
-                    {"name": "serve", "image": BUSYBOX, "command": ["sh", "-c", "mkdir -p /srv && exec httpd -f -p 8080 -h /srv"],
+                    {"name": "serve", "image": COUNTER_IMAGE, "command": ["sh", "-c", "mkdir -p /srv && exec httpd -f -p 8080 -h /srv"],
                      "volumeMounts": [{"name": "data", "mountPath": "/srv/shared"}]}
                 ]
             }
@@ -273,11 +252,7 @@ fn tampered_checkpoint_fails_the_restore_with_an_event_and_never_starts_fresh() 
     drop(pod);
 
     // Flip a byte of the largest file in the checkpoint (a memory image).
-    let victim = largest_file(&location);
-    let mut bytes = fs::read(&victim).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    fs::write(&victim, bytes).unwrap();
+    let victim = tamper_with(&location);
     let victim_name = victim.file_name().unwrap().to_str().unwrap().to_owned();
 
     let name = location.file_name().unwrap().to_str().unwrap().to_owned();
@@ -304,23 +279,6 @@ fn tampered_checkpoint_fails_the_restore_with_an_event_and_never_starts_fresh() 
         }
     });
     assert_never_started(&restored);
-}
-
-fn largest_file(dir: &Path) -> std::path::PathBuf {
-    let mut best: Option<(u64, std::path::PathBuf)> = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
-                best = Some((meta.len(), entry.path()));
-            }
-        }
-    }
-    best.expect("the checkpoint has files").1
 }
 
 #[test]

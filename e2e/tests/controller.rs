@@ -4,24 +4,9 @@
 
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{Cluster, KubePod, counts};
+use podsnap_e2e::cluster::{Cluster, KubePod, counter_pod, counts, tamper_with};
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
-
-const BUSYBOX: &str = "docker.io/library/busybox:1.37.0";
-const COUNTER: &str = "i=0; while true; do echo \"count: $i\"; i=$((i+1)); sleep 1; done";
-
-fn counter_pod(name: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "runtimeClassName": "podsnap",
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{"name": "counter", "image": BUSYBOX, "command": ["sh", "-c", COUNTER]}]
-        }
-    })
-}
 
 /// A checkpoint.k8s.io object created by a test, deleted when dropped.
 struct Object<'c> {
@@ -93,18 +78,7 @@ fn checkpoint_of(name: &str, pod: &str) -> Value {
 }
 
 fn wait_counting(pod: &KubePod<'_>, n: usize) -> Vec<u64> {
-    wait_for(
-        format!("{} to count {n} times", pod.name),
-        Duration::from_secs(60),
-        || {
-            let seen = counts(&pod.logs("counter"));
-            if seen.len() >= n {
-                Ok(seen)
-            } else {
-                Err(format!("{seen:?}"))
-            }
-        },
-    )
+    pod.wait_counting("counter", n)
 }
 
 /// The seed talk's two YAML documents apply verbatim; without a `my-pod` both end Failed with a
@@ -556,14 +530,7 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
     // Make the kubelet's restore fail (a modified image): the restore stays in progress, its pod
     // never starts, and the checkpoint is in use meanwhile.
     let record_text = std::fs::read_to_string(&record).unwrap();
-    let pages = walk_files(&location)
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = std::fs::read(&pages).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&pages, bytes).unwrap();
+    tamper_with(&location);
     let restore = Object::create(
         cluster,
         json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
@@ -616,22 +583,6 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
         },
     );
     std::mem::forget(checkpoint);
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            } else {
-                out.push(entry.path());
-            }
-        }
-    }
-    out
 }
 
 /// Retention: the test cluster's controller keeps the last 3 Ready checkpoints per pod

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::{
     PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate, TemplateMetadata,
 };
+use serde::de::DeserializeOwned;
 
 /// Where the commands act.
 pub struct Target {
@@ -68,38 +69,22 @@ pub async fn checkpoint(
         "PodCheckpoint {}/{name}: created for pod {pod}",
         target.namespace
     );
-    let started = Instant::now();
-    let mut last = String::new();
-    loop {
-        let got = target.checkpoints().get(&name).await?;
-        let status = got.status.unwrap_or_default();
-        let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
-        if phase != last {
-            eprintln!("PodCheckpoint {}/{name}: {phase}", target.namespace);
-            last = phase.clone();
-        }
-        match phase.as_str() {
-            "Ready" => {
-                println!(
-                    "{name}\t{}\t{}",
-                    status.node_name.unwrap_or_default(),
-                    status.checkpoint_location.unwrap_or_default()
-                );
-                return Ok(());
-            }
-            "Failed" => bail!(
-                "PodCheckpoint {}/{name} failed: {}: {}",
-                target.namespace,
-                status.reason.unwrap_or_default(),
-                status.message.unwrap_or_default()
-            ),
-            _ if started.elapsed() > wait => bail!(
-                "PodCheckpoint {}/{name} is still {phase} after {wait:?} (is podsnap-controller running?)",
-                target.namespace
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    let done = await_phase(
+        &target.checkpoints(),
+        &target.namespace,
+        &name,
+        "Ready",
+        wait,
+        " (is podsnap-controller running?)",
+    )
+    .await?;
+    let status = done.status.unwrap_or_default();
+    println!(
+        "{name}\t{}\t{}",
+        status.node_name.unwrap_or_default(),
+        status.checkpoint_location.unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed.
@@ -138,35 +123,83 @@ pub async fn restore(
         "PodRestore {}/{name}: created from PodCheckpoint {checkpoint}",
         target.namespace
     );
+    let done = await_phase(
+        &target.restores(),
+        &target.namespace,
+        &name,
+        "Completed",
+        wait,
+        "",
+    )
+    .await?;
+    for pod in done.status.unwrap_or_default().restored_pod_names {
+        println!("{pod}");
+    }
+    Ok(())
+}
+
+/// What an object's status says: phase (Pending until it has one), reason, message.
+trait Outcome {
+    fn outcome(&self) -> (String, String, String);
+}
+
+impl Outcome for PodCheckpoint {
+    fn outcome(&self) -> (String, String, String) {
+        let s = self.status.clone().unwrap_or_default();
+        let phase = s.phase.unwrap_or_else(|| "Pending".into());
+        (
+            phase,
+            s.reason.unwrap_or_default(),
+            s.message.unwrap_or_default(),
+        )
+    }
+}
+
+impl Outcome for PodRestore {
+    fn outcome(&self) -> (String, String, String) {
+        let s = self.status.clone().unwrap_or_default();
+        let phase = s.phase.unwrap_or_else(|| "Pending".into());
+        (
+            phase,
+            s.reason.unwrap_or_default(),
+            s.message.unwrap_or_default(),
+        )
+    }
+}
+
+/// Polls the object until its phase is `done` (returns it) or Failed (an error with its reason),
+/// printing each new phase on stderr; gives up after `wait` (`hint` says what may be wrong).
+async fn await_phase<K>(
+    api: &Api<K>,
+    namespace: &str,
+    name: &str,
+    done: &str,
+    wait: Duration,
+    hint: &str,
+) -> anyhow::Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Outcome,
+{
+    let kind = K::kind(&());
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let got = target.restores().get(&name).await?;
-        let status = got.status.unwrap_or_default();
-        let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
+        let object = api.get(name).await?;
+        let (phase, reason, message) = object.outcome();
         if phase != last {
-            eprintln!("PodRestore {}/{name}: {phase}", target.namespace);
+            eprintln!("{kind} {namespace}/{name}: {phase}");
             last = phase.clone();
         }
-        match phase.as_str() {
-            "Completed" => {
-                for pod in &status.restored_pod_names {
-                    println!("{pod}");
-                }
-                return Ok(());
-            }
-            "Failed" => bail!(
-                "PodRestore {}/{name} failed: {}: {}",
-                target.namespace,
-                status.reason.unwrap_or_default(),
-                status.message.unwrap_or_default()
-            ),
-            _ if started.elapsed() > wait => bail!(
-                "PodRestore {}/{name} is still {phase} after {wait:?}",
-                target.namespace
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        if phase == done {
+            return Ok(object);
         }
+        if phase == "Failed" {
+            bail!("{kind} {namespace}/{name} failed: {reason}: {message}");
+        }
+        if started.elapsed() > wait {
+            bail!("{kind} {namespace}/{name} is still {phase} after {wait:?}{hint}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -226,7 +259,7 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
     let Some(location) = status.checkpoint_location else {
         return Ok(());
     };
-    let manifest_path = std::path::Path::new(&location).join("podsnap-manifest.json");
+    let manifest_path = std::path::Path::new(&location).join(podsnap_checkpoint_format::MANIFEST);
     let manifest = match std::fs::read(&manifest_path) {
         Ok(data) => data,
         Err(e) => {
@@ -238,33 +271,35 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest)
+    let manifest: podsnap_checkpoint_format::Manifest = serde_json::from_slice(&manifest)
         .with_context(|| format!("parse {}", manifest_path.display()))?;
-    println!(
-        "CRIU:           {}",
-        manifest["criu_version"].as_str().unwrap_or("")
-    );
-    println!(
-        "Kernel:         {}",
-        manifest["kernel"].as_str().unwrap_or("")
-    );
-    let files = manifest["files"].as_object().cloned().unwrap_or_default();
+    println!("CRIU:           {}", manifest.criu_version);
+    println!("Kernel:         {}", manifest.kernel);
+    // Each file's size, read once.
+    let sizes: Vec<(&String, u64)> = manifest
+        .files
+        .keys()
+        .map(|f| {
+            let len =
+                std::fs::metadata(std::path::Path::new(&location).join(f)).map_or(0, |m| m.len());
+            (f, len)
+        })
+        .collect();
     let size_of = |prefix: &str| -> u64 {
-        files
-            .keys()
-            .filter(|f| f.starts_with(prefix))
-            .filter_map(|f| std::fs::metadata(std::path::Path::new(&location).join(f)).ok())
-            .map(|m| m.len())
+        sizes
+            .iter()
+            .filter(|(f, _)| f.starts_with(prefix))
+            .map(|(_, len)| len)
             .sum()
     };
     println!("Total size:     {}", human(size_of("")));
     println!("Containers:");
-    for container in manifest["containers"].as_array().into_iter().flatten() {
-        let cname = container["name"].as_str().unwrap_or("");
+    for container in &manifest.containers {
         println!(
-            "  {cname}\timage {}\t{}",
-            container["image"].as_str().unwrap_or(""),
-            human(size_of(&format!("{cname}/")))
+            "  {}\timage {}\t{}",
+            container.name,
+            container.image,
+            human(size_of(&format!("{}/", container.name)))
         );
     }
     Ok(())

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, RUNTIME_CLASS, now};
+use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, RUNTIME_CLASS, now};
+use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
 
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -23,20 +23,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         // Being deleted: the node agent clears node-data; the in-use finalizer goes once no
         // PodRestore of it is in progress (also when such a restore was deleted half-way).
         if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
-            let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
-            let busy = restores
-                .list(&Default::default())
-                .await?
-                .items
-                .iter()
-                .any(|r| {
-                    r.spec.checkpoint_name == name
-                        && !matches!(
-                            r.status.as_ref().and_then(|s| s.phase.as_deref()),
-                            Some("Completed" | "Failed")
-                        )
-                });
-            if busy {
+            if status::restore_in_progress(&ctx, &namespace, &name).await? {
                 return Ok(Action::requeue(std::time::Duration::from_secs(2)));
             }
             let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -106,9 +93,9 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         .await;
     };
 
-    set_status(
+    status::set(
         &ctx,
-        &object,
+        object.as_ref(),
         json!({"phase": "Checkpointing", "nodeName": node, "reason": null, "message": null}),
     )
     .await?;
@@ -153,9 +140,9 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         )],
         ..Default::default()
     };
-    set_status(
+    status::set(
         &ctx,
-        &object,
+        object.as_ref(),
         serde_json::to_value(&status).unwrap_or_default(),
     )
     .await?;
@@ -225,62 +212,12 @@ async fn prune(
     Ok(())
 }
 
+/// Fails the checkpoint (condition Ready False).
 async fn fail(
     ctx: &Context,
     object: &PodCheckpoint,
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    tracing::warn!(checkpoint = %object.name_any(), reason, message, "checkpoint failed");
-    set_status(
-        ctx,
-        object,
-        json!({
-            "phase": "Failed", "reason": reason, "message": message,
-            "conditions": [Condition::new("Ready", false, reason, message)],
-        }),
-    )
-    .await?;
-    publish(ctx, object, EventType::Warning, reason, message).await;
-    Ok(Action::await_change())
-}
-
-async fn set_status(
-    ctx: &Context,
-    object: &PodCheckpoint,
-    status: serde_json::Value,
-) -> Result<(), Error> {
-    let api: Api<PodCheckpoint> = Api::namespaced(
-        ctx.client.clone(),
-        &object.namespace().unwrap_or_else(|| "default".into()),
-    );
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
-}
-
-pub(crate) async fn publish<K>(
-    ctx: &Context,
-    object: &K,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) where
-    K: Resource<DynamicType = ()>,
-{
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(error = %e, "publish event");
-    }
+    status::fail(ctx, object, "Ready", reason, message).await
 }

@@ -13,6 +13,7 @@ mod checkpoint;
 mod finalizers;
 mod node_agent;
 mod restore;
+mod status;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{Condition, PodCheckpoint, PodRestore, RESTORE_FROM};
-use crate::checkpoint::publish;
+use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
 
 pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -160,9 +160,9 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         }
     }
     let done = running == names.len();
-    set_status(
+    status::set(
         &ctx,
-        &object,
+        object.as_ref(),
         json!({
             "phase": if done { "Completed" } else { "Restoring" },
             "restoredPodName": names[0],
@@ -208,59 +208,18 @@ async fn release(
     if !object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
         return Ok(());
     }
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), namespace);
-    let busy = restores
-        .list(&Default::default())
-        .await?
-        .items
-        .iter()
-        .any(|r| {
-            r.spec.checkpoint_name == checkpoint
-                && !matches!(
-                    r.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Completed" | "Failed")
-                )
-        });
-    if !busy {
+    if !status::restore_in_progress(ctx, namespace, checkpoint).await? {
         finalizers::remove(checkpoints, &object, finalizers::IN_USE).await?;
     }
     Ok(())
 }
 
+/// Fails the restore (condition Restored False).
 async fn fail(
     ctx: &Context,
     object: &PodRestore,
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    tracing::warn!(restore = %object.name_any(), reason, message, "restore failed");
-    set_status(
-        ctx,
-        object,
-        json!({
-            "phase": "Failed", "reason": reason, "message": message,
-            "conditions": [Condition::new("Restored", false, reason, message)],
-        }),
-    )
-    .await?;
-    publish(ctx, object, EventType::Warning, reason, message).await;
-    Ok(Action::await_change())
-}
-
-async fn set_status(
-    ctx: &Context,
-    object: &PodRestore,
-    status: serde_json::Value,
-) -> Result<(), Error> {
-    let api: Api<PodRestore> = Api::namespaced(
-        ctx.client.clone(),
-        &object.namespace().unwrap_or_else(|| "default".into()),
-    );
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
+    status::fail(ctx, object, "Restored", reason, message).await
 }

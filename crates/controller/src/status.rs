@@ -1,0 +1,112 @@
+//! What both reconcilers do to the objects they own: patch their status, fail them with a
+//! reason (status, condition and a Warning event, once), publish events; and the question both
+//! ask about a checkpoint: is a restore of it still in progress.
+
+use kube::api::{Patch, PatchParams};
+use kube::core::NamespaceResourceScope;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::api::{Condition, PodRestore};
+use crate::{Context, Error};
+
+/// An object of ours: a namespaced checkpoint.k8s.io kind with a status.
+pub trait Owned:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Owned for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
+/// Merges `status` into the object's status.
+pub async fn set<K: Owned>(
+    ctx: &Context,
+    object: &K,
+    status: serde_json::Value,
+) -> Result<(), Error> {
+    let api: Api<K> = Api::namespaced(
+        ctx.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Fails the object for good: phase Failed with `reason` and `message`, condition
+/// `condition` False, one Warning event. It is not retried.
+pub async fn fail<K: Owned>(
+    ctx: &Context,
+    object: &K,
+    condition: &str,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    tracing::warn!(kind = %K::kind(&()), object = %object.name_any(), reason, message, "failed");
+    set(
+        ctx,
+        object,
+        json!({
+            "phase": "Failed", "reason": reason, "message": message,
+            "conditions": [Condition::new(condition, false, reason, message)],
+        }),
+    )
+    .await?;
+    publish(ctx, object, EventType::Warning, reason, message).await;
+    Ok(Action::await_change())
+}
+
+/// Publishes an event about the object (a failure to publish is only logged).
+pub async fn publish<K>(ctx: &Context, object: &K, type_: EventType, reason: &str, note: &str)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, "publish event");
+    }
+}
+
+/// Whether a PodRestore of checkpoint `checkpoint` in `namespace` is neither Completed nor Failed.
+pub async fn restore_in_progress(
+    ctx: &Context,
+    namespace: &str,
+    checkpoint: &str,
+) -> Result<bool, Error> {
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(restores
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .any(|r| {
+            r.spec.checkpoint_name == checkpoint
+                && !matches!(
+                    r.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Completed" | "Failed")
+                )
+        }))
+}
