@@ -38,6 +38,8 @@ ADMIN_KUBECONFIG=$CLUSTER_LIB/admin.kubeconfig
 CLUSTER_COMPONENTS=(podsnap-controller podsnap-node-agent kubelet kube-scheduler kube-controller-manager kube-apiserver etcd)
 # podsnap-controller (crates/controller), run beside the cluster with its own client certificate.
 PODSNAP_CONTROLLER_BINARY=${PODSNAP_CONTROLLER_BINARY:-$PODSNAP_ROOT/target/debug/podsnap-controller}
+# Its Prometheus metrics: http://127.0.0.1:$PODSNAP_CONTROLLER_METRICS_PORT/metrics.
+PODSNAP_CONTROLLER_METRICS_PORT=${PODSNAP_CONTROLLER_METRICS_PORT:-16480}
 
 # kube_bin: the directory of the patched Kubernetes binaries (built, cached, by kube-build.sh).
 kube_bin() {

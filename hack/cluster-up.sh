@@ -4,6 +4,9 @@
 # (kubelet-patches/, feature gate PodCheckpointRestore) with podsnapd as its CRI endpoint, a
 # `podsnap` RuntimeClass, and an admin kubeconfig at $ADMIN_KUBECONFIG. Binaries are built from
 # the Go module proxy and cached (kube-build.sh). Idempotent. Stop it with hack/cluster-down.sh.
+#
+# hack/cluster-up.sh --podsnap-controller: (re)start only podsnap-controller and its node agent
+# on a cluster that is up (after a rebuild, or to restart it mid-operation in a test).
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -118,7 +121,7 @@ wait_for() {
 
 check_ports() {
 	local port owner
-	for port in "$APISERVER_PORT" "$ETCD_CLIENT_PORT" "$ETCD_PEER_PORT" "$KUBELET_PORT"; do
+	for port in "$APISERVER_PORT" "$ETCD_CLIENT_PORT" "$ETCD_PEER_PORT" "$KUBELET_PORT" "$PODSNAP_CONTROLLER_METRICS_PORT"; do
 		owner=$(port_owner "$port")
 		[ -z "$owner" ] && continue
 		# Ours when a component of ours listens there.
@@ -271,13 +274,19 @@ start_podsnap_controller() {
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
 	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnap-controller 10
 	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
-		--keep-last "${PODSNAP_KEEP_LAST:-3}"
+		--keep-last "${PODSNAP_KEEP_LAST:-3}" --metrics-bind-address "127.0.0.1:$PODSNAP_CONTROLLER_METRICS_PORT"
 	# The node agent removes deleted checkpoints' data on this node (deletion policy Delete).
 	start podsnap-node-agent "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
 		node-agent --node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"
 }
 
 main() {
+	if [ "${1:-}" = --podsnap-controller ]; then
+		[ -f "$CLUSTER_LIB/podsnap-controller.kubeconfig" ] || die "the cluster is not up (hack/cluster-up.sh)"
+		start_podsnap_controller
+		return
+	fi
+	[ $# -eq 0 ] || die "usage: hack/cluster-up.sh [--podsnap-controller]"
 	local t0
 	t0=$(date +%s)
 	KUBE_BIN=$(kube_bin)

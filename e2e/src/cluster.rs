@@ -40,6 +40,8 @@ pub struct Cluster {
     /// The cluster's CA, whose key signs test users' client certificates.
     pub pki: PathBuf,
     pub kubelet_log: PathBuf,
+    /// hack/cluster-lib.sh's run directory (pid files, logs).
+    pub run: PathBuf,
 }
 
 /// The outcome of `POST /checkpointpod/...` through the API server's node proxy.
@@ -77,6 +79,7 @@ impl Cluster {
             kubelet_root: lib.join("kubelet"),
             pki: lib.join("pki"),
             kubelet_log: run.join("kubelet.log"),
+            run,
         };
         for file in [&cluster.kubectl, &cluster.kubeconfig] {
             if !file.exists() {
@@ -229,6 +232,84 @@ impl Cluster {
                 )
             })
             .collect()
+    }
+
+    /// The kubelet's Prometheus metrics, through the API server's node proxy.
+    pub fn kubelet_metrics(&self) -> String {
+        self.kubectl([
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{NODE_NAME}/proxy/metrics"),
+        ])
+    }
+
+    /// podsnap-controller's Prometheus metrics (`--metrics-bind-address`, cluster-up's port).
+    pub fn controller_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let port = std::env::var("PODSNAP_CONTROLLER_METRICS_PORT").unwrap_or("16480".into());
+        let answer = wait_for(
+            "podsnap-controller's /metrics",
+            Duration::from_secs(30),
+            || -> Result<String, String> {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap()))
+                    .map_err(|e| format!("connect to 127.0.0.1:{port}: {e}"))?;
+                stream
+                    .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                    .map_err(|e| e.to_string())?;
+                let mut text = String::new();
+                stream
+                    .read_to_string(&mut text)
+                    .map_err(|e| e.to_string())?;
+                Ok(text)
+            },
+        );
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_owned()
+    }
+
+    /// Kills podsnap-controller (SIGKILL, by its pid file, checking the pid is the controller's)
+    /// and starts it again with `hack/cluster-up.sh --podsnap-controller`.
+    pub fn kill_controller(&self) {
+        let pidfile = self.run.join("podsnap-controller.pid");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .expect("a pid");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(
+            comm.trim(),
+            "podsnap-control",
+            "pid {pid} is not podsnap-controller"
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+            .unwrap_or_else(|e| panic!("kill {pid}: {e}"));
+        wait_for(
+            "the killed controller to exit",
+            Duration::from_secs(10),
+            || {
+                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    // Gone, or a zombie its parent (setsid's shell) has not reaped.
+                    Err(_) => Ok(()),
+                    Ok(stat) if stat.split(' ').nth(2) == Some("Z") => Ok(()),
+                    Ok(_) => Err(format!("pid {pid} still runs")),
+                }
+            },
+        );
+    }
+
+    /// Starts podsnap-controller and its node agent (`hack/cluster-up.sh --podsnap-controller`).
+    pub fn start_controller(&self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/cluster-up.sh");
+        let finished = CommandLine::new("bash")
+            .args([script.to_str().unwrap(), "--podsnap-controller"])
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(finished.success(), "{}", finished.report());
     }
 
     /// The tail of the kubelet's log, for messages.
@@ -434,6 +515,18 @@ fn env_path(name: &str, default: &str) -> PathBuf {
     std::env::var_os(name)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// The value of one series in Prometheus text (`name{labels}` exactly as written there, or the
+/// bare name); 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

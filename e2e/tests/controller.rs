@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{Cluster, KubePod, counter_pod, counts, tamper_with};
+use podsnap_e2e::cluster::{
+    COUNTER_SCRIPT, Cluster, KubePod, counter_pod, counts, metric, tamper_with,
+};
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
 
@@ -140,6 +142,8 @@ fn seed_yaml_applies_unchanged_and_fails_cleanly_without_its_pod() {
 #[test]
 fn suspend_and_resume_under_the_same_pod_name() {
     let cluster = Cluster::get();
+    let (kubelet_before, controller_before) =
+        (cluster.kubelet_metrics(), cluster.controller_metrics());
     let pod = cluster.create_pod(counter_pod("e2e-suspend"));
     pod.wait_ready();
     wait_counting(&pod, 3);
@@ -175,6 +179,134 @@ fn suspend_and_resume_under_the_same_pod_name() {
     );
     let labels = resumed.get()["metadata"]["labels"].clone();
     assert_eq!(labels["app"], "resumed");
+
+    // The checkpoint and the restore are counted, under KEP-5823's metric names.
+    let (kubelet, controller) = (cluster.kubelet_metrics(), cluster.controller_metrics());
+    let grew =
+        |before: &str, after: &str, series: &str| metric(after, series) - metric(before, series);
+    for series in [
+        "kubelet_pod_checkpoint_operations_total{result=\"success\"}",
+        "kubelet_pod_checkpoint_duration_seconds_count",
+        "kubelet_pod_checkpoint_size_bytes_count",
+        "kubelet_pod_restore_operations_total{result=\"success\"}",
+        "kubelet_pod_restore_duration_seconds_count",
+    ] {
+        assert_eq!(
+            grew(&kubelet_before, &kubelet, series),
+            1.0,
+            "{series} in\n{kubelet}"
+        );
+    }
+    assert!(metric(&kubelet, "kubelet_pod_checkpoint_size_bytes_sum") > 0.0);
+    for series in [
+        "podcheckpoint_phase_total{phase=\"Checkpointing\"}",
+        "podcheckpoint_phase_total{phase=\"Ready\"}",
+        "podcheckpoint_ready_condition_total{status=\"False\",reason=\"CheckpointInProgress\"}",
+        "podcheckpoint_ready_condition_total{status=\"True\",reason=\"Checkpointed\"}",
+    ] {
+        assert_eq!(
+            grew(&controller_before, &controller, series),
+            1.0,
+            "{series} in\n{controller}"
+        );
+    }
+    assert!(
+        grew(
+            &controller_before,
+            &controller,
+            "podcheckpoint_reconcile_duration_seconds_count"
+        ) >= 1.0
+    );
+}
+
+/// The entries of the kubelet's pod checkpoint directory.
+fn checkpoint_entries(cluster: &Cluster) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(cluster.kubelet_root.join("pod-checkpoints"))
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The controller is killed while the kubelet checkpoints (a pod with 512 MiB in an emptyDir,
+/// which takes seconds to archive) and started again: the pod is not left frozen, and no
+/// checkpoint data is left without an object that points to it — the object is failed
+/// (ControllerRestarted), or Ready with its data had the checkpoint ended first. The pod can be
+/// checkpointed again afterwards.
+#[test]
+fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data() {
+    let cluster = Cluster::get();
+    let mut manifest = counter_pod("e2e-restart");
+    manifest["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+    let container = &mut manifest["spec"]["containers"][0];
+    container["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+    container["command"] = json!([
+        "sh",
+        "-c",
+        format!("head -c 536870912 /dev/urandom > /data/blob && {COUNTER_SCRIPT}")
+    ]);
+    let pod = cluster.create_pod(manifest);
+    pod.wait_ready();
+    wait_counting(&pod, 2);
+    let before = checkpoint_entries(cluster);
+
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-restart-ckpt", "e2e-restart"));
+    let seen = checkpoint.wait_phase(&["Checkpointing", "Ready", "Failed"]);
+    assert_eq!(
+        seen["status"]["phase"], "Checkpointing",
+        "the checkpoint ended before the controller could be killed: {seen}"
+    );
+    cluster.kill_controller();
+    cluster.start_controller();
+
+    let ended = checkpoint.wait_phase(&["Ready", "Failed"]);
+    let status = &ended["status"];
+    let expected = match status["phase"].as_str() {
+        Some("Failed") => {
+            assert_eq!(status["reason"], "ControllerRestarted", "{ended}");
+            before.clone()
+        }
+        _ => {
+            let location = status["checkpointLocation"].as_str().unwrap();
+            let name = std::path::Path::new(location)
+                .file_name()
+                .unwrap()
+                .to_string_lossy();
+            let mut with = before.clone();
+            with.insert(name.to_string());
+            with.insert(format!("{name}.kubelet.json"));
+            with
+        }
+    };
+    // The kubelet and podsnapd finish (or give up) on their own: wait for what they leave.
+    wait_for(
+        "the pod checkpoint directory to hold only what an object points to",
+        Duration::from_secs(120),
+        || {
+            let now = checkpoint_entries(cluster);
+            if now == expected {
+                Ok(())
+            } else {
+                Err(format!("{now:?}, want {expected:?}"))
+            }
+        },
+    );
+    // Not frozen: it counts on.
+    let last = *counts(&pod.logs("counter")).last().unwrap();
+    wait_for("the pod to count on", Duration::from_secs(30), || {
+        let now = *counts(&pod.logs("counter")).last().unwrap();
+        if now >= last + 2 {
+            Ok(())
+        } else {
+            Err(format!("count {now}, was {last}"))
+        }
+    });
+    // And it can be checkpointed again.
+    let again = Object::create(cluster, checkpoint_of("e2e-restart-again", "e2e-restart"));
+    let ready = again.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
 }
 
 /// Warm start: three independent pods from one checkpoint, each with its own IP, each counting

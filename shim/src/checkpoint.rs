@@ -225,6 +225,17 @@ fn namespace_kind(name: &str) -> (LinuxNamespaceType, &'static str) {
     }
 }
 
+/// Creates `path` (its parent must exist: a directory removed meanwhile is not made again),
+/// root-only (0700).
+pub fn new_private_dir(path: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", path.display()))
+}
+
 /// Creates a directory readable by root only.
 pub fn private_dir(path: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()

@@ -267,8 +267,10 @@ fn capture_container(
     deadline: Option<Instant>,
 ) -> anyhow::Result<ContainerCapture> {
     let started = Instant::now();
+    // Not `private_dir`: should the caller remove its output directory meanwhile (it gave up),
+    // it must not come back.
     let dir = output_dir.join(&capture.id);
-    checkpoint::private_dir(&dir)?;
+    checkpoint::new_private_dir(&dir)?;
     let mut opts = opts.clone();
     if let Some(deadline) = deadline {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -58,7 +58,7 @@ pub fn capture(volumes: &BTreeMap<String, PathBuf>, output_dir: &Path) -> anyhow
         return Ok(());
     }
     let dir = output_dir.join(VOLUMES_DIR);
-    crate::checkpoint::private_dir(&dir)?;
+    crate::checkpoint::new_private_dir(&dir)?;
     for (name, source) in volumes {
         crate::rootfs_diff::pack_tree(source, &dir.join(format!("{name}.tar")))
             .with_context(|| format!("capture emptyDir volume {name} ({})", source.display()))?;

@@ -15,6 +15,17 @@ use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, RUNTIME_CLASS, n
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
 
+/// [`reconcile`], timed in `podcheckpoint_reconcile_duration_seconds`.
+pub async fn reconcile_timed(
+    object: Arc<PodCheckpoint>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile(object, ctx.clone()).await;
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
@@ -96,7 +107,15 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     status::set(
         &ctx,
         object.as_ref(),
-        json!({"phase": "Checkpointing", "nodeName": node, "reason": null, "message": null}),
+        json!({
+            "phase": "Checkpointing", "nodeName": node, "reason": null, "message": null,
+            "conditions": [Condition::new(
+                "Ready",
+                false,
+                "CheckpointInProgress",
+                &format!("checkpointing {source} on {node}"),
+            )],
+        }),
     )
     .await?;
     let query = object

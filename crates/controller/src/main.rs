@@ -11,6 +11,7 @@
 use podsnap_checkpoint_api as api;
 mod checkpoint;
 mod finalizers;
+mod metrics;
 mod node_agent;
 mod restore;
 mod status;
@@ -38,6 +39,9 @@ struct Args {
     /// when a new one is Ready the oldest beyond it are deleted. 0 keeps them all.
     #[arg(long, env = "PODSNAP_KEEP_LAST", default_value_t = 0)]
     keep_last: usize,
+    /// Where to serve Prometheus metrics (`/metrics`) over HTTP; "0" serves none.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    metrics_bind_address: String,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -62,6 +66,7 @@ pub struct Context {
     pub reporter: Reporter,
     /// Retention: Ready checkpoints kept per source pod (0: all).
     pub keep_last: usize,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Why a reconcile failed (it is retried after a pause).
@@ -118,13 +123,32 @@ async fn main() -> anyhow::Result<()> {
             instance: std::env::var("HOSTNAME").ok(),
         },
         keep_last: args.keep_last,
+        metrics: Arc::new(metrics::Metrics::default()),
     });
+    let serve_metrics = async {
+        if args.metrics_bind_address == "0" {
+            return std::future::pending().await;
+        }
+        let addr = args.metrics_bind_address.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "--metrics-bind-address {:?}: {e}",
+                args.metrics_bind_address
+            )
+        })?;
+        metrics::serve(addr, context.metrics.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("serve metrics on {addr}: {e}"))
+    };
     tracing::info!("podsnap-controller started");
     let checkpoints = Controller::new(
         Api::<PodCheckpoint>::all(client.clone()),
         watcher::Config::default(),
     )
-    .run(checkpoint::reconcile, requeue_on_error, context.clone())
+    .run(
+        checkpoint::reconcile_timed,
+        requeue_on_error,
+        context.clone(),
+    )
     .for_each(|_| async {});
     let restores = Controller::new(
         Api::<PodRestore>::all(client.clone()),
@@ -135,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = checkpoints => {}
         _ = restores => {}
+        result = serve_metrics => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
     }
     Ok(())

@@ -18,6 +18,7 @@ pub trait Owned:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
+    + serde::Serialize
     + std::fmt::Debug
 {
 }
@@ -26,6 +27,7 @@ impl<K> Owned for K where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug
 {
 }
@@ -46,7 +48,34 @@ pub async fn set<K: Owned>(
         &Patch::Merge(json!({ "status": status })),
     )
     .await?;
+    if K::kind(&()) == "PodCheckpoint" {
+        count_transitions(ctx, object, &status);
+    }
     Ok(())
+}
+
+/// Counts a PodCheckpoint's phase and Ready condition transitions in the metrics.
+fn count_transitions<K: Owned>(ctx: &Context, object: &K, status: &serde_json::Value) {
+    let before = serde_json::to_value(object).unwrap_or_default();
+    let before = &before["status"];
+    if let Some(phase) = status["phase"].as_str() {
+        ctx.metrics
+            .phase_transition(before["phase"].as_str(), phase);
+    }
+    let ready = |s: &serde_json::Value| {
+        s["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| (c["status"].clone(), c["reason"].clone()))
+    };
+    if let Some((new_status, reason)) = ready(status)
+        && ready(before) != Some((new_status.clone(), reason.clone()))
+    {
+        ctx.metrics.ready_condition(
+            new_status.as_str().unwrap_or_default(),
+            reason.as_str().unwrap_or_default(),
+        );
+    }
 }
 
 /// Fails the object for good: phase Failed with `reason` and `message`, condition

@@ -128,8 +128,8 @@ fn rfc3339_now() -> String {
     )
 }
 
-/// Removes everything under `dir` (not `dir` itself).
-fn empty_dir(dir: &Path) {
+/// Removes everything under `dir` (not `dir` itself: the caller made it).
+pub fn empty_dir(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let path = entry.path();

@@ -4,14 +4,18 @@
 //!
 //! Each call runs as a task of its own, detached from the connection: a caller that goes away
 //! (cancels, times out, disconnects) does not cancel work that may hold a pod frozen; the call
-//! runs to its end and its answer is dropped. Shutdown waits for these tasks ([`PodCalls`]).
+//! runs to its end and its answer is dropped. A checkpoint whose caller went away before it
+//! ended is discarded (the output directory is emptied again): nobody will record or use it, and
+//! the caller has already been told it failed. Shutdown waits for these tasks ([`PodCalls`]).
 //!
 //! What checkpointing and restoring a pod means lives behind the trait (`pod.rs`); this module
 //! owns only the gRPC side. Every other `RuntimeService` method of the generated server keeps its
 //! `Unimplemented` stub: routing never sends those here.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use cri_api::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
@@ -75,22 +79,50 @@ impl PodCalls {
         let _ = running.wait_for(|count| *count == 0).await;
     }
 
-    /// Runs `call` as a detached task, counted until it ends.
+    /// Runs `call` as a detached task, counted until it ends. When the caller went away before
+    /// a successful call ended, `abandoned` undoes what it made (the answer reaches nobody).
     async fn run<T: Send + 'static>(
         &self,
         call: impl Future<Output = Result<T, Status>> + Send + 'static,
+        abandoned: impl FnOnce(&T) + Send + 'static,
     ) -> Result<T, Status> {
         let counted = CountedCall::start(&self.running);
+        let caller = CallerPresence::default();
+        let gone = caller.0.clone();
         let task = tokio::spawn(async move {
             let result = call.await;
+            if let Ok(made) = &result
+                && gone.load(Ordering::SeqCst)
+            {
+                abandoned(made);
+            }
             drop(counted);
             result
         });
-        task.await.unwrap_or_else(|err| {
+        let result = task.await.unwrap_or_else(|err| {
             Err(Status::internal(format!(
                 "podsnapd: the pod call's task failed: {err}"
             )))
-        })
+        });
+        caller.answered();
+        result
+    }
+}
+
+/// Marks the caller gone (`true`) when dropped before [`CallerPresence::answered`]: the
+/// handler's future is dropped when the caller cancels, times out or disconnects.
+#[derive(Default)]
+struct CallerPresence(Arc<AtomicBool>);
+
+impl CallerPresence {
+    fn answered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for CallerPresence {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -185,14 +217,26 @@ impl RuntimeService for PodRpcs {
             )
         });
         let checkpointer = self.checkpointer.clone();
+        let output = PathBuf::from(&request.output_path);
         let call = async move {
             let started = Instant::now();
             let result = checkpointer.checkpoint_pod(request, deadline).await;
             log_outcome("CheckpointPod", started, &result);
             result
         };
+        let discard = {
+            let span = span.clone();
+            move |_: &CheckpointPodResponse| {
+                let _entered = span.enter();
+                tracing::warn!(
+                    output = %output.display(),
+                    "the caller went away before the checkpoint ended: discarding it"
+                );
+                crate::checkpoint_pod::empty_dir(&output);
+            }
+        };
         self.calls
-            .run(call.instrument(span))
+            .run(call.instrument(span), discard)
             .await
             .map(Response::new)
     }
@@ -233,8 +277,10 @@ impl RuntimeService for PodRpcs {
             log_outcome("RestorePod", started, &result);
             result
         };
+        // A restored sandbox whose caller went away is the kubelet's to find and remove (it
+        // removes sandboxes of its pods that it does not know).
         self.calls
-            .run(call.instrument(span))
+            .run(call.instrument(span), |_| {})
             .await
             .map(Response::new)
     }
@@ -249,11 +295,17 @@ mod tests {
     async fn a_dropped_call_runs_to_its_end_and_is_counted_until_then() {
         let calls = PodCalls::default();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let call = calls.run(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let _ = done_tx.send(());
-            Ok::<_, Status>(())
-        });
+        let (abandoned_tx, abandoned_rx) = tokio::sync::oneshot::channel();
+        let call = calls.run(
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = done_tx.send(());
+                Ok::<_, Status>(7)
+            },
+            move |made: &i32| {
+                let _ = abandoned_tx.send(*made);
+            },
+        );
         // The caller gives up almost at once.
         assert!(
             tokio::time::timeout(Duration::from_millis(10), call)
@@ -266,5 +318,19 @@ mod tests {
             .expect("the call finished");
         assert_eq!(calls.running(), 0);
         done_rx.await.expect("the call ran to its end");
+        assert_eq!(abandoned_rx.await, Ok(7), "what it made was undone");
+    }
+
+    #[tokio::test]
+    async fn an_answered_call_is_not_undone() {
+        let calls = PodCalls::default();
+        let (abandoned_tx, abandoned_rx) = tokio::sync::oneshot::channel::<()>();
+        let answer = calls
+            .run(async { Ok::<_, Status>(1) }, move |_| {
+                let _ = abandoned_tx.send(());
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+        assert!(abandoned_rx.await.is_err(), "undone although answered");
     }
 }

@@ -1,0 +1,177 @@
+//! Prometheus metrics of the controller, named as KEP-5823 names the PodCheckpoint object
+//! metrics: `podcheckpoint_phase_total{phase}` (phase transitions),
+//! `podcheckpoint_ready_condition_total{status,reason}` (transitions of the `Ready` condition)
+//! and `podcheckpoint_reconcile_duration_seconds` (one PodCheckpoint reconcile), served in the
+//! Prometheus text format at `/metrics` on `--metrics-bind-address`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConditionLabels {
+    status: String,
+    reason: String,
+}
+
+/// The controller's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    phase: Family<PhaseLabels, Counter>,
+    ready_condition: Family<ConditionLabels, Counter>,
+    reconcile: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let phase = Family::<PhaseLabels, Counter>::default();
+        registry.register(
+            "podcheckpoint_phase",
+            "Transitions of PodCheckpoint objects into each phase",
+            phase.clone(),
+        );
+        let ready_condition = Family::<ConditionLabels, Counter>::default();
+        registry.register(
+            "podcheckpoint_ready_condition",
+            "Transitions of the Ready condition of PodCheckpoint objects, by status and reason",
+            ready_condition.clone(),
+        );
+        // 5 ms to ~10 minutes: a reconcile that checkpoints waits for the kubelet.
+        let reconcile = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            300.0, 600.0,
+        ]);
+        registry.register(
+            "podcheckpoint_reconcile_duration_seconds",
+            "Duration of one PodCheckpoint reconcile (checkpoint, finalizers, retention)",
+            reconcile.clone(),
+        );
+        Metrics {
+            registry,
+            phase,
+            ready_condition,
+            reconcile,
+        }
+    }
+}
+
+impl Metrics {
+    /// A PodCheckpoint moved from phase `from` to `to` (nothing when they are the same).
+    pub fn phase_transition(&self, from: Option<&str>, to: &str) {
+        if from != Some(to) {
+            self.phase
+                .get_or_create(&PhaseLabels { phase: to.into() })
+                .inc();
+        }
+    }
+
+    /// A PodCheckpoint's Ready condition became `status` with `reason`.
+    pub fn ready_condition(&self, status: &str, reason: &str) {
+        self.ready_condition
+            .get_or_create(&ConditionLabels {
+                status: status.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// One PodCheckpoint reconcile took `took`.
+    pub fn reconciled(&self, took: Duration) {
+        self.reconcile.observe(took.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) over plain HTTP on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics at /metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        (&hyper::Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
+        (&hyper::Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_transitions_with_the_keps_names() {
+        let metrics = Metrics::default();
+        metrics.phase_transition(None, "Checkpointing");
+        metrics.phase_transition(Some("Checkpointing"), "Checkpointing");
+        metrics.phase_transition(Some("Checkpointing"), "Ready");
+        metrics.ready_condition("True", "Checkpointed");
+        metrics.reconciled(Duration::from_millis(30));
+        let text = metrics.encode();
+        for line in [
+            "# TYPE podcheckpoint_phase counter",
+            "podcheckpoint_phase_total{phase=\"Checkpointing\"} 1",
+            "podcheckpoint_phase_total{phase=\"Ready\"} 1",
+            "podcheckpoint_ready_condition_total{status=\"True\",reason=\"Checkpointed\"} 1",
+            "podcheckpoint_reconcile_duration_seconds_count 1",
+            "podcheckpoint_reconcile_duration_seconds_bucket{le=\"0.05\"} 1",
+            "podcheckpoint_reconcile_duration_seconds_bucket{le=\"0.025\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+}
