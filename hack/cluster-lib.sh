@@ -51,7 +51,7 @@ kube_bin() {
 cluster_kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
 
 component_pidfile() { echo "$CLUSTER_RUN/$1.pid"; }
-# component_exe NAME: the executable's name of a component (the node agent is podsnap-controller
-# run as `podsnap-controller node-agent`).
-component_exe() { if [ "$1" = podsnap-node-agent ]; then echo podsnap-controller; else echo "$1"; fi; }
+# component_exe NAME: the executable's name of a component (the node agent is podsnapd run as
+# `podsnapd node-agent`).
+component_exe() { if [ "$1" = podsnap-node-agent ]; then echo podsnapd; else echo "$1"; fi; }
 component_log() { echo "$CLUSTER_RUN/$1.log"; }

@@ -5,7 +5,7 @@
 # `podsnap` RuntimeClass, and an admin kubeconfig at $ADMIN_KUBECONFIG. Binaries are built from
 # the Go module proxy and cached (kube-build.sh). Idempotent. Stop it with hack/cluster-down.sh.
 #
-# hack/cluster-up.sh --podsnap-controller: (re)start only podsnap-controller and its node agent
+# hack/cluster-up.sh --podsnap-controller: (re)start only podsnap-controller and podsnapd's node agent
 # on a cluster that is up (after a rebuild, or to restart it mid-operation in a test).
 set -euo pipefail
 # shellcheck source=hack/lib.sh
@@ -75,6 +75,7 @@ make_pki() {
 	cert controller-manager system:kube-controller-manager ""
 	cert scheduler system:kube-scheduler ""
 	cert podsnap-controller podsnap-controller ""
+	cert podsnap-node-agent "system:podsnap-node-agent:$NODE_NAME" podsnap:node-agents
 	cert kubelet "system:node:$NODE_NAME" system:nodes
 	cert "kubelet-serving-$NODE_IP" "$NODE_NAME" "" "IP:$NODE_IP,IP:127.0.0.1,DNS:$NODE_NAME,DNS:localhost"
 	if [ ! -f "$CLUSTER_PKI/sa.key" ]; then
@@ -86,6 +87,7 @@ make_pki() {
 	kubeconfig "$CLUSTER_LIB/controller-manager.kubeconfig" controller-manager
 	kubeconfig "$CLUSTER_LIB/scheduler.kubeconfig" scheduler
 	kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" podsnap-controller
+	kubeconfig "$CLUSTER_LIB/podsnap-node-agent.kubeconfig" podsnap-node-agent
 	kubeconfig "$CLUSTER_LIB/kubelet.kubeconfig" kubelet
 }
 
@@ -272,12 +274,12 @@ start_podsnap_controller() {
 	fi
 	# A rebuilt controller replaces the running one.
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
-	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnap-controller 10
+	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnapd 10
 	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
 		--keep-last "${PODSNAP_KEEP_LAST:-3}" --metrics-bind-address "127.0.0.1:$PODSNAP_CONTROLLER_METRICS_PORT"
-	# The node agent removes deleted checkpoints' data on this node (deletion policy Delete).
-	start podsnap-node-agent "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
-		node-agent --node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"
+	# podsnapd's node agent removes deleted checkpoints' data on this node (deletion policy Delete).
+	start podsnap-node-agent "$PODSNAPD_BINARY" node-agent --kubeconfig "$CLUSTER_LIB/podsnap-node-agent.kubeconfig" \
+		--node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"
 }
 
 main() {

@@ -633,7 +633,7 @@ impl Drop for ObjectName<'_> {
 }
 
 /// A checkpoint in use by a restore is not deleted under it (finalizer `checkpoint.k8s.io/in-use`),
-/// and once deleted, deletion policy Delete removes its node-local data (the node agent and
+/// and once deleted, deletion policy Delete removes its node-local data (podsnapd's node agent and
 /// finalizer `checkpoint.k8s.io/node-data`).
 #[test]
 fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data() {

@@ -1,6 +1,9 @@
 //! The `checkpoint.k8s.io/v1alpha1` API (KEP-5823) as Rust types: `PodCheckpoint` and
 //! `PodRestore`. Their CustomResourceDefinitions, with validation and printer columns, are
-//! written by hand in `deploy/crds/`; these types read and write the same fields.
+//! written by hand in `deploy/crds/`; these types read and write the same fields. The finalizers
+//! the controller and the node agent put on PodCheckpoints are in [`finalizers`].
+
+pub mod finalizers;
 
 use std::collections::BTreeMap;
 

@@ -31,7 +31,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     let name = object.name_any();
     let phase = object.status.as_ref().and_then(|s| s.phase.clone());
     if object.meta().deletion_timestamp.is_some() {
-        // Being deleted: the node agent clears node-data; the in-use finalizer goes once no
+        // Being deleted: podsnapd's node agent clears node-data; the in-use finalizer goes once no
         // PodRestore of it is in progress (also when such a restore was deleted half-way).
         if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
             if status::restore_in_progress(&ctx, &namespace, &name).await? {
@@ -46,7 +46,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         Some("Ready") => {
             let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
             if object.spec.deletion_policy.as_deref() == Some("Delete") {
-                // Its data goes when it goes: the node agent removes it, then this finalizer.
+                // Its data goes when it goes: podsnapd's node agent removes it, then this finalizer.
                 finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
             }
             if ctx.keep_last > 0 {
@@ -56,9 +56,23 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }
         Some("Failed") => return Ok(Action::await_change()),
         Some("Checkpointing") => {
+            // The cache can lag behind this controller's own status writes (a reconcile queued
+            // by the Checkpointing update runs after the one that wrote Ready): ask the API
+            // server before concluding anything.
+            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+            let fresh = api.get_opt(&name).await?;
+            if fresh
+                .and_then(|o| o.status)
+                .and_then(|s| s.phase)
+                .as_deref()
+                != Some("Checkpointing")
+            {
+                return Ok(Action::await_change());
+            }
             // Found mid-checkpoint: this controller restarted while the kubelet worked. The
-            // kubelet and the runtime thaw the pod and remove partial output on their own; the
-            // object fails cleanly rather than guessing.
+            // kubelet and the runtime thaw the pod and remove partial output on their own (a
+            // caller that goes away cancels the checkpoint); the object fails cleanly rather
+            // than guessing.
             return fail(
                 &ctx,
                 &object,

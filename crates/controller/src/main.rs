@@ -9,10 +9,9 @@
 //! runtime thaw the pod and remove partial data themselves.
 
 use podsnap_checkpoint_api as api;
+use podsnap_checkpoint_api::finalizers;
 mod checkpoint;
-mod finalizers;
 mod metrics;
-mod node_agent;
 mod restore;
 mod status;
 
@@ -33,7 +32,7 @@ use api::{PodCheckpoint, PodRestore};
 #[command(version, about)]
 struct Args {
     /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
-    #[arg(long, env = "KUBECONFIG", global = true)]
+    #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
     /// Keep at most this many Ready PodCheckpoints per source pod (per namespace and pod name):
     /// when a new one is Ready the oldest beyond it are deleted. 0 keeps them all.
@@ -42,22 +41,6 @@ struct Args {
     /// Where to serve Prometheus metrics (`/metrics`) over HTTP; "0" serves none.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_bind_address: String,
-    #[command(subcommand)]
-    mode: Option<Mode>,
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum Mode {
-    /// Run on a node: remove the node-local data of deleted PodCheckpoints whose deletion
-    /// policy is Delete (the `checkpoint.k8s.io/node-data` finalizer).
-    NodeAgent {
-        /// This node's name, as PodCheckpoints' status.nodeName gives it.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// The kubelet's pod checkpoint directory (<root-dir>/pod-checkpoints).
-        #[arg(long, default_value = "/var/lib/kubelet/pod-checkpoints")]
-        checkpoints_dir: std::path::PathBuf,
-    },
 }
 
 /// What every reconcile needs.
@@ -99,23 +82,6 @@ async fn main() -> anyhow::Result<()> {
         None => kube::Config::infer().await?,
     };
     let client = Client::try_from(config)?;
-    if let Some(Mode::NodeAgent {
-        node,
-        checkpoints_dir,
-    }) = args.mode
-    {
-        tracing::info!(%node, dir = %checkpoints_dir.display(), "podsnap node agent started");
-        let agent = node_agent::run(node_agent::Agent {
-            client,
-            node,
-            checkpoints_dir,
-        });
-        tokio::select! {
-            _ = agent => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-        }
-        return Ok(());
-    }
     let context = Arc::new(Context {
         client: client.clone(),
         reporter: Reporter {

@@ -1,4 +1,5 @@
-//! `podsnapd`: command line, logging and signals around [`podsnapd::run`].
+//! `podsnapd`: command line, logging and signals around [`podsnapd::run`] (the CRI server) and
+//! `podsnapd node-agent` ([`podsnap_node_agent`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// The unix socket to serve CRI on (created mode 0600).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_LISTEN)]
     listen: PathBuf,
@@ -27,6 +30,24 @@ struct Args {
     /// Seconds that calls in flight may still run after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     shutdown_grace: u64,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// Run this node's agent instead of the CRI server: remove the node-local data of deleted
+    /// PodCheckpoints whose deletion policy is Delete (the `checkpoint.k8s.io/node-data`
+    /// finalizer), then that finalizer.
+    NodeAgent {
+        /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name, as PodCheckpoints' status.nodeName gives it.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// The kubelet's pod checkpoint directory (<root-dir>/pod-checkpoints).
+        #[arg(long, default_value = "/var/lib/kubelet/pod-checkpoints")]
+        checkpoints_dir: PathBuf,
+    },
 }
 
 /// kubelet's CRI message size limit: ListContainers on a busy node exceeds tonic's 4 MiB.
@@ -41,6 +62,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Mode::NodeAgent {
+        kubeconfig,
+        node,
+        checkpoints_dir,
+    }) = args.mode
+    {
+        return node_agent(kubeconfig, node, checkpoints_dir).await;
+    }
 
     let containerd = RuntimeServiceClient::new(unix_channel(&args.containerd))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -61,6 +90,37 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving CRI")?;
     tracing::info!("podsnapd stopped");
+    Ok(())
+}
+
+/// `podsnapd node-agent`: runs until SIGTERM or SIGINT.
+async fn node_agent(
+    kubeconfig: Option<PathBuf>,
+    node: String,
+    checkpoints_dir: PathBuf,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!node.is_empty(), "--node is empty");
+    anyhow::ensure!(
+        checkpoints_dir.is_absolute(),
+        "--checkpoints-dir {} is not an absolute path",
+        checkpoints_dir.display()
+    );
+    let config = match &kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = kube::Client::try_from(config)?;
+    tracing::info!(%node, dir = %checkpoints_dir.display(), "podsnapd node agent started");
+    let shutdown = shutdown_signal().context("installing signal handlers")?;
+    tokio::select! {
+        _ = podsnap_node_agent::run(podsnap_node_agent::Agent { client, node, checkpoints_dir }) => {}
+        _ = shutdown => {}
+    }
+    tracing::info!("podsnapd node agent stopped");
     Ok(())
 }
 

@@ -3,14 +3,14 @@
 //! - `checkpoint.k8s.io/in-use`: while a PodRestore of the checkpoint is in progress (its pods
 //!   not all running yet), so the checkpoint is not deleted under a restore;
 //! - `checkpoint.k8s.io/node-data`: on a Ready checkpoint whose deletion policy is `Delete`,
-//!   until the node agent on the checkpoint's node (`podsnap-controller node-agent`) has removed
+//!   until podsnapd's node agent on the checkpoint's node (`podsnapd node-agent`) has removed
 //!   its data there.
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::PodCheckpoint;
+use crate::PodCheckpoint;
 
 pub const IN_USE: &str = "checkpoint.k8s.io/in-use";
 pub const NODE_DATA: &str = "checkpoint.k8s.io/node-data";

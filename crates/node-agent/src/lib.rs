@@ -1,8 +1,9 @@
-//! `podsnap-controller node-agent`: runs on each node (beside the kubelet and podsnapd) and
-//! removes the node-local data of deleted PodCheckpoints whose deletion policy is `Delete`: the
-//! checkpoint directory under the kubelet's `pod-checkpoints/` and the kubelet's record beside
-//! it, then the `checkpoint.k8s.io/node-data` finalizer. It removes nothing outside that
-//! directory, and only entries named as the kubelet names checkpoints.
+//! podsnapd's node agent (`podsnapd node-agent`): runs on each node, beside the kubelet and
+//! podsnapd's CRI server, and removes the node-local data of deleted PodCheckpoints whose
+//! deletion policy is `Delete`: the checkpoint directory under the kubelet's `pod-checkpoints/`
+//! and the kubelet's record beside it, then the `checkpoint.k8s.io/node-data` finalizer. It
+//! removes nothing outside that directory, and only entries named as the kubelet names
+//! checkpoints; a checkpoint still in use by a restore (`checkpoint.k8s.io/in-use`) waits.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,16 +15,33 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::PodCheckpoint;
-use crate::finalizers::{self, NODE_DATA};
-use crate::{Error, requeue_on_error};
+use podsnap_checkpoint_api::PodCheckpoint;
+use podsnap_checkpoint_api::finalizers::{self, NODE_DATA};
 
+/// Why a reconcile failed (it is retried after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Data(String),
+}
+
+fn requeue_on_error(_: Arc<PodCheckpoint>, error: &Error, _: Arc<Agent>) -> Action {
+    tracing::warn!(%error, "node agent reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// One node's agent.
 pub struct Agent {
     pub client: Client,
+    /// This node's name, as PodCheckpoints' `status.nodeName` gives it.
     pub node: String,
+    /// The kubelet's pod checkpoint directory (`<root-dir>/pod-checkpoints`).
     pub checkpoints_dir: PathBuf,
 }
 
+/// Runs the agent until the watch ends.
 pub async fn run(agent: Agent) {
     let agent = Arc::new(agent);
     Controller::new(
@@ -48,7 +66,7 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     if let Some(location) = &status.checkpoint_location {
-        remove_data(&agent.checkpoints_dir, Path::new(location)).map_err(Error::Other)?;
+        remove_data(&agent.checkpoints_dir, Path::new(location)).map_err(Error::Data)?;
         tracing::info!(checkpoint = %object.name_any(), %location, "removed the checkpoint's data");
     }
     let api: Api<PodCheckpoint> = Api::namespaced(
