@@ -155,6 +155,16 @@ fn suspend_and_resume_under_the_same_pod_name() {
     assert_eq!(ready["status"]["containers"], json!(["counter"]));
     let location = ready["status"]["checkpointLocation"].as_str().unwrap();
     assert!(std::path::Path::new(location).is_dir(), "{location}");
+    // checkpointctl's config.dump names the image as the pod spec does.
+    let dump: Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(location).join("counter/config.dump")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        dump["rootfsImageName"],
+        podsnap_e2e::cluster::COUNTER_IMAGE,
+        "{dump}"
+    );
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
 
@@ -537,7 +547,7 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
         "CRIU:           4.",
         "Kernel:",
         "Containers:",
-        "  counter\timage ",
+        "  counter\timage docker.io/library/busybox:1.37.0\t",
     ] {
         assert!(
             shown.stdout.contains(needle),

@@ -109,6 +109,23 @@ pub struct ContainerEntry {
     pub config: serde_json::Value,
 }
 
+impl ContainerEntry {
+    /// The image as the pod spec named it; see [`image_name`].
+    pub fn image_name(&self) -> &str {
+        image_name(&self.config, &self.image)
+    }
+}
+
+/// The image as the user named it (`docker.io/library/busybox:1.37.0`): the CRI config's
+/// `image.user_specified_image`, which the kubelet sets while `image.image` holds the resolved
+/// image ID; `image` when the config names none.
+pub fn image_name<'a>(config: &'a serde_json::Value, image: &'a str) -> &'a str {
+    config["image"]["user_specified_image"]
+        .as_str()
+        .filter(|name| !name.is_empty())
+        .unwrap_or(image)
+}
+
 /// The manifest of a pod checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -297,6 +314,17 @@ pub fn verify(root: &Path) -> Result<Manifest> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_image_name_is_the_users_when_the_config_has_it() {
+        let id = "sha256:26f70ea3";
+        let config =
+            serde_json::json!({"image": {"image": id, "user_specified_image": "busybox:1.37.0"}});
+        assert_eq!(image_name(&config, id), "busybox:1.37.0");
+        let bare = serde_json::json!({"image": {"image": id, "user_specified_image": ""}});
+        assert_eq!(image_name(&bare, id), id);
+        assert_eq!(image_name(&serde_json::Value::Null, id), id);
+    }
     use super::*;
 
     fn sample(root: &Path) -> Manifest {

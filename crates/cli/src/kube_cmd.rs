@@ -298,7 +298,7 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
         println!(
             "  {}\timage {}\t{}",
             container.name,
-            container.image,
+            container.image_name(),
             human(size_of(&format!("{}/", container.name)))
         );
     }

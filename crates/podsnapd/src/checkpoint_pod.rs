@@ -420,7 +420,7 @@ fn write_container_files(dir: &Path, s: &Selected, runtime: &str) -> std::io::Re
             "name": s.name,
             "rootfsImage": s.image,
             "rootfsImageRef": s.image_ref,
-            "rootfsImageName": s.image,
+            "rootfsImageName": podsnap_checkpoint_format::image_name(&s.config, &s.image),
             "runtime": runtime,
             "createdTime": rfc3339_from_nanos(created),
             "checkpointedTime": rfc3339_now(),
