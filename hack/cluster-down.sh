@@ -61,7 +61,7 @@ remove_cgroups() {
 main() {
 	# The controller first: it must not re-create the pods deleted next.
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
-	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnapd 10
+	stop_node_agent
 	delete_pods
 	for c in kubelet kube-scheduler kube-controller-manager; do
 		stop_pidfile "$(component_pidfile "$c")" "$c" 30

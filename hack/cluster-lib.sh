@@ -54,4 +54,15 @@ component_pidfile() { echo "$CLUSTER_RUN/$1.pid"; }
 # component_exe NAME: the executable's name of a component (the node agent is podsnapd run as
 # `podsnapd node-agent`).
 component_exe() { if [ "$1" = podsnap-node-agent ]; then echo podsnapd; else echo "$1"; fi; }
+
+# stop_node_agent: stop podsnapd's node agent (also one an older cluster-up started as
+# `podsnap-controller node-agent`).
+stop_node_agent() {
+	local pidfile
+	pidfile=$(component_pidfile podsnap-node-agent)
+	if pid_running "$pidfile" podsnap-controller >/dev/null; then
+		stop_pidfile "$pidfile" podsnap-controller 10
+	fi
+	stop_pidfile "$pidfile" podsnapd 10
+}
 component_log() { echo "$CLUSTER_RUN/$1.log"; }

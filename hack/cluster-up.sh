@@ -18,10 +18,15 @@ require_root
 
 # cert NAME CN ORG [SAN]: a key and a certificate signed by the cluster CA.
 cert() {
-	local name=$1 cn=$2 org=$3 san=${4:-} subj ext
-	[ -f "$CLUSTER_PKI/$name.crt" ] && return 0
+	local name=$1 cn=$2 org=$3 san=${4:-} subj want ext
 	subj="/CN=$cn"
 	[ -z "$org" ] || subj="/O=$org$subj"
+	# Kept while its subject is still the one wanted (a changed identity gets a new one).
+	want="subject=CN=$cn${org:+,O=$org}"
+	if [ -f "$CLUSTER_PKI/$name.crt" ] &&
+		[ "$(openssl x509 -noout -subject -nameopt RFC2253 -in "$CLUSTER_PKI/$name.crt" 2>/dev/null)" = "$want" ]; then
+		return 0
+	fi
 	ext=$(mktemp)
 	{
 		echo "basicConstraints=CA:FALSE"
@@ -75,7 +80,9 @@ make_pki() {
 	cert controller-manager system:kube-controller-manager ""
 	cert scheduler system:kube-scheduler ""
 	cert podsnap-controller podsnap-controller ""
-	cert podsnap-node-agent "system:podsnap-node-agent:$NODE_NAME" podsnap:node-agents
+	# Its node is in its name: the podsnap-node-agent admission policy (deploy/rbac.yaml) holds
+	# it to checkpoints on this node.
+	cert podsnap-node-agent "podsnap:node-agent:$NODE_NAME" podsnap:node-agents
 	cert kubelet "system:node:$NODE_NAME" system:nodes
 	cert "kubelet-serving-$NODE_IP" "$NODE_NAME" "" "IP:$NODE_IP,IP:127.0.0.1,DNS:$NODE_NAME,DNS:localhost"
 	if [ ! -f "$CLUSTER_PKI/sa.key" ]; then
@@ -131,7 +138,7 @@ check_ports() {
 		for c in "${CLUSTER_COMPONENTS[@]}"; do
 			[ "$(pid_running "$(component_pidfile "$c")" "$(component_exe "$c")" 2>/dev/null)" = "$owner" ] && ours=1
 		done
-		[ "$ours" = 1 ] || die "TCP port $port is taken by pid $owner: stop it or set PODSNAP_APISERVER_PORT/PODSNAP_ETCD_PORT"
+		[ "$ours" = 1 ] || die "TCP port $port is taken by pid $owner: stop it or set PODSNAP_APISERVER_PORT/PODSNAP_ETCD_PORT/PODSNAP_CONTROLLER_METRICS_PORT"
 	done
 }
 
@@ -274,12 +281,24 @@ start_podsnap_controller() {
 	fi
 	# A rebuilt controller replaces the running one.
 	stop_pidfile "$(component_pidfile podsnap-controller)" podsnap-controller 10
-	stop_pidfile "$(component_pidfile podsnap-node-agent)" podsnapd 10
+	stop_node_agent
 	start podsnap-controller "$PODSNAP_CONTROLLER_BINARY" --kubeconfig "$CLUSTER_LIB/podsnap-controller.kubeconfig" \
 		--keep-last "${PODSNAP_KEEP_LAST:-3}" --metrics-bind-address "127.0.0.1:$PODSNAP_CONTROLLER_METRICS_PORT"
+	wait_for podsnap-controller "its /healthz" 30 http_ok 127.0.0.1 "$PODSNAP_CONTROLLER_METRICS_PORT" /healthz
 	# podsnapd's node agent removes deleted checkpoints' data on this node (deletion policy Delete).
+	[ -x "$PODSNAPD_BINARY" ] || die "$PODSNAPD_BINARY is not built (cargo build -p podsnapd)"
 	start podsnap-node-agent "$PODSNAPD_BINARY" node-agent --kubeconfig "$CLUSTER_LIB/podsnap-node-agent.kubeconfig" \
 		--node "$NODE_NAME" --checkpoints-dir "$KUBELET_ROOT/pod-checkpoints"
+}
+
+# http_ok HOST PORT PATH: whether GET http://HOST:PORT/PATH answers 200 (bash's /dev/tcp).
+http_ok() {
+	local reply
+	exec 3<>"/dev/tcp/$1/$2" || return 1
+	printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3
+	IFS= read -r -t 5 reply <&3 || true
+	exec 3<&- 3>&-
+	[[ $reply == "HTTP/1."?" 200"* ]]
 }
 
 main() {

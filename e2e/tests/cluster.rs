@@ -405,6 +405,15 @@ fn checkpoint_requests_that_cannot_succeed_get_a_4xx_and_change_nothing() {
         "BadRequest",
         "timeout must be a positive number of seconds",
     );
+    // A PodCheckpoint UID that is not one.
+    expect(
+        "default",
+        "e2e-badinput",
+        "?podCheckpointUID=..%2F..%2Fetc",
+        None,
+        "BadRequest",
+        "is not a UID",
+    );
     // A caller without the permission: the API server refuses the node proxy.
     expect(
         "default",

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use podsnap_e2e::cluster::{
-    COUNTER_SCRIPT, Cluster, KubePod, counter_pod, counts, metric, tamper_with,
+    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, counter_pod, counts, metric, tamper_with,
 };
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
@@ -151,7 +151,7 @@ fn suspend_and_resume_under_the_same_pod_name() {
     let checkpoint = Object::create(cluster, checkpoint_of("e2e-suspend-ckpt", "e2e-suspend"));
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    assert_eq!(ready["status"]["nodeName"], podsnap_e2e::cluster::NODE_NAME);
+    assert_eq!(ready["status"]["nodeName"], NODE_NAME);
     assert_eq!(ready["status"]["containers"], json!(["counter"]));
     let location = ready["status"]["checkpointLocation"].as_str().unwrap();
     assert!(std::path::Path::new(location).is_dir(), "{location}");
@@ -669,6 +669,51 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
     });
     drop(pod);
 
+    // A node agent may only remove node-data, and only from checkpoints on its own node (the
+    // podsnap-node-agent admission policy; RBAC alone would let it patch any PodCheckpoint).
+    let as_agent = |node: &str, patch: Value| {
+        cluster
+            .kubectl_try([
+                "patch",
+                "podcheckpoint",
+                "e2e-lifecycle-ckpt",
+                "--type=merge",
+                "--dry-run=server",
+                "-p",
+                &patch.to_string(),
+                &format!("--as=podsnap:node-agent:{node}"),
+                "--as-group=podsnap:node-agents",
+            ])
+            .unwrap()
+    };
+    let release = json!({"metadata": {"finalizers": []}});
+    for (node, patch, refusal) in [
+        (
+            "other-node",
+            release.clone(),
+            "only PodCheckpoints on its own node",
+        ),
+        (
+            NODE_NAME,
+            json!({"spec": {"timeoutSeconds": 5}}),
+            "may not change a PodCheckpoint's spec",
+        ),
+        (
+            NODE_NAME,
+            json!({"metadata": {"finalizers": ["checkpoint.k8s.io/node-data", "example.com/keep"]}}),
+            "may only remove the checkpoint.k8s.io/node-data finalizer",
+        ),
+    ] {
+        let refused = as_agent(node, patch);
+        assert!(
+            !refused.success() && refused.stderr.contains(refusal),
+            "{}",
+            refused.report()
+        );
+    }
+    let allowed = as_agent(NODE_NAME, release);
+    assert!(allowed.success(), "{}", allowed.report());
+
     // Make the kubelet's restore fail (a modified image): the restore stays in progress, its pod
     // never starts, and the checkpoint is in use meanwhile.
     let record_text = std::fs::read_to_string(&record).unwrap();
@@ -774,4 +819,66 @@ fn retention_keeps_the_last_three_checkpoints_of_a_pod() {
             .any(|e| e.starts_with("Pruned:") && e.contains("e2e-retained-0")),
         "{events:#?}"
     );
+}
+
+/// A checkpoint the kubelet recorded for a PodCheckpoint that then failed (its controller
+/// stopped between the kubelet's answer and its status write) is removed by podsnapd's node
+/// agent; a checkpoint recorded for no object is left alone. The window itself cannot be hit on
+/// purpose: the test takes the checkpoint through the kubelet API with the object's UID, as the
+/// controller does, and gives the failed object the node it would have had.
+#[test]
+fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-orphan"));
+    pod.wait_ready();
+    let object = Object::create(cluster, checkpoint_of("e2e-orphan-ckpt", "e2e-orphan-gone"));
+    let failed = object.wait_phase(&["Failed", "Ready"]);
+    assert_eq!(failed["status"]["reason"], "SourcePodNotFound", "{failed}");
+    let uid = failed["metadata"]["uid"].as_str().unwrap().to_owned();
+
+    let orphan = cluster.checkpoint_pod(
+        "default",
+        "e2e-orphan",
+        &format!("?podCheckpointUID={uid}"),
+        None,
+    );
+    assert!(orphan.finished.success(), "{}", orphan.finished.report());
+    let orphan = orphan.location.unwrap();
+    // Checkpoint directories are named to the second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let kept = cluster.checkpoint_pod("default", "e2e-orphan", "", None);
+    assert!(kept.finished.success(), "{}", kept.finished.report());
+    let kept = kept.location.unwrap();
+    let record =
+        |dir: &std::path::Path| std::path::PathBuf::from(format!("{}.kubelet.json", dir.display()));
+    let recorded: Value = serde_json::from_slice(&std::fs::read(record(&orphan)).unwrap()).unwrap();
+    assert_eq!(recorded["podCheckpointUID"], uid.as_str(), "{recorded}");
+
+    // The failed object on this node, as the controller leaves it when it failed mid-checkpoint.
+    cluster.kubectl([
+        "patch",
+        "podcheckpoint",
+        "e2e-orphan-ckpt",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({"status": {"nodeName": NODE_NAME}}).to_string(),
+    ]);
+    wait_for(
+        "the node agent to remove the orphan",
+        Duration::from_secs(30),
+        || {
+            if orphan.exists() || record(&orphan).exists() {
+                Err(format!("{} still there", orphan.display()))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    assert!(
+        kept.is_dir() && record(&kept).is_file(),
+        "a checkpoint of no object went"
+    );
+    std::fs::remove_dir_all(&kept).unwrap();
+    std::fs::remove_file(record(&kept)).unwrap();
 }

@@ -289,7 +289,14 @@ pub fn dump_unsealed(
 ) -> anyhow::Result<()> {
     let id = target.id;
     let created = !images.exists();
-    private_dir(images)?;
+    if created {
+        private_dir(images)?;
+    } else {
+        // Given by the caller (a pod checkpoint made it already): root-only all the same, but
+        // not made again should it vanish meanwhile.
+        fs::set_permissions(images, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", images.display()))?;
+    }
     let work = match &opts.work_path {
         Some(dir) => {
             private_dir(dir)?;

@@ -271,6 +271,7 @@ fn capture_container(
     // it must not come back.
     let dir = output_dir.join(&capture.id);
     checkpoint::new_private_dir(&dir)?;
+    checkpoint::new_private_dir(&dir.join("checkpoint"))?;
     let mut opts = opts.clone();
     if let Some(deadline) = deadline {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -132,11 +132,20 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }),
     )
     .await?;
-    let query = object
-        .spec
-        .timeout_seconds
-        .map(|t| format!("?timeout={t}"))
-        .unwrap_or_default();
+    // The kubelet records the object's UID beside the checkpoint: should this controller stop
+    // before it writes the location, podsnapd's node agent finds the checkpoint by it.
+    let query: Vec<String> = [
+        object.uid().map(|uid| format!("podCheckpointUID={uid}")),
+        object.spec.timeout_seconds.map(|t| format!("timeout={t}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    };
     let path = format!("/api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{source}{query}");
     let request = http::Request::post(&path)
         .body(Vec::new())
@@ -149,8 +158,14 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }
         Err(e) => return fail(&ctx, &object, "CheckpointFailed", &e.to_string()).await,
     };
-    let answer: serde_json::Value = serde_json::from_str(&answer)
-        .map_err(|e| Error::Other(format!("the kubelet's answer {answer:?}: {e}")))?;
+    let answer: serde_json::Value = match serde_json::from_str(&answer) {
+        Ok(answer) => answer,
+        Err(e) => {
+            // Failed for good (the node agent removes what the kubelet may have recorded for it).
+            let message = format!("the kubelet's answer {answer:?}: {e}");
+            return fail(&ctx, &object, "CheckpointFailed", &message).await;
+        }
+    };
     let location = answer["items"][0].as_str().unwrap_or_default().to_string();
     let containers: Vec<String> = answer["containers"]
         .as_array()
@@ -173,12 +188,18 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         )],
         ..Default::default()
     };
-    status::set(
-        &ctx,
-        object.as_ref(),
-        serde_json::to_value(&status).unwrap_or_default(),
-    )
-    .await?;
+    // The checkpoint exists now: recording it must not be lost to one failed write (a retried
+    // reconcile would find the object Checkpointing and fail it).
+    let status = serde_json::to_value(&status).unwrap_or_default();
+    let mut attempt = 1;
+    while let Err(e) = status::set(&ctx, object.as_ref(), status.clone()).await {
+        if attempt == 5 {
+            return Err(e);
+        }
+        tracing::warn!(checkpoint = %name, error = %e, attempt, "recording the checkpoint failed; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+        attempt += 1;
+    }
     publish(
         &ctx,
         object.as_ref(),

@@ -105,12 +105,20 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` (and `/healthz`) over plain HTTP on `addr` until the task is dropped.
+/// Serves `/metrics` (and `/healthz`) over plain HTTP on `addr` until the task is dropped. Only
+/// binding fails it: a failed accept (out of file descriptors) is logged and retried.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving metrics at /metrics");
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -118,6 +126,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await
             {

@@ -4,6 +4,11 @@
 //! and the kubelet's record beside it, then the `checkpoint.k8s.io/node-data` finalizer. It
 //! removes nothing outside that directory, and only entries named as the kubelet names
 //! checkpoints; a checkpoint still in use by a restore (`checkpoint.k8s.io/in-use`) waits.
+//!
+//! It also removes the checkpoints of PodCheckpoints that failed on its node: the kubelet
+//! records the object's UID beside each checkpoint (`podCheckpointUID` in the record), and a
+//! checkpoint recorded for a Failed object is one its controller never learned of (it stopped
+//! between the kubelet's answer and its status write).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,10 +60,25 @@ pub async fn run(agent: Agent) {
 
 async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Action, Error> {
     let status = object.status.clone().unwrap_or_default();
-    if object.meta().deletion_timestamp.is_none()
-        || status.node_name.as_deref() != Some(agent.node.as_str())
-        || !object.finalizers().iter().any(|f| f == NODE_DATA)
-    {
+    if status.node_name.as_deref() != Some(agent.node.as_str()) {
+        return Ok(Action::await_change());
+    }
+    if object.meta().deletion_timestamp.is_none() {
+        if status.phase.as_deref() == Some("Failed")
+            && let Some(uid) = object.uid()
+        {
+            for location in recorded_for(&agent.checkpoints_dir, &uid).map_err(Error::Data)? {
+                remove_data(&agent.checkpoints_dir, &location).map_err(Error::Data)?;
+                tracing::warn!(
+                    checkpoint = %object.name_any(),
+                    location = %location.display(),
+                    "removed a checkpoint taken for a PodCheckpoint that failed"
+                );
+            }
+        }
+        return Ok(Action::await_change());
+    }
+    if !object.finalizers().iter().any(|f| f == NODE_DATA) {
         return Ok(Action::await_change());
     }
     if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
@@ -75,6 +95,46 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
     );
     finalizers::remove(&api, &object, NODE_DATA).await?;
     Ok(Action::await_change())
+}
+
+/// The kubelet's record of a pod checkpoint: `<checkpoint>.kubelet.json`.
+const RECORD_SUFFIX: &str = ".kubelet.json";
+
+/// The checkpoints in `dir` whose kubelet record names PodCheckpoint `uid` (`podCheckpointUID`).
+/// Only `checkpoint-*.kubelet.json` regular files directly in `dir` are read, up to 1 MiB each;
+/// one that cannot be read or parsed is skipped.
+pub fn recorded_for(dir: &Path, uid: &str) -> Result<Vec<PathBuf>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(checkpoint) = name
+            .to_str()
+            .filter(|n| n.starts_with("checkpoint-"))
+            .and_then(|n| n.strip_suffix(RECORD_SUFFIX))
+        else {
+            continue;
+        };
+        let path = entry.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() <= 1 << 20 => {}
+            _ => continue,
+        }
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        if record["podCheckpointUID"].as_str() == Some(uid) {
+            found.push(dir.join(checkpoint));
+        }
+    }
+    Ok(found)
 }
 
 /// Removes a checkpoint directory and the kubelet's record beside it; refuses any location that
@@ -101,7 +161,7 @@ pub fn remove_data(dir: &Path, location: &Path) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let record = dir.join(format!("{name}.kubelet.json"));
+    let record = dir.join(format!("{name}{RECORD_SUFFIX}"));
     match std::fs::remove_file(&record) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(format!("remove {}: {e}", record.display()))
@@ -128,6 +188,47 @@ mod tests {
         assert!(dir.path().join("checkpoint-other").exists());
         // Gone already: fine.
         remove_data(dir.path(), &checkpoint).unwrap();
+    }
+
+    #[test]
+    fn finds_the_checkpoints_recorded_for_an_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |name: &str, body: &str| {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.kubelet.json")), body).unwrap();
+        };
+        record(
+            "checkpoint-a_ns-1",
+            r#"{"name":"a","podCheckpointUID":"uid-1"}"#,
+        );
+        record(
+            "checkpoint-a_ns-2",
+            r#"{"name":"a","podCheckpointUID":"uid-2"}"#,
+        );
+        record("checkpoint-a_ns-3", r#"{"name":"a"}"#);
+        record("checkpoint-a_ns-4", "not json");
+        // Not a checkpoint record, though it names the object.
+        std::fs::write(
+            dir.path().join("other.kubelet.json"),
+            r#"{"podCheckpointUID":"uid-1"}"#,
+        )
+        .unwrap();
+        // A link is not followed.
+        std::os::unix::fs::symlink(
+            dir.path().join("checkpoint-a_ns-1.kubelet.json"),
+            dir.path().join("checkpoint-link.kubelet.json"),
+        )
+        .unwrap();
+        assert_eq!(
+            recorded_for(dir.path(), "uid-1").unwrap(),
+            vec![dir.path().join("checkpoint-a_ns-1")]
+        );
+        assert!(recorded_for(dir.path(), "uid-9").unwrap().is_empty());
+        assert!(
+            recorded_for(&dir.path().join("missing"), "uid-1")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@ enum Mode {
     /// PodCheckpoints whose deletion policy is Delete (the `checkpoint.k8s.io/node-data`
     /// finalizer), then that finalizer.
     NodeAgent {
-        /// A kubeconfig; in-cluster configuration or $KUBECONFIG when not given.
-        #[arg(long, env = "KUBECONFIG")]
+        /// A kubeconfig; $KUBECONFIG or the in-cluster configuration when not given.
+        #[arg(long)]
         kubeconfig: Option<PathBuf>,
         /// This node's name, as PodCheckpoints' status.nodeName gives it.
         #[arg(long, env = "NODE_NAME")]

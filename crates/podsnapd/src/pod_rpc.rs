@@ -13,6 +13,7 @@
 //! `Unimplemented` stub: routing never sends those here.
 
 use std::future::Future;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -218,6 +219,11 @@ impl RuntimeService for PodRpcs {
         });
         let checkpointer = self.checkpointer.clone();
         let output = PathBuf::from(&request.output_path);
+        // Which directory the call was given: a caller that went away may have removed it and
+        // made another of the same name since; that one is not this call's to empty.
+        let given = std::fs::symlink_metadata(&output)
+            .ok()
+            .map(|meta| (meta.dev(), meta.ino()));
         let call = async move {
             let started = Instant::now();
             let result = checkpointer.checkpoint_pod(request, deadline).await;
@@ -227,12 +233,23 @@ impl RuntimeService for PodRpcs {
         let discard = {
             let span = span.clone();
             move |_: &CheckpointPodResponse| {
+                let now = std::fs::symlink_metadata(&output)
+                    .ok()
+                    .map(|meta| (meta.dev(), meta.ino()));
                 let _entered = span.enter();
+                if given.is_none() || now != given {
+                    tracing::warn!(
+                        output = %output.display(),
+                        "the caller went away before the checkpoint ended; its directory is gone or another"
+                    );
+                    return;
+                }
                 tracing::warn!(
                     output = %output.display(),
                     "the caller went away before the checkpoint ended: discarding it"
                 );
-                crate::checkpoint_pod::empty_dir(&output);
+                // Off the async workers: a checkpoint can be GiBs.
+                tokio::task::spawn_blocking(move || crate::checkpoint_pod::empty_dir(&output));
             }
         };
         self.calls
