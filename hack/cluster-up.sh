@@ -114,12 +114,23 @@ start() {
 
 # wait_for COMPONENT WHAT SECONDS CMD...: retry CMD until it succeeds; fail at once, with the end
 # of its log, when the component has exited.
+# component_alive NAME: whether the component started by `start` runs (or is about to: setsid
+# has not exec'd it yet).
+component_alive() {
+	local pidfile pid exe
+	pidfile=$(component_pidfile "$1")
+	pid_running "$pidfile" "$(component_exe "$1")" >/dev/null && return 0
+	pid=$(cat "$pidfile" 2>/dev/null) || return 1
+	exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+	[ "${exe##*/}" = setsid ]
+}
+
 wait_for() {
 	local component=$1 what=$2 seconds=$3 i
 	shift 3
 	for ((i = 0; i < seconds * 2; i++)); do
 		"$@" >/dev/null 2>&1 && return 0
-		if ! pid_running "$(component_pidfile "$component")" "$(component_exe "$component")" >/dev/null; then
+		if ! component_alive "$component"; then
 			tail -5 "$(component_log "$component")" >&2 || true
 			die "$component exited before $what was ready (log: $(component_log "$component"))"
 		fi
