@@ -79,6 +79,18 @@ fn checkpoint_of(name: &str, pod: &str) -> Value {
     })
 }
 
+/// Waits until PodCheckpoint `name` (namespace default) no longer exists.
+fn wait_gone(cluster: &Cluster, name: &str, timeout: Duration) {
+    wait_for(format!("PodCheckpoint {name} to be gone"), timeout, || {
+        let f = cluster.kubectl_try(["get", "podcheckpoint", name])?;
+        if f.success() {
+            Err(format!("{name} is still there"))
+        } else {
+            Ok(())
+        }
+    });
+}
+
 fn wait_counting(pod: &KubePod<'_>, n: usize) -> Vec<u64> {
     pod.wait_counting("counter", n)
 }
@@ -608,18 +620,7 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
 
     let deleted = podsnap(&["delete", "e2e-cli-ckpt"]);
     assert!(deleted.success(), "{}", deleted.report());
-    wait_for(
-        "the PodCheckpoint to be gone",
-        Duration::from_secs(30),
-        || {
-            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-cli-ckpt"])?;
-            if f.success() {
-                Err("still there".into())
-            } else {
-                Ok(())
-            }
-        },
-    );
+    wait_gone(cluster, "e2e-cli-ckpt", Duration::from_secs(30));
 }
 
 /// Deletes a checkpoint.k8s.io object by name when dropped.
@@ -750,14 +751,7 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
 
     // The restore goes: the checkpoint is released, deleted, and its data removed on the node.
     drop(restore);
-    wait_for(
-        "the PodCheckpoint to be gone",
-        Duration::from_secs(60),
-        || {
-            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-lifecycle-ckpt"])?;
-            if f.success() { Err(f.stdout) } else { Ok(()) }
-        },
-    );
+    wait_gone(cluster, "e2e-lifecycle-ckpt", Duration::from_secs(60));
     wait_for(
         "the checkpoint's data to be removed",
         Duration::from_secs(30),
@@ -791,18 +785,8 @@ fn retention_keeps_the_last_three_checkpoints_of_a_pod() {
         std::thread::sleep(Duration::from_millis(1100));
         objects.push(object);
     }
-    wait_for(
-        "the oldest checkpoint to be pruned",
-        Duration::from_secs(30),
-        || {
-            let f = cluster.kubectl_try(["get", "podcheckpoint", "e2e-retained-0"])?;
-            if f.success() {
-                Err("e2e-retained-0 is still there".into())
-            } else {
-                Ok(())
-            }
-        },
-    );
+    // The oldest is pruned.
+    wait_gone(cluster, "e2e-retained-0", Duration::from_secs(30));
     for i in 1..4 {
         let name = format!("e2e-retained-{i}");
         let f = cluster

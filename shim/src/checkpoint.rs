@@ -702,7 +702,7 @@ pub fn restore(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MOUNTINFO: &str = "\
@@ -720,15 +720,16 @@ mod tests {
 171 149 0:5 /null /proc/kcore rw - devtmpfs udev rw
 ";
 
-    fn spec_with_binds(destinations: &[&str]) -> Spec {
+    /// A spec with one bind mount per `(destination, source)`.
+    pub(crate) fn spec_with_binds(binds: &[(&str, &str)]) -> Spec {
         let mut spec = Spec::default();
-        let mounts = destinations
+        let mounts = binds
             .iter()
-            .map(|d| {
+            .map(|(destination, source)| {
                 oci_spec::runtime::MountBuilder::default()
-                    .destination(*d)
+                    .destination(*destination)
                     .typ("bind")
-                    .source(format!("/host{d}"))
+                    .source(*source)
                     .options(vec!["rbind".to_string()])
                     .build()
                     .unwrap()
@@ -773,7 +774,10 @@ mod tests {
 
     #[test]
     fn host_binds_cgroups_and_masks_are_external_the_rest_is_criu_s() {
-        let spec = spec_with_binds(&["/etc/hostname", "/dev/shm"]);
+        let spec = spec_with_binds(&[
+            ("/etc/hostname", "/host/etc/hostname"),
+            ("/dev/shm", "/host/dev/shm"),
+        ]);
         let external = external_mounts(&parse_mountinfo(MOUNTINFO), &spec).unwrap();
         assert_eq!(
             external,

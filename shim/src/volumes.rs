@@ -98,21 +98,8 @@ mod tests {
     use super::*;
 
     fn spec_with(sources: &[&str]) -> Spec {
-        let mut spec = Spec::default();
-        let mounts = sources
-            .iter()
-            .map(|s| {
-                oci_spec::runtime::MountBuilder::default()
-                    .destination("/data")
-                    .typ("bind")
-                    .source(*s)
-                    .options(vec!["rbind".to_string()])
-                    .build()
-                    .unwrap()
-            })
-            .collect::<Vec<_>>();
-        spec.set_mounts(Some(mounts));
-        spec
+        let binds: Vec<_> = sources.iter().map(|s| ("/data", *s)).collect();
+        crate::checkpoint::tests::spec_with_binds(&binds)
     }
 
     #[test]

@@ -7,10 +7,13 @@ use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
+use std::any::Any;
+
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::api::{Condition, PodRestore};
+use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore};
 use crate::{Context, Error};
 
 /// An object of ours: a namespaced checkpoint.k8s.io kind with a status.
@@ -18,8 +21,8 @@ pub trait Owned:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
-    + serde::Serialize
     + std::fmt::Debug
+    + 'static
 {
 }
 
@@ -27,8 +30,8 @@ impl<K> Owned for K where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + DeserializeOwned
-        + serde::Serialize
         + std::fmt::Debug
+        + 'static
 {
 }
 
@@ -48,33 +51,33 @@ pub async fn set<K: Owned>(
         &Patch::Merge(json!({ "status": status })),
     )
     .await?;
-    if K::kind(&()) == "PodCheckpoint" {
-        count_transitions(ctx, object, &status);
+    if let Some(checkpoint) = (object as &dyn Any).downcast_ref::<PodCheckpoint>() {
+        count_transitions(ctx, checkpoint, &status);
     }
     Ok(())
 }
 
-/// Counts a PodCheckpoint's phase and Ready condition transitions in the metrics.
-fn count_transitions<K: Owned>(ctx: &Context, object: &K, status: &serde_json::Value) {
-    let before = serde_json::to_value(object).unwrap_or_default();
-    let before = &before["status"];
-    if let Some(phase) = status["phase"].as_str() {
-        ctx.metrics
-            .phase_transition(before["phase"].as_str(), phase);
-    }
-    let ready = |s: &serde_json::Value| {
-        s["conditions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .map(|c| (c["status"].clone(), c["reason"].clone()))
+/// Counts a PodCheckpoint's phase and Ready condition transitions (from its status before,
+/// to the `status` just merged into it) in the metrics.
+fn count_transitions(ctx: &Context, object: &PodCheckpoint, status: &serde_json::Value) {
+    let Ok(after) = PodCheckpointStatus::deserialize(status) else {
+        return;
     };
-    if let Some((new_status, reason)) = ready(status)
-        && ready(before) != Some((new_status.clone(), reason.clone()))
+    let before = object.status.as_ref();
+    if let Some(phase) = &after.phase {
+        ctx.metrics
+            .phase_transition(before.and_then(|s| s.phase.as_deref()), phase);
+    }
+    let ready = |s: &PodCheckpointStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default()))
+    };
+    if let Some(now) = ready(&after)
+        && before.and_then(ready) != Some(now.clone())
     {
-        ctx.metrics.ready_condition(
-            new_status.as_str().unwrap_or_default(),
-            reason.as_str().unwrap_or_default(),
-        );
+        ctx.metrics.ready_condition(&now.0, &now.1);
     }
 }
 

@@ -30,6 +30,26 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Data(String),
+    #[error("the API server's configuration: {0}")]
+    Config(String),
+}
+
+/// A client for the API server: from `kubeconfig`, else $KUBECONFIG or the in-cluster
+/// configuration.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
 }
 
 fn requeue_on_error(_: Arc<PodCheckpoint>, error: &Error, _: Arc<Agent>) -> Action {

@@ -105,15 +105,7 @@ async fn node_agent(
         "--checkpoints-dir {} is not an absolute path",
         checkpoints_dir.display()
     );
-    let config = match &kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let client = kube::Client::try_from(config)?;
+    let client = podsnap_node_agent::client(kubeconfig.as_deref()).await?;
     tracing::info!(%node, dir = %checkpoints_dir.display(), "podsnapd node agent started");
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     tokio::select! {

@@ -89,7 +89,7 @@ impl PodCalls {
     ) -> Result<T, Status> {
         let counted = CountedCall::start(&self.running);
         let caller = CallerPresence::default();
-        let gone = caller.0.clone();
+        let gone = caller.gone.clone();
         let task = tokio::spawn(async move {
             let result = call.await;
             if let Ok(made) = &result
@@ -113,17 +113,22 @@ impl PodCalls {
 /// Marks the caller gone (`true`) when dropped before [`CallerPresence::answered`]: the
 /// handler's future is dropped when the caller cancels, times out or disconnects.
 #[derive(Default)]
-struct CallerPresence(Arc<AtomicBool>);
+struct CallerPresence {
+    gone: Arc<AtomicBool>,
+    answered: bool,
+}
 
 impl CallerPresence {
-    fn answered(self) {
-        std::mem::forget(self);
+    fn answered(mut self) {
+        self.answered = true;
     }
 }
 
 impl Drop for CallerPresence {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
+        if !self.answered {
+            self.gone.store(true, Ordering::SeqCst);
+        }
     }
 }
 
