@@ -866,3 +866,353 @@ fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
     std::fs::remove_dir_all(&kept).unwrap();
     std::fs::remove_file(record(&kept)).unwrap();
 }
+
+/// A counter pod with `mib` MiB of random data in an emptyDir volume: its checkpoint takes
+/// seconds (the volume is archived), so it can be caught in progress.
+fn slow_counter_pod(name: &str, mib: u64) -> Value {
+    let mut manifest = counter_pod(name);
+    manifest["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+    let container = &mut manifest["spec"]["containers"][0];
+    container["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+    container["command"] = json!([
+        "sh",
+        "-c",
+        format!(
+            "head -c {} /dev/urandom > /data/blob && {COUNTER_SCRIPT}",
+            mib << 20
+        )
+    ]);
+    manifest
+}
+
+/// A PodCheckpoint of `pod` with deletion policy Delete: its data goes with it.
+fn removed_with_its_data(name: &str, pod: &str) -> Value {
+    let mut manifest = checkpoint_of(name, pod);
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    manifest
+}
+
+/// Whether the object's finalizers include `finalizer`.
+fn has_finalizer(object: &Value, finalizer: &str) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f == finalizer)
+}
+
+/// Deletion policy Delete holds from the start: a PodCheckpoint deleted while the kubelet is
+/// still checkpointing carries the node-data finalizer already, is gone only once the checkpoint
+/// has ended, and leaves no data on the node. The pod is not left frozen.
+#[test]
+fn a_checkpoint_deleted_mid_checkpoint_under_delete_policy_leaves_no_data() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(slow_counter_pod("e2e-delete-mid", 512));
+    pod.wait_ready();
+    wait_counting(&pod, 2);
+    let before = checkpoint_entries(cluster);
+
+    let checkpoint = Object::create(
+        cluster,
+        removed_with_its_data("e2e-delete-mid-ckpt", "e2e-delete-mid"),
+    );
+    let seen = checkpoint.wait_phase(&["Checkpointing", "Ready", "Failed"]);
+    assert_eq!(
+        seen["status"]["phase"], "Checkpointing",
+        "the checkpoint ended before it could be deleted mid-way: {seen}"
+    );
+    assert!(
+        has_finalizer(&seen, "checkpoint.k8s.io/node-data"),
+        "no node-data finalizer while checkpointing: {seen}"
+    );
+    cluster.kubectl([
+        "delete",
+        "podcheckpoint",
+        "e2e-delete-mid-ckpt",
+        "--wait=false",
+    ]);
+    wait_gone(cluster, "e2e-delete-mid-ckpt", Duration::from_secs(180));
+    wait_for(
+        "the pod checkpoint directory to hold what it held before",
+        Duration::from_secs(60),
+        || {
+            let now = checkpoint_entries(cluster);
+            if now == before {
+                Ok(())
+            } else {
+                Err(format!("{now:?}, want {before:?}"))
+            }
+        },
+    );
+    let last = *counts(&pod.logs("counter")).last().unwrap();
+    wait_for("the pod to count on", Duration::from_secs(30), || {
+        let now = *counts(&pod.logs("counter")).last().unwrap();
+        if now >= last + 2 {
+            Ok(())
+        } else {
+            Err(format!("count {now}, was {last}"))
+        }
+    });
+}
+
+/// A Delete-policy PodCheckpoint that failed before it reached a node (its finalizer went on
+/// first) is deleted at once: the controller releases the finalizer, there is no data anywhere.
+#[test]
+fn a_delete_policy_checkpoint_that_never_reached_a_node_is_deleted_at_once() {
+    let cluster = Cluster::get();
+    let checkpoint = Object::create(
+        cluster,
+        removed_with_its_data("e2e-delete-nowhere", "e2e-delete-nowhere-pod"),
+    );
+    let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
+    assert_eq!(failed["status"]["reason"], "SourcePodNotFound", "{failed}");
+    cluster.kubectl([
+        "delete",
+        "podcheckpoint",
+        "e2e-delete-nowhere",
+        "--wait=false",
+    ]);
+    wait_gone(cluster, "e2e-delete-nowhere", Duration::from_secs(30));
+}
+
+/// A PodRestore whose pod name is taken by a pod it did not create fails (PodAlreadyExists, with
+/// an event naming the pod) instead of reporting that pod as restored; the pod is left alone.
+#[test]
+fn a_restore_onto_a_pod_it_did_not_create_fails_with_pod_already_exists() {
+    let cluster = Cluster::get();
+    let source = cluster.create_pod(counter_pod("e2e-taken-source"));
+    source.wait_ready();
+    wait_counting(&source, 2);
+    let checkpoint = Object::create(
+        cluster,
+        removed_with_its_data("e2e-taken-ckpt", "e2e-taken-source"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+
+    let squatter = cluster.create_pod(counter_pod("e2e-taken"));
+    squatter.wait_ready();
+    let uid = squatter.uid();
+    let restore = Object::create(
+        cluster,
+        json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "e2e-taken-restore", "namespace": "default"},
+            "spec": {"checkpointName": "e2e-taken-ckpt",
+                     "podTemplate": {"metadata": {"name": "e2e-taken"}}}
+        }),
+    );
+    let failed = restore.wait_phase(&["Failed", "Completed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "PodAlreadyExists", "{failed}");
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pod default/e2e-taken already exists"),
+        "{failed}"
+    );
+    let events = cluster.events("default", "e2e-taken-restore");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("PodAlreadyExists:") && e.contains("default/e2e-taken")),
+        "{events:#?}"
+    );
+    // The pod is the one that was there, not restored and not annotated.
+    let now = squatter.get();
+    assert_eq!(now["metadata"]["uid"], uid.as_str(), "{now}");
+    assert!(
+        now["metadata"]["annotations"]["checkpoint.k8s.io/restore-from"].is_null(),
+        "{now}"
+    );
+    assert!(now["metadata"]["ownerReferences"].is_null(), "{now}");
+}
+
+/// A controller restarted mid-restore takes up the pod its restore created (its owner reference)
+/// as its own: the restore stays in progress, with the same pod, not failed as a name clash.
+#[test]
+fn a_restarted_controller_takes_up_the_pod_its_restore_created() {
+    let cluster = Cluster::get();
+    let source = cluster.create_pod(counter_pod("e2e-own-source"));
+    source.wait_ready();
+    let checkpoint = Object::create(
+        cluster,
+        removed_with_its_data("e2e-own-ckpt", "e2e-own-source"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    // The kubelet cannot restore a modified checkpoint: the restore stays in progress.
+    tamper_with(std::path::Path::new(
+        ready["status"]["checkpointLocation"].as_str().unwrap(),
+    ));
+    let restore = Object::create(
+        cluster,
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": "e2e-own-restore", "namespace": "default"},
+               "spec": {"checkpointName": "e2e-own-ckpt"}}),
+    );
+    let restored = cluster.existing_pod("default", "e2e-own-restore");
+    restore.wait_phase(&["Restoring"]);
+    let uid = wait_for("the restored pod", Duration::from_secs(30), || {
+        let pod = restored.get();
+        match pod["metadata"]["uid"].as_str() {
+            Some(uid) => Ok(uid.to_owned()),
+            None => Err(pod.to_string()),
+        }
+    });
+    assert_eq!(
+        restored.get()["metadata"]["ownerReferences"][0]["uid"],
+        restore.get()["metadata"]["uid"]
+    );
+
+    cluster.kill_controller();
+    cluster.start_controller();
+    // Several reconciles (every 2 s while in progress) by the new controller.
+    std::thread::sleep(Duration::from_secs(8));
+    let after = restore.get();
+    assert_eq!(after["status"]["phase"], "Restoring", "{after}");
+    assert_eq!(restored.uid(), uid);
+}
+
+/// The node agents cannot read pod specs: a PodCheckpoint holds none (the checkpointed pod's
+/// spec is in a PodTemplate owned by it, removed with it), and the agents' role reaches no
+/// podtemplates, pods or secrets. They list their own node's checkpoints by field selector.
+#[test]
+fn node_agents_cannot_read_checkpointed_pod_specs() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-agent-read"));
+    pod.wait_ready();
+    let checkpoint = Object::create(
+        cluster,
+        removed_with_its_data("e2e-agent-read-ckpt", "e2e-agent-read"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let as_agent = |args: &[&str]| {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.push(format!("--as=podsnap:node-agent:{NODE_NAME}"));
+        args.push("--as-group=podsnap:node-agents".to_owned());
+        cluster.kubectl_try(args).unwrap()
+    };
+
+    let read = as_agent(&["get", "podcheckpoint", "e2e-agent-read-ckpt", "-o", "json"]);
+    assert!(read.success(), "{}", read.report());
+    // The pod's command (COUNTER_SCRIPT, whose quotes JSON escapes) is nowhere in it.
+    assert!(
+        !read.stdout.contains("while true; do echo"),
+        "a node agent reads the pod's spec: {}",
+        read.stdout
+    );
+    let object: Value = serde_json::from_str(&read.stdout).unwrap();
+    assert!(
+        object["status"]["checkpointedPodSpec"].is_null(),
+        "{object}"
+    );
+    let listed = as_agent(&[
+        "get",
+        "podcheckpoints",
+        "-A",
+        "--field-selector",
+        &format!("status.nodeName={NODE_NAME}"),
+        "-o",
+        "name",
+    ]);
+    assert!(
+        listed.success() && listed.stdout.contains("e2e-agent-read-ckpt"),
+        "{}",
+        listed.report()
+    );
+    for resource in ["podtemplates", "pods", "secrets"] {
+        let refused = as_agent(&["get", resource, "-A"]);
+        assert!(
+            !refused.success() && refused.stderr.contains("forbidden"),
+            "{resource}: {}",
+            refused.report()
+        );
+    }
+
+    // Where the spec is: a PodTemplate the PodCheckpoint owns and names.
+    let reference = &ready["status"]["podTemplateRef"];
+    let name = reference["name"].as_str().expect("podTemplateRef.name");
+    let template: Value =
+        serde_json::from_str(&cluster.kubectl(["get", "podtemplate", name, "-o", "json"])).unwrap();
+    assert_eq!(
+        template["metadata"]["ownerReferences"][0]["uid"],
+        ready["metadata"]["uid"]
+    );
+    assert_eq!(template["metadata"]["uid"], reference["uid"]);
+    assert!(
+        template.to_string().contains("while true; do echo"),
+        "{template}"
+    );
+    drop(checkpoint);
+    wait_for(
+        "the PodTemplate to be removed with its PodCheckpoint",
+        Duration::from_secs(60),
+        || {
+            let f = cluster.kubectl_try(["get", "podtemplate", name])?;
+            if f.success() {
+                Err(format!("{name} is still there"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+/// podsnapd runs one checkpoint of a pod at a time: a second one while the first runs is refused
+/// at once (FailedPrecondition, which the kubelet answers 409 Conflict) and leaves nothing; once
+/// the first is done the pod can be checkpointed again. The kubelet's checkpoints carry a
+/// deadline without `?timeout` too (podsnapd refuses a CheckpointPod without one).
+#[test]
+fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(slow_counter_pod("e2e-twice", 1024));
+    pod.wait_ready();
+    wait_counting(&pod, 2);
+    let before = checkpoint_entries(cluster);
+    let record =
+        |dir: &std::path::Path| std::path::PathBuf::from(format!("{}.kubelet.json", dir.display()));
+
+    let (first, second, first_ended_at, second_started_at) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            let answer = cluster.checkpoint_pod("default", "e2e-twice", "?timeout=300", None);
+            (answer, std::time::Instant::now())
+        });
+        // Checkpoint directories are named to the second: the second call gets its own.
+        std::thread::sleep(Duration::from_millis(1100));
+        let second_started_at = std::time::Instant::now();
+        let second = cluster.checkpoint_pod("default", "e2e-twice", "?timeout=300", None);
+        let (first, first_ended_at) = first.join().unwrap();
+        (first, second, first_ended_at, second_started_at)
+    });
+    assert!(
+        first_ended_at > second_started_at,
+        "the first checkpoint ended before the second began: {}",
+        first.finished.report()
+    );
+    assert!(first.finished.success(), "{}", first.finished.report());
+    assert!(!second.finished.success(), "{}", second.finished.report());
+    assert!(
+        second.finished.stderr.contains("Conflict")
+            && second.finished.stderr.contains("already in progress"),
+        "{}",
+        second.finished.report()
+    );
+    let first = first.location.unwrap();
+    let mut expected = before.clone();
+    for entry in [&first, &record(&first)] {
+        expected.insert(entry.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    assert_eq!(checkpoint_entries(cluster), expected);
+
+    // Released: again, and without `?timeout` (the kubelet's CRI client sets a deadline).
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = cluster.checkpoint_pod("default", "e2e-twice", "", None);
+    assert!(again.finished.success(), "{}", again.finished.report());
+    for dir in [first, again.location.unwrap()] {
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(record(&dir)).unwrap();
+    }
+}

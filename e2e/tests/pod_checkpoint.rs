@@ -918,3 +918,289 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
     });
     ws.remove_pod(&pod);
 }
+
+/// `podsnap pod restore` of `checkpoint` with the given configs, not started; the restored pod
+/// and `(container id, name)` pairs it printed.
+fn restore_created(checkpoint: &Path, pod: &Path, containers: &[&Path]) -> Finished {
+    let mut args = vec![
+        "pod".to_string(),
+        "restore".to_string(),
+        checkpoint.display().to_string(),
+        "--pod-config".to_string(),
+        pod.display().to_string(),
+    ];
+    for container in containers {
+        args.push("--container-config".to_string());
+        args.push(container.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    podsnap(&args)
+}
+
+#[test]
+fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
+    use tonic::Code;
+    let node = Node::get();
+    let cri = Cri::new();
+    let mut ws = Workspace::new("grants");
+    let counter = ws.container_config(
+        "counter",
+        sh("i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"),
+        json!([]),
+    );
+    let config = ws.pod_config(&unique("grants"));
+    let pod = ws.run_pod(Handler::Podsnap, &config);
+    let c = ws.run_container(&pod, &counter, &config);
+    let checkpoint = ws.checkpoint_dir("root");
+    cri.checkpoint(&pod, checkpoint.to_str().unwrap(), &[&c], &[])
+        .expect("a checkpoint of a root container");
+    let ckpt = checkpoint.to_str().unwrap();
+    let pods_before = pod_ids(node);
+
+    // The same pod under Pod Security's "restricted" settings: uid 65534, no_new_privs, no
+    // capabilities. CRIU would bring the processes back as root with capabilities.
+    let (mut pod_config, mut containers) = restore_configs(&unique("restricted"), BUSYBOX);
+    pod_config.linux = Some(cri_api::v1::LinuxPodSandboxConfig {
+        security_context: Some(cri_api::v1::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri_api::v1::NamespaceOption {
+                pid: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let same = cri_api::v1::LinuxContainerSecurityContext {
+        namespace_options: Some(cri_api::v1::NamespaceOption {
+            pid: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let restricted = cri_api::v1::LinuxContainerSecurityContext {
+        run_as_user: Some(cri_api::v1::Int64Value { value: 65534 }),
+        no_new_privs: true,
+        capabilities: Some(cri_api::v1::Capability {
+            drop_capabilities: vec!["ALL".into()],
+            ..Default::default()
+        }),
+        ..same.clone()
+    };
+    containers[0].linux = Some(cri_api::v1::LinuxContainerConfig {
+        security_context: Some(restricted),
+        ..Default::default()
+    });
+    assert_status(
+        cri.restore(ckpt, "podsnap", pod_config.clone(), containers.clone()),
+        Code::PermissionDenied,
+        "run_as_user: checkpoint null, requested 65534",
+    );
+    // A pod in the host's network namespace (hostNetwork) for a checkpoint that had its own.
+    containers[0].linux = Some(cri_api::v1::LinuxContainerConfig {
+        security_context: Some(same),
+        ..Default::default()
+    });
+    let mut host_network = pod_config.clone();
+    host_network
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = 2;
+    assert_status(
+        cri.restore(ckpt, "podsnap", host_network, containers.clone()),
+        Code::PermissionDenied,
+        "namespace_options.network",
+    );
+    assert_eq!(
+        pod_ids(node),
+        pods_before,
+        "a refused restore left a pod sandbox behind"
+    );
+
+    // The restore annotation alone, on a container created through containerd's CRI without
+    // podsnapd's RestorePod, restores nothing: without a grant the shim refuses it.
+    let forged = ws.write(
+        "forged.json",
+        &json!({
+            "metadata": {"name": "forged"},
+            "image": {"image": BUSYBOX},
+            "command": ["sleep", "600"],
+            "log_path": "forged.log",
+            "annotations": {
+                "podsnap.io/restore-from": checkpoint.join("counter"),
+                "podsnap.io/restore-grant": "0123456789abcdef0123456789abcdef",
+            },
+            "linux": {"security_context": {"namespace_options": {"pid": 1}}},
+        }),
+    );
+    // CRI creates the task (and the shim sees the annotation) at start.
+    let forged_c = node
+        .crictl([
+            "create",
+            &pod,
+            forged.to_str().unwrap(),
+            config.to_str().unwrap(),
+        ])
+        .trim()
+        .to_string();
+    let started = node.crictl_try(["start", &forged_c]);
+    let text = started.stdout.clone() + &started.stderr;
+    assert!(
+        !started.success() && text.contains("restore-from refused") && text.contains("grant"),
+        "a forged restore annotation was not refused: {}",
+        started.report()
+    );
+    node.crictl(["rm", &forged_c]);
+
+    // A checkpoint changed after RestorePod verified it, manifest and hashes re-computed to
+    // match, is refused when the container starts: the shim checks the pinned manifest digest.
+    let replica = ws.pod_config(&unique("grants-replica"));
+    let out = restore_created(&checkpoint, &replica, &[&counter]);
+    let restored = restored_pod(&out);
+    ws.pods.push(restored.clone());
+    let restored_c = container_named(node, &restored, "counter");
+    let manifest_path = checkpoint.join(podsnap_checkpoint_format::MANIFEST);
+    let mut manifest: podsnap_checkpoint_format::Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    std::fs::write(checkpoint.join("counter/deleted.files"), br#"["/bin"]"#).unwrap();
+    std::fs::remove_file(&manifest_path).unwrap();
+    podsnap_checkpoint_format::write_manifest(&checkpoint, &mut manifest).unwrap();
+    let started = node.crictl_try(["start", &restored_c]);
+    let text = started.stdout.clone() + &started.stderr;
+    assert!(
+        !started.success() && text.contains("manifest changed"),
+        "a checkpoint changed after RestorePod was restored: {}",
+        started.report()
+    );
+    ws.remove_pod(&restored);
+    ws.remove_pod(&pod);
+}
+
+/// The pod's container cgroups in the freezer hierarchy, and their states.
+fn freezer_state(container: &str) -> String {
+    std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/freezer/k8s.io/{container}/freezer.state"
+    ))
+    .unwrap_or_default()
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
+    let node = Node::get();
+    let mut ws = Workspace::new("shim-killed");
+    // 1 GiB touched: its dump takes long enough to kill the shim in the middle of it.
+    let memtest = podsnap_e2e::fixtures::memtest();
+    let hog = ws.container_config(
+        "hog",
+        json!(["/memtest", "1024"]),
+        json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
+    );
+    let sidecar = ws.container_config("sidecar", json!(["sleep", "3600"]), json!([]));
+    let config = ws.pod_config(&unique("shim-killed"));
+    let pod = ws.run_pod(Handler::Podsnap, &config);
+    let c = ws.run_container(&pod, &hog, &config);
+    let side = ws.run_container(&pod, &sidecar, &config);
+    wait_for(
+        "the hog to hold its memory",
+        Duration::from_secs(120),
+        || {
+            let ready = node.crictl_try(["exec", &c, "cat", "/tmp/memtest.ready"]);
+            if ready.success() {
+                Ok(())
+            } else {
+                Err(ready.report())
+            }
+        },
+    );
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let target = checkpoint.clone();
+    let pod_id = pod.clone();
+    // Only the hog is captured; its sidecar is frozen with it all the same.
+    let call = std::thread::spawn(move || {
+        podsnap(&[
+            "pod",
+            "checkpoint",
+            &pod_id,
+            target.to_str().unwrap(),
+            "--timeout",
+            "120s",
+        ])
+    });
+    wait_for("the pod to be frozen", LIVENESS, || {
+        let (hog, side) = (freezer_state(&c), freezer_state(&side));
+        if hog == "FROZEN" && side == "FROZEN" {
+            Ok(())
+        } else {
+            Err(format!("hog {hog}, sidecar {side}"))
+        }
+    });
+    let shim = podsnap_e2e::leaks::serving_shim(Handler::Podsnap, &pod)
+        .expect("the pod's shim is running");
+    // containerd stopped meanwhile (a node whose agents are restarting): its cleanup of the
+    // dead shim would tear the pod down and hide a frozen pod; nothing but podsnap may thaw it.
+    let containerd = Stopped::process(&node_run().join("containerd.pid"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = call.join().unwrap();
+    assert!(!out.success(), "the checkpoint succeeded: {}", out.report());
+    wait_for("the thaw guard to thaw the pod", LIVENESS, || {
+        let (hog, side) = (freezer_state(&c), freezer_state(&side));
+        if hog == "THAWED" && side == "THAWED" {
+            Ok(())
+        } else {
+            Err(format!("hog {hog}, sidecar {side}"))
+        }
+    });
+    wait_for("no partial checkpoint", LIVENESS, || {
+        let left: Vec<_> = std::fs::read_dir(&checkpoint)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    drop(containerd);
+    // The pod goes as containerd cleans up after a dead shim; Workspace's drop removes it.
+}
+
+fn node_run() -> PathBuf {
+    PathBuf::from(std::env::var("PODSNAP_NODE_RUN").unwrap_or_else(|_| "/run/podsnap-node".into()))
+}
+
+/// A process stopped with SIGSTOP until this is dropped (SIGCONT), panics included.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    /// Stops the process whose pid is in `pidfile`.
+    fn process(pidfile: &Path) -> Self {
+        let pid: i32 = std::fs::read_to_string(pidfile)
+            .unwrap_or_else(|e| panic!("read {}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("pid in {}: {e}", pidfile.display()));
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}

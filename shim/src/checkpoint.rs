@@ -520,6 +520,12 @@ pub fn verify(dir: &Path) -> anyhow::Result<(Metadata, Vec<String>)> {
             path.display()
         );
     }
+    read_metadata(dir)
+}
+
+/// Reads our metadata and the init's descriptors from a checkpoint whose files were verified
+/// already (against `podsnap.sha256`, or a pod checkpoint's manifest).
+pub fn read_metadata(dir: &Path) -> anyhow::Result<(Metadata, Vec<String>)> {
     let metadata: Metadata = serde_json::from_slice(
         &fs::read(dir.join(METADATA)).with_context(|| format!("read {METADATA}"))?,
     )

@@ -29,8 +29,10 @@ use crate::zygote;
 pub const STATE_ROOT: &str = "/run/containerd/podsnap";
 
 /// Annotation with which podsnapd's RestorePod marks a container to restore from a pod
-/// checkpoint's container directory.
-pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+/// checkpoint's container directory; honoured only with a restore grant
+/// ([`podsnap_checkpoint_format::grant`]).
+pub use podsnap_checkpoint_format::grant::RESTORE_ANNOTATION;
+use podsnap_checkpoint_format::grant::{GRANT_ANNOTATION, GRANT_DIR, RestoreGrant};
 
 /// The value of a spec annotation.
 pub fn spec_annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a String> {
@@ -143,9 +145,10 @@ pub struct Container {
     pub execs: HashMap<String, Process>,
     /// The checkpoint `start` restores from, when the task was created from one.
     pub checkpoint: Option<PathBuf>,
-    /// A pod checkpoint's per-container directory (`checkpoint/`, `rootfs-diff.tar`,
-    /// `deleted.files`), when podsnapd's RestorePod created this container.
-    pub restore_dir: Option<PathBuf>,
+    /// What podsnapd's RestorePod granted, when it created this container: the pod
+    /// checkpoint, this container's directory in it (`checkpoint/`, `rootfs-diff.tar`,
+    /// `deleted.files`) and the manifest digest every file is verified against at start.
+    pub restore_grant: Option<RestoreGrant>,
     /// The overlay upper directory: the container's writable layer.
     pub upperdir: Option<PathBuf>,
     rootfs_mounted: bool,
@@ -184,7 +187,7 @@ impl Container {
             init: Process::new("", paths),
             execs: HashMap::new(),
             checkpoint: (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint)),
-            restore_dir: None,
+            restore_grant: None,
             upperdir: req.rootfs.iter().find_map(|m| {
                 m.options
                     .iter()
@@ -203,8 +206,29 @@ impl Container {
                     ),
                 ));
             }
+            // Only podsnapd's RestorePod may ask for a restore: it leaves a grant for it.
+            let token = spec_annotation(&container.spec, GRANT_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            let grant = podsnap_checkpoint_format::grant::redeem(Path::new(GRANT_DIR), &token)
+                .map_err(|e| {
+                    rpc_error(
+                        Code::PERMISSION_DENIED,
+                        format!("container {id}: {RESTORE_ANNOTATION} refused: {e}"),
+                    )
+                })?;
+            if grant.container_dir() != dir {
+                return Err(rpc_error(
+                    Code::PERMISSION_DENIED,
+                    format!(
+                        "container {id}: {RESTORE_ANNOTATION} {} is not what the restore grant allows ({})",
+                        dir.display(),
+                        grant.container_dir().display()
+                    ),
+                ));
+            }
             container.checkpoint = Some(dir.join("checkpoint"));
-            container.restore_dir = Some(dir);
+            container.restore_grant = Some(grant);
         }
         match container.create_init(req).await {
             Ok(()) => Ok(container),
@@ -345,7 +369,18 @@ impl Container {
         let source = checkpoint.to_path_buf();
         // Compressed pages are expanded into a private scratch directory first: CRIU reads
         // only plain images, and the checkpoint itself is never modified.
+        let grant = self.restore_grant.clone();
+        let checked_spec = self.spec.clone();
         let (scratch, metadata, descriptors) = tokio::task::spawn_blocking(move || {
+            // A container of a pod checkpoint: every file it will read is verified against
+            // the manifest podsnapd verified (pinned by digest in the grant), here, at start.
+            if let Some(grant) = &grant {
+                podsnap_checkpoint_format::verify_container(
+                    &grant.checkpoint,
+                    &grant.manifest_sha256,
+                    &grant.container,
+                )?;
+            }
             let scratch = if podsnap_checkpoint_format::pages::is_compressed(&source) {
                 checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
                 let dir = tempfile::Builder::new()
@@ -357,7 +392,16 @@ impl Container {
                 None
             };
             let images = scratch.as_ref().map_or(source.as_path(), |d| d.path());
-            let (metadata, descriptors) = checkpoint::verify(images)?;
+            let (metadata, descriptors) = if grant.is_some() {
+                checkpoint::read_metadata(images)?
+            } else {
+                checkpoint::verify(images)?
+            };
+            // Nothing the images hold may grant more than the new spec: checked before any
+            // process or mount exists.
+            crate::restore_policy::check_metadata(&metadata)?;
+            let threads = podsnap_checkpoint_format::creds::thread_credentials(images)?;
+            crate::restore_policy::check_credentials(&checked_spec, &threads)?;
             Ok::<_, anyhow::Error>((scratch, metadata, descriptors))
         })
         .await
@@ -385,14 +429,12 @@ impl Container {
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
         let restored_id = id.clone();
-        let restore_dir = self.restore_dir.clone();
+        let grant = self.restore_grant.clone();
         let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-            if let Some(dir) = &restore_dir {
+            if let Some(grant) = &grant {
                 // A container of a pod checkpoint: the pod's emptyDir volumes first.
-                if let Some(pod_checkpoint) = dir.parent() {
-                    crate::volumes::restore(pod_checkpoint, &spec)?;
-                }
-                crate::rootfs_diff::apply(dir, &rootfs)?;
+                crate::volumes::restore(&grant.checkpoint, &spec)?;
+                crate::rootfs_diff::apply(&grant.container_dir(), &rootfs)?;
             }
             cgroup.prepare(&spec)?;
             let [stdin, stdout, stderr] = &container_stdio.fds;

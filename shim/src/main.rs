@@ -11,10 +11,12 @@ mod container;
 mod info;
 mod oom;
 mod pod_checkpoint;
+mod restore_policy;
 mod rootfs_diff;
 mod service;
 mod stdio;
 mod task;
+mod thaw_guard;
 mod volumes;
 mod zygote;
 
@@ -23,6 +25,9 @@ pub const RUNTIME_ID: &str = "io.containerd.podsnap.v2";
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == thaw_guard::GUARD_ARG) {
+        thaw_guard::run_guard();
+    }
     let serving = match containerd_shim::parse(&args[1..]) {
         Ok(flags) => flags.action.is_empty() && !flags.info && !flags.version,
         Err(_) => false,

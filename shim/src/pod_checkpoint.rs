@@ -14,10 +14,16 @@ use podsnap_pod_api::{ContainerCapture, PodRequest, PodResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use std::sync::{Arc, Mutex};
+
 use crate::cgroup::ContainerCgroup;
 use crate::checkpoint::{self, CheckpointOptions, DumpTarget};
 use crate::container::State;
 use crate::task::PodTask;
+use crate::thaw_guard::{ThawGuard, Watchdog};
+
+/// The shim's own binary, which runs the thaw guard.
+const SELF_EXE: &str = "/proc/self/exe";
 
 /// One container to capture, copied out of the pod state.
 struct Capture {
@@ -120,15 +126,24 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
             upperdir: container.upperdir.clone(),
         });
     }
+    // Every other running container of the pod (the sandbox's, sidecars, ephemeral ones) is
+    // frozen too: they share the pod's volumes and network, and the cut must be consistent.
+    let bystanders: Vec<ContainerCgroup> = pod
+        .containers
+        .iter()
+        .filter(|(id, c)| !container_ids.contains(id) && c.init.state == State::Running)
+        .map(|(_, c)| c.cgroup.clone())
+        .collect();
     let opts = CheckpointOptions {
         exit: !leave_running,
         open_tcp: tcp_established,
         ..Default::default()
     };
     let timeout = timeout_ms.map(Duration::from_millis);
-    let result =
-        tokio::task::spawn_blocking(move || capture_pod(&captures, &output_dir, &opts, timeout))
-            .await;
+    let result = tokio::task::spawn_blocking(move || {
+        capture_pod(&captures, &bystanders, &output_dir, &opts, timeout)
+    })
+    .await;
     drop(pod);
     match result {
         Ok(response) => response,
@@ -136,26 +151,39 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
     }
 }
 
-/// Freezes all, captures all in parallel, thaws all.
+/// Freezes all, captures all in parallel, thaws all: on success, error, deadline (the
+/// watchdog thaws at the deadline whatever still runs) and panic alike, and a guard process
+/// thaws them should the shim die meanwhile ([`ThawGuard`]).
 fn capture_pod(
     captures: &[Capture],
+    bystanders: &[ContainerCgroup],
     output_dir: &Path,
     opts: &CheckpointOptions,
     timeout: Option<Duration>,
 ) -> PodResponse {
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
-    let mut frozen: Vec<&ContainerCgroup> = Vec::new();
+    let guard = Arc::new(Mutex::new(ThawGuard::start(Path::new(SELF_EXE))));
+    let watchdog = Watchdog::start(guard.clone(), deadline);
+    let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     let mut response = None;
-    for capture in captures {
-        if let Err(e) = capture.cgroup.freeze(true) {
+    let to_freeze = captures
+        .iter()
+        .map(|c| (c.id.as_str(), &c.cgroup))
+        .chain(bystanders.iter().map(|c| ("(not captured)", c)));
+    for (id, cgroup) in to_freeze {
+        if expired() {
             response = Some(failed(
-                "Internal",
-                format!("container {}: freeze: {e:#}", capture.id),
+                "DeadlineExceeded",
+                "the deadline passed while the pod was being frozen",
             ));
             break;
         }
-        frozen.push(&capture.cgroup);
+        let mut locked = guard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = locked.freeze(cgroup) {
+            response = Some(failed("Internal", format!("container {id}: freeze: {e:#}")));
+            break;
+        }
     }
     let response = response.unwrap_or_else(|| {
         let results: Vec<anyhow::Result<ContainerCapture>> = std::thread::scope(|scope| {
@@ -183,6 +211,7 @@ fn capture_pod(
         }
         // The pod's emptyDir volumes, in the same cut: while the pod is still frozen.
         if errors.is_empty()
+            && !expired()
             && let Err(e) = crate::volumes::capture(
                 &crate::volumes::empty_dirs(captures.iter().map(|c| &c.spec)),
                 output_dir,
@@ -190,29 +219,40 @@ fn capture_pod(
         {
             errors.push(format!("{e:#}"));
         }
-        if errors.is_empty() {
+        if expired() {
+            errors.insert(0, "the deadline passed during the capture".to_string());
+            failed("DeadlineExceeded", errors.join("; "))
+        } else if errors.is_empty() {
             PodResponse::Checkpointed {
                 containers,
                 freeze_window_ms: 0,
             }
         } else {
-            let expired = deadline.is_some_and(|d| Instant::now() >= d);
-            failed(
-                if expired {
-                    "DeadlineExceeded"
-                } else {
-                    "Internal"
-                },
-                errors.join("; "),
-            )
+            failed("Internal", errors.join("; "))
         }
     });
-    // Thaw everything we froze, whatever happened: a pod is never left frozen.
-    for cgroup in frozen {
-        if let Err(e) = cgroup.freeze(false) {
-            log::error!("thaw {}: {e:#}", cgroup.path.display());
+    // Thaw everything we asked to freeze, whatever happened: a pod is never left frozen. The
+    // caller hears the answer only after this.
+    drop(watchdog);
+    let thaw_errors = match Arc::try_unwrap(guard) {
+        Ok(guard) => {
+            let guard = guard.into_inner().unwrap_or_else(|e| e.into_inner());
+            if guard.expired() {
+                log::warn!(
+                    "pod checkpoint: the deadline passed while frozen; the watchdog thawed the pod"
+                );
+            }
+            guard.finish()
         }
-    }
+        // Not expected (the watchdog, its only other owner, has been joined): thaw all the same.
+        Err(shared) => shared.lock().unwrap_or_else(|e| e.into_inner()).thaw_all(),
+    };
+    let response = match response {
+        PodResponse::Checkpointed { .. } if !thaw_errors.is_empty() => {
+            failed("Internal", thaw_errors.join("; "))
+        }
+        other => other,
+    };
     let window = start.elapsed().as_millis() as u64;
     // Hashing the images needs no frozen pod: seal them after the thaw, in parallel.
     let response = match response {

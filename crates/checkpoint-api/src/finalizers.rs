@@ -2,9 +2,12 @@
 //!
 //! - `checkpoint.k8s.io/in-use`: while a PodRestore of the checkpoint is in progress (its pods
 //!   not all running yet), so the checkpoint is not deleted under a restore;
-//! - `checkpoint.k8s.io/node-data`: on a Ready checkpoint whose deletion policy is `Delete`,
-//!   until podsnapd's node agent on the checkpoint's node (`podsnapd node-agent`) has removed
-//!   its data there.
+//! - `checkpoint.k8s.io/node-data`: on a checkpoint whose deletion policy is `Delete`, put there
+//!   by the controller before anything else happens to the object (before the kubelet is asked to
+//!   checkpoint), so that a deletion at any point, mid-checkpoint included, waits for the data's
+//!   removal: podsnapd's node agent on the checkpoint's node (`podsnapd node-agent`) removes the
+//!   data there and then the finalizer, once the checkpoint has ended (Ready or Failed); the
+//!   controller removes it itself from a checkpoint that never reached a node (no data anywhere).
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};

@@ -2,6 +2,11 @@
 //! `PodRestore`. Their CustomResourceDefinitions, with validation and printer columns, are
 //! written by hand in `deploy/crds/`; these types read and write the same fields. The finalizers
 //! the controller and the node agent put on PodCheckpoints are in [`finalizers`].
+//!
+//! A checkpoint's pod spec is not in the PodCheckpoint: whoever may read PodCheckpoints (every
+//! node's agent, cluster-wide) would read every namespace's pod specs. It is kept in a `PodTemplate`
+//! beside it ([`checkpointed_pod_template_name`]), owned by the PodCheckpoint (garbage-collected
+//! with it), which only the controller reads; the status names it ([`PodTemplateRef`]).
 
 pub mod finalizers;
 
@@ -15,6 +20,29 @@ pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 
 /// The runtime class whose pods can be checkpointed.
 pub const RUNTIME_CLASS: &str = "podsnap";
+
+/// The annotation on the `PodTemplate` that holds a PodCheckpoint's pod spec: the PodCheckpoint's
+/// name (an annotation: a PodCheckpoint's name may be longer than a label value).
+pub const POD_CHECKPOINT_ANNOTATION: &str = "checkpoint.k8s.io/podcheckpoint";
+
+/// The name of the `PodTemplate` (in the checkpoint's namespace) that holds the pod spec of the
+/// PodCheckpoint with UID `uid`: named by the UID, so a PodCheckpoint deleted and created again
+/// under the same name never finds its predecessor's.
+pub fn checkpointed_pod_template_name(uid: &str) -> String {
+    format!("podcheckpoint-{uid}")
+}
+
+/// What a PodCheckpoint's status says about the `PodTemplate` that holds its pod spec: which one
+/// (name and UID) and the version the controller wrote. A restore refuses a template that is
+/// another object or was changed since (its resourceVersion moved): the spec restored pods
+/// start from is the one checkpointed, not one someone who may edit PodTemplates wrote later.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateRef {
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+}
 
 /// A checkpoint of one running pod.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -52,7 +80,12 @@ pub struct PodCheckpointStatus {
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
-    /// The source pod's spec when it was checkpointed: restored pods start from it.
+    /// The `PodTemplate` holding the source pod's spec when it was checkpointed: restored pods
+    /// start from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template_ref: Option<PodTemplateRef>,
+    /// Where controllers before `podTemplateRef` kept the pod spec: read by restores of their
+    /// checkpoints, never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpointed_pod_spec: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -179,5 +212,28 @@ mod tests {
         .unwrap();
         let labels = &restore.spec.pod_template.unwrap().metadata.unwrap().labels;
         assert_eq!(labels["app"], "restored");
+    }
+
+    #[test]
+    fn the_pod_template_ref_round_trips_and_the_template_is_named_by_uid() {
+        let status = PodCheckpointStatus {
+            phase: Some("Ready".into()),
+            pod_template_ref: Some(PodTemplateRef {
+                name: checkpointed_pod_template_name("u-1"),
+                uid: "t-1".into(),
+                resource_version: "42".into(),
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"phase": "Ready", "podTemplateRef":
+                {"name": "podcheckpoint-u-1", "uid": "t-1", "resourceVersion": "42"}})
+        );
+        assert_eq!(
+            serde_json::from_value::<PodCheckpointStatus>(json).unwrap(),
+            status
+        );
     }
 }

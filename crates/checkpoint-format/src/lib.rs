@@ -18,6 +18,8 @@
 //! sockets and paths that leave the directory are refused. This crate does not create
 //! containers or talk to CRIU.
 
+pub mod creds;
+pub mod grant;
 pub mod pages;
 
 use std::collections::BTreeMap;
@@ -37,6 +39,10 @@ pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 pub const VERSION: u32 = 1;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 16 << 20;
+/// The directory of a pod checkpoint that holds the pod's emptyDir volume archives
+/// (`<volume name>.tar`). No container directory can clash with it: container names are
+/// DNS-1123 labels (`[a-z0-9-]`), and [`verify`] refuses a manifest container of this name.
+pub const VOLUMES_DIR: &str = "_volumes";
 
 /// Why a checkpoint was refused.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,12 @@ pub enum Error {
     DuplicateContainer(String),
     #[error("container directory {0:?} is not a plain name")]
     BadContainerDir(String),
+    #[error(
+        "checkpoint manifest changed since it was verified (sha256 {actual}, pinned {expected})"
+    )]
+    ManifestChanged { expected: String, actual: String },
+    #[error("the checkpoint holds no container {0:?}")]
+    UnknownContainer(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -255,38 +267,14 @@ pub fn write_manifest_reusing(
 
 /// Reads and checks a pod checkpoint before anything is restored from it.
 pub fn verify(root: &Path) -> Result<Manifest> {
-    if !root.is_dir() {
-        return Err(Error::NotADirectory(root.to_path_buf()));
-    }
-    let path = root.join(MANIFEST);
-    let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
-    if meta.file_type().is_symlink() {
-        return Err(Error::Symlink(path));
-    }
-    if meta.len() > MAX_MANIFEST {
-        return Err(Error::TooLarge(meta.len()));
-    }
-    let data = fs::read(&path).map_err(io(&path))?;
-    let manifest: Manifest = serde_json::from_slice(&data).map_err(|source| Error::Malformed {
-        path: path.clone(),
-        source,
-    })?;
-    if manifest.format != FORMAT || manifest.version != VERSION {
-        return Err(Error::Format {
-            format: manifest.format,
-            version: manifest.version,
-        });
-    }
-    let mut names = std::collections::HashSet::new();
-    for container in &manifest.containers {
-        if !names.insert(container.name.as_str()) {
-            return Err(Error::DuplicateContainer(container.name.clone()));
-        }
-        let dir = contained(&container.name)?;
-        if dir.components().count() != 1 {
-            return Err(Error::BadContainerDir(container.name.clone()));
-        }
-    }
+    verify_with_digest(root).map(|(manifest, _)| manifest)
+}
+
+/// [`verify`], also returning the sha256 of the manifest file it read: what a restore pins
+/// ([`grant::RestoreGrant::manifest_sha256`]).
+pub fn verify_with_digest(root: &Path) -> Result<(Manifest, String)> {
+    let (manifest, digest) = read_manifest(root)?;
+    check_containers(&manifest)?;
     for relative in manifest.files.keys() {
         contained(relative)?;
     }
@@ -309,7 +297,119 @@ pub fn verify(root: &Path) -> Result<Manifest> {
             });
         }
     }
+    Ok((manifest, digest))
+}
+
+/// The hex sha256 of the checkpoint's manifest file: what a restore pins.
+pub fn manifest_sha256(root: &Path) -> Result<String> {
+    let path = root.join(MANIFEST);
+    sha256_file(&path).map_err(io(&path))
+}
+
+/// Reads the manifest, refusing a symlink, an oversized file or another format; returns it
+/// with its bytes' sha256.
+fn read_manifest(root: &Path) -> Result<(Manifest, String)> {
+    if !root.is_dir() {
+        return Err(Error::NotADirectory(root.to_path_buf()));
+    }
+    let path = root.join(MANIFEST);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => Error::Symlink(path.clone()),
+            _ => Error::Io {
+                path: path.clone(),
+                source,
+            },
+        })?;
+    let len = file.metadata().map_err(io(&path))?.len();
+    if len > MAX_MANIFEST {
+        return Err(Error::TooLarge(len));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_MANIFEST + 1)
+        .read_to_end(&mut data)
+        .map_err(io(&path))?;
+    if data.len() as u64 > MAX_MANIFEST {
+        return Err(Error::TooLarge(data.len() as u64));
+    }
+    let digest = hex(&Sha256::digest(&data));
+    let manifest: Manifest = serde_json::from_slice(&data).map_err(|source| Error::Malformed {
+        path: path.clone(),
+        source,
+    })?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(Error::Format {
+            format: manifest.format,
+            version: manifest.version,
+        });
+    }
+    Ok((manifest, digest))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the shim checks when it restores one container of a pod checkpoint: the manifest is
+/// byte for byte the one podsnapd verified (`manifest_sha256`, from the restore grant), names
+/// `container`, and every file the container's restore reads (its own directory and the
+/// pod-level files, such as volume archives; not its siblings' directories, which their own
+/// restores check) has the manifest's sha256, none missing and none added.
+pub fn verify_container(root: &Path, manifest_sha256: &str, container: &str) -> Result<Manifest> {
+    let (manifest, digest) = read_manifest(root)?;
+    if digest != manifest_sha256 {
+        return Err(Error::ManifestChanged {
+            expected: manifest_sha256.to_string(),
+            actual: digest,
+        });
+    }
+    check_containers(&manifest)?;
+    if !manifest.containers.iter().any(|c| c.name == container) {
+        return Err(Error::UnknownContainer(container.to_string()));
+    }
+    let sibling = |relative: &str| {
+        let first = relative.split('/').next().unwrap_or_default();
+        first != container && manifest.containers.iter().any(|c| c.name == first)
+    };
+    let present = files(root)?;
+    for relative in present.keys().filter(|r| !sibling(r)) {
+        if !manifest.files.contains_key(relative) {
+            return Err(Error::Unlisted(relative.clone()));
+        }
+    }
+    for (relative, expected) in manifest.files.iter().filter(|(r, _)| !sibling(r)) {
+        contained(relative)?;
+        let path = present
+            .get(relative)
+            .ok_or_else(|| Error::Missing(relative.clone()))?;
+        let actual = sha256_file(path).map_err(io(path))?;
+        if &actual != expected {
+            return Err(Error::Modified {
+                path: relative.clone(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
     Ok(manifest)
+}
+
+/// Container names must be unique plain names: each is a directory of the checkpoint.
+fn check_containers(manifest: &Manifest) -> Result<()> {
+    let mut names = std::collections::HashSet::new();
+    for container in &manifest.containers {
+        if !names.insert(container.name.as_str()) {
+            return Err(Error::DuplicateContainer(container.name.clone()));
+        }
+        let dir = contained(&container.name)?;
+        if dir.components().count() != 1 || container.name == VOLUMES_DIR {
+            return Err(Error::BadContainerDir(container.name.clone()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -446,5 +546,34 @@ mod tests {
             verify(dir.path()).unwrap_err(),
             Error::Format { .. }
         ));
+    }
+
+    #[test]
+    fn a_container_verifies_against_the_pinned_manifest_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = sample(dir.path());
+        let pinned = manifest_sha256(dir.path()).unwrap();
+        verify_container(dir.path(), &pinned, "web").unwrap();
+        assert!(matches!(
+            verify_container(dir.path(), &pinned, "db"),
+            Err(Error::UnknownContainer(_))
+        ));
+        // A changed file, with the manifest's hashes re-computed to match: the manifest is no
+        // longer the one pinned.
+        fs::write(dir.path().join("web/rootfs-diff.tar"), b"evil").unwrap();
+        fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+        write_manifest(dir.path(), &mut manifest).unwrap();
+        assert!(matches!(
+            verify_container(dir.path(), &pinned, "web"),
+            Err(Error::ManifestChanged { .. })
+        ));
+        // A changed file under the same manifest.
+        let pinned = manifest_sha256(dir.path()).unwrap();
+        fs::write(dir.path().join("web/rootfs-diff.tar"), b"worse").unwrap();
+        assert!(matches!(
+            verify_container(dir.path(), &pinned, "web"),
+            Err(Error::Modified { .. })
+        ));
+        assert!(verify_with_digest(dir.path()).is_err());
     }
 }

@@ -1,17 +1,29 @@
 //! Reconciling a `PodCheckpoint`: the source pod must exist, run on the `podsnap` runtime class
 //! and be running on a node; then the kubelet of that node checkpoints it
 //! (`POST /api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{pod}`), and the status records
-//! where the checkpoint is, its containers, and the pod's spec for restores.
+//! where the checkpoint is and its containers; the pod's spec, for restores, goes into a
+//! `PodTemplate` owned by the PodCheckpoint, which the status names (`podTemplateRef`).
+//!
+//! With deletion policy `Delete` the first thing done to a new object is adding the
+//! `checkpoint.k8s.io/node-data` finalizer, so that deleting it at any point later, mid-checkpoint
+//! included, removes its data on the node. On deletion the controller releases that finalizer
+//! itself only where no node can hold data (the object never reached one); otherwise podsnapd's
+//! node agent does, once the checkpoint has ended.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplate, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, RUNTIME_CLASS, now};
+use crate::api::{
+    Condition, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointStatus, PodTemplateRef,
+    RUNTIME_CLASS, checkpointed_pod_template_name, now,
+};
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
 
@@ -26,29 +38,114 @@ pub async fn reconcile_timed(
     result
 }
 
+/// Whether the object's deletion policy is `Delete`.
+fn deletes_its_data(object: &PodCheckpoint) -> bool {
+    object.spec.deletion_policy.as_deref() == Some("Delete")
+}
+
+fn has_finalizer(object: &PodCheckpoint, finalizer: &str) -> bool {
+    object.finalizers().iter().any(|f| f == finalizer)
+}
+
+/// Whether the node-data finalizer must go on before anything else is done with the object:
+/// deletion policy Delete, not there yet, not being deleted, and the object may still have (or
+/// get) data on a node — every phase but Failed before it reached one.
+pub fn needs_node_data_finalizer(object: &PodCheckpoint) -> bool {
+    let status = object.status.as_ref();
+    let failed_nowhere = status.and_then(|s| s.phase.as_deref()) == Some("Failed")
+        && status.and_then(|s| s.node_name.as_deref()).is_none();
+    deletes_its_data(object)
+        && !has_finalizer(object, finalizers::NODE_DATA)
+        && object.meta().deletion_timestamp.is_none()
+        && !failed_nowhere
+}
+
+/// Who removes the node-data finalizer of a PodCheckpoint being deleted, by its status as the
+/// API server has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeDataOnDeletion {
+    /// It never reached a node (no `nodeName`): there is no data; the controller removes the
+    /// finalizer.
+    Nothing,
+    /// It is Checkpointing, yet no reconcile of this controller runs it (reconciles of one object
+    /// never overlap): a controller before this one stopped mid-checkpoint. It is failed
+    /// (`ControllerRestarted`), and the node agent then removes what the kubelet recorded for it.
+    Abandoned,
+    /// Ready or Failed on a node: podsnapd's node agent there removes the data, then the finalizer.
+    NodeAgent,
+}
+
+pub fn node_data_on_deletion(status: Option<&PodCheckpointStatus>) -> NodeDataOnDeletion {
+    let Some(status) = status.filter(|s| s.node_name.is_some()) else {
+        return NodeDataOnDeletion::Nothing;
+    };
+    if status.phase.as_deref() == Some("Checkpointing") {
+        NodeDataOnDeletion::Abandoned
+    } else {
+        NodeDataOnDeletion::NodeAgent
+    }
+}
+
+/// A PodCheckpoint being deleted: its in-use finalizer goes once no PodRestore of it is in
+/// progress (also when such a restore was deleted half-way); its node-data finalizer as
+/// [`node_data_on_deletion`] says. One finalizer change per reconcile: each is a
+/// compare-and-swap on the object's version, and its watch event brings the next reconcile.
+async fn reconcile_deletion(
+    ctx: &Context,
+    api: &Api<PodCheckpoint>,
+    object: &PodCheckpoint,
+) -> Result<Action, Error> {
+    let namespace = object.namespace().unwrap_or_else(|| "default".into());
+    let name = object.name_any();
+    if has_finalizer(object, finalizers::IN_USE) {
+        if status::restore_in_progress(ctx, &namespace, &name).await? {
+            return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+        }
+        finalizers::remove(api, object, finalizers::IN_USE).await?;
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer(object, finalizers::NODE_DATA) {
+        return Ok(Action::await_change());
+    }
+    // The cache can lag behind this controller's own status writes: decide on the API server's
+    // view (a Ready write of the reconcile before this one may not be in the cache yet).
+    let Some(fresh) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    match node_data_on_deletion(fresh.status.as_ref()) {
+        NodeDataOnDeletion::Nothing => {
+            finalizers::remove(api, &fresh, finalizers::NODE_DATA).await?;
+            Ok(Action::await_change())
+        }
+        NodeDataOnDeletion::Abandoned => {
+            fail(
+                ctx,
+                &fresh,
+                "ControllerRestarted",
+                "the controller restarted during the checkpoint; create a new PodCheckpoint",
+            )
+            .await
+        }
+        NodeDataOnDeletion::NodeAgent => Ok(Action::await_change()),
+    }
+}
+
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     let phase = object.status.as_ref().and_then(|s| s.phase.clone());
+    let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     if object.meta().deletion_timestamp.is_some() {
-        // Being deleted: podsnapd's node agent clears node-data; the in-use finalizer goes once no
-        // PodRestore of it is in progress (also when such a restore was deleted half-way).
-        if object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
-            if status::restore_in_progress(&ctx, &namespace, &name).await? {
-                return Ok(Action::requeue(std::time::Duration::from_secs(2)));
-            }
-            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-            finalizers::remove(&api, &object, finalizers::IN_USE).await?;
-        }
+        return reconcile_deletion(&ctx, &api, &object).await;
+    }
+    if needs_node_data_finalizer(&object) {
+        // First, before the kubelet is asked for anything: its data goes when it goes, whenever
+        // that is. The finalizer's watch event reconciles the object again.
+        finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
         return Ok(Action::await_change());
     }
     match phase.as_deref() {
         Some("Ready") => {
-            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-            if object.spec.deletion_policy.as_deref() == Some("Delete") {
-                // Its data goes when it goes: podsnapd's node agent removes it, then this finalizer.
-                finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
-            }
             if ctx.keep_last > 0 {
                 prune(&ctx, &api, &object).await?;
             }
@@ -59,7 +156,6 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             // The cache can lag behind this controller's own status writes (a reconcile queued
             // by the Checkpointing update runs after the one that wrote Ready): ask the API
             // server before concluding anything.
-            let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
             let fresh = api.get_opt(&name).await?;
             if fresh
                 .and_then(|o| o.status)
@@ -173,13 +269,22 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         .flatten()
         .filter_map(|c| c.as_str().map(str::to_string))
         .collect();
+    // The pod's spec, for restores, in a PodTemplate only the controller reads (a failure here
+    // fails the object, and the node agent removes what the kubelet recorded for it).
+    let template = match save_pod_spec(&ctx, &object, &spec).await {
+        Ok(template) => template,
+        Err(message) => {
+            let message = format!("recording the checkpointed pod's spec: {message}");
+            return fail(&ctx, &object, "CheckpointFailed", &message).await;
+        }
+    };
     let status = PodCheckpointStatus {
         phase: Some("Ready".into()),
         node_name: Some(node.clone()),
         checkpoint_location: Some(location.clone()),
         containers,
         completion_time: Some(now()),
-        checkpointed_pod_spec: Some(serde_json::to_value(&spec).unwrap_or_default()),
+        pod_template_ref: Some(template),
         conditions: vec![Condition::new(
             "Ready",
             true,
@@ -209,6 +314,95 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The PodTemplate that keeps the checkpointed pod's `spec` for the PodCheckpoint `object`:
+/// named by its UID, owned by it (the garbage collector removes it with the object). Ephemeral
+/// containers are left out: no pod can be created with them, and a template may not hold them.
+pub fn pod_template(object: &PodCheckpoint, spec: &PodSpec) -> Result<PodTemplate, String> {
+    let uid = object
+        .uid()
+        .ok_or_else(|| format!("PodCheckpoint {} has no UID", object.name_any()))?;
+    let mut spec = spec.clone();
+    spec.ephemeral_containers = None;
+    Ok(PodTemplate {
+        metadata: ObjectMeta {
+            name: Some(checkpointed_pod_template_name(&uid)),
+            namespace: object.namespace(),
+            annotations: Some(
+                [(POD_CHECKPOINT_ANNOTATION.to_string(), object.name_any())]
+                    .into_iter()
+                    .collect(),
+            ),
+            owner_references: object.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        template: Some(PodTemplateSpec {
+            metadata: None,
+            spec: Some(spec),
+        }),
+    })
+}
+
+/// Whether `found`, a PodTemplate of the name `wanted` has, is one this controller wrote for the
+/// same PodCheckpoint with the same spec: an earlier attempt's whose answer was lost. Anything
+/// else is refused — someone else's template must not become the spec restores start from.
+pub fn is_same_template(found: &PodTemplate, wanted: &PodTemplate) -> bool {
+    let owner = |t: &PodTemplate| {
+        t.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone())
+    };
+    let spec = |t: &PodTemplate| t.template.as_ref().and_then(|t| t.spec.clone());
+    owner(found).is_some() && owner(found) == owner(wanted) && spec(found) == spec(wanted)
+}
+
+/// Creates the checkpoint's PodTemplate (see [`pod_template`]), retrying a failed call a few
+/// times; returns what the status records of it.
+async fn save_pod_spec(
+    ctx: &Context,
+    object: &PodCheckpoint,
+    spec: &PodSpec,
+) -> Result<PodTemplateRef, String> {
+    let wanted = pod_template(object, spec)?;
+    let name = wanted.name_any();
+    let api: Api<PodTemplate> = Api::namespaced(
+        ctx.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    let mut attempt = 1;
+    let saved = loop {
+        let error = match api.create(&PostParams::default(), &wanted).await {
+            Ok(saved) => break saved,
+            Err(kube::Error::Api(status)) if status.code == 409 => match api.get(&name).await {
+                Ok(found) if is_same_template(&found, &wanted) => break found,
+                Ok(_) => {
+                    return Err(format!(
+                        "PodTemplate {name} exists and is not this checkpoint's"
+                    ));
+                }
+                Err(e) => e,
+            },
+            Err(kube::Error::Api(status)) if status.code < 500 && status.code != 429 => {
+                return Err(format!("create PodTemplate {name}: {}", status.message));
+            }
+            Err(e) => e,
+        };
+        if attempt == 5 {
+            return Err(format!("create PodTemplate {name}: {error}"));
+        }
+        tracing::warn!(template = %name, error = %error, attempt, "saving the pod spec failed; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+        attempt += 1;
+    };
+    Ok(PodTemplateRef {
+        name,
+        uid: saved.uid().unwrap_or_default(),
+        resource_version: saved.resource_version().unwrap_or_default(),
+    })
 }
 
 /// Retention: deletes the oldest Ready checkpoints of the same source pod beyond `keep_last`
@@ -274,4 +468,292 @@ async fn fail(
     message: &str,
 ) -> Result<Action, Error> {
     status::fail(ctx, object, "Ready", reason, message).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_api::{FakeApi, Seen, context, path_of};
+    use serde_json::Value;
+
+    const GROUP: &str = "checkpoint.k8s.io/v1alpha1";
+
+    fn checkpoint_path() -> String {
+        path_of(GROUP, "podcheckpoints", "default", "c")
+    }
+
+    fn checkpoint(metadata: Value, spec: Value, status: Value) -> Value {
+        let mut object = json!({
+            "apiVersion": GROUP, "kind": "PodCheckpoint",
+            "metadata": {"name": "c", "namespace": "default", "uid": "ckpt-uid",
+                         "resourceVersion": "1"},
+            "spec": spec,
+        });
+        crate::fake_api::merge(&mut object["metadata"], &metadata);
+        if !status.is_null() {
+            object["status"] = status;
+        }
+        object
+    }
+
+    fn parse(object: Value) -> PodCheckpoint {
+        serde_json::from_value(object).unwrap()
+    }
+
+    fn running_pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "default", "uid": "pod-uid"},
+            "spec": {"runtimeClassName": "podsnap", "nodeName": "n1",
+                     "containers": [{"name": "counter", "image": "busybox"}],
+                     "ephemeralContainers": [{"name": "debug", "image": "busybox"}]},
+            "status": {"phase": "Running"},
+        })
+    }
+
+    /// Reconciles the object as the API server has it now, as the controller does on each of its
+    /// watch events.
+    async fn reconcile_stored(fake: &FakeApi) -> Action {
+        let object = parse(fake.get(&checkpoint_path()).unwrap());
+        reconcile(Arc::new(object), context(fake)).await.unwrap()
+    }
+
+    fn position(seen: &[Seen], what: &str, wanted: impl Fn(&Seen) -> bool) -> usize {
+        seen.iter().position(wanted).unwrap_or_else(|| {
+            let lines: Vec<String> = seen.iter().map(Seen::line).collect();
+            panic!("no {what} in {lines:#?}")
+        })
+    }
+
+    #[tokio::test]
+    async fn the_node_data_finalizer_goes_on_before_the_kubelet_is_asked_to_checkpoint() {
+        let fake = FakeApi::default();
+        fake.put(
+            &checkpoint_path(),
+            checkpoint(
+                json!({}),
+                json!({"sourcePodName": "p", "deletionPolicy": "Delete"}),
+                Value::Null,
+            ),
+        );
+        fake.put(&path_of("v1", "pods", "default", "p"), running_pod());
+        fake.kubelet_answers(json!({
+            "items": ["/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t"],
+            "containers": ["counter"],
+        }));
+
+        // The first reconcile of the new object only adds the finalizer.
+        reconcile_stored(&fake).await;
+        let first: Vec<String> = fake.seen().iter().map(Seen::line).collect();
+        assert_eq!(first, [format!("PATCH {}", checkpoint_path())]);
+        let stored = fake.get(&checkpoint_path()).unwrap();
+        assert_eq!(
+            stored["metadata"]["finalizers"],
+            json!([finalizers::NODE_DATA])
+        );
+        // The next ones (its watch events) checkpoint it.
+        for _ in 0..3 {
+            reconcile_stored(&fake).await;
+        }
+        let seen = fake.seen();
+        let finalizer = position(&seen, "node-data finalizer patch", |s| {
+            s.method == "PATCH"
+                && s.path == checkpoint_path()
+                && s.body["metadata"]["finalizers"]
+                    .to_string()
+                    .contains(finalizers::NODE_DATA)
+        });
+        let kubelet = position(&seen, "kubelet checkpoint", |s| {
+            s.method == "POST" && s.path.contains("/proxy/checkpointpod/default/p")
+        });
+        assert!(
+            finalizer < kubelet,
+            "finalizer at {finalizer}, kubelet at {kubelet}"
+        );
+        assert!(seen[kubelet].query.contains("podCheckpointUID=ckpt-uid"));
+
+        let stored = parse(fake.get(&checkpoint_path()).unwrap());
+        let status = stored.status.clone().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Ready"));
+        assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
+        // The pod spec is in the checkpoint's PodTemplate, not in the PodCheckpoint.
+        assert_eq!(status.checkpointed_pod_spec, None);
+        let reference = status.pod_template_ref.unwrap();
+        assert_eq!(reference.name, "podcheckpoint-ckpt-uid");
+        let template = fake
+            .get(&path_of("v1", "podtemplates", "default", &reference.name))
+            .unwrap();
+        assert_eq!(template["metadata"]["uid"], json!(reference.uid));
+        assert_eq!(
+            template["metadata"]["resourceVersion"],
+            json!(reference.resource_version)
+        );
+        assert_eq!(
+            template["metadata"]["ownerReferences"][0]["uid"],
+            "ckpt-uid"
+        );
+        assert_eq!(
+            template["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        assert_eq!(
+            template["template"]["spec"]["containers"][0]["name"],
+            "counter"
+        );
+        assert!(template["template"]["spec"]["ephemeralContainers"].is_null());
+    }
+
+    #[test]
+    fn only_delete_policy_objects_that_may_hold_node_data_need_the_finalizer() {
+        let with = |spec: Value, status: Value, metadata: Value| {
+            needs_node_data_finalizer(&parse(checkpoint(metadata, spec, status)))
+        };
+        let delete = json!({"sourcePodName": "p", "deletionPolicy": "Delete"});
+        let retain = json!({"sourcePodName": "p", "deletionPolicy": "Retain"});
+        assert!(with(delete.clone(), Value::Null, json!({})));
+        assert!(with(
+            delete.clone(),
+            json!({"phase": "Checkpointing", "nodeName": "n1"}),
+            json!({})
+        ));
+        // A Ready one of an older controller, which added it only then.
+        assert!(with(
+            delete.clone(),
+            json!({"phase": "Ready", "nodeName": "n1"}),
+            json!({})
+        ));
+        assert!(!with(retain, Value::Null, json!({})));
+        assert!(!with(json!({"sourcePodName": "p"}), Value::Null, json!({})));
+        assert!(!with(
+            delete.clone(),
+            Value::Null,
+            json!({"finalizers": [finalizers::NODE_DATA]})
+        ));
+        assert!(!with(
+            delete.clone(),
+            Value::Null,
+            json!({"deletionTimestamp": "2026-01-01T00:00:00Z"})
+        ));
+        assert!(!with(
+            delete,
+            json!({"phase": "Failed", "reason": "SourcePodNotFound"}),
+            json!({})
+        ));
+    }
+
+    #[test]
+    fn who_releases_node_data_on_deletion() {
+        let of = |status: Value| {
+            node_data_on_deletion(
+                serde_json::from_value::<Option<PodCheckpointStatus>>(status)
+                    .unwrap()
+                    .as_ref(),
+            )
+        };
+        assert_eq!(of(Value::Null), NodeDataOnDeletion::Nothing);
+        assert_eq!(
+            of(json!({"phase": "Failed", "reason": "SourcePodNotFound"})),
+            NodeDataOnDeletion::Nothing
+        );
+        assert_eq!(
+            of(json!({"phase": "Checkpointing", "nodeName": "n1"})),
+            NodeDataOnDeletion::Abandoned
+        );
+        assert_eq!(
+            of(json!({"phase": "Ready", "nodeName": "n1"})),
+            NodeDataOnDeletion::NodeAgent
+        );
+        assert_eq!(
+            of(json!({"phase": "Failed", "reason": "ControllerRestarted", "nodeName": "n1"})),
+            NodeDataOnDeletion::NodeAgent
+        );
+    }
+
+    /// Stores a Delete-policy checkpoint being deleted with `status`, reconciles it once.
+    async fn reconcile_deleted(status: Value) -> FakeApi {
+        let fake = FakeApi::default();
+        fake.put(
+            &checkpoint_path(),
+            checkpoint(
+                json!({"deletionTimestamp": "2026-01-01T00:00:00Z",
+                       "finalizers": [finalizers::NODE_DATA]}),
+                json!({"sourcePodName": "p", "deletionPolicy": "Delete"}),
+                status,
+            ),
+        );
+        reconcile_stored(&fake).await;
+        fake
+    }
+
+    #[tokio::test]
+    async fn a_deleted_checkpoint_that_never_reached_a_node_is_released_by_the_controller() {
+        for status in [
+            Value::Null,
+            json!({"phase": "Failed", "reason": "NotPodsnapPod"}),
+        ] {
+            let fake = reconcile_deleted(status).await;
+            let stored = parse(fake.get(&checkpoint_path()).unwrap());
+            assert!(stored.finalizers().is_empty(), "{stored:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_checkpoint_found_mid_checkpoint_is_failed_and_left_to_the_node_agent() {
+        let fake = reconcile_deleted(json!({"phase": "Checkpointing", "nodeName": "n1"})).await;
+        let stored = parse(fake.get(&checkpoint_path()).unwrap());
+        let status = stored.status.clone().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Failed"));
+        assert_eq!(status.reason.as_deref(), Some("ControllerRestarted"));
+        assert_eq!(status.node_name.as_deref(), Some("n1"));
+        assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_ready_checkpoint_is_left_to_the_node_agent() {
+        let fake = reconcile_deleted(json!({"phase": "Ready", "nodeName": "n1",
+                                             "checkpointLocation": "/x/checkpoint-p"}))
+        .await;
+        assert!(
+            fake.seen().iter().all(|s| s.method == "GET"),
+            "{:?}",
+            fake.seen()
+        );
+        let stored = parse(fake.get(&checkpoint_path()).unwrap());
+        assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
+    }
+
+    #[test]
+    fn only_this_checkpoints_own_template_with_the_same_spec_is_taken_as_saved() {
+        let object = parse(checkpoint(
+            json!({}),
+            json!({"sourcePodName": "p"}),
+            Value::Null,
+        ));
+        let spec: PodSpec = serde_json::from_value(running_pod()["spec"].clone()).unwrap();
+        let wanted = pod_template(&object, &spec).unwrap();
+        assert_eq!(
+            wanted.metadata.name.as_deref(),
+            Some("podcheckpoint-ckpt-uid")
+        );
+        assert_eq!(
+            wanted.metadata.annotations.as_ref().unwrap()[POD_CHECKPOINT_ANNOTATION],
+            "c"
+        );
+        let mut found = wanted.clone();
+        found.metadata.uid = Some("t".into());
+        assert!(is_same_template(&found, &wanted));
+        let mut other_spec = found.clone();
+        other_spec
+            .template
+            .as_mut()
+            .unwrap()
+            .spec
+            .as_mut()
+            .unwrap()
+            .host_network = Some(true);
+        assert!(!is_same_template(&other_spec, &wanted));
+        let mut not_owned = found.clone();
+        not_owned.metadata.owner_references = None;
+        assert!(!is_same_template(&not_owned, &wanted));
+    }
 }

@@ -11,6 +11,8 @@
 use podsnap_checkpoint_api as api;
 use podsnap_checkpoint_api::finalizers;
 mod checkpoint;
+#[cfg(test)]
+mod fake_api;
 mod metrics;
 mod restore;
 mod status;

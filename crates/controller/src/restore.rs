@@ -3,18 +3,26 @@
 //! `checkpoint.k8s.io/restore-from`, with the template's labels and annotations (and name, for a
 //! single pod). The kubelet restores them (a restore it cannot do fails the pod with an event,
 //! never a fresh start); the PodRestore is Completed once all run, Failed when one fails.
+//!
+//! The spec is the one the checkpoint's `PodTemplate` holds, as the controller wrote it (same
+//! object, same resourceVersion). A pod of a wanted name that exists already counts only when this
+//! PodRestore created it (its controller owner reference is this PodRestore's UID: a restarted
+//! controller picks up where it was); one being deleted is waited for; any other pod of that
+//! name fails the restore (`PodAlreadyExists`) rather than passing it off as restored.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodTemplate};
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodRestore, RESTORE_FROM};
+use crate::api::{
+    Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, PodTemplateRef, RESTORE_FROM,
+};
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
 
@@ -54,18 +62,28 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         }
         _ => return Ok(Action::requeue(Duration::from_secs(2))),
     }
-    let (Some(node), Some(location), Some(spec)) = (
-        status.node_name.clone(),
-        status.checkpoint_location.clone(),
-        status.checkpointed_pod_spec.clone(),
-    ) else {
+    let (Some(node), Some(location)) =
+        (status.node_name.clone(), status.checkpoint_location.clone())
+    else {
         return fail(
             &ctx,
             &object,
             "CheckpointIncomplete",
-            &format!("PodCheckpoint {wanted} is Ready but names no node, location or pod spec"),
+            &format!("PodCheckpoint {wanted} is Ready but names no node or location"),
         )
         .await;
+    };
+    let spec = match &status.pod_template_ref {
+        Some(reference) => {
+            let templates: Api<PodTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
+            let found = templates.get_opt(&reference.name).await?;
+            checkpointed_spec(wanted, reference, found.as_ref())
+        }
+        None => legacy_spec(wanted, &status),
+    };
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(message) => return fail(&ctx, &object, "CheckpointIncomplete", &message).await,
     };
     let checkpoint_dir = location.rsplit('/').next().unwrap_or_default().to_string();
     // The checkpoint is in use until this restore's pods run: it is not deleted meanwhile.
@@ -99,9 +117,18 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let owner = object.controller_owner_ref(&()).map(|o| vec![o]);
+    let uid = object.uid().unwrap_or_default();
     for pod_name in &names {
-        if pods.get_opt(pod_name).await?.is_some() {
-            continue;
+        if let Some(existing) = pods.get_opt(pod_name).await? {
+            if created_by(&existing, &uid) {
+                continue;
+            }
+            if existing.metadata.deletion_timestamp.is_some() {
+                // Going away (a suspended pod deleted without waiting, say): the name is free
+                // once it is gone.
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+            return pod_exists(&ctx, &object, &namespace, pod_name).await;
         }
         let mut pod_spec = spec.clone();
         pod_spec["nodeName"] = json!(node);
@@ -122,7 +149,16 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         .map_err(|e| Error::Other(format!("restored pod {pod_name}: {e}")))?;
         match pods.create(&PostParams::default(), &pod).await {
             Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // Created meanwhile: by this restore (an earlier attempt whose answer was lost)
+                // or by someone else.
+                match pods.get_opt(pod_name).await? {
+                    Some(existing) if !created_by(&existing, &uid) => {
+                        return pod_exists(&ctx, &object, &namespace, pod_name).await;
+                    }
+                    _ => continue,
+                }
+            }
             Err(kube::Error::Api(status)) => {
                 return fail(&ctx, &object, "CreatePodFailed", &status.message).await;
             }
@@ -141,10 +177,14 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     // Completed once every pod runs; Failed when one failed.
     let mut running = 0;
     for pod_name in &names {
-        let phase = pods
-            .get_opt(pod_name)
-            .await?
-            .and_then(|p| p.status.and_then(|s| s.phase));
+        let pod = pods.get_opt(pod_name).await?;
+        if let Some(pod) = &pod
+            && !created_by(pod, &uid)
+        {
+            // Deleted and created again by someone else since: not a restored pod.
+            return pod_exists(&ctx, &object, &namespace, pod_name).await;
+        }
+        let phase = pod.and_then(|p| p.status.and_then(|s| s.phase));
         match phase.as_deref() {
             Some("Running") => running += 1,
             Some("Failed") => {
@@ -195,6 +235,78 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     }
 }
 
+/// Whether `pod` is one the PodRestore with UID `restore_uid` created: its controller owner
+/// reference names that UID.
+pub fn created_by(pod: &Pod, restore_uid: &str) -> bool {
+    !restore_uid.is_empty()
+        && pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && o.uid == restore_uid)
+}
+
+/// Fails the restore: a pod of a name it needs exists and is not one it created.
+async fn pod_exists(
+    ctx: &Context,
+    object: &PodRestore,
+    namespace: &str,
+    pod_name: &str,
+) -> Result<Action, Error> {
+    fail(
+        ctx,
+        object,
+        "PodAlreadyExists",
+        &format!(
+            "pod {namespace}/{pod_name} already exists and was not created by this PodRestore: \
+             delete it, or restore under another name"
+        ),
+    )
+    .await
+}
+
+/// The checkpointed pod's spec from the checkpoint's PodTemplate `found` (fetched by the name
+/// `reference` gives): it must be the very object and version the controller wrote, or the spec
+/// may not be the checkpointed pod's.
+pub fn checkpointed_spec(
+    checkpoint: &str,
+    reference: &PodTemplateRef,
+    found: Option<&PodTemplate>,
+) -> Result<serde_json::Value, String> {
+    let name = &reference.name;
+    let Some(found) = found else {
+        return Err(format!(
+            "the pod spec of PodCheckpoint {checkpoint} (PodTemplate {name}) is gone"
+        ));
+    };
+    if found.metadata.uid.as_deref() != Some(reference.uid.as_str())
+        || found.metadata.resource_version.as_deref() != Some(reference.resource_version.as_str())
+    {
+        return Err(format!(
+            "PodTemplate {name}, the pod spec of PodCheckpoint {checkpoint}, was replaced or \
+             changed after the checkpoint; restores start only from the checkpointed spec"
+        ));
+    }
+    found
+        .template
+        .as_ref()
+        .and_then(|t| t.spec.as_ref())
+        .map(|spec| serde_json::to_value(spec).unwrap_or_default())
+        .ok_or_else(|| format!("PodTemplate {name} of PodCheckpoint {checkpoint} holds no spec"))
+}
+
+/// The pod spec of a checkpoint an earlier controller took, which kept it in the status.
+fn legacy_spec(
+    checkpoint: &str,
+    status: &PodCheckpointStatus,
+) -> Result<serde_json::Value, String> {
+    status
+        .checkpointed_pod_spec
+        .clone()
+        .ok_or_else(|| format!("PodCheckpoint {checkpoint} is Ready but names no pod spec"))
+}
+
 /// Drops the checkpoint's in-use finalizer once no PodRestore of it is in progress.
 async fn release(
     ctx: &Context,
@@ -222,4 +334,236 @@ async fn fail(
     message: &str,
 ) -> Result<Action, Error> {
     status::fail(ctx, object, "Restored", reason, message).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_api::{FakeApi, context, path_of};
+    use serde_json::Value;
+
+    const GROUP: &str = "checkpoint.k8s.io/v1alpha1";
+    const TEMPLATE: &str = "podcheckpoint-ckpt-uid";
+
+    fn restore_path() -> String {
+        path_of(GROUP, "podrestores", "default", "r")
+    }
+
+    fn pod_path(name: &str) -> String {
+        path_of("v1", "pods", "default", name)
+    }
+
+    /// A Ready checkpoint `c` with its PodTemplate, and PodRestore `r` of it naming its one pod `x`.
+    fn cluster() -> FakeApi {
+        let fake = FakeApi::default();
+        fake.put(
+            &path_of(GROUP, "podcheckpoints", "default", "c"),
+            json!({
+                "apiVersion": GROUP, "kind": "PodCheckpoint",
+                "metadata": {"name": "c", "namespace": "default", "uid": "ckpt-uid",
+                             "resourceVersion": "3"},
+                "spec": {"sourcePodName": "p"},
+                "status": {"phase": "Ready", "nodeName": "n1",
+                           "checkpointLocation": "/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t",
+                           "podTemplateRef": {"name": TEMPLATE, "uid": "tmpl-uid",
+                                              "resourceVersion": "7"}},
+            }),
+        );
+        fake.put(
+            &path_of("v1", "podtemplates", "default", TEMPLATE),
+            json!({
+                "apiVersion": "v1", "kind": "PodTemplate",
+                "metadata": {"name": TEMPLATE, "namespace": "default", "uid": "tmpl-uid",
+                             "resourceVersion": "7"},
+                "template": {"spec": {"runtimeClassName": "podsnap", "nodeName": "n1",
+                                      "containers": [{"name": "counter", "image": "busybox"}]}},
+            }),
+        );
+        fake.put(
+            &restore_path(),
+            json!({
+                "apiVersion": GROUP, "kind": "PodRestore",
+                "metadata": {"name": "r", "namespace": "default", "uid": "restore-uid",
+                             "resourceVersion": "5"},
+                "spec": {"checkpointName": "c", "podTemplate": {"metadata": {"name": "x"}}},
+            }),
+        );
+        fake
+    }
+
+    fn pod(owner_uid: Option<&str>, phase: &str) -> Value {
+        let owners: Vec<Value> = owner_uid
+            .map(|uid| {
+                json!({"apiVersion": GROUP, "kind": "PodRestore", "name": "r", "uid": uid,
+                       "controller": true})
+            })
+            .into_iter()
+            .collect();
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "x", "namespace": "default", "uid": "x-uid",
+                         "ownerReferences": owners},
+            "spec": {"containers": [{"name": "counter", "image": "busybox"}]},
+            "status": {"phase": phase},
+        })
+    }
+
+    /// Reconciles the PodRestore as the API server has it now; returns its status after.
+    async fn reconcile_stored(fake: &FakeApi) -> StoredStatus {
+        let object: PodRestore =
+            serde_json::from_value(fake.get(&restore_path()).unwrap()).unwrap();
+        reconcile(Arc::new(object), context(fake)).await.unwrap();
+        let stored = fake.get(&restore_path()).unwrap();
+        StoredStatus(stored["status"].clone())
+    }
+
+    /// The PodRestore's status as the fake API server has it after a reconcile.
+    struct StoredStatus(Value);
+
+    impl StoredStatus {
+        fn phase(&self) -> &str {
+            self.0["phase"].as_str().unwrap_or_default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_the_wanted_name_that_the_restore_did_not_create_fails_it() {
+        let fake = cluster();
+        fake.put(&pod_path("x"), pod(None, "Running"));
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Failed", "{}", status.0);
+        assert_eq!(status.0["reason"], "PodAlreadyExists");
+        assert!(
+            status.0["message"]
+                .as_str()
+                .unwrap()
+                .contains("pod default/x already exists"),
+            "{}",
+            status.0
+        );
+        let seen = fake.seen();
+        assert!(
+            seen.iter()
+                .all(|s| !(s.method == "POST" && s.path.ends_with("/pods"))),
+            "a pod was created"
+        );
+        let event = seen
+            .iter()
+            .find(|s| s.method == "POST" && s.path.contains("/events"))
+            .expect("an event");
+        assert_eq!(event.body["reason"], "PodAlreadyExists", "{}", event.body);
+        assert!(
+            event.body["note"].as_str().unwrap().contains("default/x"),
+            "{}",
+            event.body
+        );
+        // Not touched.
+        assert_eq!(fake.get(&pod_path("x")).unwrap(), pod(None, "Running"));
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_the_wanted_name_being_deleted_is_waited_for() {
+        let fake = cluster();
+        let mut going = pod(None, "Running");
+        going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        fake.put(&pod_path("x"), going.clone());
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "", "{}", status.0);
+        assert_eq!(fake.get(&pod_path("x")).unwrap(), going);
+        // Gone: the restore goes on.
+        fake.remove(&pod_path("x"));
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Restoring");
+    }
+
+    #[tokio::test]
+    async fn its_own_pod_found_again_counts_as_restored() {
+        // A controller that restarted after creating the pod, or the next reconcile.
+        let fake = cluster();
+        fake.put(&pod_path("x"), pod(Some("restore-uid"), "Running"));
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Completed", "{}", status.0);
+        assert_eq!(status.0["restoredPodName"], "x");
+    }
+
+    #[tokio::test]
+    async fn a_missing_pod_is_created_owned_by_the_restore_from_the_checkpoints_template() {
+        let fake = cluster();
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Restoring", "{}", status.0);
+        let created = fake.get(&pod_path("x")).expect("the pod was created");
+        assert_eq!(
+            created["metadata"]["ownerReferences"][0]["uid"],
+            "restore-uid"
+        );
+        assert_eq!(
+            created["metadata"]["annotations"][RESTORE_FROM],
+            "checkpoint-p_default-t"
+        );
+        assert_eq!(created["spec"]["nodeName"], "n1");
+        assert_eq!(created["spec"]["containers"][0]["name"], "counter");
+        // Running now: the next reconcile finds its own pod and completes.
+        let mut running = created.clone();
+        running["status"] = json!({"phase": "Running"});
+        fake.put(&pod_path("x"), running);
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+    }
+
+    #[tokio::test]
+    async fn a_pod_template_changed_after_the_checkpoint_fails_the_restore() {
+        let fake = cluster();
+        let path = path_of("v1", "podtemplates", "default", TEMPLATE);
+        let mut template = fake.get(&path).unwrap();
+        template["metadata"]["resourceVersion"] = json!("8");
+        template["template"]["spec"]["hostNetwork"] = json!(true);
+        fake.put(&path, template);
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Failed", "{}", status.0);
+        assert_eq!(status.0["reason"], "CheckpointIncomplete");
+        assert!(fake.get(&pod_path("x")).is_none(), "a pod was created");
+    }
+
+    #[test]
+    fn the_checkpointed_spec_is_the_template_as_written_or_nothing() {
+        let reference = PodTemplateRef {
+            name: TEMPLATE.into(),
+            uid: "tmpl-uid".into(),
+            resource_version: "7".into(),
+        };
+        let template: PodTemplate = serde_json::from_value(json!({
+            "metadata": {"name": TEMPLATE, "uid": "tmpl-uid", "resourceVersion": "7"},
+            "template": {"spec": {"containers": [{"name": "counter", "image": "busybox"}]}},
+        }))
+        .unwrap();
+        let spec = checkpointed_spec("c", &reference, Some(&template)).unwrap();
+        assert_eq!(spec["containers"][0]["name"], "counter");
+        assert!(
+            checkpointed_spec("c", &reference, None)
+                .unwrap_err()
+                .contains("is gone")
+        );
+        let mut replaced = template.clone();
+        replaced.metadata.uid = Some("other".into());
+        assert!(checkpointed_spec("c", &reference, Some(&replaced)).is_err());
+        let mut changed = template;
+        changed.metadata.resource_version = Some("8".into());
+        assert!(checkpointed_spec("c", &reference, Some(&changed)).is_err());
+    }
+
+    #[test]
+    fn a_pod_is_the_restores_only_by_its_controller_owner_reference() {
+        let parse = |v: Value| serde_json::from_value::<Pod>(v).unwrap();
+        assert!(created_by(
+            &parse(pod(Some("restore-uid"), "Running")),
+            "restore-uid"
+        ));
+        assert!(!created_by(
+            &parse(pod(Some("other-uid"), "Running")),
+            "restore-uid"
+        ));
+        assert!(!created_by(&parse(pod(None, "Running")), "restore-uid"));
+        assert!(!created_by(&parse(pod(None, "Running")), ""));
+        let mut not_controller = pod(Some("restore-uid"), "Running");
+        not_controller["metadata"]["ownerReferences"][0]["controller"] = json!(false);
+        assert!(!created_by(&parse(not_controller), "restore-uid"));
+    }
 }

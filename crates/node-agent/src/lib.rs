@@ -9,6 +9,14 @@
 //! records the object's UID beside each checkpoint (`podCheckpointUID` in the record), and a
 //! checkpoint recorded for a Failed object is one its controller never learned of (it stopped
 //! between the kubelet's answer and its status write).
+//!
+//! It watches only the PodCheckpoints on its node (field selector `status.nodeName=<node>`, a
+//! selectable field of the CRD) and needs nothing else: PodCheckpoints hold no pod spec (that is
+//! in a PodTemplate beside each, which the agent's role cannot read).
+//!
+//! A PodCheckpoint deleted while it is still being taken keeps its node-data finalizer until the
+//! controller has ended it (Ready, with its location; or Failed): the data the kubelet is writing
+//! then is removed too, not left behind once the object is gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,9 +77,11 @@ pub struct Agent {
 /// Runs the agent until the watch ends.
 pub async fn run(agent: Agent) {
     let agent = Arc::new(agent);
+    let on_this_node =
+        watcher::Config::default().fields(&format!("status.nodeName={}", agent.node));
     Controller::new(
         Api::<PodCheckpoint>::all(agent.client.clone()),
-        watcher::Config::default(),
+        on_this_node,
     )
     .run(reconcile, requeue_on_error, agent)
     .for_each(|_| async {})
@@ -105,9 +115,21 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
         // A restore still needs the data.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
+    if !has_ended(&status) {
+        // Still being taken: what the kubelet writes is known once the controller ends it.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     if let Some(location) = &status.checkpoint_location {
         remove_data(&agent.checkpoints_dir, Path::new(location)).map_err(Error::Data)?;
         tracing::info!(checkpoint = %object.name_any(), %location, "removed the checkpoint's data");
+    }
+    // A checkpoint the kubelet took for it that its status never named (Failed after the
+    // kubelet answered).
+    if let Some(uid) = object.uid() {
+        for location in recorded_for(&agent.checkpoints_dir, &uid).map_err(Error::Data)? {
+            remove_data(&agent.checkpoints_dir, &location).map_err(Error::Data)?;
+            tracing::info!(checkpoint = %object.name_any(), location = %location.display(), "removed a checkpoint recorded for it");
+        }
     }
     let api: Api<PodCheckpoint> = Api::namespaced(
         agent.client.clone(),
@@ -115,6 +137,12 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
     );
     finalizers::remove(&api, &object, NODE_DATA).await?;
     Ok(Action::await_change())
+}
+
+/// Whether the checkpoint has ended, Ready or Failed: until then the kubelet may still be writing
+/// data that no status names yet.
+pub fn has_ended(status: &podsnap_checkpoint_api::PodCheckpointStatus) -> bool {
+    matches!(status.phase.as_deref(), Some("Ready" | "Failed"))
 }
 
 /// The kubelet's record of a pod checkpoint: `<checkpoint>.kubelet.json`.
@@ -249,6 +277,20 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn data_is_removed_only_once_the_checkpoint_has_ended() {
+        let status = |phase: Option<&str>| podsnap_checkpoint_api::PodCheckpointStatus {
+            phase: phase.map(str::to_string),
+            node_name: Some("n1".into()),
+            ..Default::default()
+        };
+        assert!(!has_ended(&status(Some("Checkpointing"))));
+        assert!(!has_ended(&status(Some("Pending"))));
+        assert!(!has_ended(&status(None)));
+        assert!(has_ended(&status(Some("Ready"))));
+        assert!(has_ended(&status(Some("Failed"))));
     }
 
     #[test]

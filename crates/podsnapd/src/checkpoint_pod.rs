@@ -3,6 +3,14 @@
 //! podsnap pod checkpoint (per-container directories in the CRI-O/containerd/checkpointctl
 //! layout plus a hashed manifest). On any error after writing started, everything written under
 //! `output_path` is removed again (the directory itself, the caller's, stays).
+//!
+//! Before anything is frozen a call must be bounded and fit: it needs a deadline (a checkpoint
+//! freezes the pod: one without an end is refused, InvalidArgument); it holds its pod sandbox
+//! and its output directory for its whole length (a second call on either is refused at once,
+//! FailedPrecondition, [`crate::in_flight`]); and the output directory's filesystem must have room
+//! for what the checkpoint is expected to take — the selected containers' memory, their writable
+//! layers and the pod's emptyDir volumes — plus a margin ([`check_space`]), or it is refused
+//! with ResourceExhausted rather than filling the node's disk.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,13 +19,15 @@ use std::time::{Duration, Instant};
 use cri_api::RuntimeServiceClient;
 use cri_api::v1::{
     CheckpointPodRequest, CheckpointPodResponse, ContainerFilter, ContainerState,
-    ContainerStatusRequest, ListContainersRequest, PodSandboxState, PodSandboxStatusRequest,
+    ContainerStatsRequest, ContainerStatusRequest, ListContainersRequest, PodSandboxState,
+    PodSandboxStatusRequest,
 };
 use podsnap_checkpoint_format::{ContainerEntry, FORMAT, Manifest, PodEntry, VERSION};
 use podsnap_pod_api::{PodRequest, PodResponse};
 use tonic::Status;
 use tonic::transport::Channel;
 
+use crate::in_flight::{InFlight, Operation, Resource};
 use crate::pod_options::{CheckpointOptions, Compression};
 
 /// The runtime handler whose pods podsnap checkpoints.
@@ -53,14 +63,31 @@ pub fn with_deadline<T>(
     Ok(request)
 }
 
-/// Checks `output_path`: absolute, an existing directory (not a symlink), empty.
-pub fn check_output_dir(output_path: &str) -> Result<PathBuf, Status> {
+/// The caller's deadline, which a CheckpointPod must have: the call freezes the pod, and a
+/// freeze must end.
+pub fn require_deadline(deadline: Option<Instant>) -> Result<Instant, Status> {
+    deadline.ok_or_else(|| {
+        Status::invalid_argument(
+            "CheckpointPod needs a deadline (grpc-timeout): a checkpoint freezes the pod, so the \
+             call must be bounded",
+        )
+    })
+}
+
+/// Checks that `output_path` is an absolute path (nothing on disk yet).
+pub fn check_output_path(output_path: &str) -> Result<PathBuf, Status> {
     let path = PathBuf::from(output_path);
     if output_path.is_empty() || !path.is_absolute() {
         return Err(Status::invalid_argument(format!(
             "output_path {output_path:?} must be an absolute path"
         )));
     }
+    Ok(path)
+}
+
+/// Checks `output_path`: absolute, an existing directory (not a symlink), empty.
+pub fn check_output_dir(output_path: &str) -> Result<PathBuf, Status> {
+    let path = check_output_path(output_path)?;
     let meta = std::fs::symlink_metadata(&path)
         .map_err(|e| Status::invalid_argument(format!("output_path {output_path}: {e}")))?;
     if !meta.is_dir() {
@@ -159,6 +186,7 @@ pub async fn checkpoint_pod(
     deadline: Option<Instant>,
 ) -> Result<CheckpointPodResponse, Status> {
     let started = Instant::now();
+    let deadline = Some(require_deadline(deadline)?);
     // Keep some of the time (a fifth, at least 150 ms, at most 1 s, never more than half) to
     // stop CRIU, thaw, clean up and answer before the caller gives up: the caller should hear
     // DeadlineExceeded from us, not time out on its own.
@@ -174,6 +202,14 @@ pub async fn checkpoint_pod(
         return Err(Status::invalid_argument("pod_sandbox_id is empty"));
     }
     let options = CheckpointOptions::parse(&req.options)?;
+    // The sandbox and the directory are this call's until it returns, however it returns.
+    let _in_flight = InFlight::acquire(
+        Operation::Checkpoint,
+        [
+            Resource::Sandbox(req.pod_sandbox_id.clone()),
+            Resource::directory(&check_output_path(&req.output_path)?),
+        ],
+    )?;
     let output = check_output_dir(&req.output_path)?;
     check_container_ids(&req.container_ids)?;
     let sandbox = &req.pod_sandbox_id;
@@ -273,6 +309,23 @@ pub async fn checkpoint_pod(
             dup.name
         )));
     }
+
+    // Room for it, before anything is frozen.
+    let estimate = estimate_size(&mut cri, &selected, deadline).await?;
+    let space = {
+        let dir = output.clone();
+        tokio::task::spawn_blocking(move || fs_space(&dir))
+            .await
+            .map_err(|e| Status::internal(format!("disk space task: {e}")))?
+            .map_err(|e| {
+                Status::internal(format!(
+                    "free space of the filesystem of {}: {e}",
+                    output.display()
+                ))
+            })?
+    };
+    check_space(&estimate, space, &output, sandbox)?;
+    tracing::debug!(sandbox = %sandbox, ?estimate, ?space, "room for the checkpoint");
 
     let left = remaining(deadline, "before the capture")?;
     let request = PodRequest::CheckpointSandbox {
@@ -389,6 +442,279 @@ pub async fn checkpoint_pod(
     Ok(CheckpointPodResponse {})
 }
 
+/// What a pod checkpoint is expected to take on disk, by part (bytes).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SizeEstimate {
+    /// The selected containers' memory, as their cgroups count it (see [`cgroup_memory`]).
+    pub memory: u64,
+    /// Their writable layers, as containerd's ContainerStats reports them.
+    pub writable_layers: u64,
+    /// The emptyDir volumes they mount (see [`tree_size`]).
+    pub volumes: u64,
+}
+
+impl SizeEstimate {
+    pub fn total(&self) -> u64 {
+        self.memory
+            .saturating_add(self.writable_layers)
+            .saturating_add(self.volumes)
+    }
+}
+
+/// A filesystem's space (bytes): what an unprivileged writer may still use, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    pub available: u64,
+    pub size: u64,
+}
+
+/// The least space a checkpoint leaves free on its filesystem.
+pub const MIN_SPACE_MARGIN: u64 = 256 << 20;
+
+/// The space a checkpoint must leave free on a filesystem of `size` bytes: 5 % of it, at least
+/// [`MIN_SPACE_MARGIN`] — the node's other writers (and its kubelet, which evicts pods under
+/// disk pressure) need room too, and the estimate is only an estimate.
+pub fn space_margin(size: u64) -> u64 {
+    (size / 20).max(MIN_SPACE_MARGIN)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(1 << 20))
+}
+
+/// Refuses (ResourceExhausted) a checkpoint of `sandbox` into `dir` expected to take `needed`
+/// when `space` does not hold it plus [`space_margin`].
+pub fn check_space(
+    needed: &SizeEstimate,
+    space: FsSpace,
+    dir: &Path,
+    sandbox: &str,
+) -> Result<(), Status> {
+    let margin = space_margin(space.size);
+    if needed.total().saturating_add(margin) <= space.available {
+        return Ok(());
+    }
+    Err(Status::resource_exhausted(format!(
+        "not enough disk space for a checkpoint of pod sandbox {sandbox}: it is expected to take \
+         about {} (memory {}, writable layers {}, emptyDir volumes {}) and must leave {} free, \
+         but the filesystem of {} has {} available",
+        mib(needed.total()),
+        mib(needed.memory),
+        mib(needed.writable_layers),
+        mib(needed.volumes),
+        mib(margin),
+        dir.display(),
+        mib(space.available),
+    )))
+}
+
+/// The space of the filesystem that holds `path` (statvfs).
+// statvfs's counts are `c_ulong`: u64 here, u32 on 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
+pub fn fs_space(path: &Path) -> std::io::Result<FsSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a NUL-terminated string and `stat` points to writable memory of the
+    // struct's size; statvfs fills it in on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it initialised the struct.
+    let stat = unsafe { stat.assume_init() };
+    let fragment = stat.f_frsize as u64;
+    Ok(FsSpace {
+        available: (stat.f_bavail as u64).saturating_mul(fragment),
+        size: (stat.f_blocks as u64).saturating_mul(fragment),
+    })
+}
+
+/// Where cgroup filesystems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The memory a checkpoint of the container in cgroup `cgroups_path` (the runtime spec's
+/// `linux.cgroupsPath`, as the podsnap shim uses it: a path under the cgroup mounts) is
+/// expected to dump, read under `root`: anonymous plus shared memory (`anon` + `shmem` on cgroup
+/// v2, `total_rss` + `total_shmem` on v1, from `memory.stat`) — page cache is not dumped, so
+/// counting all of `memory.current`/`memory.usage_in_bytes` would refuse pods that merely read
+/// big files; those are the fallback when `memory.stat` has neither. `None` when the cgroup
+/// cannot be found (a systemd `slice:prefix:name` path, a container gone).
+pub fn cgroup_memory(root: &Path, cgroups_path: &str) -> Option<u64> {
+    if cgroups_path.is_empty() || cgroups_path.contains(':') {
+        return None;
+    }
+    let relative = cgroups_path.trim_start_matches('/');
+    if Path::new(relative)
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let (dir, keys, usage) = if root.join("cgroup.controllers").exists() {
+        (root.join(relative), ["anon", "shmem"], "memory.current")
+    } else {
+        (
+            root.join("memory").join(relative),
+            ["total_rss", "total_shmem"],
+            "memory.usage_in_bytes",
+        )
+    };
+    if let Ok(stat) = std::fs::read_to_string(dir.join("memory.stat")) {
+        let mut found = false;
+        let mut sum = 0u64;
+        for line in stat.lines() {
+            if let Some((key, value)) = line.split_once(' ')
+                && keys.contains(&key)
+                && let Ok(value) = value.trim().parse::<u64>()
+            {
+                found = true;
+                sum = sum.saturating_add(value);
+            }
+        }
+        if found {
+            return Some(sum);
+        }
+    }
+    std::fs::read_to_string(dir.join(usage))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// The host paths of the kubelet emptyDir volumes a runtime spec mounts
+/// (`<root-dir>/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`), as the shim archives them.
+pub fn empty_dir_sources(spec: &serde_json::Value) -> Vec<PathBuf> {
+    spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["source"].as_str())
+        .filter(|source| {
+            source
+                .trim_end_matches('/')
+                .rsplit_once("/volumes/kubernetes.io~empty-dir/")
+                .is_some_and(|(_, name)| !name.is_empty() && !name.contains('/'))
+        })
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// At most this many entries of a volume are looked at by [`tree_size`].
+const TREE_SIZE_ENTRIES: usize = 1_000_000;
+
+/// The bytes an archive of the tree at `root` takes, about: each entry's length plus a header
+/// (512 bytes, as tar's). Symbolic links are not followed, other filesystems not entered;
+/// unreadable entries are skipped; at most `max_entries` entries are counted (so it is a lower
+/// bound on a bigger tree).
+pub fn tree_size(root: &Path, max_entries: usize) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(root) else {
+        return 0;
+    };
+    let device = top.dev();
+    let mut total = 0u64;
+    let mut seen = 0usize;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > max_entries {
+                return total;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            total = total.saturating_add(512);
+            if meta.is_dir() {
+                if meta.dev() == device {
+                    pending.push(entry.path());
+                }
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    total
+}
+
+/// How long one ContainerStats call may take while sizing a checkpoint.
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What checkpointing `selected` is expected to take: the memory of each container's cgroup,
+/// its writable layer (containerd's ContainerStats; 0 when it has none to give), and the
+/// emptyDir volumes they mount, each counted once.
+async fn estimate_size(
+    cri: &mut RuntimeServiceClient<Channel>,
+    selected: &[Selected],
+    deadline: Option<Instant>,
+) -> Result<SizeEstimate, Status> {
+    let mut writable_layers = 0u64;
+    for s in selected {
+        // Sizing must not eat the checkpoint's time: a few seconds each, at most.
+        let soon = Instant::now() + STATS_TIMEOUT;
+        let stats = cri
+            .container_stats(with_deadline(
+                ContainerStatsRequest {
+                    container_id: s.id.clone(),
+                },
+                Some(deadline.map_or(soon, |d| d.min(soon))),
+                "sizing the checkpoint",
+            )?)
+            .await;
+        match stats {
+            Ok(answer) => {
+                writable_layers = writable_layers.saturating_add(
+                    answer
+                        .into_inner()
+                        .stats
+                        .and_then(|s| s.writable_layer)
+                        .and_then(|w| w.used_bytes)
+                        .map_or(0, |b| b.value),
+                )
+            }
+            Err(e) => tracing::debug!(container = %s.id, error = %e, "no writable layer size"),
+        }
+    }
+    let cgroups: Vec<String> = selected
+        .iter()
+        .map(|s| {
+            s.spec["linux"]["cgroupsPath"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let mut volumes: Vec<PathBuf> = selected
+        .iter()
+        .flat_map(|s| empty_dir_sources(&s.spec))
+        .collect();
+    volumes.sort();
+    volumes.dedup();
+    let (memory, volumes) = tokio::task::spawn_blocking(move || {
+        let root = Path::new(CGROUP_ROOT);
+        let memory = cgroups
+            .iter()
+            .filter_map(|path| cgroup_memory(root, path))
+            .fold(0u64, u64::saturating_add);
+        let volumes = volumes
+            .iter()
+            .map(|v| tree_size(v, TREE_SIZE_ENTRIES))
+            .fold(0u64, u64::saturating_add);
+        (memory, volumes)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("checkpoint size task: {e}")))?;
+    Ok(SizeEstimate {
+        memory,
+        writable_layers,
+        volumes,
+    })
+}
+
 /// A gRPC code from the name the shim's pod service uses.
 pub fn code_from_name(name: &str) -> tonic::Code {
     match name {
@@ -489,6 +815,252 @@ mod tests {
             tonic::Code::DeadlineExceeded
         );
         assert!(remaining(None, "x").unwrap().is_none());
+    }
+
+    /// A CRI client of a containerd that is not there: any call to it fails (Unavailable).
+    fn no_containerd() -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+        )
+    }
+
+    fn request(sandbox: &str, output: &Path) -> CheckpointPodRequest {
+        CheckpointPodRequest {
+            pod_sandbox_id: sandbox.to_string(),
+            output_path: output.to_str().unwrap().to_string(),
+            container_ids: vec!["c1".into()],
+            options: Default::default(),
+        }
+    }
+
+    fn in_30s() -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(30))
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_without_a_deadline_is_refused_before_anything_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = checkpoint_pod(no_containerd(), request("s-no-deadline", dir.path()), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("needs a deadline"), "{err:?}");
+        // With one it goes on (to containerd, absent here).
+        let err = checkpoint_pod(
+            no_containerd(),
+            request("s-no-deadline", dir.path()),
+            in_30s(),
+        )
+        .await
+        .unwrap_err();
+        assert_ne!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_second_checkpoint_of_a_busy_sandbox_or_into_a_busy_directory_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let sandbox = "s-busy-sandbox";
+        let held = InFlight::acquire(
+            Operation::Checkpoint,
+            [
+                Resource::Sandbox(sandbox.into()),
+                Resource::directory(dir.path()),
+            ],
+        )
+        .unwrap();
+        let err = checkpoint_pod(no_containerd(), request(sandbox, other.path()), in_30s())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert_eq!(
+            err.message(),
+            "a checkpoint of pod sandbox s-busy-sandbox is already in progress"
+        );
+        // The same directory, spelt otherwise, for another pod.
+        let spelt = dir.path().join(".");
+        let err = checkpoint_pod(no_containerd(), request("s-busy-other", &spelt), in_30s())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("already in progress"), "{err:?}");
+        // Neither refused call kept anything.
+        assert!(!crate::in_flight::Registry::global().is_held(&Resource::directory(other.path())));
+        assert!(
+            !crate::in_flight::Registry::global()
+                .is_held(&Resource::Sandbox("s-busy-other".into()))
+        );
+        drop(held);
+        // Once the first is done, a call gets past the guard (to containerd, absent here), and
+        // releases it when it fails.
+        let err = checkpoint_pod(no_containerd(), request(sandbox, dir.path()), in_30s())
+            .await
+            .unwrap_err();
+        assert_ne!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(!crate::in_flight::Registry::global().is_held(&Resource::Sandbox(sandbox.into())));
+        assert!(!crate::in_flight::Registry::global().is_held(&Resource::directory(dir.path())));
+    }
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_margin_is_5_percent_of_the_filesystem_at_least_256_mib() {
+        assert_eq!(space_margin(100 * GIB), 5 * GIB);
+        assert_eq!(space_margin(GIB), 256 * MIB);
+        assert_eq!(space_margin(0), 256 * MIB);
+    }
+
+    #[test]
+    fn a_checkpoint_that_does_not_fit_with_the_margin_is_resource_exhausted() {
+        let needed = SizeEstimate {
+            memory: 3 * GIB,
+            writable_layers: GIB,
+            volumes: 2 * GIB,
+        };
+        assert_eq!(needed.total(), 6 * GIB);
+        let dir = Path::new("/var/lib/kubelet/pod-checkpoints/checkpoint-x");
+        // 100 GiB filesystem: a 5 GiB margin, so 11 GiB are needed.
+        let fits = FsSpace {
+            available: 11 * GIB,
+            size: 100 * GIB,
+        };
+        assert!(check_space(&needed, fits, dir, "s1").is_ok());
+        let short = FsSpace {
+            available: 11 * GIB - 1,
+            size: 100 * GIB,
+        };
+        let err = check_space(&needed, short, dir, "s1").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        for part in [
+            "pod sandbox s1",
+            "about 6144 MiB (memory 3072 MiB, writable layers 1024 MiB, emptyDir volumes 2048 MiB)",
+            "must leave 5120 MiB free",
+            "/var/lib/kubelet/pod-checkpoints/checkpoint-x has 11264 MiB available",
+        ] {
+            assert!(err.message().contains(part), "{part:?} not in {err:?}");
+        }
+        // A small filesystem: the 256 MiB floor.
+        let small = FsSpace {
+            available: 300 * MIB,
+            size: GIB,
+        };
+        let tiny = SizeEstimate {
+            memory: 40 * MIB,
+            ..Default::default()
+        };
+        assert!(check_space(&tiny, small, dir, "s1").is_ok());
+        let more = SizeEstimate {
+            memory: 50 * MIB,
+            ..Default::default()
+        };
+        assert!(check_space(&more, small, dir, "s1").is_err());
+        // Nothing known: only the margin.
+        assert!(check_space(&SizeEstimate::default(), small, dir, "s1").is_ok());
+        let full = FsSpace {
+            available: 100 * MIB,
+            size: GIB,
+        };
+        assert!(check_space(&SizeEstimate::default(), full, dir, "s1").is_err());
+    }
+
+    #[test]
+    fn the_free_space_of_a_real_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = fs_space(dir.path()).unwrap();
+        assert!(space.size > 0 && space.available <= space.size, "{space:?}");
+        assert!(fs_space(&dir.path().join("missing")).is_err());
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn container_memory_from_cgroup_v2() {
+        let root = tempfile::tempdir().unwrap();
+        write(&root.path().join("cgroup.controllers"), "memory pids\n");
+        let cgroup = root.path().join("kubepods/pod1/c1");
+        write(
+            &cgroup.join("memory.stat"),
+            "anon 1000\nfile 999999\nkernel 5\nshmem 24\n",
+        );
+        write(&cgroup.join("memory.current"), "1000028\n");
+        assert_eq!(cgroup_memory(root.path(), "/kubepods/pod1/c1"), Some(1024));
+        // No memory.stat: all it uses.
+        std::fs::remove_file(cgroup.join("memory.stat")).unwrap();
+        assert_eq!(
+            cgroup_memory(root.path(), "/kubepods/pod1/c1"),
+            Some(1000028)
+        );
+        assert_eq!(cgroup_memory(root.path(), "/kubepods/pod1/gone"), None);
+    }
+
+    #[test]
+    fn container_memory_from_cgroup_v1() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroup = root.path().join("memory/kubepods/pod1/c1");
+        write(
+            &cgroup.join("memory.stat"),
+            "rss 1\nshmem 1\ncache 4096\ntotal_rss 2048\ntotal_shmem 2048\ntotal_cache 777\n",
+        );
+        assert_eq!(cgroup_memory(root.path(), "/kubepods/pod1/c1"), Some(4096));
+        write(&cgroup.join("memory.stat"), "cache 4096\n");
+        write(&cgroup.join("memory.usage_in_bytes"), "8192\n");
+        assert_eq!(cgroup_memory(root.path(), "kubepods/pod1/c1"), Some(8192));
+    }
+
+    #[test]
+    fn unusable_cgroup_paths_give_no_memory() {
+        let root = tempfile::tempdir().unwrap();
+        write(&root.path().join("memory.current"), "5\n");
+        for path in [
+            "",
+            "/",
+            "kubepods-pod1.slice:cri-containerd:c1",
+            "/kubepods/../..",
+        ] {
+            assert_eq!(cgroup_memory(root.path(), path), None, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn empty_dir_volumes_are_found_in_the_runtime_spec() {
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/data",
+             "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/data"},
+            {"destination": "/cache",
+             "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache/"},
+            {"destination": "/etc/config",
+             "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/config"},
+            {"destination": "/sub",
+             "source": "/var/lib/kubelet/pods/u1/volume-subpaths/x/kubernetes.io~empty-dir/a/b"},
+            {"destination": "/proc", "type": "proc"},
+        ]});
+        assert_eq!(
+            empty_dir_sources(&spec),
+            [
+                PathBuf::from("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/data"),
+                PathBuf::from("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache/"),
+            ]
+        );
+        assert!(empty_dir_sources(&serde_json::Value::Null).is_empty());
+    }
+
+    #[test]
+    fn a_trees_size_counts_files_and_headers_and_follows_no_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("vol");
+        write(&root.join("a"), &"x".repeat(1000));
+        write(&root.join("sub/b"), &"y".repeat(24));
+        let outside = dir.path().join("outside");
+        write(&outside.join("big"), &"z".repeat(100_000));
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        // a, sub, sub/b, link: four headers.
+        assert_eq!(tree_size(&root, 100), 1000 + 24 + 4 * 512);
+        assert!(tree_size(&root, 1) < 1000 + 24 + 4 * 512);
+        assert_eq!(tree_size(&dir.path().join("missing"), 100), 0);
     }
 
     #[test]

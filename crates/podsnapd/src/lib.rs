@@ -9,11 +9,13 @@
 mod checkpoint_pod;
 mod deadline;
 mod forward;
+pub mod in_flight;
 pub mod pod;
 mod pod_options;
 mod pod_rpc;
 mod restore_pod;
 mod route;
+mod security;
 mod server;
 mod socket;
 

@@ -3,6 +3,11 @@
 //! and IP) and its containers through containerd's CRI, each marked with
 //! `podsnap.io/restore-from` so that the podsnap shim restores it from its checkpoint directory
 //! on `StartContainer`. Everything created is removed again if any step fails.
+//!
+//! The restore runs within what the request grants or not at all: the security settings of
+//! the requested configs must be the checkpointed ones ([`crate::security`]). Each container
+//! gets a one-time restore grant ([`podsnap_checkpoint_format::grant`]) pinning the digest of
+//! the manifest verified here; without it the shim ignores nobody's annotation but refuses it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,30 +26,62 @@ use tonic::transport::Channel;
 use crate::checkpoint_pod::{HANDLER, with_deadline};
 use crate::pod_options::check_restore_options;
 
-/// The annotation the podsnap shim restores a container from.
-pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+use podsnap_checkpoint_format::grant::{
+    self, GRANT_ANNOTATION, GRANT_DIR, RESTORE_ANNOTATION, RestoreGrant,
+};
 
-/// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash.
-pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest), Status> {
+/// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash;
+/// returns the manifest and its file's sha256.
+pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, String), Status> {
     let path = PathBuf::from(checkpoint_path);
     if checkpoint_path.is_empty() || !path.is_absolute() {
         return Err(Status::invalid_argument(format!(
             "checkpoint_path {checkpoint_path:?} must be an absolute path"
         )));
     }
-    let manifest = podsnap_checkpoint_format::verify(&path).map_err(|e| match e {
-        podsnap_checkpoint_format::Error::NotADirectory(_) => {
-            Status::invalid_argument(e.to_string())
-        }
-        other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
-    })?;
+    let (manifest, digest) =
+        podsnap_checkpoint_format::verify_with_digest(&path).map_err(|e| match e {
+            podsnap_checkpoint_format::Error::NotADirectory(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
+        })?;
     if manifest.pod.runtime_handler != HANDLER {
         return Err(Status::failed_precondition(format!(
             "checkpoint {checkpoint_path} was taken on runtime handler {:?}",
             manifest.pod.runtime_handler
         )));
     }
-    Ok((path, manifest))
+    Ok((path, manifest, digest))
+}
+
+/// Refuses a request whose pod or container security settings differ from the checkpoint's.
+pub fn check_security(
+    config: &cri_api::v1::PodSandboxConfig,
+    pairs: &[(&ContainerConfig, &ContainerEntry)],
+    manifest: &Manifest,
+) -> Result<(), Status> {
+    let mut differences: Vec<String> =
+        crate::security::sandbox_differences(&manifest.pod.config, config)
+            .into_iter()
+            .map(|d| format!("pod {d}"))
+            .collect();
+    for (requested, entry) in pairs {
+        differences.extend(
+            crate::security::container_differences(&entry.config, requested)
+                .into_iter()
+                .map(|d| format!("container {} {d}", entry.name)),
+        );
+    }
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "the restored pod must run with exactly the security settings it was checkpointed with; \
+             it differs in: {}",
+            differences.join("; ")
+        )))
+    }
 }
 
 fn strings(value: &serde_json::Value) -> Vec<String> {
@@ -194,10 +231,13 @@ pub async fn restore_pod(
         .clone()
         .ok_or_else(|| Status::invalid_argument("config (the pod sandbox config) is missing"))?;
     let checkpoint_path = req.checkpoint_path.clone();
-    let (root, manifest) = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
-        .await
-        .map_err(|e| Status::internal(format!("verify task: {e}")))??;
+    let (root, manifest, digest) =
+        tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
+            .await
+            .map_err(|e| Status::internal(format!("verify task: {e}")))??;
     let pairs = match_containers(&req.container_configs, &manifest)?;
+    check_security(&config, &pairs, &manifest)?;
+    grant::remove_stale(Path::new(GRANT_DIR));
 
     let sandbox = cri
         .run_pod_sandbox(with_deadline(
@@ -218,6 +258,7 @@ pub async fn restore_pod(
         .into_inner()
         .pod_sandbox_id;
     let mut created: Vec<RestoredContainer> = Vec::new();
+    let mut tokens = Vec::new();
     let mut failure = None;
     for (container, entry) in pairs {
         let mut container = container.clone();
@@ -225,6 +266,26 @@ pub async fn restore_pod(
         container
             .annotations
             .insert(RESTORE_ANNOTATION.to_string(), dir.display().to_string());
+        let restore_grant = RestoreGrant {
+            checkpoint: root.clone(),
+            container: entry.name.clone(),
+            manifest_sha256: digest.clone(),
+        };
+        match grant::issue(Path::new(GRANT_DIR), &restore_grant) {
+            Ok(token) => {
+                container
+                    .annotations
+                    .insert(GRANT_ANNOTATION.to_string(), token.clone());
+                tokens.push(token);
+            }
+            Err(e) => {
+                failure = Some(Status::internal(format!(
+                    "container {}: issue its restore grant: {e}",
+                    entry.name
+                )));
+                break;
+            }
+        }
         let request = match with_deadline(
             CreateContainerRequest {
                 pod_sandbox_id: sandbox.clone(),
@@ -255,6 +316,9 @@ pub async fn restore_pod(
         }
     }
     if let Some(failure) = failure {
+        for token in &tokens {
+            grant::revoke(Path::new(GRANT_DIR), token);
+        }
         // Remove everything this call created; the caller's deadline may have passed, so
         // these calls get a time of their own.
         for c in &created {
