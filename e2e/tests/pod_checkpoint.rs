@@ -1078,6 +1078,14 @@ fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
         "a checkpoint changed after RestorePod was restored: {}",
         started.report()
     );
+    // A new RestorePod of it is refused too: podsnapd pinned the manifest's digest when it
+    // wrote the checkpoint.
+    let (pod_config, containers) = restore_configs(&unique("grants-again"), BUSYBOX);
+    assert_status(
+        cri.restore(ckpt, "podsnap", pod_config, containers),
+        Code::FailedPrecondition,
+        "was changed since this node took it",
+    );
     ws.remove_pod(&restored);
     ws.remove_pod(&pod);
 }

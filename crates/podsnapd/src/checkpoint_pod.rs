@@ -288,6 +288,11 @@ pub async fn checkpoint_pod(
         podsnap_checkpoint_format::contained(&name).map_err(|_| {
             Status::failed_precondition(format!("container {id} has an unusable name {name:?}"))
         })?;
+        if name == podsnap_checkpoint_format::VOLUMES_DIR || name == podsnap_checkpoint_format::MANIFEST {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is named {name:?}, which a pod checkpoint reserves for itself"
+            )));
+        }
         selected.push(Selected {
             id: id.clone(),
             name,
@@ -417,19 +422,29 @@ pub async fn checkpoint_pod(
                 options: options.to_map(),
                 files: Default::default(),
             };
-            // The shim hashed each container's images already (`podsnap.sha256`); reuse those.
+            // The shim hashed each container's images already (`podsnap.sha256`); reuse those,
+            // and keep one integrity list for the whole checkpoint: the manifest's.
             let mut known = std::collections::BTreeMap::new();
             for s in &selected {
                 let sums = output.join(&s.name).join("checkpoint/podsnap.sha256");
-                let listed = std::fs::read_to_string(sums).unwrap_or_default();
+                let listed = std::fs::read_to_string(&sums).unwrap_or_default();
                 for line in listed.lines() {
                     if let Some((hash, file)) = line.split_once("  ") {
                         known.insert(format!("{}/checkpoint/{file}", s.name), hash.to_string());
                     }
                 }
+                match std::fs::remove_file(&sums) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("remove {}: {e}", sums.display())),
+                }
             }
             podsnap_checkpoint_format::write_manifest_reusing(&output, &mut manifest, &known)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // Pinned outside the checkpoint: a restore refuses it changed, hashes and all.
+            let digest = podsnap_checkpoint_format::manifest_sha256(&output).map_err(|e| e.to_string())?;
+            crate::pins::pin(std::path::Path::new(crate::pins::PIN_DIR), &output, &digest)
+                .map_err(|e| format!("pin the checkpoint's manifest: {e}"))
         }
     })
     .await

@@ -4,7 +4,9 @@
 //!
 //! Modules: `server` (socket, connections, routing, shutdown), `route` (which calls stay),
 //! `forward` (the raw proxy to containerd), `pod_rpc` (the pod RPCs' gRPC side and the
-//! [`PodCheckpointer`] trait), `pod` (what they do), `deadline` (`grpc-timeout`), `socket`.
+//! [`PodCheckpointer`] trait), `pod` (what they do), `deadline` (`grpc-timeout`), `socket`,
+//! `security` (a restore's security settings against the checkpoint's), `pins` (manifest digests
+//! recorded at checkpoint time), `in_flight` (one call per sandbox and checkpoint directory).
 
 mod checkpoint_pod;
 mod deadline;
@@ -12,6 +14,7 @@ mod forward;
 pub mod in_flight;
 pub mod pod;
 mod pod_options;
+mod pins;
 mod pod_rpc;
 mod restore_pod;
 mod route;

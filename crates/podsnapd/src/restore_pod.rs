@@ -7,7 +7,7 @@
 //! The restore runs within what the request grants or not at all: the security settings of
 //! the requested configs must be the checkpointed ones ([`crate::security`]). Each container
 //! gets a one-time restore grant ([`podsnap_checkpoint_format::grant`]) pinning the digest of
-//! the manifest verified here; without it the shim ignores nobody's annotation but refuses it.
+//! the manifest verified here; without it the shim refuses the annotation.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::checkpoint_pod::{HANDLER, with_deadline};
+use crate::in_flight::{InFlight, Operation, Registry, Resource};
 use crate::pod_options::check_restore_options;
 
 use podsnap_checkpoint_format::grant::{
@@ -46,6 +47,20 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             }
             other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
         })?;
+    match crate::pins::lookup(Path::new(crate::pins::PIN_DIR), &path) {
+        Ok(crate::pins::Pin::Pinned(pinned)) if pinned != digest => {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint {checkpoint_path} was changed since this node took it: its manifest \
+                 has sha256 {digest}, {pinned} when it was written"
+            )));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(Status::internal(format!(
+                "checkpoint {checkpoint_path}: read its pin: {e}"
+            )));
+        }
+    }
     if manifest.pod.runtime_handler != HANDLER {
         return Err(Status::failed_precondition(format!(
             "checkpoint {checkpoint_path} was taken on runtime handler {:?}",
@@ -230,6 +245,23 @@ pub async fn restore_pod(
         .config
         .clone()
         .ok_or_else(|| Status::invalid_argument("config (the pod sandbox config) is missing"))?;
+    // One restore of a pod at a time; restores from one checkpoint may run side by side (N
+    // replicas), but not while a checkpoint is still being written into its directory.
+    let metadata = config.metadata.clone().unwrap_or_default();
+    let _busy = InFlight::acquire(
+        Operation::Restore,
+        [Resource::Pod {
+            namespace: metadata.namespace,
+            name: metadata.name,
+            uid: metadata.uid,
+        }],
+    )?;
+    let directory = Resource::directory(Path::new(&req.checkpoint_path));
+    if Registry::global().is_held(&directory) {
+        return Err(Status::failed_precondition(format!(
+            "{directory} is still being written by a checkpoint"
+        )));
+    }
     let checkpoint_path = req.checkpoint_path.clone();
     let (root, manifest, digest) =
         tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
