@@ -73,7 +73,26 @@ async fn handle(task: PodTask, mut stream: UnixStream) -> anyhow::Result<()> {
     };
     let mut out = Vec::new();
     podsnap_pod_api::write_message(&mut out, &response)?;
-    stream.write_all(&out).await?;
+    let sent = async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    }
+    .await;
+    if let Err(e) = sent {
+        // The caller (podsnapd) is gone: nobody will adopt what was written, so it goes.
+        if let PodResponse::Checkpointed { containers, .. } = &response {
+            for container in containers {
+                let _ = tokio::fs::remove_dir_all(&container.dir).await;
+            }
+            if let Some(output) = containers.first().and_then(|c| c.dir.parent()) {
+                let _ = tokio::fs::remove_dir_all(output.join(crate::volumes::VOLUMES_DIR)).await;
+            }
+            log::warn!(
+                "pod socket: the caller went away before the answer; its checkpoint was removed"
+            );
+        }
+        return Err(e.into());
+    }
     Ok(())
 }
 

@@ -12,10 +12,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// The first word of every CRIU image (since CRIU 1.x images carry two magics).
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-/// The second word of a `core-<tid>.img`.
-const CORE_MAGIC: u32 = 0x5505_3847;
+use crate::criu_image::{self, CORE_MAGIC, IMG_COMMON_MAGIC, ImageError};
 /// Largest core image read: one entry of registers, creds and signal state is a few KiB.
 const MAX_CORE_IMAGE: u64 = 4 << 20;
 
@@ -150,25 +147,11 @@ pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<ThreadCredentials, C
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    let word = |at: usize| -> Option<u32> {
-        data.get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let mut at = 0;
-    match word(0) {
-        Some(IMG_COMMON_MAGIC) => {
-            if word(4) != Some(CORE_MAGIC) {
-                return Err(CredsError::Magic(path.to_path_buf()));
-            }
-            at = 8;
-        }
-        Some(CORE_MAGIC) => at += 4,
-        _ => return Err(CredsError::Magic(path.to_path_buf())),
-    }
-    let len = word(at).ok_or_else(|| malformed("no entry"))? as usize;
-    let body = data
-        .get(at + 4..at + 4 + len)
-        .ok_or_else(|| malformed("entry longer than the file"))?;
+    let entries = criu_image::entries(path, data, CORE_MAGIC).map_err(|e| match e {
+        ImageError::Magic(path) => CredsError::Magic(path),
+        ImageError::Malformed { path, reason } => CredsError::Malformed { path, reason },
+    })?;
+    let body = *entries.first().ok_or_else(|| malformed("no entry"))?;
     let core = <CoreEntry as prost::Message>::decode(body)
         .map_err(|e| malformed(&format!("core entry: {e}")))?;
     let thread = core

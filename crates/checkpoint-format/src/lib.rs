@@ -19,6 +19,7 @@
 //! containers or talk to CRIU.
 
 pub mod creds;
+pub mod criu_image;
 pub mod grant;
 pub mod pages;
 

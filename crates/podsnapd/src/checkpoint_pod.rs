@@ -288,7 +288,9 @@ pub async fn checkpoint_pod(
         podsnap_checkpoint_format::contained(&name).map_err(|_| {
             Status::failed_precondition(format!("container {id} has an unusable name {name:?}"))
         })?;
-        if name == podsnap_checkpoint_format::VOLUMES_DIR || name == podsnap_checkpoint_format::MANIFEST {
+        if name == podsnap_checkpoint_format::VOLUMES_DIR
+            || name == podsnap_checkpoint_format::MANIFEST
+        {
             return Err(Status::failed_precondition(format!(
                 "container {id} is named {name:?}, which a pod checkpoint reserves for itself"
             )));
@@ -442,7 +444,8 @@ pub async fn checkpoint_pod(
             podsnap_checkpoint_format::write_manifest_reusing(&output, &mut manifest, &known)
                 .map_err(|e| e.to_string())?;
             // Pinned outside the checkpoint: a restore refuses it changed, hashes and all.
-            let digest = podsnap_checkpoint_format::manifest_sha256(&output).map_err(|e| e.to_string())?;
+            let digest =
+                podsnap_checkpoint_format::manifest_sha256(&output).map_err(|e| e.to_string())?;
             crate::pins::pin(std::path::Path::new(crate::pins::PIN_DIR), &output, &digest)
                 .map_err(|e| format!("pin the checkpoint's manifest: {e}"))
         }
