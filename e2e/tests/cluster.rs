@@ -550,3 +550,54 @@ fn kubelet_refuses_a_checkpoint_by_a_user_without_the_permission() {
         allowed.report()
     );
 }
+
+/// The controller needs `create nodes/proxy`, which RBAC cannot narrow to one kubelet path:
+/// the admission policy podsnap-controller-node-proxy (deploy/rbac.yaml) lets its identity
+/// through the node proxy to /checkpointpod/<namespace>/<pod> only, never to /run or /exec.
+#[test]
+fn the_controller_reaches_the_kubelet_only_at_the_pod_checkpoint_endpoint() {
+    let cluster = Cluster::get();
+    let node = podsnap_e2e::cluster::NODE_NAME;
+    for path in [
+        "run/default/anything/c?cmd=id",
+        "exec/default/anything/c?command=id",
+        "checkpointpod/../run/default/anything/c",
+        "checkpointpod/default/anything/../../run/default/anything/c",
+    ] {
+        let refused = cluster
+            .kubectl_try([
+                "--as",
+                "podsnap-controller",
+                "create",
+                "--raw",
+                &format!("/api/v1/nodes/{node}/proxy/{path}"),
+                "-f",
+                "/dev/null",
+            ])
+            .expect("kubectl runs");
+        let text = refused.stdout.clone() + &refused.stderr;
+        assert!(
+            !refused.success() && text.contains("podsnap-controller-node-proxy"),
+            "the controller reached {path} through the node proxy: {}",
+            refused.report()
+        );
+    }
+    // The checkpoint endpoint itself is let through (the kubelet answers: no such pod).
+    let allowed = cluster
+        .kubectl_try([
+            "--as",
+            "podsnap-controller",
+            "create",
+            "--raw",
+            &format!("/api/v1/nodes/{node}/proxy/checkpointpod/default/no-such-pod?timeout=5"),
+            "-f",
+            "/dev/null",
+        ])
+        .expect("kubectl runs");
+    let text = allowed.stdout.clone() + &allowed.stderr;
+    assert!(
+        !text.contains("podsnap-controller-node-proxy") && text.contains("no-such-pod"),
+        "the checkpoint endpoint was not reached: {}",
+        allowed.report()
+    );
+}
