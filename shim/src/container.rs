@@ -249,13 +249,26 @@ impl Container {
                 m.options.clone(),
                 rootfs.clone(),
             );
-            tokio::task::spawn_blocking(move || {
-                containerd_shim::mount::mount_rootfs(
-                    Some(&fs_type),
-                    Some(&source),
-                    &options,
-                    &target,
-                )
+            let scratch = self.bundle.join(".podsnap-idmapped");
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                // A pod with a user namespace of its own: idmapped lower layers.
+                match crate::idmap::split_options(&options) {
+                    Ok(Some(_)) if fs_type == "overlay" => {
+                        crate::idmap::mount_overlay(&source, &options, &target, &scratch)
+                            .map_err(|e| format!("{e:#}"))
+                    }
+                    Ok(Some(_)) => Err(format!(
+                        "an idmapped {fs_type} rootfs mount is not supported (only overlay)"
+                    )),
+                    Err(e) => Err(format!("{e:#}")),
+                    Ok(None) => containerd_shim::mount::mount_rootfs(
+                        Some(&fs_type),
+                        Some(&source),
+                        &options,
+                        &target,
+                    )
+                    .map_err(|e| e.to_string()),
+                }
             })
             .await
             .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: mount task: {e}")))?

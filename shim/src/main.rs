@@ -8,6 +8,7 @@
 mod cgroup;
 mod checkpoint;
 mod container;
+mod idmap;
 mod info;
 mod oom;
 mod pod_checkpoint;

@@ -241,6 +241,13 @@ pub async fn checkpoint_pod(
         )));
     }
     let sandbox_config = verbose_info(&status.info)["config"].clone();
+    if has_own_user_namespace(&sandbox_config) {
+        return Err(Status::failed_precondition(format!(
+            "pod sandbox {sandbox} has a user namespace of its own (hostUsers: false): its \
+             containers join it from the sandbox, and CRIU cannot checkpoint a user namespace \
+             it did not create; such pods cannot be checkpointed yet"
+        )));
+    }
 
     let listed = cri
         .list_containers(with_deadline(
@@ -733,6 +740,13 @@ async fn estimate_size(
     })
 }
 
+/// Whether a sandbox config (containerd's JSON) gives the pod a user namespace of its own:
+/// `userns_options` present with a mode other than NODE (2); POD (0) is omitted by Go's JSON.
+fn has_own_user_namespace(config: &serde_json::Value) -> bool {
+    let userns = &config["linux"]["security_context"]["namespace_options"]["userns_options"];
+    userns.is_object() && userns["mode"].as_i64().unwrap_or(0) != 2
+}
+
 /// A gRPC code from the name the shim's pod service uses.
 pub fn code_from_name(name: &str) -> tonic::Code {
     match name {
@@ -1086,5 +1100,16 @@ mod tests {
         let t = rfc3339_now();
         assert_eq!(t.len(), 20, "{t}");
         assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    }
+
+    #[test]
+    fn a_pod_with_its_own_user_namespace_is_told_apart() {
+        let own = serde_json::json!({"linux": {"security_context": {"namespace_options": {
+            "userns_options": {"uids": [{"host_id": 65536, "length": 65536}]}}}}});
+        assert!(has_own_user_namespace(&own));
+        let host = serde_json::json!({"linux": {"security_context": {"namespace_options": {
+            "userns_options": {"mode": 2}}}}});
+        assert!(!has_own_user_namespace(&host));
+        assert!(!has_own_user_namespace(&serde_json::json!({"linux": {}})));
     }
 }
