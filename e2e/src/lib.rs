@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod command;
+pub mod cri_workspace;
 pub mod fixtures;
 pub mod leaks;
 pub mod node;

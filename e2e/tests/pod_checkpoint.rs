@@ -6,185 +6,16 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use podsnap_e2e::{
-    BUSYBOX, CRI_NAMESPACE, CommandLine, Finished, Footprint, Handler, Node, assert_nothing_left,
-    wait_for,
+use podsnap_e2e::cri_workspace::{
+    Cri, Stopped, Workspace, assert_refused, assert_status, container_named, freezer_state,
+    node_run, pod_ids, podsnap, restore_configs, restore_created, restored_pod, sh, unique,
 };
+use podsnap_e2e::{BUSYBOX, CommandLine, Handler, Node, wait_for};
 use serde_json::{Value, json};
 
 const LIVENESS: Duration = Duration::from_secs(60);
-
-fn podsnapd_socket() -> PathBuf {
-    let run = std::env::var("PODSNAP_NODE_RUN").unwrap_or_else(|_| "/run/podsnap-node".into());
-    Path::new(&run).join("podsnapd.sock")
-}
-
-/// The `podsnap` CLI (built by the workspace build), talking to podsnapd.
-fn podsnap(args: &[&str]) -> Finished {
-    let socket = podsnapd_socket();
-    assert!(
-        socket.exists(),
-        "podsnapd is not listening on {} (hack/node-up.sh starts it)",
-        socket.display()
-    );
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
-    assert!(binary.exists(), "{} is not built", binary.display());
-    CommandLine::new(binary)
-        .arg("--runtime-endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .args(args)
-        .timeout(Duration::from_secs(180))
-        .run()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn unique(name: &str) -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    format!("e2e-{name}-{}-{nanos}", std::process::id())
-}
-
-/// A directory for one test: configs, logs, the emptyDir and checkpoints.
-struct Workspace {
-    dir: tempfile::TempDir,
-    pods: Vec<String>,
-}
-
-impl Workspace {
-    fn new(name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("podsnap-e2e-{name}-"))
-            .tempdir()
-            .unwrap();
-        Workspace {
-            dir,
-            pods: Vec::new(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A 0700 empty directory for a checkpoint.
-    fn checkpoint_dir(&self, name: &str) -> PathBuf {
-        use std::os::unix::fs::DirBuilderExt;
-        let path = self.path(name);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .unwrap();
-        path
-    }
-
-    fn write(&self, name: &str, value: &Value) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, value.to_string()).unwrap();
-        path
-    }
-
-    /// Writes a pod config named `name`; returns its path.
-    fn pod_config(&self, name: &str) -> PathBuf {
-        let logs = self.path(&format!("logs-{name}"));
-        self.write(
-            &format!("{name}.pod.json"),
-            &json!({
-                "metadata": {"name": name, "namespace": "podsnap-e2e", "uid": format!("{name}-uid")},
-                "log_directory": logs,
-                // A PID namespace per container, as kubelet gives by default.
-                "linux": {"security_context": {"namespace_options": {"pid": 1}}},
-            }),
-        )
-    }
-
-    fn container_config(&self, name: &str, command: Value, mounts: Value) -> PathBuf {
-        self.write(
-            &format!("{name}.json"),
-            &json!({
-                "metadata": {"name": name},
-                "image": {"image": BUSYBOX},
-                "command": command,
-                "log_path": format!("{name}.log"),
-                "mounts": mounts,
-                // containerd takes the PID namespace mode from each container's config.
-                "linux": {"security_context": {"namespace_options": {"pid": 1}}},
-            }),
-        )
-    }
-
-    /// `crictl runp` on handler podsnap.
-    fn run_pod(&mut self, handler: Handler, config: &Path) -> String {
-        let node = Node::get();
-        let id = node
-            .crictl([
-                "runp",
-                "--runtime",
-                handler.name(),
-                config.to_str().unwrap(),
-            ])
-            .trim()
-            .to_string();
-        self.pods.push(id.clone());
-        id
-    }
-
-    fn run_container(&self, pod: &str, config: &Path, pod_config: &Path) -> String {
-        let node = Node::get();
-        node.ensure_image(BUSYBOX);
-        let id = node
-            .crictl([
-                "create",
-                pod,
-                config.to_str().unwrap(),
-                pod_config.to_str().unwrap(),
-            ])
-            .trim()
-            .to_string();
-        node.crictl(["start", &id]);
-        id
-    }
-
-    /// Removes a pod and checks nothing of it is left.
-    fn remove_pod(&mut self, pod: &str) {
-        let node = Node::get();
-        let containers: Vec<String> = node
-            .crictl(["ps", "-a", "-q", "--pod", pod])
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        node.crictl(["stopp", pod]);
-        node.crictl(["rmp", pod]);
-        self.pods.retain(|p| p != pod);
-        let footprint = Footprint {
-            handler: Handler::Podsnap,
-            namespace: CRI_NAMESPACE.to_string(),
-            shim_id: Some(pod.to_string()),
-            ids: std::iter::once(pod.to_string()).chain(containers).collect(),
-        };
-        assert_nothing_left(node, &footprint);
-    }
-}
-
-impl Drop for Workspace {
-    fn drop(&mut self) {
-        let node = Node::get();
-        for pod in &self.pods {
-            let _ = node.crictl_command(["stopp", pod]).run();
-            let _ = node.crictl_command(["rmp", "-f", pod]).run();
-        }
-    }
-}
-
-/// `sh -c script` as a CRI command.
-fn sh(script: &str) -> Value {
-    json!(["sh", "-c", script])
-}
 
 fn pod_ip(pod: &str) -> String {
     Node::get().inspect_pod(pod)["status"]["network"]["ip"]
@@ -217,41 +48,6 @@ fn http_get(ip: &str, path: &str) -> Result<String, String> {
     } else {
         Err(out.report())
     }
-}
-
-/// The only container of `pod` named `name`.
-fn container_named(node: &Node, pod: &str, name: &str) -> String {
-    node.crictl([
-        "ps",
-        "-a",
-        "-q",
-        "--pod",
-        pod,
-        "--name",
-        &format!("^{name}$"),
-    ])
-    .trim()
-    .to_string()
-}
-
-/// The pod id `podsnap pod restore` printed (its first line; then one `<id>\t<name>` line per
-/// container).
-fn restored_pod(out: &Finished) -> String {
-    assert!(
-        out.success(),
-        "{}\n{}",
-        out.report(),
-        Node::get().log_excerpt(&[])
-    );
-    let pod = out
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    assert!(!pod.is_empty(), "no pod id in:\n{}", out.stdout);
-    pod
 }
 
 #[test]
@@ -493,133 +289,6 @@ fn podsnap_pod_checkpoint_is_one_cut_across_containers_so_a_shared_sequence_has_
     }
     assert!(trace.lines().skip(at_cut).any(|l| l.ends_with(" a")));
     assert!(trace.lines().skip(at_cut).any(|l| l.ends_with(" b")));
-}
-
-/// Pods on the node, by id.
-fn pod_ids(node: &Node) -> Vec<String> {
-    node.crictl(["pods", "-q"])
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
-}
-
-fn assert_refused(out: &Finished, code: &str, needle: &str) {
-    assert!(!out.success(), "accepted: {}", out.report());
-    let text = out.stdout.clone() + &out.stderr;
-    assert!(text.contains(code), "expected {code}: {}", out.report());
-    assert!(
-        text.contains(needle),
-        "expected the message to name {needle:?}: {}",
-        out.report()
-    );
-}
-
-/// Calls podsnapd's CRI directly (no CLI in between), so the runtime's own checks are tested.
-struct Cri {
-    runtime: tokio::runtime::Runtime,
-    client: cri_api::RuntimeServiceClient<tonic::transport::Channel>,
-}
-
-impl Cri {
-    fn new() -> Self {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = runtime.block_on(async {
-            cri_api::RuntimeServiceClient::new(cri_api::unix_channel(podsnapd_socket()))
-        });
-        Cri { runtime, client }
-    }
-
-    fn checkpoint(
-        &self,
-        sandbox: &str,
-        output: &str,
-        containers: &[&str],
-        options: &[(&str, &str)],
-    ) -> Result<(), tonic::Status> {
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(cri_api::v1::CheckpointPodRequest {
-            pod_sandbox_id: sandbox.to_string(),
-            output_path: output.to_string(),
-            container_ids: containers.iter().map(|c| c.to_string()).collect(),
-            options: options
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        });
-        request.set_timeout(Duration::from_secs(120));
-        self.runtime
-            .block_on(client.checkpoint_pod(request))
-            .map(drop)
-    }
-
-    fn restore(
-        &self,
-        checkpoint: &str,
-        handler: &str,
-        pod: cri_api::v1::PodSandboxConfig,
-        containers: Vec<cri_api::v1::ContainerConfig>,
-    ) -> Result<(), tonic::Status> {
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(cri_api::v1::RestorePodRequest {
-            checkpoint_path: checkpoint.to_string(),
-            config: Some(pod),
-            runtime_handler: handler.to_string(),
-            options: Default::default(),
-            container_configs: containers,
-        });
-        request.set_timeout(Duration::from_secs(120));
-        self.runtime.block_on(client.restore_pod(request)).map(drop)
-    }
-}
-
-fn assert_status(result: Result<(), tonic::Status>, code: tonic::Code, needle: &str) {
-    match result {
-        Ok(()) => panic!("accepted; expected {code:?} naming {needle:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert!(
-                status.message().contains(needle),
-                "expected {needle:?} in {:?}",
-                status.message()
-            );
-        }
-    }
-}
-
-fn restore_configs(
-    name: &str,
-    image: &str,
-) -> (
-    cri_api::v1::PodSandboxConfig,
-    Vec<cri_api::v1::ContainerConfig>,
-) {
-    use cri_api::v1::{
-        ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
-    };
-    let pod = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_string(),
-            uid: format!("{name}-uid"),
-            namespace: "podsnap-e2e".to_string(),
-            attempt: 0,
-        }),
-        ..Default::default()
-    };
-    let container = ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: "counter".to_string(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    (pod, vec![container])
 }
 
 #[test]
@@ -919,24 +588,6 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
     ws.remove_pod(&pod);
 }
 
-/// `podsnap pod restore` of `checkpoint` with the given configs, not started; the restored pod
-/// and `(container id, name)` pairs it printed.
-fn restore_created(checkpoint: &Path, pod: &Path, containers: &[&Path]) -> Finished {
-    let mut args = vec![
-        "pod".to_string(),
-        "restore".to_string(),
-        checkpoint.display().to_string(),
-        "--pod-config".to_string(),
-        pod.display().to_string(),
-    ];
-    for container in containers {
-        args.push("--container-config".to_string());
-        args.push(container.display().to_string());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    podsnap(&args)
-}
-
 #[test]
 fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
     use tonic::Code;
@@ -1090,16 +741,6 @@ fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
     ws.remove_pod(&pod);
 }
 
-/// The pod's container cgroups in the freezer hierarchy, and their states.
-fn freezer_state(container: &str) -> String {
-    std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/freezer/k8s.io/{container}/freezer.state"
-    ))
-    .unwrap_or_default()
-    .trim()
-    .to_string()
-}
-
 #[test]
 fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
     let node = Node::get();
@@ -1184,31 +825,4 @@ fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
     });
     drop(containerd);
     // The pod goes as containerd cleans up after a dead shim; Workspace's drop removes it.
-}
-
-fn node_run() -> PathBuf {
-    PathBuf::from(std::env::var("PODSNAP_NODE_RUN").unwrap_or_else(|_| "/run/podsnap-node".into()))
-}
-
-/// A process stopped with SIGSTOP until this is dropped (SIGCONT), panics included.
-struct Stopped(nix::unistd::Pid);
-
-impl Stopped {
-    /// Stops the process whose pid is in `pidfile`.
-    fn process(pidfile: &Path) -> Self {
-        let pid: i32 = std::fs::read_to_string(pidfile)
-            .unwrap_or_else(|e| panic!("read {}: {e}", pidfile.display()))
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("pid in {}: {e}", pidfile.display()));
-        let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
 }

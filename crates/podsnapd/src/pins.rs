@@ -39,6 +39,9 @@ fn pin_file(dir: &Path, checkpoint: &Path) -> PathBuf {
 /// Records `manifest_sha256` for the checkpoint at `checkpoint` (replacing an older pin of the
 /// same path), and drops pins of checkpoints that no longer exist.
 pub fn pin(dir: &Path, checkpoint: &Path, manifest_sha256: &str) -> std::io::Result<()> {
+    // One pin write at a time: a prune must not see another call's half-written pin.
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -65,6 +68,9 @@ fn prune(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "new") {
+            continue;
+        }
         let text = fs::read_to_string(entry.path()).unwrap_or_default();
         let gone = text
             .trim_end()
@@ -128,5 +134,30 @@ mod tests {
         fs::create_dir(&second).unwrap();
         pin(&pins, &second, &"c".repeat(64)).unwrap();
         assert_eq!(fs::read_dir(&pins).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn concurrent_pins_all_land() {
+        let root = tempfile::tempdir().unwrap();
+        let pins = root.path().join("pins");
+        let checkpoints: Vec<PathBuf> = (0..16)
+            .map(|i| {
+                let dir = root.path().join(format!("ckpt-{i}"));
+                fs::create_dir(&dir).unwrap();
+                dir
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for (i, checkpoint) in checkpoints.iter().enumerate() {
+                let pins = &pins;
+                scope.spawn(move || pin(pins, checkpoint, &format!("{i:064x}")).unwrap());
+            }
+        });
+        for (i, checkpoint) in checkpoints.iter().enumerate() {
+            assert_eq!(
+                lookup(&pins, checkpoint).unwrap(),
+                Pin::Pinned(format!("{i:064x}"))
+            );
+        }
     }
 }

@@ -1,0 +1,616 @@
+//! Fault injection into a pod checkpoint through podsnapd's CRI (`CheckpointPod`), on the node
+//! from `hack/node-up.sh`: CRIU, podsnapd or containerd SIGKILLed while a pod with 1 GiB of
+//! touched memory is being captured, and an output directory whose filesystem is too small.
+//!
+//! After each fault: no cgroup of the pod is left frozen, no CRIU of the pod's shim is left
+//! running, the output directory holds no partial checkpoint, the pod's containers run on with
+//! their memory intact (memtest checks every word), and the caller was told why. Each test first
+//! checks that the fault really struck mid-capture (pod frozen, CRIU writing into the output
+//! directory), so what it asserts afterwards is the handling of the fault, not its absence.
+//! Killed node daemons are started again as `hack/node-up.sh` starts them, on failure too.
+//!
+//! Run with `cargo test -p podsnap-e2e --test faults -- --test-threads=1` (no cluster up: a
+//! kubelet would remove the pods these tests create through CRI).
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use podsnap_e2e::cri_workspace::{Cri, Workspace, assert_status, freezer_state, node_run, unique};
+use podsnap_e2e::leaks::{HostProcess, host_processes};
+use podsnap_e2e::{CommandLine, Handler, Node, serving_shim, wait_for};
+use serde_json::json;
+
+/// How long a thaw, a cleanup or a container may take to show (liveness, not speed).
+const LIVENESS: Duration = Duration::from_secs(60);
+
+/// How long a capture podsnapd no longer waits for may take to end and clean up after itself
+/// (a 1 GiB dump, then hashing it, in a debug build).
+const CAPTURE_END: Duration = Duration::from_secs(300);
+
+/// The memory the hog of a mid-capture test touches: its dump takes seconds.
+const HOG_MIB: u32 = 1024;
+
+/// A podsnap pod of two containers: `hog` (the memtest fixture over some MiB, its memory
+/// touched) and `sidecar` (sleeps in a loop; frozen with the pod, captured only by
+/// [`assert_checkpointable`]).
+struct HogPod {
+    pod: String,
+    hog: String,
+    sidecar: String,
+    mib: u32,
+}
+
+impl HogPod {
+    fn start(ws: &mut Workspace, name: &str, mib: u32) -> HogPod {
+        let node = Node::get();
+        let memtest = podsnap_e2e::fixtures::memtest();
+        let hog = ws.container_config(
+            "hog",
+            json!(["/memtest", mib.to_string()]),
+            json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
+        );
+        // Not a bare `sleep 3600`: a sleep CRIU interrupts (a leave-running dump, with runc
+        // too) ends early, with status 0.
+        let sidecar = ws.container_config(
+            "sidecar",
+            json!(["sh", "-c", "while true; do sleep 1; done"]),
+            json!([]),
+        );
+        let config = ws.pod_config(&unique(name));
+        let pod = ws.run_pod(Handler::Podsnap, &config);
+        let hog = ws.run_container(&pod, &hog, &config);
+        let sidecar = ws.run_container(&pod, &sidecar, &config);
+        wait_for(
+            "the hog to hold its memory",
+            Duration::from_secs(120),
+            || {
+                let ready = node.crictl_try(["exec", &hog, "cat", "/tmp/memtest.ready"]);
+                if ready.success() {
+                    Ok(())
+                } else {
+                    Err(ready.report())
+                }
+            },
+        );
+        HogPod {
+            pod,
+            hog,
+            sidecar,
+            mib,
+        }
+    }
+
+    fn containers(&self) -> [&str; 2] {
+        [&self.hog, &self.sidecar]
+    }
+
+    /// Has memtest check every word of its memory (SIGUSR1) and asserts none changed.
+    fn assert_memory_intact(&self) {
+        let node = Node::get();
+        let _ = node.crictl_try(["exec", &self.hog, "rm", "-f", "/tmp/memtest.result"]);
+        node.crictl(["exec", &self.hog, "kill", "-USR1", "1"]);
+        let result = wait_for("memtest to check its pages", LIVENESS, || {
+            let out = node.crictl_try(["exec", &self.hog, "cat", "/tmp/memtest.result"]);
+            if out.success() {
+                Ok(out.stdout)
+            } else {
+                Err(out.report())
+            }
+        });
+        let pages = (u64::from(self.mib) << 20) / 4096;
+        assert_eq!(
+            result.trim(),
+            format!("checked {pages} pages, 0 bad words"),
+            "the hog's memory changed"
+        );
+    }
+}
+
+/// The CRIU processes (`comm` criu) descended from the pod's serving shim: CRIU's swrk, which
+/// the shim starts, and whatever it forked.
+fn criu_of_shim(pod: &str) -> Vec<HostProcess> {
+    let Some(shim) = serving_shim(Handler::Podsnap, pod) else {
+        return Vec::new();
+    };
+    let processes = host_processes();
+    let mut below = vec![shim.pid];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for p in &processes {
+            if below.contains(&p.ppid) && !below.contains(&p.pid) {
+                below.push(p.pid);
+                grew = true;
+            }
+        }
+    }
+    processes
+        .iter()
+        .filter(|p| below.contains(&p.pid) && p.pid != shim.pid)
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                .is_ok_and(|comm| comm.trim() == "criu")
+        })
+        .cloned()
+        .collect()
+}
+
+/// The entries of a directory, by name (none when it cannot be read).
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether CRIU has begun writing the container's memory into `dir`.
+fn pages_written(dir: &Path, container: &str) -> bool {
+    entries(&dir.join(container).join("checkpoint"))
+        .iter()
+        .any(|n| n.starts_with("pages-"))
+}
+
+/// A `CheckpointPod` of the hog alone (its sidecar frozen with it), run in a thread; yields the
+/// answer and how long it took.
+fn checkpoint_in_background(pod: &HogPod, dir: &Path) -> Option<Call> {
+    let (sandbox, hog, dir) = (
+        pod.pod.clone(),
+        pod.hog.clone(),
+        dir.to_str().unwrap().to_owned(),
+    );
+    Some(std::thread::spawn(move || {
+        let started = Instant::now();
+        let answer = Cri::new().checkpoint(&sandbox, &dir, &[&hog], &[]);
+        (answer, started.elapsed())
+    }))
+}
+
+/// A `CheckpointPod` under way in a thread: its answer, and how long it took.
+type Call = JoinHandle<(Result<(), tonic::Status>, Duration)>;
+
+/// The answer of a [`checkpoint_in_background`] call (waiting for it).
+fn answer(call: Option<Call>) -> Result<(), tonic::Status> {
+    let (answer, took) = call.expect("the call").join().unwrap();
+    eprintln!("CheckpointPod answered after {took:?}: {answer:?}");
+    answer
+}
+
+/// Waits until the capture is under way — the pod frozen, the hog's CRIU running under
+/// the pod's shim and writing into `dir` (its memory pages, or for at most 1 s after it was
+/// first seen) — and returns that CRIU's pid. Panics if the call ends first, with its answer:
+/// then no fault can be injected mid-capture.
+fn caught_mid_capture(pod: &HogPod, dir: &Path, call: &mut Option<Call>) -> i32 {
+    let deadline = Instant::now() + LIVENESS;
+    let mut first_seen: Option<Instant> = None;
+    loop {
+        if call.as_ref().is_some_and(JoinHandle::is_finished) {
+            let answer = call.take().map(|c| c.join().unwrap());
+            panic!(
+                "the checkpoint ended before the fault could be injected mid-capture: {answer:?}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no capture under way after {LIVENESS:?}: hog {}, sidecar {}, criu {:?}, {} holds {:?}",
+            freezer_state(&pod.hog),
+            freezer_state(&pod.sidecar),
+            criu_of_shim(&pod.pod),
+            dir.display(),
+            entries(dir)
+        );
+        // The sidecar stays frozen until the thaw; the hog's cgroup CRIU thaws once it has
+        // seized its processes (they stay stopped under ptrace).
+        let frozen = freezer_state(&pod.sidecar) == "FROZEN";
+        // CRIU's swrk, the shim's child (not the helpers it forks).
+        let shim = serving_shim(Handler::Podsnap, &pod.pod).map(|p| p.pid);
+        let swrk = criu_of_shim(&pod.pod)
+            .into_iter()
+            .find(|p| Some(p.ppid) == shim);
+        if let Some(swrk) = swrk.filter(|_| frozen && !entries(dir).is_empty()) {
+            let seen = *first_seen.get_or_insert_with(Instant::now);
+            let pages = pages_written(dir, &pod.hog);
+            if pages || seen.elapsed() >= Duration::from_secs(1) {
+                eprintln!(
+                    "mid-capture: {swrk}; memory pages being written: {pages}; {} holds {:?}",
+                    dir.display(),
+                    entries(dir)
+                );
+                return swrk.pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs `pid` once `/proc/<pid>/comm` confirms it is `name`.
+fn kill_named(pid: i32, name: &str) {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), name, "pid {pid} is not {name}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill {name} (pid {pid}): {e}"));
+}
+
+/// The pid in one of the node's pid files (`containerd.pid`, `podsnapd.pid`).
+fn node_pid(file: &str) -> i32 {
+    let path = node_run().join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("pid in {}: {e}", path.display()))
+}
+
+/// Waits until `pid` has exited (gone, or a zombie not yet reaped).
+fn wait_exited(pid: i32, what: &str) {
+    wait_for(format!("{what} (pid {pid}) to exit"), LIVENESS, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // `pid (comm) state ...`
+        let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+        if stat.is_empty() || state.starts_with('Z') {
+            Ok(())
+        } else {
+            Err(format!("still there: {stat}"))
+        }
+    });
+}
+
+fn hack(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../hack")
+        .join(script)
+}
+
+/// Runs bash with `args` (images skipped, should it be node-up); says why when it fails.
+fn bash(what: &str, args: &[&str]) -> Result<(), String> {
+    let started = Instant::now();
+    let out = CommandLine::new("bash")
+        .args(args)
+        .env("PODSNAP_SKIP_IMAGES", "1")
+        .timeout(Duration::from_secs(300))
+        .run()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if !out.success() {
+        return Err(format!("{what}: {}", out.report()));
+    }
+    eprintln!("{what}: done in {:?}", started.elapsed());
+    Ok(())
+}
+
+/// `hack/node-up.sh` (images skipped): on a node whose containerd runs it starts podsnapd
+/// again; on one whose containerd is gone it starts containerd, then podsnapd.
+fn node_up() -> Result<(), String> {
+    bash("hack/node-up.sh", &[hack("node-up.sh").to_str().unwrap()])
+}
+
+/// containerd started again as node-up starts it (`start_containerd` of `hack/node-lib.sh`),
+/// and nothing else: podsnapd keeps running.
+fn start_containerd() {
+    let script = format!(
+        ". {} && . {} && if ! containerd_answers; then rm -f \"$CONTAINERD_SOCK\" \"$CONTAINERD_SOCK.ttrpc\"; fi && start_containerd",
+        podsnap_e2e::shell_quote(hack("lib.sh").to_str().unwrap()),
+        podsnap_e2e::shell_quote(hack("node-lib.sh").to_str().unwrap()),
+    );
+    bash("start_containerd (hack/node-lib.sh)", &["-c", &script]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Runs [`node_up`] when dropped unless disarmed: a test that killed a node daemon leaves the
+/// node whole for the next test, whether it passes or not.
+struct RestartNodeOnDrop {
+    armed: bool,
+}
+
+impl Drop for RestartNodeOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            eprintln!("restarting what this test killed (hack/node-up.sh)");
+            if let Err(e) = node_up() {
+                eprintln!("error: the node is not whole again: {e}");
+            }
+        }
+    }
+}
+
+/// What must hold after any fault: both containers thawed, no CRIU of the pod's shim left,
+/// `dir` empty, both containers running and the hog's memory intact.
+fn assert_recovered(pod: &HogPod, dir: &Path, within: Duration) {
+    let node = Node::get();
+    wait_for("the pod to be thawed", within, || {
+        let states: Vec<String> = pod.containers().iter().map(|c| freezer_state(c)).collect();
+        if states.iter().all(|s| s == "THAWED") {
+            Ok(())
+        } else {
+            Err(format!("hog {}, sidecar {}", states[0], states[1]))
+        }
+    });
+    wait_for(
+        "no CRIU of the pod's shim, or writing into the output",
+        within,
+        || {
+            let mut left = criu_of_shim(&pod.pod);
+            // One its shim no longer parents (orphaned) still names the directory it dumps into.
+            let dir = dir.display().to_string();
+            left.extend(host_processes().into_iter().filter(|p| {
+                p.argv.iter().any(|a| a.contains(&dir))
+                    && std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                        .is_ok_and(|comm| comm.trim() == "criu")
+            }));
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    );
+    wait_for("no partial checkpoint", within, || {
+        let left = entries(dir);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} holds {left:?}", dir.display()))
+        }
+    });
+    for c in pod.containers() {
+        assert_eq!(
+            node.container_state(c),
+            "CONTAINER_RUNNING",
+            "container {c}\n{}",
+            node.log_excerpt(&[&pod.pod, c])
+        );
+    }
+    pod.assert_memory_intact();
+}
+
+/// The pod can be checkpointed again (the sidecar alone, the hog frozen with it): nothing of
+/// the fault holds the pod, its shim or podsnapd.
+fn assert_checkpointable(ws: &Workspace, pod: &HogPod, name: &str) {
+    let again = ws.checkpoint_dir(name);
+    Cri::new()
+        .checkpoint(&pod.pod, again.to_str().unwrap(), &[&pod.sidecar], &[])
+        .unwrap_or_else(|e| panic!("a checkpoint after the fault: {e:?}"));
+    assert!(
+        again.join(podsnap_checkpoint_format::MANIFEST).is_file(),
+        "{:?}",
+        entries(&again)
+    );
+    for c in pod.containers() {
+        assert_eq!(freezer_state(c), "THAWED", "container {c}");
+        assert_eq!(
+            Node::get().container_state(c),
+            "CONTAINER_RUNNING",
+            "container {c}"
+        );
+    }
+}
+
+#[test]
+fn podsnap_criu_killed_mid_pod_checkpoint_thaws_the_pod_and_leaves_no_checkpoint() {
+    let mut ws = Workspace::new("fault-criu");
+    let pod = HogPod::start(&mut ws, "fault-criu", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let mut call = checkpoint_in_background(&pod, &checkpoint);
+    let criu = caught_mid_capture(&pod, &checkpoint, &mut call);
+    kill_named(criu, "criu");
+    let answer = answer(call);
+    // CRIU's death is the reason given, naming the container. (Its exit status may be lost:
+    // the shim, subreaper of its children, can reap swrk before the CRIU client does.)
+    let status = answer.expect_err("the checkpoint succeeded although CRIU was killed");
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    for needle in [pod.hog.as_str(), "criu swrk", "before answering"] {
+        assert!(
+            status.message().contains(needle),
+            "the error does not say CRIU died under {}: {status:?}",
+            pod.hog
+        );
+    }
+    assert_recovered(&pod, &checkpoint, LIVENESS);
+    assert_checkpointable(&ws, &pod, "again");
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}
+
+#[test]
+fn podsnap_podsnapd_killed_mid_pod_checkpoint_leaves_no_frozen_pod_and_no_checkpoint() {
+    let mut ws = Workspace::new("fault-podsnapd");
+    let pod = HogPod::start(&mut ws, "fault-podsnapd", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let mut call = checkpoint_in_background(&pod, &checkpoint);
+    caught_mid_capture(&pod, &checkpoint, &mut call);
+    let podsnapd = node_pid("podsnapd.pid");
+    let mut restart = RestartNodeOnDrop { armed: true };
+    kill_named(podsnapd, "podsnapd");
+    let answer = answer(call);
+    // The caller hears that its runtime went away: the connection broke mid-call (gRPC's
+    // transport error, Unknown; Unavailable from another client stack).
+    let status = answer.expect_err("the checkpoint succeeded although podsnapd was killed");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable
+        ) && format!("{status:?}").contains("transport"),
+        "{status:?}"
+    );
+    wait_exited(podsnapd, "podsnapd");
+    // The capture goes on in the shim with nobody to answer (what it writes is there, and
+    // nobody but the shim is left to remove it); podsnapd comes back meanwhile.
+    assert!(
+        !entries(&checkpoint).is_empty(),
+        "the capture was over before podsnapd's death could matter"
+    );
+    node_up().unwrap_or_else(|e| panic!("{e}"));
+    restart.armed = false;
+    // The shim finishes (or fails) the capture, cannot deliver it, and removes it.
+    assert_recovered(&pod, &checkpoint, CAPTURE_END);
+    assert_checkpointable(&ws, &pod, "again");
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}
+
+#[test]
+fn podsnap_containerd_killed_mid_pod_checkpoint_leaves_the_pod_running_and_no_partial_checkpoint() {
+    let mut ws = Workspace::new("fault-containerd");
+    let pod = HogPod::start(&mut ws, "fault-containerd", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let mut call = checkpoint_in_background(&pod, &checkpoint);
+    caught_mid_capture(&pod, &checkpoint, &mut call);
+    let containerd = node_pid("containerd.pid");
+    let mut restart = RestartNodeOnDrop { armed: true };
+    kill_named(containerd, "containerd");
+    wait_exited(containerd, "containerd");
+    // Started again at once, as node-up starts it (a supervisor restarting a crashed daemon),
+    // while the capture may still run.
+    start_containerd();
+    restart.armed = false;
+    let answer = answer(call);
+    match answer {
+        Ok(()) => {
+            // Whole: every file its manifest lists, hashes and all, the hog's capture among
+            // them. (Removed then: what follows looks for a partial one.)
+            let manifest = podsnap_checkpoint_format::verify(&checkpoint)
+                .unwrap_or_else(|e| panic!("the checkpoint is not whole: {e:#}"));
+            assert_eq!(manifest.containers.len(), 1, "{manifest:?}");
+            assert_eq!(manifest.containers[0].id, pod.hog, "{manifest:?}");
+            assert!(
+                checkpoint.join("hog/checkpoint/inventory.img").is_file(),
+                "{:?}",
+                entries(&checkpoint.join("hog"))
+            );
+            for entry in entries(&checkpoint) {
+                let path = checkpoint.join(entry);
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).unwrap();
+                } else {
+                    std::fs::remove_file(&path).unwrap();
+                }
+            }
+        }
+        Err(status) => {
+            eprintln!("the checkpoint failed cleanly: {status:?}");
+            assert!(!status.message().is_empty(), "{status:?}");
+        }
+    }
+    assert_recovered(&pod, &checkpoint, LIVENESS);
+    assert_checkpointable(&ws, &pod, "again");
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}
+
+/// A filesystem mounted for one test, unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn tmpfs(at: &Path, size: &str) -> Mounted {
+        std::fs::create_dir_all(at).unwrap();
+        let out = CommandLine::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .timeout(Duration::from_secs(30))
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.success(), "{}", out.report());
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = CommandLine::new("umount");
+            if lazy {
+                cmd = cmd.arg("-l");
+            }
+            cmd.arg(&self.0)
+                .timeout(Duration::from_secs(30))
+                .run()
+                .is_ok_and(|f| f.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("warning: cannot unmount {}", self.0.display());
+        }
+    }
+}
+
+/// The `memory N MiB` part of a refusal's size estimate.
+fn estimated_memory_mib(message: &str) -> Option<u64> {
+    let (_, after) = message.split_once("(memory ")?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn podsnap_pod_checkpoint_into_a_filesystem_too_small_is_refused_before_the_pod_is_frozen() {
+    let mut ws = Workspace::new("fault-enospc");
+    let pod = HogPod::start(&mut ws, "fault-enospc", 200);
+    let small = Mounted::tmpfs(&ws.path("small"), "32m");
+    let checkpoint = small.0.join("checkpoint");
+    std::fs::create_dir(&checkpoint).unwrap();
+
+    // Watch the freezer while the call runs: the pod must not be frozen even briefly.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let containers = pod.containers().map(str::to_owned);
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut samples = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for c in &containers {
+                    let state = freezer_state(c);
+                    if (state == "FROZEN" || state == "FREEZING") && !seen.contains(&state) {
+                        seen.push(state);
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (seen, samples)
+        })
+    };
+    let started = Instant::now();
+    let answer = Cri::new().checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[]);
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (seen, samples) = watcher.join().unwrap();
+    eprintln!("CheckpointPod answered after {took:?} ({samples} freezer samples): {answer:?}");
+    let message = answer.as_ref().err().map(|s| s.message().to_owned());
+    assert_status(
+        answer,
+        tonic::Code::ResourceExhausted,
+        "not enough disk space",
+    );
+    let message = message.unwrap();
+    // The estimate counted the hog's memory.
+    assert!(
+        estimated_memory_mib(&message).is_some_and(|mib| mib >= 200),
+        "{message}"
+    );
+    assert!(seen.is_empty(), "the pod was frozen meanwhile: {seen:?}");
+    assert!(
+        entries(&small.0) == ["checkpoint"],
+        "{:?}",
+        entries(&small.0)
+    );
+    assert_recovered(&pod, &checkpoint, LIVENESS);
+    // Where there is room, the same checkpoint is taken: the refusal held nothing.
+    let roomy = ws.checkpoint_dir("roomy");
+    Cri::new()
+        .checkpoint(&pod.pod, roomy.to_str().unwrap(), &[&pod.hog], &[])
+        .unwrap_or_else(|e| panic!("a checkpoint with room: {e:?}"));
+    assert!(roomy.join(podsnap_checkpoint_format::MANIFEST).is_file());
+    drop(small);
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}
