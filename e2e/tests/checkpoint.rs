@@ -20,7 +20,8 @@ use podsnap_e2e::{
 const LIVENESS: Duration = Duration::from_secs(60);
 
 /// A shell loop that counts in memory and records the count in /tmp/count and its log.
-const COUNTER: &str = "i=0; echo before > /before; while true; do i=$((i+1)); echo $i > /tmp/count; echo count=$i; sleep 0.1; done";
+// Written atomically (write, then rename): a reader never sees the file empty mid-write.
+const COUNTER: &str = "i=0; echo before > /before; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo count=$i; sleep 0.1; done";
 
 fn private_dir(name: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
