@@ -601,3 +601,117 @@ fn the_controller_reaches_the_kubelet_only_at_the_pod_checkpoint_endpoint() {
         allowed.report()
     );
 }
+
+/// The pod's containers on the node, as CRI reports them: (name, state) of every container of
+/// the pod named `pod` (any sandbox).
+fn cri_containers(pod: &str) -> Vec<(String, String)> {
+    let out = podsnap_e2e::Node::get().crictl(["ps", "-a", "-o", "json"]);
+    let listed: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    listed["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["labels"]["io.kubernetes.pod.name"] == pod)
+        .map(|c| {
+            (
+                c["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                c["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A kubelet that restarts after RestorePod created a pod's sandbox and containers, before it
+/// started them all, restores the pod again (kubelet patch 0008): no container of a restored
+/// sandbox is ever started fresh from its image. The first container's restore unpacks a
+/// 512 MiB emptyDir, so the second waits CREATED for seconds: the kubelet is killed then.
+#[test]
+fn a_kubelet_restarted_mid_restore_restores_the_pod_again_and_never_starts_it_fresh() {
+    let cluster = Cluster::get();
+    let two = |restore_from: Option<&str>| {
+        let mut manifest = counter_pod("e2e-interrupted", restore_from);
+        manifest["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        let script = format!(
+            "head -c {} /dev/urandom > /data/blob && {}",
+            512u64 << 20,
+            cluster::COUNTER_SCRIPT
+        );
+        manifest["spec"]["containers"] = json!([
+            {"name": "first", "image": COUNTER_IMAGE, "command": ["sh", "-c", script],
+             "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            {"name": "second", "image": COUNTER_IMAGE, "command": ["sh", "-c", cluster::COUNTER_SCRIPT]},
+        ]);
+        manifest
+    };
+    let pod = cluster.create_pod(two(None));
+    pod.wait_ready();
+    wait_counting(&pod, "first", 3);
+    wait_counting(&pod, "second", 3);
+    let (location, before, _) = checkpoint(cluster, &pod, "second");
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    drop(pod);
+
+    let restored = cluster.create_pod(two(Some(&name)));
+    // RestorePod has answered (podsnapd logs it, naming the checkpoint): the kubelet is now
+    // starting `first`, whose restore unpacks the volume, and `second` waits CREATED.
+    let podsnapd_log = podsnap_e2e::cri_workspace::node_run().join("podsnapd.log");
+    wait_for(
+        "RestorePod to answer the kubelet",
+        Duration::from_secs(120),
+        || {
+            let log = fs::read_to_string(&podsnapd_log).unwrap_or_default();
+            if log
+                .lines()
+                .any(|l| l.contains("pod restored (created)") && l.contains(name.as_str()))
+            {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    );
+    let pidfile = cluster.run.join("kubelet.pid");
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+        .trim()
+        .parse()
+        .expect("a pid");
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "kubelet", "pid {pid} is not the kubelet");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let containers = cri_containers("e2e-interrupted");
+    assert!(
+        containers
+            .iter()
+            .any(|(n, s)| n == "second" && s == "CONTAINER_CREATED"),
+        "the kubelet was not killed mid-restore: {containers:?}"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/cluster-up.sh");
+    let up = CommandLine::new("bash")
+        .arg(script)
+        .timeout(Duration::from_secs(300))
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(up.success(), "restart the kubelet: {}", up.report());
+
+    restored.wait_ready();
+    wait_counting(&restored, "second", 2);
+    let seen = counts(&restored.logs("second"));
+    assert!(
+        seen[0] > before,
+        "`second` started fresh (first count {}, checkpointed at {before}; log {seen:?}); \
+         containers when the kubelet was killed: {containers:?}",
+        seen[0]
+    );
+    let events = restored.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("FailedRestore:") && e.contains("interrupted")),
+        "no event tells of the interrupted restore: {events:#?}"
+    );
+    drop(restored);
+}
