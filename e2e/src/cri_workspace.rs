@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::command::{CommandLine, Finished};
 use crate::leaks::{Footprint, assert_nothing_left};
 use crate::node::{BUSYBOX, CRI_NAMESPACE, Handler, Node};
+use crate::poll::wait_for;
 
 /// podsnapd's CRI socket (`hack/node-up.sh` starts podsnapd there).
 pub fn podsnapd_socket() -> PathBuf {
@@ -413,4 +414,106 @@ impl Drop for Stopped {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
     }
+}
+
+/// A podsnap pod of two containers: `hog` (the memtest fixture over some MiB, its memory
+/// touched) and `sidecar` (sleeps in a loop; frozen with the pod, captured only when a test asks).
+pub struct HogPod {
+    pub pod: String,
+    pub hog: String,
+    pub sidecar: String,
+    pub mib: u32,
+}
+
+impl HogPod {
+    pub fn start(ws: &mut Workspace, name: &str, mib: u32) -> HogPod {
+        let node = Node::get();
+        let memtest = crate::fixtures::memtest();
+        let hog = ws.container_config(
+            "hog",
+            json!(["/memtest", mib.to_string()]),
+            json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
+        );
+        // Not a bare `sleep 3600`: a sleep CRIU interrupts (a leave-running dump, with runc
+        // too) ends early, with status 0.
+        let sidecar = ws.container_config(
+            "sidecar",
+            json!(["sh", "-c", "while true; do sleep 1; done"]),
+            json!([]),
+        );
+        let config = ws.pod_config(&unique(name));
+        let pod = ws.run_pod(Handler::Podsnap, &config);
+        let hog = ws.run_container(&pod, &hog, &config);
+        let sidecar = ws.run_container(&pod, &sidecar, &config);
+        wait_for(
+            "the hog to hold its memory",
+            Duration::from_secs(120),
+            || {
+                let ready = node.crictl_try(["exec", &hog, "cat", "/tmp/memtest.ready"]);
+                if ready.success() {
+                    Ok(())
+                } else {
+                    Err(ready.report())
+                }
+            },
+        );
+        HogPod {
+            pod,
+            hog,
+            sidecar,
+            mib,
+        }
+    }
+
+    pub fn containers(&self) -> [&str; 2] {
+        [&self.hog, &self.sidecar]
+    }
+
+    /// Has memtest check every word of its memory (SIGUSR1) and asserts none changed.
+    pub fn assert_memory_intact(&self) {
+        let node = Node::get();
+        let _ = node.crictl_try(["exec", &self.hog, "rm", "-f", "/tmp/memtest.result"]);
+        node.crictl(["exec", &self.hog, "kill", "-USR1", "1"]);
+        let result = wait_for(
+            "memtest to check its pages",
+            Duration::from_secs(60),
+            || {
+                let out = node.crictl_try(["exec", &self.hog, "cat", "/tmp/memtest.result"]);
+                if out.success() {
+                    Ok(out.stdout)
+                } else {
+                    Err(out.report())
+                }
+            },
+        );
+        let pages = (u64::from(self.mib) << 20) / 4096;
+        assert_eq!(
+            result.trim(),
+            format!("checked {pages} pages, 0 bad words"),
+            "the hog's memory changed"
+        );
+    }
+}
+
+/// The entries of a directory, by name (none when it cannot be read).
+pub fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `dir` is empty (a failed checkpoint's partial output removed).
+pub fn wait_empty(dir: &Path, within: Duration) {
+    wait_for("no partial checkpoint", within, || {
+        let left = entries(dir);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} holds {left:?}", dir.display()))
+        }
+    });
 }

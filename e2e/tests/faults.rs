@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use podsnap_e2e::cri_workspace::{Cri, Workspace, assert_status, freezer_state, node_run, unique};
+use podsnap_e2e::cri_workspace::{
+    Cri, HogPod, Workspace, assert_status, entries, freezer_state, node_run, wait_empty,
+};
 use podsnap_e2e::leaks::{HostProcess, host_processes};
 use podsnap_e2e::{CommandLine, Handler, Node, serving_shim, wait_for};
-use serde_json::json;
 
 /// How long a thaw, a cleanup or a container may take to show (liveness, not speed).
 const LIVENESS: Duration = Duration::from_secs(60);
@@ -32,82 +33,6 @@ const CAPTURE_END: Duration = Duration::from_secs(300);
 
 /// The memory the hog of a mid-capture test touches: its dump takes seconds.
 const HOG_MIB: u32 = 1024;
-
-/// A podsnap pod of two containers: `hog` (the memtest fixture over some MiB, its memory
-/// touched) and `sidecar` (sleeps in a loop; frozen with the pod, captured only by
-/// [`assert_checkpointable`]).
-struct HogPod {
-    pod: String,
-    hog: String,
-    sidecar: String,
-    mib: u32,
-}
-
-impl HogPod {
-    fn start(ws: &mut Workspace, name: &str, mib: u32) -> HogPod {
-        let node = Node::get();
-        let memtest = podsnap_e2e::fixtures::memtest();
-        let hog = ws.container_config(
-            "hog",
-            json!(["/memtest", mib.to_string()]),
-            json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
-        );
-        // Not a bare `sleep 3600`: a sleep CRIU interrupts (a leave-running dump, with runc
-        // too) ends early, with status 0.
-        let sidecar = ws.container_config(
-            "sidecar",
-            json!(["sh", "-c", "while true; do sleep 1; done"]),
-            json!([]),
-        );
-        let config = ws.pod_config(&unique(name));
-        let pod = ws.run_pod(Handler::Podsnap, &config);
-        let hog = ws.run_container(&pod, &hog, &config);
-        let sidecar = ws.run_container(&pod, &sidecar, &config);
-        wait_for(
-            "the hog to hold its memory",
-            Duration::from_secs(120),
-            || {
-                let ready = node.crictl_try(["exec", &hog, "cat", "/tmp/memtest.ready"]);
-                if ready.success() {
-                    Ok(())
-                } else {
-                    Err(ready.report())
-                }
-            },
-        );
-        HogPod {
-            pod,
-            hog,
-            sidecar,
-            mib,
-        }
-    }
-
-    fn containers(&self) -> [&str; 2] {
-        [&self.hog, &self.sidecar]
-    }
-
-    /// Has memtest check every word of its memory (SIGUSR1) and asserts none changed.
-    fn assert_memory_intact(&self) {
-        let node = Node::get();
-        let _ = node.crictl_try(["exec", &self.hog, "rm", "-f", "/tmp/memtest.result"]);
-        node.crictl(["exec", &self.hog, "kill", "-USR1", "1"]);
-        let result = wait_for("memtest to check its pages", LIVENESS, || {
-            let out = node.crictl_try(["exec", &self.hog, "cat", "/tmp/memtest.result"]);
-            if out.success() {
-                Ok(out.stdout)
-            } else {
-                Err(out.report())
-            }
-        });
-        let pages = (u64::from(self.mib) << 20) / 4096;
-        assert_eq!(
-            result.trim(),
-            format!("checked {pages} pages, 0 bad words"),
-            "the hog's memory changed"
-        );
-    }
-}
 
 /// The CRIU processes (`comm` criu) descended from the pod's serving shim: CRIU's swrk, which
 /// the shim starts, and whatever it forked.
@@ -136,17 +61,6 @@ fn criu_of_shim(pod: &str) -> Vec<HostProcess> {
         })
         .cloned()
         .collect()
-}
-
-/// The entries of a directory, by name (none when it cannot be read).
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Whether CRIU has begun writing the container's memory into `dir`.
@@ -350,14 +264,7 @@ fn assert_recovered(pod: &HogPod, dir: &Path, within: Duration) {
             }
         },
     );
-    wait_for("no partial checkpoint", within, || {
-        let left = entries(dir);
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{} holds {left:?}", dir.display()))
-        }
-    });
+    wait_empty(dir, within);
     for c in pod.containers() {
         assert_eq!(
             node.container_state(c),

@@ -9,8 +9,9 @@
 use std::time::Duration;
 
 use podsnap_e2e::cri_workspace::{
-    Cri, Stopped, Workspace, assert_refused, assert_status, container_named, freezer_state,
+    Cri, HogPod, Stopped, Workspace, assert_refused, assert_status, container_named, freezer_state,
     node_run, pod_ids, podsnap, restore_configs, restore_created, restored_pod, sh, unique,
+    wait_empty,
 };
 use podsnap_e2e::{BUSYBOX, CommandLine, Handler, Node, wait_for};
 use serde_json::{Value, json};
@@ -573,18 +574,7 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
         }
     });
     assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
-    wait_for("a partial checkpoint to be removed", LIVENESS, || {
-        let left: Vec<_> = std::fs::read_dir(&checkpoint)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    });
+    wait_empty(&checkpoint, LIVENESS);
     ws.remove_pod(&pod);
 }
 
@@ -743,36 +733,14 @@ fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
 
 #[test]
 fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
-    let node = Node::get();
     let mut ws = Workspace::new("shim-killed");
     // 1 GiB touched: its dump takes long enough to kill the shim in the middle of it.
-    let memtest = podsnap_e2e::fixtures::memtest();
-    let hog = ws.container_config(
-        "hog",
-        json!(["/memtest", "1024"]),
-        json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
-    );
-    let sidecar = ws.container_config("sidecar", json!(["sleep", "3600"]), json!([]));
-    let config = ws.pod_config(&unique("shim-killed"));
-    let pod = ws.run_pod(Handler::Podsnap, &config);
-    let c = ws.run_container(&pod, &hog, &config);
-    let side = ws.run_container(&pod, &sidecar, &config);
-    wait_for(
-        "the hog to hold its memory",
-        Duration::from_secs(120),
-        || {
-            let ready = node.crictl_try(["exec", &c, "cat", "/tmp/memtest.ready"]);
-            if ready.success() {
-                Ok(())
-            } else {
-                Err(ready.report())
-            }
-        },
-    );
+    let hogs = HogPod::start(&mut ws, "shim-killed", 1024);
+    let (pod, c, side) = (hogs.pod.clone(), hogs.hog.clone(), hogs.sidecar.clone());
     let checkpoint = ws.checkpoint_dir("checkpoint");
     let target = checkpoint.clone();
     let pod_id = pod.clone();
-    // Only the hog is captured; its sidecar is frozen with it all the same.
+    // Both containers are captured (the CLI takes every running one) and so frozen.
     let call = std::thread::spawn(move || {
         podsnap(&[
             "pod",
@@ -811,18 +779,7 @@ fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
             Err(format!("hog {hog}, sidecar {side}"))
         }
     });
-    wait_for("no partial checkpoint", LIVENESS, || {
-        let left: Vec<_> = std::fs::read_dir(&checkpoint)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    });
+    wait_empty(&checkpoint, LIVENESS);
     drop(containerd);
     // The pod goes as containerd cleans up after a dead shim; Workspace's drop removes it.
 }

@@ -185,6 +185,8 @@ fn capture_pod(
     let guard = Arc::new(Mutex::new(ThawGuard::start(Path::new(SELF_EXE))));
     let watchdog = Watchdog::start(guard.clone(), deadline);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
+    // The freeze window starts here: starting the guard process is not part of it.
+    let first_freeze = Instant::now();
     let mut response = None;
     let to_freeze = captures
         .iter()
@@ -272,7 +274,7 @@ fn capture_pod(
         }
         other => other,
     };
-    let window = start.elapsed().as_millis() as u64;
+    let window = first_freeze.elapsed().as_millis() as u64;
     // Hashing the images needs no frozen pod: seal them after the thaw, in parallel.
     let response = match response {
         PodResponse::Checkpointed { containers, .. } => {

@@ -102,13 +102,7 @@ pub fn issue(dir: &Path, grant: &RestoreGrant) -> Result<String, GrantError> {
         path: path.clone(),
         source,
     })?;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io(&path))?;
+    let mut file = crate::private_file(&path).map_err(io(&path))?;
     file.write_all(&data)
         .and_then(|()| file.sync_all())
         .map_err(io(&path))?;

@@ -157,6 +157,15 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
+/// Creates a new file readable by root only (0600); an existing file or symlink is an error.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = fs::File::open(path)?;
@@ -257,12 +266,7 @@ pub fn write_manifest_reusing(
         path: path.clone(),
         source,
     })?;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
+    let mut file = private_file(&path).map_err(io(&path))?;
     file.write_all(&data).map_err(io(&path))
 }
 
@@ -276,28 +280,7 @@ pub fn verify(root: &Path) -> Result<Manifest> {
 pub fn verify_with_digest(root: &Path) -> Result<(Manifest, String)> {
     let (manifest, digest) = read_manifest(root)?;
     check_containers(&manifest)?;
-    for relative in manifest.files.keys() {
-        contained(relative)?;
-    }
-    let present = files(root)?;
-    for relative in present.keys() {
-        if !manifest.files.contains_key(relative) {
-            return Err(Error::Unlisted(relative.clone()));
-        }
-    }
-    for (relative, expected) in &manifest.files {
-        let path = present
-            .get(relative)
-            .ok_or_else(|| Error::Missing(relative.clone()))?;
-        let actual = sha256_file(path).map_err(io(path))?;
-        if &actual != expected {
-            return Err(Error::Modified {
-                path: relative.clone(),
-                expected: expected.clone(),
-                actual,
-            });
-        }
-    }
+    check_files(root, &manifest, |_| true)?;
     Ok((manifest, digest))
 }
 
@@ -375,14 +358,27 @@ pub fn verify_container(root: &Path, manifest_sha256: &str, container: &str) -> 
         let first = relative.split('/').next().unwrap_or_default();
         first != container && manifest.containers.iter().any(|c| c.name == first)
     };
-    let present = files(root)?;
-    for relative in present.keys().filter(|r| !sibling(r)) {
-        if !manifest.files.contains_key(relative) {
-            return Err(Error::Unlisted(relative.clone()));
-        }
-    }
-    for (relative, expected) in manifest.files.iter().filter(|(r, _)| !sibling(r)) {
+    check_files(root, &manifest, |relative| !sibling(relative))?;
+    Ok(manifest)
+}
+
+/// Checks the files under `root` that `wanted` selects (by relative path) against the manifest:
+/// every listed path stays inside the checkpoint, none is missing, none is unlisted, each has
+/// its sha256. Paths are checked before any file is hashed.
+fn check_files(root: &Path, manifest: &Manifest, wanted: impl Fn(&str) -> bool) -> Result<()> {
+    let listed: Vec<(&String, &String)> =
+        manifest.files.iter().filter(|(r, _)| wanted(r)).collect();
+    for (relative, _) in &listed {
         contained(relative)?;
+    }
+    let present = files(root)?;
+    if let Some(relative) = present
+        .keys()
+        .find(|r| wanted(r) && !manifest.files.contains_key(*r))
+    {
+        return Err(Error::Unlisted(relative.clone()));
+    }
+    for (relative, expected) in listed {
         let path = present
             .get(relative)
             .ok_or_else(|| Error::Missing(relative.clone()))?;
@@ -395,7 +391,7 @@ pub fn verify_container(root: &Path, manifest_sha256: &str, container: &str) -> 
             });
         }
     }
-    Ok(manifest)
+    Ok(())
 }
 
 /// Container names must be unique plain names: each is a directory of the checkpoint.

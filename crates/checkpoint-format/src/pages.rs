@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The zstd level: fast, since checkpoint time matters more than a few percent of size.
@@ -19,14 +18,6 @@ const LEVEL: i32 = 3;
 
 fn is_pages(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
-}
-
-fn private_file(path: &Path) -> io::Result<fs::File> {
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
 }
 
 /// Compresses every `pages-*.img` of `images` in place; returns how many were compressed.
@@ -40,7 +31,7 @@ pub fn compress_pages(images: &Path) -> io::Result<usize> {
         }
         let target = images.join(format!("{name}.zst"));
         let mut input = fs::File::open(entry.path())?;
-        let output = private_file(&target)?;
+        let output = crate::private_file(&target)?;
         let mut encoder = zstd::stream::Encoder::new(output, LEVEL)?;
         io::copy(&mut input, &mut encoder)?;
         encoder.finish()?.sync_all()?;
@@ -147,7 +138,7 @@ pub fn expand_into(images: &Path, scratch: &Path) -> io::Result<()> {
                     .and_then(|id| bounds.get(&id))
                     .copied()
                     .unwrap_or(0);
-                let mut output = private_file(&scratch.join(plain))?;
+                let mut output = crate::private_file(&scratch.join(plain))?;
                 let decoder = zstd::stream::read::Decoder::new(input)?;
                 let copied = io::copy(&mut decoder.take(bound.saturating_add(1)), &mut output)?;
                 if copied > bound {
@@ -158,7 +149,7 @@ pub fn expand_into(images: &Path, scratch: &Path) -> io::Result<()> {
                 }
             }
             _ => {
-                let mut output = private_file(&scratch.join(&name))?;
+                let mut output = crate::private_file(&scratch.join(&name))?;
                 io::copy(&mut input, &mut output)?;
             }
         }

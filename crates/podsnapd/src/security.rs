@@ -35,78 +35,44 @@ enum Kind {
     Int64Value,
 }
 
-/// The security fields of a CRI `ContainerConfig`, as JSON pointers into containerd's shape.
-const CONTAINER_FIELDS: &[(&str, Kind)] = &[
-    (
-        "/linux/security_context/capabilities/add_capabilities",
-        Kind::Capabilities,
-    ),
-    (
-        "/linux/security_context/capabilities/drop_capabilities",
-        Kind::Capabilities,
-    ),
-    (
-        "/linux/security_context/capabilities/add_ambient_capabilities",
-        Kind::Capabilities,
-    ),
-    ("/linux/security_context/privileged", Kind::Exact),
-    (
-        "/linux/security_context/namespace_options/network",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/namespace_options/pid", Kind::Exact),
-    ("/linux/security_context/namespace_options/ipc", Kind::Exact),
-    (
-        "/linux/security_context/namespace_options/userns_options",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/selinux_options", Kind::Exact),
-    ("/linux/security_context/run_as_user", Kind::Int64Value),
-    ("/linux/security_context/run_as_group", Kind::Int64Value),
-    ("/linux/security_context/run_as_username", Kind::Exact),
-    ("/linux/security_context/readonly_rootfs", Kind::Exact),
-    ("/linux/security_context/supplemental_groups", Kind::Set),
-    (
-        "/linux/security_context/supplemental_groups_policy",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/no_new_privs", Kind::Exact),
-    ("/linux/security_context/masked_paths", Kind::Set),
-    ("/linux/security_context/readonly_paths", Kind::Set),
-    ("/linux/security_context/seccomp", Kind::Exact),
-    ("/linux/security_context/apparmor", Kind::Exact),
-    ("/linux/security_context/apparmor_profile", Kind::Exact),
-    ("/linux/security_context/seccomp_profile_path", Kind::Exact),
-    ("/devices", Kind::Set),
+/// Where a pod's or a container's security context is in its config (containerd's JSON).
+const CONTEXT: &str = "/linux/security_context";
+
+/// Security-context fields a pod sandbox and a container both have, below [`CONTEXT`].
+const SHARED_CONTEXT: &[(&str, Kind)] = &[
+    ("/namespace_options/network", Kind::Exact),
+    ("/namespace_options/pid", Kind::Exact),
+    ("/namespace_options/ipc", Kind::Exact),
+    ("/namespace_options/userns_options", Kind::Exact),
+    ("/selinux_options", Kind::Exact),
+    ("/run_as_user", Kind::Int64Value),
+    ("/run_as_group", Kind::Int64Value),
+    ("/readonly_rootfs", Kind::Exact),
+    ("/supplemental_groups", Kind::Set),
+    ("/supplemental_groups_policy", Kind::Exact),
+    ("/privileged", Kind::Exact),
+    ("/seccomp", Kind::Exact),
+    ("/apparmor", Kind::Exact),
+    ("/seccomp_profile_path", Kind::Exact),
 ];
 
-/// The security fields of a CRI `PodSandboxConfig`.
-const SANDBOX_FIELDS: &[(&str, Kind)] = &[
-    (
-        "/linux/security_context/namespace_options/network",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/namespace_options/pid", Kind::Exact),
-    ("/linux/security_context/namespace_options/ipc", Kind::Exact),
-    (
-        "/linux/security_context/namespace_options/userns_options",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/selinux_options", Kind::Exact),
-    ("/linux/security_context/run_as_user", Kind::Int64Value),
-    ("/linux/security_context/run_as_group", Kind::Int64Value),
-    ("/linux/security_context/readonly_rootfs", Kind::Exact),
-    ("/linux/security_context/supplemental_groups", Kind::Set),
-    (
-        "/linux/security_context/supplemental_groups_policy",
-        Kind::Exact,
-    ),
-    ("/linux/security_context/privileged", Kind::Exact),
-    ("/linux/security_context/seccomp", Kind::Exact),
-    ("/linux/security_context/apparmor", Kind::Exact),
-    ("/linux/security_context/seccomp_profile_path", Kind::Exact),
-    ("/linux/sysctls", Kind::Exact),
+/// Security-context fields only a container has, below [`CONTEXT`].
+const CONTAINER_CONTEXT: &[(&str, Kind)] = &[
+    ("/capabilities/add_capabilities", Kind::Capabilities),
+    ("/capabilities/drop_capabilities", Kind::Capabilities),
+    ("/capabilities/add_ambient_capabilities", Kind::Capabilities),
+    ("/run_as_username", Kind::Exact),
+    ("/no_new_privs", Kind::Exact),
+    ("/masked_paths", Kind::Set),
+    ("/readonly_paths", Kind::Set),
+    ("/apparmor_profile", Kind::Exact),
 ];
+
+/// A container's security fields outside its security context.
+const CONTAINER_OTHER: &[(&str, Kind)] = &[("/devices", Kind::Set)];
+
+/// A pod sandbox's security fields outside its security context.
+const SANDBOX_OTHER: &[(&str, Kind)] = &[("/linux/sysctls", Kind::Exact)];
 
 /// Zero values and absent fields compare alike (Go's `omitempty` drops them).
 fn normalise(value: Option<&Value>, kind: Kind) -> Value {
@@ -164,13 +130,27 @@ fn normalise(value: Option<&Value>, kind: Kind) -> Value {
 }
 
 /// The fields in which `requested` differs from `checkpointed`, each as
-/// `field: checkpoint <value>, requested <value>`.
-fn differences(checkpointed: &Value, requested: &Value, fields: &[(&str, Kind)]) -> Vec<String> {
-    fields
+/// `field: checkpoint <value>, requested <value>`: the security-context fields `context`
+/// (below [`CONTEXT`]), then the fields `other` (from the config's root).
+fn differences(
+    checkpointed: &Value,
+    requested: &Value,
+    context: &[&[(&str, Kind)]],
+    other: &[(&str, Kind)],
+) -> Vec<String> {
+    let fields = context
         .iter()
+        .flat_map(|list| list.iter())
+        .map(|(pointer, kind)| (format!("{CONTEXT}{pointer}"), *kind))
+        .chain(
+            other
+                .iter()
+                .map(|(pointer, kind)| (pointer.to_string(), *kind)),
+        );
+    fields
         .filter_map(|(pointer, kind)| {
-            let old = normalise(checkpointed.pointer(pointer), *kind);
-            let new = normalise(requested.pointer(pointer), *kind);
+            let old = normalise(checkpointed.pointer(&pointer), kind);
+            let new = normalise(requested.pointer(&pointer), kind);
             (old != new).then(|| {
                 let name = pointer.trim_start_matches('/').replace('/', ".");
                 format!("{name}: checkpoint {old}, requested {new}")
@@ -283,12 +263,22 @@ pub fn sandbox_json(config: &PodSandboxConfig) -> Value {
 
 /// The differences between a checkpointed container config and the requested one.
 pub fn container_differences(checkpointed: &Value, requested: &ContainerConfig) -> Vec<String> {
-    differences(checkpointed, &container_json(requested), CONTAINER_FIELDS)
+    differences(
+        checkpointed,
+        &container_json(requested),
+        &[SHARED_CONTEXT, CONTAINER_CONTEXT],
+        CONTAINER_OTHER,
+    )
 }
 
 /// The differences between the checkpointed sandbox config and the requested one.
 pub fn sandbox_differences(checkpointed: &Value, requested: &PodSandboxConfig) -> Vec<String> {
-    differences(checkpointed, &sandbox_json(requested), SANDBOX_FIELDS)
+    differences(
+        checkpointed,
+        &sandbox_json(requested),
+        &[SHARED_CONTEXT],
+        SANDBOX_OTHER,
+    )
 }
 
 #[cfg(test)]
