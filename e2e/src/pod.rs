@@ -30,6 +30,8 @@ pub struct ContainerConfig {
     pub memory_limit: Option<u64>,
     pub tty: bool,
     pub stdin: bool,
+    /// CRI's `LinuxContainerSecurityContext` as JSON, if any.
+    pub security_context: Option<Value>,
 }
 
 impl ContainerConfig {
@@ -42,7 +44,14 @@ impl ContainerConfig {
             memory_limit: None,
             tty: false,
             stdin: false,
+            security_context: None,
         }
+    }
+
+    /// Sets the container's `linux.security_context` (CRI JSON).
+    pub fn security_context(mut self, context: Value) -> Self {
+        self.security_context = Some(context);
+        self
     }
 
     /// Limits the container's memory (`linux.resources.memory_limit_in_bytes`).
@@ -71,7 +80,10 @@ impl ContainerConfig {
             "log_path": format!("{}.log", self.name),
             "tty": self.tty,
             "stdin": self.stdin,
-            "linux": { "resources": resources },
+            "linux": match &self.security_context {
+                Some(context) => json!({ "resources": resources, "security_context": context }),
+                None => json!({ "resources": resources }),
+            },
         })
     }
 }
@@ -100,6 +112,12 @@ pub struct Pod {
 impl Pod {
     /// Runs a pod sandbox named after `name` on `handler`.
     pub fn run(handler: Handler, name: &str) -> Pod {
+        Pod::run_with(handler, name, json!({}))
+    }
+
+    /// Runs a pod sandbox named after `name` on `handler`, with `linux` as the sandbox config's
+    /// `linux` (CRI's `LinuxPodSandboxConfig` as JSON).
+    pub fn run_with(handler: Handler, name: &str, linux: Value) -> Pod {
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let node = Node::get();
         let name = format!(
@@ -120,7 +138,7 @@ impl Pod {
                 "attempt": 0,
             },
             "log_directory": dir.path().join("logs"),
-            "linux": {},
+            "linux": linux,
         });
         std::fs::write(&pod_config, config.to_string()).expect("write pod.json");
         let id = node

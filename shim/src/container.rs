@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::ContainerCgroup;
 use crate::checkpoint;
+use crate::mount_sources;
 use crate::stdio::{self, ShimStdio, StdioPaths};
 use crate::zygote;
 
@@ -302,6 +303,7 @@ impl Container {
             }
             return Ok(());
         }
+        self.stage_mount_sources().await?;
         let (container_stdio, mut shim_stdio) = stdio::prepare(&self.init.paths)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
         let request = zygote::Request::CreateInit {
@@ -327,6 +329,40 @@ impl Container {
         self.init.pid = pid;
         self.init.stdio = shim_stdio;
         Ok(())
+    }
+
+    /// For a container with a user namespace, makes its bind-mount sources reachable from
+    /// inside it ([`mount_sources`]) and points the bundle's `config.json` at them.
+    async fn stage_mount_sources(&self) -> ttrpc::Result<()> {
+        let id = self.id.clone();
+        let bundle = self.bundle.clone();
+        let spec = self.spec.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            use anyhow::Context;
+            let Some(staged) = mount_sources::stage(&bundle, &spec)? else {
+                return Ok(());
+            };
+            let path = bundle.join("config.json");
+            let next = bundle.join(".config.json.podsnap");
+            let written = staged
+                .save(&next)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|()| std::fs::rename(&next, &path).map_err(Into::into))
+                .with_context(|| format!("rewrite {}", path.display()));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&next);
+                mount_sources::release(&bundle);
+            }
+            written
+        })
+        .await
+        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stage mounts: {e}")))?
+        .map_err(|e| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("container {id}: bind-mount sources for its user namespace: {e:#}"),
+            )
+        })
     }
 
     pub fn rootfs(&self) -> PathBuf {
@@ -630,11 +666,13 @@ impl Container {
         let rootfs = self.rootfs();
         let mounted = self.rootfs_mounted;
         let id = self.id.clone();
+        let bundle = self.bundle.clone();
         let _ = tokio::task::spawn_blocking(move || {
             destroy_container(&id, &dir, &cgroup);
             if mounted {
                 unmount_rootfs(&rootfs);
             }
+            mount_sources::release(&bundle);
         })
         .await;
         self.rootfs_mounted = false;

@@ -157,8 +157,34 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Attaches `source`, read-only and idmapped to the user namespace `userns`, at `target`.
-pub fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> anyhow::Result<()> {
+/// How [`idmapped_bind`] attaches a tree.
+#[derive(Debug, Clone, Copy)]
+pub struct BindAttrs {
+    /// Read-only (the overlay's lower layers).
+    pub read_only: bool,
+    /// The source's submounts too (`rbind`).
+    pub recursive: bool,
+    /// The submounts idmapped too (`ridmap`; with `recursive`).
+    pub recursive_idmap: bool,
+    /// Made private (a temporary mount nothing should propagate to).
+    pub private: bool,
+}
+
+/// The lower layers of an idmapped overlay: read-only, every layer, private.
+pub const LAYERS: BindAttrs = BindAttrs {
+    read_only: true,
+    recursive: true,
+    recursive_idmap: true,
+    private: true,
+};
+
+/// Attaches `source`, idmapped to the user namespace `userns`, at `target`.
+pub fn idmapped_bind(
+    source: &Path,
+    target: &Path,
+    userns: &OwnedFd,
+    attrs: BindAttrs,
+) -> anyhow::Result<()> {
     let source_c = CString::new(source.as_os_str().as_encoded_bytes())?;
     let target_c = CString::new(target.as_os_str().as_encoded_bytes())?;
     let empty = c"";
@@ -168,7 +194,9 @@ pub fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> anyhow::
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             source_c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+            OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | if attrs.recursive { AT_RECURSIVE } else { 0 },
         )
     };
     if tree < 0 {
@@ -177,9 +205,14 @@ pub fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> anyhow::
     // SAFETY: open_tree returned a new descriptor we own.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY,
+        attr_set: MOUNT_ATTR_IDMAP
+            | if attrs.read_only {
+                MOUNT_ATTR_RDONLY
+            } else {
+                0
+            },
         attr_clr: 0,
-        propagation: libc::MS_PRIVATE,
+        propagation: if attrs.private { libc::MS_PRIVATE } else { 0 },
         userns_fd: userns.as_raw_fd() as u64,
     };
     // SAFETY: a valid descriptor, an empty path with AT_EMPTY_PATH, and an attribute struct of
@@ -189,7 +222,12 @@ pub fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> anyhow::
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            libc::AT_EMPTY_PATH as libc::c_uint
+                | if attrs.recursive && attrs.recursive_idmap {
+                    AT_RECURSIVE
+                } else {
+                    0
+                },
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -266,7 +304,7 @@ pub fn mount_overlay(
         .prefix("idmapped-")
         .tempdir_in(scratch)
         .context("create the idmapped layers' mount point")?;
-    idmapped_bind(&common, mapped.path(), &userns)?;
+    idmapped_bind(&common, mapped.path(), &userns, LAYERS)?;
     let through: Vec<String> = lowers
         .iter()
         .map(|l| {
@@ -340,7 +378,7 @@ mod tests {
             size: 65536,
         }];
         let userns = user_namespace(&map, &map).unwrap();
-        idmapped_bind(layer.path(), target.path(), &userns).unwrap();
+        idmapped_bind(layer.path(), target.path(), &userns, LAYERS).unwrap();
         use std::os::unix::fs::MetadataExt;
         let uid = std::fs::metadata(target.path().join("file")).unwrap().uid();
         let readonly = std::fs::write(target.path().join("new"), b"y").is_err();

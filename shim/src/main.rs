@@ -10,6 +10,7 @@ mod checkpoint;
 mod container;
 mod idmap;
 mod info;
+mod mount_sources;
 mod oom;
 mod pod_checkpoint;
 mod restore_policy;

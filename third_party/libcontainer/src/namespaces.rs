@@ -34,6 +34,12 @@ pub enum NamespaceError {
     NotSupported(String),
 }
 
+// podsnap: namespace files opened before the process enters its user namespace (see
+// `preopen_paths`), by path. A static, because the init process is a clone of the intermediate
+// one and inherits both this map and the descriptors.
+static PREOPENED: std::sync::Mutex<Vec<(std::path::PathBuf, std::os::fd::RawFd)>> =
+    std::sync::Mutex::new(Vec::new());
+
 static ORDERED_NAMESPACES: &[CloneFlags] = &[
     CloneFlags::CLONE_NEWUSER,
     CloneFlags::CLONE_NEWPID,
@@ -90,6 +96,29 @@ impl TryFrom<Option<&Vec<LinuxNamespace>>> for Namespaces {
 }
 
 impl Namespaces {
+    /// podsnap: opens (close-on-exec) the file of every namespace joined by path, other than the
+    /// user namespace, while this process still has the credentials of its parent's namespace.
+    /// Once inside a user namespace of its own, root is an unprivileged id that cannot reach
+    /// files such as containerd's `netns/` (`0700 root`), and joining them failed with EACCES;
+    /// runc's nsexec opens every path before the first `setns` for the same reason.
+    pub fn preopen_paths(&self) -> Result<()> {
+        let mut preopened = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
+        for (flag, ns) in &self.namespace_map {
+            let (Some(path), false) = (ns.path(), *flag == CloneFlags::CLONE_NEWUSER) else {
+                continue;
+            };
+            if preopened.iter().any(|(p, _)| p == path) {
+                continue;
+            }
+            let fd = fcntl::open(path, fcntl::OFlag::O_CLOEXEC, stat::Mode::empty())
+                .inspect_err(|err| {
+                    tracing::error!(?err, ?ns, "failed to open namespace file");
+                })?;
+            preopened.push((path.clone(), fd));
+        }
+        Ok(())
+    }
+
     pub fn apply_namespaces<F: Fn(CloneFlags) -> bool>(&self, filter: F) -> Result<()> {
         let to_enter: Vec<(&CloneFlags, &LinuxNamespace)> = ORDERED_NAMESPACES
             .iter()
@@ -107,10 +136,18 @@ impl Namespaces {
         tracing::debug!("unshare or setns: {:?}", namespace);
         match namespace.path() {
             Some(path) => {
-                let fd = fcntl::open(path, fcntl::OFlag::empty(), stat::Mode::empty())
-                    .inspect_err(|err| {
-                        tracing::error!(?err, ?namespace, "failed to open namespace file");
-                    })?;
+                let preopened = {
+                    let mut preopened = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
+                    let at = preopened.iter().position(|(p, _)| p == path);
+                    at.map(|at| preopened.remove(at).1)
+                };
+                let fd = match preopened {
+                    Some(fd) => fd,
+                    None => fcntl::open(path, fcntl::OFlag::empty(), stat::Mode::empty())
+                        .inspect_err(|err| {
+                            tracing::error!(?err, ?namespace, "failed to open namespace file");
+                        })?,
+                };
                 self.command
                     .set_ns(fd, get_clone_flag(namespace.typ())?)
                     .map_err(|err| {

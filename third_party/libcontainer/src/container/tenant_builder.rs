@@ -32,7 +32,10 @@ use crate::user_ns::UserNamespaceConfig;
 use crate::validator::Validator;
 use crate::{tty, utils};
 
-const NAMESPACE_TYPES: &[&str] = &["ipc", "uts", "net", "pid", "mnt", "cgroup", "time"];
+// podsnap: "user" too. Without it an exec into a container with a user namespace of its own
+// (or its pod's) ran in the host's user namespace, as host root: outside the container's
+// mapping and with every capability the process kept.
+const NAMESPACE_TYPES: &[&str] = &["ipc", "uts", "net", "pid", "mnt", "cgroup", "time", "user"];
 const TENANT_NOTIFY: &str = "tenant-notify-";
 const TENANT_TTY: &str = "tenant-tty-";
 
@@ -901,6 +904,22 @@ mod tests {
             vec![
                 want_ns(Ipc, "/proc/1/ns/ipc"),
                 want_ns(Network, "/proc/1/ns/net"),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ns_user_is_joined_when_the_container_has_one() -> Result<(), LibcontainerError> {
+        use LinuxNamespaceType::*;
+        let mut init = init_ns();
+        init.extend([ns_entry("user", "/proc/1/ns/user")]);
+        let got = tenant_builder().get_namespaces(init, Some(&[spec_ns(User), spec_ns(Pid)]))?;
+        assert_eq!(
+            got,
+            vec![
+                want_ns(Pid, "/proc/1/ns/pid"),
+                want_ns(User, "/proc/1/ns/user"),
             ]
         );
         Ok(())

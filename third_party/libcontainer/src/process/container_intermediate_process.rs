@@ -106,6 +106,8 @@ pub fn container_intermediate_process(
     // https://man7.org/linux/man-pages/man7/user_namespaces.7.html for more
     // information
     if let Some(user_namespace) = namespaces.get(LinuxNamespaceType::User)? {
+        // podsnap: the other namespaces' files, opened while still outside the user namespace.
+        namespaces.preopen_paths()?;
         setup_userns(
             &namespaces,
             user_namespace,
