@@ -717,6 +717,41 @@ fn user_namespace_pod(handler: Handler) {
         .collect::<Vec<_>>();
     assert_eq!(uids, vec![HOST_ID.to_string(); 4], "{status}");
 
+    if handler == Handler::Podsnap {
+        // Not checkpointed (podsnap cannot yet restore into the pod's user namespace): refused
+        // before anything is frozen or written, and the container runs on.
+        let images = tempfile::tempdir().expect("a temporary directory");
+        let images = images.path().join("images");
+        let refused = node.ctr_try(
+            podsnap_e2e::CRI_NAMESPACE,
+            [
+                "task",
+                "checkpoint",
+                "--image-path",
+                images.to_str().unwrap(),
+                first.as_str(),
+            ],
+        );
+        assert_ne!(refused.code, Some(0), "{refused:?}");
+        assert!(
+            refused
+                .stderr
+                .contains("runs in a user namespace (hostUsers: false)"),
+            "{refused:?}"
+        );
+        assert!(
+            !images.exists(),
+            "a refused checkpoint wrote {}",
+            images.display()
+        );
+        assert_eq!(
+            node.task_status(podsnap_e2e::CRI_NAMESPACE, &first)
+                .as_deref(),
+            Some("RUNNING")
+        );
+        assert_eq!(run(&first, "echo alive"), "alive");
+    }
+
     let footprint = pod.remove();
     assert_nothing_left(node, &footprint);
 }

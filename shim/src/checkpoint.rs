@@ -281,6 +281,22 @@ pub fn seal(images: &Path) -> anyhow::Result<()> {
     write_checksums(images).with_context(|| format!("seal checkpoint {}", images.display()))
 }
 
+/// Why a container with a user namespace is not checkpointed (`None` when it has none).
+///
+/// CRIU 4.1.1 dumps such a container, but it restores a user namespace only by creating a new
+/// one from the dumped maps: the restored processes would not be in the new pod's user
+/// namespace, and would hold no capability over the pod's network namespace, which that one
+/// owns (`--join-ns user:` is documented as untested, and does not combine with a dumped user
+/// namespace). Refused before anything is frozen or written, never half-restored later.
+pub fn user_namespace_refusal(id: &str, spec: &Spec) -> Option<String> {
+    crate::mount_sources::has_user_namespace(spec).then(|| {
+        format!(
+            "container {id} runs in a user namespace (hostUsers: false): podsnap cannot yet \
+             restore a container into its pod's user namespace, so it is not checkpointed"
+        )
+    })
+}
+
 /// [`dump`] without [`seal`]: what must happen while the container is frozen.
 pub fn dump_unsealed(
     target: &DumpTarget<'_>,
@@ -288,6 +304,9 @@ pub fn dump_unsealed(
     opts: &CheckpointOptions,
 ) -> anyhow::Result<()> {
     let id = target.id;
+    if let Some(refusal) = user_namespace_refusal(id, target.spec) {
+        anyhow::bail!(refusal);
+    }
     let created = !images.exists();
     if created {
         private_dir(images)?;
@@ -645,6 +664,13 @@ pub fn restore(
     descriptors: &[String],
 ) -> anyhow::Result<i32> {
     let id = target.id;
+    // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
+    // into one: its processes would run outside the new container's mapping.
+    anyhow::ensure!(
+        !crate::mount_sources::has_user_namespace(target.spec),
+        "container {id} has a user namespace (hostUsers: false): podsnap cannot yet restore \
+         a checkpoint into one"
+    );
     let sources = mount_sources(metadata, target.spec, target.cgroup_path)?;
     let mut namespace_fds = Vec::new();
     for name in &metadata.external_namespaces {

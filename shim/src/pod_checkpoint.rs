@@ -136,6 +136,9 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
                 format!("container {id} is not running ({:?})", container.init.state),
             );
         }
+        if let Some(refusal) = checkpoint::user_namespace_refusal(id, &container.spec) {
+            return failed("FailedPrecondition", refusal);
+        }
         captures.push(Capture {
             id: id.clone(),
             pid: container.init.pid,

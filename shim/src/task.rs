@@ -606,6 +606,9 @@ impl Task for PodTask {
                 ));
             }
         };
+        if let Some(refusal) = crate::checkpoint::user_namespace_refusal(&req.id, &container.spec) {
+            return Err(rpc_error(Code::FAILED_PRECONDITION, refusal));
+        }
         let spec = container.spec.clone();
         let rootfs = container.rootfs();
         let cgroup = container.cgroup.clone();

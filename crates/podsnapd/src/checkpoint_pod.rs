@@ -243,9 +243,9 @@ pub async fn checkpoint_pod(
     let sandbox_config = verbose_info(&status.info)["config"].clone();
     if has_own_user_namespace(&sandbox_config) {
         return Err(Status::failed_precondition(format!(
-            "pod sandbox {sandbox} has a user namespace of its own (hostUsers: false): its \
-             containers join it from the sandbox, and CRIU cannot checkpoint a user namespace \
-             it did not create; such pods cannot be checkpointed yet"
+            "pod sandbox {sandbox} has a user namespace of its own (hostUsers: false): CRIU \
+             restores a user namespace only by creating a new one, so the restored containers \
+             would not be in the new pod's; such pods cannot be checkpointed yet"
         )));
     }
 
