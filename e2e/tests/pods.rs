@@ -617,7 +617,7 @@ fn podsnap_exec_runs_under_the_container_seccomp_filter() {
 
 /// A container joining a pod PID namespace that has used many pids must start: libcontainer
 /// once looked its own namespaced pid up in the host's /proc while mounting cgroups
-/// (third_party/libcontainer/PODSNAP.md, fix 5) and failed with "failed to prepare rootfs".
+/// (libcontainer-patches/0005) and failed with "failed to prepare rootfs".
 #[test]
 fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
     let node = Node::get();
@@ -650,7 +650,7 @@ fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
 /// namespace with the sandbox, see their image's files as root's (idmapped layers), read the
 /// bind mounts containerd gives them (behind `0700` directories on the host) and write their
 /// rootfs; removal leaves nothing. For podsnap this needs libcontainer fix 6
-/// (third_party/libcontainer/PODSNAP.md), shim/src/idmap.rs and shim/src/mount_sources.rs.
+/// (libcontainer-patches/0006 and 0007), shim/src/idmap.rs and shim/src/mount_sources.rs.
 fn user_namespace_pod(handler: Handler) {
     const HOST_ID: u32 = 65536 * 21;
     let node = Node::get();
