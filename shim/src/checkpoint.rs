@@ -421,7 +421,7 @@ fn dump_into(
     if let Some(timeout) = opts.timeout {
         criu = criu.timeout(timeout);
     }
-    criu.dump(&criu_opts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    criu.dump(&criu_opts)?;
     write_private(
         &images.join(DESCRIPTORS),
         &serde_json::to_vec(&descriptors)?,
@@ -728,7 +728,6 @@ pub fn restore(
     }
     let restored = Criu::new()
         .restore(&opts)
-        .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("restore container {id}"))?;
     Ok(restored.pid)
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use containerd_shim::api::{CreateTaskRequest, StateResponse, Status};
 use containerd_shim::protos::protobuf::EnumOrUnknown;
-use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::util::convert_to_timestamp;
 use libcontainer::container::Container as LibContainer;
 use nix::sys::signal::Signal;
@@ -22,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::ContainerCgroup;
 use crate::checkpoint;
+use crate::error::{Error, Result};
 use crate::mount_sources;
 use crate::stdio::{self, ShimStdio, StdioPaths};
 use crate::zygote;
@@ -45,11 +45,6 @@ pub const SCRATCH_ROOT: &str = "/var/lib/podsnap/scratch";
 
 /// How long a process's output may take to drain after it exits.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
-
-/// A ttrpc error with `code` and `message`.
-pub fn rpc_error(code: Code, message: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
-}
 
 /// The lifecycle state of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,20 +153,17 @@ pub struct Container {
 impl Container {
     /// Mounts the rootfs, sets up stdio and creates the init process (left waiting for start).
     /// On error nothing is left behind: no mount, no libcontainer state, no process.
-    pub async fn create(namespace: &str, req: &CreateTaskRequest) -> ttrpc::Result<Container> {
+    pub async fn create(namespace: &str, req: &CreateTaskRequest) -> Result<Container> {
         let id = req.id.clone();
         validate_id(&id)?;
         let bundle = PathBuf::from(&req.bundle);
         let spec = load_spec(&id, &bundle)?;
         let state_root = Path::new(STATE_ROOT).join(namespace);
         std::fs::create_dir_all(&state_root).map_err(|e| {
-            rpc_error(
-                Code::INTERNAL,
-                format!(
-                    "container {id}: create state root {}: {e}",
-                    state_root.display()
-                ),
-            )
+            Error::internal(format!(
+                "container {id}: create state root {}: {e}",
+                state_root.display()
+            ))
         })?;
         let paths = StdioPaths {
             stdin: req.stdin.clone(),
@@ -199,13 +191,10 @@ impl Container {
         if let Some(dir) = spec_annotation(&container.spec, RESTORE_ANNOTATION) {
             let dir = PathBuf::from(dir);
             if !dir.is_absolute() || container.checkpoint.is_some() {
-                return Err(rpc_error(
-                    Code::INVALID_ARGUMENT,
-                    format!(
-                        "container {id}: invalid {RESTORE_ANNOTATION} {}",
-                        dir.display()
-                    ),
-                ));
+                return Err(Error::InvalidArgument(format!(
+                    "container {id}: invalid {RESTORE_ANNOTATION} {}",
+                    dir.display()
+                )));
             }
             // Only podsnapd's RestorePod may ask for a restore: it leaves a grant for it.
             let token = spec_annotation(&container.spec, GRANT_ANNOTATION)
@@ -213,20 +202,16 @@ impl Container {
                 .unwrap_or_default();
             let grant = podsnap_checkpoint_format::grant::redeem(Path::new(GRANT_DIR), &token)
                 .map_err(|e| {
-                    rpc_error(
-                        Code::PERMISSION_DENIED,
-                        format!("container {id}: {RESTORE_ANNOTATION} refused: {e}"),
-                    )
+                    Error::PermissionDenied(format!(
+                        "container {id}: {RESTORE_ANNOTATION} refused: {e}"
+                    ))
                 })?;
             if grant.container_dir() != dir {
-                return Err(rpc_error(
-                    Code::PERMISSION_DENIED,
-                    format!(
-                        "container {id}: {RESTORE_ANNOTATION} {} is not what the restore grant allows ({})",
-                        dir.display(),
-                        grant.container_dir().display()
-                    ),
-                ));
+                return Err(Error::PermissionDenied(format!(
+                    "container {id}: {RESTORE_ANNOTATION} {} is not what the restore grant allows ({})",
+                    dir.display(),
+                    grant.container_dir().display()
+                )));
             }
             container.checkpoint = Some(dir.join("checkpoint"));
             container.restore_grant = Some(grant);
@@ -240,7 +225,7 @@ impl Container {
         }
     }
 
-    async fn create_init(&mut self, req: &CreateTaskRequest) -> ttrpc::Result<()> {
+    async fn create_init(&mut self, req: &CreateTaskRequest) -> Result<()> {
         let id = self.id.clone();
         let rootfs = self.rootfs();
         for m in &req.rootfs {
@@ -272,40 +257,31 @@ impl Container {
                 }
             })
             .await
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: mount task: {e}")))?
+            .map_err(|e| Error::internal(format!("container {id}: mount task: {e}")))?
             .map_err(|e| {
-                rpc_error(
-                    Code::INTERNAL,
-                    format!("container {id}: mount rootfs {}: {e}", m.type_),
-                )
+                Error::internal(format!("container {id}: mount rootfs {}: {e}", m.type_))
             })?;
             self.rootfs_mounted = true;
         }
         if !rootfs.is_dir() {
-            return Err(rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "container {id}: rootfs {} does not exist or is not a directory",
-                    rootfs.display()
-                ),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "container {id}: rootfs {} does not exist or is not a directory",
+                rootfs.display()
+            )));
         }
         if let Some(checkpoint) = &self.checkpoint {
             // Restored at start; only check the path is absolute here.
             if !checkpoint.is_absolute() {
-                return Err(rpc_error(
-                    Code::INVALID_ARGUMENT,
-                    format!(
-                        "container {id}: checkpoint path {} is not absolute",
-                        checkpoint.display()
-                    ),
-                ));
+                return Err(Error::InvalidArgument(format!(
+                    "container {id}: checkpoint path {} is not absolute",
+                    checkpoint.display()
+                )));
             }
             return Ok(());
         }
         self.stage_mount_sources().await?;
         let (container_stdio, mut shim_stdio) = stdio::prepare(&self.init.paths)
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
+            .map_err(|e| Error::internal(format!("container {id}: stdio: {e:#}")))?;
         let request = zygote::Request::CreateInit {
             id: id.clone(),
             bundle: self.bundle.clone(),
@@ -319,13 +295,13 @@ impl Container {
             let pid = zygote::call(&request, &fds)?;
             if let Some(console) = &container_stdio.console {
                 stdio::attach_console(console, &paths, &mut shim_stdio)
-                    .map_err(|e| format!("terminal: {e:#}"))?;
+                    .map_err(|e| Error::Internal(e.context("terminal")))?;
             }
-            Ok::<_, String>((pid, shim_stdio))
+            Ok::<_, Error>((pid, shim_stdio))
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: create task: {e}")))?
-        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: {e}")))?;
+        .map_err(|e| Error::internal(format!("container {id}: create task: {e}")))?
+        .map_err(|e| e.within(format!("container {id}")))?;
         self.init.pid = pid;
         self.init.stdio = shim_stdio;
         Ok(())
@@ -333,7 +309,7 @@ impl Container {
 
     /// For a container with a user namespace, makes its bind-mount sources reachable from
     /// inside it ([`mount_sources`]) and points the bundle's `config.json` at them.
-    async fn stage_mount_sources(&self) -> ttrpc::Result<()> {
+    async fn stage_mount_sources(&self) -> Result<()> {
         let id = self.id.clone();
         let bundle = self.bundle.clone();
         let spec = self.spec.clone();
@@ -356,12 +332,11 @@ impl Container {
             written
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stage mounts: {e}")))?
+        .map_err(|e| Error::internal(format!("container {id}: stage mounts: {e}")))?
         .map_err(|e| {
-            rpc_error(
-                Code::INTERNAL,
-                format!("container {id}: bind-mount sources for its user namespace: {e:#}"),
-            )
+            Error::internal(format!(
+                "container {id}: bind-mount sources for its user namespace: {e:#}"
+            ))
         })
     }
 
@@ -393,7 +368,7 @@ impl Container {
     }
 
     /// Lets the created init process run, or restores it when the task came from a checkpoint.
-    pub async fn start_init(&mut self) -> ttrpc::Result<i32> {
+    pub async fn start_init(&mut self) -> Result<i32> {
         if let Some(checkpoint) = self.checkpoint.clone() {
             return self.restore_init(&checkpoint).await;
         }
@@ -404,8 +379,8 @@ impl Container {
             container.start().map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: start task: {e}")))?
-        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: start: {e}")))?;
+        .map_err(|e| Error::internal(format!("container {id}: start task: {e}")))?
+        .map_err(|e| Error::Libcontainer(format!("container {id}: start: {e}")))?;
         self.init.state = State::Running;
         Ok(self.init.pid)
     }
@@ -413,7 +388,7 @@ impl Container {
     /// Restores the init from `checkpoint` into this (created) container: verifies the checkpoint
     /// before creating anything, then lets CRIU recreate the process tree as a child of the shim,
     /// inside the container's cgroup, attached to fresh stdio pipes.
-    async fn restore_init(&mut self, checkpoint: &Path) -> ttrpc::Result<i32> {
+    async fn restore_init(&mut self, checkpoint: &Path) -> Result<i32> {
         let id = self.id.clone();
         let source = checkpoint.to_path_buf();
         // Compressed pages are expanded into a private scratch directory first: CRIU reads
@@ -454,20 +429,14 @@ impl Container {
             Ok::<_, anyhow::Error>((scratch, metadata, descriptors))
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
-        .map_err(|e| {
-            rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {id}: cannot restore: {e:#}"),
-            )
-        })?;
+        .map_err(|e| Error::internal(format!("container {id}: {e}")))?
+        .map_err(|e| Error::FailedPrecondition(format!("container {id}: cannot restore: {e:#}")))?;
         let (container_stdio, shim_stdio) = stdio::prepare(&self.init.paths)
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: stdio: {e:#}")))?;
+            .map_err(|e| Error::internal(format!("container {id}: stdio: {e:#}")))?;
         if container_stdio.console.is_some() {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                format!("container {id}: restoring a container with a terminal is not supported"),
-            ));
+            return Err(Error::Unimplemented(format!(
+                "container {id}: restoring a container with a terminal is not supported"
+            )));
         }
         let spec = self.spec.clone();
         let rootfs = self.rootfs();
@@ -503,8 +472,8 @@ impl Container {
             Ok(pid)
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e}")))?
-        .map_err(|e| rpc_error(Code::UNKNOWN, format!("container {id}: {e:#}")))?;
+        .map_err(|e| Error::internal(format!("container {id}: {e}")))?
+        .map_err(|e| Error::from(e).within(format!("container {id}")))?;
         self.init.pid = pid;
         self.init.stdio = shim_stdio;
         self.init.state = State::Running;
@@ -512,40 +481,32 @@ impl Container {
     }
 
     /// Starts the exec'd process `exec_id` recorded earlier by `Exec`.
-    pub async fn start_exec(&mut self, exec_id: &str) -> ttrpc::Result<i32> {
+    pub async fn start_exec(&mut self, exec_id: &str) -> Result<i32> {
         let id = self.id.clone();
         if self.init.state != State::Running {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {id} is not running: cannot start exec {exec_id}"),
-            ));
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running: cannot start exec {exec_id}"
+            )));
         }
-        let process = self.execs.get_mut(exec_id).ok_or_else(|| {
-            rpc_error(
-                Code::NOT_FOUND,
-                format!("container {id}: exec {exec_id} not found"),
-            )
-        })?;
+        let process = self
+            .execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("container {id}: exec {exec_id} not found")))?;
         if process.state != State::Created {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {id}: exec {exec_id} was already started"),
-            ));
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: exec {exec_id} was already started"
+            )));
         }
         let spec = process.spec.clone().unwrap_or_default();
         let file = tempfile::Builder::new()
             .prefix(".podsnap-exec-")
             .suffix(".json")
             .tempfile_in(&self.bundle)
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec spec: {e}")))?;
+            .map_err(|e| Error::internal(format!("container {id}: exec spec: {e}")))?;
         serde_json::to_writer(file.as_file(), &spec)
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec spec: {e}")))?;
-        let (container_stdio, mut shim_stdio) = stdio::prepare(&process.paths).map_err(|e| {
-            rpc_error(
-                Code::INTERNAL,
-                format!("container {id}: exec {exec_id} stdio: {e:#}"),
-            )
-        })?;
+            .map_err(|e| Error::internal(format!("container {id}: exec spec: {e}")))?;
+        let (container_stdio, mut shim_stdio) = stdio::prepare(&process.paths)
+            .map_err(|e| Error::internal(format!("container {id}: exec {exec_id} stdio: {e:#}")))?;
         let request = zygote::Request::Exec {
             id: id.clone(),
             state_root: self.state_root.clone(),
@@ -559,19 +520,14 @@ impl Container {
             let pid = zygote::call(&request, &fds)?;
             if let Some(console) = &container_stdio.console {
                 stdio::attach_console(console, &paths, &mut shim_stdio)
-                    .map_err(|e| format!("terminal: {e:#}"))?;
+                    .map_err(|e| Error::Internal(e.context("terminal")))?;
             }
             drop(file);
-            Ok::<_, String>((pid, shim_stdio))
+            Ok::<_, Error>((pid, shim_stdio))
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: exec task: {e}")))?
-        .map_err(|e| {
-            rpc_error(
-                Code::UNKNOWN,
-                format!("container {id}: exec {exec_id}: {e}"),
-            )
-        })?;
+        .map_err(|e| Error::internal(format!("container {id}: exec task: {e}")))?
+        .map_err(|e| e.within(format_args!("container {id}: exec {exec_id}")))?;
         process.pid = pid;
         process.state = State::Running;
         process.stdio = shim_stdio;
@@ -579,46 +535,32 @@ impl Container {
     }
 
     /// The process `exec_id` ("" or `None` is the init).
-    pub fn process(&self, exec_id: Option<&str>) -> ttrpc::Result<&Process> {
+    pub fn process(&self, exec_id: Option<&str>) -> Result<&Process> {
         match exec_id {
             None | Some("") => Ok(&self.init),
             Some(exec_id) => self.execs.get(exec_id).ok_or_else(|| {
-                rpc_error(
-                    Code::NOT_FOUND,
-                    format!("container {}: exec {exec_id} not found", self.id),
-                )
+                Error::NotFound(format!("container {}: exec {exec_id} not found", self.id))
             }),
         }
     }
 
-    pub fn process_mut(&mut self, exec_id: Option<&str>) -> ttrpc::Result<&mut Process> {
+    pub fn process_mut(&mut self, exec_id: Option<&str>) -> Result<&mut Process> {
         match exec_id {
             None | Some("") => Ok(&mut self.init),
             Some(exec_id) => {
                 let id = self.id.clone();
                 self.execs.get_mut(exec_id).ok_or_else(|| {
-                    rpc_error(
-                        Code::NOT_FOUND,
-                        format!("container {id}: exec {exec_id} not found"),
-                    )
+                    Error::NotFound(format!("container {id}: exec {exec_id} not found"))
                 })
             }
         }
     }
 
     /// Sends `signal` to a process, or with `all` to every process of the container.
-    pub async fn kill(
-        &mut self,
-        exec_id: Option<&str>,
-        signal: u32,
-        all: bool,
-    ) -> ttrpc::Result<()> {
+    pub async fn kill(&mut self, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()> {
         let id = self.id.clone();
         let sig = Signal::try_from(signal as i32).map_err(|_| {
-            rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!("container {id}: invalid signal {signal}"),
-            )
+            Error::InvalidArgument(format!("container {id}: invalid signal {signal}"))
         })?;
         let paused = self.init.state == State::Paused;
         let process = self.process(exec_id)?;
@@ -634,23 +576,20 @@ impl Container {
             return Ok(());
         }
         if process.state == State::Stopped || process.pid <= 0 {
-            return Err(rpc_error(
-                Code::NOT_FOUND,
-                format!(
-                    "container {id}: process {} already finished",
-                    if process.exec_id.is_empty() {
-                        "init"
-                    } else {
-                        &process.exec_id
-                    }
-                ),
-            ));
+            return Err(Error::NotFound(format!(
+                "container {id}: process {} already finished",
+                if process.exec_id.is_empty() {
+                    "init"
+                } else {
+                    &process.exec_id
+                }
+            )));
         }
         nix::sys::signal::kill(Pid::from_raw(process.pid), sig).map_err(|e| {
-            rpc_error(
-                Code::NOT_FOUND,
-                format!("container {id}: signal {sig} to pid {}: {e}", process.pid),
-            )
+            Error::NotFound(format!(
+                "container {id}: signal {sig} to pid {}: {e}",
+                process.pid
+            ))
         })?;
         if paused && sig == Signal::SIGKILL {
             let _ = self.cgroup.freeze(false);
@@ -770,7 +709,7 @@ pub fn unmount_rootfs(rootfs: &Path) {
     }
 }
 
-fn validate_id(id: &str) -> ttrpc::Result<()> {
+fn validate_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 1024
         && id
@@ -780,30 +719,26 @@ fn validate_id(id: &str) -> ttrpc::Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(rpc_error(
-            Code::INVALID_ARGUMENT,
-            format!("invalid container id {id:?}"),
-        ))
+        Err(Error::InvalidArgument(format!(
+            "invalid container id {id:?}"
+        )))
     }
 }
 
 /// Reads and checks the bundle's `config.json`.
-pub fn load_spec(id: &str, bundle: &Path) -> ttrpc::Result<Spec> {
+pub fn load_spec(id: &str, bundle: &Path) -> Result<Spec> {
     let path = bundle.join("config.json");
     let spec = Spec::load(&path).map_err(|e| {
-        rpc_error(
-            Code::INVALID_ARGUMENT,
-            format!("container {id}: bundle config {}: {e}", path.display()),
-        )
+        Error::InvalidArgument(format!(
+            "container {id}: bundle config {}: {e}",
+            path.display()
+        ))
     })?;
     if spec.process().is_none() {
-        return Err(rpc_error(
-            Code::INVALID_ARGUMENT,
-            format!(
-                "container {id}: bundle config {} has no process",
-                path.display()
-            ),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "container {id}: bundle config {} has no process",
+            path.display()
+        )));
     }
     Ok(spec)
 }
@@ -826,20 +761,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), b"{ not json").unwrap();
         let err = load_spec("web-1", dir.path()).unwrap_err();
-        let ttrpc::Error::RpcStatus(status) = err else {
-            panic!("not a status: {err:?}")
-        };
-        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
-        assert!(status.message().contains("web-1"), "{}", status.message());
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("web-1"), "{err}");
     }
 
     #[test]
     fn missing_config_json_is_invalid_argument() {
         let dir = tempfile::tempdir().unwrap();
         let err = load_spec("c1", dir.path()).unwrap_err();
-        let ttrpc::Error::RpcStatus(status) = err else {
-            panic!("not a status")
-        };
-        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     }
 }

@@ -8,6 +8,7 @@
 mod cgroup;
 mod checkpoint;
 mod container;
+mod error;
 mod idmap;
 mod info;
 mod mount_sources;

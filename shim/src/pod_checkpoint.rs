@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use crate::cgroup::ContainerCgroup;
 use crate::checkpoint::{self, CheckpointOptions, DumpTarget};
 use crate::container::State;
+use crate::error::Error;
 use crate::task::PodTask;
 use crate::thaw_guard::{ThawGuard, Watchdog};
 
@@ -35,10 +36,26 @@ struct Capture {
     upperdir: Option<PathBuf>,
 }
 
-fn failed(code: &str, message: impl Into<String>) -> PodResponse {
+/// The answer for a failed request: the error's code and message.
+fn failed(error: Error) -> PodResponse {
     PodResponse::Failed {
-        code: code.to_string(),
-        message: message.into(),
+        code: error.pod_code(),
+        message: error.to_string(),
+    }
+}
+
+/// The answer for several failures (one per container): the first one's code, every message.
+fn failed_all(errors: Vec<Error>) -> PodResponse {
+    let code = errors
+        .first()
+        .map_or(podsnap_pod_api::ErrorCode::Internal, Error::pod_code);
+    PodResponse::Failed {
+        code,
+        message: errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
     }
 }
 
@@ -69,7 +86,9 @@ async fn handle(task: PodTask, mut stream: UnixStream) -> anyhow::Result<()> {
     stream.read_exact(&mut data).await?;
     let response = match serde_json::from_slice::<PodRequest>(&data) {
         Ok(request) => checkpoint_sandbox(&task, request).await,
-        Err(e) => failed("InvalidArgument", format!("malformed pod request: {e}")),
+        Err(e) => failed(Error::InvalidArgument(format!(
+            "malformed pod request: {e}"
+        ))),
     };
     let mut out = Vec::new();
     podsnap_pod_api::write_message(&mut out, &response)?;
@@ -105,39 +124,37 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
         timeout_ms,
     } = request;
     if container_ids.is_empty() {
-        return failed("InvalidArgument", "no containers to checkpoint");
+        return failed(Error::InvalidArgument("no containers to checkpoint".into()));
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = container_ids.iter().find(|id| !seen.insert(*id)) {
-        return failed(
-            "InvalidArgument",
-            format!("container {dup} is listed twice"),
-        );
+        return failed(Error::InvalidArgument(format!(
+            "container {dup} is listed twice"
+        )));
     }
     if !output_dir.is_absolute() || !output_dir.is_dir() {
-        return failed(
-            "InvalidArgument",
-            format!(
-                "output directory {} is not an existing absolute directory",
-                output_dir.display()
-            ),
-        );
+        return failed(Error::InvalidArgument(format!(
+            "output directory {} is not an existing absolute directory",
+            output_dir.display()
+        )));
     }
     // Hold the pod for the whole capture: no container starts, stops or goes away meanwhile.
     let pod = task.pod.lock().await;
     let mut captures = Vec::new();
     for id in &container_ids {
         let Some(container) = pod.containers.get(id) else {
-            return failed("NotFound", format!("container {id} is not in this pod"));
+            return failed(Error::NotFound(format!(
+                "container {id} is not in this pod"
+            )));
         };
         if container.init.state != State::Running {
-            return failed(
-                "FailedPrecondition",
-                format!("container {id} is not running ({:?})", container.init.state),
-            );
+            return failed(Error::FailedPrecondition(format!(
+                "container {id} is not running ({:?})",
+                container.init.state
+            )));
         }
         if let Some(refusal) = checkpoint::user_namespace_refusal(id, &container.spec) {
-            return failed("FailedPrecondition", refusal);
+            return failed(Error::FailedPrecondition(refusal));
         }
         captures.push(Capture {
             id: id.clone(),
@@ -169,7 +186,7 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
     drop(pod);
     match result {
         Ok(response) => response,
-        Err(e) => failed("Internal", format!("pod checkpoint task: {e}")),
+        Err(e) => failed(Error::internal(format!("pod checkpoint task: {e}"))),
     }
 }
 
@@ -197,15 +214,16 @@ fn capture_pod(
         .chain(bystanders.iter().map(|c| ("(not captured)", c)));
     for (id, cgroup) in to_freeze {
         if expired() {
-            response = Some(failed(
-                "DeadlineExceeded",
-                "the deadline passed while the pod was being frozen",
-            ));
+            response = Some(failed(Error::DeadlineExceeded(
+                "the deadline passed while the pod was being frozen".into(),
+            )));
             break;
         }
         let mut locked = guard.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = locked.freeze(cgroup) {
-            response = Some(failed("Internal", format!("container {id}: freeze: {e:#}")));
+            response = Some(failed(Error::internal(format!(
+                "container {id}: freeze: {e:#}"
+            ))));
             break;
         }
     }
@@ -230,7 +248,7 @@ fn capture_pod(
         for result in results {
             match result {
                 Ok(capture) => containers.push(capture),
-                Err(e) => errors.push(format!("{e:#}")),
+                Err(e) => errors.push(Error::from(e)),
             }
         }
         // The pod's emptyDir volumes, in the same cut: while the pod is still frozen.
@@ -241,18 +259,21 @@ fn capture_pod(
                 output_dir,
             )
         {
-            errors.push(format!("{e:#}"));
+            errors.push(Error::from(e));
         }
         if expired() {
-            errors.insert(0, "the deadline passed during the capture".to_string());
-            failed("DeadlineExceeded", errors.join("; "))
+            errors.insert(
+                0,
+                Error::DeadlineExceeded("the deadline passed during the capture".into()),
+            );
+            failed_all(errors)
         } else if errors.is_empty() {
             PodResponse::Checkpointed {
                 containers,
                 freeze_window_ms: 0,
             }
         } else {
-            failed("Internal", errors.join("; "))
+            failed_all(errors)
         }
     });
     // Thaw everything we asked to freeze, whatever happened: a pod is never left frozen. The
@@ -273,7 +294,7 @@ fn capture_pod(
     };
     let response = match response {
         PodResponse::Checkpointed { .. } if !thaw_errors.is_empty() => {
-            failed("Internal", thaw_errors.join("; "))
+            failed(Error::internal(thaw_errors.join("; ")))
         }
         other => other,
     };
@@ -304,7 +325,7 @@ fn capture_pod(
                     freeze_window_ms: window,
                 }
             } else {
-                failed("Internal", errors.join("; "))
+                failed(Error::internal(errors.join("; ")))
             }
         }
         failure => failure,

@@ -27,13 +27,14 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::shim_async::Task;
-use containerd_shim::protos::ttrpc::{self, Code, r#async::TtrpcContext};
+use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
 use containerd_shim::util::{convert_to_any, convert_to_timestamp};
 use oci_spec::runtime::LinuxResources;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::container::{Container, DRAIN_LIMIT, ExitInfo, Process, State, rpc_error};
+use crate::container::{Container, DRAIN_LIMIT, ExitInfo, Process, State};
+use crate::error::Error;
 use crate::stdio::StdioPaths;
 
 /// Events on their way to containerd: (topic, event).
@@ -59,10 +60,10 @@ pub struct PodTask {
     oom: mpsc::UnboundedSender<String>,
 }
 
-fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> ttrpc::Result<&'a mut Container> {
+fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> crate::error::Result<&'a mut Container> {
     pod.containers
         .get_mut(id)
-        .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("container {id} not found")))
+        .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
 }
 
 fn exec_id(id: &str) -> Option<&str> {
@@ -154,7 +155,7 @@ impl PodTask {
     }
 
     /// Pause (`frozen`) or resume a running (paused) container through its freezer cgroup.
-    async fn set_frozen(&self, id: &str, frozen: bool) -> ttrpc::Result<()> {
+    async fn set_frozen(&self, id: &str, frozen: bool) -> crate::error::Result<()> {
         let (from, to, not) = if frozen {
             (State::Running, State::Paused, "running")
         } else {
@@ -163,16 +164,15 @@ impl PodTask {
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, id)?;
         if container.init.state != from {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {id} is not {not}"),
-            ));
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not {not}"
+            )));
         }
         let cgroup = container.cgroup.clone();
         tokio::task::spawn_blocking(move || cgroup.freeze(frozen))
             .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {id}: {e:#}")))?;
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::internal(format!("container {id}: {e:#}")))?;
         container.init.state = to;
         Ok(())
     }
@@ -238,10 +238,9 @@ impl Task for PodTask {
         log::info!("create container {} (bundle {})", req.id, req.bundle);
         let mut pod = self.pod.lock().await;
         if pod.containers.contains_key(&req.id) {
-            return Err(rpc_error(
-                Code::ALREADY_EXISTS,
-                format!("container {} already exists", req.id),
-            ));
+            return Err(
+                Error::AlreadyExists(format!("container {} already exists", req.id)).into(),
+            );
         }
         let container = Container::create(&self.namespace, &req).await?;
         let pid = container.init.pid;
@@ -287,16 +286,18 @@ impl Task for PodTask {
             match container.init.state {
                 State::Created => {}
                 State::Stopped => {
-                    return Err(rpc_error(
-                        Code::FAILED_PRECONDITION,
-                        format!("container {}: init process has already exited", req.id),
-                    ));
+                    return Err(Error::FailedPrecondition(format!(
+                        "container {}: init process has already exited",
+                        req.id
+                    ))
+                    .into());
                 }
                 State::Running | State::Paused => {
-                    return Err(rpc_error(
-                        Code::FAILED_PRECONDITION,
-                        format!("container {} was already started", req.id),
-                    ));
+                    return Err(Error::FailedPrecondition(format!(
+                        "container {} was already started",
+                        req.id
+                    ))
+                    .into());
                 }
             }
             let pid = container.start_init().await?;
@@ -326,22 +327,21 @@ impl Task for PodTask {
         if let Some(exec) = exec_id(&req.exec_id) {
             let process = container.process(Some(exec))?;
             if matches!(process.state, State::Running | State::Paused) {
-                return Err(rpc_error(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {}: exec {exec} is still running", req.id),
-                ));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {}: exec {exec} is still running",
+                    req.id
+                ))
+                .into());
             }
             let process = container.execs.remove(exec).expect("checked above");
             return Ok(delete_response(&process));
         }
         if matches!(container.init.state, State::Running | State::Paused) {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!(
-                    "container {} is still running: kill it before delete",
-                    req.id
-                ),
-            ));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is still running: kill it before delete",
+                req.id
+            ))
+            .into());
         }
         container.destroy().await;
         let mut container = pod.containers.remove(&req.id).expect("looked up above");
@@ -369,8 +369,8 @@ impl Task for PodTask {
         };
         let pids = tokio::task::spawn_blocking(move || cgroup.pids())
             .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::internal(format!("container {}: {e:#}", req.id)))?;
         Ok(PidsResponse {
             processes: pids
                 .into_iter()
@@ -414,22 +414,23 @@ impl Task for PodTask {
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         if req.exec_id.is_empty() {
-            return Err(rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!("container {}: exec id is empty", req.id),
-            ));
+            return Err(
+                Error::InvalidArgument(format!("container {}: exec id is empty", req.id)).into(),
+            );
         }
         if container.execs.contains_key(&req.exec_id) {
-            return Err(rpc_error(
-                Code::ALREADY_EXISTS,
-                format!("container {}: exec {} already exists", req.id, req.exec_id),
-            ));
+            return Err(Error::AlreadyExists(format!(
+                "container {}: exec {} already exists",
+                req.id, req.exec_id
+            ))
+            .into());
         }
         if container.init.state != State::Running {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not running: cannot exec", req.id),
-            ));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running: cannot exec",
+                req.id
+            ))
+            .into());
         }
         let spec: oci_spec::runtime::Process = serde_json::from_slice(
             &req.spec
@@ -438,13 +439,10 @@ impl Task for PodTask {
                 .unwrap_or_default(),
         )
         .map_err(|e| {
-            rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "container {}: exec {}: process spec: {e}",
-                    req.id, req.exec_id
-                ),
-            )
+            Error::InvalidArgument(format!(
+                "container {}: exec {}: process spec: {e}",
+                req.id, req.exec_id
+            ))
         })?;
         let mut process = Process::new(
             &req.exec_id,
@@ -470,12 +468,10 @@ impl Task for PodTask {
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         let process = container.process(exec_id(&req.exec_id))?;
-        process.stdio.resize(req.width, req.height).map_err(|e| {
-            rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {}: {e:#}", req.id),
-            )
-        })?;
+        process
+            .stdio
+            .resize(req.width, req.height)
+            .map_err(|e| Error::FailedPrecondition(format!("container {}: {e:#}", req.id)))?;
         Ok(Empty::new())
     }
 
@@ -496,20 +492,15 @@ impl Task for PodTask {
                 .map(|a| a.value.clone())
                 .unwrap_or_default(),
         )
-        .map_err(|e| {
-            rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!("container {}: resources: {e}", req.id),
-            )
-        })?;
+        .map_err(|e| Error::InvalidArgument(format!("container {}: resources: {e}", req.id)))?;
         let cgroup = {
             let mut pod = self.pod.lock().await;
             container_mut(&mut pod, &req.id)?.cgroup.clone()
         };
         tokio::task::spawn_blocking(move || cgroup.update(&resources))
             .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::internal(format!("container {}: {e:#}", req.id)))?;
         Ok(Empty::new())
     }
 
@@ -523,10 +514,10 @@ impl Task for PodTask {
             .wait_for(|e| e.is_some())
             .await
             .map_err(|_| {
-                rpc_error(
-                    Code::NOT_FOUND,
-                    format!("container {}: process deleted while waiting", req.id),
-                )
+                Error::NotFound(format!(
+                    "container {}: process deleted while waiting",
+                    req.id
+                ))
             })?
             .expect("waited for Some");
         Ok(WaitResponse {
@@ -543,10 +534,10 @@ impl Task for PodTask {
         };
         let metrics = tokio::task::spawn_blocking(move || cgroup.metrics())
             .await
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e:#}", req.id)))?;
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::internal(format!("container {}: {e:#}", req.id)))?;
         let stats = convert_to_any(Box::new(metrics))
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e}", req.id)))?;
+            .map_err(|e| Error::internal(format!("container {}: {e}", req.id)))?;
         Ok(StatsResponse {
             stats: Some(stats).into(),
             ..Default::default()
@@ -586,13 +577,11 @@ impl Task for PodTask {
             .clone()
             .unwrap_or_else(|| std::path::PathBuf::from(&req.path));
         if !images.is_absolute() {
-            return Err(rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "container {}: checkpoint path {:?} is not absolute",
-                    req.id, images
-                ),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "container {}: checkpoint path {:?} is not absolute",
+                req.id, images
+            ))
+            .into());
         }
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
@@ -600,14 +589,15 @@ impl Task for PodTask {
             State::Running => false,
             State::Paused => true,
             State::Created | State::Stopped => {
-                return Err(rpc_error(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {} is not running: cannot checkpoint it", req.id),
-                ));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not running: cannot checkpoint it",
+                    req.id
+                ))
+                .into());
             }
         };
         if let Some(refusal) = crate::checkpoint::user_namespace_refusal(&req.id, &container.spec) {
-            return Err(rpc_error(Code::FAILED_PRECONDITION, refusal));
+            return Err(Error::FailedPrecondition(refusal).into());
         }
         let spec = container.spec.clone();
         let rootfs = container.rootfs();
@@ -633,9 +623,9 @@ impl Task for PodTask {
             result
         })
         .await
-        .map_err(|e| rpc_error(Code::INTERNAL, format!("container {}: {e}", req.id)))?;
+        .map_err(|e| Error::internal(format!("container {}: {e}", req.id)))?;
         drop(pod);
-        result.map_err(|e| rpc_error(Code::UNKNOWN, format!("{e:#}")))?;
+        result.map_err(Error::from)?;
         self.send_event(TaskCheckpointed {
             container_id: req.id.clone(),
             checkpoint: req.path.clone(),
@@ -658,30 +648,23 @@ fn checkpoint_options(
             .type_url
             .ends_with("containerd.runc.v1.CheckpointOptions")
     {
-        return Err(rpc_error(
-            Code::INVALID_ARGUMENT,
-            format!(
-                "container {}: unsupported checkpoint options type {}",
-                req.id, any.type_url
-            ),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "container {}: unsupported checkpoint options type {}",
+            req.id, any.type_url
+        ))
+        .into());
     }
     let o = containerd_shim::protos::shim::oci::CheckpointOptions::parse_from_bytes(&any.value)
         .map_err(|e| {
-            rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!("container {}: checkpoint options: {e}", req.id),
-            )
+            Error::InvalidArgument(format!("container {}: checkpoint options: {e}", req.id))
         })?;
     if !o.empty_namespaces.is_empty() {
-        return Err(rpc_error(
-            Code::INVALID_ARGUMENT,
-            format!(
-                "container {}: empty_namespaces ({}) is not supported",
-                req.id,
-                o.empty_namespaces.join(",")
-            ),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "container {}: empty_namespaces ({}) is not supported",
+            req.id,
+            o.empty_namespaces.join(",")
+        ))
+        .into());
     }
     let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
     Ok(crate::checkpoint::CheckpointOptions {

@@ -15,6 +15,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::Context;
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
@@ -53,7 +54,78 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
     Started { pid: i32 },
-    Failed { message: String },
+    Failed { kind: Failure, message: String },
+}
+
+/// What kind of failure the zygote met, from libcontainer's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    /// The spec, id, process or request is invalid.
+    InvalidArgument,
+    /// The container exists already.
+    AlreadyExists,
+    /// The container (its state directory) does not exist.
+    NotFound,
+    /// The container is not in a state that allows it.
+    FailedPrecondition,
+    /// libcontainer failed to create or exec the process.
+    Libcontainer,
+}
+
+impl Failure {
+    /// The kind of a libcontainer error.
+    fn of(error: &LibcontainerError) -> Failure {
+        match error {
+            LibcontainerError::Exist => Failure::AlreadyExists,
+            LibcontainerError::NoDirectory => Failure::NotFound,
+            LibcontainerError::IncorrectStatus(_) => Failure::FailedPrecondition,
+            LibcontainerError::InvalidInput(_)
+            | LibcontainerError::InvalidID(_)
+            | LibcontainerError::MissingSpec(_)
+            | LibcontainerError::InvalidSpec(_)
+            | LibcontainerError::Spec(_) => Failure::InvalidArgument,
+            _ => Failure::Libcontainer,
+        }
+    }
+}
+
+/// Why [`call`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    /// The zygote did not start, or this process is not the shim that forked it.
+    #[error("the zygote is not running")]
+    NotRunning,
+    /// The socket to the zygote failed.
+    #[error("{what} the zygote: {source}")]
+    Channel {
+        what: &'static str,
+        source: nix::Error,
+    },
+    /// The zygote exited before it answered.
+    #[error("the zygote exited")]
+    Exited,
+    /// A message could not be encoded or decoded.
+    #[error("zygote message: {0}")]
+    Message(#[from] serde_json::Error),
+    /// The zygote answered that it failed.
+    #[error("{message}")]
+    Failed { kind: Failure, message: String },
+}
+
+impl From<ZygoteError> for crate::error::Error {
+    fn from(error: ZygoteError) -> Self {
+        use crate::error::Error;
+        match error {
+            ZygoteError::Failed { kind, message } => match kind {
+                Failure::InvalidArgument => Error::InvalidArgument(message),
+                Failure::AlreadyExists => Error::AlreadyExists(message),
+                Failure::NotFound => Error::NotFound(message),
+                Failure::FailedPrecondition => Error::FailedPrecondition(message),
+                Failure::Libcontainer => Error::Libcontainer(message),
+            },
+            other => Error::Internal(other.into()),
+        }
+    }
 }
 
 static CHANNEL: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
@@ -86,20 +158,24 @@ pub fn start() -> anyhow::Result<()> {
 
 /// Sends `request` with `fds` to the zygote and waits for the pid it started. Blocking: call it
 /// from a blocking thread.
-pub fn call(request: &Request, fds: &[BorrowedFd<'_>]) -> Result<i32, String> {
-    let channel = CHANNEL
-        .get()
-        .ok_or_else(|| "the zygote is not running".to_string())?;
+pub fn call(request: &Request, fds: &[BorrowedFd<'_>]) -> Result<i32, ZygoteError> {
+    let channel = CHANNEL.get().ok_or(ZygoteError::NotRunning)?;
     let channel = channel.lock().unwrap_or_else(|e| e.into_inner());
-    let payload = serde_json::to_vec(request).map_err(|e| format!("encode request: {e}"))?;
+    let payload = serde_json::to_vec(request)?;
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    send(channel.as_raw_fd(), &payload, &raw).map_err(|e| format!("send to the zygote: {e}"))?;
+    send(channel.as_raw_fd(), &payload, &raw).map_err(|source| ZygoteError::Channel {
+        what: "send to",
+        source,
+    })?;
     let (reply, _fds) = recv(channel.as_raw_fd())
-        .map_err(|e| format!("receive from the zygote: {e}"))?
-        .ok_or_else(|| "the zygote exited".to_string())?;
-    match serde_json::from_slice(&reply).map_err(|e| format!("decode zygote reply: {e}"))? {
+        .map_err(|source| ZygoteError::Channel {
+            what: "receive from",
+            source,
+        })?
+        .ok_or(ZygoteError::Exited)?;
+    match serde_json::from_slice(&reply)? {
         Response::Started { pid } => Ok(pid),
-        Response::Failed { message } => Err(message),
+        Response::Failed { kind, message } => Err(ZygoteError::Failed { kind, message }),
     }
 }
 
@@ -173,11 +249,13 @@ fn serve(sock: OwnedFd) -> ! {
         let response = match serde_json::from_slice::<Request>(&payload) {
             Ok(request) => match handle(request, fds) {
                 Ok(pid) => Response::Started { pid },
-                Err(err) => Response::Failed {
+                Err((kind, err)) => Response::Failed {
+                    kind,
                     message: format!("{err:#}"),
                 },
             },
             Err(err) => Response::Failed {
+                kind: Failure::InvalidArgument,
                 message: format!("malformed zygote request: {err}"),
             },
         };
@@ -224,7 +302,18 @@ fn with_stdio(
     Ok(builder)
 }
 
-fn handle(request: Request, fds: Vec<OwnedFd>) -> anyhow::Result<i32> {
+/// A failure of [`handle`]: its kind and what failed.
+type Failed = (Failure, anyhow::Error);
+
+/// `context` and the chain of a libcontainer error, with its kind.
+fn failed(context: String, error: &LibcontainerError) -> Failed {
+    (
+        Failure::of(error),
+        anyhow::anyhow!("{context}: {}", chain(error)),
+    )
+}
+
+fn handle(request: Request, fds: Vec<OwnedFd>) -> Result<i32, Failed> {
     match request {
         Request::CreateInit {
             id,
@@ -235,19 +324,22 @@ fn handle(request: Request, fds: Vec<OwnedFd>) -> anyhow::Result<i32> {
         } => {
             let builder = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(&state_root)
-                .map_err(|e| anyhow::anyhow!("state root {}: {}", state_root.display(), chain(&e)))?
+                .map_err(|e| failed(format!("state root {}", state_root.display()), &e))?
                 .with_console_socket(console_socket);
-            let container = with_stdio(builder, stdio, fds)?
+            let container = with_stdio(builder, stdio, fds)
+                .map_err(|e| (Failure::InvalidArgument, e))?
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .as_sibling(true)
                 .build()
-                .map_err(|e| anyhow::anyhow!("create container {id}: {}", chain(&e)))?;
-            container
-                .pid()
-                .map(|pid| pid.as_raw())
-                .ok_or_else(|| anyhow::anyhow!("container {id} has no init pid after create"))
+                .map_err(|e| failed(format!("create container {id}"), &e))?;
+            container.pid().map(|pid| pid.as_raw()).ok_or_else(|| {
+                (
+                    Failure::Libcontainer,
+                    anyhow::anyhow!("container {id} has no init pid after create"),
+                )
+            })
         }
         Request::Exec {
             id,
@@ -258,15 +350,16 @@ fn handle(request: Request, fds: Vec<OwnedFd>) -> anyhow::Result<i32> {
         } => {
             let builder = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(&state_root)
-                .map_err(|e| anyhow::anyhow!("state root {}: {}", state_root.display(), chain(&e)))?
+                .map_err(|e| failed(format!("state root {}", state_root.display()), &e))?
                 .with_console_socket(console_socket);
-            let pid = with_stdio(builder, stdio, fds)?
+            let pid = with_stdio(builder, stdio, fds)
+                .map_err(|e| (Failure::InvalidArgument, e))?
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
                 .as_sibling(true)
                 .build()
-                .map_err(|e| anyhow::anyhow!("exec in container {id}: {}", chain(&e)))?;
+                .map_err(|e| failed(format!("exec in container {id}"), &e))?;
             Ok(pid.as_raw())
         }
     }

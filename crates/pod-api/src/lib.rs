@@ -61,11 +61,46 @@ pub enum PodResponse {
         freeze_window_ms: u64,
     },
     Failed {
-        /// A gRPC code name: `InvalidArgument`, `FailedPrecondition`, `NotFound`,
-        /// `DeadlineExceeded`, `Internal`.
-        code: String,
+        code: ErrorCode,
         message: String,
     },
+}
+
+/// Why a pod request failed: the gRPC code podsnapd answers with, under its gRPC name on the
+/// wire (`"FailedPrecondition"`). A name this side does not know reads as [`ErrorCode::Internal`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request itself is wrong (no containers, a relative output directory, ...).
+    InvalidArgument,
+    /// A container named is not in the pod.
+    NotFound,
+    /// The pod is not in a state to be checkpointed (a container not running, a user
+    /// namespace, ...).
+    FailedPrecondition,
+    /// The deadline passed; the pod was thawed first.
+    DeadlineExceeded,
+    /// Anything else (CRIU failed, a freeze failed, ...).
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorCode {
+    /// The gRPC name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "InvalidArgument",
+            ErrorCode::NotFound => "NotFound",
+            ErrorCode::FailedPrecondition => "FailedPrecondition",
+            ErrorCode::DeadlineExceeded => "DeadlineExceeded",
+            ErrorCode::Internal => "Internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Writes one length-prefixed JSON message.
@@ -142,13 +177,43 @@ mod tests {
         write_message(
             &mut buf,
             &PodResponse::Failed {
-                code: "Internal".into(),
+                code: ErrorCode::Internal,
                 message: "x".into(),
             },
         )
         .unwrap();
         buf.truncate(buf.len() - 1);
         assert!(read_message::<PodResponse>(&buf[..]).is_err());
+    }
+
+    #[test]
+    fn error_codes_travel_by_their_grpc_names_and_unknown_ones_read_as_internal() {
+        let failed = PodResponse::Failed {
+            code: ErrorCode::FailedPrecondition,
+            message: "m".into(),
+        };
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!(json["code"], "FailedPrecondition");
+        for code in [
+            ErrorCode::InvalidArgument,
+            ErrorCode::NotFound,
+            ErrorCode::FailedPrecondition,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+        let unknown: PodResponse = serde_json::from_str(
+            r#"{"response": "failed", "code": "ResourceExhausted", "message": "m"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            unknown,
+            PodResponse::Failed {
+                code: ErrorCode::Internal,
+                message: "m".into()
+            }
+        );
     }
 
     #[test]

@@ -366,7 +366,7 @@ pub async fn checkpoint_pod(
         Ok(PodResponse::Failed { code, message }) => {
             empty_dir(&output);
             return Err(Status::new(
-                code_from_name(&code),
+                grpc_code(code),
                 format!("pod sandbox {sandbox}: {message}"),
             ));
         }
@@ -747,14 +747,15 @@ fn has_own_user_namespace(config: &serde_json::Value) -> bool {
     userns.is_object() && userns["mode"].as_i64().unwrap_or(0) != 2
 }
 
-/// A gRPC code from the name the shim's pod service uses.
-pub fn code_from_name(name: &str) -> tonic::Code {
-    match name {
-        "InvalidArgument" => tonic::Code::InvalidArgument,
-        "FailedPrecondition" => tonic::Code::FailedPrecondition,
-        "NotFound" => tonic::Code::NotFound,
-        "DeadlineExceeded" => tonic::Code::DeadlineExceeded,
-        _ => tonic::Code::Internal,
+/// The gRPC code of a pod service failure.
+pub fn grpc_code(code: podsnap_pod_api::ErrorCode) -> tonic::Code {
+    use podsnap_pod_api::ErrorCode;
+    match code {
+        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorCode::Internal => tonic::Code::Internal,
     }
 }
 
