@@ -1,19 +1,25 @@
 //! The `checkpoint.k8s.io/v1alpha1` API (KEP-5823) as Rust types: `PodCheckpoint` and
-//! `PodRestore`. Their CustomResourceDefinitions, with validation and printer columns, are
-//! written by hand in `deploy/crds/`; these types read and write the same fields. The finalizers
-//! the controller and the node agent put on PodCheckpoints are in [`finalizers`].
+//! `PodRestore`. Their CustomResourceDefinitions, with validation (OpenAPI and CEL), printer
+//! columns, subresources and short names, are generated from these types ([`crds`]) into
+//! `deploy/crds/` by `cargo run -p podsnap-checkpoint-api --bin crdgen`; a unit test fails when
+//! the files there differ from what the types generate. The finalizers the controller and the
+//! node agent put on PodCheckpoints are in [`finalizers`].
 //!
 //! A checkpoint's pod spec is not in the PodCheckpoint: whoever may read PodCheckpoints (every
 //! node's agent, cluster-wide) would read every namespace's pod specs. It is kept in a `PodTemplate`
 //! beside it ([`checkpointed_pod_template_name`]), owned by the PodCheckpoint (garbage-collected
 //! with it), which only the controller reads; the status names it ([`PodTemplateRef`]).
 
+pub mod crds;
 pub mod finalizers;
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use crds::crds;
 
 /// The annotation that makes the (patched) kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
@@ -36,7 +42,7 @@ pub fn checkpointed_pod_template_name(uid: &str) -> String {
 /// (name and UID) and the version the controller wrote. A restore refuses a template that is
 /// another object or was changed since (its resourceVersion moved): the spec restored pods
 /// start from is the one checkpointed, not one someone who may edit PodTemplates wrote later.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodTemplateRef {
     pub name: String,
@@ -45,28 +51,68 @@ pub struct PodTemplateRef {
 }
 
 /// A checkpoint of one running pod.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+// `type_ = "string"` in several printcolumns is no duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "checkpoint.k8s.io",
     version = "v1alpha1",
     kind = "PodCheckpoint",
     namespaced,
     status = "PodCheckpointStatus",
-    schema = "disabled"
+    shortname = "pcp",
+    doc = "A checkpoint of one running pod, taken by podsnap-controller through the kubelet's pod checkpoint API on the pod's node.",
+    // A *.k8s.io group needs this; KEP-5823 is the API's review.
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes/enhancements/pull/5823"),
+    // podsnapd's node agents watch only their own node's checkpoints
+    // (fieldSelector=status.nodeName=<node>).
+    selectable = ".status.nodeName",
+    printcolumn(name = "Source Pod", type_ = "string", json_path = ".spec.sourcePodName"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PodCheckpointSpec {
+    /// The pod to checkpoint, in this namespace. Immutable.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("sourcePodName is immutable"))]
     pub source_pod_name: String,
+    /// How long the checkpoint may take; the runtime's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: Option<i32>,
+    /// What happens to the node-local checkpoint data when this object is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DeletionPolicy>", extend("default" = "Retain"))]
     pub deletion_policy: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+/// What happens to a checkpoint's node-local data when its PodCheckpoint is deleted.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DeletionPolicy {
+    // (Variants without doc comments: documented ones would make the schema a oneOf, not an enum.)
+    // The data stays on the node.
+    #[default]
+    Retain,
+    // podsnapd's node agent removes the data (finalizer `checkpoint.k8s.io/node-data`).
+    Delete,
+}
+
+/// Where a PodCheckpoint is.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PodCheckpointPhase {
+    Pending,
+    Checkpointing,
+    Ready,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<PodCheckpointPhase>")]
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -79,51 +125,91 @@ pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub completion_time: Option<String>,
-    /// The `PodTemplate` holding the source pod's spec when it was checkpointed: restored pods
-    /// start from it.
+    /// The PodTemplate (in this namespace, owned by this PodCheckpoint) that holds the source
+    /// pod's spec when it was checkpointed; restores start from it, and only from this object at
+    /// this resourceVersion. It is not kept here: whoever may read PodCheckpoints (every node's
+    /// agent) would read every namespace's pod specs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template_ref: Option<PodTemplateRef>,
-    /// Where controllers before `podTemplateRef` kept the pod spec: read by restores of their
-    /// checkpoints, never written.
+    /// Deprecated: where controllers before podTemplateRef kept the source pod's spec. Read by
+    /// restores of such checkpoints, no longer written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crds::preserved_object")]
     pub checkpointed_pod_spec: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 }
 
 /// Pods restored from a PodCheckpoint.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+// `type_ = "string"` in several printcolumns is no duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "checkpoint.k8s.io",
     version = "v1alpha1",
     kind = "PodRestore",
     namespaced,
     status = "PodRestoreStatus",
-    schema = "disabled"
+    shortname = "prs",
+    doc = "One or more pods restored from a Ready PodCheckpoint, on the checkpoint's node, by podsnap-controller (the kubelet restores them: checkpoint.k8s.io/restore-from).",
+    annotation(
+        "api-approved.kubernetes.io",
+        "https://github.com/kubernetes/enhancements/pull/5823"
+    ),
+    printcolumn(
+        name = "Checkpoint",
+        type_ = "string",
+        json_path = ".spec.checkpointName"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Restored Pod",
+        type_ = "string",
+        json_path = ".status.restoredPodName"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
+#[x_kube(validation = Rule::new(
+    "!has(self.podTemplate) || !has(self.podTemplate.metadata) || !has(self.podTemplate.metadata.name) || !has(self.replicas) || self.replicas == 1"
+).message("podTemplate.metadata.name can only be set with one replica"))]
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreSpec {
+    /// The PodCheckpoint to restore, in this namespace. Immutable.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpointName is immutable"))]
     pub checkpoint_name: String,
+    /// How many independent pods to restore from the checkpoint (warm start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100), extend("default" = 1))]
     pub replicas: Option<i32>,
+    /// Labels, annotations and (with one replica) the name of the restored pods. Their spec is
+    /// the checkpointed pod's: containers given here are ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template: Option<PodTemplate>,
 }
 
 /// What a PodRestore may say about its pods: labels, annotations, and a name for a single one.
 /// The spec is the checkpointed pod's; a template's spec is ignored.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 pub struct PodTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<TemplateMetadata>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crds::preserved_object")]
     pub spec: Option<serde_json::Value>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 pub struct TemplateMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -131,10 +217,20 @@ pub struct TemplateMetadata {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+/// Where a PodRestore is.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PodRestorePhase {
+    Pending,
+    Restoring,
+    Completed,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<PodRestorePhase>")]
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -145,22 +241,33 @@ pub struct PodRestoreStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restored_pod_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 }
 
 /// A status condition, as `metav1.Condition` has it.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
     pub type_: String,
+    #[schemars(with = "ConditionStatus")]
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: Option<String>,
+}
+
+/// A condition's status.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
 }
 
 impl Condition {
