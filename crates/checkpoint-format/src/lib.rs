@@ -17,9 +17,17 @@
 //! and lists exactly the regular files present with their sha256; symlinks, devices, FIFOs,
 //! sockets and paths that leave the directory are refused. This crate does not create
 //! containers or talk to CRIU.
+//!
+//! It is the one owner of podsnap's on-disk format: the pod manifest (here), a container's
+//! checkpoint directory ([`container`]: metadata, descriptors, `podsnap.sha256`),
+//! `config.dump`/`spec.dump` ([`dumps`]), compressed pages ([`pages`]), the restore grant and
+//! the restore annotation's name ([`grant`]), and what CRIU's images say about credentials
+//! ([`creds`], [`criu_image`]). The shim and podsnapd read and write these only through it.
 
+pub mod container;
 pub mod creds;
 pub mod criu_image;
+pub mod dumps;
 pub mod grant;
 pub mod pages;
 
@@ -36,8 +44,12 @@ use sha2::{Digest, Sha256};
 pub const MANIFEST: &str = "podsnap-manifest.json";
 /// The manifest's `format` value.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The manifest version this build writes and reads.
+/// The manifest's major version, which this build writes and reads. Versions follow one rule,
+/// here and in [`container::Metadata`]: a minor version only adds optional fields, so a reader
+/// accepts every minor version of its major version; another major version is refused.
 pub const VERSION: u32 = 1;
+/// The manifest's minor version this build writes.
+pub const MINOR: u32 = 0;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 16 << 20;
 /// The directory of a pod checkpoint that holds the pod's emptyDir volume archives
@@ -143,7 +155,11 @@ pub fn image_name<'a>(config: &'a serde_json::Value, image: &'a str) -> &'a str 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub format: String,
+    /// The major version ([`VERSION`]).
     pub version: u32,
+    /// The minor version (absent in manifests written before it existed: 0).
+    #[serde(default)]
+    pub minor: u32,
     /// RFC 3339 time of the checkpoint.
     pub created: String,
     pub pod: PodEntry,
@@ -267,7 +283,12 @@ pub fn write_manifest_reusing(
         source,
     })?;
     let mut file = private_file(&path).map_err(io(&path))?;
-    file.write_all(&data).map_err(io(&path))
+    file.write_all(&data).map_err(io(&path))?;
+    file.sync_all().map_err(io(&path))?;
+    // The checkpoint counts as written once its manifest is: make the directory entry durable.
+    fs::File::open(root)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(root))
 }
 
 /// Reads and checks a pod checkpoint before anything is restored from it.
@@ -320,16 +341,26 @@ fn read_manifest(root: &Path) -> Result<(Manifest, String)> {
         return Err(Error::TooLarge(data.len() as u64));
     }
     let digest = hex(&Sha256::digest(&data));
-    let manifest: Manifest = serde_json::from_slice(&data).map_err(|source| Error::Malformed {
+    let malformed = |source| Error::Malformed {
         path: path.clone(),
         source,
-    })?;
-    if manifest.format != FORMAT || manifest.version != VERSION {
+    };
+    /// Format and major version, read first: another major version may have other fields.
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        format: String,
+        #[serde(default)]
+        version: u32,
+    }
+    let version: Version = serde_json::from_slice(&data).map_err(malformed)?;
+    if version.format != FORMAT || version.version != VERSION {
         return Err(Error::Format {
-            format: manifest.format,
-            version: manifest.version,
+            format: version.format,
+            version: version.version,
         });
     }
+    let manifest: Manifest = serde_json::from_slice(&data).map_err(malformed)?;
     Ok((manifest, digest))
 }
 
@@ -431,6 +462,7 @@ mod tests {
         let mut manifest = Manifest {
             format: FORMAT.into(),
             version: VERSION,
+            minor: MINOR,
             created: "2026-11-27T00:00:00Z".into(),
             pod: PodEntry {
                 sandbox_id: "sb".into(),
@@ -462,6 +494,38 @@ mod tests {
         let manifest = sample(dir.path());
         assert_eq!(manifest.files.len(), 2);
         assert_eq!(verify(dir.path()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn a_later_minor_version_is_read_and_another_major_version_is_refused() {
+        let rewrite = |root: &Path, edit: &dyn Fn(&mut serde_json::Value)| {
+            let path = root.join(MANIFEST);
+            let mut value: serde_json::Value =
+                serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            edit(&mut value);
+            fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        rewrite(dir.path(), &|v| {
+            v["minor"] = (MINOR + 2).into();
+            v["a_field_of_a_later_minor"] = true.into();
+        });
+        assert_eq!(verify(dir.path()).unwrap().minor, MINOR + 2);
+        // Written before the minor version existed.
+        rewrite(dir.path(), &|v| {
+            v.as_object_mut().unwrap().remove("minor");
+        });
+        assert_eq!(verify(dir.path()).unwrap().minor, 0);
+        // Another major version is refused as such, even with fields this build lacks.
+        rewrite(dir.path(), &|v| {
+            *v = serde_json::json!({"format": FORMAT, "version": VERSION + 1, "pods": []});
+        });
+        let err = verify(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, Error::Format { version, .. } if version == VERSION + 1),
+            "{err}"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn sample(root: &Path, container: &str) -> Manifest {
     let mut manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
+        minor: podsnap_checkpoint_format::MINOR,
         created: "2026-11-27T00:00:00Z".into(),
         pod: PodEntry {
             sandbox_id: "sb".into(),

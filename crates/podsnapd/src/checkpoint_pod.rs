@@ -131,30 +131,6 @@ fn verbose_info(info: &std::collections::HashMap<String, String>) -> serde_json:
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // Civil-from-days (Howard Hinnant), to avoid a date crate for one timestamp.
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// Removes everything under `dir` (not `dir` itself: the caller made it).
 pub fn empty_dir(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -410,7 +386,8 @@ pub async fn checkpoint_pod(
             let mut manifest = Manifest {
                 format: FORMAT.to_string(),
                 version: VERSION,
-                created: rfc3339_now(),
+                minor: podsnap_checkpoint_format::MINOR,
+                created: podsnap_checkpoint_format::dumps::rfc3339_now(),
                 pod: PodEntry {
                     sandbox_id: sandbox,
                     name: metadata.name,
@@ -435,17 +412,11 @@ pub async fn checkpoint_pod(
             // and keep one integrity list for the whole checkpoint: the manifest's.
             let mut known = std::collections::BTreeMap::new();
             for s in &selected {
-                let sums = output.join(&s.name).join("checkpoint/podsnap.sha256");
-                let listed = std::fs::read_to_string(&sums).unwrap_or_default();
-                for line in listed.lines() {
-                    if let Some((hash, file)) = line.split_once("  ") {
-                        known.insert(format!("{}/checkpoint/{file}", s.name), hash.to_string());
-                    }
-                }
-                match std::fs::remove_file(&sums) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("remove {}: {e}", sums.display())),
+                let images = output.join(&s.name).join("checkpoint");
+                let sums = podsnap_checkpoint_format::container::take_sums(&images)
+                    .map_err(|e| format!("container {}: {e}", s.name))?;
+                for (file, hash) in sums {
+                    known.insert(format!("{}/checkpoint/{file}", s.name), hash);
                 }
             }
             podsnap_checkpoint_format::write_manifest_reusing(&output, &mut manifest, &known)
@@ -761,41 +732,23 @@ pub fn grpc_code(code: podsnap_pod_api::ErrorCode) -> tonic::Code {
 
 /// `config.dump` (what checkpointctl reads), `spec.dump` and `stats-dump` of one container.
 fn write_container_files(dir: &Path, s: &Selected, runtime: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = |name: &str, value: &serde_json::Value| -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dir.join(name))?;
-        file.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)
+    use podsnap_checkpoint_format::dumps;
+    let config = dumps::ConfigDump {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        rootfs_image: s.image.clone(),
+        rootfs_image_ref: s.image_ref.clone(),
+        rootfs_image_name: podsnap_checkpoint_format::image_name(&s.config, &s.image).to_string(),
+        runtime: runtime.to_string(),
+        created_time: dumps::rfc3339(s.created_at.div_euclid(1_000_000_000)),
+        checkpointed_time: dumps::rfc3339_now(),
     };
-    let created = s.created_at;
-    write(
-        "config.dump",
-        &serde_json::json!({
-            "id": s.id,
-            "name": s.name,
-            "rootfsImage": s.image,
-            "rootfsImageRef": s.image_ref,
-            "rootfsImageName": podsnap_checkpoint_format::image_name(&s.config, &s.image),
-            "runtime": runtime,
-            "createdTime": rfc3339_from_nanos(created),
-            "checkpointedTime": rfc3339_now(),
-        }),
-    )?;
-    write("spec.dump", &s.spec)?;
+    dumps::write(dir, &config, &s.spec)?;
     let stats = dir.join("checkpoint").join("stats-dump");
     if stats.exists() {
         std::fs::copy(&stats, dir.join("stats-dump"))?;
     }
     Ok(())
-}
-
-fn rfc3339_from_nanos(_nanos: i64) -> String {
-    // The creation time is informational; checkpointctl prints it as given.
-    rfc3339_now()
 }
 
 #[cfg(test)]
@@ -1094,13 +1047,6 @@ mod tests {
         assert_eq!(tree_size(&root, 100), 1000 + 24 + 4 * 512);
         assert!(tree_size(&root, 1) < 1000 + 24 + 4 * 512);
         assert_eq!(tree_size(&dir.path().join("missing"), 100), 0);
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        let t = rfc3339_now();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
     }
 
     #[test]

@@ -415,6 +415,7 @@ mod tests {
         Manifest {
             format: podsnap_checkpoint_format::FORMAT.into(),
             version: podsnap_checkpoint_format::VERSION,
+            minor: podsnap_checkpoint_format::MINOR,
             created: String::new(),
             pod: podsnap_checkpoint_format::PodEntry {
                 sandbox_id: "sb".into(),

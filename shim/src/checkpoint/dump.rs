@@ -1,0 +1,208 @@
+//! Capturing a running container with CRIU into a checkpoint directory.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use criu_rpc::{CgroupMode, Criu, DumpOptions};
+use oci_spec::runtime::Spec;
+use podsnap_checkpoint_format::container as format;
+
+use super::mounts::{external_mounts, parse_mountinfo, v1_controllers};
+use super::{
+    CRIU_LOG_LEVEL, CheckpointOptions, Metadata, joined_namespace, namespace_key, namespace_kind,
+    private_dir,
+};
+
+/// Everything a dump needs to know about the container.
+pub struct DumpTarget<'a> {
+    pub id: &'a str,
+    pub pid: i32,
+    pub spec: &'a Spec,
+    pub rootfs: &'a Path,
+    /// The cgroup to freeze while dumping (the freezer hierarchy on v1).
+    pub freezer: Option<PathBuf>,
+}
+
+/// Dumps the container into `images` (created 0700 if missing) and seals it (`podsnap.sha256`).
+/// On error, files this call wrote are removed and the container keeps running.
+pub fn dump(
+    target: &DumpTarget<'_>,
+    images: &Path,
+    opts: &CheckpointOptions,
+) -> anyhow::Result<()> {
+    let created = !images.exists();
+    dump_unsealed(target, images, opts)?;
+    seal(images).inspect_err(|_| {
+        if created {
+            let _ = fs::remove_dir_all(images);
+        } else {
+            remove_written(images);
+        }
+    })
+}
+
+/// Writes `podsnap.sha256` for a dumped checkpoint. Needs no frozen container: a pod checkpoint
+/// seals its containers' images after thawing them.
+pub fn seal(images: &Path) -> anyhow::Result<()> {
+    format::seal(images).with_context(|| format!("seal checkpoint {}", images.display()))
+}
+
+/// Why a container with a user namespace is not checkpointed (`None` when it has none).
+///
+/// CRIU 4.1.1 dumps such a container, but it restores a user namespace only by creating a new
+/// one from the dumped maps: the restored processes would not be in the new pod's user
+/// namespace, and would hold no capability over the pod's network namespace, which that one
+/// owns (`--join-ns user:` is documented as untested, and does not combine with a dumped user
+/// namespace). Refused before anything is frozen or written, never half-restored later.
+pub fn user_namespace_refusal(id: &str, spec: &Spec) -> Option<String> {
+    crate::mount_sources::has_user_namespace(spec).then(|| {
+        format!(
+            "container {id} runs in a user namespace (hostUsers: false): podsnap cannot yet \
+             restore a container into its pod's user namespace, so it is not checkpointed"
+        )
+    })
+}
+
+/// [`dump`] without [`seal`]: what must happen while the container is frozen.
+pub fn dump_unsealed(
+    target: &DumpTarget<'_>,
+    images: &Path,
+    opts: &CheckpointOptions,
+) -> anyhow::Result<()> {
+    let id = target.id;
+    if let Some(refusal) = user_namespace_refusal(id, target.spec) {
+        anyhow::bail!(refusal);
+    }
+    let created = !images.exists();
+    if created {
+        private_dir(images)?;
+    } else {
+        // Given by the caller (a pod checkpoint made it already): root-only all the same, but
+        // not made again should it vanish meanwhile.
+        fs::set_permissions(images, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", images.display()))?;
+    }
+    let work = match &opts.work_path {
+        Some(dir) => {
+            private_dir(dir)?;
+            None
+        }
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("podsnap-criu-work-")
+                .tempdir()
+                .context("create CRIU work directory")?,
+        ),
+    };
+    let work_dir = opts
+        .work_path
+        .clone()
+        .unwrap_or_else(|| work.as_ref().expect("made above").path().to_path_buf());
+    let result = dump_into(target, images, &work_dir, opts);
+    if result.is_err() {
+        if created {
+            let _ = fs::remove_dir_all(images);
+        } else {
+            remove_written(images);
+        }
+    }
+    result.with_context(|| format!("checkpoint container {id}"))
+}
+
+/// Removes what a failed dump wrote into a directory the caller gave.
+fn remove_written(images: &Path) {
+    if let Ok(entries) = fs::read_dir(images) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".img")
+                || [
+                    format::DESCRIPTORS,
+                    format::METADATA,
+                    format::CHECKSUMS,
+                    "stats-dump",
+                ]
+                .contains(&name.as_ref())
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn dump_into(
+    target: &DumpTarget<'_>,
+    images: &Path,
+    work: &Path,
+    opts: &CheckpointOptions,
+) -> anyhow::Result<()> {
+    let pid = target.pid;
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .with_context(|| format!("read mounts of pid {pid}"))?;
+    let mounts = external_mounts(&parse_mountinfo(&mountinfo), target.spec)?;
+    let mut metadata = Metadata {
+        external_mounts: mounts.clone(),
+        external_namespaces: Vec::new(),
+        tcp_established: opts.open_tcp,
+        ext_unix_sk: opts.external_unix_sockets,
+        file_locks: opts.file_locks,
+        shell_job: opts.terminal,
+        ..Metadata::current()
+    };
+    let mut criu_opts = DumpOptions::new(pid, images)
+        .work_dir(work)
+        .log_file("dump.log")
+        .log_level(CRIU_LOG_LEVEL)
+        .leave_running(!opts.exit)
+        .tcp_established(opts.open_tcp)
+        .ext_unix_sk(opts.external_unix_sockets)
+        .shell_job(opts.terminal)
+        .file_locks(opts.file_locks)
+        .manage_cgroups(CgroupMode::Soft)
+        .root(target.rootfs);
+    if let Some(freezer) = &target.freezer {
+        criu_opts = criu_opts.freeze_cgroup(freezer);
+    }
+    // Only the controllers the runtime manages: named hierarchies (name=systemd) and the
+    // unified one of a hybrid host hold the tasks wherever the shim is, and restoring those
+    // paths under the new container's root would nest cgroups ever deeper.
+    for controller in v1_controllers(pid) {
+        criu_opts = criu_opts.cgroup_dump_controller(controller);
+    }
+    for m in &mounts {
+        criu_opts = criu_opts.ext_mount(m.destination(), m.destination());
+    }
+    for name in ["network", "pid"] {
+        let (typ, proc_name) = namespace_kind(name);
+        if joined_namespace(target.spec, typ).is_some() {
+            let ino = fs::metadata(format!("/proc/{pid}/ns/{proc_name}"))
+                .with_context(|| format!("stat {proc_name} namespace of pid {pid}"))?
+                .ino();
+            criu_opts = criu_opts.external(format!("{proc_name}[{ino}]:{}", namespace_key(name)));
+            metadata.external_namespaces.push(name.to_string());
+        }
+    }
+    let descriptors: Vec<String> = (0..3)
+        .map(|fd| {
+            fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "/dev/null".to_string())
+        })
+        .collect();
+    let mut criu = Criu::new();
+    if let Some(timeout) = opts.timeout {
+        criu = criu.timeout(timeout);
+    }
+    criu.dump(&criu_opts)?;
+    format::write_metadata(images, &metadata, &descriptors)?;
+    // CRIU writes its statistics next to its log; checkpointctl reads them from the images.
+    let _ = fs::copy(work.join("stats-dump"), images.join("stats-dump"));
+    // The images hold all of the container's memory, secrets included: root only.
+    for entry in fs::read_dir(images)?.flatten() {
+        fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", entry.path().display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Which of a container's mounts CRIU must treat as external at dump, and where each comes
+//! from in the new container at restore.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail, ensure};
+use oci_spec::runtime::Spec;
+
+use super::{ExternalMount, Metadata};
+
+/// One line of `/proc/<pid>/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub dev: String,
+    pub root: String,
+    pub mount_point: String,
+    pub fs_type: String,
+    pub super_options: String,
+    /// Whether its propagation is shared (a `shared:N` optional field).
+    pub shared: bool,
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            Some(MountInfo {
+                dev: fields.get(2)?.to_string(),
+                root: unescape(fields.get(3)?),
+                mount_point: unescape(fields.get(4)?),
+                fs_type: right.first()?.to_string(),
+                super_options: right.get(2).unwrap_or(&"").to_string(),
+                shared: fields.iter().skip(6).any(|f| f.starts_with("shared:")),
+            })
+        })
+        .collect()
+}
+
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// File systems CRIU dumps and restores itself when the container has the whole of them.
+const CRIU_FILESYSTEMS: [&str; 6] = ["proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup2"];
+
+/// Decides which of the container's mounts are external, from its mountinfo and spec.
+pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<ExternalMount>> {
+    let bind_destinations: Vec<String> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "bind" || o == "rbind")
+        })
+        .map(|m| m.destination().display().to_string())
+        .collect();
+    let whole: Vec<&MountInfo> = mounts.iter().filter(|m| m.root == "/").collect();
+    let mut external = Vec::new();
+    for m in mounts.iter().filter(|m| m.mount_point != "/") {
+        if bind_destinations.contains(&m.mount_point) {
+            external.push(ExternalMount::Spec {
+                destination: m.mount_point.clone(),
+            });
+        } else if m.root == "/" && CRIU_FILESYSTEMS.contains(&m.fs_type.as_str()) {
+            // CRIU dumps it.
+        } else if whole
+            .iter()
+            .any(|w| w.dev == m.dev && w.mount_point != "/" && w.mount_point != m.mount_point)
+        {
+            // A bind of part of a file system the container mounts whole: CRIU resolves it.
+        } else if m.fs_type == "cgroup" {
+            let controller = m
+                .super_options
+                .split(',')
+                .filter(|o| *o != "rw" && *o != "ro")
+                .collect::<Vec<_>>()
+                .join(",");
+            external.push(ExternalMount::Cgroup {
+                destination: m.mount_point.clone(),
+                controller,
+                whole: m.root == "/",
+            });
+        } else if m.fs_type == "devtmpfs" && m.root == "/null" {
+            external.push(ExternalMount::DevNull {
+                destination: m.mount_point.clone(),
+            });
+        } else {
+            bail!(
+                "mount {} ({} {}) comes from outside the container and is not in its spec: \
+                 it cannot be checkpointed",
+                m.mount_point,
+                m.fs_type,
+                m.root
+            );
+        }
+    }
+    Ok(external)
+}
+
+/// The cgroup v1 controllers of `pid` (from `/proc/<pid>/cgroup`), without named hierarchies.
+pub(super) fn v1_controllers(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(':').nth(1).map(str::to_string))
+        .flat_map(|list| list.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter(|c| !c.is_empty() && !c.starts_with("name="))
+        .collect()
+}
+
+/// Whether any of the external mount sources lies on a mount with shared propagation in the
+/// shim's mount namespace (then CRIU must restore mounts with its compat engine).
+pub(super) fn needs_compat_mounts(sources: &[(String, String)]) -> bool {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    sources
+        .iter()
+        .any(|(_, source)| on_shared_mount(Path::new(source), &mountinfo))
+}
+
+/// Whether `path` lies on a mount whose propagation is shared, per `mountinfo`: the mount with
+/// the longest mount point containing it (the last such line, when mounts are stacked).
+pub fn on_shared_mount(path: &Path, mountinfo: &str) -> bool {
+    let mut best: Option<(usize, bool)> = None;
+    for m in parse_mountinfo(mountinfo) {
+        if !path.starts_with(&m.mount_point) {
+            continue;
+        }
+        let depth = Path::new(&m.mount_point).components().count();
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, m.shared));
+        }
+    }
+    best.is_some_and(|(_, shared)| shared)
+}
+
+/// Where each external mount of the checkpoint comes from in the new container.
+pub fn mount_sources(
+    metadata: &Metadata,
+    spec: &Spec,
+    cgroup_path: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let relative = cgroup_path.strip_prefix("/").unwrap_or(cgroup_path);
+    metadata
+        .external_mounts
+        .iter()
+        .map(|m| {
+            let source = match m {
+                ExternalMount::Spec { destination } => spec
+                    .mounts()
+                    .iter()
+                    .flatten()
+                    .find(|s| s.destination() == Path::new(destination))
+                    .and_then(|s| s.source().clone())
+                    .with_context(|| {
+                        format!("the checkpoint has a bind mount at {destination} that the new container's spec lacks")
+                    })?,
+                ExternalMount::Cgroup {
+                    controller, whole, ..
+                } => {
+                    let hierarchy = controller
+                        .split(',')
+                        .find_map(|c| c.strip_prefix("name="))
+                        .unwrap_or(controller);
+                    let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+                    if *whole { base } else { base.join(relative) }
+                }
+                ExternalMount::DevNull { .. } => PathBuf::from("/dev/null"),
+            };
+            let source = source.display().to_string();
+            ensure!(
+                Path::new(&source).exists(),
+                "source {source} of mount {} does not exist",
+                m.destination()
+            );
+            Ok((m.destination().to_string(), source))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+148 91 0:59 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
+149 148 0:69 / /proc rw,nosuid - proc proc rw
+150 148 0:70 / /dev rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+151 150 0:71 / /dev/pts rw - devpts devpts rw,gid=5
+153 148 0:64 / /sys ro - sysfs sysfs rw
+154 153 0:72 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+155 154 0:29 /k8s.io/abc /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+163 154 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
+164 148 254:0 /var/lib/sandboxes/x/hostname /etc/hostname rw - ext4 /dev/vda rw
+167 150 0:56 / /dev/shm rw - tmpfs shm rw,size=65536k
+170 149 0:69 /sys /proc/sys ro - proc proc rw
+171 149 0:5 /null /proc/kcore rw - devtmpfs udev rw
+";
+
+    /// A spec with one bind mount per `(destination, source)`.
+    pub(crate) fn spec_with_binds(binds: &[(&str, &str)]) -> Spec {
+        let mut spec = Spec::default();
+        let mounts = binds
+            .iter()
+            .map(|(destination, source)| {
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(*destination)
+                    .typ("bind")
+                    .source(*source)
+                    .options(vec!["rbind".to_string()])
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        spec.set_mounts(Some(mounts));
+        spec
+    }
+
+    #[test]
+    fn a_source_on_a_shared_mount_is_told_apart() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 22 254:0 /var/lib/k /var/lib/k rw,relatime shared:301 - ext4 /dev/vda rw
+91 90 0:55 / /var/lib/k/pods/u/volumes/x rw shared:302 - tmpfs tmpfs rw
+92 22 0:56 / /tmp/priv rw - tmpfs tmpfs rw
+";
+        assert!(on_shared_mount(
+            Path::new("/var/lib/k/pods/u/etc-hosts"),
+            mountinfo
+        ));
+        assert!(on_shared_mount(
+            Path::new("/var/lib/k/pods/u/volumes/x/file"),
+            mountinfo
+        ));
+        assert!(!on_shared_mount(Path::new("/tmp/priv/data"), mountinfo));
+        assert!(!on_shared_mount(Path::new("/var/lib/kx/file"), mountinfo));
+        assert!(!on_shared_mount(Path::new("/srv"), mountinfo));
+    }
+
+    #[test]
+    fn mountinfo_fields_are_parsed() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(mounts.len(), 12);
+        assert_eq!(mounts[7].mount_point, "/sys/fs/cgroup/systemd");
+        assert_eq!(mounts[7].super_options, "rw,name=systemd");
+        assert_eq!(
+            parse_mountinfo("1 2 0:1 /a\\040b /c - ext4 x rw")[0].root,
+            "/a b"
+        );
+    }
+
+    #[test]
+    fn host_binds_cgroups_and_masks_are_external_the_rest_is_criu_s() {
+        let spec = spec_with_binds(&[
+            ("/etc/hostname", "/host/etc/hostname"),
+            ("/dev/shm", "/host/dev/shm"),
+        ]);
+        let external = external_mounts(&parse_mountinfo(MOUNTINFO), &spec).unwrap();
+        assert_eq!(
+            external,
+            vec![
+                ExternalMount::Cgroup {
+                    destination: "/sys/fs/cgroup/cpu".into(),
+                    controller: "cpu".into(),
+                    whole: false
+                },
+                ExternalMount::Cgroup {
+                    destination: "/sys/fs/cgroup/systemd".into(),
+                    controller: "name=systemd".into(),
+                    whole: true
+                },
+                ExternalMount::Spec {
+                    destination: "/etc/hostname".into()
+                },
+                ExternalMount::Spec {
+                    destination: "/dev/shm".into()
+                },
+                ExternalMount::DevNull {
+                    destination: "/proc/kcore".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_host_mount_missing_from_the_spec_cannot_be_checkpointed() {
+        let err = external_mounts(&parse_mountinfo(MOUNTINFO), &Spec::default()).unwrap_err();
+        assert!(err.to_string().contains("/etc/hostname"), "{err}");
+    }
+
+    #[test]
+    fn restore_needs_every_spec_mount_the_checkpoint_had() {
+        let metadata = Metadata {
+            external_mounts: vec![ExternalMount::Spec {
+                destination: "/data".into(),
+            }],
+            ..Metadata::current()
+        };
+        let err = mount_sources(&metadata, &Spec::default(), Path::new("/k8s.io/x")).unwrap_err();
+        assert!(err.to_string().contains("/data"), "{err}");
+    }
+}

@@ -1,0 +1,100 @@
+//! Bringing a container back from a checkpoint directory with CRIU, into a created container.
+
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use criu_rpc::{CgroupMode, Criu, RestoreOptions};
+use oci_spec::runtime::Spec;
+
+use super::mounts::{mount_sources, needs_compat_mounts};
+use super::{CRIU_LOG_LEVEL, Metadata, joined_namespace, namespace_key, namespace_kind};
+
+/// Everything a restore needs to know about the new container.
+pub struct RestoreTarget<'a> {
+    pub id: &'a str,
+    pub spec: &'a Spec,
+    pub rootfs: &'a Path,
+    /// The new container's cgroup path (relative to each hierarchy).
+    pub cgroup_path: &'a Path,
+    /// The container side of the new stdio: stdin, stdout, stderr.
+    pub stdio: [Option<&'a OwnedFd>; 3],
+}
+
+/// Restores a container from `images` into the created (not yet started) container described
+/// by `target`; returns the pid of its restored init, a child of this process.
+pub fn restore(
+    target: &RestoreTarget<'_>,
+    images: &Path,
+    metadata: &Metadata,
+    descriptors: &[String],
+) -> anyhow::Result<i32> {
+    let id = target.id;
+    // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
+    // into one: its processes would run outside the new container's mapping.
+    anyhow::ensure!(
+        !crate::mount_sources::has_user_namespace(target.spec),
+        "container {id} has a user namespace (hostUsers: false): podsnap cannot yet restore \
+         a checkpoint into one"
+    );
+    let sources = mount_sources(metadata, target.spec, target.cgroup_path)?;
+    let mut namespace_fds = Vec::new();
+    for name in &metadata.external_namespaces {
+        let (typ, _) = namespace_kind(name);
+        let path = joined_namespace(target.spec, typ).with_context(|| {
+            format!(
+                "the checkpoint joined the pod's {name} namespace but the new container has its own"
+            )
+        })?;
+        let fd: OwnedFd = fs::File::open(&path)
+            .with_context(|| format!("open {name} namespace {}", path.display()))?
+            .into();
+        namespace_fds.push((namespace_key(name), fd));
+    }
+    let work = tempfile::Builder::new()
+        .prefix("podsnap-criu-work-")
+        .tempdir()
+        .context("create CRIU work directory")?;
+    let cgroup = target.cgroup_path.display().to_string();
+    let mut opts = RestoreOptions::new(images)
+        .work_dir(work.path())
+        .log_file("restore.log")
+        .log_level(CRIU_LOG_LEVEL)
+        .root(target.rootfs)
+        .rst_sibling(true)
+        .manage_cgroups(CgroupMode::Soft)
+        .cgroup_root(None, cgroup)
+        .tcp_established(metadata.tcp_established)
+        .ext_unix_sk(metadata.ext_unix_sk)
+        .file_locks(metadata.file_locks)
+        .shell_job(metadata.shell_job)
+        // CRIU's mount-v2 engine cannot restore the sharing of external bind mounts whose
+        // sources lie on a shared mount, as the kubelet's root directory is
+        // (/dev/termination-log, /etc/hosts: "Failed to copy sharing ... Invalid argument",
+        // CRIU issue 2023): those need the compat engine. Everything else keeps mount-v2 (with
+        // the compat engine a shared file was seen read back empty after a pod restore).
+        .mntns_compat_mode(needs_compat_mounts(&sources));
+    for (destination, source) in &sources {
+        opts = opts.ext_mount(destination.as_str(), source.as_str());
+    }
+    for (key, fd) in &namespace_fds {
+        opts = opts.inherit_fd(*key, fd.as_fd());
+    }
+    for (index, descriptor) in descriptors.iter().enumerate() {
+        if descriptor.starts_with("pipe:") {
+            let fd = target.stdio[index].with_context(|| {
+                format!("the checkpoint's fd {index} was a pipe but the new container has none")
+            })?;
+            opts = opts.inherit_fd(descriptor.as_str(), fd.as_fd());
+        } else if descriptor.starts_with("/dev/pts/") {
+            bail!(
+                "container {id} was checkpointed with a terminal: restoring terminals is not supported"
+            );
+        }
+    }
+    let restored = Criu::new()
+        .restore(&opts)
+        .with_context(|| format!("restore container {id}"))?;
+    Ok(restored.pid)
+}
