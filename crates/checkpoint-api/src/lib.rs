@@ -84,8 +84,8 @@ pub struct PodCheckpointSpec {
     pub timeout_seconds: Option<i32>,
     /// What happens to the node-local checkpoint data when this object is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<DeletionPolicy>", extend("default" = "Retain"))]
-    pub deletion_policy: Option<String>,
+    #[schemars(extend("default" = "Retain"))]
+    pub deletion_policy: Option<DeletionPolicy>,
 }
 
 /// What happens to a checkpoint's node-local data when its PodCheckpoint is deleted.
@@ -111,6 +111,8 @@ pub enum PodCheckpointPhase {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodCheckpointStatus {
+    // A `PodCheckpointPhase` (its schema is that enum's; `PodCheckpointStatus::phase()` reads it
+    // as one). Still a string in Rust: podsnapd's node agent builds and reads it as one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<PodCheckpointPhase>")]
     pub phase: Option<String>,
@@ -230,8 +232,7 @@ pub enum PodRestorePhase {
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<PodRestorePhase>")]
-    pub phase: Option<String>,
+    pub phase: Option<PodRestorePhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,8 +252,7 @@ pub struct PodRestoreStatus {
 pub struct Condition {
     #[serde(rename = "type")]
     pub type_: String,
-    #[schemars(with = "ConditionStatus")]
-    pub status: String,
+    pub status: ConditionStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,10 +263,11 @@ pub struct Condition {
 }
 
 /// A condition's status.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConditionStatus {
     True,
     False,
+    #[default]
     Unknown,
 }
 
@@ -274,11 +275,72 @@ impl Condition {
     pub fn new(type_: &str, ok: bool, reason: &str, message: &str) -> Self {
         Condition {
             type_: type_.to_string(),
-            status: if ok { "True" } else { "False" }.to_string(),
+            status: if ok {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
             reason: Some(reason.to_string()),
             message: Some(message.to_string()),
             last_transition_time: Some(now()),
         }
+    }
+}
+
+/// `as_str` (the wire string), `Display` and `FromStr` (an error naming the values) for the
+/// API's string enums.
+macro_rules! wire_strings {
+    ($($enum:ident { $($variant:ident),+ })+) => {$(
+        impl $enum {
+            /// Every value, in the schema's order.
+            pub const ALL: &'static [$enum] = &[$($enum::$variant),+];
+
+            /// The value as the API has it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($enum::$variant => stringify!($variant)),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $enum {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $enum {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                $enum::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        let all: Vec<&str> = $enum::ALL.iter().map(|v| v.as_str()).collect();
+                        format!(
+                            "{s:?} is not a {}: one of {}",
+                            stringify!($enum),
+                            all.join(", ")
+                        )
+                    })
+            }
+        }
+    )+};
+}
+
+wire_strings! {
+    DeletionPolicy { Retain, Delete }
+    PodCheckpointPhase { Pending, Checkpointing, Ready, Failed }
+    PodRestorePhase { Pending, Restoring, Completed, Failed }
+    ConditionStatus { True, False, Unknown }
+}
+
+impl PodCheckpointStatus {
+    /// The phase, if it is one this API knows.
+    pub fn phase(&self) -> Option<PodCheckpointPhase> {
+        self.phase.as_deref().and_then(|p| p.parse().ok())
     }
 }
 
@@ -319,6 +381,45 @@ mod tests {
         .unwrap();
         let labels = &restore.spec.pod_template.unwrap().metadata.unwrap().labels;
         assert_eq!(labels["app"], "restored");
+    }
+
+    #[test]
+    fn enums_keep_their_wire_strings() {
+        let status: PodRestoreStatus = serde_json::from_value(serde_json::json!({
+            "phase": "Completed",
+            "conditions": [{"type": "Restored", "status": "True"}],
+        }))
+        .unwrap();
+        assert_eq!(status.phase, Some(PodRestorePhase::Completed));
+        assert_eq!(status.conditions[0].status, ConditionStatus::True);
+        assert_eq!(
+            serde_json::to_value(&status).unwrap(),
+            serde_json::json!({"phase": "Completed",
+                               "conditions": [{"type": "Restored", "status": "True"}]})
+        );
+        let spec: PodCheckpointSpec = serde_json::from_value(
+            serde_json::json!({"sourcePodName": "p", "deletionPolicy": "Delete"}),
+        )
+        .unwrap();
+        assert_eq!(spec.deletion_policy, Some(DeletionPolicy::Delete));
+        for phase in PodCheckpointPhase::ALL {
+            assert_eq!(
+                serde_json::to_value(phase).unwrap(),
+                serde_json::json!(phase.as_str())
+            );
+            assert_eq!(phase.as_str().parse::<PodCheckpointPhase>(), Ok(*phase));
+        }
+        assert!(
+            "Shred"
+                .parse::<DeletionPolicy>()
+                .unwrap_err()
+                .contains("one of Retain, Delete")
+        );
+        let checkpoint = PodCheckpointStatus {
+            phase: Some("Ready".into()),
+            ..Default::default()
+        };
+        assert_eq!(checkpoint.phase(), Some(PodCheckpointPhase::Ready));
     }
 
     #[test]

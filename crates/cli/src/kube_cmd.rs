@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::{
-    PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate, TemplateMetadata,
+    DeletionPolicy, PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate,
+    TemplateMetadata,
 };
 use serde::de::DeserializeOwned;
 
@@ -51,6 +52,10 @@ pub async fn checkpoint(
     deletion_policy: Option<String>,
     wait: Duration,
 ) -> anyhow::Result<()> {
+    let deletion_policy = deletion_policy
+        .map(|policy| policy.parse::<DeletionPolicy>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--deletion-policy: {e}"))?;
     let name = name.unwrap_or_else(|| format!("{pod}-{}", stamp()));
     let object = PodCheckpoint::new(
         &name,
@@ -158,7 +163,10 @@ impl Outcome for PodCheckpoint {
 impl Outcome for PodRestore {
     fn outcome(&self) -> (String, String, String) {
         let s = self.status.clone().unwrap_or_default();
-        let phase = s.phase.unwrap_or_else(|| "Pending".into());
+        let phase = s
+            .phase
+            .unwrap_or(podsnap_checkpoint_api::PodRestorePhase::Pending)
+            .to_string();
         (
             phase,
             s.reason.unwrap_or_default(),

@@ -21,8 +21,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    Condition, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointStatus, PodTemplateRef,
-    RUNTIME_CLASS, checkpointed_pod_template_name, now,
+    Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointPhase,
+    PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS, checkpointed_pod_template_name, now,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -40,7 +40,7 @@ pub async fn reconcile_timed(
 
 /// Whether the object's deletion policy is `Delete`.
 fn deletes_its_data(object: &PodCheckpoint) -> bool {
-    object.spec.deletion_policy.as_deref() == Some("Delete")
+    object.spec.deletion_policy == Some(DeletionPolicy::Delete)
 }
 
 fn has_finalizer(object: &PodCheckpoint, finalizer: &str) -> bool {
@@ -52,7 +52,8 @@ fn has_finalizer(object: &PodCheckpoint, finalizer: &str) -> bool {
 /// get) data on a node — every phase but Failed before it reached one.
 pub fn needs_node_data_finalizer(object: &PodCheckpoint) -> bool {
     let status = object.status.as_ref();
-    let failed_nowhere = status.and_then(|s| s.phase.as_deref()) == Some("Failed")
+    let failed_nowhere = status.and_then(PodCheckpointStatus::phase)
+        == Some(PodCheckpointPhase::Failed)
         && status.and_then(|s| s.node_name.as_deref()).is_none();
     deletes_its_data(object)
         && !has_finalizer(object, finalizers::NODE_DATA)
@@ -79,7 +80,7 @@ pub fn node_data_on_deletion(status: Option<&PodCheckpointStatus>) -> NodeDataOn
     let Some(status) = status.filter(|s| s.node_name.is_some()) else {
         return NodeDataOnDeletion::Nothing;
     };
-    if status.phase.as_deref() == Some("Checkpointing") {
+    if status.phase() == Some(PodCheckpointPhase::Checkpointing) {
         NodeDataOnDeletion::Abandoned
     } else {
         NodeDataOnDeletion::NodeAgent
@@ -133,7 +134,7 @@ async fn reconcile_deletion(
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
-    let phase = object.status.as_ref().and_then(|s| s.phase.clone());
+    let phase = object.status.as_ref().and_then(PodCheckpointStatus::phase);
     let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     if object.meta().deletion_timestamp.is_some() {
         return reconcile_deletion(&ctx, &api, &object).await;
@@ -144,24 +145,21 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
         return Ok(Action::await_change());
     }
-    match phase.as_deref() {
-        Some("Ready") => {
+    match phase {
+        Some(PodCheckpointPhase::Ready) => {
             if ctx.keep_last > 0 {
                 prune(&ctx, &api, &object).await?;
             }
             return Ok(Action::await_change());
         }
-        Some("Failed") => return Ok(Action::await_change()),
-        Some("Checkpointing") => {
+        Some(PodCheckpointPhase::Failed) => return Ok(Action::await_change()),
+        Some(PodCheckpointPhase::Checkpointing) => {
             // The cache can lag behind this controller's own status writes (a reconcile queued
             // by the Checkpointing update runs after the one that wrote Ready): ask the API
             // server before concluding anything.
             let fresh = api.get_opt(&name).await?;
-            if fresh
-                .and_then(|o| o.status)
-                .and_then(|s| s.phase)
-                .as_deref()
-                != Some("Checkpointing")
+            if fresh.and_then(|o| o.status).and_then(|s| s.phase())
+                != Some(PodCheckpointPhase::Checkpointing)
             {
                 return Ok(Action::await_change());
             }
@@ -279,7 +277,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }
     };
     let status = PodCheckpointStatus {
-        phase: Some("Ready".into()),
+        phase: Some(PodCheckpointPhase::Ready.to_string()),
         node_name: Some(node.clone()),
         checkpoint_location: Some(location.clone()),
         containers,
@@ -420,7 +418,8 @@ async fn prune(
         .filter(|c| {
             c.spec.source_pod_name == object.spec.source_pod_name
                 && c.meta().deletion_timestamp.is_none()
-                && c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready")
+                && c.status.as_ref().and_then(PodCheckpointStatus::phase)
+                    == Some(PodCheckpointPhase::Ready)
         })
         .collect();
     if ready.len() <= ctx.keep_last {

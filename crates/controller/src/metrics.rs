@@ -18,6 +18,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::api::PodCheckpointPhase;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: String,
@@ -73,10 +75,12 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A PodCheckpoint moved from phase `from` to `to` (nothing when they are the same).
-    pub fn phase_transition(&self, from: Option<&str>, to: &str) {
+    pub fn phase_transition(&self, from: Option<PodCheckpointPhase>, to: PodCheckpointPhase) {
         if from != Some(to) {
             self.phase
-                .get_or_create(&PhaseLabels { phase: to.into() })
+                .get_or_create(&PhaseLabels {
+                    phase: to.to_string(),
+                })
                 .inc();
         }
     }
@@ -166,9 +170,10 @@ mod tests {
     #[test]
     fn counts_transitions_with_the_keps_names() {
         let metrics = Metrics::default();
-        metrics.phase_transition(None, "Checkpointing");
-        metrics.phase_transition(Some("Checkpointing"), "Checkpointing");
-        metrics.phase_transition(Some("Checkpointing"), "Ready");
+        use PodCheckpointPhase::{Checkpointing, Ready};
+        metrics.phase_transition(None, Checkpointing);
+        metrics.phase_transition(Some(Checkpointing), Checkpointing);
+        metrics.phase_transition(Some(Checkpointing), Ready);
         metrics.ready_condition("True", "Checkpointed");
         metrics.reconciled(Duration::from_millis(30));
         let text = metrics.encode();

@@ -21,7 +21,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, PodTemplateRef, RESTORE_FROM,
+    Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
+    PodTemplateRef, RESTORE_FROM,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -29,10 +30,13 @@ use crate::{Context, Error, finalizers};
 pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
-    let phase = object.status.as_ref().and_then(|s| s.phase.clone());
+    let phase = object.status.as_ref().and_then(|s| s.phase);
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     let wanted = &object.spec.checkpoint_name;
-    if matches!(phase.as_deref(), Some("Completed" | "Failed")) {
+    if matches!(
+        phase,
+        Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
+    ) {
         release(&ctx, &checkpoints, &namespace, wanted).await?;
         return Ok(Action::await_change());
     }
@@ -46,9 +50,9 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         .await;
     };
     let status = checkpoint.status.clone().unwrap_or_default();
-    match status.phase.as_deref() {
-        Some("Ready") => {}
-        Some("Failed") => {
+    match status.phase() {
+        Some(PodCheckpointPhase::Ready) => {}
+        Some(PodCheckpointPhase::Failed) => {
             return fail(
                 &ctx,
                 &object,
@@ -204,7 +208,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         &ctx,
         object.as_ref(),
         json!({
-            "phase": if done { "Completed" } else { "Restoring" },
+            "phase": if done { PodRestorePhase::Completed } else { PodRestorePhase::Restoring },
             "restoredPodName": names[0],
             "restoredPodNames": names,
             "conditions": [Condition::new(

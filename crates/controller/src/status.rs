@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore};
+use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, PodRestorePhase};
 use crate::{Context, Error};
 
 /// An object of ours: a namespaced checkpoint.k8s.io kind with a status.
@@ -64,20 +64,20 @@ fn count_transitions(ctx: &Context, object: &PodCheckpoint, status: &serde_json:
         return;
     };
     let before = object.status.as_ref();
-    if let Some(phase) = &after.phase {
+    if let Some(phase) = after.phase() {
         ctx.metrics
-            .phase_transition(before.and_then(|s| s.phase.as_deref()), phase);
+            .phase_transition(before.and_then(PodCheckpointStatus::phase), phase);
     }
     let ready = |s: &PodCheckpointStatus| {
         s.conditions
             .iter()
             .find(|c| c.type_ == "Ready")
-            .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default()))
+            .map(|c| (c.status, c.reason.clone().unwrap_or_default()))
     };
     if let Some(now) = ready(&after)
         && before.and_then(ready) != Some(now.clone())
     {
-        ctx.metrics.ready_condition(&now.0, &now.1);
+        ctx.metrics.ready_condition(now.0.as_str(), &now.1);
     }
 }
 
@@ -137,8 +137,8 @@ pub async fn restore_in_progress(
         .any(|r| {
             r.spec.checkpoint_name == checkpoint
                 && !matches!(
-                    r.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Completed" | "Failed")
+                    r.status.as_ref().and_then(|s| s.phase),
+                    Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
                 )
         }))
 }
