@@ -18,7 +18,6 @@ use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
 use crate::api::{
     Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointPhase,
@@ -212,20 +211,18 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         .await;
     };
 
-    status::set(
-        &ctx,
-        object.as_ref(),
-        json!({
-            "phase": "Checkpointing", "nodeName": node, "reason": null, "message": null,
-            "conditions": [Condition::new(
-                "Ready",
-                false,
-                "CheckpointInProgress",
-                &format!("checkpointing {source} on {node}"),
-            )],
-        }),
-    )
-    .await?;
+    let checkpointing = PodCheckpointStatus {
+        phase: Some(PodCheckpointPhase::Checkpointing.to_string()),
+        node_name: Some(node.clone()),
+        conditions: vec![Condition::new(
+            "Ready",
+            false,
+            "CheckpointInProgress",
+            &format!("checkpointing {source} on {node}"),
+        )],
+        ..Default::default()
+    };
+    status::set(&ctx, object.as_ref(), &checkpointing).await?;
     // The kubelet records the object's UID beside the checkpoint: should this controller stop
     // before it writes the location, podsnapd's node agent finds the checkpoint by it.
     let query: Vec<String> = [
@@ -293,9 +290,8 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     };
     // The checkpoint exists now: recording it must not be lost to one failed write (a retried
     // reconcile would find the object Checkpointing and fail it).
-    let status = serde_json::to_value(&status).unwrap_or_default();
     let mut attempt = 1;
-    while let Err(e) = status::set(&ctx, object.as_ref(), status.clone()).await {
+    while let Err(e) = status::set(&ctx, object.as_ref(), &status).await {
         if attempt == 5 {
             return Err(e);
         }
@@ -473,7 +469,7 @@ async fn fail(
 mod tests {
     use super::*;
     use crate::fake_api::{FakeApi, Seen, context, path_of};
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     const GROUP: &str = "checkpoint.k8s.io/v1alpha1";
 

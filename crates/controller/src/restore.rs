@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::api::{
     Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
-    PodTemplateRef, RESTORE_FROM,
+    PodRestoreStatus, PodTemplateRef, RESTORE_FROM,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -204,21 +204,23 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         }
     }
     let done = running == names.len();
-    status::set(
-        &ctx,
-        object.as_ref(),
-        json!({
-            "phase": if done { PodRestorePhase::Completed } else { PodRestorePhase::Restoring },
-            "restoredPodName": names[0],
-            "restoredPodNames": names,
-            "conditions": [Condition::new(
-                "Restored", done,
-                if done { "PodsRunning" } else { "PodsStarting" },
-                &format!("{running} of {} restored pods running", names.len()),
-            )],
+    let status = PodRestoreStatus {
+        phase: Some(if done {
+            PodRestorePhase::Completed
+        } else {
+            PodRestorePhase::Restoring
         }),
-    )
-    .await?;
+        restored_pod_name: Some(names[0].clone()),
+        restored_pod_names: names.clone(),
+        conditions: vec![Condition::new(
+            "Restored",
+            done,
+            if done { "PodsRunning" } else { "PodsStarting" },
+            &format!("{running} of {} restored pods running", names.len()),
+        )],
+        ..Default::default()
+    };
+    status::set(&ctx, object.as_ref(), &status).await?;
     if done {
         release(&ctx, &checkpoints, &namespace, wanted).await?;
         publish(

@@ -4,43 +4,69 @@
 
 use kube::api::{Patch, PatchParams};
 use kube::core::NamespaceResourceScope;
+use kube::core::object::HasStatus;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use std::any::Any;
 
-use serde::Deserialize;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
-use crate::api::{Condition, PodCheckpoint, PodCheckpointStatus, PodRestore, PodRestorePhase};
+use crate::api::{
+    Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
+    PodRestoreStatus,
+};
 use crate::{Context, Error};
 
-/// An object of ours: a namespaced checkpoint.k8s.io kind with a status.
+/// An object of ours: a namespaced checkpoint.k8s.io kind with a typed status.
 pub trait Owned:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + HasStatus<Status: Serialize + std::fmt::Debug + 'static>
     + Clone
     + DeserializeOwned
     + std::fmt::Debug
     + 'static
 {
+    /// What [`fail`] merges into the status: phase Failed, `reason`, `message` and `condition`
+    /// (False).
+    fn failed(condition: Condition, reason: &str, message: &str) -> Self::Status;
 }
 
-impl<K> Owned for K where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + 'static
-{
+impl Owned for PodCheckpoint {
+    fn failed(condition: Condition, reason: &str, message: &str) -> PodCheckpointStatus {
+        PodCheckpointStatus {
+            phase: Some(PodCheckpointPhase::Failed.to_string()),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            conditions: vec![condition],
+            ..Default::default()
+        }
+    }
+}
+
+impl Owned for PodRestore {
+    fn failed(condition: Condition, reason: &str, message: &str) -> PodRestoreStatus {
+        PodRestoreStatus {
+            phase: Some(PodRestorePhase::Failed),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            conditions: vec![condition],
+            ..Default::default()
+        }
+    }
+}
+
+/// A JSON merge patch of an object's status subresource: `{"status": ...}`. Fields the typed
+/// status leaves unset (`None`, empty lists) are not in it, and the object keeps what it has
+/// there (a Failed checkpoint keeps its node and location).
+#[derive(Serialize, Debug)]
+struct StatusPatch<'a, S> {
+    status: &'a S,
 }
 
 /// Merges `status` into the object's status.
-pub async fn set<K: Owned>(
-    ctx: &Context,
-    object: &K,
-    status: serde_json::Value,
-) -> Result<(), Error> {
+pub async fn set<K: Owned>(ctx: &Context, object: &K, status: &K::Status) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(
         ctx.client.clone(),
         &object.namespace().unwrap_or_else(|| "default".into()),
@@ -48,21 +74,21 @@ pub async fn set<K: Owned>(
     api.patch_status(
         &object.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
+        &Patch::Merge(StatusPatch { status }),
     )
     .await?;
-    if let Some(checkpoint) = (object as &dyn Any).downcast_ref::<PodCheckpoint>() {
-        count_transitions(ctx, checkpoint, &status);
+    if let (Some(checkpoint), Some(status)) = (
+        (object as &dyn Any).downcast_ref::<PodCheckpoint>(),
+        (status as &dyn Any).downcast_ref::<PodCheckpointStatus>(),
+    ) {
+        count_transitions(ctx, checkpoint, status);
     }
     Ok(())
 }
 
 /// Counts a PodCheckpoint's phase and Ready condition transitions (from its status before,
-/// to the `status` just merged into it) in the metrics.
-fn count_transitions(ctx: &Context, object: &PodCheckpoint, status: &serde_json::Value) {
-    let Ok(after) = PodCheckpointStatus::deserialize(status) else {
-        return;
-    };
+/// to the status `after` just merged into it) in the metrics.
+fn count_transitions(ctx: &Context, object: &PodCheckpoint, after: &PodCheckpointStatus) {
     let before = object.status.as_ref();
     if let Some(phase) = after.phase() {
         ctx.metrics
@@ -74,7 +100,7 @@ fn count_transitions(ctx: &Context, object: &PodCheckpoint, status: &serde_json:
             .find(|c| c.type_ == "Ready")
             .map(|c| (c.status, c.reason.clone().unwrap_or_default()))
     };
-    if let Some(now) = ready(&after)
+    if let Some(now) = ready(after)
         && before.and_then(ready) != Some(now.clone())
     {
         ctx.metrics.ready_condition(now.0.as_str(), &now.1);
@@ -91,15 +117,8 @@ pub async fn fail<K: Owned>(
     message: &str,
 ) -> Result<Action, Error> {
     tracing::warn!(kind = %K::kind(&()), object = %object.name_any(), reason, message, "failed");
-    set(
-        ctx,
-        object,
-        json!({
-            "phase": "Failed", "reason": reason, "message": message,
-            "conditions": [Condition::new(condition, false, reason, message)],
-        }),
-    )
-    .await?;
+    let condition = Condition::new(condition, false, reason, message);
+    set(ctx, object, &K::failed(condition, reason, message)).await?;
     publish(ctx, object, EventType::Warning, reason, message).await;
     Ok(Action::await_change())
 }
