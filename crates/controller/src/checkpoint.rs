@@ -98,7 +98,9 @@ async fn reconcile_deletion(
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     if has_finalizer(object, finalizers::IN_USE) {
-        if status::restore_in_progress(ctx, &namespace, &name).await? {
+        if status::restore_in_progress(ctx, &namespace, &name, None) {
+            // Checked again shortly, on the store (the restore's watch event may reach this
+            // controller before the store has it).
             return Ok(Action::requeue(std::time::Duration::from_secs(2)));
         }
         finalizers::remove(api, object, finalizers::IN_USE).await?;
@@ -406,13 +408,16 @@ async fn prune(
     api: &Api<PodCheckpoint>,
     object: &PodCheckpoint,
 ) -> Result<(), Error> {
-    let mut ready: Vec<PodCheckpoint> = api
-        .list(&Default::default())
-        .await?
-        .items
+    // The controller's own reflector store (no LIST per reconcile): the object was reconciled
+    // Ready from it, so it is there as Ready.
+    let namespace = object.namespace();
+    let mut ready: Vec<Arc<PodCheckpoint>> = ctx
+        .checkpoints
+        .state()
         .into_iter()
         .filter(|c| {
-            c.spec.source_pod_name == object.spec.source_pod_name
+            c.namespace() == namespace
+                && c.spec.source_pod_name == object.spec.source_pod_name
                 && c.meta().deletion_timestamp.is_none()
                 && c.status.as_ref().and_then(PodCheckpointStatus::phase)
                     == Some(PodCheckpointPhase::Ready)

@@ -250,5 +250,7 @@ pub fn context(fake: &FakeApi) -> std::sync::Arc<crate::Context> {
         },
         keep_last: 0,
         metrics: Default::default(),
+        checkpoints: kube::runtime::reflector::store::Writer::default().as_reader(),
+        restores: kube::runtime::reflector::store::Writer::default().as_reader(),
     })
 }

@@ -22,11 +22,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use api::{PodCheckpoint, PodRestore};
 
@@ -52,6 +54,11 @@ pub struct Context {
     /// Retention: Ready checkpoints kept per source pod (0: all).
     pub keep_last: usize,
     pub metrics: Arc<metrics::Metrics>,
+    /// Every PodCheckpoint, as the PodCheckpoint controller's reflector has them (retention).
+    pub checkpoints: Store<PodCheckpoint>,
+    /// Every PodRestore, as the PodRestore controller's reflector has them (is a checkpoint in
+    /// use).
+    pub restores: Store<PodRestore>,
 }
 
 /// Why a reconcile failed (it is retried after a pause).
@@ -66,6 +73,21 @@ pub enum Error {
 pub(crate) fn requeue_on_error<K, C>(_: Arc<K>, error: &Error, _: Arc<C>) -> Action {
     tracing::warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// The PodRestores (in `store`) of `checkpoint`: what its changes reconcile.
+fn restores_of(
+    store: &Store<PodRestore>,
+    checkpoint: &PodCheckpoint,
+) -> Vec<ObjectRef<PodRestore>> {
+    let namespace = checkpoint.namespace();
+    let name = checkpoint.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|r| r.namespace() == namespace && r.spec.checkpoint_name == name)
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -84,6 +106,23 @@ async fn main() -> anyhow::Result<()> {
         None => kube::Config::infer().await?,
     };
     let client = Client::try_from(config)?;
+    let checkpoints = Controller::new(
+        Api::<PodCheckpoint>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    // A PodRestore waits for its checkpoint to be Ready and for its pods to run: their watch
+    // events reconcile it (its pods carry its controller owner reference).
+    let restores = Controller::new(
+        Api::<PodRestore>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let restore_store = restores.store();
+    let restores = restores.watches(
+        Api::<PodCheckpoint>::all(client.clone()),
+        watcher::Config::default(),
+        move |checkpoint| restores_of(&restore_store, &checkpoint),
+    );
     let context = Arc::new(Context {
         client: client.clone(),
         reporter: Reporter {
@@ -92,6 +131,8 @@ async fn main() -> anyhow::Result<()> {
         },
         keep_last: args.keep_last,
         metrics: Arc::new(metrics::Metrics::default()),
+        checkpoints: checkpoints.store(),
+        restores: restores.store(),
     });
     let serve_metrics = async {
         if args.metrics_bind_address == "0" {
@@ -108,22 +149,16 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("serve metrics on {addr}: {e}"))
     };
     tracing::info!("podsnap-controller started");
-    let checkpoints = Controller::new(
-        Api::<PodCheckpoint>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .run(
-        checkpoint::reconcile_timed,
-        requeue_on_error,
-        context.clone(),
-    )
-    .for_each(|_| async {});
-    let restores = Controller::new(
-        Api::<PodRestore>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .run(restore::reconcile, requeue_on_error, context.clone())
-    .for_each(|_| async {});
+    let checkpoints = checkpoints
+        .run(
+            checkpoint::reconcile_timed,
+            requeue_on_error,
+            context.clone(),
+        )
+        .for_each(|_| async {});
+    let restores = restores
+        .run(restore::reconcile, requeue_on_error, context.clone())
+        .for_each(|_| async {});
     tokio::select! {
         _ = checkpoints => {}
         _ = restores => {}

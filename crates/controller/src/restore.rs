@@ -37,7 +37,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         phase,
         Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
     ) {
-        release(&ctx, &checkpoints, &namespace, wanted).await?;
+        release(&ctx, &checkpoints, &namespace, wanted, &name).await?;
         return Ok(Action::await_change());
     }
     let Some(checkpoint) = checkpoints.get_opt(wanted).await? else {
@@ -64,7 +64,8 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             )
             .await;
         }
-        _ => return Ok(Action::requeue(Duration::from_secs(2))),
+        // Its watch event (Controller::watches) reconciles this restore again.
+        _ => return Ok(Action::await_change()),
     }
     let (Some(node), Some(location)) =
         (status.node_name.clone(), status.checkpoint_location.clone())
@@ -222,7 +223,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     };
     status::set(&ctx, object.as_ref(), &status).await?;
     if done {
-        release(&ctx, &checkpoints, &namespace, wanted).await?;
+        release(&ctx, &checkpoints, &namespace, wanted, &name).await?;
         publish(
             &ctx,
             object.as_ref(),
@@ -237,7 +238,8 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         .await;
         Ok(Action::await_change())
     } else {
-        Ok(Action::requeue(Duration::from_secs(2)))
+        // Its pods' watch events (Controller::owns) reconcile it again.
+        Ok(Action::await_change())
     }
 }
 
@@ -313,12 +315,14 @@ fn legacy_spec(
         .ok_or_else(|| format!("PodCheckpoint {checkpoint} is Ready but names no pod spec"))
 }
 
-/// Drops the checkpoint's in-use finalizer once no PodRestore of it is in progress.
+/// Drops the checkpoint's in-use finalizer once no PodRestore of it is in progress; `ended` is
+/// the PodRestore (Completed or Failed) that asks, which the store may not show ended yet.
 async fn release(
     ctx: &Context,
     checkpoints: &Api<PodCheckpoint>,
     namespace: &str,
     checkpoint: &str,
+    ended: &str,
 ) -> Result<(), Error> {
     let Some(object) = checkpoints.get_opt(checkpoint).await? else {
         return Ok(());
@@ -326,7 +330,7 @@ async fn release(
     if !object.finalizers().iter().any(|f| f == finalizers::IN_USE) {
         return Ok(());
     }
-    if !status::restore_in_progress(ctx, namespace, checkpoint).await? {
+    if !status::restore_in_progress(ctx, namespace, checkpoint, Some(ended)) {
         finalizers::remove(checkpoints, &object, finalizers::IN_USE).await?;
     }
     Ok(())

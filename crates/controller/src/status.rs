@@ -9,6 +9,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource, ResourceExt};
 use std::any::Any;
+#[cfg(test)]
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -141,23 +143,60 @@ where
     }
 }
 
-/// Whether a PodRestore of checkpoint `checkpoint` in `namespace` is neither Completed nor Failed.
-pub async fn restore_in_progress(
+/// Whether a PodRestore of checkpoint `checkpoint` in `namespace`, other than `except` (one the
+/// caller knows has ended), is neither Completed nor Failed: from the PodRestore controller's
+/// reflector store (no LIST per reconcile).
+pub fn restore_in_progress(
     ctx: &Context,
     namespace: &str,
     checkpoint: &str,
-) -> Result<bool, Error> {
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), namespace);
-    Ok(restores
-        .list(&Default::default())
-        .await?
-        .items
-        .iter()
-        .any(|r| {
-            r.spec.checkpoint_name == checkpoint
-                && !matches!(
-                    r.status.as_ref().and_then(|s| s.phase),
-                    Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
-                )
-        }))
+    except: Option<&str>,
+) -> bool {
+    ctx.restores.state().iter().any(|r| {
+        r.namespace().as_deref() == Some(namespace)
+            && r.spec.checkpoint_name == checkpoint
+            && except != Some(r.name_any().as_str())
+            && !matches!(
+                r.status.as_ref().and_then(|s| s.phase),
+                Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
+            )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    #[tokio::test]
+    async fn a_restore_in_progress_is_one_of_the_checkpoint_in_its_namespace_not_ended() {
+        let fake = crate::fake_api::FakeApi::default();
+        let mut context = crate::fake_api::context(&fake);
+        let mut writer = Writer::<PodRestore>::default();
+        for (namespace, name, checkpoint, phase) in [
+            ("default", "ended", "c", Some("Completed")),
+            ("default", "running", "c", Some("Restoring")),
+            ("other", "elsewhere", "d", None),
+        ] {
+            let restore: PodRestore = serde_json::from_value(serde_json::json!({
+                "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"checkpointName": checkpoint},
+                "status": {"phase": phase},
+            }))
+            .unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(restore));
+        }
+        Arc::get_mut(&mut context).unwrap().restores = writer.as_reader();
+        assert!(restore_in_progress(&context, "default", "c", None));
+        assert!(!restore_in_progress(
+            &context,
+            "default",
+            "c",
+            Some("running")
+        ));
+        assert!(restore_in_progress(&context, "other", "d", None));
+        assert!(!restore_in_progress(&context, "default", "d", None));
+    }
 }
