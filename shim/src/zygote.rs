@@ -57,6 +57,98 @@ pub enum Response {
     Failed { kind: Failure, message: String },
 }
 
+/// What the zygote sends back: its answer, and what it logged while it worked on it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub response: Response,
+    pub logs: Vec<LogLine>,
+}
+
+/// One log record of the zygote's (libcontainer's and libcgroups' `tracing` events arrive as
+/// `log` records), for the shim to log: the zygote was forked before the shim's logger existed,
+/// so everything reaches one logger, the shim's, which containerd collects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub level: String,
+    pub target: String,
+    pub message: String,
+}
+
+/// Most log lines one reply carries; the rest are counted, not sent.
+const MAX_LOG_LINES: usize = 64;
+/// Longest message a log line carries.
+const MAX_LOG_MESSAGE: usize = 512;
+
+/// The zygote's logger: keeps Info and above until the reply takes them.
+struct Collector {
+    lines: Mutex<(Vec<LogLine>, usize)>,
+}
+
+impl Collector {
+    const fn new() -> Self {
+        Collector {
+            lines: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    fn take(&self) -> Vec<LogLine> {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let (kept, dropped) = std::mem::take(&mut *lines);
+        let mut kept = kept;
+        if dropped > 0 {
+            kept.push(LogLine {
+                level: log::Level::Warn.to_string(),
+                target: "zygote".into(),
+                message: format!("{dropped} more log lines left out"),
+            });
+        }
+        kept
+    }
+}
+
+impl log::Log for Collector {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.0.len() >= MAX_LOG_LINES {
+            lines.1 += 1;
+            return;
+        }
+        let mut message = record.args().to_string();
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut end = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
+        lines.0.push(LogLine {
+            level: record.level().to_string(),
+            target: record.target().to_string(),
+            message,
+        });
+    }
+
+    fn flush(&self) {}
+}
+
+static COLLECTOR: Collector = Collector::new();
+
+/// Logs what the zygote logged, through the shim's logger, under target `zygote`.
+fn relay(lines: &[LogLine]) {
+    for line in lines {
+        let level = line.level.parse().unwrap_or(log::Level::Info);
+        log::log!(target: "zygote", level, "{}: {}", line.target, line.message);
+    }
+}
+
 /// What kind of failure the zygote met, from libcontainer's error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Failure {
@@ -173,7 +265,9 @@ pub fn call(request: &Request, fds: &[BorrowedFd<'_>]) -> Result<i32, ZygoteErro
             source,
         })?
         .ok_or(ZygoteError::Exited)?;
-    match serde_json::from_slice(&reply)? {
+    let reply: Reply = serde_json::from_slice(&reply)?;
+    relay(&reply.logs);
+    match reply.response {
         Response::Started { pid } => Ok(pid),
         Response::Failed { kind, message } => Err(ZygoteError::Failed { kind, message }),
     }
@@ -239,6 +333,10 @@ fn serve(sock: OwnedFd) -> ! {
             let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
         }
     }
+    // Everything logged here goes back with the reply ([`Collector`]).
+    if log::set_logger(&COLLECTOR).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     loop {
         let (payload, fds) = match recv(sock.as_raw_fd()) {
             Ok(Some(message)) => message,
@@ -259,7 +357,11 @@ fn serve(sock: OwnedFd) -> ! {
                 message: format!("malformed zygote request: {err}"),
             },
         };
-        let reply = serde_json::to_vec(&response).unwrap_or_default();
+        let reply = Reply {
+            response,
+            logs: COLLECTOR.take(),
+        };
+        let reply = serde_json::to_vec(&reply).unwrap_or_default();
         if send(sock.as_raw_fd(), &reply, &[]).is_err() {
             std::process::exit(1);
         }
@@ -362,5 +464,62 @@ fn handle(request: Request, fds: Vec<OwnedFd>) -> Result<i32, Failed> {
                 .map_err(|e| failed(format!("exec in container {id}"), &e))?;
             Ok(pid.as_raw())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use log::Log;
+
+    fn record(collector: &Collector, level: log::Level, message: &str) {
+        collector.log(
+            &log::Record::builder()
+                .level(level)
+                .target("libcgroups::v1::manager")
+                .args(format_args!("{message}"))
+                .build(),
+        );
+    }
+
+    #[test]
+    fn the_zygote_keeps_info_and_above_bounded_and_hands_them_over_once() {
+        let collector = Collector::new();
+        record(&collector, log::Level::Debug, "not kept");
+        record(
+            &collector,
+            log::Level::Warn,
+            "cgroup hugetlb not supported on this system",
+        );
+        record(
+            &collector,
+            log::Level::Error,
+            &"x".repeat(MAX_LOG_MESSAGE * 2),
+        );
+        let lines = collector.take();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(
+            lines[0],
+            LogLine {
+                level: "WARN".into(),
+                target: "libcgroups::v1::manager".into(),
+                message: "cgroup hugetlb not supported on this system".into(),
+            }
+        );
+        assert_eq!(lines[1].message.len(), MAX_LOG_MESSAGE + 3);
+        assert!(collector.take().is_empty(), "handed over twice");
+        for _ in 0..MAX_LOG_LINES + 5 {
+            record(&collector, log::Level::Info, "busy");
+        }
+        let lines = collector.take();
+        assert_eq!(lines.len(), MAX_LOG_LINES + 1);
+        assert_eq!(lines.last().unwrap().message, "5 more log lines left out");
+        // A reply with the lines fits the zygote's message size.
+        let reply = Reply {
+            response: Response::Started { pid: 1 },
+            logs: lines,
+        };
+        let size = serde_json::to_vec(&reply).unwrap().len();
+        assert!(size < MAX_MESSAGE, "{size}");
     }
 }
