@@ -1,23 +1,27 @@
 //! Pod and container configs in the JSON that `crictl runp` and `crictl create` take (the CRI
-//! messages' Go JSON: snake_case field names, enums as numbers), converted into the CRI types
+//! messages' Go JSON: snake_case field names, enums as numbers), read into the CRI types that
 //! `RestorePod` carries.
 //!
-//! A subset of fields is supported: the ones a restore needs or may set. A field outside it is
-//! an error naming it, not silently dropped. As conveniences beyond crictl, enums may also be
-//! written by their proto names (`"NODE"`, `"TCP"`, `"RuntimeDefault"`), and `null` counts as
-//! absent everywhere. Like crictl, a pod without a `metadata.uid` gets a fresh one.
+//! The JSON is decoded by the serde that `cri-api` generates (its `serde` feature: the proto3 JSON
+//! mapping); this module keeps only what that does not say:
+//! - A subset of fields is supported: the ones a restore needs or may set (`POD`,
+//!   `CONTAINER`). A field outside it is an error naming it, not silently dropped.
+//! - `null` counts as absent for every field, as Go's encoding/json reads it.
+//! - An env's `value` is a plain string, as crictl writes it (the proto field is bytes since
+//!   cri-api v0.34, which the proto3 mapping would take as base64).
+//! - A pod without a `metadata.uid` gets a fresh one, like crictl does; a pod needs a name and a
+//!   namespace, a container a name and an image.
+//!
+//! As conveniences beyond crictl, enums may also be written by their proto names (`"NODE"`,
+//! `"TCP"`, `"RuntimeDefault"`), and integers as strings of them (`"1000"`), as the proto3
+//! mapping allows.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use cri_api::v1::{
-    self, Capability, ContainerConfig, ContainerMetadata, DnsConfig, HugepageLimit, ImageSpec,
-    Int64Value, KeyValue, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount,
-    MountPropagation, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    PortMapping, Protocol, SeLinuxOption, SecurityProfile, security_profile,
-};
-use serde::{Deserialize, Deserializer};
+use base64::Engine as _;
+use cri_api::v1::{ContainerConfig, PodSandboxConfig};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// Why a config file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +44,7 @@ pub enum ConfigError {
 
 /// Reads a pod sandbox config (`crictl runp`'s JSON).
 pub fn read_pod_config(path: &Path) -> Result<PodSandboxConfig, ConfigError> {
-    let json: PodJson = read_json(path)?;
-    pod_config(json).map_err(|what| ConfigError::Invalid {
+    pod_config(read_json(path)?).map_err(|what| ConfigError::Invalid {
         path: path.to_path_buf(),
         what,
     })
@@ -49,14 +52,13 @@ pub fn read_pod_config(path: &Path) -> Result<PodSandboxConfig, ConfigError> {
 
 /// Reads a container config (`crictl create`'s JSON).
 pub fn read_container_config(path: &Path) -> Result<ContainerConfig, ConfigError> {
-    let json: ContainerJson = read_json(path)?;
-    container_config(json).map_err(|what| ConfigError::Invalid {
+    container_config(read_json(path)?).map_err(|what| ConfigError::Invalid {
         path: path.to_path_buf(),
         what,
     })
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+fn read_json(path: &Path) -> Result<Value, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -67,291 +69,266 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError
     })
 }
 
-/// `null` as the type's default, as Go's encoding/json reads it.
-fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+// ---- the supported subset ----
+
+/// The supported fields of a message, by their proto (and Go JSON) names.
+type Fields = &'static [(&'static str, Field)];
+
+/// What a supported field holds.
+enum Field {
+    /// A scalar, a list of scalars or a map: taken whole, as the generated decoder reads it.
+    Leaf,
+    /// Bytes written as a plain string (UTF-8), not as the proto3 mapping's base64.
+    PlainBytes,
+    /// A message, of which only these fields are supported.
+    Message(Fields),
+    /// A list of messages, of which only these fields are supported.
+    Repeated(Fields),
 }
 
-/// An enum field: its number, or its proto name.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum EnumJson {
-    Number(i32),
-    Name(String),
-}
+use Field::{Leaf, Message, PlainBytes, Repeated};
 
-impl Default for EnumJson {
-    fn default() -> Self {
-        EnumJson::Number(0)
-    }
-}
+/// `PodSandboxConfig`.
+const POD: Fields = &[
+    (
+        "metadata",
+        Message(&[
+            ("name", Leaf),
+            ("uid", Leaf),
+            ("namespace", Leaf),
+            ("attempt", Leaf),
+        ]),
+    ),
+    ("hostname", Leaf),
+    ("log_directory", Leaf),
+    (
+        "dns_config",
+        Message(&[("servers", Leaf), ("searches", Leaf), ("options", Leaf)]),
+    ),
+    (
+        "port_mappings",
+        Repeated(&[
+            ("protocol", Leaf),
+            ("container_port", Leaf),
+            ("host_port", Leaf),
+            ("host_ip", Leaf),
+        ]),
+    ),
+    ("labels", Leaf),
+    ("annotations", Leaf),
+    (
+        "linux",
+        Message(&[
+            ("cgroup_parent", Leaf),
+            (
+                "security_context",
+                Message(&[
+                    ("namespace_options", Message(NAMESPACE_OPTIONS)),
+                    ("selinux_options", Message(SELINUX)),
+                    ("run_as_user", Message(INT64)),
+                    ("run_as_group", Message(INT64)),
+                    ("readonly_rootfs", Leaf),
+                    ("supplemental_groups", Leaf),
+                    ("privileged", Leaf),
+                    ("seccomp", Message(SECURITY_PROFILE)),
+                    ("apparmor", Message(SECURITY_PROFILE)),
+                ]),
+            ),
+            ("sysctls", Leaf),
+        ]),
+    ),
+];
 
-impl EnumJson {
-    /// The enum's number, checked to be one that `E` has.
-    fn resolve<E: TryFrom<i32> + Into<i32>>(
-        &self,
-        field: &str,
-        from_name: fn(&str) -> Option<E>,
-    ) -> Result<i32, String> {
-        match self {
-            EnumJson::Number(number) => E::try_from(*number)
-                .map(Into::into)
-                .map_err(|_| format!("{field}: {number} is not a valid value")),
-            EnumJson::Name(name) => from_name(name)
-                .map(Into::into)
-                .ok_or_else(|| format!("{field}: {name:?} is not a valid value")),
+/// `ContainerConfig`.
+const CONTAINER: Fields = &[
+    ("metadata", Message(&[("name", Leaf), ("attempt", Leaf)])),
+    (
+        "image",
+        Message(&[
+            ("image", Leaf),
+            ("annotations", Leaf),
+            ("user_specified_image", Leaf),
+            ("runtime_handler", Leaf),
+            ("image_ref", Leaf),
+        ]),
+    ),
+    ("command", Leaf),
+    ("args", Leaf),
+    ("working_dir", Leaf),
+    ("envs", Repeated(&[("key", Leaf), ("value", PlainBytes)])),
+    (
+        "mounts",
+        Repeated(&[
+            ("container_path", Leaf),
+            ("host_path", Leaf),
+            ("readonly", Leaf),
+            ("selinux_relabel", Leaf),
+            ("propagation", Leaf),
+            ("recursive_read_only", Leaf),
+        ]),
+    ),
+    ("labels", Leaf),
+    ("annotations", Leaf),
+    ("log_path", Leaf),
+    ("stdin", Leaf),
+    ("stdin_once", Leaf),
+    ("tty", Leaf),
+    (
+        "linux",
+        Message(&[
+            (
+                "resources",
+                Message(&[
+                    ("cpu_period", Leaf),
+                    ("cpu_quota", Leaf),
+                    ("cpu_shares", Leaf),
+                    ("memory_limit_in_bytes", Leaf),
+                    ("oom_score_adj", Leaf),
+                    ("cpuset_cpus", Leaf),
+                    ("cpuset_mems", Leaf),
+                    (
+                        "hugepage_limits",
+                        Repeated(&[("page_size", Leaf), ("limit", Leaf)]),
+                    ),
+                    ("unified", Leaf),
+                    ("memory_swap_limit_in_bytes", Leaf),
+                ]),
+            ),
+            (
+                "security_context",
+                Message(&[
+                    (
+                        "capabilities",
+                        Message(&[
+                            ("add_capabilities", Leaf),
+                            ("drop_capabilities", Leaf),
+                            ("add_ambient_capabilities", Leaf),
+                        ]),
+                    ),
+                    ("privileged", Leaf),
+                    ("namespace_options", Message(NAMESPACE_OPTIONS)),
+                    ("selinux_options", Message(SELINUX)),
+                    ("run_as_user", Message(INT64)),
+                    ("run_as_group", Message(INT64)),
+                    ("run_as_username", Leaf),
+                    ("readonly_rootfs", Leaf),
+                    ("supplemental_groups", Leaf),
+                    ("no_new_privs", Leaf),
+                    ("masked_paths", Leaf),
+                    ("readonly_paths", Leaf),
+                    ("seccomp", Message(SECURITY_PROFILE)),
+                    ("apparmor", Message(SECURITY_PROFILE)),
+                ]),
+            ),
+        ]),
+    ),
+];
+
+const NAMESPACE_OPTIONS: Fields = &[
+    ("network", Leaf),
+    ("pid", Leaf),
+    ("ipc", Leaf),
+    ("target_id", Leaf),
+];
+const SELINUX: Fields = &[
+    ("user", Leaf),
+    ("role", Leaf),
+    ("type", Leaf),
+    ("level", Leaf),
+];
+const INT64: Fields = &[("value", Leaf)];
+const SECURITY_PROFILE: Fields = &[("profile_type", Leaf), ("localhost_ref", Leaf)];
+
+/// Readies `json` (a message with `fields`, found at `path`) for the generated decoder: drops its
+/// `null` fields, refuses one outside the subset, and encodes plain-string bytes as base64.
+/// Values of the wrong type are left to the decoder, which names them.
+fn normalize(json: &mut Value, fields: Fields, path: &str) -> Result<(), String> {
+    let Value::Object(object) = json else {
+        return Ok(());
+    };
+    object.retain(|_, value| !value.is_null());
+    for (name, value) in object.iter_mut() {
+        let at = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}.{name}")
+        };
+        match fields.iter().find(|(known, _)| known == name) {
+            None => {
+                let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+                return Err(format!(
+                    "{at}: unknown or unsupported field (supported here: {})",
+                    names.join(", ")
+                ));
+            }
+            Some((_, Leaf)) => {}
+            Some((_, PlainBytes)) => {
+                if let Value::String(text) = value {
+                    *text = base64::engine::general_purpose::STANDARD.encode(&text);
+                }
+            }
+            Some((_, Message(inner))) => normalize(value, inner, &at)?,
+            Some((_, Repeated(inner))) => {
+                if let Value::Array(items) = value {
+                    for (index, item) in items.iter_mut().enumerate() {
+                        normalize(item, inner, &format!("{at}[{index}]"))?;
+                    }
+                }
+            }
         }
     }
+    Ok(())
 }
 
-type Labels = HashMap<String, String>;
+/// Decodes a message with `fields` from `json`; errors name the field (`linux.resources.cpu_quota`).
+fn decode<T: DeserializeOwned>(mut json: Value, fields: Fields) -> Result<T, String> {
+    normalize(&mut json, fields, "")?;
+    serde_path_to_error::deserialize(&json).map_err(|err| {
+        let message = err.inner().to_string();
+        // pbjson reads a number through an untagged enum (a JSON number or a string of one),
+        // whose error says neither what was wrong nor with which value.
+        if message.contains("untagged enum") {
+            let value = pointer(err.path()).and_then(|at| json.pointer(&at));
+            return format!(
+                "{}: {} is not a valid value: expected a number the field can hold",
+                err.path(),
+                value.map_or_else(|| "the value".to_string(), Value::to_string)
+            );
+        }
+        // pbjson's message for an enum number it does not know says "expected" twice.
+        err.to_string().replace("expected expected ", "expected ")
+    })
+}
+
+/// The JSON pointer (`/linux/resources/cpu_quota`) of a decoder's error path.
+fn pointer(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut pointer = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => pointer += &format!("/{index}"),
+            Segment::Map { key } => {
+                pointer += "/";
+                pointer += &key.replace('~', "~0").replace('/', "~1");
+            }
+            Segment::Enum { .. } | Segment::Unknown => return None,
+        }
+    }
+    Some(pointer)
+}
 
 // ---- pod ----
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PodJson {
-    #[serde(default)]
-    metadata: Option<PodMetadataJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    hostname: String,
-    #[serde(default, deserialize_with = "nullable")]
-    log_directory: String,
-    #[serde(default)]
-    dns_config: Option<DnsConfigJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    port_mappings: Vec<PortMappingJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    labels: Labels,
-    #[serde(default, deserialize_with = "nullable")]
-    annotations: Labels,
-    #[serde(default)]
-    linux: Option<LinuxPodJson>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PodMetadataJson {
-    #[serde(default, deserialize_with = "nullable")]
-    name: String,
-    #[serde(default, deserialize_with = "nullable")]
-    uid: String,
-    #[serde(default, deserialize_with = "nullable")]
-    namespace: String,
-    #[serde(default, deserialize_with = "nullable")]
-    attempt: u32,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DnsConfigJson {
-    #[serde(default, deserialize_with = "nullable")]
-    servers: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    searches: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    options: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortMappingJson {
-    #[serde(default, deserialize_with = "nullable")]
-    protocol: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    container_port: i32,
-    #[serde(default, deserialize_with = "nullable")]
-    host_port: i32,
-    #[serde(default, deserialize_with = "nullable")]
-    host_ip: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LinuxPodJson {
-    #[serde(default, deserialize_with = "nullable")]
-    cgroup_parent: String,
-    #[serde(default)]
-    security_context: Option<PodSecurityJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    sysctls: Labels,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PodSecurityJson {
-    #[serde(default)]
-    namespace_options: Option<NamespaceOptionJson>,
-    #[serde(default)]
-    selinux_options: Option<SeLinuxJson>,
-    #[serde(default)]
-    run_as_user: Option<Int64Json>,
-    #[serde(default)]
-    run_as_group: Option<Int64Json>,
-    #[serde(default, deserialize_with = "nullable")]
-    readonly_rootfs: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    supplemental_groups: Vec<i64>,
-    #[serde(default, deserialize_with = "nullable")]
-    privileged: bool,
-    #[serde(default)]
-    seccomp: Option<SecurityProfileJson>,
-    #[serde(default)]
-    apparmor: Option<SecurityProfileJson>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NamespaceOptionJson {
-    #[serde(default, deserialize_with = "nullable")]
-    network: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    pid: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    ipc: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    target_id: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SeLinuxJson {
-    #[serde(default, deserialize_with = "nullable")]
-    user: String,
-    #[serde(default, deserialize_with = "nullable")]
-    role: String,
-    #[serde(default, deserialize_with = "nullable", rename = "type")]
-    kind: String,
-    #[serde(default, deserialize_with = "nullable")]
-    level: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Int64Json {
-    #[serde(default, deserialize_with = "nullable")]
-    value: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SecurityProfileJson {
-    #[serde(default, deserialize_with = "nullable")]
-    profile_type: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    localhost_ref: String,
-}
-
-fn pod_config(json: PodJson) -> Result<PodSandboxConfig, String> {
-    let metadata = json.metadata.ok_or("metadata is not set")?;
+fn pod_config(json: Value) -> Result<PodSandboxConfig, String> {
+    let mut config: PodSandboxConfig = decode(json, POD)?;
+    let metadata = config.metadata.as_mut().ok_or("metadata is not set")?;
     if metadata.name.is_empty() || metadata.namespace.is_empty() {
         return Err("metadata.name and metadata.namespace must be set".into());
     }
-    let uid = if metadata.uid.is_empty() {
-        fresh_uid()?
-    } else {
-        metadata.uid
-    };
-    let port_mappings = json
-        .port_mappings
-        .into_iter()
-        .map(|port| {
-            Ok(PortMapping {
-                protocol: port
-                    .protocol
-                    .resolve("port_mappings.protocol", Protocol::from_str_name)?,
-                container_port: port.container_port,
-                host_port: port.host_port,
-                host_ip: port.host_ip,
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    let linux = json
-        .linux
-        .map(|linux| -> Result<_, String> {
-            Ok(LinuxPodSandboxConfig {
-                cgroup_parent: linux.cgroup_parent,
-                security_context: linux.security_context.map(pod_security).transpose()?,
-                sysctls: linux.sysctls,
-                ..Default::default()
-            })
-        })
-        .transpose()?;
-    Ok(PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: metadata.name,
-            uid,
-            namespace: metadata.namespace,
-            attempt: metadata.attempt,
-        }),
-        hostname: json.hostname,
-        log_directory: json.log_directory,
-        dns_config: json.dns_config.map(|dns| DnsConfig {
-            servers: dns.servers,
-            searches: dns.searches,
-            options: dns.options,
-        }),
-        port_mappings,
-        labels: json.labels,
-        annotations: json.annotations,
-        linux,
-        ..Default::default()
-    })
-}
-
-fn pod_security(json: PodSecurityJson) -> Result<LinuxSandboxSecurityContext, String> {
-    Ok(LinuxSandboxSecurityContext {
-        namespace_options: json.namespace_options.map(namespace_options).transpose()?,
-        selinux_options: json.selinux_options.map(selinux),
-        run_as_user: json.run_as_user.map(|v| Int64Value { value: v.value }),
-        run_as_group: json.run_as_group.map(|v| Int64Value { value: v.value }),
-        readonly_rootfs: json.readonly_rootfs,
-        supplemental_groups: json.supplemental_groups,
-        privileged: json.privileged,
-        seccomp: json
-            .seccomp
-            .map(|p| security_profile(p, "seccomp"))
-            .transpose()?,
-        apparmor: json
-            .apparmor
-            .map(|p| security_profile(p, "apparmor"))
-            .transpose()?,
-        ..Default::default()
-    })
-}
-
-fn namespace_options(json: NamespaceOptionJson) -> Result<NamespaceOption, String> {
-    let mode = |value: &EnumJson, field| value.resolve(field, NamespaceMode::from_str_name);
-    Ok(NamespaceOption {
-        network: mode(&json.network, "namespace_options.network")?,
-        pid: mode(&json.pid, "namespace_options.pid")?,
-        ipc: mode(&json.ipc, "namespace_options.ipc")?,
-        target_id: json.target_id,
-        ..Default::default()
-    })
-}
-
-fn selinux(json: SeLinuxJson) -> SeLinuxOption {
-    SeLinuxOption {
-        user: json.user,
-        role: json.role,
-        r#type: json.kind,
-        level: json.level,
+    if metadata.uid.is_empty() {
+        metadata.uid = fresh_uid()?;
     }
-}
-
-fn security_profile(json: SecurityProfileJson, field: &str) -> Result<SecurityProfile, String> {
-    Ok(SecurityProfile {
-        profile_type: json.profile_type.resolve(
-            &format!("{field}.profile_type"),
-            security_profile::ProfileType::from_str_name,
-        )?,
-        localhost_ref: json.localhost_ref,
-    })
+    Ok(config)
 }
 
 /// A new pod UID, as crictl makes one when the config has none.
@@ -363,299 +340,17 @@ fn fresh_uid() -> Result<String, String> {
 
 // ---- container ----
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContainerJson {
-    #[serde(default)]
-    metadata: Option<ContainerMetadataJson>,
-    #[serde(default)]
-    image: Option<ImageJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    command: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    args: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    working_dir: String,
-    #[serde(default, deserialize_with = "nullable")]
-    envs: Vec<KeyValueJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    mounts: Vec<MountJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    labels: Labels,
-    #[serde(default, deserialize_with = "nullable")]
-    annotations: Labels,
-    #[serde(default, deserialize_with = "nullable")]
-    log_path: String,
-    #[serde(default, deserialize_with = "nullable")]
-    stdin: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    stdin_once: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    tty: bool,
-    #[serde(default)]
-    linux: Option<LinuxContainerJson>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContainerMetadataJson {
-    #[serde(default, deserialize_with = "nullable")]
-    name: String,
-    #[serde(default, deserialize_with = "nullable")]
-    attempt: u32,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImageJson {
-    #[serde(default, deserialize_with = "nullable")]
-    image: String,
-    #[serde(default, deserialize_with = "nullable")]
-    annotations: Labels,
-    #[serde(default, deserialize_with = "nullable")]
-    user_specified_image: String,
-    #[serde(default, deserialize_with = "nullable")]
-    runtime_handler: String,
-    #[serde(default, deserialize_with = "nullable")]
-    image_ref: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyValueJson {
-    #[serde(default, deserialize_with = "nullable")]
-    key: String,
-    /// A string, as crictl writes it (the proto field is bytes since cri-api v0.34).
-    #[serde(default, deserialize_with = "nullable")]
-    value: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MountJson {
-    #[serde(default, deserialize_with = "nullable")]
-    container_path: String,
-    #[serde(default, deserialize_with = "nullable")]
-    host_path: String,
-    #[serde(default, deserialize_with = "nullable")]
-    readonly: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    selinux_relabel: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    propagation: EnumJson,
-    #[serde(default, deserialize_with = "nullable")]
-    recursive_read_only: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LinuxContainerJson {
-    #[serde(default)]
-    resources: Option<ResourcesJson>,
-    #[serde(default)]
-    security_context: Option<ContainerSecurityJson>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResourcesJson {
-    #[serde(default, deserialize_with = "nullable")]
-    cpu_period: i64,
-    #[serde(default, deserialize_with = "nullable")]
-    cpu_quota: i64,
-    #[serde(default, deserialize_with = "nullable")]
-    cpu_shares: i64,
-    #[serde(default, deserialize_with = "nullable")]
-    memory_limit_in_bytes: i64,
-    #[serde(default, deserialize_with = "nullable")]
-    oom_score_adj: i64,
-    #[serde(default, deserialize_with = "nullable")]
-    cpuset_cpus: String,
-    #[serde(default, deserialize_with = "nullable")]
-    cpuset_mems: String,
-    #[serde(default, deserialize_with = "nullable")]
-    hugepage_limits: Vec<HugepageLimitJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    unified: Labels,
-    #[serde(default, deserialize_with = "nullable")]
-    memory_swap_limit_in_bytes: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HugepageLimitJson {
-    #[serde(default, deserialize_with = "nullable")]
-    page_size: String,
-    #[serde(default, deserialize_with = "nullable")]
-    limit: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContainerSecurityJson {
-    #[serde(default)]
-    capabilities: Option<CapabilityJson>,
-    #[serde(default, deserialize_with = "nullable")]
-    privileged: bool,
-    #[serde(default)]
-    namespace_options: Option<NamespaceOptionJson>,
-    #[serde(default)]
-    selinux_options: Option<SeLinuxJson>,
-    #[serde(default)]
-    run_as_user: Option<Int64Json>,
-    #[serde(default)]
-    run_as_group: Option<Int64Json>,
-    #[serde(default, deserialize_with = "nullable")]
-    run_as_username: String,
-    #[serde(default, deserialize_with = "nullable")]
-    readonly_rootfs: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    supplemental_groups: Vec<i64>,
-    #[serde(default, deserialize_with = "nullable")]
-    no_new_privs: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    masked_paths: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    readonly_paths: Vec<String>,
-    #[serde(default)]
-    seccomp: Option<SecurityProfileJson>,
-    #[serde(default)]
-    apparmor: Option<SecurityProfileJson>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CapabilityJson {
-    #[serde(default, deserialize_with = "nullable")]
-    add_capabilities: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    drop_capabilities: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    add_ambient_capabilities: Vec<String>,
-}
-
-fn container_config(json: ContainerJson) -> Result<ContainerConfig, String> {
-    let metadata = json.metadata.ok_or("metadata is not set")?;
+fn container_config(json: Value) -> Result<ContainerConfig, String> {
+    let config: ContainerConfig = decode(json, CONTAINER)?;
+    let metadata = config.metadata.as_ref().ok_or("metadata is not set")?;
     if metadata.name.is_empty() {
         return Err("metadata.name is not set".into());
     }
-    let image = json.image.ok_or("image is not set")?;
+    let image = config.image.as_ref().ok_or("image is not set")?;
     if image.image.is_empty() {
         return Err("image.image is not set".into());
     }
-    let mounts = json
-        .mounts
-        .into_iter()
-        .map(|mount| {
-            Ok(Mount {
-                container_path: mount.container_path,
-                host_path: mount.host_path,
-                readonly: mount.readonly,
-                selinux_relabel: mount.selinux_relabel,
-                propagation: mount
-                    .propagation
-                    .resolve("mounts.propagation", MountPropagation::from_str_name)?,
-                recursive_read_only: mount.recursive_read_only,
-                ..Default::default()
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    let linux = json
-        .linux
-        .map(|linux| -> Result<_, String> {
-            Ok(LinuxContainerConfig {
-                resources: linux.resources.map(resources),
-                security_context: linux.security_context.map(container_security).transpose()?,
-            })
-        })
-        .transpose()?;
-    Ok(ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: metadata.name,
-            attempt: metadata.attempt,
-        }),
-        image: Some(ImageSpec {
-            image: image.image,
-            annotations: image.annotations,
-            user_specified_image: image.user_specified_image,
-            runtime_handler: image.runtime_handler,
-            image_ref: image.image_ref,
-        }),
-        command: json.command,
-        args: json.args,
-        working_dir: json.working_dir,
-        envs: json
-            .envs
-            .into_iter()
-            .map(|env| KeyValue {
-                key: env.key,
-                value: env.value.into_bytes(),
-            })
-            .collect(),
-        mounts,
-        labels: json.labels,
-        annotations: json.annotations,
-        log_path: json.log_path,
-        stdin: json.stdin,
-        stdin_once: json.stdin_once,
-        tty: json.tty,
-        linux,
-        ..Default::default()
-    })
-}
-
-fn resources(json: ResourcesJson) -> LinuxContainerResources {
-    LinuxContainerResources {
-        cpu_period: json.cpu_period,
-        cpu_quota: json.cpu_quota,
-        cpu_shares: json.cpu_shares,
-        memory_limit_in_bytes: json.memory_limit_in_bytes,
-        oom_score_adj: json.oom_score_adj,
-        cpuset_cpus: json.cpuset_cpus,
-        cpuset_mems: json.cpuset_mems,
-        hugepage_limits: json
-            .hugepage_limits
-            .into_iter()
-            .map(|limit| HugepageLimit {
-                page_size: limit.page_size,
-                limit: limit.limit,
-            })
-            .collect(),
-        unified: json.unified,
-        memory_swap_limit_in_bytes: json.memory_swap_limit_in_bytes,
-    }
-}
-
-fn container_security(
-    json: ContainerSecurityJson,
-) -> Result<LinuxContainerSecurityContext, String> {
-    Ok(LinuxContainerSecurityContext {
-        capabilities: json.capabilities.map(|caps| Capability {
-            add_capabilities: caps.add_capabilities,
-            drop_capabilities: caps.drop_capabilities,
-            add_ambient_capabilities: caps.add_ambient_capabilities,
-        }),
-        privileged: json.privileged,
-        namespace_options: json.namespace_options.map(namespace_options).transpose()?,
-        selinux_options: json.selinux_options.map(selinux),
-        run_as_user: json.run_as_user.map(|v| Int64Value { value: v.value }),
-        run_as_group: json.run_as_group.map(|v| Int64Value { value: v.value }),
-        run_as_username: json.run_as_username,
-        readonly_rootfs: json.readonly_rootfs,
-        supplemental_groups: json.supplemental_groups,
-        no_new_privs: json.no_new_privs,
-        masked_paths: json.masked_paths,
-        readonly_paths: json.readonly_paths,
-        seccomp: json
-            .seccomp
-            .map(|p| security_profile(p, "seccomp"))
-            .transpose()?,
-        apparmor: json
-            .apparmor
-            .map(|p| security_profile(p, "apparmor"))
-            .transpose()?,
-        ..Default::default()
-    })
+    Ok(config)
 }
 
 /// The container's name in a config, for messages.
@@ -667,7 +362,7 @@ pub fn container_name(config: &ContainerConfig) -> &str {
 }
 
 /// `namespace/name` of a pod config, for messages.
-pub fn pod_name(config: &v1::PodSandboxConfig) -> String {
+pub fn pod_name(config: &PodSandboxConfig) -> String {
     config
         .metadata
         .as_ref()
@@ -679,12 +374,14 @@ pub fn pod_name(config: &v1::PodSandboxConfig) -> String {
 mod tests {
     use super::*;
 
-    fn pod(json: serde_json::Value) -> Result<PodSandboxConfig, String> {
-        pod_config(serde_json::from_value(json).map_err(|e| e.to_string())?)
+    use cri_api::v1::{MountPropagation, NamespaceMode, Protocol, security_profile};
+
+    fn pod(json: Value) -> Result<PodSandboxConfig, String> {
+        pod_config(json)
     }
 
-    fn container(json: serde_json::Value) -> Result<ContainerConfig, String> {
-        container_config(serde_json::from_value(json).map_err(|e| e.to_string())?)
+    fn container(json: Value) -> Result<ContainerConfig, String> {
+        container_config(json)
     }
 
     #[test]
@@ -899,5 +596,130 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("absent.json"), "{err}");
+    }
+
+    #[test]
+    fn every_supported_field_is_one_the_generated_decoder_knows() {
+        // Each leaf of the subset set to null, decoded as it is: the decoder may refuse the null,
+        // but not the field.
+        fn leaves(fields: Fields, path: &mut Vec<(&'static str, bool)>, out: &mut Vec<Value>) {
+            for (name, field) in fields {
+                match field {
+                    Leaf | PlainBytes => {
+                        let mut json = Value::Null;
+                        for &(name, repeated) in path.iter().chain([&(*name, false)]).rev() {
+                            let object =
+                                Value::Object([(name.to_string(), json)].into_iter().collect());
+                            json = if repeated {
+                                Value::Array(vec![object])
+                            } else {
+                                object
+                            };
+                        }
+                        out.push(json);
+                    }
+                    Message(inner) | Repeated(inner) => {
+                        path.push((name, matches!(field, Repeated(_))));
+                        leaves(inner, path, out);
+                        path.pop();
+                    }
+                }
+            }
+        }
+        fn check<T: DeserializeOwned + std::fmt::Debug>(fields: Fields) -> usize {
+            let mut probes = Vec::new();
+            leaves(fields, &mut Vec::new(), &mut probes);
+            for probe in &probes {
+                if let Err(err) = serde_path_to_error::deserialize::<_, T>(probe) {
+                    assert!(!err.to_string().contains("unknown field"), "{probe}: {err}");
+                }
+            }
+            probes.len()
+        }
+        assert_eq!(check::<PodSandboxConfig>(POD), 34);
+        assert_eq!(check::<ContainerConfig>(CONTAINER), 59);
+    }
+
+    #[test]
+    fn errors_name_the_field_by_its_path() {
+        let err = pod(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "b"},
+            "linux": {"security_context": {"namespace_options": {"userns_options": {"mode": 0}}}}
+        }))
+        .unwrap_err();
+        assert!(
+            err.starts_with("linux.security_context.namespace_options.userns_options: ")
+                && err.contains("target_id"),
+            "{err}"
+        );
+        let err = container(serde_json::json!({
+            "metadata": {"name": "a"}, "image": {"image": "b"},
+            "mounts": [{"container_path": "/a"}, {"container_path": "/b", "image_sub_path": "x"}]
+        }))
+        .unwrap_err();
+        assert!(err.starts_with("mounts[1].image_sub_path: "), "{err}");
+        // lowerCamelCase, which the proto3 mapping would take, is not crictl's JSON.
+        let err = pod(
+            serde_json::json!({"metadata": {"name": "a", "namespace": "b"}, "logDirectory": "/x"}),
+        )
+        .unwrap_err();
+        assert!(err.starts_with("logDirectory: "), "{err}");
+        let err =
+            pod(serde_json::json!({"metadata": {"name": "a", "namespace": "b", "attempt": -1}}))
+                .unwrap_err();
+        assert!(
+            err.starts_with("metadata.attempt: -1 is not a valid value"),
+            "{err}"
+        );
+        let err = container(serde_json::json!({
+            "metadata": {"name": "a"}, "image": {"image": "b"},
+            "linux": {"resources": {"cpu_quota": "lots"}}
+        }))
+        .unwrap_err();
+        assert!(
+            err.starts_with("linux.resources.cpu_quota: invalid digit"),
+            "{err}"
+        );
+        let err = container(
+            serde_json::json!({"metadata": {"name": "a"}, "image": {"image": "b"}, "tty": "yes"}),
+        )
+        .unwrap_err();
+        assert!(err.starts_with("tty: invalid type: string"), "{err}");
+        let err = pod(serde_json::json!({"metadata": {"name": "a", "namespace": "b"}, "port_mappings": [{"protocol": 9}]}))
+            .unwrap_err();
+        assert!(
+            err.starts_with(
+                "port_mappings[0].protocol: invalid value: integer `9`, expected one of"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_values_are_plain_strings_and_integers_may_be_strings() {
+        let config = container(serde_json::json!({
+            "metadata": {"name": "a", "attempt": "3"}, "image": {"image": "b"},
+            "envs": [{"key": "A", "value": "not base64: x=1 ü"}, {"key": "EMPTY", "value": null}, {"key": "B", "value": ""}],
+            "linux": {"resources": {"memory_limit_in_bytes": "268435456"}}
+        }))
+        .unwrap();
+        assert_eq!(config.envs[0].value, "not base64: x=1 ü".as_bytes());
+        assert!(config.envs[1].value.is_empty() && config.envs[2].value.is_empty());
+        assert_eq!(config.metadata.unwrap().attempt, 3);
+        assert_eq!(
+            config
+                .linux
+                .unwrap()
+                .resources
+                .unwrap()
+                .memory_limit_in_bytes,
+            256 << 20
+        );
+        // null stays an error where Go's encoding/json refuses it too: inside lists and maps.
+        let err = container(serde_json::json!({
+            "metadata": {"name": "a"}, "image": {"image": "b"}, "labels": {"x": null}
+        }))
+        .unwrap_err();
+        assert!(err.starts_with("labels.x: "), "{err}");
     }
 }
