@@ -521,3 +521,51 @@ fn podsnap_pod_checkpoint_into_a_filesystem_too_small_is_refused_before_the_pod_
     let pod_id = pod.pod.clone();
     ws.remove_pod(&pod_id);
 }
+
+/// Sends `signal` to `pid` once `/proc/<pid>/comm` confirms it is `name`.
+fn signal_named(pid: i32, name: &str, signal: nix::sys::signal::Signal) {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), name, "pid {pid} is not {name}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("{signal} {name} (pid {pid}): {e}"));
+}
+
+/// The shim never holds its container map across a dump: with the pod's CRIU stopped mid-capture
+/// (SIGSTOP, so the capture cannot end meanwhile), containerd's task list, which asks the shim
+/// for every container's state, still answers. Before, it hung until the dump was over.
+#[test]
+fn podsnap_a_pod_being_checkpointed_still_answers_state() {
+    let mut ws = Workspace::new("fault-state");
+    let pod = HogPod::start(&mut ws, "fault-state", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let mut call = checkpoint_in_background(&pod, &checkpoint);
+    let criu = caught_mid_capture(&pod, &checkpoint, &mut call);
+    signal_named(criu, "criu", nix::sys::signal::Signal::SIGSTOP);
+    let node = Node::get();
+    let listed = node
+        .ctr_command(podsnap_e2e::CRI_NAMESPACE, ["task", "ls"])
+        .timeout(LIVENESS)
+        .run();
+    // Whatever happened, CRIU goes on before anything is asserted.
+    signal_named(criu, "criu", nix::sys::signal::Signal::SIGCONT);
+    let listed = listed.expect("ctr task ls while the pod is being checkpointed");
+    let still_dumping = !call.as_ref().expect("the call").is_finished();
+    assert!(listed.success(), "{}", listed.report());
+    for container in [&pod.hog, &pod.sidecar] {
+        assert!(
+            listed
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(container.as_str())),
+            "{container} missing from the task list:\n{}",
+            listed.stdout
+        );
+    }
+    assert!(
+        still_dumping,
+        "the checkpoint ended while its CRIU was stopped"
+    );
+    answer(call).expect("the checkpoint, once CRIU went on");
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}

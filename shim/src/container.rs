@@ -147,6 +147,8 @@ pub struct Container {
     pub restore_grant: Option<RestoreGrant>,
     /// The overlay upper directory: the container's writable layer.
     pub upperdir: Option<PathBuf>,
+    /// Held for a lifecycle operation on this container (see `PodTask`'s locks).
+    pub op: std::sync::Arc<tokio::sync::Mutex<()>>,
     rootfs_mounted: bool,
 }
 
@@ -186,6 +188,7 @@ impl Container {
                     .iter()
                     .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
             }),
+            op: Default::default(),
             rootfs_mounted: false,
         };
         if let Some(dir) = spec_annotation(&container.spec, RESTORE_ANNOTATION) {

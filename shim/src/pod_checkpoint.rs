@@ -138,7 +138,10 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
             output_dir.display()
         )));
     }
-    // Hold the pod for the whole capture: no container starts, stops or goes away meanwhile.
+    // No lifecycle operation runs during the capture (no container is created, started or
+    // removed, see `PodTask`'s locks); the container map itself is only read here, so exits,
+    // state and wait go on.
+    let _pod_ops = task.ops.clone().write_owned().await;
     let pod = task.pod.lock().await;
     let mut captures = Vec::new();
     for id in &container_ids {
@@ -178,12 +181,12 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
         open_tcp: tcp_established,
         ..Default::default()
     };
+    drop(pod);
     let timeout = timeout_ms.map(Duration::from_millis);
     let result = tokio::task::spawn_blocking(move || {
         capture_pod(&captures, &bystanders, &output_dir, &opts, timeout)
     })
     .await;
-    drop(pod);
     match result {
         Ok(response) => response,
         Err(e) => failed(Error::internal(format!("pod checkpoint task: {e}"))),

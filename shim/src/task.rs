@@ -31,7 +31,7 @@ use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
 use containerd_shim::util::{convert_to_any, convert_to_timestamp};
 use oci_spec::runtime::LinuxResources;
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedRwLockReadGuard, RwLock, mpsc};
 
 use crate::container::{Container, DRAIN_LIMIT, ExitInfo, Process, State};
 use crate::error::Error;
@@ -51,9 +51,20 @@ pub struct Pod {
 }
 
 /// The Task service of one shim (one pod).
+///
+/// Locks, always taken in this order, each only as long as it must be held:
+/// 1. [`PodTask::ops`], shared by every lifecycle operation (create, start, delete, kill,
+///    pause, resume, exec, update, checkpoint) and held exclusively by a pod checkpoint, so
+///    that no container is created, started or removed while the pod is being cut;
+/// 2. each container's [`Container::op`], one lifecycle operation per container at a time (a
+///    kill waits for a dump of the same container to finish, as it would for runc);
+/// 3. [`PodTask::pod`], the container map, held only for bookkeeping and never across a
+///    dump: exits are recorded, and `state`, `wait`, `pids`, `stats` and `connect` answer,
+///    while a container or the whole pod is being checkpointed.
 #[derive(Clone)]
 pub struct PodTask {
     pub pod: Arc<Mutex<Pod>>,
+    pub ops: Arc<RwLock<()>>,
     namespace: String,
     events: EventSender,
     exit: Arc<ExitSignal>,
@@ -64,6 +75,12 @@ fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> crate::error::Result<&'a mut
     pod.containers
         .get_mut(id)
         .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+}
+
+/// A lifecycle operation in progress on one container ([`PodTask::begin`]).
+struct OpGuard {
+    _container: OwnedMutexGuard<()>,
+    _pod: OwnedRwLockReadGuard<()>,
 }
 
 fn exec_id(id: &str) -> Option<&str> {
@@ -89,11 +106,26 @@ impl PodTask {
     ) -> Self {
         Self {
             pod: Arc::default(),
+            ops: Arc::default(),
             namespace: namespace.to_string(),
             events,
             exit,
             oom,
         }
+    }
+
+    /// Begins a lifecycle operation on container `id`: waits for a pod checkpoint and for
+    /// another operation on the same container to finish. Hold the guard for the operation.
+    async fn begin(&self, id: &str) -> crate::error::Result<OpGuard> {
+        let pod_ops = self.ops.clone().read_owned().await;
+        let op = {
+            let mut pod = self.pod.lock().await;
+            container_mut(&mut pod, id)?.op.clone()
+        };
+        Ok(OpGuard {
+            _container: op.lock_owned().await,
+            _pod: pod_ops,
+        })
     }
 
     pub fn send_event(&self, event: impl Event + 'static) {
@@ -161,6 +193,7 @@ impl PodTask {
         } else {
             (State::Paused, State::Running, "paused")
         };
+        let _op = self.begin(id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, id)?;
         if container.init.state != from {
@@ -236,6 +269,7 @@ impl Task for PodTask {
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
         log::info!("create container {} (bundle {})", req.id, req.bundle);
+        let _pod_ops = self.ops.clone().read_owned().await;
         let mut pod = self.pod.lock().await;
         if pod.containers.contains_key(&req.id) {
             return Err(
@@ -270,6 +304,7 @@ impl Task for PodTask {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         let pid = if let Some(exec) = exec_id(&req.exec_id) {
@@ -322,6 +357,7 @@ impl Task for PodTask {
         _ctx: &TtrpcContext,
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
+        let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         if let Some(exec) = exec_id(&req.exec_id) {
@@ -402,6 +438,7 @@ impl Task for PodTask {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         container
@@ -411,6 +448,7 @@ impl Task for PodTask {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         if req.exec_id.is_empty() {
@@ -493,6 +531,7 @@ impl Task for PodTask {
                 .unwrap_or_default(),
         )
         .map_err(|e| Error::InvalidArgument(format!("container {}: resources: {e}", req.id)))?;
+        let _op = self.begin(&req.id).await?;
         let cgroup = {
             let mut pod = self.pod.lock().await;
             container_mut(&mut pod, &req.id)?.cgroup.clone()
@@ -583,6 +622,7 @@ impl Task for PodTask {
             ))
             .into());
         }
+        let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
         let was_paused = match container.init.state {
@@ -603,29 +643,22 @@ impl Task for PodTask {
         let rootfs = container.rootfs();
         let cgroup = container.cgroup.clone();
         let pid = container.init.pid;
+        // The dump runs without the container map: exits, state and wait go on meanwhile.
+        drop(pod);
         let id = req.id.clone();
-        let dump_opts = opts.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let freezer = cgroup.v1_dir("freezer").or_else(|| cgroup.v2_dir());
+        tokio::task::spawn_blocking(move || {
             let target = crate::checkpoint::DumpTarget {
                 id: &id,
                 pid,
                 spec: &spec,
                 rootfs: &rootfs,
-                freezer,
+                freezer: cgroup.v1_dir("freezer").or_else(|| cgroup.v2_dir()),
             };
-            let result = crate::checkpoint::dump(&target, &images, &dump_opts);
-            // CRIU leaves the cgroup as it found it, but not if it died half-way; and killed
-            // tasks only die once thawed.
-            if !was_paused || (result.is_ok() && dump_opts.exit) {
-                let _ = cgroup.freeze(false);
-            }
-            result
+            crate::checkpoint::dump_frozen(&target, &cgroup, was_paused, &images, &opts)
         })
         .await
-        .map_err(|e| Error::internal(format!("container {}: {e}", req.id)))?;
-        drop(pod);
-        result.map_err(Error::from)?;
+        .map_err(|e| Error::internal(format!("container {}: {e}", req.id)))?
+        .map_err(Error::from)?;
         self.send_event(TaskCheckpointed {
             container_id: req.id.clone(),
             checkpoint: req.path.clone(),

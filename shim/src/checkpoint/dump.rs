@@ -9,6 +9,8 @@ use criu_rpc::{CgroupMode, Criu, DumpOptions};
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint_format::container as format;
 
+use crate::cgroup::ContainerCgroup;
+
 use super::mounts::{external_mounts, parse_mountinfo, v1_controllers};
 use super::{
     CRIU_LOG_LEVEL, CheckpointOptions, Metadata, joined_namespace, namespace_key, namespace_kind,
@@ -41,6 +43,25 @@ pub fn dump(
             remove_written(images);
         }
     })
+}
+
+/// [`dump`] of a container on its own (a Task API checkpoint), with the freezer policy: CRIU
+/// freezes the container through `cgroup` and leaves it as it found it, but not if CRIU died
+/// half-way, and tasks a dump with `exit` killed only die once thawed. So the container is
+/// thawed afterwards unless it was paused before the dump (then it stays paused), or always
+/// when the dump killed it.
+pub fn dump_frozen(
+    target: &DumpTarget<'_>,
+    cgroup: &ContainerCgroup,
+    was_paused: bool,
+    images: &Path,
+    opts: &CheckpointOptions,
+) -> anyhow::Result<()> {
+    let result = dump(target, images, opts);
+    if !was_paused || (result.is_ok() && opts.exit) {
+        let _ = cgroup.freeze(false);
+    }
+    result
 }
 
 /// Writes `podsnap.sha256` for a dumped checkpoint. Needs no frozen container: a pod checkpoint
