@@ -59,7 +59,9 @@ fi
 phase install 2400 hack/install.sh
 phase fmt 300 cargo fmt --all -- --check
 phase clippy 1800 cargo clippy --workspace --all-targets --locked -- -D warnings
-phase shellcheck 120 shellcheck -x hack/*.sh bench/*.sh .ci/run
+phase shellcheck 120 shellcheck -x hack/*.sh bench/*.sh .ci/run crates/cri-api/gen.sh
+# The checked-in CRI code (prost/tonic messages and the CLI's serde) is what gen.sh generates.
+phase gen-check 600 crates/cri-api/gen.sh --check
 phase build 1200 cargo build --workspace --all-targets --locked
 # Unit tests, and the integration tests that need no node (podsnapd's node test runs later).
 phase unit 900 cargo test --workspace --exclude podsnap-e2e --exclude podsnapd --locked -- --test-threads=1
