@@ -1,5 +1,5 @@
 //! One container of the pod and its processes (the init and any exec'd ones): their lifecycle
-//! from create to delete, on top of libcontainer and the [`zygote`](crate::zygote).
+//! from create to delete, on top of libcontainer and the [`zygote`].
 //!
 //! This module owns the container's bundle mounts, its libcontainer state and its processes'
 //! stdio. It does not publish events or know about ttrpc beyond returning errors with the right

@@ -4,6 +4,27 @@
 //! `libcontainer`; because cloning from a multi-threaded process can deadlock, the shim forks a
 //! single-threaded [`zygote`] before the async runtime starts, and every clone happens there.
 //! The shim itself is the subreaper of every container process and reaps them.
+//!
+//! # Module map
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`service`] | the shim's entry points for containerd: start/delete of the shim, the Task service and the pod socket, event publishing, exit monitoring |
+//! | [`task`] | the Task API (create, start, state, kill, delete, exec, pause, resume, update, wait, stats, checkpoint): what may happen in which state, with which error, and the locks (see `PodTask`) |
+//! | [`container`] | one container's lifecycle mechanics: rootfs mount, create through the zygote, start, restore from a checkpoint at start, exec, destroy |
+//! | [`error`] | the one error type of requests and its mapping to ttrpc and pod-socket codes |
+//! | [`zygote`] | the single-threaded fork that runs every libcontainer clone, and relays its logs |
+//! | [`idmap`], [`mount_sources`] | user-namespace pods: idmapped rootfs layers and bind mounts, bind sources the namespace's root can reach |
+//! | [`cgroup`], [`oom`] | a container's cgroup (v1 and v2): freeze, update, pids, metrics; OOM events |
+//! | [`stdio`] | FIFOs and terminals between containerd and the container |
+//! | [`checkpoint`] | one container with CRIU: `mounts` (what is external), `dump`, `restore` |
+//! | [`pod_checkpoint`] | the pod socket: freeze the pod, dump its containers in parallel, capture volumes, thaw |
+//! | [`thaw_guard`] | the guard process and watchdog that thaw a pod whatever happens to the shim |
+//! | [`rootfs_diff`], [`volumes`] | the writable layer and emptyDir volumes: captured and unpacked through directory descriptors |
+//! | [`restore_policy`] | what a checkpoint may not make a restore do: credentials and mounts checked against the new spec |
+//! | [`info`] | the runtime's features for containerd (`containerd-shim-podsnap-v2 -info`) |
+//!
+//! The format of what is written (CRIU images aside) belongs to `podsnap-checkpoint-format`.
 
 mod cgroup;
 mod checkpoint;

@@ -1,7 +1,7 @@
 //! Container checkpoint and restore with CRIU, driven through [`criu_rpc`], split along the
-//! operation as youki splits its own: [`mounts`] decides which of a container's mounts CRIU
-//! must treat as external and where they come from again, [`dump`] captures a container and
-//! [`restore`] brings one back. The directory they write and read (CRIU's images plus
+//! operation as youki splits its own: `mounts` decides which of a container's mounts CRIU
+//! must treat as external and where they come from again, `dump` captures a container and
+//! `restore` brings one back. The directory they write and read (CRIU's images plus
 //! `descriptors.json`, `podsnap-checkpoint.json` and `podsnap.sha256`) belongs to
 //! [`podsnap_checkpoint_format::container`], which alone writes, seals and verifies it.
 //!
