@@ -21,7 +21,9 @@ pub struct MountInfo {
     pub shared: bool,
 }
 
-/// Parses mountinfo text.
+/// Parses mountinfo text. Not `procfs`'s parser: it keeps the super options in a map, losing
+/// their order, and a cgroup v1 mount's super options name its hierarchy's directory in that
+/// order (`cpu,cpuacct`), which a restore binds again.
 pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
     text.lines()
         .filter_map(|line| {
@@ -109,15 +111,19 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
     Ok(external)
 }
 
-/// The cgroup v1 controllers of `pid` (from `/proc/<pid>/cgroup`), without named hierarchies.
+/// The cgroup v1 controllers of `pid` (from `/proc/<pid>/cgroup`, in the kernel's order),
+/// without named hierarchies and the unified one.
 pub(super) fn v1_controllers(pid: i32) -> Vec<String> {
-    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.cgroups())
+        .map(|groups| {
+            groups
+                .into_iter()
+                .flat_map(|g| g.controllers)
+                .filter(|c| !c.is_empty() && !c.starts_with("name="))
+                .collect()
+        })
         .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(':').nth(1).map(str::to_string))
-        .flat_map(|list| list.split(',').map(str::to_string).collect::<Vec<_>>())
-        .filter(|c| !c.is_empty() && !c.starts_with("name="))
-        .collect()
 }
 
 /// Whether any of the external mount sources lies on a mount with shared propagation in the
@@ -248,6 +254,21 @@ pub(crate) mod tests {
         assert!(!on_shared_mount(Path::new("/tmp/priv/data"), mountinfo));
         assert!(!on_shared_mount(Path::new("/var/lib/kx/file"), mountinfo));
         assert!(!on_shared_mount(Path::new("/srv"), mountinfo));
+    }
+
+    #[test]
+    fn this_process_s_v1_controllers_are_read_without_named_hierarchies() {
+        let controllers = v1_controllers(std::process::id() as i32);
+        let listed = fs::read_to_string("/proc/self/cgroup").unwrap();
+        for c in &controllers {
+            assert!(!c.starts_with("name="), "{c}");
+            assert!(listed.contains(c.as_str()), "{c} not in\n{listed}");
+        }
+        // On this cgroup v1 host every process has controllers (memory, pids, ...).
+        if listed.lines().any(|l| l.contains(":memory:")) {
+            assert!(controllers.iter().any(|c| c == "memory"), "{controllers:?}");
+        }
+        assert!(v1_controllers(-1).is_empty());
     }
 
     #[test]
