@@ -3,10 +3,12 @@
 //! with the kubeconfig kubectl would use; podsnap-controller does the work. `checkpoint` and
 //! `restore` wait for the outcome, print progress on stderr, and fail with the object's reason.
 
-use std::time::{Duration, Instant};
+use std::cell::RefCell;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::{wait, wait::await_condition, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::{
     DeletionPolicy, PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate,
@@ -175,8 +177,10 @@ impl Outcome for PodRestore {
     }
 }
 
-/// Polls the object until its phase is `done` (returns it) or Failed (an error with its reason),
-/// printing each new phase on stderr; gives up after `wait` (`hint` says what may be wrong).
+/// Watches the object (kube-runtime's `await_condition`) until its phase is `done` (returns it) or
+/// Failed (an error with its reason), printing each new phase on stderr; gives up after `wait`
+/// (`hint` says what may be wrong). An object that is gone fails with the API server's answer to
+/// a GET of it (NotFound); a watch that breaks after it started is watched again.
 async fn await_phase<K>(
     api: &Api<K>,
     namespace: &str,
@@ -186,30 +190,72 @@ async fn await_phase<K>(
     hint: &str,
 ) -> anyhow::Result<K>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Outcome,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static
+        + Outcome,
 {
     let kind = K::kind(&());
-    let started = Instant::now();
-    let mut last = String::new();
-    loop {
-        let object = api.get(name).await?;
-        let (phase, reason, message) = object.outcome();
-        if phase != last {
+    let deadline = tokio::time::Instant::now() + wait;
+    // The last phase printed.
+    let last = RefCell::new(None::<String>);
+    // Prints a new phase; true once the wait is over: the phase is `done` or Failed, or the
+    // object is gone.
+    let ended = |object: Option<&K>| {
+        let Some(object) = object else {
+            return true;
+        };
+        let (phase, _, _) = object.outcome();
+        let mut last = last.borrow_mut();
+        if last.as_deref() != Some(phase.as_str()) {
             eprintln!("{kind} {namespace}/{name}: {phase}");
-            last = phase.clone();
+            *last = Some(phase.clone());
         }
-        if phase == done {
-            return Ok(object);
-        }
-        if phase == "Failed" {
-            bail!("{kind} {namespace}/{name} failed: {reason}: {message}");
-        }
-        if started.elapsed() > wait {
+        phase == done || phase == "Failed"
+    };
+    let object = loop {
+        let watched =
+            tokio::time::timeout_at(deadline, await_condition(api.clone(), name, &ended)).await;
+        let Ok(watched) = watched else {
+            let phase = last.borrow().clone().unwrap_or_else(|| "Pending".into());
             bail!("{kind} {namespace}/{name} is still {phase} after {wait:?}{hint}");
+        };
+        match watched {
+            Ok(Some(object)) => break object,
+            // Gone: the GET fails as it would have without the watch (NotFound); an object that
+            // is back (deleted and created again) is waited for.
+            Ok(None) => {
+                let object = api.get(name).await?;
+                if ended(Some(&object)) {
+                    break object;
+                }
+            }
+            Err(wait::Error::ProbeFailed(error)) => match error {
+                // The LIST or the start of the watch failed: the API server's error, as the GET
+                // of the object would have.
+                watcher::Error::InitialListFailed(error)
+                | watcher::Error::WatchStartFailed(error) => return Err(error.into()),
+                // A watch that broke (a dropped connection, an expired resource version) is
+                // started again (LIST, WATCH).
+                watcher::Error::WatchFailed(_) | watcher::Error::WatchError(_) => {
+                    tokio::time::sleep(RETRY).await;
+                }
+                error @ watcher::Error::NoResourceVersion => return Err(error.into()),
+            },
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (phase, reason, message) = object.outcome();
+    if phase == "Failed" {
+        bail!("{kind} {namespace}/{name} failed: {reason}: {message}");
     }
+    Ok(object)
 }
+
+/// The pause before watching again after a watch broke.
+const RETRY: Duration = Duration::from_millis(250);
 
 /// `podsnap list`: the PodCheckpoints of the namespace.
 pub async fn list(target: &Target) -> anyhow::Result<()> {
@@ -338,7 +384,130 @@ pub async fn delete(target: &Target, name: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
+    use crate::fake_api::FakeApi;
+
+    const HINT: &str = " (is podsnap-controller running?)";
+
+    fn checkpoint(status: Value) -> Value {
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
+               "metadata": {"name": "c", "namespace": "default", "resourceVersion": "1"},
+               "spec": {"sourcePodName": "p"}, "status": status})
+    }
+
+    fn modified(object: Value) -> Value {
+        json!({"type": "MODIFIED", "object": object})
+    }
+
+    async fn wait_checkpoint(fake: &FakeApi, wait: Duration) -> anyhow::Result<PodCheckpoint> {
+        let api = Api::namespaced(fake.client(), "default");
+        await_phase(&api, "default", "c", "Ready", wait, HINT).await
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_watched_until_it_is_ready() {
+        let fake = FakeApi::new("podcheckpoints", checkpoint(json!({})));
+        fake.then_watch(vec![
+            modified(checkpoint(json!({"phase": "Checkpointing"}))),
+            modified(checkpoint(json!({"phase": "Ready", "nodeName": "n1"}))),
+        ]);
+        let ready = wait_checkpoint(&fake, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(ready.status.unwrap().node_name.as_deref(), Some("n1"));
+        // One LIST and one WATCH, no polling.
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].starts_with(
+            "GET /apis/checkpoint.k8s.io/v1alpha1/namespaces/default/podcheckpoints?"
+        ));
+        assert!(
+            seen[0].contains("fieldSelector=metadata.name%3Dc"),
+            "{seen:?}"
+        );
+        assert!(seen[1].contains("watch=true"), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_fails_with_its_reason() {
+        let fake = FakeApi::new("podcheckpoints", checkpoint(json!({"phase": "Pending"})));
+        fake.then_watch(vec![modified(checkpoint(json!({"phase": "Failed",
+            "reason": "SourcePodNotFound", "message": "pod default/p does not exist"})))]);
+        let err = wait_checkpoint(&fake, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "PodCheckpoint default/c failed: SourcePodNotFound: pod default/p does not exist"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_wait_gives_up_with_the_last_phase_and_the_hint() {
+        let fake = FakeApi::new("podcheckpoints", checkpoint(json!({})));
+        fake.then_watch(vec![modified(checkpoint(
+            json!({"phase": "Checkpointing"}),
+        ))]);
+        let err = wait_checkpoint(&fake, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "PodCheckpoint default/c is still Checkpointing after 300ms (is podsnap-controller running?)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_fails_as_its_get_does() {
+        let fake = FakeApi::new(
+            "podcheckpoints",
+            checkpoint(json!({"phase": "Checkpointing"})),
+        );
+        fake.then_watch(vec![json!({"type": "DELETED",
+            "object": checkpoint(json!({"phase": "Checkpointing"}))})]);
+        let err = wait_checkpoint(&fake, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        match err.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(status)) => assert_eq!(status.code, 404, "{status:?}"),
+            _ => panic!("not the GET's NotFound: {err:#}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_watch_is_watched_again_and_a_restore_ends_completed() {
+        let restore = |status: Value| {
+            json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+                   "metadata": {"name": "r", "namespace": "default", "resourceVersion": "1"},
+                   "spec": {"checkpointName": "c"}, "status": status})
+        };
+        let fake = FakeApi::new("podrestores", restore(json!({"phase": "Restoring"})));
+        fake.then_watch(vec![json!({"type": "ERROR", "object": {
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
+                "reason": "Expired", "message": "too old resource version"}})])
+            .then_watch(vec![modified(restore(json!({"phase": "Completed",
+                "restoredPodNames": ["r-0"]})))]);
+        let api = Api::<PodRestore>::namespaced(fake.client(), "default");
+        let done = await_phase(
+            &api,
+            "default",
+            "r",
+            "Completed",
+            Duration::from_secs(30),
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(done.status.unwrap().restored_pod_names, ["r-0"]);
+        let watches = fake
+            .seen()
+            .iter()
+            .filter(|s| s.contains("watch=true"))
+            .count();
+        assert_eq!(watches, 2, "{:?}", fake.seen());
+    }
 
     #[test]
     fn sizes_read_as_people_write_them() {

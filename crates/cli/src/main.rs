@@ -13,6 +13,8 @@ mod config;
 mod cri;
 mod duration;
 mod error;
+#[cfg(test)]
+mod fake_api;
 mod kube_cmd;
 mod options;
 mod restore;
