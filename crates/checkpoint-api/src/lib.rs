@@ -111,11 +111,8 @@ pub enum PodCheckpointPhase {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodCheckpointStatus {
-    // A `PodCheckpointPhase` (its schema is that enum's; `PodCheckpointStatus::phase()` reads it
-    // as one). Still a string in Rust: podsnapd's node agent builds and reads it as one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<PodCheckpointPhase>")]
-    pub phase: Option<String>,
+    pub phase: Option<PodCheckpointPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,13 +334,6 @@ wire_strings! {
     ConditionStatus { True, False, Unknown }
 }
 
-impl PodCheckpointStatus {
-    /// The phase, if it is one this API knows.
-    pub fn phase(&self) -> Option<PodCheckpointPhase> {
-        self.phase.as_deref().and_then(|p| p.parse().ok())
-    }
-}
-
 /// Now, as RFC 3339 in UTC with seconds.
 pub fn now() -> String {
     jiff::Timestamp::now()
@@ -415,17 +405,19 @@ mod tests {
                 .unwrap_err()
                 .contains("one of Retain, Delete")
         );
-        let checkpoint = PodCheckpointStatus {
-            phase: Some("Ready".into()),
-            ..Default::default()
-        };
-        assert_eq!(checkpoint.phase(), Some(PodCheckpointPhase::Ready));
+        let checkpoint: PodCheckpointStatus =
+            serde_json::from_value(serde_json::json!({"phase": "Ready"})).unwrap();
+        assert_eq!(checkpoint.phase, Some(PodCheckpointPhase::Ready));
+        assert_eq!(
+            serde_json::to_value(&checkpoint).unwrap(),
+            serde_json::json!({"phase": "Ready"})
+        );
     }
 
     #[test]
     fn the_pod_template_ref_round_trips_and_the_template_is_named_by_uid() {
         let status = PodCheckpointStatus {
-            phase: Some("Ready".into()),
+            phase: Some(PodCheckpointPhase::Ready),
             pod_template_ref: Some(PodTemplateRef {
                 name: checkpointed_pod_template_name("u-1"),
                 uid: "t-1".into(),

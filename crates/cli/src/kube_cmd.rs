@@ -153,7 +153,10 @@ trait Outcome {
 impl Outcome for PodCheckpoint {
     fn outcome(&self) -> (String, String, String) {
         let s = self.status.clone().unwrap_or_default();
-        let phase = s.phase.unwrap_or_else(|| "Pending".into());
+        let phase = s
+            .phase
+            .unwrap_or(podsnap_checkpoint_api::PodCheckpointPhase::Pending)
+            .to_string();
         (
             phase,
             s.reason.unwrap_or_default(),
@@ -267,7 +270,7 @@ pub async fn list(target: &Target) -> anyhow::Result<()> {
             "{}\t{}\t{}\t{}\t{}\t{}",
             c.name_any(),
             c.spec.source_pod_name,
-            status.phase.unwrap_or_default(),
+            status.phase.map(|p| p.as_str()).unwrap_or_default(),
             status.node_name.unwrap_or_default(),
             status.containers.join(","),
             status.checkpoint_location.unwrap_or_default()
@@ -290,7 +293,7 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
     println!("Source pod:     {}", c.spec.source_pod_name);
     println!(
         "Phase:          {}",
-        status.phase.clone().unwrap_or_default()
+        status.phase.map(|p| p.as_str()).unwrap_or_default()
     );
     if let Some(reason) = &status.reason {
         println!(

@@ -51,8 +51,7 @@ fn has_finalizer(object: &PodCheckpoint, finalizer: &str) -> bool {
 /// get) data on a node — every phase but Failed before it reached one.
 pub fn needs_node_data_finalizer(object: &PodCheckpoint) -> bool {
     let status = object.status.as_ref();
-    let failed_nowhere = status.and_then(PodCheckpointStatus::phase)
-        == Some(PodCheckpointPhase::Failed)
+    let failed_nowhere = status.and_then(|s| s.phase) == Some(PodCheckpointPhase::Failed)
         && status.and_then(|s| s.node_name.as_deref()).is_none();
     deletes_its_data(object)
         && !has_finalizer(object, finalizers::NODE_DATA)
@@ -79,7 +78,7 @@ pub fn node_data_on_deletion(status: Option<&PodCheckpointStatus>) -> NodeDataOn
     let Some(status) = status.filter(|s| s.node_name.is_some()) else {
         return NodeDataOnDeletion::Nothing;
     };
-    if status.phase() == Some(PodCheckpointPhase::Checkpointing) {
+    if status.phase == Some(PodCheckpointPhase::Checkpointing) {
         NodeDataOnDeletion::Abandoned
     } else {
         NodeDataOnDeletion::NodeAgent
@@ -135,7 +134,7 @@ async fn reconcile_deletion(
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
-    let phase = object.status.as_ref().and_then(PodCheckpointStatus::phase);
+    let phase = object.status.as_ref().and_then(|s| s.phase);
     let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     if object.meta().deletion_timestamp.is_some() {
         return reconcile_deletion(&ctx, &api, &object).await;
@@ -159,7 +158,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             // by the Checkpointing update runs after the one that wrote Ready): ask the API
             // server before concluding anything.
             let fresh = api.get_opt(&name).await?;
-            if fresh.and_then(|o| o.status).and_then(|s| s.phase())
+            if fresh.and_then(|o| o.status).and_then(|s| s.phase)
                 != Some(PodCheckpointPhase::Checkpointing)
             {
                 return Ok(Action::await_change());
@@ -214,7 +213,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     };
 
     let checkpointing = PodCheckpointStatus {
-        phase: Some(PodCheckpointPhase::Checkpointing.to_string()),
+        phase: Some(PodCheckpointPhase::Checkpointing),
         node_name: Some(node.clone()),
         conditions: vec![Condition::new(
             "Ready",
@@ -276,7 +275,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }
     };
     let status = PodCheckpointStatus {
-        phase: Some(PodCheckpointPhase::Ready.to_string()),
+        phase: Some(PodCheckpointPhase::Ready),
         node_name: Some(node.clone()),
         checkpoint_location: Some(location.clone()),
         containers,
@@ -419,8 +418,7 @@ async fn prune(
             c.namespace() == namespace
                 && c.spec.source_pod_name == object.spec.source_pod_name
                 && c.meta().deletion_timestamp.is_none()
-                && c.status.as_ref().and_then(PodCheckpointStatus::phase)
-                    == Some(PodCheckpointPhase::Ready)
+                && c.status.as_ref().and_then(|s| s.phase) == Some(PodCheckpointPhase::Ready)
         })
         .collect();
     if ready.len() <= ctx.keep_last {
@@ -574,7 +572,7 @@ mod tests {
 
         let stored = parse(fake.get(&checkpoint_path()).unwrap());
         let status = stored.status.clone().unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Ready"));
+        assert_eq!(status.phase, Some(PodCheckpointPhase::Ready));
         assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
         // The pod spec is in the checkpoint's PodTemplate, not in the PodCheckpoint.
         assert_eq!(status.checkpointed_pod_spec, None);
@@ -702,7 +700,7 @@ mod tests {
         let fake = reconcile_deleted(json!({"phase": "Checkpointing", "nodeName": "n1"})).await;
         let stored = parse(fake.get(&checkpoint_path()).unwrap());
         let status = stored.status.clone().unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Failed"));
+        assert_eq!(status.phase, Some(PodCheckpointPhase::Failed));
         assert_eq!(status.reason.as_deref(), Some("ControllerRestarted"));
         assert_eq!(status.node_name.as_deref(), Some("n1"));
         assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);

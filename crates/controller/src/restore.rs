@@ -50,7 +50,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         .await;
     };
     let status = checkpoint.status.clone().unwrap_or_default();
-    match status.phase() {
+    match status.phase {
         Some(PodCheckpointPhase::Ready) => {}
         Some(PodCheckpointPhase::Failed) => {
             return fail(

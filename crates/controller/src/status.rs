@@ -38,7 +38,7 @@ pub trait Owned:
 impl Owned for PodCheckpoint {
     fn failed(condition: Condition, reason: &str, message: &str) -> PodCheckpointStatus {
         PodCheckpointStatus {
-            phase: Some(PodCheckpointPhase::Failed.to_string()),
+            phase: Some(PodCheckpointPhase::Failed),
             reason: Some(reason.into()),
             message: Some(message.into()),
             conditions: vec![condition],
@@ -92,9 +92,9 @@ pub async fn set<K: Owned>(ctx: &Context, object: &K, status: &K::Status) -> Res
 /// to the status `after` just merged into it) in the metrics.
 fn count_transitions(ctx: &Context, object: &PodCheckpoint, after: &PodCheckpointStatus) {
     let before = object.status.as_ref();
-    if let Some(phase) = after.phase() {
+    if let Some(phase) = after.phase {
         ctx.metrics
-            .phase_transition(before.and_then(PodCheckpointStatus::phase), phase);
+            .phase_transition(before.and_then(|s| s.phase), phase);
     }
     let ready = |s: &PodCheckpointStatus| {
         s.conditions

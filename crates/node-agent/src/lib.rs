@@ -28,8 +28,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use podsnap_checkpoint_api::PodCheckpoint;
 use podsnap_checkpoint_api::finalizers::{self, NODE_DATA};
+use podsnap_checkpoint_api::{PodCheckpoint, PodCheckpointPhase};
 
 /// Why a reconcile failed (it is retried after a pause).
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
         return Ok(Action::await_change());
     }
     if object.meta().deletion_timestamp.is_none() {
-        if status.phase.as_deref() == Some("Failed")
+        if status.phase == Some(PodCheckpointPhase::Failed)
             && let Some(uid) = object.uid()
         {
             for location in recorded_for(&agent.checkpoints_dir, &uid).map_err(Error::Data)? {
@@ -142,7 +142,10 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
 /// Whether the checkpoint has ended, Ready or Failed: until then the kubelet may still be writing
 /// data that no status names yet.
 pub fn has_ended(status: &podsnap_checkpoint_api::PodCheckpointStatus) -> bool {
-    matches!(status.phase.as_deref(), Some("Ready" | "Failed"))
+    matches!(
+        status.phase,
+        Some(PodCheckpointPhase::Ready | PodCheckpointPhase::Failed)
+    )
 }
 
 /// The kubelet's record of a pod checkpoint: `<checkpoint>.kubelet.json`.
@@ -281,16 +284,16 @@ mod tests {
 
     #[test]
     fn data_is_removed_only_once_the_checkpoint_has_ended() {
-        let status = |phase: Option<&str>| podsnap_checkpoint_api::PodCheckpointStatus {
-            phase: phase.map(str::to_string),
+        let status = |phase| podsnap_checkpoint_api::PodCheckpointStatus {
+            phase,
             node_name: Some("n1".into()),
             ..Default::default()
         };
-        assert!(!has_ended(&status(Some("Checkpointing"))));
-        assert!(!has_ended(&status(Some("Pending"))));
+        assert!(!has_ended(&status(Some(PodCheckpointPhase::Checkpointing))));
+        assert!(!has_ended(&status(Some(PodCheckpointPhase::Pending))));
         assert!(!has_ended(&status(None)));
-        assert!(has_ended(&status(Some("Ready"))));
-        assert!(has_ended(&status(Some("Failed"))));
+        assert!(has_ended(&status(Some(PodCheckpointPhase::Ready))));
+        assert!(has_ended(&status(Some(PodCheckpointPhase::Failed))));
     }
 
     #[test]
