@@ -326,27 +326,37 @@ fn crictl_runs_a_pod_through_podsnapd_and_events_stream_through() {
     let _in_runtime = rt.enter();
     let (events_tx, events_rx) = std::sync::mpsc::channel();
     let mut events_client = RuntimeServiceClient::new(unix_channel(&podsnapd.socket));
-    let mut events = rt
-        .block_on(async {
-            tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                events_client.get_container_events(GetEventsRequest {}),
-            )
-            .await
-        })
-        .expect("GetContainerEvents answered")
-        .expect("GetContainerEvents through podsnapd")
-        .into_inner();
+    // Not awaited here: containerd sends the stream's headers with its first event, so on a
+    // quiet node the call itself answers only once something happens (the sandbox below).
     rt.spawn(async move {
+        let mut events = match events_client
+            .get_container_events(GetEventsRequest {})
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let _ = events_tx.send(Err(format!(
+                    "GetContainerEvents through podsnapd: {status:?}"
+                )));
+                return;
+            }
+        };
         while let Ok(Some(event)) = events.message().await {
             if events_tx
-                .send((event.container_id, event.container_event_type))
+                .send(Ok((event.container_id, event.container_event_type)))
                 .is_err()
             {
                 break;
             }
         }
     });
+    let next_event = |left: Duration| -> Option<(String, i32)> {
+        match events_rx.recv_timeout(left) {
+            Ok(Ok(event)) => Some(event),
+            Ok(Err(error)) => panic!("{error}"),
+            Err(_) => None,
+        }
+    };
 
     // A pod's life.
     let name = format!("podsnapd-proxy-{}", std::process::id());
@@ -386,6 +396,16 @@ fn crictl_runs_a_pod_through_podsnapd_and_events_stream_through() {
         containerd: &containerd,
         id: sandbox.clone(),
     };
+    // The sandbox's own events show the subscription is in place before the container exists.
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while !seen.iter().any(|(id, _): &(String, i32)| *id == sandbox) {
+        let left = COMMAND_TIMEOUT.saturating_sub(started.elapsed());
+        match next_event(left) {
+            Some(event) => seen.push(event),
+            None => panic!("no event for sandbox {sandbox} through podsnapd; saw {seen:?}"),
+        }
+    }
     let container = crictl
         .ok(&["create", &sandbox, container_config, pod_config])
         .trim()
@@ -410,15 +430,14 @@ fn crictl_runs_a_pod_through_podsnapd_and_events_stream_through() {
     assert_eq!(exec.trim(), "exec-stream-ok");
 
     let started = Instant::now();
-    let mut seen = Vec::new();
     while !seen.contains(&(
         container.clone(),
         ContainerEventType::ContainerStartedEvent as i32,
     )) {
         let left = COMMAND_TIMEOUT.saturating_sub(started.elapsed());
-        match events_rx.recv_timeout(left) {
-            Ok(event) => seen.push(event),
-            Err(_) => {
+        match next_event(left) {
+            Some(event) => seen.push(event),
+            None => {
                 panic!("no ContainerStartedEvent for {container} through podsnapd; saw {seen:?}")
             }
         }
