@@ -751,16 +751,27 @@ fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
             "120s",
         ])
     });
-    wait_for("the pod to be frozen", LIVENESS, || {
-        let (hog, side) = (freezer_state(&c), freezer_state(&side));
-        if hog == "FROZEN" && side == "FROZEN" {
-            Ok(())
-        } else {
-            Err(format!("hog {hog}, sidecar {side}"))
-        }
-    });
     let shim = podsnap_e2e::leaks::serving_shim(Handler::Podsnap, &pod)
         .expect("the pod's shim is running");
+    // Between freeze and thaw: the shim freezes every container before it starts any CRIU and
+    // thaws them only after the last one ends, so a CRIU swrk under the shim means the pod is
+    // in the middle of it. (The cgroups' freezer state says less: CRIU thaws a captured
+    // container's cgroup once it has seized its tasks, which stay stopped under ptrace.)
+    wait_for("a CRIU of the pod's shim, mid-capture", LIVENESS, || {
+        let criu = podsnap_e2e::leaks::host_processes().into_iter().find(|p| {
+            p.ppid == shim.pid
+                && std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                    .is_ok_and(|comm| comm.trim() == "criu")
+        });
+        match criu {
+            Some(criu) => Ok(criu),
+            None => Err(format!(
+                "no CRIU yet; hog {}, sidecar {}",
+                freezer_state(&c),
+                freezer_state(&side)
+            )),
+        }
+    });
     // containerd stopped meanwhile (a node whose agents are restarting): its cleanup of the
     // dead shim would tear the pod down and hide a frozen pod; nothing but podsnap may thaw it.
     let containerd = Stopped::process(&node_run().join("containerd.pid"));
