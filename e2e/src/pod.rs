@@ -32,6 +32,8 @@ pub struct ContainerConfig {
     pub stdin: bool,
     /// CRI's `LinuxContainerSecurityContext` as JSON, if any.
     pub security_context: Option<Value>,
+    /// CRI `Mount`s as JSON.
+    pub mounts: Vec<Value>,
 }
 
 impl ContainerConfig {
@@ -45,7 +47,15 @@ impl ContainerConfig {
             tty: false,
             stdin: false,
             security_context: None,
+            mounts: Vec::new(),
         }
+    }
+
+    /// Binds the host path `host` at `container_path` (read-write).
+    pub fn mount(mut self, host: &std::path::Path, container_path: &str) -> Self {
+        self.mounts
+            .push(json!({"host_path": host, "container_path": container_path}));
+        self
     }
 
     /// Sets the container's `linux.security_context` (CRI JSON).
@@ -80,6 +90,7 @@ impl ContainerConfig {
             "log_path": format!("{}.log", self.name),
             "tty": self.tty,
             "stdin": self.stdin,
+            "mounts": self.mounts,
             "linux": match &self.security_context {
                 Some(context) => json!({ "resources": resources, "security_context": context }),
                 None => json!({ "resources": resources }),

@@ -765,3 +765,49 @@ fn podsnap_user_namespace_pod_runs_as_the_mapped_ids_and_leaves_nothing() {
 fn runc_user_namespace_pod_matches_podsnap() {
     user_namespace_pod(Handler::Runc);
 }
+
+/// A user-namespace pod whose shim was SIGKILLed is removed without touching what it mounted:
+/// the shim stages its bind sources inside the bundle (shim/src/mount_sources.rs), containerd
+/// removes the bundle after the dead shim's cleanup, and that cleanup must detach them first,
+/// or the removal would descend into them and delete a host directory's files.
+#[test]
+fn podsnap_user_namespace_pod_whose_shim_was_sigkilled_leaves_its_host_path_intact() {
+    let node = Node::get();
+    let host = tempfile::tempdir().expect("a host directory");
+    std::fs::write(host.path().join("keep"), "kept").unwrap();
+    let mapping = serde_json::json!([{"host_id": 65536 * 22, "container_id": 0, "length": 65536}]);
+    let context = serde_json::json!({"namespace_options": {
+        "userns_options": {"mode": 0, "uids": mapping, "gids": mapping}}});
+    let mut pod = Pod::run_with(
+        Handler::Podsnap,
+        "userns-killed",
+        serde_json::json!({"security_context": context}),
+    );
+    let c = pod.run_container(
+        &ContainerConfig::shell("victim", "exec sleep 600")
+            .security_context(context.clone())
+            .mount(host.path(), "/data"),
+    );
+    wait_for_state(node, &c, "CONTAINER_RUNNING");
+    let exec = pod.exec(&c, &["cat", "/data/keep"]);
+    assert_eq!((exec.code, exec.stdout.as_str()), (0, "kept"), "{exec:?}");
+    let shim = serving_shim(Handler::Podsnap, &pod.id).expect("the pod's shim");
+    kill(Pid::from_raw(shim.pid), Signal::SIGKILL).expect("SIGKILL the shim");
+    wait_for(
+        format_args!("shim {} to die", shim.pid),
+        LIVENESS,
+        || match serving_shim(Handler::Podsnap, &pod.id) {
+            Some(p) if p.pid == shim.pid => Err(format!("{p}")),
+            _ => Ok(()),
+        },
+    );
+    let footprint = pod.force_remove();
+    assert_nothing_left(node, &footprint);
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("keep"))
+            .ok()
+            .as_deref(),
+        Some("kept"),
+        "the host directory lost its file"
+    );
+}

@@ -164,29 +164,44 @@ fn bind(
             .open(place)
             .with_context(|| format!("create {}", place.display()))?;
     }
+    let options = m.options().as_deref().unwrap_or(&[]);
+    // Read-only here already when the container's mount is: the staged place is reachable by
+    // the namespace's root, and is never a way to write what the spec mounts read-only.
+    let read_only = options.iter().any(|o| o == "ro");
     if let Some((uids, gids)) = idmap {
-        let options = m.options().as_deref().unwrap_or(&[]);
         let userns = idmap::user_namespace(uids, gids)?;
         return idmap::idmapped_bind(
             &source,
             place,
             &userns,
             idmap::BindAttrs {
-                read_only: false,
+                read_only,
                 recursive: options.iter().any(|o| o == "rbind"),
                 recursive_idmap: options.iter().any(|o| o == "ridmap"),
                 private: false,
             },
         );
     }
+    use nix::mount::MsFlags;
     nix::mount::mount(
         Some(&source),
         place,
         None::<&str>,
-        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .with_context(|| format!("bind {} at {}", source.display(), place.display()))
+    .with_context(|| format!("bind {} at {}", source.display(), place.display()))?;
+    if read_only {
+        nix::mount::mount(
+            None::<&str>,
+            place,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .with_context(|| format!("make {} read-only", place.display()))?;
+    }
+    Ok(())
 }
 
 /// Detaches and removes whatever [`stage`] put in `bundle`. Safe to call when nothing was staged.
@@ -301,6 +316,8 @@ mod tests {
             .unwrap();
         assert_eq!(place, bundle.path().join(DIR).join("0"));
         assert_eq!(std::fs::read_to_string(&place).unwrap(), "127.0.0.1 here\n");
+        // The spec mounts it read-only: so is the staged place.
+        assert!(std::fs::write(&place, "changed").is_err());
         let mode = std::fs::metadata(bundle.path().join(DIR))
             .unwrap()
             .permissions()

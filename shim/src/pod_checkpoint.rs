@@ -141,7 +141,22 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
     // No lifecycle operation runs during the capture (no container is created, started or
     // removed, see `PodTask`'s locks); the container map itself is only read here, so exits,
     // state and wait go on.
-    let _pod_ops = task.ops.clone().write_owned().await;
+    // The deadline counts from here: waiting for an operation under way (a container's own
+    // checkpoint, a start) is part of it, and a caller that gave up is not checkpointed later.
+    let requested = Instant::now();
+    let pod_ops = task.ops.clone().write_owned();
+    let _pod_ops = match timeout_ms.map(Duration::from_millis) {
+        Some(limit) => match tokio::time::timeout(limit, pod_ops).await {
+            Ok(guard) => guard,
+            Err(_) => {
+                return failed(Error::DeadlineExceeded(format!(
+                    "the deadline ({limit:?}) passed while another operation on the pod's \
+                     containers was under way; nothing was frozen"
+                )));
+            }
+        },
+        None => pod_ops.await,
+    };
     let pod = task.pod.lock().await;
     let mut captures = Vec::new();
     for id in &container_ids {
@@ -182,7 +197,8 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
         ..Default::default()
     };
     drop(pod);
-    let timeout = timeout_ms.map(Duration::from_millis);
+    let timeout =
+        timeout_ms.map(|ms| Duration::from_millis(ms).saturating_sub(requested.elapsed()));
     let result = tokio::task::spawn_blocking(move || {
         capture_pod(&captures, &bystanders, &output_dir, &opts, timeout)
     })

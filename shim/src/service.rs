@@ -72,6 +72,9 @@ impl Shim for Service {
         let id = self.id.clone();
         let state_dir = Path::new(STATE_ROOT).join(&self.namespace).join(&id);
         tokio::task::spawn_blocking(move || {
+            // First the bind sources staged for a user-namespace container: containerd removes
+            // the bundle next, and must not descend into the volumes they expose.
+            crate::mount_sources::release(&bundle);
             let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
             let cgroup = spec
                 .as_ref()

@@ -78,6 +78,12 @@ pub struct LogLine {
 const MAX_LOG_LINES: usize = 64;
 /// Longest message a log line carries.
 const MAX_LOG_MESSAGE: usize = 512;
+/// Longest failure message a reply carries. With the log lines (escaped as JSON at worst six
+/// bytes a byte: 64 x 512 x 6 = 192 KiB would not fit), a reply stays within [`MAX_MESSAGE`]
+/// the lines are cut to [`MAX_LOG_BYTES`] in all.
+const MAX_FAILURE_MESSAGE: usize = 4 * 1024;
+/// Most bytes of log messages (and targets) one reply carries.
+const MAX_LOG_BYTES: usize = 4 * 1024;
 
 /// The zygote's logger: keeps Info and above until the reply takes them.
 struct Collector {
@@ -116,19 +122,16 @@ impl log::Log for Collector {
             return;
         }
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.0.len() >= MAX_LOG_LINES {
+        let used: usize = lines
+            .0
+            .iter()
+            .map(|l| l.message.len() + l.target.len())
+            .sum();
+        if lines.0.len() >= MAX_LOG_LINES || used >= MAX_LOG_BYTES {
             lines.1 += 1;
             return;
         }
-        let mut message = record.args().to_string();
-        if message.len() > MAX_LOG_MESSAGE {
-            let mut end = MAX_LOG_MESSAGE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str("...");
-        }
+        let message = truncated(record.args().to_string(), MAX_LOG_MESSAGE);
         lines.0.push(LogLine {
             level: record.level().to_string(),
             target: record.target().to_string(),
@@ -140,6 +143,19 @@ impl log::Log for Collector {
 }
 
 static COLLECTOR: Collector = Collector::new();
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked `...` when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
 
 /// Logs what the zygote logged, through the shim's logger, under target `zygote`.
 fn relay(lines: &[LogLine]) {
@@ -284,7 +300,7 @@ fn send(sock: RawFd, payload: &[u8], fds: &[RawFd]) -> nix::Result<()> {
 fn recv(sock: RawFd) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 3]);
-    let (len, fds) = {
+    let (len, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             sock,
@@ -292,6 +308,7 @@ fn recv(sock: RawFd) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
             Some(&mut cmsg_space),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )?;
+        let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
         let mut fds = Vec::new();
         for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(received) = cmsg {
@@ -304,8 +321,12 @@ fn recv(sock: RawFd) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
                 );
             }
         }
-        (msg.bytes, fds)
+        (msg.bytes, fds, truncated)
     };
+    if truncated {
+        // A message larger than either side sends: refuse it rather than decode a part.
+        return Err(nix::errno::Errno::EMSGSIZE);
+    }
     if len == 0 {
         return Ok(None);
     }
@@ -349,7 +370,7 @@ fn serve(sock: OwnedFd) -> ! {
                 Ok(pid) => Response::Started { pid },
                 Err((kind, err)) => Response::Failed {
                     kind,
-                    message: format!("{err:#}"),
+                    message: truncated(format!("{err:#}"), MAX_FAILURE_MESSAGE),
                 },
             },
             Err(err) => Response::Failed {
@@ -429,7 +450,7 @@ fn handle(request: Request, fds: Vec<OwnedFd>) -> Result<i32, Failed> {
                 .map_err(|e| failed(format!("state root {}", state_root.display()), &e))?
                 .with_console_socket(console_socket);
             let container = with_stdio(builder, stdio, fds)
-                .map_err(|e| (Failure::InvalidArgument, e))?
+                .map_err(|e| (Failure::Libcontainer, e))?
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -455,7 +476,7 @@ fn handle(request: Request, fds: Vec<OwnedFd>) -> Result<i32, Failed> {
                 .map_err(|e| failed(format!("state root {}", state_root.display()), &e))?
                 .with_console_socket(console_socket);
             let pid = with_stdio(builder, stdio, fds)
-                .map_err(|e| (Failure::InvalidArgument, e))?
+                .map_err(|e| (Failure::Libcontainer, e))?
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
@@ -514,10 +535,22 @@ mod tests {
         let lines = collector.take();
         assert_eq!(lines.len(), MAX_LOG_LINES + 1);
         assert_eq!(lines.last().unwrap().message, "5 more log lines left out");
-        // A reply with the lines fits the zygote's message size.
+        // The worst reply still fits the zygote's message size: as many lines as fit, each of
+        // control characters (six bytes each as JSON), and the longest failure message.
+        let collector = Collector::new();
+        for _ in 0..MAX_LOG_LINES {
+            record(
+                &collector,
+                log::Level::Error,
+                &"\u{1}".repeat(MAX_LOG_MESSAGE),
+            );
+        }
         let reply = Reply {
-            response: Response::Started { pid: 1 },
-            logs: lines,
+            response: Response::Failed {
+                kind: Failure::Libcontainer,
+                message: truncated("\u{1}".repeat(MAX_FAILURE_MESSAGE * 2), MAX_FAILURE_MESSAGE),
+            },
+            logs: collector.take(),
         };
         let size = serde_json::to_vec(&reply).unwrap().len();
         assert!(size < MAX_MESSAGE, "{size}");

@@ -72,6 +72,10 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "{DESCRIPTORS} lists {0} descriptors; a checkpoint has exactly 3 (stdin, stdout, stderr)"
+    )]
+    Descriptors(usize),
     #[error("unsupported checkpoint version {major}.{minor} (this build reads {MAJOR}.x)")]
     Version { major: u32, minor: u32 },
 }
@@ -295,6 +299,9 @@ pub fn read_metadata(dir: &Path) -> Result<(Metadata, Vec<String>)> {
                 source,
             }
         })?;
+    if descriptors.len() != 3 {
+        return Err(Error::Descriptors(descriptors.len()));
+    }
     Ok((metadata, descriptors))
 }
 
@@ -379,7 +386,11 @@ mod tests {
             "tcp_established": false, "ext_unix_sk": false, "file_locks": false,
             "shell_job": false, "a_field_of_a_later_minor": true});
         fs::write(dir.path().join(METADATA), newer.to_string()).unwrap();
-        fs::write(dir.path().join(DESCRIPTORS), "[]").unwrap();
+        fs::write(
+            dir.path().join(DESCRIPTORS),
+            r#"["/dev/null", "/dev/null", "/dev/null"]"#,
+        )
+        .unwrap();
         assert_eq!(read_metadata(dir.path()).unwrap().0.minor, MINOR + 3);
         // Written before the minor version existed: 1.0.
         let old = serde_json::json!({
@@ -396,6 +407,20 @@ mod tests {
                 .contains("unsupported checkpoint version 2.0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn descriptors_other_than_stdin_stdout_and_stderr_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let four = ["/dev/null", "pipe:[1]", "pipe:[2]", "pipe:[3]"].map(String::from);
+        write_metadata(dir.path(), &Metadata::current(), &four).unwrap();
+        let err = read_metadata(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::Descriptors(4)), "{err}");
+        write_metadata(dir.path(), &Metadata::current(), &[]).unwrap();
+        assert!(matches!(
+            read_metadata(dir.path()).unwrap_err(),
+            Error::Descriptors(0)
+        ));
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub fn dump_unsealed(
 ) -> anyhow::Result<()> {
     let id = target.id;
     if let Some(refusal) = user_namespace_refusal(id, target.spec) {
-        anyhow::bail!(refusal);
+        return Err(crate::error::Error::FailedPrecondition(refusal).into());
     }
     let created = !images.exists();
     if created {

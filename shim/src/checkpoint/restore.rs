@@ -33,11 +33,13 @@ pub fn restore(
     let id = target.id;
     // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
     // into one: its processes would run outside the new container's mapping.
-    anyhow::ensure!(
-        !crate::mount_sources::has_user_namespace(target.spec),
-        "container {id} has a user namespace (hostUsers: false): podsnap cannot yet restore \
-         a checkpoint into one"
-    );
+    if crate::mount_sources::has_user_namespace(target.spec) {
+        return Err(crate::error::Error::FailedPrecondition(format!(
+            "container {id} has a user namespace (hostUsers: false): podsnap cannot yet \
+             restore a checkpoint into one"
+        ))
+        .into());
+    }
     let sources = mount_sources(metadata, target.spec, target.cgroup_path)?;
     let mut namespace_fds = Vec::new();
     for name in &metadata.external_namespaces {
@@ -83,9 +85,14 @@ pub fn restore(
     }
     for (index, descriptor) in descriptors.iter().enumerate() {
         if descriptor.starts_with("pipe:") {
-            let fd = target.stdio[index].with_context(|| {
-                format!("the checkpoint's fd {index} was a pipe but the new container has none")
-            })?;
+            let fd = target
+                .stdio
+                .get(index)
+                .copied()
+                .flatten()
+                .with_context(|| {
+                    format!("the checkpoint's fd {index} was a pipe but the new container has none")
+                })?;
             opts = opts.inherit_fd(descriptor.as_str(), fd.as_fd());
         } else if descriptor.starts_with("/dev/pts/") {
             bail!(
