@@ -569,3 +569,69 @@ fn podsnap_a_pod_being_checkpointed_still_answers_state() {
     let pod_id = pod.pod.clone();
     ws.remove_pod(&pod_id);
 }
+
+/// Nor across a restore: with the CRIU restoring a 1 GiB container stopped (SIGSTOP) in the
+/// middle of its StartContainer, containerd's task list still answers for the restored pod.
+#[test]
+fn podsnap_a_pod_being_restored_still_answers_state() {
+    let mut ws = Workspace::new("fault-restore-state");
+    let pod = HogPod::start(&mut ws, "fault-restore-state", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    Cri::new()
+        .checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[])
+        .expect("the checkpoint");
+    // The hog's config as HogPod wrote it (the same name writes the same file).
+    let hog_config = ws.path("hog.json");
+    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique("restore-state"));
+    let out = podsnap_e2e::cri_workspace::restore_created(&checkpoint, &replica, &[&hog_config]);
+    let restored = podsnap_e2e::cri_workspace::restored_pod(&out);
+    ws.pods.push(restored.clone());
+    let node = Node::get();
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let start = {
+        let hog = hog.clone();
+        std::thread::spawn(move || Node::get().crictl_try(["start", &hog]))
+    };
+    let shim = wait_for("the restored pod's shim", LIVENESS, || {
+        serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
+    });
+    let criu = wait_for("its CRIU, restoring the hog", LIVENESS, || {
+        criu_of_shim(&restored)
+            .into_iter()
+            .find(|p| p.ppid == shim.pid)
+            .ok_or_else(|| format!("start finished: {}", start.is_finished()))
+    });
+    signal_named(criu.pid, "criu", nix::sys::signal::Signal::SIGSTOP);
+    let listed = node
+        .ctr_command(podsnap_e2e::CRI_NAMESPACE, ["task", "ls"])
+        .timeout(LIVENESS)
+        .run();
+    signal_named(criu.pid, "criu", nix::sys::signal::Signal::SIGCONT);
+    let still_restoring = !start.is_finished();
+    let listed = listed.expect("ctr task ls while the pod is being restored");
+    assert!(listed.success(), "{}", listed.report());
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(restored.as_str())),
+        "the restored pod's sandbox task missing from the task list:\n{}",
+        listed.stdout
+    );
+    assert!(
+        still_restoring,
+        "the restore ended while its CRIU was stopped"
+    );
+    let started = start.join().unwrap();
+    assert!(started.success(), "{}", started.report());
+    let restored_hog = HogPod {
+        pod: restored.clone(),
+        hog,
+        sidecar: String::new(),
+        mib: HOG_MIB,
+    };
+    restored_hog.assert_memory_intact();
+    ws.remove_pod(&restored);
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}

@@ -129,6 +129,12 @@ impl Process {
     }
 }
 
+/// A container's init, restored, waiting to be recorded ([`Container::commit_restore`]).
+pub struct Restored {
+    pid: i32,
+    stdio: ShimStdio,
+}
+
 /// One container of the pod.
 pub struct Container {
     pub id: String,
@@ -372,8 +378,9 @@ impl Container {
 
     /// Lets the created init process run, or restores it when the task came from a checkpoint.
     pub async fn start_init(&mut self) -> Result<i32> {
-        if let Some(checkpoint) = self.checkpoint.clone() {
-            return self.restore_init(&checkpoint).await;
+        if self.checkpoint.is_some() {
+            let restored = self.restore_job()?.await?;
+            return Ok(self.commit_restore(restored));
         }
         let dir = self.state_root.join(&self.id);
         let id = self.id.clone();
@@ -388,52 +395,18 @@ impl Container {
         Ok(self.init.pid)
     }
 
-    /// Restores the init from `checkpoint` into this (created) container: verifies the checkpoint
-    /// before creating anything, then lets CRIU recreate the process tree as a child of the shim,
-    /// inside the container's cgroup, attached to fresh stdio pipes.
-    async fn restore_init(&mut self, checkpoint: &Path) -> Result<i32> {
+    /// The restore of the init from `checkpoint` into this (created) container, as a future
+    /// that borrows nothing of it (run it without holding the pod's container map): verifies
+    /// the checkpoint before creating anything, then lets CRIU recreate the process tree as a
+    /// child of the shim, inside the container's cgroup, attached to fresh stdio pipes. Record
+    /// its outcome with [`Container::commit_restore`].
+    pub fn restore_job(
+        &self,
+    ) -> Result<impl std::future::Future<Output = Result<Restored>> + Send + 'static> {
         let id = self.id.clone();
-        let source = checkpoint.to_path_buf();
-        // Compressed pages are expanded into a private scratch directory first: CRIU reads
-        // only plain images, and the checkpoint itself is never modified.
-        let grant = self.restore_grant.clone();
-        let checked_spec = self.spec.clone();
-        let (scratch, metadata, descriptors) = tokio::task::spawn_blocking(move || {
-            // A container of a pod checkpoint: every file it will read is verified against
-            // the manifest podsnapd verified (pinned by digest in the grant), here, at start.
-            if let Some(grant) = &grant {
-                podsnap_checkpoint_format::verify_container(
-                    &grant.checkpoint,
-                    &grant.manifest_sha256,
-                    &grant.container,
-                )?;
-            }
-            let scratch = if podsnap_checkpoint_format::pages::is_compressed(&source) {
-                checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
-                let dir = tempfile::Builder::new()
-                    .prefix("restore-")
-                    .tempdir_in(SCRATCH_ROOT)?;
-                podsnap_checkpoint_format::pages::expand_into(&source, dir.path())?;
-                Some(dir)
-            } else {
-                None
-            };
-            let images = scratch.as_ref().map_or(source.as_path(), |d| d.path());
-            let (metadata, descriptors) = if grant.is_some() {
-                checkpoint::read_metadata(images)?
-            } else {
-                checkpoint::verify(images)?
-            };
-            // Nothing the images hold may grant more than the new spec: checked before any
-            // process or mount exists.
-            crate::restore_policy::check_metadata(&metadata)?;
-            let threads = podsnap_checkpoint_format::creds::thread_credentials(images)?;
-            crate::restore_policy::check_credentials(&checked_spec, &threads)?;
-            Ok::<_, anyhow::Error>((scratch, metadata, descriptors))
-        })
-        .await
-        .map_err(|e| Error::internal(format!("container {id}: {e}")))?
-        .map_err(|e| Error::FailedPrecondition(format!("container {id}: cannot restore: {e:#}")))?;
+        let checkpoint = self.checkpoint.clone().ok_or_else(|| {
+            Error::FailedPrecondition(format!("container {id} is not restored from a checkpoint"))
+        })?;
         let (container_stdio, shim_stdio) = stdio::prepare(&self.init.paths)
             .map_err(|e| Error::internal(format!("container {id}: stdio: {e:#}")))?;
         if container_stdio.console.is_some() {
@@ -441,46 +414,100 @@ impl Container {
                 "container {id}: restoring a container with a terminal is not supported"
             )));
         }
+        let grant = self.restore_grant.clone();
         let spec = self.spec.clone();
         let rootfs = self.rootfs();
         let cgroup = self.cgroup.clone();
-        let images = scratch
-            .as_ref()
-            .map_or_else(|| checkpoint.to_path_buf(), |d| d.path().to_path_buf());
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
-        let restored_id = id.clone();
-        let grant = self.restore_grant.clone();
-        let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-            if let Some(grant) = &grant {
-                // A container of a pod checkpoint: the pod's emptyDir volumes first.
-                crate::volumes::restore(&grant.checkpoint, &spec)?;
-                crate::rootfs_diff::apply(&grant.container_dir(), &rootfs)?;
-            }
-            cgroup.prepare(&spec)?;
-            let [stdin, stdout, stderr] = &container_stdio.fds;
-            let target = checkpoint::RestoreTarget {
-                id: &restored_id,
-                spec: &spec,
-                rootfs: &rootfs,
-                cgroup_path: &cgroup.path,
-                stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
-            };
-            let pid = checkpoint::restore(&target, &images, &metadata, &descriptors)?;
-            if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-                cgroup.update(resources)?;
-            }
-            record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
-            drop(scratch);
-            Ok(pid)
+        Ok(async move {
+            let (checked_id, checked_grant, checked_spec) =
+                (id.clone(), grant.clone(), spec.clone());
+            // Compressed pages are expanded into a private scratch directory first: CRIU reads
+            // only plain images, and the checkpoint itself is never modified.
+            let (scratch, images, metadata, descriptors) = tokio::task::spawn_blocking(move || {
+                let grant = checked_grant;
+                // A container of a pod checkpoint: every file it will read is verified
+                // against the manifest podsnapd verified (pinned by digest in the grant),
+                // here, at start.
+                if let Some(grant) = &grant {
+                    podsnap_checkpoint_format::verify_container(
+                        &grant.checkpoint,
+                        &grant.manifest_sha256,
+                        &grant.container,
+                    )?;
+                }
+                let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
+                    checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
+                    let dir = tempfile::Builder::new()
+                        .prefix("restore-")
+                        .tempdir_in(SCRATCH_ROOT)?;
+                    podsnap_checkpoint_format::pages::expand_into(&checkpoint, dir.path())?;
+                    Some(dir)
+                } else {
+                    None
+                };
+                let images = scratch
+                    .as_ref()
+                    .map_or_else(|| checkpoint.clone(), |d| d.path().to_path_buf());
+                let (metadata, descriptors) = if grant.is_some() {
+                    checkpoint::read_metadata(&images)?
+                } else {
+                    checkpoint::verify(&images)?
+                };
+                // Nothing the images hold may grant more than the new spec: checked before
+                // any process or mount exists.
+                crate::restore_policy::check_metadata(&metadata)?;
+                let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
+                crate::restore_policy::check_credentials(&checked_spec, &threads)?;
+                Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors))
+            })
+            .await
+            .map_err(|e| Error::internal(format!("container {checked_id}: {e}")))?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!("container {checked_id}: cannot restore: {e:#}"))
+            })?;
+            let restored_id = id.clone();
+            let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+                if let Some(grant) = &grant {
+                    // A container of a pod checkpoint: the pod's emptyDir volumes first.
+                    crate::volumes::restore(&grant.checkpoint, &spec)?;
+                    crate::rootfs_diff::apply(&grant.container_dir(), &rootfs)?;
+                }
+                cgroup.prepare(&spec)?;
+                let [stdin, stdout, stderr] = &container_stdio.fds;
+                let target = checkpoint::RestoreTarget {
+                    id: &restored_id,
+                    spec: &spec,
+                    rootfs: &rootfs,
+                    cgroup_path: &cgroup.path,
+                    stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
+                };
+                let pid = checkpoint::restore(&target, &images, &metadata, &descriptors)?;
+                if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref())
+                {
+                    cgroup.update(resources)?;
+                }
+                record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
+                drop(scratch);
+                Ok(pid)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("container {id}: {e}")))?
+            .map_err(|e| Error::from(e).within(format!("container {id}")))?;
+            Ok(Restored {
+                pid,
+                stdio: shim_stdio,
+            })
         })
-        .await
-        .map_err(|e| Error::internal(format!("container {id}: {e}")))?
-        .map_err(|e| Error::from(e).within(format!("container {id}")))?;
-        self.init.pid = pid;
-        self.init.stdio = shim_stdio;
+    }
+
+    /// Records a restored init as this container's running init; returns its pid.
+    pub fn commit_restore(&mut self, restored: Restored) -> i32 {
+        self.init.pid = restored.pid;
+        self.init.stdio = restored.stdio;
         self.init.state = State::Running;
-        Ok(pid)
+        restored.pid
     }
 
     /// Starts the exec'd process `exec_id` recorded earlier by `Exec`.

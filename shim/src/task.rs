@@ -306,7 +306,7 @@ impl Task for PodTask {
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let _op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
-        let container = container_mut(&mut pod, &req.id)?;
+        let mut container = container_mut(&mut pod, &req.id)?;
         let pid = if let Some(exec) = exec_id(&req.exec_id) {
             let pid = container.start_exec(exec).await?;
             self.claim_early_exit(&mut pod, pid);
@@ -335,7 +335,22 @@ impl Task for PodTask {
                     .into());
                 }
             }
-            let pid = container.start_init().await?;
+            let pid = if container.checkpoint.is_some() {
+                // A restore: run without the container map (seconds for a large container),
+                // so exits, state and wait of the pod's other containers go on meanwhile; this
+                // container's own operation lock keeps it as it is.
+                let job = container.restore_job()?;
+                drop(pod);
+                let restored = job.await;
+                pod = self.pod.lock().await;
+                container = container_mut(&mut pod, &req.id)?;
+                let pid = container.commit_restore(restored?);
+                self.claim_early_exit(&mut pod, pid);
+                container = container_mut(&mut pod, &req.id)?;
+                pid
+            } else {
+                container.start_init().await?
+            };
             if let Err(e) = crate::oom::watch(&container.cgroup, &req.id, self.oom.clone()) {
                 log::warn!("container {}: no OOM notifications: {e:#}", req.id);
             }
