@@ -404,8 +404,18 @@ impl Stopped {
             .trim()
             .parse()
             .unwrap_or_else(|e| panic!("pid in {}: {e}", pidfile.display()));
+        Stopped::pid(pid, None)
+    }
+
+    /// Stops process `pid`; with `name`, only once `/proc/<pid>/comm` confirms it is that.
+    pub fn pid(pid: i32, name: Option<&str>) -> Self {
+        if let Some(name) = name {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            assert_eq!(comm.trim(), name, "pid {pid} is not {name}");
+        }
         let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)
+            .unwrap_or_else(|e| panic!("SIGSTOP {pid}: {e}"));
         Stopped(pid)
     }
 }

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use podsnap_e2e::cri_workspace::{
-    Cri, HogPod, Workspace, assert_status, entries, freezer_state, node_run, wait_empty,
+    Cri, HogPod, Stopped, Workspace, assert_status, entries, freezer_state, node_run, wait_empty,
 };
 use podsnap_e2e::leaks::{HostProcess, host_processes};
 use podsnap_e2e::{CommandLine, Handler, Node, serving_shim, wait_for};
@@ -522,12 +522,18 @@ fn podsnap_pod_checkpoint_into_a_filesystem_too_small_is_refused_before_the_pod_
     ws.remove_pod(&pod_id);
 }
 
-/// Sends `signal` to `pid` once `/proc/<pid>/comm` confirms it is `name`.
-fn signal_named(pid: i32, name: &str, signal: nix::sys::signal::Signal) {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), name, "pid {pid} is not {name}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
-        .unwrap_or_else(|e| panic!("{signal} {name} (pid {pid}): {e}"));
+/// `ctr task ls` (containerd asks each shim for its tasks' state) while `criu` is stopped
+/// (SIGSTOP, so what it does cannot end meanwhile); CRIU goes on before this returns.
+fn task_list_while_stopped(criu: i32) -> podsnap_e2e::Finished {
+    let stopped = Stopped::pid(criu, Some("criu"));
+    let listed = Node::get()
+        .ctr_command(podsnap_e2e::CRI_NAMESPACE, ["task", "ls"])
+        .timeout(LIVENESS)
+        .run();
+    drop(stopped);
+    let listed = listed.expect("ctr task ls");
+    assert!(listed.success(), "{}", listed.report());
+    listed
 }
 
 /// The shim never holds its container map across a dump: with the pod's CRIU stopped mid-capture
@@ -540,17 +546,8 @@ fn podsnap_a_pod_being_checkpointed_still_answers_state() {
     let checkpoint = ws.checkpoint_dir("checkpoint");
     let mut call = checkpoint_in_background(&pod, &checkpoint);
     let criu = caught_mid_capture(&pod, &checkpoint, &mut call);
-    signal_named(criu, "criu", nix::sys::signal::Signal::SIGSTOP);
-    let node = Node::get();
-    let listed = node
-        .ctr_command(podsnap_e2e::CRI_NAMESPACE, ["task", "ls"])
-        .timeout(LIVENESS)
-        .run();
-    // Whatever happened, CRIU goes on before anything is asserted.
-    signal_named(criu, "criu", nix::sys::signal::Signal::SIGCONT);
-    let listed = listed.expect("ctr task ls while the pod is being checkpointed");
+    let listed = task_list_while_stopped(criu);
     let still_dumping = !call.as_ref().expect("the call").is_finished();
-    assert!(listed.success(), "{}", listed.report());
     for container in [&pod.hog, &pod.sidecar] {
         assert!(
             listed
@@ -601,15 +598,8 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
             .find(|p| p.ppid == shim.pid)
             .ok_or_else(|| format!("start finished: {}", start.is_finished()))
     });
-    signal_named(criu.pid, "criu", nix::sys::signal::Signal::SIGSTOP);
-    let listed = node
-        .ctr_command(podsnap_e2e::CRI_NAMESPACE, ["task", "ls"])
-        .timeout(LIVENESS)
-        .run();
-    signal_named(criu.pid, "criu", nix::sys::signal::Signal::SIGCONT);
+    let listed = task_list_while_stopped(criu.pid);
     let still_restoring = !start.is_finished();
-    let listed = listed.expect("ctr task ls while the pod is being restored");
-    assert!(listed.success(), "{}", listed.report());
     assert!(
         listed
             .stdout

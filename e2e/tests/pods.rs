@@ -416,11 +416,8 @@ fn podsnap_crictl_stats_reports_memory_and_cpu_of_a_running_container() {
 }
 
 /// SIGKILLs the pod's shim while a container runs, then `crictl rmp -f` must clean up.
-fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
-    let node = Node::get();
-    let mut pod = Pod::run(handler, "shim-killed");
-    let c = pod.run_container(&ContainerConfig::shell("victim", "exec sleep 600"));
-    wait_for_state(node, &c, "CONTAINER_RUNNING");
+/// SIGKILLs the shim serving `pod` and waits until it is gone.
+fn kill_shim(handler: Handler, pod: &Pod) {
     let shim = serving_shim(handler, &pod.id)
         .unwrap_or_else(|| panic!("no {} shim runs with -id {}", handler.name(), pod.id));
     kill(Pid::from_raw(shim.pid), Signal::SIGKILL).expect("SIGKILL the shim");
@@ -432,6 +429,14 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
             _ => Ok(()),
         },
     );
+}
+
+fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
+    let node = Node::get();
+    let mut pod = Pod::run(handler, "shim-killed");
+    let c = pod.run_container(&ContainerConfig::shell("victim", "exec sleep 600"));
+    wait_for_state(node, &c, "CONTAINER_RUNNING");
+    kill_shim(handler, &pod);
     let footprint = pod.force_remove();
     assert_nothing_left(node, &footprint);
 }
@@ -645,6 +650,20 @@ fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
     pod.remove();
 }
 
+/// A pod with a user namespace of its own mapping container ids 0..65536 to host ids from
+/// `host_id`, and the security context its containers repeat it in (as the kubelet sends it).
+fn user_namespace_pod_with(handler: Handler, name: &str, host_id: u32) -> (Pod, serde_json::Value) {
+    let mapping = serde_json::json!([{"host_id": host_id, "container_id": 0, "length": 65536}]);
+    let context = serde_json::json!({"namespace_options": {
+        "userns_options": {"mode": 0, "uids": mapping, "gids": mapping}}});
+    let pod = Pod::run_with(
+        handler,
+        name,
+        serde_json::json!({"security_context": context}),
+    );
+    (pod, context)
+}
+
 /// A pod with a user namespace of its own (`hostUsers: false`), on `handler`: both containers
 /// run as root inside it and as the mapped id outside, share it and the pod's network
 /// namespace with the sandbox, see their image's files as root's (idmapped layers), read the
@@ -654,15 +673,7 @@ fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
 fn user_namespace_pod(handler: Handler) {
     const HOST_ID: u32 = 65536 * 21;
     let node = Node::get();
-    let mapping = serde_json::json!([{"host_id": HOST_ID, "container_id": 0, "length": 65536}]);
-    // The container's security context repeats the pod's mapping, as the kubelet sends it.
-    let context = serde_json::json!({"namespace_options": {
-        "userns_options": {"mode": 0, "uids": mapping, "gids": mapping}}});
-    let mut pod = Pod::run_with(
-        handler,
-        "userns",
-        serde_json::json!({"security_context": context}),
-    );
+    let (mut pod, context) = user_namespace_pod_with(handler, "userns", HOST_ID);
     let first = pod.run_container(
         &ContainerConfig::shell("first", "echo written > /written && exec sleep 600")
             .security_context(context.clone()),
@@ -775,14 +786,7 @@ fn podsnap_user_namespace_pod_whose_shim_was_sigkilled_leaves_its_host_path_inta
     let node = Node::get();
     let host = tempfile::tempdir().expect("a host directory");
     std::fs::write(host.path().join("keep"), "kept").unwrap();
-    let mapping = serde_json::json!([{"host_id": 65536 * 22, "container_id": 0, "length": 65536}]);
-    let context = serde_json::json!({"namespace_options": {
-        "userns_options": {"mode": 0, "uids": mapping, "gids": mapping}}});
-    let mut pod = Pod::run_with(
-        Handler::Podsnap,
-        "userns-killed",
-        serde_json::json!({"security_context": context}),
-    );
+    let (mut pod, context) = user_namespace_pod_with(Handler::Podsnap, "userns-killed", 65536 * 22);
     let c = pod.run_container(
         &ContainerConfig::shell("victim", "exec sleep 600")
             .security_context(context.clone())
@@ -791,16 +795,7 @@ fn podsnap_user_namespace_pod_whose_shim_was_sigkilled_leaves_its_host_path_inta
     wait_for_state(node, &c, "CONTAINER_RUNNING");
     let exec = pod.exec(&c, &["cat", "/data/keep"]);
     assert_eq!((exec.code, exec.stdout.as_str()), (0, "kept"), "{exec:?}");
-    let shim = serving_shim(Handler::Podsnap, &pod.id).expect("the pod's shim");
-    kill(Pid::from_raw(shim.pid), Signal::SIGKILL).expect("SIGKILL the shim");
-    wait_for(
-        format_args!("shim {} to die", shim.pid),
-        LIVENESS,
-        || match serving_shim(Handler::Podsnap, &pod.id) {
-            Some(p) if p.pid == shim.pid => Err(format!("{p}")),
-            _ => Ok(()),
-        },
-    );
+    kill_shim(Handler::Podsnap, &pod);
     let footprint = pod.force_remove();
     assert_nothing_left(node, &footprint);
     assert_eq!(

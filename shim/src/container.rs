@@ -376,11 +376,14 @@ impl Container {
             })
     }
 
-    /// Lets the created init process run, or restores it when the task came from a checkpoint.
+    /// Lets the created init process run (a container created from a checkpoint is restored
+    /// with [`Container::restore_job`] instead).
     pub async fn start_init(&mut self) -> Result<i32> {
         if self.checkpoint.is_some() {
-            let restored = self.restore_job()?.await?;
-            return Ok(self.commit_restore(restored));
+            return Err(Error::internal(format!(
+                "container {} is restored from a checkpoint: restore_job, not start_init",
+                self.id
+            )));
         }
         let dir = self.state_root.join(&self.id);
         let id = self.id.clone();

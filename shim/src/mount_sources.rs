@@ -11,12 +11,16 @@
 //! mounts are the same objects, so the container sees exactly what it would have; the shim keeps
 //! the original spec (checkpoints describe the original sources). [`release`] detaches them.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Mount, Spec};
 
 use crate::idmap::{self, IdMapping};
+
+/// A mount's uid and gid mappings.
+type IdMappings = (Vec<IdMapping>, Vec<IdMapping>);
 
 /// The directory, inside a bundle, of the staged sources.
 pub const DIR: &str = ".podsnap-mount-sources";
@@ -29,7 +33,8 @@ pub fn has_user_namespace(spec: &Spec) -> bool {
         .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User))
 }
 
-fn is_bind(m: &Mount) -> bool {
+/// Whether a spec mount is a bind mount (`type: bind`, or a `bind`/`rbind` option).
+pub fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
         || m.options()
             .as_ref()
@@ -53,6 +58,8 @@ pub fn stage(bundle: &Path, spec: &Spec) -> anyhow::Result<Option<Spec>> {
     let result = (|| -> anyhow::Result<Vec<Mount>> {
         create_dir(&dir, 0o711)?;
         let mut staged = Vec::with_capacity(mounts.len());
+        // One user namespace per distinct mapping (containerd gives every mount the pod's).
+        let mut namespaces: Vec<(IdMappings, OwnedFd)> = Vec::new();
         for (n, m) in mounts.iter().enumerate() {
             let mut m = m.clone();
             if let (true, Some(source)) = (is_bind(&m), m.source().clone())
@@ -60,7 +67,20 @@ pub fn stage(bundle: &Path, spec: &Spec) -> anyhow::Result<Option<Spec>> {
             {
                 let place = dir.join(n.to_string());
                 let idmap = idmapping(spec, &m)?;
-                bind(&source, &place, idmap.as_ref(), &m).with_context(|| {
+                let userns = match &idmap {
+                    None => None,
+                    Some(maps) => {
+                        if !namespaces.iter().any(|(known, _)| known == maps) {
+                            let fd = idmap::user_namespace(&maps.0, &maps.1)?;
+                            namespaces.push((maps.clone(), fd));
+                        }
+                        namespaces
+                            .iter()
+                            .find(|(known, _)| known == maps)
+                            .map(|(_, fd)| fd)
+                    }
+                };
+                bind(&source, &place, userns, &m).with_context(|| {
                     format!("stage the source of {}", m.destination().display())
                 })?;
                 m.set_source(Some(place));
@@ -96,7 +116,7 @@ pub fn stage(bundle: &Path, spec: &Spec) -> anyhow::Result<Option<Spec>> {
 
 /// The id mappings a mount asks its source to be seen through (its own `uidMappings` and
 /// `gidMappings`, or the container's with a bare `idmap`/`ridmap` option), if any.
-fn idmapping(spec: &Spec, m: &Mount) -> anyhow::Result<Option<(Vec<IdMapping>, Vec<IdMapping>)>> {
+fn idmapping(spec: &Spec, m: &Mount) -> anyhow::Result<Option<IdMappings>> {
     let convert = |maps: &[LinuxIdMapping]| -> Vec<IdMapping> {
         maps.iter()
             .map(|m| IdMapping {
@@ -145,12 +165,7 @@ fn create_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
 
 /// Bind-mounts `source` (resolved first, as libcontainer resolves it) at `place`, a new empty
 /// file or directory; idmapped when `idmap` holds mappings.
-fn bind(
-    source: &Path,
-    place: &Path,
-    idmap: Option<&(Vec<IdMapping>, Vec<IdMapping>)>,
-    m: &Mount,
-) -> anyhow::Result<()> {
+fn bind(source: &Path, place: &Path, userns: Option<&OwnedFd>, m: &Mount) -> anyhow::Result<()> {
     let source =
         std::fs::canonicalize(source).with_context(|| format!("resolve {}", source.display()))?;
     if source.is_dir() {
@@ -168,12 +183,11 @@ fn bind(
     // Read-only here already when the container's mount is: the staged place is reachable by
     // the namespace's root, and is never a way to write what the spec mounts read-only.
     let read_only = options.iter().any(|o| o == "ro");
-    if let Some((uids, gids)) = idmap {
-        let userns = idmap::user_namespace(uids, gids)?;
+    if let Some(userns) = userns {
         return idmap::idmapped_bind(
             &source,
             place,
-            &userns,
+            userns,
             idmap::BindAttrs {
                 read_only,
                 recursive: options.iter().any(|o| o == "rbind"),

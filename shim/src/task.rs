@@ -651,9 +651,6 @@ impl Task for PodTask {
                 .into());
             }
         };
-        if let Some(refusal) = crate::checkpoint::user_namespace_refusal(&req.id, &container.spec) {
-            return Err(Error::FailedPrecondition(refusal).into());
-        }
         let spec = container.spec.clone();
         let rootfs = container.rootfs();
         let cgroup = container.cgroup.clone();

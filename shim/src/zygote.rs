@@ -99,8 +99,7 @@ impl Collector {
 
     fn take(&self) -> Vec<LogLine> {
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        let (kept, dropped) = std::mem::take(&mut *lines);
-        let mut kept = kept;
+        let (mut kept, dropped) = std::mem::take(&mut *lines);
         if dropped > 0 {
             kept.push(LogLine {
                 level: log::Level::Warn.to_string(),

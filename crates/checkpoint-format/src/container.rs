@@ -12,7 +12,8 @@
 //!
 //! The shim writes these files through [`write_metadata`] and [`seal`] and reads them through
 //! [`verify`] or [`read_metadata`]; podsnapd takes the shim's hashes with [`take_sums`]. Nobody
-//! else parses them. Written files are synced before a checkpoint counts as written.
+//! else parses them. What podsnap writes is synced by [`seal`], after the thaw, not while the
+//! container is frozen.
 //!
 //! Versions: [`Metadata::version`] is the major version and [`Metadata::minor`] the minor one.
 //! A minor version only adds optional fields, so a reader accepts every minor version of its
@@ -145,8 +146,8 @@ impl Metadata {
     }
 }
 
-/// Creates (or replaces) a root-only (0600) file with `data`, synced.
-pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+/// Creates (or replaces) a root-only (0600) file with `data`; not synced (see [`seal`]).
+fn write_private(path: &Path, data: &[u8]) -> Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -156,16 +157,18 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .open(path)
         .map_err(io("create", path))?;
     file.write_all(data).map_err(io("write", path))?;
-    file.sync_all().map_err(io("sync", path))
+    Ok(file)
 }
 
-/// Writes the init's descriptors and the metadata into `images`.
+/// Writes the init's descriptors and the metadata into `images`. Not synced here: this runs
+/// while the container is frozen, and [`seal`] syncs them after the thaw.
 pub fn write_metadata(images: &Path, metadata: &Metadata, descriptors: &[String]) -> Result<()> {
     write_private(
         &images.join(DESCRIPTORS),
         &to_json(descriptors, DESCRIPTORS)?,
     )?;
-    write_private(&images.join(METADATA), &to_json(metadata, METADATA)?)
+    write_private(&images.join(METADATA), &to_json(metadata, METADATA)?)?;
+    Ok(())
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T, name: &'static str) -> Result<Vec<u8>> {
@@ -190,16 +193,25 @@ fn checkpoint_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(files)
 }
 
-/// Writes `podsnap.sha256` for a dumped checkpoint (every other file's sha256), synced, and
-/// syncs the directory. Needs no frozen container: a pod checkpoint seals its containers'
-/// images after thawing them.
+/// Writes `podsnap.sha256` for a dumped checkpoint (every other file's sha256), and syncs what
+/// podsnap wrote into it (metadata, descriptors, `podsnap.sha256`) and the directory. Needs no
+/// frozen container: a pod checkpoint seals its containers' images after thawing them.
 pub fn seal(dir: &Path) -> Result<()> {
     let mut text = String::new();
     for (name, path) in checkpoint_files(dir)? {
         let sum = crate::sha256_file(&path).map_err(io("hash", &path))?;
         text.push_str(&format!("{sum}  {name}\n"));
     }
-    write_private(&dir.join(CHECKSUMS), text.as_bytes())?;
+    for name in [DESCRIPTORS, METADATA] {
+        let path = dir.join(name);
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync", &path))?;
+    }
+    let sums = dir.join(CHECKSUMS);
+    write_private(&sums, text.as_bytes())?
+        .sync_all()
+        .map_err(io("sync", &sums))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync", dir))

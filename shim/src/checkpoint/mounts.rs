@@ -59,13 +59,7 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
         .mounts()
         .iter()
         .flatten()
-        .filter(|m| {
-            m.typ().as_deref() == Some("bind")
-                || m.options()
-                    .iter()
-                    .flatten()
-                    .any(|o| o == "bind" || o == "rbind")
-        })
+        .filter(|m| crate::mount_sources::is_bind(m))
         .map(|m| m.destination().display().to_string())
         .collect();
     let whole: Vec<&MountInfo> = mounts.iter().filter(|m| m.root == "/").collect();
