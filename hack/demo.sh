@@ -5,8 +5,15 @@
 # checkpoint.k8s.io/restore-from: the kubelet restores it through CRI RestorePod and its log
 # counts on from the checkpoint instead of from 0. Installs and builds what it needs (cached),
 # brings the cluster up, and takes it down again unless --keep is given.
+#
+# hack/demo.sh --kind [--keep]: the same demo on the kind cluster, with PodCheckpoint and
+# PodRestore (hack/demo-kind.sh).
 set -euo pipefail
 exec </dev/null
+if [ "${1:-}" = --kind ]; then
+	shift
+	exec bash "$(dirname "$0")/demo-kind.sh" "$@"
+fi
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
 # shellcheck source=hack/node-lib.sh

@@ -16,6 +16,7 @@ APT_PACKAGES=(
 	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
 	docker-registry shellcheck busybox-static bzip2 python3 openssl
+	podman netavark aardvark-dns conmon mmdebstrap binutils
 )
 
 # stamp NAME RECIPE: true when NAME was built with this exact RECIPE before.

@@ -2,8 +2,8 @@
 # Build the Kubernetes side of the test cluster from module sources: k8s.io/kubernetes at
 # $KUBERNETES_VERSION from the Go module proxy, its staging modules (k8s.io/*) at the matching
 # v0.x, with kubelet-patches/*.patch applied in order (a patch that does not apply fails the
-# build). Builds kubelet, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and
-# etcd (at the version Kubernetes pins) into $PODSNAP_CACHE/kube/<version>-<patch hash>/bin, so a
+# build). Builds kubelet, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubeadm,
+# kube-proxy (the last two for the kind node image) and etcd (at the version Kubernetes pins) into $PODSNAP_CACHE/kube/<version>-<patch hash>/bin, so a
 # rerun with the same version and patches costs nothing. Prints that bin directory.
 #
 #   hack/kube-build.sh            build (cached)
@@ -75,7 +75,8 @@ build() {
 	mkdir -p "$KUBE_DIR/bin"
 	(cd "$dir" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath \
 		-ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION-podsnap -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${KUBERNETES_VERSION#v1.} -X k8s.io/component-base/version.gitTreeState=clean" \
-		-o "$KUBE_DIR/bin/" ./cmd/kubelet ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler ./cmd/kubectl)
+		-o "$KUBE_DIR/bin/" ./cmd/kubelet ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler ./cmd/kubectl \
+		./cmd/kubeadm ./cmd/kube-proxy)
 	# etcd at the version Kubernetes pins (go.etcd.io/etcd/server/v3 is in its module graph).
 	(cd "$dir" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$KUBE_DIR/bin/etcd" go.etcd.io/etcd/server/v3)
 }
@@ -90,7 +91,7 @@ main() {
 		log "unpatched tree in $base: cd there and run git am -3 $PODSNAP_ROOT/kubelet-patches/*.patch"
 		return 0
 	fi
-	recipe="kube-$KUBERNETES_VERSION-$patch_hash-r1"
+	recipe="kube-$KUBERNETES_VERSION-$patch_hash-r2"
 	dir=${tree:-$(mktemp -d)}
 	if [ -n "$tree" ] || [ "$run_tests" = 1 ] || ! stamp_ok kube "$recipe" || [ ! -x "$KUBE_DIR/bin/kubelet" ]; then
 		step kube-source prepare_tree "$dir"

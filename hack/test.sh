@@ -45,7 +45,11 @@ phase() {
 
 node_started=0
 cluster_started=0
+kind_started=0
 cleanup() {
+	if [ "$kind_started" = 1 ]; then
+		timeout 600 "$PODSNAP_ROOT/hack/kind-down.sh" || log "kind-down failed"
+	fi
 	if [ "$cluster_started" = 1 ]; then
 		timeout 300 "$PODSNAP_ROOT/hack/cluster-down.sh" || log "cluster-down failed"
 	fi
@@ -92,4 +96,13 @@ phase cluster-up 900 hack/cluster-up.sh
 phase e2e-cluster 1800 cargo test -p podsnap-e2e --locked --test cluster --test controller --test load -- --test-threads=1
 phase cluster-down 300 hack/cluster-down.sh
 cluster_started=0
+phase node-down 300 hack/node-down.sh
+node_started=0
+# Three nodes on kind (podman containers from podsnap's node image, built here offline), podsnap
+# deployed from deploy/ as a user deploys it: the e2e tests that need more than one node.
+kind_started=1
+phase kind-up 1800 hack/kind-up.sh --nodes 3
+phase e2e-kind 1200 cargo test -p podsnap-e2e --locked --test kind -- --test-threads=1
+phase kind-down 600 hack/kind-down.sh
+kind_started=0
 log "all tests passed in $(($(date +%s) - T0))s"

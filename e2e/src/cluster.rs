@@ -1,5 +1,8 @@
-//! The single-node Kubernetes cluster that `hack/cluster-up.sh` starts, seen from a test: the
-//! patched kubelet, the apiserver, and `kubectl` with the administrator's kubeconfig.
+//! The Kubernetes clusters the tests run on, seen from a test: the patched kubelet, the
+//! apiserver, and `kubectl` with the administrator's kubeconfig. [`Cluster::get`] is the
+//! single-node cluster `hack/cluster-up.sh` starts on this machine; [`Cluster::kind`] the kind
+//! cluster `hack/kind-up.sh` starts (nodes in podman containers, podsnap deployed from
+//! `deploy/`), whose nodes' files a test reaches with [`Cluster::node_exec`].
 //!
 //! Like [`crate::node`], nothing here starts or builds anything: a missing cluster fails the
 //! test with what to run. Paths follow `hack/cluster-lib.sh` (`PODSNAP_CLUSTER_RUN`,
@@ -40,8 +43,10 @@ pub struct Cluster {
     /// The cluster's CA, whose key signs test users' client certificates.
     pub pki: PathBuf,
     pub kubelet_log: PathBuf,
-    /// hack/cluster-lib.sh's run directory (pid files, logs).
+    /// hack/cluster-lib.sh's (or kind-lib.sh's) run directory (pid files, logs).
     pub run: PathBuf,
+    /// Whether this is the kind cluster (nodes are podman containers of these names).
+    pub kind: bool,
 }
 
 /// The outcome of `POST /checkpointpod/...` through the API server's node proxy.
@@ -80,6 +85,7 @@ impl Cluster {
             pki: lib.join("pki"),
             kubelet_log: run.join("kubelet.log"),
             run,
+            kind: false,
         };
         for file in [&cluster.kubectl, &cluster.kubeconfig] {
             if !file.exists() {
@@ -105,6 +111,100 @@ impl Cluster {
             return Err(format!("node {NODE_NAME} is not Ready:\n{}", node.report()));
         }
         Ok(cluster)
+    }
+
+    /// The kind cluster (`hack/kind-up.sh`), checked once per test binary: its kubeconfig, every
+    /// node Ready, podsnap-controller available. Panics with what to do otherwise.
+    pub fn kind() -> &'static Cluster {
+        static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+        match CLUSTER.get_or_init(Cluster::check_kind) {
+            Ok(cluster) => cluster,
+            Err(why) => panic!(
+                "the podsnap kind cluster is not usable: {why}\n\
+                 (start it with hack/kind-up.sh; these tests do not skip, CI={})",
+                std::env::var("CI").unwrap_or_default()
+            ),
+        }
+    }
+
+    fn check_kind() -> Result<Cluster, String> {
+        let run = env_path("PODSNAP_KIND_RUN", "/run/podsnap-kind");
+        let bin = std::fs::read_to_string(run.join("kube-bin"))
+            .map_err(|e| format!("{}: {e}", run.join("kube-bin").display()))?;
+        let cluster = Cluster {
+            kubectl: Path::new(bin.trim()).join("kubectl"),
+            kubeconfig: run.join("kubeconfig"),
+            kubelet_root: PathBuf::from("/var/lib/kubelet"),
+            pki: run.join("pki"),
+            kubelet_log: run.join("kubelet.log"),
+            run,
+            kind: true,
+        };
+        for file in [&cluster.kubectl, &cluster.kubeconfig] {
+            if !file.exists() {
+                return Err(format!("{} is missing", file.display()));
+            }
+        }
+        for (what, args) in [
+            (
+                "every node Ready",
+                "wait --for condition=Ready --timeout 60s node --all",
+            ),
+            (
+                "podsnap-controller available",
+                "-n podsnap-system wait --for condition=Available --timeout 60s deployment/podsnap-controller",
+            ),
+        ] {
+            let f = cluster
+                .kubectl_try(args.split(' '))
+                .map_err(|e| e.to_string())?;
+            if !f.success() {
+                return Err(format!("not {what}:\n{}", f.report()));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The nodes' names, and whether each is a control-plane node.
+    pub fn nodes(&self) -> Vec<(String, bool)> {
+        let out = self.kubectl(["get", "nodes", "-o", "json"]);
+        let list: Value = serde_json::from_str(&out).expect("kubectl get nodes -o json");
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                let name = n["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let control_plane = n["metadata"]["labels"]
+                    .get("node-role.kubernetes.io/control-plane")
+                    .is_some();
+                (name, control_plane)
+            })
+            .collect()
+    }
+
+    /// The nodes that are not control-plane nodes.
+    pub fn workers(&self) -> Vec<String> {
+        self.nodes()
+            .into_iter()
+            .filter(|(_, control_plane)| !control_plane)
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Runs `argv` on a kind node (`podman exec`); its outcome.
+    pub fn node_exec(&self, node: &str, argv: &[&str]) -> Finished {
+        assert!(self.kind, "node_exec is for the kind cluster's nodes");
+        CommandLine::new("podman")
+            .arg("exec")
+            .arg(node)
+            .args(argv)
+            .timeout(Duration::from_secs(60))
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `kubectl` with the admin kubeconfig, a 2-minute deadline.
@@ -318,6 +418,76 @@ impl Cluster {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
+}
+
+/// A checkpoint.k8s.io object (PodCheckpoint, PodRestore) created by a test, deleted when dropped.
+pub struct Object<'c> {
+    cluster: &'c Cluster,
+    kind: &'static str,
+    pub name: String,
+}
+
+impl<'c> Object<'c> {
+    pub fn create(cluster: &'c Cluster, manifest: Value) -> Self {
+        let kind = match manifest["kind"].as_str() {
+            Some("PodCheckpoint") => "podcheckpoint",
+            Some("PodRestore") => "podrestore",
+            other => panic!("not a checkpoint.k8s.io kind: {other:?}"),
+        };
+        let name = manifest["metadata"]["name"].as_str().unwrap().to_owned();
+        cluster.apply(&manifest);
+        Object {
+            cluster,
+            kind,
+            name,
+        }
+    }
+
+    pub fn get(&self) -> Value {
+        serde_json::from_str(
+            &self
+                .cluster
+                .kubectl(["get", self.kind, &self.name, "-o", "json"]),
+        )
+        .unwrap()
+    }
+
+    /// Waits for `.status.phase` to be one of `phases`; returns the object.
+    pub fn wait_phase(&self, phases: &[&str]) -> Value {
+        wait_for(
+            format!("{} {} to reach {phases:?}", self.kind, self.name),
+            Duration::from_secs(180),
+            || {
+                let object = self.get();
+                match object["status"]["phase"].as_str() {
+                    Some(p) if phases.contains(&p) => Ok(object),
+                    _ => Err(object["status"].to_string()),
+                }
+            },
+        )
+    }
+}
+
+impl Drop for Object<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl_try([
+            "delete",
+            self.kind,
+            &self.name,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+    }
+}
+
+/// A PodCheckpoint of pod `pod` in namespace `default`.
+pub fn checkpoint_of(name: &str, pod: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"sourcePodName": pod, "timeoutSeconds": 120}
+    })
 }
 
 /// A pod created by a test, deleted (and waited for) when dropped.

@@ -5,79 +5,11 @@
 use std::time::Duration;
 
 use podsnap_e2e::cluster::{
-    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, counter_pod, counts, metric, tamper_with,
+    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, Object, checkpoint_of, counter_pod, counts,
+    metric, tamper_with,
 };
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
-
-/// A checkpoint.k8s.io object created by a test, deleted when dropped.
-struct Object<'c> {
-    cluster: &'c Cluster,
-    kind: &'static str,
-    name: String,
-}
-
-impl<'c> Object<'c> {
-    fn create(cluster: &'c Cluster, manifest: Value) -> Self {
-        let kind = match manifest["kind"].as_str() {
-            Some("PodCheckpoint") => "podcheckpoint",
-            Some("PodRestore") => "podrestore",
-            other => panic!("not a checkpoint.k8s.io kind: {other:?}"),
-        };
-        let name = manifest["metadata"]["name"].as_str().unwrap().to_owned();
-        cluster.apply(&manifest);
-        Object {
-            cluster,
-            kind,
-            name,
-        }
-    }
-
-    fn get(&self) -> Value {
-        serde_json::from_str(
-            &self
-                .cluster
-                .kubectl(["get", self.kind, &self.name, "-o", "json"]),
-        )
-        .unwrap()
-    }
-
-    /// Waits for `.status.phase` to be one of `phases`; returns the object.
-    fn wait_phase(&self, phases: &[&str]) -> Value {
-        wait_for(
-            format!("{} {} to reach {phases:?}", self.kind, self.name),
-            Duration::from_secs(180),
-            || {
-                let object = self.get();
-                match object["status"]["phase"].as_str() {
-                    Some(p) if phases.contains(&p) => Ok(object),
-                    _ => Err(object["status"].to_string()),
-                }
-            },
-        )
-    }
-}
-
-impl Drop for Object<'_> {
-    fn drop(&mut self) {
-        let _ = self.cluster.kubectl_try([
-            "delete",
-            self.kind,
-            &self.name,
-            "--ignore-not-found",
-            "--wait=true",
-            "--timeout=60s",
-        ]);
-    }
-}
-
-fn checkpoint_of(name: &str, pod: &str) -> Value {
-    json!({
-        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"sourcePodName": pod, "timeoutSeconds": 120}
-    })
-}
 
 /// Waits until PodCheckpoint `name` (namespace default) no longer exists.
 fn wait_gone(cluster: &Cluster, name: &str, timeout: Duration) {

@@ -1,0 +1,318 @@
+//! End-to-end tests on the kind cluster (`hack/kind-up.sh`): nodes in podman containers from
+//! podsnap's node image, podsnap deployed from `deploy/` (the controller as a Deployment,
+//! podsnapd's node agent as a DaemonSet). The same flows as `controller.rs` asserts on the
+//! single-node cluster — the seed's YAML, checkpoint and restore through PodCheckpoint and
+//! PodRestore, warm start, the restore permission, failure cases — and what only more than one
+//! node shows: a pod on each worker checkpoints and is restored on that worker. Run one at a time.
+
+use std::time::Duration;
+
+use podsnap_e2e::cluster::{Cluster, KubePod, Object, checkpoint_of, counter_pod, counts};
+use podsnap_e2e::wait_for;
+use serde_json::{Value, json};
+
+/// A counting pod pinned to `node`.
+fn counter_on(name: &str, node: &str) -> Value {
+    let mut pod = counter_pod(name);
+    pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    pod
+}
+
+/// The node a pod was scheduled to.
+fn node_of(pod: &KubePod<'_>) -> String {
+    pod.get()["spec"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn restore_of(name: &str, checkpoint: &str, replicas: u32) -> Value {
+    json!({
+        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"checkpointName": checkpoint, "replicas": replicas}
+    })
+}
+
+/// Checkpoints `pod` (PodCheckpoint `name`), asserts it is Ready on `node`; returns the object.
+fn checkpoint_on<'c>(cluster: &'c Cluster, name: &str, pod: &str, node: &str) -> Object<'c> {
+    let checkpoint = Object::create(cluster, checkpoint_of(name, pod));
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    assert_eq!(ready["status"]["nodeName"], node, "{ready}");
+    checkpoint
+}
+
+/// The test needs two workers (hack/kind-up.sh's default of three nodes).
+fn workers(cluster: &Cluster) -> Vec<String> {
+    let workers = cluster.workers();
+    assert!(
+        workers.len() >= 2,
+        "the kind cluster has {} workers, these tests want 2 (hack/kind-up.sh --nodes 3)",
+        workers.len()
+    );
+    workers
+}
+
+/// podsnap runs as a user deploys it: the controller's Deployment is available and a node agent
+/// runs on every node, from the images kind-up built; each node's kubelet talks CRI to podsnapd.
+#[test]
+fn podsnap_is_deployed_from_deploy_on_every_node() {
+    let cluster = Cluster::kind();
+    let nodes = cluster.nodes();
+    let agents: Value = serde_json::from_str(&cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=podsnap-node-agent",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let mut on: Vec<String> = agents["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running")
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap().to_owned())
+        .collect();
+    on.sort();
+    let mut names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(on, names, "a running node agent on every node");
+    for (node, _) in &nodes {
+        let runtime = cluster.kubectl([
+            "get",
+            "node",
+            node,
+            "-o",
+            "jsonpath={.status.nodeInfo.containerRuntimeVersion}",
+        ]);
+        assert!(runtime.starts_with("containerd://"), "{node}: {runtime}");
+        let flags = cluster.node_exec(node, &["cat", "/var/lib/kubelet/kubeadm-flags.env"]);
+        let config = cluster.node_exec(node, &["cat", "/var/lib/kubelet/config.yaml"]);
+        assert!(
+            config
+                .stdout
+                .contains("containerRuntimeEndpoint: unix:///run/podsnap-node/podsnapd.sock")
+                || flags.stdout.contains("/run/podsnap-node/podsnapd.sock"),
+            "{node}: the kubelet's CRI endpoint is not podsnapd:\n{}\n{}",
+            flags.stdout,
+            config.stdout
+        );
+    }
+}
+
+/// What a second node shows: a pod on each worker is checkpointed there (status.nodeName) and
+/// restored there, counting on from where it was.
+#[test]
+fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
+    let cluster = Cluster::kind();
+    for (i, worker) in workers(cluster).iter().enumerate() {
+        let pod = cluster.create_pod(counter_on(&format!("e2e-kind-w{i}"), worker));
+        pod.wait_ready();
+        assert_eq!(&node_of(&pod), worker);
+        pod.wait_counting("counter", 3);
+        let _checkpoint = checkpoint_on(cluster, &format!("e2e-kind-w{i}-ckpt"), &pod.name, worker);
+        let before = *counts(&pod.logs("counter")).last().unwrap();
+        drop(pod);
+        let restore = Object::create(
+            cluster,
+            restore_of(
+                &format!("e2e-kind-w{i}-r"),
+                &format!("e2e-kind-w{i}-ckpt"),
+                1,
+            ),
+        );
+        let done = restore.wait_phase(&["Completed", "Failed"]);
+        assert_eq!(done["status"]["phase"], "Completed", "{done}");
+        let restored = cluster.existing_pod(
+            "default",
+            done["status"]["restoredPodName"].as_str().unwrap(),
+        );
+        restored.wait_ready();
+        assert_eq!(&node_of(&restored), worker, "restored on another node");
+        let seen = restored.wait_counting("counter", 2);
+        assert!(
+            seen[0] > 0 && seen[0] + 1 >= before,
+            "{worker}: counted up to {before} before the checkpoint, the restored pod starts at {seen:?}"
+        );
+    }
+}
+
+/// The seed's two YAML documents, verbatim, with its `my-pod` running: the checkpoint is Ready,
+/// the restored pod counts on.
+#[test]
+fn seed_demo_on_kind() {
+    let cluster = Cluster::kind();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let to_json = |file: &str| -> Value {
+        let out = cluster.kubectl([
+            "create",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "-f",
+            root.join(file).to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let pod = cluster.create_pod(counter_pod("my-pod"));
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let checkpoint = Object::create(cluster, to_json("seed-podcheckpoint.yaml"));
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    assert_eq!(
+        ready["status"]["nodeName"].as_str(),
+        Some(node_of(&pod).as_str())
+    );
+    let restore = Object::create(cluster, to_json("seed-podrestore.yaml"));
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let restored = cluster.existing_pod(
+        "default",
+        done["status"]["restoredPodName"].as_str().unwrap(),
+    );
+    restored.wait_ready();
+    let seen = restored.wait_counting("app", 2);
+    assert!(seen[0] > 0, "the restored pod started fresh: {seen:?}");
+}
+
+/// Warm start: three replicas from one checkpoint, each counting on from the checkpoint, on the
+/// checkpoint's node (a node-local checkpoint pins its restores there).
+#[test]
+fn warm_start_of_three_replicas_on_the_checkpoints_node() {
+    let cluster = Cluster::kind();
+    let worker = workers(cluster).pop().unwrap();
+    let pod = cluster.create_pod(counter_on("e2e-kind-warm", &worker));
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let _checkpoint = checkpoint_on(cluster, "e2e-kind-warm-ckpt", &pod.name, &worker);
+    let restore = Object::create(
+        cluster,
+        restore_of("e2e-kind-warm", "e2e-kind-warm-ckpt", 3),
+    );
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let names: Vec<String> =
+        serde_json::from_value(done["status"]["restoredPodNames"].clone()).unwrap();
+    assert_eq!(names.len(), 3, "{done}");
+    for name in &names {
+        let replica = cluster.existing_pod("default", name);
+        replica.wait_ready();
+        assert_eq!(node_of(&replica), worker);
+        let seen = replica.wait_counting("counter", 2);
+        assert!(seen[0] > 0, "{name} started fresh: {seen:?}");
+    }
+}
+
+/// Who may checkpoint and who may restore are separate permissions, in the deployed RBAC.
+#[test]
+fn restoring_needs_the_restorer_role() {
+    let cluster = Cluster::kind();
+    let user = "e2e-kind-checkpointer";
+    let binding = |name: &str, role: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        })
+    };
+    cluster.apply(&binding("e2e-kind-checkpointer", "podsnap-checkpointer"));
+    let as_user = |args: &[&str]| {
+        let mut all = args.to_vec();
+        let who = format!("--as={user}");
+        all.push(&who);
+        cluster
+            .kubectl_command(all)
+            .input(restore_of("e2e-kind-rbac", "any", 1).to_string())
+            .run()
+            .unwrap()
+    };
+    let checkpoint = as_user(&["auth", "can-i", "create", "podcheckpoints"]);
+    assert_eq!(checkpoint.stdout.trim(), "yes", "{}", checkpoint.report());
+    let refused = as_user(&["create", "--dry-run=server", "-f", "-"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("forbidden"),
+        "a checkpointer created a PodRestore:\n{}",
+        refused.report()
+    );
+    cluster.apply(&binding("e2e-kind-restorer", "podsnap-restorer"));
+    let allowed = wait_for(
+        "the restorer binding to take effect",
+        Duration::from_secs(30),
+        || {
+            let f = as_user(&["create", "--dry-run=server", "-f", "-"]);
+            if f.success() { Ok(f) } else { Err(f.report()) }
+        },
+    );
+    assert!(allowed.success());
+    for name in ["e2e-kind-checkpointer", "e2e-kind-restorer"] {
+        cluster.kubectl(["-n", "default", "delete", "rolebinding", name]);
+    }
+}
+
+/// The node agent (DaemonSet) removes a deleted checkpoint's data on its node, and only then
+/// lets the PodCheckpoint go (deletion policy Delete).
+#[test]
+fn the_node_agent_removes_a_deleted_checkpoints_data_on_its_worker() {
+    let cluster = Cluster::kind();
+    let worker = workers(cluster).remove(0);
+    let pod = cluster.create_pod(counter_on("e2e-kind-gc", &worker));
+    pod.wait_ready();
+    let mut manifest = checkpoint_of("e2e-kind-gc-ckpt", &pod.name);
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    assert_eq!(ready["status"]["nodeName"].as_str(), Some(worker.as_str()));
+    let location = ready["status"]["checkpointLocation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let exists = |path: &str| cluster.node_exec(&worker, &["test", "-e", path]).success();
+    assert!(exists(&location), "{location} is not on {worker}");
+    wait_for("the node-data finalizer", Duration::from_secs(30), || {
+        let f = checkpoint.get()["metadata"]["finalizers"].to_string();
+        if f.contains("checkpoint.k8s.io/node-data") {
+            Ok(())
+        } else {
+            Err(f)
+        }
+    });
+    cluster.kubectl([
+        "delete",
+        "podcheckpoint",
+        "e2e-kind-gc-ckpt",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    assert!(!exists(&location), "{location} is still on {worker}");
+    assert!(!exists(&format!("{location}.kubelet.json")));
+}
+
+/// A restore of a checkpoint that does not exist fails with a reason and creates no pod.
+#[test]
+fn a_restore_of_a_missing_checkpoint_fails_and_creates_no_pod() {
+    let cluster = Cluster::kind();
+    let restore = Object::create(
+        cluster,
+        restore_of("e2e-kind-missing", "e2e-kind-no-such-checkpoint", 1),
+    );
+    let failed = restore.wait_phase(&["Failed", "Completed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "CheckpointNotFound", "{failed}");
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("e2e-kind-no-such-checkpoint"),
+        "{failed}"
+    );
+    let pods = cluster.kubectl(["get", "pods", "-o", "name"]);
+    assert!(!pods.contains("e2e-kind-missing"), "{pods}");
+}

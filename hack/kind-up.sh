@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Bring up podsnap's kind cluster, offline: kind (built from the Go module proxy) with its podman
+# provider, nodes from the podsnap node image (hack/kind-image.sh node), a registry container on
+# the kind network that every node pulls from, pod networking (a bridge per node on its podCIDR,
+# routes between nodes), and podsnap deployed from deploy/ as a user deploys it (kubectl apply -k,
+# the controller as a Deployment, podsnapd's node agent as a DaemonSet). CRIU is checked in every
+# node before anything runs. The admin kubeconfig is written to $KIND_KUBECONFIG.
+#
+# Usage: hack/kind-up.sh [--nodes N]   N nodes: one control plane and N-1 workers (default 3; with
+#                                      1 the control plane runs pods too). Idempotent: a cluster
+#                                      that is up with N nodes is left as it is (podsnap's
+#                                      deployment is brought up to date).
+# Stop it with hack/kind-down.sh.
+set -euo pipefail
+# shellcheck source=hack/lib.sh
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=hack/kind-lib.sh
+. "$(dirname "$0")/kind-lib.sh"
+require_root
+
+NODES=3
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--nodes)
+		NODES=${2:-}
+		shift 2
+		;;
+	*) die "usage: hack/kind-up.sh [--nodes N]" ;;
+	esac
+done
+[[ $NODES =~ ^[1-9]$ ]] || die "--nodes wants a number of nodes from 1 to 9, not '$NODES'"
+
+# Each node holds a kubelet, containerd, podsnapd and its pods' checkpoints; the control plane
+# etcd and the API server besides.
+MIN_DISK_GIB=$((10 + 3 * NODES))
+MIN_MEM_GIB=$((2 + NODES))
+
+check_host() {
+	local avail_gib mem_gib
+	kind_check_podman
+	avail_gib=$(($(df --output=avail -k /var/lib/containers 2>/dev/null | tail -1 || df --output=avail -k / | tail -1) / 1024 / 1024))
+	[ "$avail_gib" -ge "$MIN_DISK_GIB" ] ||
+		die "only ${avail_gib} GiB free for podman's storage (/var/lib/containers): $NODES nodes need ${MIN_DISK_GIB} GiB; free some, or use --nodes $((NODES - 1))"
+	mem_gib=$(($(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1024 / 1024))
+	[ "$mem_gib" -ge "$MIN_MEM_GIB" ] ||
+		die "only ${mem_gib} GiB of memory available: $NODES nodes need ${MIN_MEM_GIB} GiB; use fewer (--nodes)"
+	[ -d /lib/modules ] || mkdir -p /lib/modules # kind bind-mounts it into every node
+}
+
+# cluster_is_up: our cluster exists, answers, and has the nodes asked for.
+cluster_is_up() {
+	[ -f "$KIND_KUBECONFIG" ] || return 1
+	[ "$(kind_nodes | wc -l)" -eq "$NODES" ] || return 1
+	kind_kubectl get --raw /readyz >/dev/null 2>&1
+}
+
+registry_up() {
+	local image
+	mkdir -p "$KIND_REGISTRY_STORAGE" "$KIND_RUN"
+	podman network exists "$KIND_NETWORK" || podman network create "$KIND_NETWORK" >/dev/null
+	if [ "$(podman container inspect --format '{{.State.Running}}' "$KIND_REGISTRY_NAME" 2>/dev/null)" = true ]; then
+		return 0
+	fi
+	podman rm -f "$KIND_REGISTRY_NAME" >/dev/null 2>&1 || true
+	image=$("$PODSNAP_ROOT/hack/kind-image.sh" registry)
+	cat >"$KIND_RUN/registry.yml" <<'EOF'
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: /var/lib/registry
+  delete:
+    enabled: true
+http:
+  addr: :5000
+EOF
+	podman run -d --name "$KIND_REGISTRY_NAME" --network "$KIND_NETWORK" \
+		--label "io.podsnap.kind.cluster=$KIND_CLUSTER" \
+		--publish "$KIND_REGISTRY:5000" \
+		--volume "$KIND_REGISTRY_STORAGE:/var/lib/registry" \
+		--volume "$KIND_RUN/registry.yml:/etc/docker/registry/config.yml:ro" \
+		"$image" /usr/bin/docker-registry serve /etc/docker/registry/config.yml >/dev/null
+	wait_for registry "the kind registry on $KIND_REGISTRY" 30 \
+		curl -fsS --noproxy '*' -o /dev/null --max-time 2 "http://$KIND_REGISTRY/v2/"
+}
+
+# wait_for WHAT DESCRIPTION SECONDS CMD...: until CMD succeeds, or die naming it.
+wait_for() {
+	local what=$1 desc=$2 seconds=$3 i
+	shift 3
+	for ((i = 0; i < seconds; i++)); do
+		"$@" >/dev/null 2>&1 && return 0
+		sleep 1
+	done
+	die "$what: no $desc after ${seconds}s"
+}
+
+kind_config() {
+	local i
+	cat <<EOF
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  # Pod networking is a bridge per node and routes between nodes (pod_network below): kindnetd's
+  # image cannot be pulled here.
+  disableDefaultCNI: true
+  podSubnet: $KIND_POD_SUBNET
+  serviceSubnet: $KIND_SERVICE_SUBNET
+kubeadmConfigPatches:
+  # The kubelet's CRI endpoint is podsnapd (in front of containerd); no CoreDNS (not built here).
+  - |
+    kind: InitConfiguration
+    nodeRegistration:
+      criSocket: unix:///run/podsnap-node/podsnapd.sock
+    skipPhases: [preflight, addon/coredns]
+  - |
+    kind: JoinConfiguration
+    nodeRegistration:
+      criSocket: unix:///run/podsnap-node/podsnapd.sock
+  # cgroup v1 (this host has no other) and cgroupfs, as containerd and the podsnap shim use it.
+  - |
+    kind: KubeletConfiguration
+    cgroupDriver: cgroupfs
+    failCgroupV1: false
+    runtimeRequestTimeout: 5m
+    featureGates:
+      PodCheckpointRestore: true
+nodes:
+  - role: control-plane
+EOF
+	for ((i = 1; i < NODES; i++)); do
+		echo "  - role: worker"
+	done
+}
+
+# criu_check: CRIU can checkpoint in every node, before anything runs there.
+criu_check() {
+	local node out
+	for node in $(kind_nodes); do
+		out=$(podman exec "$node" criu check 2>&1) ||
+			die "criu check fails in node $node: $out"
+		log "criu check in $node: $out"
+	done
+}
+
+# pod_network: each node's podCIDR on a bridge (bridge + host-local, as on the host's node), and
+# a route to every other node's podCIDR through that node's address on the kind network.
+pod_network() {
+	local node cidr ip other other_cidr other_ip
+	for node in $(kind_nodes); do
+		cidr=$(kind_kubectl get node "$node" -o jsonpath='{.spec.podCIDR}')
+		[ -n "$cidr" ] || die "node $node has no podCIDR (kube-controller-manager allocates them)"
+		podman exec -i "$node" sh -c 'mkdir -p /etc/cni/net.d && cat >/etc/cni/net.d/10-podsnap.conflist' <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "podsnap",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "podsnap0",
+      "isGateway": true,
+      "ipMasq": true,
+      "promiscMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{ "subnet": "$cidr" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    },
+    { "type": "portmap", "capabilities": { "portMappings": true } }
+  ]
+}
+EOF
+		for other in $(kind_nodes); do
+			[ "$other" != "$node" ] || continue
+			other_cidr=$(kind_kubectl get node "$other" -o jsonpath='{.spec.podCIDR}')
+			other_ip=$(kind_kubectl get node "$other" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+			podman exec "$node" ip route replace "$other_cidr" via "$other_ip"
+		done
+		ip=$(kind_kubectl get node "$node" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+		log "node $node ($ip): pods on $cidr"
+	done
+}
+
+# deploy_podsnap CONTROLLER_IMAGE PODSNAPD_IMAGE: deploy/ as a user applies it, with our images.
+deploy_podsnap() {
+	local overlay=$KIND_RUN/deploy
+	rm -rf "$overlay"
+	mkdir -p "$overlay"
+	cp -r "$PODSNAP_ROOT/deploy/." "$overlay/"
+	(cd "$overlay" && "$KUBE_BIN/kubectl" kustomize . >/dev/null) || die "deploy/ does not build with kustomize"
+	cat >>"$overlay/kustomization.yaml" <<EOF
+images:
+  - name: podsnap/podsnap-controller
+    newName: ${1%:*}
+    newTag: ${1##*:}
+  - name: podsnap/podsnapd
+    newName: ${2%:*}
+    newTag: ${2##*:}
+EOF
+	# The CRDs first: the rest names their kinds.
+	kind_kubectl apply -f "$overlay/crds/" >/dev/null
+	kind_kubectl wait --for condition=Established --timeout 60s \
+		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io >/dev/null
+	kind_kubectl apply -k "$overlay" >/dev/null
+	kind_kubectl -n podsnap-system rollout status deployment/podsnap-controller --timeout 180s >&2
+	kind_kubectl -n podsnap-system rollout status daemonset/podsnap-node-agent --timeout 180s >&2
+}
+
+main() {
+	local node_image images controller_image podsnapd_image config
+	check_host
+	podman_config
+	KUBE_BIN=$(kind_kube_bin)
+	mkdir -p "$KIND_RUN"
+	echo "$KUBE_BIN" >"$KIND_RUN/kube-bin"
+	step kind-build build_kind
+	if kind_cli get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER" && ! cluster_is_up; then
+		die "a kind cluster named $KIND_CLUSTER exists but is not the one asked for ($NODES nodes, answering): remove it with hack/kind-down.sh"
+	fi
+	step kind-registry registry_up
+	node_image=$(step kind-node-image "$PODSNAP_ROOT/hack/kind-image.sh" node)
+	images=$(step kind-images "$PODSNAP_ROOT/hack/kind-image.sh" push)
+	controller_image=$(sed -n 's/^podsnap-controller=//p' <<<"$images")
+	podsnapd_image=$(sed -n 's/^podsnapd=//p' <<<"$images")
+	if ! cluster_is_up; then
+		config=$KIND_RUN/kind.yaml
+		kind_config >"$config"
+		step kind-create kind_cli create cluster --name "$KIND_CLUSTER" --image "$node_image" \
+			--config "$config" --kubeconfig "$KIND_KUBECONFIG" ${PODSNAP_KIND_RETAIN:+--retain}
+		chmod 0600 "$KIND_KUBECONFIG"
+	else
+		log "kind cluster $KIND_CLUSTER is up ($NODES nodes)"
+	fi
+	step criu-check criu_check
+	step pod-network pod_network
+	wait_for kubelet "Ready nodes" 180 kind_kubectl wait --for condition=Ready --timeout 5s node --all
+	step deploy-podsnap deploy_podsnap "$controller_image" "$podsnapd_image"
+	log "kind cluster $KIND_CLUSTER up: export KUBECONFIG=$KIND_KUBECONFIG"
+	kind_kubectl get nodes -o wide >&2
+}
+main
