@@ -198,7 +198,10 @@ impl Cluster {
     /// Runs `argv` on a kind node (`podman exec`); its outcome.
     pub fn node_exec(&self, node: &str, argv: &[&str]) -> Finished {
         assert!(self.kind, "node_exec is for the kind cluster's nodes");
+        // podman as hack/kind-lib.sh configures it for this host (runtime, cgroup manager).
+        let cache = std::env::var("PODSNAP_CACHE").unwrap_or("/var/cache/podsnap".into());
         CommandLine::new("podman")
+            .env("CONTAINERS_CONF", format!("{cache}/kind/containers.conf"))
             .arg("exec")
             .arg(node)
             .args(argv)

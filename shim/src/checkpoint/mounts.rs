@@ -147,6 +147,20 @@ pub fn on_shared_mount(path: &Path, mountinfo: &str) -> bool {
     best.is_some_and(|(_, shared)| shared)
 }
 
+/// This process's cgroup in the cgroup v1 hierarchy `controller` (`name=systemd`, `cpu`), from
+/// `/proc/self/cgroup`.
+fn own_cgroup(controller: &str) -> Option<PathBuf> {
+    own_cgroup_in(&fs::read_to_string("/proc/self/cgroup").ok()?, controller)
+}
+
+fn own_cgroup_in(proc_cgroup: &str, controller: &str) -> Option<PathBuf> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        (controllers == controller).then(|| PathBuf::from(path))
+    })
+}
+
 /// Where each external mount of the checkpoint comes from in the new container.
 pub fn mount_sources(
     metadata: &Metadata,
@@ -176,7 +190,19 @@ pub fn mount_sources(
                         .find_map(|c| c.strip_prefix("name="))
                         .unwrap_or(controller);
                     let base = Path::new("/sys/fs/cgroup").join(hierarchy);
-                    if *whole { base } else { base.join(relative) }
+                    if *whole {
+                        base
+                    } else if controller.starts_with("name=") {
+                        // A named hierarchy (name=systemd) has no controller: the runtime makes
+                        // no cgroup there, and a container is in the shim's, as the new one
+                        // will be (kind's nodes: /system.slice/containerd.service).
+                        let own = own_cgroup(controller).unwrap_or_else(|| relative.into());
+                        let own = own.strip_prefix("/").unwrap_or(&own).to_path_buf();
+                        let container = base.join(relative);
+                        if container.exists() { container } else { base.join(own) }
+                    } else {
+                        base.join(relative)
+                    }
                 }
                 ExternalMount::DevNull { .. } => PathBuf::from("/dev/null"),
             };
@@ -209,6 +235,22 @@ pub(crate) mod tests {
 170 149 0:69 /sys /proc/sys ro - proc proc rw
 171 149 0:5 /null /proc/kcore rw - devtmpfs udev rw
 ";
+
+    #[test]
+    fn own_cgroup_reads_the_named_hierarchy_of_proc_self_cgroup() {
+        let proc_cgroup = "9:name=systemd:/system.slice/containerd.service\n\
+                           1:cpu:/kubelet/kubepods/pod1/c1\n0::/kubelet/kubepods/pod1/c1\n";
+        assert_eq!(
+            own_cgroup_in(proc_cgroup, "name=systemd"),
+            Some(PathBuf::from("/system.slice/containerd.service"))
+        );
+        assert_eq!(
+            own_cgroup_in(proc_cgroup, "cpu"),
+            Some(PathBuf::from("/kubelet/kubepods/pod1/c1"))
+        );
+        assert_eq!(own_cgroup_in(proc_cgroup, "memory"), None);
+        assert!(own_cgroup("name=no-such-hierarchy").is_none());
+    }
 
     /// A spec with one bind mount per `(destination, source)`.
     pub(crate) fn spec_with_binds(binds: &[(&str, &str)]) -> Spec {
