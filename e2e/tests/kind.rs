@@ -177,7 +177,8 @@ fn seed_demo_on_kind() {
         done["status"]["restoredPodName"].as_str().unwrap(),
     );
     restored.wait_ready();
-    let seen = restored.wait_counting("app", 2);
+    // Containers come from the checkpoint (the template's `app` is ignored on restore).
+    let seen = restored.wait_counting("counter", 2);
     assert!(seen[0] > 0, "the restored pod started fresh: {seen:?}");
 }
 
