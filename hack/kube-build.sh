@@ -2,8 +2,9 @@
 # Build the Kubernetes side of the test cluster from module sources: k8s.io/kubernetes at
 # $KUBERNETES_VERSION from the Go module proxy, its staging modules (k8s.io/*) at the matching
 # v0.x, with kubelet-patches/*.patch applied in order (a patch that does not apply fails the
-# build). Builds kubelet, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubeadm,
-# kube-proxy (the last two for the kind node image) and etcd (at the version Kubernetes pins) into $PODSNAP_CACHE/kube/<version>-<patch hash>/bin, so a
+# build). Builds kubelet, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# kubeadm and kube-proxy (the last two for the kind node image, hack/kind-image.sh) and etcd (at
+# the version Kubernetes pins) into $PODSNAP_CACHE/kube/<version>-<patch hash>/bin, so a
 # rerun with the same version and patches costs nothing. Prints that bin directory.
 #
 #   hack/kube-build.sh            build (cached)
