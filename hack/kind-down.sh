@@ -44,6 +44,13 @@ if podman network exists "$KIND_NETWORK" && [ -z "$(podman ps -a --filter "netwo
 	podman network rm "$KIND_NETWORK" >/dev/null
 fi
 rm -rf "$KIND_RUN"
+# Nothing of ours may be left: say what if something is.
+left=$(
+	kind_nodes
+	podman ps -a --filter "name=^$KIND_REGISTRY_NAME\$" --format '{{.Names}}'
+	for node in $nodes; do podman volume ls -q --filter "label=$node=true"; done
+)
+[ -z "$left" ] || die "left behind after removing kind cluster $KIND_CLUSTER: $(echo "$left" | tr '\n' ' ')"
 if [ "$images" = 1 ]; then
 	for image in $(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E "^($KIND_NODE_IMAGE_REPO|$KIND_IMAGE_REPO/)"); do
 		podman rmi -f "$image" >/dev/null

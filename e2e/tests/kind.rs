@@ -317,3 +317,38 @@ fn a_restore_of_a_missing_checkpoint_fails_and_creates_no_pod() {
     let pods = cluster.kubectl(["get", "pods", "-o", "name"]);
     assert!(!pods.contains("e2e-kind-missing"), "{pods}");
 }
+
+/// kind-up refuses what it cannot do with a clear error, before it builds or changes anything:
+/// a cluster of the same name with another number of nodes, a number of nodes that is not one.
+#[test]
+fn kind_up_refuses_a_stale_cluster_and_bad_arguments_and_changes_nothing() {
+    use podsnap_e2e::command::CommandLine;
+    let cluster = Cluster::kind();
+    let nodes = cluster.nodes();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/kind-up.sh");
+    let kind_up = |args: &[&str]| {
+        CommandLine::new("bash")
+            .arg(&script)
+            .args(args)
+            .timeout(Duration::from_secs(300))
+            .run()
+            .unwrap()
+    };
+    let other = (nodes.len() + 1).to_string();
+    for (args, error) in [
+        (
+            vec!["--nodes", other.as_str()],
+            "exists but is not the one asked for",
+        ),
+        (vec!["--nodes", "zero"], "--nodes wants a number of nodes"),
+        (vec!["--no-such-flag"], "usage: hack/kind-up.sh"),
+    ] {
+        let refused = kind_up(&args);
+        assert!(
+            !refused.success() && refused.stderr.contains(error),
+            "kind-up {args:?}:\n{}",
+            refused.report()
+        );
+    }
+    assert_eq!(cluster.nodes(), nodes, "kind-up changed the cluster");
+}
