@@ -19,8 +19,6 @@ keep=0
 step install hack/install.sh
 step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-controller
 KUBE_BIN=$(step kube-build hack/kube-build.sh)
-step kind-up hack/kind-up.sh
-
 kubectl() { kind_kubectl "$@"; }
 show() {
 	printf '\n$ kubectl %s\n' "$*" >&2
@@ -34,6 +32,7 @@ cleanup() {
 	hack/kind-down.sh || true
 }
 trap cleanup EXIT
+step kind-up hack/kind-up.sh
 
 last_count() { kubectl logs "$1" | sed -n 's/^count: \([0-9]*\)$/\1/p' | tail -1; }
 

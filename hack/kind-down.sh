@@ -28,7 +28,7 @@ podman_config
 # kind labels each node's /var volume with the node's name.
 nodes=$(kind_nodes)
 if [ -x "$KIND_BIN" ] && "$KIND_BIN" get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; then
-	step kind-delete "$KIND_BIN" delete cluster --name "$KIND_CLUSTER"
+	step kind-delete "$KIND_BIN" delete cluster --name "$KIND_CLUSTER" --kubeconfig "$KIND_RUN/kubeconfig"
 fi
 # Nodes kind could not remove (a half-made cluster), by kind's cluster label, with their volumes.
 for node in $(kind_nodes); do
@@ -39,20 +39,27 @@ for node in $nodes; do
 		podman volume rm -f "$volume" >/dev/null
 	done
 done
-podman rm -f "$KIND_REGISTRY_NAME" >/dev/null 2>&1 || true
-if podman network exists "$KIND_NETWORK" && [ -z "$(podman ps -a --filter "network=$KIND_NETWORK" -q)" ]; then
+if has_label container "$KIND_REGISTRY_NAME"; then
+	podman rm -f "$KIND_REGISTRY_NAME" >/dev/null
+fi
+# The kind network only when kind-up.sh made it and nothing else is on it.
+if has_label network "$KIND_NETWORK" && [ -z "$(podman ps -a --filter "network=$KIND_NETWORK" -q)" ]; then
 	podman network rm "$KIND_NETWORK" >/dev/null
+fi
+if [ -f "$KIND_LIB_MODULES_MARK" ]; then
+	rmdir /lib/modules 2>/dev/null || true
+	rm -f "$KIND_LIB_MODULES_MARK"
 fi
 rm -rf "$KIND_RUN"
 # Nothing of ours may be left: say what if something is.
 left=$(
 	kind_nodes
-	podman ps -a --filter "name=^$KIND_REGISTRY_NAME\$" --format '{{.Names}}'
+	has_label container "$KIND_REGISTRY_NAME" && echo "$KIND_REGISTRY_NAME"
 	for node in $nodes; do podman volume ls -q --filter "label=$node=true"; done
 )
 [ -z "$left" ] || die "left behind after removing kind cluster $KIND_CLUSTER: $(echo "$left" | tr '\n' ' ')"
 if [ "$images" = 1 ]; then
-	for image in $(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E "^($KIND_NODE_IMAGE_REPO|$KIND_IMAGE_REPO/)"); do
+	for image in $(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E "^($KIND_NODE_IMAGE_REPO:|$KIND_IMAGE_REPO/)"); do
 		podman rmi -f "$image" >/dev/null
 	done
 	rm -rf "$KIND_REGISTRY_STORAGE"

@@ -51,13 +51,16 @@ base_image() {
 	tarball=$PODSNAP_CACHE/kind/rootfs-$hash.tar
 	if [ ! -f "$tarball" ]; then
 		log "building the node rootfs (mmdebstrap bookworm, ${#ROOTFS_PACKAGES[@]} packages)"
-		mmdebstrap --quiet --variant=minbase --include="$(
+		if ! mmdebstrap --quiet --variant=minbase --include="$(
 			IFS=,
 			echo "${ROOTFS_PACKAGES[*]}"
-		)" --format=tar bookworm "$tarball.tmp" >&2
+		)" --format=tar bookworm "$tarball.tmp" >&2; then
+			rm -f "$tarball.tmp"
+			die "mmdebstrap could not build the node rootfs (it needs the Debian mirror apt uses)"
+		fi
 		mv "$tarball.tmp" "$tarball"
 	fi
-	podman import --quiet "$tarball" "$ref" >/dev/null
+	podman import --quiet "$tarball" "$ref" >/dev/null || die "podman could not import $tarball"
 	echo "$ref"
 }
 
@@ -185,7 +188,7 @@ node_image() {
 	for t in podsnapd containerd-shim-podsnap-v2; do
 		[ -x "$TARGET_DIR/$t" ] || die "$TARGET_DIR/$t is not built: cargo build --workspace"
 	done
-	base=$(base_image)
+	base=$(base_image) || exit 1
 	ctx=$(mktemp -d)
 	# shellcheck disable=SC2064 # expand now: the directory is this call's
 	trap "rm -rf '$ctx'" EXIT
@@ -220,7 +223,7 @@ image_from_base() {
 	local ref=$1 recipe=$2 base ctx spec
 	shift 2
 	[ "$(image_recipe "$ref")" = "$recipe" ] && return 0
-	base=$(base_image)
+	base=$(base_image) || exit 1
 	ctx=$(mktemp -d)
 	{
 		echo "FROM $base"
@@ -248,8 +251,13 @@ registry_image() {
 }
 
 push_images() {
-	local kube_bin image name tag recipe ref t
+	local kube_bin image name tag recipe ref t images
 	kube_bin=$(kind_kube_bin)
+	images=$("$kube_bin/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION") ||
+		die "kubeadm config images list failed"
+	for name in kube-apiserver kube-controller-manager kube-scheduler kube-proxy etcd; do
+		grep -q "^registry.k8s.io/$name:" <<<"$images" || die "kubeadm does not list registry.k8s.io/$name: $images"
+	done
 	curl -fsS --noproxy '*' -o /dev/null --max-time 2 "http://$KIND_REGISTRY/v2/" ||
 		die "the kind registry does not answer on $KIND_REGISTRY: hack/kind-up.sh starts it"
 	# The control plane, under the names kubeadm asks for (registry.k8s.io is mirrored to the
@@ -266,7 +274,7 @@ push_images() {
 		ref=$KIND_IMAGE_REPO/$name:$tag
 		image_from_base "$ref" "$recipe" "$kube_bin/$name:/usr/local/bin/$name"
 		push "$ref" "$name:$tag"
-	done < <("$kube_bin/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION" 2>/dev/null)
+	done <<<"$images"
 	# podsnap's own: the controller, and podsnapd for the node agent.
 	for t in podsnap-controller podsnapd; do
 		[ -x "$TARGET_DIR/$t" ] || die "$TARGET_DIR/$t is not built: cargo build --workspace"

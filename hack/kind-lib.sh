@@ -23,8 +23,18 @@ KIND_NETWORK=kind
 KIND_REGISTRY_NAME=$KIND_CLUSTER-registry
 # The registry, published on the host for pushes; nodes pull from $KIND_REGISTRY_NAME:5000.
 KIND_REGISTRY=127.0.0.1:${PODSNAP_KIND_REGISTRY_PORT:-5001}
-KIND_REGISTRY_STORAGE=$PODSNAP_CACHE/kind/registry
-KIND_RUN=${PODSNAP_KIND_RUN:-/run/podsnap-kind}
+# State of one cluster (its name in the path unless it is the default one).
+if [ "$KIND_CLUSTER" = podsnap ]; then
+	KIND_RUN=${PODSNAP_KIND_RUN:-/run/podsnap-kind}
+	KIND_REGISTRY_STORAGE=$PODSNAP_CACHE/kind/registry
+else
+	KIND_RUN=${PODSNAP_KIND_RUN:-/run/podsnap-kind-$KIND_CLUSTER}
+	KIND_REGISTRY_STORAGE=$PODSNAP_CACHE/kind/registry-$KIND_CLUSTER
+fi
+# Set on what kind-up.sh creates beside kind's own (registry, network), and checked by kind-down.sh.
+KIND_LABEL=io.podsnap.kind.cluster=$KIND_CLUSTER
+# kind-up.sh creates /lib/modules (kind bind-mounts it) where the host has none, and says so here.
+KIND_LIB_MODULES_MARK=$PODSNAP_CACHE/kind/created-lib-modules
 # The cluster administrator's kubeconfig (the API server published on 127.0.0.1 by kind).
 KIND_KUBECONFIG=$KIND_RUN/kubeconfig
 # Images this script family builds (removed by kind-down.sh --images, by these names only).
@@ -69,6 +79,11 @@ EOF
 kind_kube_bin() { "$PODSNAP_ROOT/hack/kube-build.sh" | tail -1; }
 kind_cli() { "$KIND_BIN" "$@"; }
 kind_kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$KIND_KUBECONFIG" "$@"; }
+
+# has_label KIND NAME: whether podman object NAME (container, network) carries $KIND_LABEL.
+has_label() {
+	[ "$(podman "$1" inspect --format "{{index .Labels \"${KIND_LABEL%%=*}\"}}" "$2" 2>/dev/null)" = "$KIND_CLUSTER" ]
+}
 
 # kind_nodes: the cluster's node containers, by kind's cluster label.
 kind_nodes() {

@@ -22,7 +22,8 @@ NODES=3
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--nodes)
-		NODES=${2:-}
+		[ $# -ge 2 ] || die "usage: hack/kind-up.sh [--nodes N]"
+		NODES=$2
 		shift 2
 		;;
 	*) die "usage: hack/kind-up.sh [--nodes N]" ;;
@@ -44,24 +45,53 @@ check_host() {
 	mem_gib=$(($(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1024 / 1024))
 	[ "$mem_gib" -ge "$MIN_MEM_GIB" ] ||
 		die "only ${mem_gib} GiB of memory available: $NODES nodes need ${MIN_MEM_GIB} GiB; use fewer (--nodes)"
-	[ -d /lib/modules ] || mkdir -p /lib/modules # kind bind-mounts it into every node
+	# kind bind-mounts /lib/modules into every node.
+	if [ ! -d /lib/modules ]; then
+		mkdir -p /lib/modules "$(dirname "$KIND_LIB_MODULES_MARK")"
+		touch "$KIND_LIB_MODULES_MARK"
+	fi
 }
 
 # cluster_is_up: our cluster exists, answers, and has the nodes asked for.
 cluster_is_up() {
-	[ -f "$KIND_KUBECONFIG" ] || return 1
+	[ -f "$KIND_KUBECONFIG" ] && [ -f "$KIND_RUN/kube-bin" ] || return 1
 	[ "$(kind_nodes | wc -l)" -eq "$NODES" ] || return 1
-	kind_kubectl get --raw /readyz >/dev/null 2>&1
+	"$(cat "$KIND_RUN/kube-bin")/kubectl" --kubeconfig "$KIND_KUBECONFIG" get --raw /readyz >/dev/null 2>&1
+}
+
+# check_stale: a cluster of our name that is not the one asked for is refused before anything is
+# built or changed.
+check_stale() {
+	local listed
+	listed=$(kind_nodes)
+	[ -n "$listed" ] || return 0
+	cluster_is_up ||
+		die "a kind cluster named $KIND_CLUSTER exists but is not the one asked for ($NODES nodes, answering): remove it with hack/kind-down.sh"
+}
+
+# check_node_image REF: the nodes of a cluster that is up run REF (a rebuilt shim or podsnapd
+# would otherwise go untested without a word).
+check_node_image() {
+	local node image
+	for node in $(kind_nodes); do
+		image=$(podman container inspect --format '{{.ImageName}}' "$node")
+		[ "$image" = "$1" ] ||
+			die "node $node runs $image, not the node image just built ($1): hack/kind-down.sh, then hack/kind-up.sh again"
+	done
 }
 
 registry_up() {
 	local image
 	mkdir -p "$KIND_REGISTRY_STORAGE" "$KIND_RUN"
-	podman network exists "$KIND_NETWORK" || podman network create "$KIND_NETWORK" >/dev/null
+	podman network exists "$KIND_NETWORK" || podman network create --label "$KIND_LABEL" "$KIND_NETWORK" >/dev/null
 	if [ "$(podman container inspect --format '{{.State.Running}}' "$KIND_REGISTRY_NAME" 2>/dev/null)" = true ]; then
 		return 0
 	fi
-	podman rm -f "$KIND_REGISTRY_NAME" >/dev/null 2>&1 || true
+	if podman container exists "$KIND_REGISTRY_NAME"; then
+		has_label container "$KIND_REGISTRY_NAME" ||
+			die "a container named $KIND_REGISTRY_NAME exists and is not this script's: remove or rename it"
+		podman rm -f "$KIND_REGISTRY_NAME" >/dev/null
+	fi
 	image=$("$PODSNAP_ROOT/hack/kind-image.sh" registry)
 	cat >"$KIND_RUN/registry.yml" <<'EOF'
 version: 0.1
@@ -70,13 +100,11 @@ log:
 storage:
   filesystem:
     rootdirectory: /var/lib/registry
-  delete:
-    enabled: true
 http:
   addr: :5000
 EOF
 	podman run -d --name "$KIND_REGISTRY_NAME" --network "$KIND_NETWORK" \
-		--label "io.podsnap.kind.cluster=$KIND_CLUSTER" \
+		--label "$KIND_LABEL" \
 		--publish "$KIND_REGISTRY:5000" \
 		--volume "$KIND_REGISTRY_STORAGE:/var/lib/registry" \
 		--volume "$KIND_RUN/registry.yml:/etc/docker/registry/config.yml:ro" \
@@ -175,6 +203,7 @@ EOF
 		for other in $(kind_nodes); do
 			[ "$other" != "$node" ] || continue
 			other_cidr=$(kind_kubectl get node "$other" -o jsonpath='{.spec.podCIDR}')
+			[ -n "$other_cidr" ] || die "node $other has no podCIDR (kube-controller-manager allocates them)"
 			other_ip=$(kind_kubectl get node "$other" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
 			podman exec "$node" ip route replace "$other_cidr" via "$other_ip"
 		done
@@ -210,15 +239,14 @@ EOF
 
 main() {
 	local node_image images controller_image podsnapd_image config
-	check_host
+	kind_check_podman
 	podman_config
+	check_stale
+	check_host
 	KUBE_BIN=$(kind_kube_bin)
 	mkdir -p "$KIND_RUN"
 	echo "$KUBE_BIN" >"$KIND_RUN/kube-bin"
 	step kind-build build_kind
-	if kind_cli get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER" && ! cluster_is_up; then
-		die "a kind cluster named $KIND_CLUSTER exists but is not the one asked for ($NODES nodes, answering): remove it with hack/kind-down.sh"
-	fi
 	step kind-registry registry_up
 	node_image=$(step kind-node-image "$PODSNAP_ROOT/hack/kind-image.sh" node)
 	images=$(step kind-images "$PODSNAP_ROOT/hack/kind-image.sh" push)
@@ -231,7 +259,8 @@ main() {
 			--config "$config" --kubeconfig "$KIND_KUBECONFIG" ${PODSNAP_KIND_RETAIN:+--retain}
 		chmod 0600 "$KIND_KUBECONFIG"
 	else
-		log "kind cluster $KIND_CLUSTER is up ($NODES nodes)"
+		check_node_image "$node_image"
+		log "kind cluster $KIND_CLUSTER is up ($NODES nodes, node image $node_image)"
 	fi
 	step criu-check criu_check
 	step pod-network pod_network

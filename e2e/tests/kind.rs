@@ -115,8 +115,10 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
         pod.wait_ready();
         assert_eq!(&node_of(&pod), worker);
         pod.wait_counting("counter", 3);
-        let _checkpoint = checkpoint_on(cluster, &format!("e2e-kind-w{i}-ckpt"), &pod.name, worker);
+        // The count the checkpoint holds lies between these two (the pod counts on meanwhile).
         let before = *counts(&pod.logs("counter")).last().unwrap();
+        let _checkpoint = checkpoint_on(cluster, &format!("e2e-kind-w{i}-ckpt"), &pod.name, worker);
+        let after = *counts(&pod.logs("counter")).last().unwrap();
         drop(pod);
         let restore = Object::create(
             cluster,
@@ -136,8 +138,8 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
         assert_eq!(&node_of(&restored), worker, "restored on another node");
         let seen = restored.wait_counting("counter", 2);
         assert!(
-            seen[0] > 0 && seen[0] + 1 >= before,
-            "{worker}: counted up to {before} before the checkpoint, the restored pod starts at {seen:?}"
+            seen[0] > before && seen[0] <= after + 1,
+            "{worker}: the checkpoint was taken between counts {before} and {after}, the restored pod counts {seen:?}"
         );
     }
 }
@@ -223,6 +225,20 @@ fn restoring_needs_the_restorer_role() {
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
         })
     };
+    let unbind = || {
+        for name in ["e2e-kind-checkpointer", "e2e-kind-restorer"] {
+            cluster.kubectl([
+                "-n",
+                "default",
+                "delete",
+                "rolebinding",
+                name,
+                "--ignore-not-found",
+            ]);
+        }
+    };
+    // A failed run may have left them.
+    unbind();
     cluster.apply(&binding("e2e-kind-checkpointer", "podsnap-checkpointer"));
     let as_user = |args: &[&str]| {
         let mut all = args.to_vec();
@@ -252,9 +268,7 @@ fn restoring_needs_the_restorer_role() {
         },
     );
     assert!(allowed.success());
-    for name in ["e2e-kind-checkpointer", "e2e-kind-restorer"] {
-        cluster.kubectl(["-n", "default", "delete", "rolebinding", name]);
-    }
+    unbind();
 }
 
 /// The node agent (DaemonSet) removes a deleted checkpoint's data on its node, and only then
@@ -276,7 +290,9 @@ fn the_node_agent_removes_a_deleted_checkpoints_data_on_its_worker() {
         .unwrap()
         .to_owned();
     let exists = |path: &str| cluster.node_exec(&worker, &["test", "-e", path]).success();
+    let record = format!("{location}.kubelet.json");
     assert!(exists(&location), "{location} is not on {worker}");
+    assert!(exists(&record), "{record} is not on {worker}");
     wait_for("the node-data finalizer", Duration::from_secs(30), || {
         let f = checkpoint.get()["metadata"]["finalizers"].to_string();
         if f.contains("checkpoint.k8s.io/node-data") {
@@ -293,7 +309,7 @@ fn the_node_agent_removes_a_deleted_checkpoints_data_on_its_worker() {
         "--timeout=120s",
     ]);
     assert!(!exists(&location), "{location} is still on {worker}");
-    assert!(!exists(&format!("{location}.kubelet.json")));
+    assert!(!exists(&record), "{record} is still on {worker}");
 }
 
 /// A restore of a checkpoint that does not exist fails with a reason and creates no pod.

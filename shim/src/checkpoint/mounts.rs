@@ -147,8 +147,8 @@ pub fn on_shared_mount(path: &Path, mountinfo: &str) -> bool {
     best.is_some_and(|(_, shared)| shared)
 }
 
-/// This process's cgroup in the cgroup v1 hierarchy `controller` (`name=systemd`, `cpu`), from
-/// `/proc/self/cgroup`.
+/// This process's cgroup in the cgroup v1 hierarchy `controller` (`name=systemd`, `cpu`: as
+/// `/proc/self/cgroup` names it), from `/proc/self/cgroup`.
 fn own_cgroup(controller: &str) -> Option<PathBuf> {
     own_cgroup_in(&fs::read_to_string("/proc/self/cgroup").ok()?, controller)
 }
@@ -192,14 +192,29 @@ pub fn mount_sources(
                     let base = Path::new("/sys/fs/cgroup").join(hierarchy);
                     if *whole {
                         base
-                    } else if controller.starts_with("name=") {
+                    } else if let Some(name) =
+                        controller.split(',').find(|c| c.starts_with("name="))
+                    {
                         // A named hierarchy (name=systemd) has no controller: the runtime makes
                         // no cgroup there, and a container is in the shim's, as the new one
                         // will be (kind's nodes: /system.slice/containerd.service).
-                        let own = own_cgroup(controller).unwrap_or_else(|| relative.into());
-                        let own = own.strip_prefix("/").unwrap_or(&own).to_path_buf();
                         let container = base.join(relative);
-                        if container.exists() { container } else { base.join(own) }
+                        if container.exists() {
+                            container
+                        } else {
+                            let own = own_cgroup(name).with_context(|| {
+                                format!("this process is in no cgroup of hierarchy {name}")
+                            })?;
+                            let own = own.strip_prefix("/").unwrap_or(&own).to_path_buf();
+                            ensure!(
+                                !own.as_os_str().is_empty(),
+                                "the checkpoint bound part of hierarchy {name} at {}, and the new \
+                                 container would be at its root: refused (it would see the whole \
+                                 hierarchy)",
+                                m.destination()
+                            );
+                            base.join(own)
+                        }
                     } else {
                         base.join(relative)
                     }
