@@ -82,7 +82,9 @@ kind_kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$KIND_KUBECONFIG" "$@"; }
 
 # has_label KIND NAME: whether podman object NAME (container, network) carries $KIND_LABEL.
 has_label() {
-	[ "$(podman "$1" inspect --format "{{index .Labels \"${KIND_LABEL%%=*}\"}}" "$2" 2>/dev/null)" = "$KIND_CLUSTER" ]
+	local labels=.Labels
+	[ "$1" = container ] && labels=.Config.Labels
+	[ "$(podman "$1" inspect --format "{{index $labels \"${KIND_LABEL%%=*}\"}}" "$2" 2>/dev/null)" = "$KIND_CLUSTER" ]
 }
 
 # kind_nodes: the cluster's node containers, by kind's cluster label.
