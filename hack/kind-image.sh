@@ -35,6 +35,18 @@ KIND_SRC=$(go env GOMODCACHE)/sigs.k8s.io/kind@$KIND_VERSION
 TARGET_DIR=${CARGO_TARGET_DIR:-$PODSNAP_ROOT/target}/debug
 
 recipe_of() { sha256sum "$@" | sha256sum | cut -c1-12; }
+
+# prune_older REF: remove the other tags of REF's repository (earlier builds); one still used by a
+# container stays (podman rmi without --force refuses it).
+prune_older() {
+	local old
+	for old in $(podman images --format '{{.Repository}}:{{.Tag}}' | grep -F "${1%:*}:" | grep -vxF "$1"); do
+		[ "${old%:*}" = "${1%:*}" ] || continue
+		podman rmi "$old" >/dev/null 2>&1 || true
+	done
+	# Untagged leftovers of this script's earlier builds (by its label), and nothing else.
+	podman image prune --force --filter label=io.podsnap.kind.recipe >/dev/null 2>&1 || true
+}
 image_recipe() {
 	podman image inspect --format '{{index .Labels "io.podsnap.kind.recipe"}}' "$1" 2>/dev/null || true
 }
@@ -214,6 +226,7 @@ LABEL io.podsnap.kind.recipe=$recipe
 EOF
 	log "building $ref"
 	podman build --quiet --pull=never --network=none -t "$ref" "$ctx" >/dev/null
+	prune_older "$ref"
 	echo "$ref"
 }
 
@@ -281,6 +294,7 @@ push_images() {
 		recipe=$(recipe_of "$TARGET_DIR/$t" "$0")
 		ref=$KIND_IMAGE_REPO/$t:$recipe
 		image_from_base "$ref" "$recipe" "$TARGET_DIR/$t:/usr/local/bin/$t"
+		prune_older "$ref"
 		push "$ref" "podsnap/$t:$recipe"
 		echo "$t=localhost:${KIND_REGISTRY##*:}/podsnap/$t:$recipe"
 	done
