@@ -219,14 +219,15 @@ deploy_podsnap() {
 	mkdir -p "$overlay"
 	cp -r "$PODSNAP_ROOT/deploy/." "$overlay/"
 	(cd "$overlay" && "$KUBE_BIN/kubectl" kustomize . >/dev/null) || die "deploy/ does not build with kustomize"
+	# Tags quoted: a recipe hash such as 6404969003e0 is a number to YAML.
 	cat >>"$overlay/kustomization.yaml" <<EOF
 images:
   - name: podsnap/podsnap-controller
     newName: ${1%:*}
-    newTag: ${1##*:}
+    newTag: "${1##*:}"
   - name: podsnap/podsnapd
     newName: ${2%:*}
-    newTag: ${2##*:}
+    newTag: "${2##*:}"
 EOF
 	# The CRDs first: the rest names their kinds.
 	kind_kubectl apply -f "$overlay/crds/" >/dev/null
