@@ -165,6 +165,22 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A manifest of `examples/`, as kubectl reads it (`create --dry-run=client -o json`).
+    pub fn example(&self, file: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(file);
+        let out = self.kubectl([
+            "create",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// The nodes' names, and whether each is a control-plane node.
     pub fn nodes(&self) -> Vec<(String, bool)> {
         let out = self.kubectl(["get", "nodes", "-o", "json"]);

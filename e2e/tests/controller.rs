@@ -32,20 +32,8 @@ fn wait_counting(pod: &KubePod<'_>, n: usize) -> Vec<u64> {
 #[test]
 fn seed_yaml_applies_unchanged_and_fails_cleanly_without_its_pod() {
     let cluster = Cluster::get();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let to_json = |file: &str| -> Value {
-        let out = cluster.kubectl([
-            "create",
-            "--dry-run=client",
-            "-o",
-            "json",
-            "-f",
-            root.join(file).to_str().unwrap(),
-        ]);
-        serde_json::from_str(&out).unwrap()
-    };
-    let checkpoint = Object::create(cluster, to_json("seed-podcheckpoint.yaml"));
-    let restore = Object::create(cluster, to_json("seed-podrestore.yaml"));
+    let checkpoint = Object::create(cluster, cluster.example("seed-podcheckpoint.yaml"));
+    let restore = Object::create(cluster, cluster.example("seed-podrestore.yaml"));
     let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
     assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
     assert_eq!(failed["status"]["reason"], "SourcePodNotFound", "{failed}");

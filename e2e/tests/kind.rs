@@ -34,6 +34,12 @@ fn restore_of(name: &str, checkpoint: &str, replicas: u32) -> Value {
     })
 }
 
+/// The pod a Completed single-replica PodRestore created (deleted when dropped).
+fn restored_pod<'c>(cluster: &'c Cluster, restore: &Value) -> KubePod<'c> {
+    let name = restore["status"]["restoredPodName"].as_str().unwrap();
+    cluster.existing_pod("default", name)
+}
+
 /// Checkpoints `pod` (PodCheckpoint `name`), asserts it is Ready on `node`; returns the object.
 fn checkpoint_on<'c>(cluster: &'c Cluster, name: &str, pod: &str, node: &str) -> Object<'c> {
     let checkpoint = Object::create(cluster, checkpoint_of(name, pod));
@@ -130,10 +136,7 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
         );
         let done = restore.wait_phase(&["Completed", "Failed"]);
         assert_eq!(done["status"]["phase"], "Completed", "{done}");
-        let restored = cluster.existing_pod(
-            "default",
-            done["status"]["restoredPodName"].as_str().unwrap(),
-        );
+        let restored = restored_pod(cluster, &done);
         restored.wait_ready();
         assert_eq!(&node_of(&restored), worker, "restored on another node");
         let seen = restored.wait_counting("counter", 2);
@@ -149,35 +152,20 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
 #[test]
 fn seed_demo_on_kind() {
     let cluster = Cluster::kind();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let to_json = |file: &str| -> Value {
-        let out = cluster.kubectl([
-            "create",
-            "--dry-run=client",
-            "-o",
-            "json",
-            "-f",
-            root.join(file).to_str().unwrap(),
-        ]);
-        serde_json::from_str(&out).unwrap()
-    };
     let pod = cluster.create_pod(counter_pod("my-pod"));
     pod.wait_ready();
     pod.wait_counting("counter", 3);
-    let checkpoint = Object::create(cluster, to_json("seed-podcheckpoint.yaml"));
+    let checkpoint = Object::create(cluster, cluster.example("seed-podcheckpoint.yaml"));
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     assert_eq!(
         ready["status"]["nodeName"].as_str(),
         Some(node_of(&pod).as_str())
     );
-    let restore = Object::create(cluster, to_json("seed-podrestore.yaml"));
+    let restore = Object::create(cluster, cluster.example("seed-podrestore.yaml"));
     let done = restore.wait_phase(&["Completed", "Failed"]);
     assert_eq!(done["status"]["phase"], "Completed", "{done}");
-    let restored = cluster.existing_pod(
-        "default",
-        done["status"]["restoredPodName"].as_str().unwrap(),
-    );
+    let restored = restored_pod(cluster, &done);
     restored.wait_ready();
     // Containers come from the checkpoint (the template's `app` is ignored on restore).
     let seen = restored.wait_counting("counter", 2);
