@@ -2,7 +2,9 @@
 # The node-level demo (no Kubernetes): a counting pod on the podsnap runtime is checkpointed as a whole through
 # podsnapd's CRI CheckpointPod, removed, and restored through RestorePod into a new pod (new
 # sandbox, new IP): its log counts on from where it was. Installs and builds what it needs,
-# brings the node up, and takes it down again unless --keep is given.
+# brings the node up, and takes it down again unless --keep is given. PODSNAP_OFFLINE=1: install and
+# build nothing, use the binaries in PODSNAP_TARGET_DIR and the registry's images as they are (a VM
+# provisioned by vagrant/Vagrantfile).
 set -euo pipefail
 exec </dev/null
 # shellcheck source=hack/lib.sh
@@ -13,16 +15,22 @@ cd "$PODSNAP_ROOT"
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 
-step install hack/install.sh
-step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
-step images hack/images.sh
-step node-up hack/node-up.sh
+# shellcheck source=hack/node-lib.sh
+. "$PODSNAP_ROOT/hack/node-lib.sh"
+if [ "${PODSNAP_OFFLINE:-0}" = 1 ]; then
+	step node-up env PODSNAP_SKIP_IMAGES=1 hack/node-up.sh
+else
+	step install hack/install.sh
+	step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
+	step images hack/images.sh
+	step node-up hack/node-up.sh
+fi
 
 PODSNAPD_SOCK=$PODSNAP_NODE_RUN/podsnapd.sock
 [ -S "$PODSNAPD_SOCK" ] || die "podsnapd is not listening on $PODSNAPD_SOCK"
 export CONTAINER_RUNTIME_ENDPOINT=unix://$PODSNAPD_SOCK
 crictl() { "$PODSNAP_BIN/crictl" --config "$PODSNAP_NODE_RUN/etc/crictl.yaml" --runtime-endpoint "unix://$PODSNAPD_SOCK" --image-endpoint "unix://$PODSNAPD_SOCK" --timeout 60s "$@"; }
-podsnap() { "$PODSNAP_ROOT/target/debug/podsnap" --runtime-endpoint "unix://$PODSNAPD_SOCK" "$@"; }
+podsnap() { "$PODSNAP_TARGET_DIR/podsnap" --runtime-endpoint "unix://$PODSNAPD_SOCK" "$@"; }
 
 work=$(mktemp -d /tmp/podsnap-demo.XXXXXX)
 pods=()
@@ -84,13 +92,13 @@ pods=()
 log "restoring the pod from $checkpoint"
 restored=$(podsnap pod restore "$checkpoint" --pod-config "$work/restored-pod.json" --container-config "$work/counter.json" --start)
 echo "$restored"
-new_pod=$(echo "$restored" | head -n 1)
+new_pod=$(echo "$restored" | awk 'NR == 1')
 new_ctr=$(echo "$restored" | awk -F '\t' '$2 == "counter" {print $1}')
 if [ -z "$new_pod" ] || [ -z "$new_ctr" ]; then die "podsnap pod restore printed no pod/container ids"; fi
 pods+=("$new_pod")
 sleep 3
 log "the restored pod $new_pod has IP $(crictl inspectp "$new_pod" | jq -r .status.network.ip); its log:"
-crictl logs "$new_ctr" | head -n 3
-first=$(crictl logs "$new_ctr" | head -n 1 | awk '{print $2}')
+crictl logs "$new_ctr" | awk 'NR <= 3'
+first=$(crictl logs "$new_ctr" | awk 'NR == 1 {print $2}')
 [ "${first:-0}" -gt 1 ] || die "the restored counter started again from ${first:-nothing}"
 log "the restored counter went on from count $first: checkpoint and restore worked"

@@ -55,7 +55,7 @@ sleep 4
 show get podrestores
 show get pods -o wide
 show logs counter-app
-first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | head -1)
+first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | awk 'NR == 1')
 [ -n "$first" ] || die "the restored pod logged no count"
 if [ "$first" -le 0 ] || [ "$first" -gt $((before + 1)) ]; then
 	die "the restored pod started at count $first, not from the checkpoint (the counter was at $before when it was deleted)"

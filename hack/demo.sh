@@ -76,7 +76,7 @@ sleep 4
 show get pods -o wide
 show logs counter-app
 show get events --field-selector involvedObject.name=counter-app,reason=Restored
-first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | head -1)
+first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | awk 'NR == 1')
 [ -n "$first" ] || die "the restored pod logged no count"
 if [ "$first" -le 0 ] || [ "$first" -lt $((before + 1)) ] || [ "$first" -gt $((after + 1)) ]; then
 	die "the restored pod started at count $first, not from the checkpoint (counter was at $before..$after)"

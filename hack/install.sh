@@ -17,6 +17,8 @@ APT_PACKAGES=(
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
 	docker-registry shellcheck busybox-static bzip2 python3 openssl
 	podman netavark aardvark-dns conmon mmdebstrap binutils
+	vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base
+	extlinux rsync
 )
 
 # stamp NAME RECIPE: true when NAME was built with this exact RECIPE before.

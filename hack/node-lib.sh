@@ -19,7 +19,10 @@ CONTAINERD_PIDFILE=$PODSNAP_NODE_RUN/containerd.pid
 CONTAINERD_LOG=$PODSNAP_NODE_RUN/containerd.log
 # podsnapd: the node's CRI endpoint for kubelet and crictl (CheckpointPod/RestorePod, the rest
 # forwarded to containerd).
-PODSNAPD_BINARY=${PODSNAPD_BINARY:-$PODSNAP_ROOT/target/debug/podsnapd}
+# podsnap's own binaries: cargo's debug build, or PODSNAP_TARGET_DIR where they were built elsewhere
+# (a VM provisioned with hack/vagrant-box.sh's payload).
+PODSNAP_TARGET_DIR=${PODSNAP_TARGET_DIR:-${CARGO_TARGET_DIR:-$PODSNAP_ROOT/target}/debug}
+PODSNAPD_BINARY=${PODSNAPD_BINARY:-$PODSNAP_TARGET_DIR/podsnapd}
 PODSNAPD_SOCK=$PODSNAP_NODE_RUN/podsnapd.sock
 PODSNAPD_PIDFILE=$PODSNAP_NODE_RUN/podsnapd.pid
 PODSNAPD_LOG=$PODSNAP_NODE_RUN/podsnapd.log
@@ -31,7 +34,7 @@ CONTAINERD_STATE=$PODSNAP_NODE_RUN/containerd
 RUNC_ROOT=$PODSNAP_NODE_RUN/runc
 # containerd finds containerd-shim-podsnap-v2 on its PATH: this directory comes first.
 NODE_BIN=$PODSNAP_NODE_RUN/bin
-PODSNAP_SHIM=${PODSNAP_SHIM:-$PODSNAP_ROOT/target/debug/containerd-shim-podsnap-v2}
+PODSNAP_SHIM=${PODSNAP_SHIM:-$PODSNAP_TARGET_DIR/containerd-shim-podsnap-v2}
 REGISTRY_HOSTS_DIR=$NODE_ETC/certs.d
 CNI_CONF_DIR=$NODE_ETC/cni/net.d
 CNI_BIN_DIR=$PODSNAP_CACHE/cni/bin

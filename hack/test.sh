@@ -69,6 +69,8 @@ phase install 2400 hack/install.sh
 phase fmt 300 cargo fmt --all -- --check
 phase clippy 1800 cargo clippy --workspace --all-targets --locked -- -D warnings
 phase shellcheck 120 shellcheck -x hack/*.sh bench/*.sh .ci/run crates/cri-api/gen.sh
+# The Vagrantfile, for every setting it documents (the VM itself: hack/vagrant-smoke.sh, not CI).
+phase vagrant-validate 300 hack/vagrant-smoke.sh --validate
 # The checked-in CRI code (prost/tonic messages and the CLI's serde) is what gen.sh generates.
 phase gen-check 600 crates/cri-api/gen.sh --check
 phase build 1200 cargo build --workspace --all-targets --locked

@@ -196,8 +196,9 @@ fn clean_absolute(path: &str) -> bool {
 /// Refuses external-mount descriptors a dump could not have written, before any of their
 /// values is joined onto a host path: destinations must be clean absolute paths; a cgroup
 /// mount's controller must be a cgroup v1 hierarchy name (letters, digits, `_`, `,`, and a
-/// `name=` prefix), mounted inside the container under `/sys/fs/cgroup`; a whole hierarchy is
-/// bound only for a named one (`name=systemd`), as the runtime binds it.
+/// `name=` prefix), mounted inside the container under `/sys/fs/cgroup`. What a cgroup mount
+/// binds is not taken from the descriptor at all: `checkpoint::mounts::mount_sources` binds what
+/// the runtime binds for a new container.
 pub fn check_metadata(metadata: &Metadata) -> anyhow::Result<()> {
     for m in &metadata.external_mounts {
         let destination = m.destination();
@@ -205,10 +206,7 @@ pub fn check_metadata(metadata: &Metadata) -> anyhow::Result<()> {
             clean_absolute(destination),
             "the checkpoint's mount descriptor names destination {destination:?}: not a clean absolute path"
         );
-        if let ExternalMount::Cgroup {
-            controller, whole, ..
-        } = m
-        {
+        if let ExternalMount::Cgroup { controller, .. } = m {
             let hierarchy = controller
                 .split(',')
                 .find_map(|c| c.strip_prefix("name="))
@@ -227,10 +225,6 @@ pub fn check_metadata(metadata: &Metadata) -> anyhow::Result<()> {
             ensure!(
                 Path::new(destination).starts_with("/sys/fs/cgroup"),
                 "the checkpoint's cgroup mount is at {destination}, outside /sys/fs/cgroup: refused"
-            );
-            ensure!(
-                !*whole || controller.starts_with("name="),
-                "the checkpoint's cgroup mount at {destination} binds the host's whole {controller} hierarchy: refused"
             );
         }
     }
@@ -409,12 +403,14 @@ mod tests {
     fn mount_descriptors_that_would_reach_host_paths_are_refused() {
         check_metadata(&cgroup("cpu,cpuacct", "/sys/fs/cgroup/cpu,cpuacct", false)).unwrap();
         check_metadata(&cgroup("name=systemd", "/sys/fs/cgroup/systemd", true)).unwrap();
+        // A whole hierarchy in the descriptor binds nothing more: the source is the runtime's.
+        check_metadata(&cgroup("misc", "/sys/fs/cgroup/misc", true)).unwrap();
+        check_metadata(&cgroup("memory", "/sys/fs/cgroup/memory", true)).unwrap();
         for (controller, destination, whole) in [
             ("../../../etc/shadow", "/sys/fs/cgroup/x", false),
             ("/etc/shadow", "/sys/fs/cgroup/x", false),
             ("cpu", "/etc/passwd", false),
             ("cpu", "/sys/fs/cgroup/../../etc", false),
-            ("memory", "/sys/fs/cgroup/memory", true),
             ("", "/sys/fs/cgroup/x", false),
         ] {
             let err = check_metadata(&cgroup(controller, destination, whole)).unwrap_err();

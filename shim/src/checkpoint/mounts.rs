@@ -147,10 +147,64 @@ pub fn on_shared_mount(path: &Path, mountinfo: &str) -> bool {
     best.is_some_and(|(_, shared)| shared)
 }
 
-/// This process's cgroup in the cgroup v1 hierarchy `controller` (`name=systemd`, `cpu`: as
-/// `/proc/self/cgroup` names it), from `/proc/self/cgroup`.
-fn own_cgroup(controller: &str) -> Option<PathBuf> {
-    own_cgroup_in(&fs::read_to_string("/proc/self/cgroup").ok()?, controller)
+/// Cgroup v1 controllers the runtime (libcontainer) makes a cgroup of the container's own in.
+/// In every other hierarchy (misc, rdma, named ones such as `name=systemd`) the container's
+/// processes stay in the cgroup of their parent, this shim, and the runtime binds that one.
+const MANAGED_CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "hugetlb",
+    "pids",
+    "perf_event",
+    "memory",
+    "blkio",
+    "net_prio",
+    "net_cls",
+    "freezer",
+];
+
+/// Mount options that appear among a cgroup v1 mount's super options beside its controllers.
+const CGROUP_OPTIONS: &[&str] = &["xattr", "noprefix", "clone_children", "cpuset_v2_mode"];
+
+/// What the new container's cgroup mount for hierarchy `controller` (the checkpoint's super
+/// options: `cpu,cpuacct`, `misc`, `xattr,name=systemd`) binds: what the runtime binds for a new
+/// container, never a path from the archive. A managed controller: the container's cgroup
+/// (`relative`, the new container's cgroups path). Any other hierarchy: the container's cgroup
+/// there if the runtime made one, else the cgroup this process is in (from `proc_cgroup`, the
+/// text of `/proc/self/cgroup`), which is the hierarchy's root where this process is at its root
+/// (a v1 host's misc hierarchy), exactly as a container created fresh would get it.
+fn cgroup_source(
+    controller: &str,
+    relative: &Path,
+    proc_cgroup: &str,
+    exists: impl Fn(&Path) -> bool,
+) -> anyhow::Result<PathBuf> {
+    let named = controller.split(',').find(|c| c.starts_with("name="));
+    let hierarchy = named
+        .and_then(|n| n.strip_prefix("name="))
+        .unwrap_or(controller);
+    let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+    let container = base.join(relative);
+    let managed = controller
+        .split(',')
+        .any(|c| MANAGED_CONTROLLERS.contains(&c));
+    if managed || exists(&container) {
+        return Ok(container);
+    }
+    // /proc/self/cgroup names a hierarchy by its controllers, or by `name=` alone.
+    let key = match named {
+        Some(n) => n.to_string(),
+        None => controller
+            .split(',')
+            .filter(|c| !c.contains('=') && !CGROUP_OPTIONS.contains(c))
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    let own = own_cgroup_in(proc_cgroup, &key)
+        .with_context(|| format!("this process is in no cgroup of hierarchy {key}"))?;
+    Ok(base.join(own.strip_prefix("/").unwrap_or(&own)))
 }
 
 fn own_cgroup_in(proc_cgroup: &str, controller: &str) -> Option<PathBuf> {
@@ -182,42 +236,11 @@ pub fn mount_sources(
                     .with_context(|| {
                         format!("the checkpoint has a bind mount at {destination} that the new container's spec lacks")
                     })?,
-                ExternalMount::Cgroup {
-                    controller, whole, ..
-                } => {
-                    let hierarchy = controller
-                        .split(',')
-                        .find_map(|c| c.strip_prefix("name="))
-                        .unwrap_or(controller);
-                    let base = Path::new("/sys/fs/cgroup").join(hierarchy);
-                    if *whole {
-                        base
-                    } else if let Some(name) =
-                        controller.split(',').find(|c| c.starts_with("name="))
-                    {
-                        // A named hierarchy (name=systemd) has no controller: the runtime makes
-                        // no cgroup there, and a container is in the shim's, as the new one
-                        // will be (kind's nodes: /system.slice/containerd.service).
-                        let container = base.join(relative);
-                        if container.exists() {
-                            container
-                        } else {
-                            let own = own_cgroup(name).with_context(|| {
-                                format!("this process is in no cgroup of hierarchy {name}")
-                            })?;
-                            let own = own.strip_prefix("/").unwrap_or(&own).to_path_buf();
-                            ensure!(
-                                !own.as_os_str().is_empty(),
-                                "the checkpoint bound part of hierarchy {name} at {}, and the new \
-                                 container would be at its root: refused (it would see the whole \
-                                 hierarchy)",
-                                m.destination()
-                            );
-                            base.join(own)
-                        }
-                    } else {
-                        base.join(relative)
-                    }
+                ExternalMount::Cgroup { controller, .. } => {
+                    let proc_cgroup = fs::read_to_string("/proc/self/cgroup")
+                        .context("reading /proc/self/cgroup")?;
+                    cgroup_source(controller, relative, &proc_cgroup, |p| p.exists())
+                        .with_context(|| format!("cgroup mount at {}", m.destination()))?
                 }
                 ExternalMount::DevNull { .. } => PathBuf::from("/dev/null"),
             };
@@ -264,7 +287,46 @@ pub(crate) mod tests {
             Some(PathBuf::from("/kubelet/kubepods/pod1/c1"))
         );
         assert_eq!(own_cgroup_in(proc_cgroup, "memory"), None);
-        assert!(own_cgroup("name=no-such-hierarchy").is_none());
+    }
+
+    #[test]
+    fn a_cgroup_mount_binds_what_the_runtime_binds_for_a_new_container() {
+        let proc_cgroup = "14:misc:/\n13:rdma:/shim\n\
+                           9:name=systemd:/system.slice/containerd.service\n\
+                           3:cpu,cpuacct:/shim\n0::/shim\n";
+        let relative = Path::new("kubepods/pod1/c2");
+        let none = |_: &Path| false;
+        let source = |controller, exists: &dyn Fn(&Path) -> bool| {
+            cgroup_source(controller, relative, proc_cgroup, exists).unwrap()
+        };
+        // A controller the runtime manages: the new container's own cgroup, even before it exists.
+        assert_eq!(
+            source("cpu,cpuacct", &none),
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/kubepods/pod1/c2")
+        );
+        // misc, which the runtime leaves alone on a v1 host: where this shim is, here its root,
+        // as a fresh container gets it; the checkpoint's "whole" plays no part.
+        assert_eq!(source("misc", &none), Path::new("/sys/fs/cgroup/misc"));
+        assert_eq!(source("rdma", &none), Path::new("/sys/fs/cgroup/rdma/shim"));
+        // A named hierarchy, with or without xattr: the shim's cgroup there.
+        for named in ["name=systemd", "xattr,name=systemd"] {
+            assert_eq!(
+                source(named, &none),
+                Path::new("/sys/fs/cgroup/systemd/system.slice/containerd.service")
+            );
+        }
+        // Where the runtime did make the container a cgroup, that one.
+        let all = |_: &Path| true;
+        assert_eq!(
+            source("misc", &all),
+            Path::new("/sys/fs/cgroup/misc/kubepods/pod1/c2")
+        );
+        // A hierarchy this process is not in: an error, not a guess.
+        let err = cgroup_source("net_cls_x", relative, proc_cgroup, none).unwrap_err();
+        assert!(
+            err.to_string().contains("no cgroup of hierarchy net_cls_x"),
+            "{err}"
+        );
     }
 
     /// A spec with one bind mount per `(destination, source)`.
