@@ -74,6 +74,7 @@ done
 virsh_() { virsh -c qemu:///system "$@"; }
 started=()
 nets_before=""
+registry_mine=0 # images.sh starts the node's registry when it is down: stopped again at the end
 
 # libvirt_up: libvirtd and virtlogd, started here (pid files in $VAGRANT_RUN) unless already
 # answering; only what this script started is stopped again.
@@ -172,6 +173,7 @@ cleanup() {
 	fi
 	rm -rf "$VAGRANT_DOTFILE_PATH"
 	libvirt_down
+	if [ "$registry_mine" = 1 ]; then registry_down; fi
 	if [ -n "$left" ]; then
 		log "error: left behind: $left"
 		rc=1
@@ -182,6 +184,7 @@ trap cleanup EXIT
 
 start=$(date +%s)
 step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
+registry_answers || registry_mine=1
 step images hack/images.sh
 step payload hack/vagrant-box.sh payload
 step box hack/vagrant-box.sh box
