@@ -9,6 +9,8 @@ require_root
 mkdir -p "$PODSNAP_BIN" "$PODSNAP_CACHE/src" "$PODSNAP_CACHE/stamps"
 export DEBIAN_FRONTEND=noninteractive
 BUSYBOX_VERSION=1.37.0
+# CRIU's upstream tarball as Debian ships it (criu_4.1.1.orig.tar.xz).
+CRIU_ORIG_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 
 APT_PACKAGES=(
 	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev patch
@@ -38,14 +40,20 @@ install_apt() {
 # Debian's trixie suite carries CRIU 4.1.1's upstream tarball; bookworm's CRIU 3.17 fails on this
 # kernel. Only the source is fetched: trixie binaries would pull a newer libc.
 trixie_sources() {
-	local list=/etc/apt/sources.list.d/podsnap-trixie-src.sources uri
+	local list=/etc/apt/sources.list.d/podsnap-trixie-src.sources
 	if [ ! -f "$list" ]; then
-		uri=$(grep -hoE '^URIs: *[^ ]+' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
-		[ -n "$uri" ] || uri=$(grep -hoE '^deb +[^ ]+' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
-		[ -n "$uri" ] || die "cannot find the Debian mirror in apt's configuration"
-		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
+		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$(debian_mirror)" >"$list"
 		apt-get update -q
 	fi
+}
+
+# debian_mirror: the Debian mirror apt uses here.
+debian_mirror() {
+	local uri
+	uri=$(grep -hoE '^URIs: *[^ ]+' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
+	[ -n "$uri" ] || uri=$(grep -hoE '^deb +[^ ]+' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
+	[ -n "$uri" ] || die "cannot find the Debian mirror in apt's configuration"
+	echo "${uri%/}"
 }
 
 # trixie_source PKG [SPEC]: download PKG's source (SPEC: what apt-get source gets, default PKG/trixie).
@@ -63,6 +71,18 @@ install_criu() {
 	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
 	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch
 	[ -f "$tarball" ] || trixie_source criu
+	# Once trixie's index moves past this version (its .dsc gone, as on 2026-12-02), the upstream
+	# tarball is still in the pool while a suite refers to it: fetch it by name. Either way it
+	# must be the tarball podsnap was tested with.
+	if [ ! -f "$tarball" ]; then
+		curl -fsSL --retry 3 -o "$tarball.tmp" "$(debian_mirror)/pool/main/c/criu/criu_$CRIU_VERSION.orig.tar.xz" ||
+			die "CRIU $CRIU_VERSION's source is neither in trixie's index nor in the Debian pool"
+		mv "$tarball.tmp" "$tarball"
+	fi
+	if ! echo "$CRIU_ORIG_SHA256  $tarball" | sha256sum --check --quiet >/dev/null 2>&1; then
+		rm -f "$tarball"
+		die "criu_$CRIU_VERSION.orig.tar.xz does not have the sha256 podsnap pins ($CRIU_ORIG_SHA256): removed"
+	fi
 	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
 	dir=$(mktemp -d)
 	tar -C "$dir" -xf "$tarball"
