@@ -40,9 +40,10 @@ install_apt() {
 # Debian's trixie suite carries CRIU 4.1.1's upstream tarball; bookworm's CRIU 3.17 fails on this
 # kernel. Only the source is fetched: trixie binaries would pull a newer libc.
 trixie_sources() {
-	local list=/etc/apt/sources.list.d/podsnap-trixie-src.sources
+	local list=/etc/apt/sources.list.d/podsnap-trixie-src.sources mirror
 	if [ ! -f "$list" ]; then
-		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$(debian_mirror)" >"$list"
+		mirror=$(debian_mirror) || exit 1
+		printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" >"$list"
 		apt-get update -q
 	fi
 }
@@ -69,13 +70,14 @@ install_criu() {
 	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)
 	recipe="criu-$CRIU_VERSION-r2-$patches"
 	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
-	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch
+	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch mirror
 	[ -f "$tarball" ] || trixie_source criu
 	# Once trixie's index moves past this version (its .dsc gone, as on 2026-12-02), the upstream
 	# tarball is still in the pool while a suite refers to it: fetch it by name. Either way it
 	# must be the tarball podsnap was tested with.
 	if [ ! -f "$tarball" ]; then
-		curl -fsSL --retry 3 -o "$tarball.tmp" "$(debian_mirror)/pool/main/c/criu/criu_$CRIU_VERSION.orig.tar.xz" ||
+		mirror=$(debian_mirror) || exit 1
+		curl -fsSL --retry 3 -o "$tarball.tmp" "$mirror/pool/main/c/criu/criu_$CRIU_VERSION.orig.tar.xz" ||
 			die "CRIU $CRIU_VERSION's source is neither in trixie's index nor in the Debian pool"
 		mv "$tarball.tmp" "$tarball"
 	fi

@@ -127,6 +127,13 @@ build_box() {
 		return 0
 	fi
 	tarball=$(rootfs_tarball)
+	# A build killed half-way left its directory (and perhaps its loop mount): ours, by name.
+	local stale
+	for stale in "$VAGRANT_CACHE"/build.*; do
+		[ -d "$stale" ] || continue
+		if mountpoint -q "$stale/root"; then umount "$stale/root"; fi
+		rm -rf "$stale"
+	done
 	work=$(mktemp -d "$VAGRANT_CACHE/build.XXXXXX")
 	mnt=$work/root
 	img=$work/box.raw

@@ -17,8 +17,10 @@ BOX_PACKAGES=(systemd systemd-sysv dbus udev linux-image-amd64 initramfs-tools o
 	rsync iproute2 iptables nftables kmod ca-certificates procps util-linux mount psmisc jq curl
 	docker-registry libseccomp2 libbsd0 libgnutls30 libnftables1 libprotobuf-c1 libnl-3-200 libnet1
 	libuuid1 libjansson4 libxtables12 libmnl0 libnftnl11 iputils-ping)
-# Vagrant's well-known insecure key: the box lets it in once, Vagrant replaces it on first boot.
-VAGRANT_INSECURE_PUB=$(find /usr/share/rubygems-integration/all/gems -path "*/vagrant-[0-9]*/keys/vagrant.pub" 2>/dev/null | sort -V | tail -n 1)
+# Vagrant's well-known insecure key (Debian's package or HashiCorp's): the box lets it in once,
+# Vagrant replaces it on first boot. Empty when Vagrant is not installed.
+VAGRANT_INSECURE_PUB=$(find /usr/share/rubygems-integration/all/gems /opt/vagrant/embedded/gems \
+	-path "*/vagrant-[0-9]*/keys/vagrant.pub" 2>/dev/null | sort -V | tail -n 1 || true)
 
 # vagrant_env: Vagrant's state for the scripts: the libvirt system daemon, no network lookups.
 vagrant_env() {

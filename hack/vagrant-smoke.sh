@@ -58,12 +58,16 @@ case ${1:-} in
 *) die "usage: hack/vagrant-smoke.sh [--keep|--validate]" ;;
 esac
 
+# Everything the smoke test makes in libvirt carries its own name, so cleanup removes it by name.
 POOL=podsnap-vagrant
 POOL_DIR=$VAGRANT_CACHE/pool
+NETWORK=podsnap-vagrant
 DOMAIN=podsnap-vm
 VAGRANT_RUN=/run/podsnap-vagrant
 export VAGRANT_DOTFILE_PATH=$VAGRANT_CACHE/state
 export PODSNAP_VM_POOL=$POOL
+export PODSNAP_VM_NETWORK=$NETWORK
+export PODSNAP_VM_NETWORK_ADDRESS=${PODSNAP_VM_NETWORK_ADDRESS:-192.168.123.0/24}
 export PODSNAP_VM_CPUS=${PODSNAP_VM_CPUS:-2}
 export PODSNAP_VM_MEMORY=${PODSNAP_VM_MEMORY:-4096}
 export PODSNAP_VM_CONSOLE_LOG=$VAGRANT_CACHE/console.log
@@ -72,8 +76,9 @@ for t in vagrant virsh libvirtd virtlogd qemu-system-x86_64 rsync; do
 done
 
 virsh_() { virsh -c qemu:///system "$@"; }
-started=()
-nets_before=""
+started=()     # daemons this script started (stopped again, by pid file and name)
+autostarted="" # networks a libvirtd started here brought up (stopped again)
+vm_mine=0      # the domain is ours once we checked it did not exist before
 registry_mine=0 # images.sh starts the node's registry when it is down: stopped again at the end
 
 # libvirt_up: libvirtd and virtlogd, started here (pid files in $VAGRANT_RUN) unless already
@@ -86,27 +91,28 @@ libvirt_up() {
 	fi
 	mkdir -p "$VAGRANT_RUN" /var/log/libvirt /var/lib/libvirt /run/libvirt
 	for d in virtlogd libvirtd; do
-		if [ -S "/run/libvirt/$d-sock" ] && [ "$d" = virtlogd ] && pgrep -x virtlogd >/dev/null; then
+		if [ "$d" = virtlogd ] && [ -S /run/libvirt/virtlogd-sock ] && pgrep -x virtlogd >/dev/null; then
 			continue
 		fi
 		"$d" --daemon --pid-file "$VAGRANT_RUN/$d.pid" || die "$d did not start"
 		started+=("$d")
 	done
 	for ((i = 0; i < 60; i++)); do
-		virsh_ version >/dev/null 2>&1 && return 0
+		if virsh_ version >/dev/null 2>&1; then
+			# A stock libvirt autostarts its networks (default: virbr0 and a dnsmasq).
+			autostarted=$(virsh_ net-list --name 2>/dev/null)
+			return 0
+		fi
 		sleep 0.5
 	done
 	die "libvirtd does not answer on qemu:///system (see /var/log/libvirt)"
 }
 
 libvirt_down() {
-	local i d pid
+	local i
 	for ((i = ${#started[@]} - 1; i >= 0; i--)); do
-		d=${started[$i]}
-		pid=$(cat "$VAGRANT_RUN/$d.pid" 2>/dev/null) || continue
-		kill "$pid" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-		rm -f "$VAGRANT_RUN/$d.pid"
+		stop_pidfile "$VAGRANT_RUN/${started[$i]}.pid" "${started[$i]}" 20
+		rm -f "$VAGRANT_RUN/${started[$i]}.pid"
 	done
 	started=()
 }
@@ -136,47 +142,50 @@ pool_down() {
 vm_vagrant() { (cd "$PODSNAP_ROOT/vagrant" && vagrant "$@"); }
 
 leftovers() {
-	local left=()
-	virsh_ dominfo "$DOMAIN" >/dev/null 2>&1 && left+=("domain $DOMAIN")
+	local left=() n active
+	if [ "$vm_mine" = 1 ] && virsh_ dominfo "$DOMAIN" >/dev/null 2>&1; then left+=("domain $DOMAIN"); fi
 	virsh_ pool-info "$POOL" >/dev/null 2>&1 && left+=("storage pool $POOL")
-	local n
-	for n in $(virsh_ net-list --all --name 2>/dev/null); do
-		grep -qx "$n" <<<"$nets_before" || left+=("network $n")
+	virsh_ net-info "$NETWORK" >/dev/null 2>&1 && left+=("network $NETWORK")
+	active=$(virsh_ net-list --name 2>/dev/null)
+	for n in $autostarted; do
+		grep -qxF "$n" <<<"$active" && left+=("active network $n")
 	done
 	[ -d "$POOL_DIR" ] && left+=("$POOL_DIR")
-	printf '%s\n' "${left[@]}"
+	if [ ${#left[@]} -gt 0 ]; then printf '%s\n' "${left[@]}"; fi
 }
 
 cleanup() {
-	local rc=$? n left
+	local rc=$? n remaining=""
 	trap - EXIT
 	if [ "$keep" = 1 ] && [ "$rc" = 0 ]; then
-		log "kept VM $DOMAIN: cd vagrant && VAGRANT_DOTFILE_PATH=$VAGRANT_DOTFILE_PATH vagrant ssh"
+		log "kept VM $DOMAIN: cd vagrant && sudo VAGRANT_DOTFILE_PATH=$VAGRANT_DOTFILE_PATH PODSNAP_VM_POOL=$POOL PODSNAP_VM_NETWORK=$NETWORK vagrant ssh"
+		for n in "${started[@]}"; do log "kept $n running (pid file $VAGRANT_RUN/$n.pid)"; done
 		exit 0
 	fi
 	if virsh_ version >/dev/null 2>&1; then
-		vm_vagrant destroy -f >/dev/null 2>&1 || true
-		if virsh_ dominfo "$DOMAIN" >/dev/null 2>&1; then
-			virsh_ destroy "$DOMAIN" >/dev/null 2>&1 || true
-			virsh_ undefine "$DOMAIN" --remove-all-storage >/dev/null 2>&1 || true
+		if [ "$vm_mine" = 1 ]; then
+			vm_vagrant destroy -f >/dev/null 2>&1 || true
+			if virsh_ dominfo "$DOMAIN" >/dev/null 2>&1; then
+				virsh_ destroy "$DOMAIN" >/dev/null 2>&1 || true
+				virsh_ undefine "$DOMAIN" --remove-all-storage >/dev/null 2>&1 || true
+			fi
 		fi
 		pool_down
-		# Networks vagrant-libvirt made for this VM (its management network).
-		for n in $(virsh_ net-list --all --name 2>/dev/null); do
-			grep -qx "$n" <<<"$nets_before" && continue
-			virsh_ net-destroy "$n" >/dev/null 2>&1 || true
-			virsh_ net-undefine "$n" >/dev/null 2>&1 || true
-		done
-		left=$(leftovers)
-	else
-		left=""
+		# The VM's management network (vagrant-libvirt makes it, named by the Vagrantfile).
+		if virsh_ net-info "$NETWORK" >/dev/null 2>&1; then
+			virsh_ net-destroy "$NETWORK" >/dev/null 2>&1 || true
+			virsh_ net-undefine "$NETWORK" >/dev/null 2>&1 || true
+		fi
+		for n in $autostarted; do virsh_ net-destroy "$n" >/dev/null 2>&1 || true; done
+		remaining=$(leftovers)
 	fi
-	rm -rf "$VAGRANT_DOTFILE_PATH"
 	libvirt_down
 	if [ "$registry_mine" = 1 ]; then registry_down; fi
-	if [ -n "$left" ]; then
-		log "error: left behind: $left"
+	if [ -n "$remaining" ]; then
+		log "error: left behind: $(echo "$remaining" | paste -sd ',' -) (Vagrant's state kept in $VAGRANT_DOTFILE_PATH)"
 		rc=1
+	else
+		rm -rf "$VAGRANT_DOTFILE_PATH"
 	fi
 	exit "$rc"
 }
@@ -189,12 +198,13 @@ step images hack/images.sh
 step payload hack/vagrant-box.sh payload
 step box hack/vagrant-box.sh box
 step libvirt libvirt_up
-nets_before=$(virsh_ net-list --all --name)
-virsh_ dominfo "$DOMAIN" >/dev/null 2>&1 &&
-	die "a VM named $DOMAIN exists: destroy it (cd vagrant && vagrant destroy) or virsh undefine it"
+if virsh_ dominfo "$DOMAIN" >/dev/null 2>&1; then
+	die "a VM named $DOMAIN exists (not this run's): destroy it (virsh destroy $DOMAIN; virsh undefine $DOMAIN --remove-all-storage)"
+fi
+vm_mine=1
 pool_up
 rm -f "$PODSNAP_VM_CONSOLE_LOG"
-if host_has_kvm; then
+if [ "${PODSNAP_VM_ACCEL:-}" = kvm ] || { [ -z "${PODSNAP_VM_ACCEL:-}" ] && host_has_kvm; }; then
 	log "the VM runs on KVM (host-passthrough CPU)"
 else
 	log "no VT-x/AMD-V here: the VM runs under software emulation (TCG, Nehalem CPU); boot takes minutes"

@@ -175,17 +175,43 @@ const CGROUP_OPTIONS: &[&str] = &["xattr", "noprefix", "clone_children", "cpuset
 /// there if the runtime made one, else the cgroup this process is in (from `proc_cgroup`, the
 /// text of `/proc/self/cgroup`), which is the hierarchy's root where this process is at its root
 /// (a v1 host's misc hierarchy), exactly as a container created fresh would get it.
+///
+/// The descriptor only names a hierarchy this host has mounted, at its own directory under
+/// `/sys/fs/cgroup` (`destination`): anything else is refused.
 fn cgroup_source(
     controller: &str,
+    destination: &str,
     relative: &Path,
     proc_cgroup: &str,
     exists: impl Fn(&Path) -> bool,
 ) -> anyhow::Result<PathBuf> {
     let named = controller.split(',').find(|c| c.starts_with("name="));
-    let hierarchy = named
-        .and_then(|n| n.strip_prefix("name="))
-        .unwrap_or(controller);
-    let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+    // /proc/self/cgroup names a hierarchy by its controllers, or by `name=` alone; the
+    // hierarchy's directory is the controllers, or the name without `name=`.
+    let controllers = controller
+        .split(',')
+        .filter(|c| !c.contains('=') && !CGROUP_OPTIONS.contains(c))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (key, hierarchy) = match named {
+        Some(n) => (n.to_string(), n.trim_start_matches("name=").to_string()),
+        None => (controllers.clone(), controllers),
+    };
+    ensure!(
+        !hierarchy.is_empty() && !hierarchy.contains('/'),
+        "the checkpoint names cgroup hierarchy {controller:?}: refused"
+    );
+    let base = Path::new("/sys/fs/cgroup").join(&hierarchy);
+    ensure!(
+        Path::new(destination) == base,
+        "the checkpoint mounts cgroup hierarchy {controller:?} at {destination}, not at {}: refused",
+        base.display()
+    );
+    ensure!(
+        exists(&base),
+        "the checkpoint mounts cgroup hierarchy {hierarchy}, which this host has not mounted at {}",
+        base.display()
+    );
     let container = base.join(relative);
     let managed = controller
         .split(',')
@@ -193,15 +219,6 @@ fn cgroup_source(
     if managed || exists(&container) {
         return Ok(container);
     }
-    // /proc/self/cgroup names a hierarchy by its controllers, or by `name=` alone.
-    let key = match named {
-        Some(n) => n.to_string(),
-        None => controller
-            .split(',')
-            .filter(|c| !c.contains('=') && !CGROUP_OPTIONS.contains(c))
-            .collect::<Vec<_>>()
-            .join(","),
-    };
     let own = own_cgroup_in(proc_cgroup, &key)
         .with_context(|| format!("this process is in no cgroup of hierarchy {key}"))?;
     Ok(base.join(own.strip_prefix("/").unwrap_or(&own)))
@@ -236,11 +253,27 @@ pub fn mount_sources(
                     .with_context(|| {
                         format!("the checkpoint has a bind mount at {destination} that the new container's spec lacks")
                     })?,
-                ExternalMount::Cgroup { controller, .. } => {
+                ExternalMount::Cgroup {
+                    controller,
+                    destination,
+                    ..
+                } => {
+                    // The runtime binds cgroup hierarchies only into a container whose spec
+                    // mounts the cgroup file system.
+                    ensure!(
+                        spec.mounts().iter().flatten().any(|s| {
+                            s.typ().as_deref() == Some("cgroup")
+                                && s.destination() == Path::new("/sys/fs/cgroup")
+                        }),
+                        "the checkpoint has a cgroup mount at {destination} and the new \
+                         container's spec mounts no cgroup file system at /sys/fs/cgroup: refused"
+                    );
                     let proc_cgroup = fs::read_to_string("/proc/self/cgroup")
                         .context("reading /proc/self/cgroup")?;
-                    cgroup_source(controller, relative, &proc_cgroup, |p| p.exists())
-                        .with_context(|| format!("cgroup mount at {}", m.destination()))?
+                    cgroup_source(controller, destination, relative, &proc_cgroup, |p| {
+                        p.exists()
+                    })
+                    .with_context(|| format!("cgroup mount at {destination}"))?
                 }
                 ExternalMount::DevNull { .. } => PathBuf::from("/dev/null"),
             };
@@ -295,17 +328,22 @@ pub(crate) mod tests {
                            9:name=systemd:/system.slice/containerd.service\n\
                            3:cpu,cpuacct:/shim\n0::/shim\n";
         let relative = Path::new("kubepods/pod1/c2");
-        let none = |_: &Path| false;
-        let source = |controller, exists: &dyn Fn(&Path) -> bool| {
-            cgroup_source(controller, relative, proc_cgroup, exists).unwrap()
+        // Each hierarchy is mounted; no container cgroup exists yet.
+        let none = |p: &Path| p.parent() == Some(Path::new("/sys/fs/cgroup"));
+        let dir = |controller: &str| {
+            let named = controller.split(',').find_map(|c| c.strip_prefix("name="));
+            format!("/sys/fs/cgroup/{}", named.unwrap_or(controller))
+        };
+        let source = |controller: &str, exists: &dyn Fn(&Path) -> bool| {
+            cgroup_source(controller, &dir(controller), relative, proc_cgroup, exists).unwrap()
         };
         // A controller the runtime manages: the new container's own cgroup, even before it exists.
         assert_eq!(
             source("cpu,cpuacct", &none),
             Path::new("/sys/fs/cgroup/cpu,cpuacct/kubepods/pod1/c2")
         );
-        // misc, which the runtime leaves alone on a v1 host: where this shim is, here its root,
-        // as a fresh container gets it; the checkpoint's "whole" plays no part.
+        // misc where the runtime made the container no cgroup: where this shim is, here its
+        // root, as a fresh container gets it; the checkpoint's "whole" plays no part.
         assert_eq!(source("misc", &none), Path::new("/sys/fs/cgroup/misc"));
         assert_eq!(source("rdma", &none), Path::new("/sys/fs/cgroup/rdma/shim"));
         // A named hierarchy, with or without xattr: the shim's cgroup there.
@@ -322,11 +360,35 @@ pub(crate) mod tests {
             Path::new("/sys/fs/cgroup/misc/kubepods/pod1/c2")
         );
         // A hierarchy this process is not in: an error, not a guess.
-        let err = cgroup_source("net_cls_x", relative, proc_cgroup, none).unwrap_err();
+        let err =
+            cgroup_source("net_cls_x", &dir("net_cls_x"), relative, proc_cgroup, none).unwrap_err();
         assert!(
             err.to_string().contains("no cgroup of hierarchy net_cls_x"),
             "{err}"
         );
+        // Descriptors the dump could not have written: refused before any path is bound.
+        let unmounted = |_: &Path| false;
+        for (controller, destination, exists) in [
+            // only options, no hierarchy (it would match the cgroup v2 line)
+            (
+                "xattr",
+                "/sys/fs/cgroup/xattr",
+                &none as &dyn Fn(&Path) -> bool,
+            ),
+            // a hierarchy at another hierarchy's directory, or at the cgroup root
+            ("name=systemd", "/sys/fs/cgroup/memory", &none),
+            ("misc", "/sys/fs/cgroup", &none),
+            // a hierarchy this host has not mounted
+            ("name=elsewhere", "/sys/fs/cgroup/elsewhere", &unmounted),
+        ] {
+            let err = cgroup_source(controller, destination, relative, proc_cgroup, exists)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("refused") || err.contains("not mounted"),
+                "{controller}: {err}"
+            );
+        }
     }
 
     /// A spec with one bind mount per `(destination, source)`.
