@@ -43,7 +43,11 @@ validate() {
 	refused PODSNAP_VM_ACCEL PODSNAP_VM_ACCEL=xen
 	refused PODSNAP_GPU_PCI PODSNAP_VM_ACCEL=kvm PODSNAP_GPU_PCI=65:00
 	refused PODSNAP_GPU_PCI PODSNAP_VM_ACCEL=tcg PODSNAP_GPU_PCI=0000:65:00.0
+	refused PODSNAP_GPU_PCI PODSNAP_VM_ACCEL=kvm PODSNAP_GPU_PCI=0000:65:00.9
 	refused PODSNAP_VM_CPUS PODSNAP_VM_CPUS=many
+	refused PODSNAP_VM_MEMORY PODSNAP_VM_MEMORY=0
+	# An empty PODSNAP_GPU_PCI is no GPU.
+	PODSNAP_VM_ACCEL=tcg PODSNAP_GPU_PCI='' vagrant validate >/dev/null || die "vagrant validate failed with an empty PODSNAP_GPU_PCI"
 	log "vagrant validate: the Vagrantfile is valid and refuses bad settings"
 }
 
