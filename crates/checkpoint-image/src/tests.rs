@@ -1,0 +1,340 @@
+use super::*;
+use format::{ContainerEntry, FORMAT, MINOR, PodEntry, VERSION};
+
+/// A checkpoint of two containers and a volume, written and hashed as podsnapd writes one.
+fn sample(root: &Path) -> Manifest {
+    for (path, data) in [
+        ("web/checkpoint/pages-1.img", &b"pages of web"[..]),
+        ("web/checkpoint/inventory.img", b"inventory"),
+        ("web/rootfs-diff.tar", b"diff"),
+        ("sidecar/checkpoint/pages-1.img", b"pages of the sidecar"),
+        ("_volumes/cache.tar", b"a volume archive"),
+    ] {
+        let path = root.join(path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, data).unwrap();
+    }
+    let container = |name: &str| ContainerEntry {
+        name: name.into(),
+        id: format!("id-{name}"),
+        image: "busybox".into(),
+        image_ref: "sha256:x".into(),
+        config: serde_json::json!({}),
+    };
+    let mut manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        minor: MINOR,
+        created: "2026-12-02T00:00:00Z".into(),
+        pod: PodEntry {
+            sandbox_id: "sb".into(),
+            name: "counter".into(),
+            namespace: "default".into(),
+            uid: "u".into(),
+            runtime_handler: "podsnap".into(),
+            config: serde_json::json!({}),
+        },
+        containers: vec![container("web"), container("sidecar")],
+        criu_version: "4.1.1".into(),
+        kernel: "6.1.0".into(),
+        options: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    format::write_manifest(root, &mut manifest).unwrap();
+    manifest
+}
+
+/// The image of the checkpoint at `root`: its manifest, config and layer blobs.
+fn pack(root: &Path) -> (ImageManifest, Vec<u8>, Vec<Vec<u8>>) {
+    let (manifest, layers) = plan(root).unwrap();
+    let (config_bytes, config_descriptor) = config(root).unwrap();
+    let mut blobs = Vec::new();
+    let mut descriptors = Vec::new();
+    for layer in &layers {
+        let mut blob = Vec::new();
+        descriptors.push(write_layer(layer, &mut blob, DEFAULT_LEVEL).unwrap());
+        blobs.push(blob);
+    }
+    (
+        ImageManifest::new(&manifest, config_descriptor, descriptors),
+        config_bytes,
+        blobs,
+    )
+}
+
+fn unpack_blobs(
+    image: &ImageManifest,
+    config: &[u8],
+    blobs: &[Vec<u8>],
+    target: &Path,
+) -> Result<Manifest> {
+    unpack(image, config, blobs.iter().map(|b| &b[..]), target, 1 << 20)
+}
+
+/// Nothing but `target` (or nothing at all) in `parent`: no staging directory left.
+fn only(parent: &Path, target: Option<&str>) {
+    let mut names: Vec<String> = fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        target.into_iter().map(String::from).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_checkpoint_is_one_layer_per_container_and_per_volume_and_comes_back_whole() {
+    let source = tempfile::tempdir().unwrap();
+    let written = sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    assert_eq!(image.artifact_type, ARTIFACT_TYPE);
+    assert_eq!(image.config.media_type, CONFIG);
+    assert_eq!(
+        image.config.digest,
+        format!("sha256:{}", format::manifest_sha256(source.path()).unwrap()),
+        "the config is the manifest's bytes: its digest is what a restore pins"
+    );
+    let paths: Vec<(&str, &str)> = image
+        .layers
+        .iter()
+        .map(|l| {
+            (
+                l.media_type.as_str(),
+                l.annotations[PATH_ANNOTATION].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            (VOLUME_LAYER, "_volumes/cache.tar"),
+            (CONTAINER_LAYER, "sidecar"),
+            (CONTAINER_LAYER, "web"),
+        ]
+    );
+    assert_eq!(
+        image.annotations["org.criu.checkpoint.criu.version"],
+        "4.1.1"
+    );
+    // The image manifest survives a registry's round trip through JSON.
+    let json = serde_json::to_vec(&image).unwrap();
+    assert_eq!(ImageManifest::parse(&json).unwrap(), image);
+
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    let restored = unpack_blobs(&image, &config, &blobs, &target).unwrap();
+    assert_eq!(restored, written);
+    for file in written.files.keys() {
+        assert_eq!(
+            fs::read(target.join(file)).unwrap(),
+            fs::read(source.path().join(file)).unwrap(),
+            "{file}"
+        );
+        let mode = fs::metadata(target.join(file)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+    only(dest.path(), Some("checkpoint"));
+}
+
+#[test]
+fn packing_twice_gives_the_same_blobs() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (first, _, _) = pack(source.path());
+    // Other mtimes and modes on disk change nothing in the blobs.
+    let file = source.path().join("web/rootfs-diff.tar");
+    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (second, _, _) = pack(source.path());
+    assert_eq!(first, second);
+}
+
+#[test]
+fn a_changed_blob_or_config_is_refused_and_leaves_nothing() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+
+    // A flipped byte anywhere in a layer: zstd's checksum or the digest says so.
+    for layer in 0..blobs.len() {
+        for at in [0, blobs[layer].len() / 2, blobs[layer].len() - 1] {
+            let mut tampered = blobs.clone();
+            tampered[layer][at] ^= 0x20;
+            assert!(unpack_blobs(&image, &config, &tampered, &target).is_err());
+            only(dest.path(), None);
+        }
+    }
+    // A layer with a byte appended or cut off.
+    let mut longer = blobs.clone();
+    longer[0].push(0);
+    let err = unpack_blobs(&image, &config, &longer, &target).unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    let mut shorter = blobs.clone();
+    shorter[2].pop();
+    assert!(unpack_blobs(&image, &config, &shorter, &target).is_err());
+    // Another config than the descriptor's.
+    let mut other = config.clone();
+    other[10] ^= 0x01;
+    let err = unpack_blobs(&image, &other, &blobs, &target).unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    // A layer missing.
+    let mut fewer = image.clone();
+    fewer.layers.pop();
+    let err = unpack_blobs(&fewer, &config, &blobs[..2], &target).unwrap_err();
+    assert!(
+        matches!(err, Error::Incomplete(ref files) if files.len() == 3),
+        "{err}"
+    );
+    only(dest.path(), None);
+    // The target exists: never unpacked over.
+    fs::create_dir(&target).unwrap();
+    let err = unpack_blobs(&image, &config, &blobs, &target).unwrap_err();
+    assert!(matches!(err, Error::Exists(_)), "{err}");
+}
+
+#[test]
+fn an_image_that_is_not_a_podsnap_checkpoint_is_refused() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, _, _) = pack(source.path());
+    let mut other = serde_json::to_value(&image).unwrap();
+    other["artifactType"] = "application/vnd.cncf.helm.chart.v1".into();
+    let err = ImageManifest::parse(&serde_json::to_vec(&other).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::NotACheckpoint(_)), "{err}");
+    assert!(matches!(
+        ImageManifest::parse(b"{}"),
+        Err(Error::NotACheckpoint(_))
+    ));
+}
+
+/// A tar entry of a crafted layer: path, type, data.
+type Entry<'a> = (&'a str, tar::EntryType, &'a [u8]);
+
+/// A layer holding `entries` (path, type, data), compressed as podsnap writes layers, and the
+/// image around it, with the right digests: only the entries are wrong.
+fn crafted(
+    image: &ImageManifest,
+    layer_path: &str,
+    entries: &[Entry<'_>],
+) -> (ImageManifest, Vec<u8>) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(*kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o600);
+        if *kind == tar::EntryType::Symlink || *kind == tar::EntryType::Link {
+            header.set_size(0);
+            builder
+                .append_link(&mut header, path, "/etc/shadow")
+                .unwrap();
+        } else {
+            // Paths with `..` or a leading `/` are written raw: tar's writer refuses them.
+            let name = header.as_old_mut();
+            name.name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+    }
+    let blob = zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap();
+    let mut image = image.clone();
+    let layer = image
+        .layers
+        .iter_mut()
+        .find(|l| l.annotations[PATH_ANNOTATION] == layer_path)
+        .unwrap();
+    layer.digest = format!("sha256:{}", hex(&Sha256::digest(&blob)));
+    layer.size = blob.len() as u64;
+    (image, blob)
+}
+
+#[test]
+fn a_layer_may_hold_only_listed_regular_files_under_its_own_path_once() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    let regular = tar::EntryType::Regular;
+    let cases: Vec<(&str, Vec<Entry<'_>>)> = vec![
+        (
+            "web",
+            vec![("web/checkpoint/pages-1.img", tar::EntryType::Symlink, b"")],
+        ),
+        (
+            "web",
+            vec![("web/checkpoint/pages-1.img", tar::EntryType::Link, b"")],
+        ),
+        (
+            "web",
+            vec![("web/checkpoint/pages-1.img", tar::EntryType::Char, b"")],
+        ),
+        (
+            "web",
+            vec![("web/../../etc/cron.d/x", regular, b"* * * * * root sh")],
+        ),
+        ("web", vec![("/etc/cron.d/x", regular, b"x")]),
+        // another layer's file, or one the manifest does not list
+        (
+            "web",
+            vec![("sidecar/checkpoint/pages-1.img", regular, b"x")],
+        ),
+        ("web", vec![("web/checkpoint/extra.img", regular, b"x")]),
+        (
+            "_volumes/cache.tar",
+            vec![("_volumes/other.tar", regular, b"x")],
+        ),
+        // the same file twice
+        (
+            "web",
+            vec![
+                ("web/rootfs-diff.tar", regular, b"diff"),
+                ("web/rootfs-diff.tar", regular, b"diff"),
+            ],
+        ),
+    ];
+    for (layer_path, entries) in cases {
+        let (bad_image, blob) = crafted(&image, layer_path, &entries);
+        let index = image
+            .layers
+            .iter()
+            .position(|l| l.annotations[PATH_ANNOTATION] == layer_path)
+            .unwrap();
+        let mut bad_blobs = blobs.clone();
+        bad_blobs[index] = blob;
+        let err = unpack_blobs(&bad_image, &config, &bad_blobs, &target).unwrap_err();
+        assert!(
+            matches!(err, Error::BadEntry { .. }),
+            "{layer_path} {:?}: {err}",
+            entries.iter().map(|e| e.0).collect::<Vec<_>>()
+        );
+        only(dest.path(), None);
+    }
+    assert!(!Path::new("/etc/cron.d/x").exists());
+}
+
+#[test]
+fn an_image_larger_than_the_budget_is_refused() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    let err = unpack(&image, &config, blobs.iter().map(|b| &b[..]), &target, 20).unwrap_err();
+    assert!(matches!(err, Error::TooLarge(_)), "{err}");
+    only(dest.path(), None);
+}
+
+#[test]
+fn only_a_verified_checkpoint_is_packed() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    fs::write(source.path().join("web/rootfs-diff.tar"), b"changed").unwrap();
+    assert!(matches!(plan(source.path()), Err(Error::Format(_))));
+}
