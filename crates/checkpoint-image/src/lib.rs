@@ -45,8 +45,15 @@ pub const VOLUME_LAYER: &str = "application/vnd.podsnap.pod-checkpoint.volume.v1
 pub const PATH_ANNOTATION: &str = "io.podsnap.checkpoint.path";
 /// zstd level of the layers. Measured with issue 12's benchmark before it is tuned.
 pub const DEFAULT_LEVEL: i32 = 3;
-/// Largest config accepted.
-const MAX_CONFIG: u64 = 16 << 20;
+/// Largest config accepted: at most this much of a config blob is read.
+pub const MAX_CONFIG: u64 = 16 << 20;
+/// zstd window of the layers (4 MiB), written and the most a reader accepts: a layer cannot
+/// make the decoder allocate more.
+const WINDOW_LOG: u32 = 22;
+/// What a tar adds beyond the files' bytes, per entry (header, GNU long name entry, padding)
+/// and at its end: with the byte budget, the most a layer may decompress to.
+const TAR_OVERHEAD_PER_FILE: u64 = 3 * 512;
+const TAR_OVERHEAD: u64 = 10 * 512;
 
 /// Why a checkpoint image could not be packed or unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +80,16 @@ pub enum Error {
     NotACheckpoint(String),
     #[error("layer {layer}: {reason}: refused")]
     BadEntry { layer: String, reason: String },
-    #[error("the image unpacks to more than {0} bytes: refused")]
-    TooLarge(u64),
+    #[error(
+        "layer {layer}: the image unpacks to more than its budget of {max_bytes} bytes: refused"
+    )]
+    TooLarge { layer: String, max_bytes: u64 },
     #[error("the image has no layer for checkpoint files {0:?}")]
     Incomplete(Vec<String>),
     #[error("{0} exists: a checkpoint is never unpacked over another")]
     Exists(PathBuf),
+    #[error("checkpoint file {path} changed since it was verified: {reason}")]
+    Changed { path: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -179,8 +190,8 @@ pub struct Layer {
     pub media_type: &'static str,
     /// A container name, or `_volumes/<volume>.tar`.
     pub path: String,
-    /// Relative path in the checkpoint → file, sorted.
-    pub files: BTreeMap<String, PathBuf>,
+    /// Relative path in the checkpoint → the file and its sha256 in the verified manifest.
+    pub files: BTreeMap<String, (PathBuf, String)>,
 }
 
 /// The layers of the checkpoint at `root`, which must verify: one per container directory,
@@ -188,7 +199,7 @@ pub struct Layer {
 pub fn plan(root: &Path) -> Result<(Manifest, Vec<Layer>)> {
     let manifest = format::verify(root)?;
     let mut layers: BTreeMap<String, Layer> = BTreeMap::new();
-    for relative in manifest.files.keys() {
+    for (relative, sha256) in &manifest.files {
         let clean = format::contained(relative)?;
         let first = clean
             .components()
@@ -214,7 +225,7 @@ pub fn plan(root: &Path) -> Result<(Manifest, Vec<Layer>)> {
                 files: BTreeMap::new(),
             })
             .files
-            .insert(relative.clone(), root.join(&clean));
+            .insert(relative.clone(), (root.join(&clean), sha256.clone()));
     }
     Ok((manifest, layers.into_values().collect()))
 }
@@ -232,14 +243,17 @@ pub fn config(root: &Path) -> Result<(Vec<u8>, Descriptor)> {
     Ok((bytes, descriptor))
 }
 
-/// Writes `layer` to `out` as deterministic tar+zstd at `level`; returns its descriptor.
+/// Writes `layer` to `out` as deterministic tar+zstd at `level`; returns its descriptor. Each
+/// file is hashed as it is read: one that no longer has its manifest's size and sha256 fails
+/// the layer ([`Error::Changed`]), so a checkpoint never leaves other than it verified.
 pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descriptor> {
     let context = || format!("packing layer {}", layer.path);
     let hashing = Hashing::new(out);
-    let encoder = zstd::stream::Encoder::new(hashing, level).map_err(io_err(context()))?;
+    let mut encoder = zstd::stream::Encoder::new(hashing, level).map_err(io_err(context()))?;
+    encoder.window_log(WINDOW_LOG).map_err(io_err(context()))?;
     let mut builder = tar::Builder::new(encoder);
     builder.mode(tar::HeaderMode::Deterministic);
-    for (relative, path) in &layer.files {
+    for (relative, (path, sha256)) in &layer.files {
         let file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
         let size = file
             .metadata()
@@ -253,9 +267,23 @@ pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descrip
         header.set_gid(0);
         header.set_mtime(0);
         // append_data sets the path (long names through GNU extensions) and the checksum.
+        let mut reading = Hashing::new(file.take(size));
         builder
-            .append_data(&mut header, relative, file.take(size))
-            .map_err(io_err(context()))?;
+            .append_data(&mut header, relative, &mut reading)
+            .map_err(io_err(format!("packing {}", path.display())))?;
+        let (actual, read, _) = reading.finish();
+        if read != size {
+            return Err(Error::Changed {
+                path: relative.clone(),
+                reason: format!("{read} of its {size} bytes could be read"),
+            });
+        }
+        if actual != format!("sha256:{sha256}") {
+            return Err(Error::Changed {
+                path: relative.clone(),
+                reason: format!("it has {actual}, the manifest sha256:{sha256}"),
+            });
+        }
     }
     let encoder = builder.into_inner().map_err(io_err(context()))?;
     let hashing = encoder.finish().map_err(io_err(context()))?;
@@ -269,19 +297,20 @@ pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descrip
     })
 }
 
-/// Unpacks a checkpoint image into `target` (which must not exist): the config `config` (the
-/// bytes the image's config descriptor names), then each layer from its reader, in the
-/// image's order, into a staging directory beside `target` (0700) that becomes `target` only
-/// once the whole checkpoint verifies. At most `max_bytes` of files are written. On any
-/// error the staging directory is removed and `target` is not created.
+/// Unpacks a checkpoint image into `target` (which must not exist): the config from `config`
+/// (the blob the image's config descriptor names; at most [`MAX_CONFIG`] bytes are read), then
+/// each layer from its reader, in the image's order, into a staging directory of its own beside
+/// `target` (0700) that becomes `target` only once the whole checkpoint verifies, and never
+/// replaces anything there. At most `max_bytes` of files are written. On any error the staging
+/// directory is removed and `target` is not created.
 pub fn unpack<R: Read>(
     image: &ImageManifest,
-    config: &[u8],
+    config: impl Read,
     layers: impl IntoIterator<Item = R>,
     target: &Path,
     max_bytes: u64,
 ) -> Result<Manifest> {
-    if target.exists() {
+    if target.symlink_metadata().is_ok() {
         return Err(Error::Exists(target.to_path_buf()));
     }
     let name = target
@@ -291,32 +320,69 @@ pub fn unpack<R: Read>(
             source: io::Error::new(io::ErrorKind::InvalidInput, "the target has no name"),
         })?
         .to_string_lossy();
-    let staging = target.with_file_name(format!(".{name}.partial"));
-    if staging.exists() {
-        // A pull killed half-way: its leftovers are ours, by name.
-        fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
-    }
+    // Its own name: two pulls of one checkpoint never share a staging directory. A pull killed
+    // half-way leaves `.<name>.partial-*`, for the checkpoint cache's collector.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let staging = target.with_file_name(format!(".{name}.partial-{}-{nanos}", std::process::id()));
     fs::DirBuilder::new()
         .mode(0o700)
         .create(&staging)
         .map_err(io_err(format!("creating {}", staging.display())))?;
-    let result = unpack_into(image, config, layers, &staging, max_bytes).and_then(|manifest| {
-        fs::rename(&staging, target).map_err(io_err(format!(
-            "renaming {} to {}",
-            staging.display(),
-            target.display()
-        )))?;
-        Ok(manifest)
-    });
+    let result = unpack_into(image, config, layers, &staging, max_bytes)
+        .and_then(|manifest| rename_new(&staging, target).map(|()| manifest));
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
     }
     result
 }
 
+/// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE), then makes the
+/// rename durable.
+fn rename_new(from: &Path, to: &Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let context = || format!("renaming {} to {}", from.display(), to.display());
+    let c_path = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|e| Error::Io {
+            context: context(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        })
+    };
+    let (from_c, to_c) = (c_path(from)?, c_path(to)?);
+    // SAFETY: two valid NUL-terminated paths that outlive the call; renameat2 keeps no pointer.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::AlreadyExists {
+            return Err(Error::Exists(to.to_path_buf()));
+        }
+        return Err(Error::Io {
+            context: context(),
+            source: err,
+        });
+    }
+    if let Some(parent) = to.parent() {
+        fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_err(format!("syncing {}", parent.display())))?;
+    }
+    Ok(())
+}
+
 fn unpack_into<R: Read>(
     image: &ImageManifest,
-    config: &[u8],
+    config: impl Read,
     layers: impl IntoIterator<Item = R>,
     staging: &Path,
     max_bytes: u64,
@@ -328,77 +394,132 @@ fn unpack_into<R: Read>(
             image.config.size
         )));
     }
+    let mut config_bytes = Vec::new();
+    config
+        .take(image.config.size + 1)
+        .read_to_end(&mut config_bytes)
+        .map_err(io_err("reading the config"))?;
     check_blob(
         "config",
         &image.config,
-        &hex(&Sha256::digest(config)),
-        config.len() as u64,
+        &hex(&Sha256::digest(&config_bytes)),
+        config_bytes.len() as u64,
     )?;
-    let listed: Manifest = serde_json::from_slice(config)
+    let listed: Manifest = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::NotACheckpoint(format!("the config is not a podsnap manifest: {e}")))?;
-    write_new(&staging.join(MANIFEST), &mut &config[..], u64::MAX)?;
-    let mut seen = HashSet::new();
-    let mut budget = max_bytes;
+    write_new(&staging.join(MANIFEST), &mut &config_bytes[..], u64::MAX)?;
+    let mut unpacking = Unpacking {
+        listed: &listed,
+        staging,
+        seen: HashSet::new(),
+        budget: max_bytes,
+        max_bytes,
+    };
     let mut readers = layers.into_iter();
     for descriptor in &image.layers {
         let reader = readers.next().ok_or_else(|| {
             Error::NotACheckpoint(format!("no data for layer {}", descriptor.digest))
         })?;
-        unpack_layer(descriptor, reader, &listed, staging, &mut seen, &mut budget)?;
+        unpacking.layer(descriptor, reader)?;
     }
     let missing: Vec<String> = listed
         .files
         .keys()
-        .filter(|f| !seen.contains(*f))
+        .filter(|f| !unpacking.seen.contains(*f))
         .cloned()
         .collect();
     if !missing.is_empty() {
         return Err(Error::Incomplete(missing));
     }
+    // Every file against the manifest's sha256, and the manifest against the pinned config.
     let (manifest, digest) = format::verify_with_digest(staging)?;
-    check_blob("config", &image.config, &digest, config.len() as u64)?;
+    check_blob("config", &image.config, &digest, config_bytes.len() as u64)?;
     Ok(manifest)
 }
 
-fn unpack_layer(
-    descriptor: &Descriptor,
-    input: impl Read,
-    listed: &Manifest,
-    staging: &Path,
-    seen: &mut HashSet<String>,
-    budget: &mut u64,
-) -> Result<()> {
-    let path = descriptor
-        .annotations
-        .get(PATH_ANNOTATION)
-        .cloned()
-        .unwrap_or_default();
-    let bad = |reason: String| Error::BadEntry {
-        layer: if path.is_empty() {
-            descriptor.digest.clone()
+/// The state of one [`unpack`]: what the config lists, what was written, the budget left.
+struct Unpacking<'a> {
+    listed: &'a Manifest,
+    staging: &'a Path,
+    seen: HashSet<String>,
+    budget: u64,
+    max_bytes: u64,
+}
+
+impl Unpacking<'_> {
+    /// Unpacks one layer. A layer that fails to decode is also hashed to its end, so that a
+    /// changed blob is reported as one ([`Error::Digest`]) rather than as the garbage it is.
+    fn layer(&mut self, descriptor: &Descriptor, input: impl Read) -> Result<()> {
+        let path = descriptor
+            .annotations
+            .get(PATH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        // One byte more than the descriptor says is enough to tell a longer blob.
+        let mut hashing = Hashing::new(input.take(descriptor.size.saturating_add(1)));
+        let entries = self.entries(descriptor, &path, &mut hashing);
+        let drained = io::copy(&mut hashing, &mut io::sink());
+        let (digest, size, _) = hashing.finish();
+        let blob = check_blob(
+            &path,
+            descriptor,
+            digest.trim_start_matches("sha256:"),
+            size,
+        );
+        match (entries, blob) {
+            (_, Err(digest)) => Err(digest),
+            (Err(e), Ok(())) => Err(e),
+            (Ok(()), Ok(())) => drained.map(|_| ()).map_err(io_err(format!("layer {path}"))),
+        }
+    }
+
+    fn entries(&mut self, descriptor: &Descriptor, path: &str, input: impl Read) -> Result<()> {
+        let bad = |reason: String| Error::BadEntry {
+            layer: if path.is_empty() {
+                descriptor.digest.clone()
+            } else {
+                path.to_string()
+            },
+            reason,
+        };
+        let volume = match descriptor.media_type.as_str() {
+            CONTAINER_LAYER => false,
+            VOLUME_LAYER => true,
+            other => {
+                return Err(bad(format!(
+                    "media type {other:?} is not a podsnap checkpoint layer"
+                )));
+            }
+        };
+        let names_a_part = if volume {
+            path.strip_prefix(VOLUMES_DIR)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|file| !file.is_empty() && !file.contains('/'))
         } else {
-            path.clone()
-        },
-        reason,
-    };
-    let volume = match descriptor.media_type.as_str() {
-        CONTAINER_LAYER => false,
-        VOLUME_LAYER => true,
-        other => {
+            self.listed.containers.iter().any(|c| c.name == path)
+        };
+        if !names_a_part {
             return Err(bad(format!(
-                "media type {other:?} is not a podsnap checkpoint layer"
+                "path annotation {path:?} names no container or volume archive of the checkpoint"
             )));
         }
-    };
-    format::contained(&path).map_err(|_| bad(format!("path annotation {path:?}")))?;
-    // One byte more than the descriptor says is enough to tell a longer blob.
-    let mut hashing = Hashing::new(input.take(descriptor.size.saturating_add(1)));
-    {
-        let decoder = zstd::stream::read::Decoder::new(&mut hashing)
-            .map_err(io_err(format!("layer {path}")))?;
-        let mut archive = tar::Archive::new(decoder);
-        for entry in archive.entries().map_err(io_err(format!("layer {path}")))? {
-            let mut entry = entry.map_err(io_err(format!("layer {path}")))?;
+        let context = || format!("layer {path}");
+        let mut decoder = zstd::stream::read::Decoder::new(input).map_err(io_err(context()))?;
+        decoder
+            .window_log_max(WINDOW_LOG)
+            .map_err(io_err(context()))?;
+        // The most this layer may decompress to: the files it may hold within the budget, and
+        // the tar's own headers. tar reads long names and PAX records into memory before they
+        // can be checked: this bounds them too, and a zstd bomb ends here.
+        let names: u64 = self.listed.files.keys().map(|k| k.len() as u64).sum();
+        let cap = self
+            .budget
+            .saturating_add(TAR_OVERHEAD_PER_FILE.saturating_mul(self.listed.files.len() as u64))
+            .saturating_add(names)
+            .saturating_add(TAR_OVERHEAD);
+        let mut archive = tar::Archive::new(decoder.take(cap));
+        for entry in archive.entries().map_err(io_err(context()))? {
+            let mut entry = entry.map_err(io_err(context()))?;
             let name = String::from_utf8(entry.path_bytes().into_owned())
                 .map_err(|_| bad("a path that is not UTF-8".to_string()))?;
             if entry.header().entry_type() != tar::EntryType::Regular {
@@ -409,38 +530,38 @@ fn unpack_layer(
             }
             let clean = format::contained(&name)
                 .map_err(|_| bad(format!("{name:?} leaves the checkpoint")))?;
+            if clean.to_str() != Some(name.as_str()) {
+                return Err(bad(format!(
+                    "{name:?} is not a plain path (empty or `.` parts)"
+                )));
+            }
             let inside = if volume {
                 name == path
             } else {
-                clean.components().next().map(|c| c.as_os_str()) == Some(path.as_ref())
-                    && clean.components().count() > 1
+                name.strip_prefix(path)
+                    .is_some_and(|rest| rest.starts_with('/'))
             };
             if !inside {
                 return Err(bad(format!("{name:?} is outside the layer's path")));
             }
-            if !listed.files.contains_key(&name) {
+            if !self.listed.files.contains_key(&name) {
                 return Err(bad(format!("{name:?} is not in the checkpoint's manifest")));
             }
-            if !seen.insert(name.clone()) {
+            if !self.seen.insert(name.clone()) {
                 return Err(bad(format!("{name:?} comes twice")));
             }
             let size = entry.size();
-            if size > *budget {
-                return Err(Error::TooLarge(*budget));
+            if size > self.budget {
+                return Err(Error::TooLarge {
+                    layer: path.to_string(),
+                    max_bytes: self.max_bytes,
+                });
             }
-            *budget -= size;
-            write_new(&staging.join(&clean), &mut entry, size)?;
+            self.budget -= size;
+            write_new(&self.staging.join(&clean), &mut entry, size)?;
         }
-        // The tar's end: whatever follows in the stream is hashed too.
+        Ok(())
     }
-    io::copy(&mut hashing, &mut io::sink()).map_err(io_err(format!("layer {path}")))?;
-    let (digest, size, _) = hashing.finish();
-    check_blob(
-        &path,
-        descriptor,
-        digest.trim_start_matches("sha256:"),
-        size,
-    )
 }
 
 fn check_blob(

@@ -145,12 +145,37 @@ fn a_checkpoint_is_one_layer_per_container_and_per_volume_and_comes_back_whole()
 fn packing_twice_gives_the_same_blobs() {
     let source = tempfile::tempdir().unwrap();
     sample(source.path());
-    let (first, _, _) = pack(source.path());
-    // Other mtimes and modes on disk change nothing in the blobs.
-    let file = source.path().join("web/rootfs-diff.tar");
-    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let (second, _, _) = pack(source.path());
+    // A name longer than a tar header holds (a GNU long name entry).
+    let long = format!("web/checkpoint/{}.img", "x".repeat(120));
+    fs::write(source.path().join(&long), b"long").unwrap();
+    let mut manifest: Manifest =
+        serde_json::from_slice(&fs::read(source.path().join(MANIFEST)).unwrap()).unwrap();
+    fs::remove_file(source.path().join(MANIFEST)).unwrap();
+    format::write_manifest(source.path(), &mut manifest).unwrap();
+    let (first, config, blobs) = pack(source.path());
+    // The same checkpoint elsewhere, its files with other modes and times: the same blobs.
+    let copy = tempfile::tempdir().unwrap();
+    for file in manifest.files.keys().chain([&MANIFEST.to_string()]) {
+        let to = copy.path().join(file);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(source.path().join(file), &to).unwrap();
+        fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let earlier = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+        fs::File::options()
+            .write(true)
+            .open(&to)
+            .unwrap()
+            .set_modified(earlier)
+            .unwrap();
+    }
+    let (second, _, second_blobs) = pack(copy.path());
     assert_eq!(first, second);
+    assert_eq!(blobs, second_blobs);
+    // And the long name comes back.
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    unpack_blobs(&first, &config, &blobs, &target).unwrap();
+    assert_eq!(fs::read(target.join(&long)).unwrap(), b"long");
 }
 
 #[test]
@@ -161,12 +186,13 @@ fn a_changed_blob_or_config_is_refused_and_leaves_nothing() {
     let dest = tempfile::tempdir().unwrap();
     let target = dest.path().join("checkpoint");
 
-    // A flipped byte anywhere in a layer: zstd's checksum or the digest says so.
+    // A flipped byte anywhere in a layer: the digest says so.
     for layer in 0..blobs.len() {
         for at in [0, blobs[layer].len() / 2, blobs[layer].len() - 1] {
             let mut tampered = blobs.clone();
             tampered[layer][at] ^= 0x20;
-            assert!(unpack_blobs(&image, &config, &tampered, &target).is_err());
+            let err = unpack_blobs(&image, &config, &tampered, &target).unwrap_err();
+            assert!(matches!(err, Error::Digest { .. }), "{err}");
             only(dest.path(), None);
         }
     }
@@ -236,8 +262,12 @@ fn crafted(
                 .unwrap();
         } else {
             // Paths with `..` or a leading `/` are written raw: tar's writer refuses them.
+            let raw: Vec<u8> = match path.strip_suffix("\\xff") {
+                Some(prefix) => [prefix.as_bytes(), &[0xff]].concat(),
+                None => path.as_bytes().to_vec(),
+            };
             let name = header.as_old_mut();
-            name.name[..path.len()].copy_from_slice(path.as_bytes());
+            name.name[..raw.len()].copy_from_slice(&raw);
             header.set_cksum();
             builder.append(&header, *data).unwrap();
         }
@@ -262,44 +292,66 @@ fn a_layer_may_hold_only_listed_regular_files_under_its_own_path_once() {
     let dest = tempfile::tempdir().unwrap();
     let target = dest.path().join("checkpoint");
     let regular = tar::EntryType::Regular;
-    let cases: Vec<(&str, Vec<Entry<'_>>)> = vec![
-        (
-            "web",
-            vec![("web/checkpoint/pages-1.img", tar::EntryType::Symlink, b"")],
-        ),
-        (
-            "web",
-            vec![("web/checkpoint/pages-1.img", tar::EntryType::Link, b"")],
-        ),
-        (
-            "web",
-            vec![("web/checkpoint/pages-1.img", tar::EntryType::Char, b"")],
-        ),
+    let kind = |k: tar::EntryType| vec![("web/checkpoint/pages-1.img", k, &b""[..])];
+    let cases: Vec<(&str, Vec<Entry<'_>>, &str)> = vec![
+        ("web", kind(tar::EntryType::Symlink), "not a regular file"),
+        ("web", kind(tar::EntryType::Link), "not a regular file"),
+        ("web", kind(tar::EntryType::Char), "not a regular file"),
+        ("web", kind(tar::EntryType::Fifo), "not a regular file"),
+        ("web", kind(tar::EntryType::Directory), "not a regular file"),
         (
             "web",
             vec![("web/../../etc/cron.d/x", regular, b"* * * * * root sh")],
+            "leaves the checkpoint",
         ),
-        ("web", vec![("/etc/cron.d/x", regular, b"x")]),
-        // another layer's file, or one the manifest does not list
         (
             "web",
-            vec![("sidecar/checkpoint/pages-1.img", regular, b"x")],
+            vec![("/etc/cron.d/x", regular, b"x")],
+            "leaves the checkpoint",
         ),
-        ("web", vec![("web/checkpoint/extra.img", regular, b"x")]),
+        (
+            "web",
+            vec![("web//rootfs-diff.tar", regular, b"diff")],
+            "not a plain path",
+        ),
+        (
+            "web",
+            vec![("web/./rootfs-diff.tar", regular, b"diff")],
+            "not a plain path",
+        ),
+        ("web", vec![("web/\\xff", regular, b"x")], "not UTF-8"),
+        // another layer's file (web's layer comes after sidecar's), a name that only starts
+        // like the layer's, a file the manifest does not list
+        (
+            "sidecar",
+            vec![("web/rootfs-diff.tar", regular, b"diff")],
+            "outside the layer's path",
+        ),
+        (
+            "web",
+            vec![("websocket/x", regular, b"x")],
+            "outside the layer's path",
+        ),
+        (
+            "web",
+            vec![("web/checkpoint/extra.img", regular, b"x")],
+            "not in the checkpoint's manifest",
+        ),
         (
             "_volumes/cache.tar",
             vec![("_volumes/other.tar", regular, b"x")],
+            "outside the layer's path",
         ),
-        // the same file twice
         (
             "web",
             vec![
                 ("web/rootfs-diff.tar", regular, b"diff"),
                 ("web/rootfs-diff.tar", regular, b"diff"),
             ],
+            "comes twice",
         ),
     ];
-    for (layer_path, entries) in cases {
+    for (layer_path, entries, reason) in cases {
         let (bad_image, blob) = crafted(&image, layer_path, &entries);
         let index = image
             .layers
@@ -310,7 +362,7 @@ fn a_layer_may_hold_only_listed_regular_files_under_its_own_path_once() {
         bad_blobs[index] = blob;
         let err = unpack_blobs(&bad_image, &config, &bad_blobs, &target).unwrap_err();
         assert!(
-            matches!(err, Error::BadEntry { .. }),
+            matches!(err, Error::BadEntry { .. }) && err.to_string().contains(reason),
             "{layer_path} {:?}: {err}",
             entries.iter().map(|e| e.0).collect::<Vec<_>>()
         );
@@ -326,8 +378,15 @@ fn an_image_larger_than_the_budget_is_refused() {
     let (image, config, blobs) = pack(source.path());
     let dest = tempfile::tempdir().unwrap();
     let target = dest.path().join("checkpoint");
-    let err = unpack(&image, &config, blobs.iter().map(|b| &b[..]), &target, 20).unwrap_err();
-    assert!(matches!(err, Error::TooLarge(_)), "{err}");
+    let err = unpack(
+        &image,
+        &config[..],
+        blobs.iter().map(|b| &b[..]),
+        &target,
+        20,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
     only(dest.path(), None);
 }
 
@@ -337,4 +396,96 @@ fn only_a_verified_checkpoint_is_packed() {
     sample(source.path());
     fs::write(source.path().join("web/rootfs-diff.tar"), b"changed").unwrap();
     assert!(matches!(plan(source.path()), Err(Error::Format(_))));
+}
+
+#[test]
+fn right_names_with_other_contents_fail_verification() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    let regular = tar::EntryType::Regular;
+    // The web layer with the right names, one file's bytes not the manifest's sha256.
+    let (bad_image, blob) = crafted(
+        &image,
+        "web",
+        &[
+            ("web/checkpoint/inventory.img", regular, b"inventory"),
+            ("web/checkpoint/pages-1.img", regular, b"pages of evil"),
+            ("web/rootfs-diff.tar", regular, b"diff"),
+        ],
+    );
+    let mut bad_blobs = blobs.clone();
+    bad_blobs[2] = blob;
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    let err = unpack_blobs(&bad_image, &config, &bad_blobs, &target).unwrap_err();
+    assert!(
+        matches!(err, Error::Format(format::Error::Modified { .. })),
+        "{err}"
+    );
+    only(dest.path(), None);
+}
+
+#[test]
+fn layers_that_name_no_part_of_the_checkpoint_or_a_huge_header_are_refused() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (image, config, blobs) = pack(source.path());
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    let refused = |image: &ImageManifest, blobs: &[Vec<u8>], reason: &str| {
+        let err = unpack_blobs(image, &config, blobs, &target).unwrap_err();
+        assert!(err.to_string().contains(reason), "{reason}: {err}");
+        only(dest.path(), None);
+    };
+    let mut other = image.clone();
+    other.layers[2].media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+    refused(&other, &blobs, "not a podsnap checkpoint layer");
+    let mut other = image.clone();
+    other.layers[2].annotations.clear();
+    refused(&other, &blobs, "names no container or volume archive");
+    for path in ["db", "_volumes/../web", "_volumes/", "_volumes/a/b.tar"] {
+        let mut other = image.clone();
+        other.layers[0]
+            .annotations
+            .insert(PATH_ANNOTATION.into(), path.into());
+        refused(&other, &blobs, "names no container or volume archive");
+    }
+    // A config bigger than any podsnap manifest.
+    let mut other = image.clone();
+    other.config.size = MAX_CONFIG + 1;
+    refused(&other, &blobs, "a config of");
+
+    // A GNU long name of 64 MiB (a few KiB compressed), which tar would read into memory: the
+    // layer's cap ends it first.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::GNULongName);
+    let huge = vec![b'a'; 64 << 20];
+    header.set_size(huge.len() as u64);
+    header.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    header.set_cksum();
+    builder.append(&header, &huge[..]).unwrap();
+    let blob = zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap();
+    assert!(blob.len() < 1 << 20);
+    let mut bomb = image.clone();
+    bomb.layers[2].digest = format!("sha256:{}", hex(&Sha256::digest(&blob)));
+    bomb.layers[2].size = blob.len() as u64;
+    let mut bomb_blobs = blobs.clone();
+    bomb_blobs[2] = blob;
+    assert!(unpack_blobs(&bomb, &config, &bomb_blobs, &target).is_err());
+    only(dest.path(), None);
+}
+
+#[test]
+fn a_file_changed_after_planning_is_not_packed() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (_, layers) = plan(source.path()).unwrap();
+    let web = layers.iter().find(|l| l.path == "web").unwrap();
+    for changed in [&b"DIFF"[..], b"a longer diff"] {
+        fs::write(source.path().join("web/rootfs-diff.tar"), changed).unwrap();
+        let err = write_layer(web, Vec::new(), DEFAULT_LEVEL).unwrap_err();
+        assert!(matches!(err, Error::Changed { .. }), "{err}");
+    }
 }
