@@ -19,7 +19,10 @@
 //! before it is renamed into place. Any failure removes what was unpacked.
 //!
 //! This crate does no network I/O: readers and writers come from the caller (a registry
-//! client streams blobs through them).
+//! client streams blobs through them). [`auth`] reads registry credentials from a
+//! `kubernetes.io/dockerconfigjson` Secret.
+
+pub mod auth;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
