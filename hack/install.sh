@@ -9,8 +9,9 @@ require_root
 mkdir -p "$PODSNAP_BIN" "$PODSNAP_CACHE/src" "$PODSNAP_CACHE/stamps"
 export DEBIAN_FRONTEND=noninteractive
 BUSYBOX_VERSION=1.37.0
-# CRIU's upstream tarball as Debian ships it (criu_4.1.1.orig.tar.xz).
+# Upstream tarballs as Debian ships them, pinned: criu_4.1.1.orig.tar.xz, busybox_1.37.0.orig.tar.bz2.
 CRIU_ORIG_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+BUSYBOX_ORIG_SHA256=3311dff32e746499f4df0d5df04d7eb396382d7e108bb9250e7b519b837043a4
 
 APT_PACKAGES=(
 	build-essential pkg-config git curl xz-utils zstd jq dpkg-dev patch
@@ -63,6 +64,27 @@ trixie_source() {
 	(cd "$PODSNAP_CACHE/src" && apt-get source --download-only "${2:-$1/trixie}" </dev/null) || true
 }
 
+# debian_orig PKG VERSION EXT SHA256 [SPEC]: $PODSNAP_CACHE/src/PKG_VERSION.orig.tar.EXT, the
+# upstream tarball Debian ships, with the sha256 podsnap was tested with. From trixie's source
+# index (SPEC: what apt-get source gets, default PKG/trixie); once trixie moves past VERSION (its
+# .dsc gone, as criu's 4.1.1-1 on 2026-12-02), straight from the pool by name while a suite still
+# refers to it.
+debian_orig() {
+	local pkg=$1 version=$2 ext=$3 sha256=$4 spec=${5:-} tarball mirror
+	tarball="$PODSNAP_CACHE/src/${pkg}_$version.orig.tar.$ext"
+	[ -f "$tarball" ] || trixie_source "$pkg" ${spec:+"$spec"}
+	if [ ! -f "$tarball" ]; then
+		mirror=$(debian_mirror) || exit 1
+		curl -fsSL --retry 3 -o "$tarball.tmp" "$mirror/pool/main/${pkg:0:1}/$pkg/${pkg}_$version.orig.tar.$ext" ||
+			die "$pkg $version's source is neither in trixie's index nor in the Debian pool"
+		mv "$tarball.tmp" "$tarball"
+	fi
+	if ! echo "$sha256  $tarball" | sha256sum --check --quiet >/dev/null 2>&1; then
+		rm -f "$tarball"
+		die "${pkg}_$version.orig.tar.$ext does not have the sha256 podsnap pins ($sha256): removed"
+	fi
+}
+
 # CRIU with podsnap's patches (hack/criu-*.patch): on Linux >= 6.16, getsockopt(SO_PASSCRED)
 # fails with EOPNOTSUPP on TCP/UDP sockets, and CRIU 4.1.1 then cannot dump any such socket.
 install_criu() {
@@ -70,22 +92,8 @@ install_criu() {
 	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)
 	recipe="criu-$CRIU_VERSION-r2-$patches"
 	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
-	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch mirror
-	[ -f "$tarball" ] || trixie_source criu
-	# Once trixie's index moves past this version (its .dsc gone, as on 2026-12-02), the upstream
-	# tarball is still in the pool while a suite refers to it: fetch it by name. Either way it
-	# must be the tarball podsnap was tested with.
-	if [ ! -f "$tarball" ]; then
-		mirror=$(debian_mirror) || exit 1
-		curl -fsSL --retry 3 -o "$tarball.tmp" "$mirror/pool/main/c/criu/criu_$CRIU_VERSION.orig.tar.xz" ||
-			die "CRIU $CRIU_VERSION's source is neither in trixie's index nor in the Debian pool"
-		mv "$tarball.tmp" "$tarball"
-	fi
-	if ! echo "$CRIU_ORIG_SHA256  $tarball" | sha256sum --check --quiet >/dev/null 2>&1; then
-		rm -f "$tarball"
-		die "criu_$CRIU_VERSION.orig.tar.xz does not have the sha256 podsnap pins ($CRIU_ORIG_SHA256): removed"
-	fi
-	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
+	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch
+	debian_orig criu "$CRIU_VERSION" xz "$CRIU_ORIG_SHA256"
 	dir=$(mktemp -d)
 	tar -C "$dir" -xf "$tarball"
 	for patch in "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch; do
@@ -110,10 +118,8 @@ install_busybox() {
 	if [ ! -f "$tarball" ]; then
 		trixie_sources
 		version=$(apt-cache showsrc busybox | awk -v v="$BUSYBOX_VERSION" '$1 == "Version:" && $2 ~ ("^([0-9]+:)?" v "-") {print $2}' | sort -V | tail -1)
-		[ -n "$version" ] || die "Debian offers no busybox $BUSYBOX_VERSION source package"
-		trixie_source busybox "busybox=$version"
 	fi
-	[ -f "$tarball" ] || die "could not fetch $tarball from Debian trixie sources"
+	debian_orig busybox "$BUSYBOX_VERSION" bz2 "$BUSYBOX_ORIG_SHA256" ${version:+"busybox=$version"}
 	dir=$(mktemp -d)
 	tar -C "$dir" -xjf "$tarball"
 	(cd "$dir/busybox-$BUSYBOX_VERSION" && make defconfig >/dev/null &&
