@@ -61,17 +61,7 @@ base_image() {
 		return 0
 	fi
 	tarball=$PODSNAP_CACHE/kind/rootfs-$hash.tar
-	if [ ! -f "$tarball" ]; then
-		log "building the node rootfs (mmdebstrap bookworm, ${#ROOTFS_PACKAGES[@]} packages)"
-		if ! mmdebstrap --quiet --variant=minbase --include="$(
-			IFS=,
-			echo "${ROOTFS_PACKAGES[*]}"
-		)" --format=tar bookworm "$tarball.tmp" >&2; then
-			rm -f "$tarball.tmp"
-			die "mmdebstrap could not build the node rootfs (it needs the Debian mirror apt uses)"
-		fi
-		mv "$tarball.tmp" "$tarball"
-	fi
+	bookworm_rootfs "$tarball" node "${ROOTFS_PACKAGES[@]}"
 	podman import --quiet "$tarball" "$ref" >/dev/null || die "podman could not import $tarball"
 	echo "$ref"
 }

@@ -41,4 +41,21 @@ step() {
 	return $rc
 }
 
+# bookworm_rootfs TARBALL WHAT PACKAGE...: a Debian bookworm minbase rootfs with PACKAGES, as a
+# tarball, built by mmdebstrap from the mirror apt uses unless TARBALL exists (never half-written).
+bookworm_rootfs() {
+	local tarball=$1 what=$2
+	shift 2
+	[ -f "$tarball" ] && return 0
+	log "building the $what rootfs (mmdebstrap bookworm, $# packages)"
+	if ! mmdebstrap --quiet --variant=minbase --include="$(
+		IFS=,
+		echo "$*"
+	)" --format=tar bookworm "$tarball.tmp" >&2; then
+		rm -f "$tarball.tmp"
+		die "mmdebstrap could not build the $what rootfs (it needs the Debian mirror apt uses)"
+	fi
+	mv "$tarball.tmp" "$tarball"
+}
+
 require_root() { [ "$(id -u)" = 0 ] || die "must run as root (containerd, CRIU and cgroups need it)"; }

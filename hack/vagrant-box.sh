@@ -42,17 +42,7 @@ rootfs_tarball() {
 	local hash tarball
 	hash=$(printf '%s\n' "${BOX_PACKAGES[@]}" | sha256sum | cut -c1-12)
 	tarball=$VAGRANT_CACHE/rootfs-$hash.tar
-	if [ ! -f "$tarball" ]; then
-		log "building the box rootfs (mmdebstrap bookworm, ${#BOX_PACKAGES[@]} packages)"
-		if ! mmdebstrap --quiet --variant=minbase --include="$(
-			IFS=,
-			echo "${BOX_PACKAGES[*]}"
-		)" --format=tar bookworm "$tarball.tmp" >&2; then
-			rm -f "$tarball.tmp"
-			die "mmdebstrap could not build the box rootfs (it needs the Debian mirror apt uses)"
-		fi
-		mv "$tarball.tmp" "$tarball"
-	fi
+	bookworm_rootfs "$tarball" box "${BOX_PACKAGES[@]}"
 	echo "$tarball"
 }
 
