@@ -221,7 +221,14 @@ fn capture_pod(
 ) -> PodResponse {
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
-    let guard = Arc::new(Mutex::new(ThawGuard::start(Path::new(SELF_EXE))));
+    let guard = ThawGuard::start(Path::new(SELF_EXE));
+    // Each CRIU is reported to the guard process as it starts: should the shim die, the guard
+    // waits for them to end before its last thaw.
+    let opts = &CheckpointOptions {
+        criu_started: guard.criu_started(),
+        ..opts.clone()
+    };
+    let guard = Arc::new(Mutex::new(guard));
     let watchdog = Watchdog::start(guard.clone(), deadline);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     // The freeze window starts here: starting the guard process is not part of it.
@@ -309,7 +316,10 @@ fn capture_pod(
             guard.finish()
         }
         // Not expected (the watchdog, its only other owner, has been joined): thaw all the same.
-        Err(shared) => shared.lock().unwrap_or_else(|e| e.into_inner()).thaw_all(),
+        Err(shared) => {
+            let guard = shared.lock().unwrap_or_else(|e| e.into_inner());
+            guard.thaw_all()
+        }
     };
     let response = match response {
         PodResponse::Checkpointed { .. } if !thaw_errors.is_empty() => {

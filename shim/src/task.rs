@@ -721,6 +721,7 @@ fn checkpoint_options(
         image_path: path(&o.image_path),
         work_path: path(&o.work_path),
         timeout: None,
+        criu_started: None,
     })
 }
 

@@ -9,9 +9,15 @@
 //! its pipe close without the word `DONE` and thaws every cgroup it was told about: the guard
 //! is the shim binary run as `containerd-shim-podsnap-v2 thaw-guard`, in a process group of its
 //! own, reading `<file>\t<value>` lines (a `freezer.state` or `cgroup.freeze` file and the
-//! value that thaws it).
+//! value that thaws it) and `criu\t<pid>` lines (each CRIU swrk started for the dump).
+//!
+//! A CRIU outlives the shim that started it: it goes on dumping, and when it ends it puts the
+//! freezer cgroup back as it found it, frozen. So the guard thaws at once, then waits for every
+//! CRIU it was told about to end, then thaws again. (Killing CRIU instead would be worse: one
+//! that dies while its parasite is in a task can take the task with it.)
 
 use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -19,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cgroup::ContainerCgroup;
+use crate::checkpoint::CriuStarted;
 
 /// The first argument that runs the shim binary as a thaw guard.
 pub const GUARD_ARG: &str = "thaw-guard";
@@ -60,29 +67,151 @@ fn thaw_now(file: &Path, value: &str) -> std::io::Result<()> {
     last
 }
 
-/// The guard process's loop: records what it is told until `DONE` (then exits doing nothing)
-/// or end of input (the shim is gone: thaw everything). Returns what it thawed.
-pub fn guard_loop(input: impl BufRead) -> Vec<PathBuf> {
-    let mut told: Vec<(PathBuf, String)> = Vec::new();
+/// A CRIU the shim started, known by pid and start time: a pid used again is not waited for.
+#[derive(Debug)]
+struct TaskRef {
+    pid: i32,
+    start: u64,
+}
+
+/// A process's state letter and start time (fields 3 and 22 of `/proc/<pid>/stat`).
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields follow its last `)`.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+impl TaskRef {
+    /// The process `pid` as it is now; `None` if there is none (it ended already).
+    fn now(pid: i32) -> Option<Self> {
+        let (_, start) = proc_stat(pid)?;
+        Some(TaskRef { pid, start })
+    }
+
+    /// Whether it is still running: a zombie (its new parent may be slow to reap it) has ended.
+    fn running(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+    }
+}
+
+/// What the shim told a guard before its input ended.
+#[derive(Debug, Default)]
+struct Orders {
+    /// Freezer files and the value that thaws each.
+    told: Vec<(PathBuf, String)>,
+    /// The CRIUs started for the dump.
+    criu: Vec<TaskRef>,
+}
+
+/// What the shim told a guard before its input ended; `None` when it said `DONE`.
+fn read_orders(input: impl BufRead) -> Option<Orders> {
+    let Orders { mut told, mut criu } = Orders::default();
     for line in input.lines() {
         let Ok(line) = line else { break };
         if line == "DONE" {
-            return Vec::new();
+            return None;
         }
-        if let Some((file, value)) = line.split_once('\t') {
-            let file = PathBuf::from(file);
-            if guard_may_write(&file) && matches!(value, "THAWED" | "0") {
-                told.push((file, value.to_string()));
+        match line.split_once('\t') {
+            Some(("criu", pid)) => {
+                if let Some(task) = pid
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|p| *p > 1)
+                    .and_then(TaskRef::now)
+                {
+                    criu.push(task);
+                }
+            }
+            Some((file, value)) => {
+                let file = PathBuf::from(file);
+                if guard_may_write(&file) && matches!(value, "THAWED" | "0") {
+                    told.push((file, value.to_string()));
+                }
+            }
+            None => {}
+        }
+    }
+    Some(Orders { told, criu })
+}
+
+/// The guard process's loop: records what it is told until `DONE` (then returns doing
+/// nothing) or end of input (the shim is gone): then thaws everything, waits for the CRIUs it
+/// was told about to end, and thaws everything again. Returns what it thawed.
+pub fn guard_loop(input: impl BufRead) -> Vec<PathBuf> {
+    let Some(Orders { told, criu }) = read_orders(input) else {
+        return Vec::new();
+    };
+    let thaw = || -> Vec<PathBuf> {
+        told.iter()
+            .filter(|(file, value)| thaw_now(file, value).is_ok())
+            .map(|(file, _)| file.clone())
+            .collect()
+    };
+    let mut thawed = thaw();
+    if !criu.is_empty() {
+        for task in criu.iter().filter(|t| t.running()) {
+            warn(&format!(
+                "podsnap thaw guard: the shim went away during a pod checkpoint; waiting for its CRIU (pid {}) to end, then thawing again",
+                task.pid
+            ));
+        }
+        while criu.iter().any(TaskRef::running) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for file in thaw() {
+            if !thawed.contains(&file) {
+                thawed.push(file);
             }
         }
     }
-    let mut thawed = Vec::new();
-    for (file, value) in told {
-        if thaw_now(&file, &value).is_ok() {
-            thawed.push(file);
-        }
-    }
     thawed
+}
+
+/// Logs to the shim's log FIFO (`log` in the bundle, the guard's working directory), which
+/// containerd copies into its own log, as the shim's records are; else to stderr. Opened at
+/// once, while the shim and so containerd's reader are there, and never blocking.
+fn open_log() {
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("log")
+        .and_then(|file| {
+            // Blocking again: a record is written whole.
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // SAFETY: fcntl on a descriptor this function owns.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            // SAFETY: as above.
+            if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(file)
+        });
+    if let Ok(file) = fifo
+        && std::fs::metadata("log")
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+        && log::set_boxed_logger(Box::new(containerd_shim::logger::FifoLogger::with_file(
+            file,
+        )))
+        .is_ok()
+    {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+/// Logs a warning, to the shim's log if [`open_log`] could open it, else to stderr.
+fn warn(message: &str) {
+    if log::max_level() >= log::LevelFilter::Warn {
+        log::warn!("{message}");
+    } else {
+        eprintln!("{message}");
+    }
 }
 
 /// `containerd-shim-podsnap-v2 thaw-guard`: never returns.
@@ -92,12 +221,14 @@ pub fn run_guard() -> ! {
         // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
+    log::set_max_level(log::LevelFilter::Off);
+    open_log();
     let thawed = guard_loop(std::io::stdin().lock());
     for file in &thawed {
-        eprintln!(
+        warn(&format!(
             "podsnap thaw guard: the shim went away between freeze and thaw; thawed {}",
             file.display()
-        );
+        ));
     }
     std::process::exit(0)
 }
@@ -105,7 +236,16 @@ pub fn run_guard() -> ! {
 /// The guard process, as the shim sees it.
 struct GuardProcess {
     child: Child,
-    stdin: ChildStdin,
+    /// Shared with the capture threads, which report the CRIUs they start.
+    stdin: Arc<Mutex<ChildStdin>>,
+}
+
+/// Writes one line to the guard process.
+fn tell(stdin: &Mutex<ChildStdin>, line: &str) {
+    let mut stdin = stdin.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = writeln!(stdin, "{line}") {
+        log::error!("thaw guard: {e}");
+    }
 }
 
 /// Every cgroup frozen for one pod checkpoint; see the module documentation.
@@ -132,7 +272,10 @@ impl ThawGuard {
                     .stdin
                     .take()
                     .ok_or_else(|| std::io::Error::other("no stdin pipe"))?;
-                Ok(GuardProcess { child, stdin })
+                Ok(GuardProcess {
+                    child,
+                    stdin: Arc::new(Mutex::new(stdin)),
+                })
             });
         let process = match process {
             Ok(p) => Some(p),
@@ -153,13 +296,20 @@ impl ThawGuard {
 
     /// Records `cgroup` (here and in the guard process), then freezes it.
     pub fn freeze(&mut self, cgroup: &ContainerCgroup) -> anyhow::Result<()> {
-        if let (Some(process), Some((file, value))) = (self.process.as_mut(), thaw_file(cgroup))
-            && let Err(e) = writeln!(process.stdin, "{}\t{value}", file.display())
-        {
-            log::error!("thaw guard: {e}");
+        if let (Some(process), Some((file, value))) = (self.process.as_ref(), thaw_file(cgroup)) {
+            tell(&process.stdin, &format!("{}\t{value}", file.display()));
         }
         self.frozen.push(cgroup.clone());
         cgroup.freeze(true)
+    }
+
+    /// What tells the guard process about each CRIU started for the dump (it waits for them
+    /// should the shim die); `None` without a guard process.
+    pub fn criu_started(&self) -> Option<CriuStarted> {
+        let stdin = self.process.as_ref()?.stdin.clone();
+        Some(CriuStarted(Arc::new(move |pid| {
+            tell(&stdin, &format!("criu\t{pid}"))
+        })))
     }
 
     /// Whether the watchdog thawed the pod because the deadline passed.
@@ -168,12 +318,14 @@ impl ThawGuard {
     }
 
     /// Thaws every cgroup recorded (whether its freeze succeeded or not); returns the errors.
-    pub fn thaw_all(&mut self) -> Vec<String> {
+    /// They stay recorded: a CRIU still running when the watchdog thaws puts its cgroup back
+    /// as it found it, frozen, when it ends, so [`ThawGuard::finish`] thaws them all again.
+    pub fn thaw_all(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        for cgroup in self.frozen.drain(..) {
+        for cgroup in &self.frozen {
             if let Err(e) = cgroup.freeze(false) {
                 // libcgroups could not; write the file directly before giving up.
-                let direct = thaw_file(&cgroup).map(|(file, value)| thaw_now(&file, value));
+                let direct = thaw_file(cgroup).map(|(file, value)| thaw_now(&file, value));
                 if !matches!(direct, Some(Ok(()))) {
                     log::error!("thaw {}: {e:#}", cgroup.path.display());
                     errors.push(format!("thaw {}: {e:#}", cgroup.path.display()));
@@ -183,16 +335,18 @@ impl ThawGuard {
         errors
     }
 
-    /// Thaws everything and dismisses the guard process.
+    /// Thaws everything (every CRIU has ended) and dismisses the guard process.
     pub fn finish(mut self) -> Vec<String> {
         let errors = self.thaw_all();
+        self.frozen.clear();
         self.dismiss();
         errors
     }
 
     fn dismiss(&mut self) {
         if let Some(mut process) = self.process.take() {
-            let _ = writeln!(process.stdin, "DONE");
+            tell(&process.stdin, "DONE");
+            // The capture threads, which hold clones of the pipe, have ended: this closes it.
             drop(process.stdin);
             let _ = process.child.wait();
         }
@@ -227,7 +381,7 @@ impl Watchdog {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(left) {
                 let mut guard = guard.lock().unwrap_or_else(|e| e.into_inner());
-                if !guard.frozen.is_empty() {
+                if !guard.frozen.is_empty() && !guard.expired {
                     log::warn!("pod checkpoint: deadline passed while frozen; thawing the pod now");
                     guard.expired = true;
                     guard.thaw_all();
@@ -279,5 +433,41 @@ mod tests {
         // Told about files it may not write, at end of input it writes nothing.
         let input = "/etc/shadow\tTHAWED\n/sys/fs/cgroup/x/cgroup.freeze\tFROZEN\n";
         assert!(guard_loop(input.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn the_guard_waits_for_every_criu_it_was_told_about() {
+        let mut criu = Command::new("sleep").arg("0.3").spawn().unwrap();
+        let input = format!(
+            "criu\t{}\ncriu\t0\ncriu\t-5\ncriu\tnot-a-pid\ncriu\t{}\n",
+            criu.id(),
+            // A pid that is no process: not waited for.
+            i32::MAX
+        );
+        assert!(guard_loop(input.as_bytes()).is_empty());
+        // It returned only once the CRIU had ended (a zombie not yet reaped counts as ended).
+        assert!(
+            matches!(proc_stat(criu.id() as i32), Some(('Z', _)) | None),
+            "the guard returned while its CRIU ran"
+        );
+        criu.wait().unwrap();
+        // Dismissed, it waits for nothing.
+        let mut criu = Command::new("sleep").arg("30").spawn().unwrap();
+        let input = format!("criu\t{}\nDONE\n", criu.id());
+        assert!(guard_loop(input.as_bytes()).is_empty());
+        assert!(TaskRef::now(criu.id() as i32).unwrap().running());
+        criu.kill().unwrap();
+        criu.wait().unwrap();
+    }
+
+    #[test]
+    fn a_pid_used_again_is_not_the_criu_told_about() {
+        let me = TaskRef::now(std::process::id() as i32).unwrap();
+        assert!(me.running());
+        let other = TaskRef {
+            pid: me.pid,
+            start: me.start + 1,
+        };
+        assert!(!other.running());
     }
 }

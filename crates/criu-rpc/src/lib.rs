@@ -43,6 +43,7 @@ use std::fs::{self, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub use error::{Error, ErrorKind, NotifyError, Operation, Result};
@@ -61,11 +62,25 @@ pub const CRIU_ENV: &str = "PODSNAP_CRIU";
 /// Where `hack/install.sh` installs CRIU.
 pub const PODSNAP_CRIU_PATH: &str = "/var/cache/podsnap/bin/criu";
 
+/// Called with the pid of each CRIU swrk this client starts, right after it starts.
+pub type SpawnHook = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// A CRIU installation to send requests to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Criu {
     binary: PathBuf,
     timeout: Option<Duration>,
+    on_spawn: Option<SpawnHook>,
+}
+
+impl fmt::Debug for Criu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Criu")
+            .field("binary", &self.binary)
+            .field("timeout", &self.timeout)
+            .field("on_spawn", &self.on_spawn.is_some())
+            .finish()
+    }
 }
 
 impl Default for Criu {
@@ -174,7 +189,17 @@ impl Criu {
         Criu {
             binary: path.into(),
             timeout: None,
+            on_spawn: None,
         }
+    }
+
+    /// Calls `hook` with the pid of every swrk started from now on, before any request is
+    /// sent to it: for whoever must outlive this process and wait for a CRIU it leaves behind
+    /// (a swrk dumping a process goes on when its client dies, and at the end puts the freezer
+    /// cgroup back as it found it).
+    pub fn on_spawn(mut self, hook: SpawnHook) -> Self {
+        self.on_spawn = Some(hook);
+        self
     }
 
     /// Give up when CRIU sends nothing for `timeout` (between two notifications or before its
@@ -503,6 +528,9 @@ impl Criu {
             )
         })?;
         let pid = swrk.pid();
+        if let Some(hook) = &self.on_spawn {
+            hook(pid);
+        }
         let died = |swrk: Swrk| {
             let status = describe_exit(swrk.finish(Duration::from_secs(5)));
             tracing::warn!(%op, pid, %status, "criu swrk died");
@@ -716,6 +744,37 @@ mod tests {
             }
             _ => assert_eq!(default.binary(), Path::new("criu")),
         }
+    }
+
+    #[test]
+    fn the_spawn_hook_hears_each_swrk_pid_and_a_failed_spawn_is_not_reported() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: SpawnHook = {
+            let seen = seen.clone();
+            Arc::new(move |pid| seen.lock().unwrap().push(pid))
+        };
+        // /bin/true starts and exits without an answer: one pid heard, the call fails.
+        let err = Criu::with_binary("/bin/true")
+            .on_spawn(hook.clone())
+            .version()
+            .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::SwrkExited { .. }),
+            "{err:?}"
+        );
+        let pids = seen.lock().unwrap().clone();
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        assert!(pids[0] > 0);
+        let _ = Criu::with_binary("/nonexistent/criu")
+            .on_spawn(hook)
+            .version()
+            .unwrap_err();
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "a swrk that never started was reported"
+        );
+        assert!(format!("{:?}", Criu::new()).contains("on_spawn: false"));
     }
 
     #[test]

@@ -216,6 +216,9 @@ fn dump_into(
     if let Some(timeout) = opts.timeout {
         criu = criu.timeout(timeout);
     }
+    if let Some(started) = &opts.criu_started {
+        criu = criu.on_spawn(started.0.clone());
+    }
     criu.dump(&criu_opts)?;
     format::write_metadata(images, &metadata, &descriptors)?;
     // CRIU writes its statistics next to its log; checkpointctl reads them from the images.

@@ -40,6 +40,18 @@ pub struct CheckpointOptions {
     pub work_path: Option<PathBuf>,
     /// Give up when CRIU is silent this long (it is then killed; the tasks survive).
     pub timeout: Option<std::time::Duration>,
+    /// Told the pid of each CRIU started for the dump (a pod checkpoint's thaw guard).
+    pub criu_started: Option<CriuStarted>,
+}
+
+/// A [`criu_rpc::SpawnHook`] carried in [`CheckpointOptions`].
+#[derive(Clone)]
+pub struct CriuStarted(pub criu_rpc::SpawnHook);
+
+impl std::fmt::Debug for CriuStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CriuStarted")
+    }
 }
 
 /// The path of a namespace the spec joins, if it joins one of `typ`.
