@@ -70,7 +70,7 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "blob {what} has sha256 {actual} and {actual_size} bytes; its descriptor says {expected} and {expected_size}"
+        "blob {what} is {actual} ({actual_size} bytes); its descriptor says {expected} ({expected_size} bytes)"
     )]
     Digest {
         what: String,
@@ -231,6 +231,11 @@ pub fn plan(root: &Path) -> Result<(Manifest, Vec<Layer>)> {
             .insert(relative.clone(), (root.join(&clean), sha256.clone()));
     }
     Ok((manifest, layers.into_values().collect()))
+}
+
+/// The compressor and its version: packing is deterministic for one.
+pub fn codec() -> String {
+    format!("zstd {}", zstd::zstd_safe::version_number())
 }
 
 /// The config blob of the checkpoint at `root` (its manifest's bytes) and its descriptor.

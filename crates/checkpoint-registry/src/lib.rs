@@ -1,0 +1,548 @@
+//! A podsnap pod checkpoint pushed to an OCI registry as an artifact, and pulled back verified
+//! (the format: [`podsnap_checkpoint_image`]; the plan: docs/design/checkpoint-images.md).
+//!
+//! [`Registry::push`] packs each layer while it uploads it: the tar+zstd stream goes from a
+//! blocking packer thread through a small bounded channel into chunked PATCHes, so no second
+//! copy of the checkpoint is ever written, and memory stays at a few chunks whatever its size.
+//! The digest the packer computed must be the one the upload computed. A layer cache (optional,
+//! keyed by the layer's files' sha256s and the compression level) lets a second push of the
+//! same checkpoint upload nothing: a cached layer is reused only if the registry has the blob.
+//!
+//! [`Registry::pull`] streams each blob from the registry into
+//! [`podsnap_checkpoint_image::unpack`], which trusts none of it: every blob's digest and size
+//! must be the descriptor's, every file its manifest's sha256, and nothing appears at the target
+//! until the whole checkpoint verifies. A manifest pulled by digest must have that digest.
+//!
+//! oci-client has no retries: a failed request fails the push or pull ([`Error::Registry`]).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol, SizedStream};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use podsnap_checkpoint_format::Manifest;
+use podsnap_checkpoint_image::{self as image, Descriptor, ImageManifest, Layer};
+use sha2::{Digest, Sha256};
+
+/// The size of the pieces a layer is streamed in: one PATCH each, oci-client's largest.
+const CHUNK: usize = 4 << 20;
+/// Pieces in flight between the packer and the upload.
+const IN_FLIGHT: usize = 2;
+/// The largest image manifest taken from a registry.
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// What went wrong in a push or pull.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Image(#[from] image::Error),
+    #[error("registry {registry}: {context}: {source}")]
+    Registry {
+        registry: String,
+        context: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("{0}: not a valid image reference")]
+    Reference(String),
+    #[error(
+        "layer {layer}: the registry received sha256 {received} ({received_size} bytes), the packer wrote {written} ({written_size} bytes)"
+    )]
+    Mismatch {
+        layer: String,
+        received: String,
+        received_size: u64,
+        written: String,
+        written_size: u64,
+    },
+    #[error("manifest of {reference}: {reason}")]
+    Manifest { reference: String, reason: String },
+    #[error("layer cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Task(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A parsed image reference (`registry/repository[:tag][@sha256:…]`).
+pub fn reference(text: &str) -> Result<Reference> {
+    text.parse::<Reference>()
+        .map_err(|e| Error::Reference(format!("{text}: {e}")))
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Registries (`host:port`) spoken to over plain HTTP; every other one over HTTPS.
+    pub insecure: Vec<String>,
+    /// Credentials; anonymous when `None`.
+    pub credentials: Option<image::auth::Credentials>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// `registry/repository@sha256:…`: the checkpoint, by digest.
+    pub reference: String,
+    /// The image manifest's digest.
+    pub digest: String,
+    /// The config blob's digest: the checkpoint's manifest_sha256, which a restore pins.
+    pub config_digest: String,
+    /// Bytes of blobs sent (0 when the registry had them all).
+    pub uploaded: u64,
+    /// Total size of the image's blobs.
+    pub size: u64,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The image manifest's digest.
+    pub digest: String,
+    /// The checkpoint's manifest, verified; it is at the pull's target.
+    pub manifest: Manifest,
+    /// Total size of the blobs pulled.
+    pub size: u64,
+}
+
+/// Options of a push.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// zstd level.
+    pub level: i32,
+    /// A JSON file remembering the descriptor of each layer pushed, so that the same layer is
+    /// not packed and sent again while the registry has it; root-only (0600).
+    pub layer_cache: Option<PathBuf>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            level: image::DEFAULT_LEVEL,
+            layer_cache: None,
+        }
+    }
+}
+
+/// A registry client.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    pub fn new(access: &Access) -> Self {
+        // rustls needs one crypto provider for the process: ring, which kube already uses. A
+        // second call finds it installed, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(access.insecure.clone()),
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        });
+        let auth = match &access.credentials {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        Registry { client, auth }
+    }
+
+    fn registry_error(
+        reference: &Reference,
+        context: impl Into<String>,
+    ) -> impl FnOnce(OciDistributionError) -> Error {
+        let registry = reference.resolve_registry().to_string();
+        let context = context.into();
+        move |source| Error::Registry {
+            registry,
+            context,
+            source,
+        }
+    }
+
+    /// Pushes the checkpoint at `dir` (it must verify) to `reference` (a tag, or a repository
+    /// alone for `latest`). Returns it by digest.
+    pub async fn push(
+        &self,
+        dir: &Path,
+        reference: &Reference,
+        opts: &PushOptions,
+    ) -> Result<Pushed> {
+        let root = dir.to_path_buf();
+        let (manifest, layers) = blocking(move || image::plan(&root)).await??;
+        let (config_bytes, config) = image::config(dir)?;
+        self.client
+            .auth(reference, &self.auth, RegistryOperation::Push)
+            .await
+            .map_err(Self::registry_error(reference, "authenticating to push"))?;
+        let mut uploaded = 0;
+        if !self.exists(reference, &config.digest).await? {
+            self.client
+                .push_blob(reference, config_bytes.clone(), &config.digest)
+                .await
+                .map_err(Self::registry_error(reference, "pushing the config"))?;
+            uploaded += config.size;
+        }
+        let mut cache = LayerCache::open(opts.layer_cache.as_deref())?;
+        let mut descriptors = Vec::new();
+        for layer in layers {
+            let key = layer_key(&layer, opts.level);
+            if let Some(known) = cache.get(&key)
+                && self.exists(reference, &known.digest).await?
+            {
+                tracing::debug!(layer = %layer.path, digest = %known.digest, "layer already in the registry");
+                descriptors.push(known);
+                continue;
+            }
+            let descriptor = self.push_layer(reference, layer, opts.level).await?;
+            uploaded += descriptor.size;
+            cache.put(key, descriptor.clone())?;
+            descriptors.push(descriptor);
+        }
+        let size = config.size + descriptors.iter().map(|d| d.size).sum::<u64>();
+        let image_manifest = ImageManifest::new(&manifest, config.clone(), descriptors);
+        let body = serde_json::to_vec(&image_manifest).map_err(|e| Error::Manifest {
+            reference: reference.whole(),
+            reason: e.to_string(),
+        })?;
+        let digest = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        self.client
+            .push_manifest_raw(
+                reference,
+                body,
+                image::IMAGE_MANIFEST.parse().expect("a valid header value"),
+            )
+            .await
+            .map_err(Self::registry_error(reference, "pushing the manifest"))?;
+        let by_digest = Reference::with_digest(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            digest.clone(),
+        );
+        Ok(Pushed {
+            reference: by_digest.whole(),
+            digest,
+            config_digest: config.digest,
+            uploaded,
+            size,
+        })
+    }
+
+    async fn exists(&self, reference: &Reference, digest: &str) -> Result<bool> {
+        self.client
+            .blob_exists(reference, digest)
+            .await
+            .map_err(Self::registry_error(
+                reference,
+                format!("looking up blob {digest}"),
+            ))
+    }
+
+    /// Packs `layer` on a blocking thread while it is uploaded in chunks.
+    async fn push_layer(
+        &self,
+        reference: &Reference,
+        layer: Layer,
+        level: i32,
+    ) -> Result<Descriptor> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<
+            std::result::Result<Bytes, OciDistributionError>,
+        >(IN_FLIGHT);
+        let path = layer.path.clone();
+        let packer = tokio::task::spawn_blocking(move || {
+            let mut out = ChannelWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(CHUNK),
+            };
+            let written = image::write_layer(&layer, &mut out, level);
+            if let Err(e) = &written {
+                // The upload must not commit a blob cut short: end the stream with an error.
+                let _ = tx.blocking_send(Err(OciDistributionError::IoError(io::Error::other(
+                    e.to_string(),
+                ))));
+            }
+            written
+        });
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let sent = self
+            .client
+            .push_blob_stream_chunked(reference, stream)
+            .await;
+        let written = packer
+            .await
+            .map_err(|e| Error::Task(format!("packing layer {path}: {e}")))?;
+        // The packer's error says why first; then the registry's.
+        let written = written?;
+        let sent = sent.map_err(Self::registry_error(
+            reference,
+            format!("pushing layer {path}"),
+        ))?;
+        if sent.blob_digest != written.digest || sent.size != written.size {
+            return Err(Error::Mismatch {
+                layer: path,
+                received: sent.blob_digest,
+                received_size: sent.size,
+                written: written.digest,
+                written_size: written.size,
+            });
+        }
+        Ok(written)
+    }
+
+    /// Pulls the checkpoint image `reference` (by tag or digest) into `target`, which must not
+    /// exist and appears only once the whole checkpoint verifies; at most `max_bytes` of files
+    /// are written.
+    pub async fn pull(
+        &self,
+        reference: &Reference,
+        target: &Path,
+        max_bytes: u64,
+    ) -> Result<Pulled> {
+        self.client
+            .auth(reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(Self::registry_error(reference, "authenticating to pull"))?;
+        let (body, digest) = self
+            .client
+            .pull_manifest_raw(reference, &self.auth, &[image::IMAGE_MANIFEST])
+            .await
+            .map_err(Self::registry_error(reference, "pulling the manifest"))?;
+        let manifest_error = |reason: String| Error::Manifest {
+            reference: reference.whole(),
+            reason,
+        };
+        if body.len() > MAX_MANIFEST {
+            return Err(manifest_error(format!(
+                "{} bytes, more than the {MAX_MANIFEST} a checkpoint's can be",
+                body.len()
+            )));
+        }
+        // Whatever the registry says the digest is, it is the body's.
+        let actual = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        if let Some(wanted) = reference.digest()
+            && wanted != actual
+        {
+            return Err(manifest_error(format!(
+                "it has digest {actual}, the reference names {wanted}"
+            )));
+        }
+        if digest != actual {
+            tracing::warn!(reference = %reference.whole(), registry_digest = %digest, %actual, "the registry named another digest for the manifest it sent; using the body's");
+        }
+        let image_manifest = ImageManifest::parse(&body)?;
+        let size =
+            image_manifest.config.size + image_manifest.layers.iter().map(|d| d.size).sum::<u64>();
+        let by_digest = Reference::with_digest(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            actual.clone(),
+        );
+        let handle = tokio::runtime::Handle::current();
+        let client = self.client.clone();
+        let target = target.to_path_buf();
+        let manifest = blocking(move || {
+            let blob = |descriptor: &Descriptor| BlobReader {
+                handle: handle.clone(),
+                client: client.clone(),
+                reference: by_digest.clone(),
+                digest: descriptor.digest.clone(),
+                stream: None,
+                chunk: Bytes::new(),
+            };
+            let config = blob(&image_manifest.config);
+            let layers: Vec<BlobReader> = image_manifest.layers.iter().map(blob).collect();
+            image::unpack(&image_manifest, config, layers, &target, max_bytes)
+        })
+        .await??;
+        Ok(Pulled {
+            digest: actual,
+            manifest,
+            size,
+        })
+    }
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(format!("blocking task: {e}")))
+}
+
+/// The layer as a stream of [`CHUNK`]-sized pieces into a bounded channel.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::result::Result<Bytes, OciDistributionError>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(piece))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// A blob pulled as a blocking reader (for the unpacker's thread), its request sent on the
+/// first read.
+struct BlobReader {
+    handle: tokio::runtime::Handle,
+    client: Client,
+    reference: Reference,
+    digest: String,
+    stream: Option<SizedStream>,
+    chunk: Bytes,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                None => {
+                    let started = self
+                        .handle
+                        .block_on(
+                            self.client
+                                .pull_blob_stream(&self.reference, self.digest.as_str()),
+                        )
+                        .map_err(|e| {
+                            io::Error::other(format!("pulling blob {}: {e}", self.digest))
+                        })?;
+                    self.stream.insert(started)
+                }
+            };
+            match self.handle.block_on(stream.next()) {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("pulling blob {}: {e}", self.digest),
+                    ));
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+/// What identifies a layer's bytes: its media type, path, level and every file's name and
+/// sha256 (packing is deterministic for one zstd).
+fn layer_key(layer: &Layer, level: i32) -> String {
+    let mut hash = Sha256::new();
+    hash.update(format!(
+        "{}\n{}\n{} level {level}\n",
+        layer.media_type,
+        layer.path,
+        image::codec()
+    ));
+    for (relative, (_, sha256)) in &layer.files {
+        hash.update(format!("{relative}\0{sha256}\n"));
+    }
+    hex(&hash.finalize())
+}
+
+/// The layer cache file: layer key → descriptor.
+struct LayerCache {
+    path: Option<PathBuf>,
+    entries: BTreeMap<String, Descriptor>,
+}
+
+impl LayerCache {
+    fn open(path: Option<&Path>) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        if let Some(path) = path {
+            match std::fs::read(path) {
+                // A cache that does not parse is only a cache: start again.
+                Ok(bytes) => entries = serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Cache {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(LayerCache {
+            path: path.map(Path::to_path_buf),
+            entries,
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<Descriptor> {
+        self.entries.get(key).cloned()
+    }
+
+    fn put(&mut self, key: String, descriptor: Descriptor) -> Result<()> {
+        self.entries.insert(key, descriptor);
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let cache_error = |source| Error::Cache {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(&self.entries)
+            .map_err(io::Error::other)
+            .map_err(cache_error)?;
+        let temp = path.with_extension("tmp");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(cache_error)?;
+            file.write_all(&bytes).map_err(cache_error)?;
+        }
+        std::fs::rename(&temp, path).map_err(cache_error)?;
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,406 @@
+//! Push and pull against a real registry: Debian's docker-registry (distribution 2.8), which
+//! `hack/install.sh` installs, started by each test on a free loopback port with storage of its
+//! own. A missing binary fails the test.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use podsnap_checkpoint_format::{self as format, ContainerEntry, Manifest, PodEntry};
+use podsnap_checkpoint_registry::{Access, Error, PushOptions, Registry, reference};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A registry of the test's own; stopped (by its pid) when dropped.
+struct TestRegistry {
+    child: Child,
+    addr: String,
+    storage: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    fn start() -> Self {
+        assert!(
+            Path::new(REGISTRY_BIN).exists(),
+            "{REGISTRY_BIN} is missing: run hack/install.sh (Debian package docker-registry)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let registry = TestRegistry {
+            child,
+            addr,
+            storage,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not listen on {}",
+                registry.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    fn client(&self) -> Registry {
+        Registry::new(&Access {
+            insecure: vec![self.addr.clone()],
+            credentials: None,
+        })
+    }
+
+    /// The stored bytes of blob `digest`.
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Bytes that zstd cannot shrink much (a xorshift stream), so layers span several chunks.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A checkpoint of two containers and a volume, as podsnapd writes one; `web` holds `pages`.
+fn sample(root: &Path, pages: &[u8]) -> Manifest {
+    for (path, data) in [
+        ("web/checkpoint/pages-1.img", pages),
+        ("web/checkpoint/inventory.img", b"inventory"),
+        ("web/rootfs-diff.tar", b"diff"),
+        ("sidecar/checkpoint/pages-1.img", b"pages of the sidecar"),
+        ("_volumes/cache.tar", b"a volume archive"),
+    ] {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    let container = |name: &str| ContainerEntry {
+        name: name.into(),
+        id: format!("id-{name}"),
+        image: "busybox".into(),
+        image_ref: "sha256:x".into(),
+        config: serde_json::json!({}),
+    };
+    let mut manifest = Manifest {
+        format: format::FORMAT.into(),
+        version: format::VERSION,
+        minor: format::MINOR,
+        created: "2026-12-02T00:00:00Z".into(),
+        pod: PodEntry {
+            sandbox_id: "sb".into(),
+            name: "counter".into(),
+            namespace: "default".into(),
+            uid: "u".into(),
+            runtime_handler: "podsnap".into(),
+            config: serde_json::json!({}),
+        },
+        containers: vec![container("web"), container("sidecar")],
+        criu_version: "4.1.1".into(),
+        kernel: "6.1.0".into(),
+        options: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    format::write_manifest(root, &mut manifest).unwrap();
+    manifest
+}
+
+/// Every file under `root`, relative, with its bytes.
+fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The names in `dir`.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_nothing() {
+    let registry = TestRegistry::start();
+    let client = registry.client();
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    // 10 MiB of pages: three chunks of the web layer.
+    let manifest = sample(&source, &noise(10 << 20, 7));
+    let cache = work.path().join("layers.json");
+    let opts = PushOptions {
+        layer_cache: Some(cache.clone()),
+        ..Default::default()
+    };
+    let target_ref = reference(&format!("{}/podsnap/counter:ckpt-1", registry.addr)).unwrap();
+    let pushed = client.push(&source, &target_ref, &opts).await.unwrap();
+    assert_eq!(pushed.uploaded, pushed.size, "{pushed:?}");
+    assert!(pushed.size > 10 << 20, "{pushed:?}");
+    // The config is the checkpoint's manifest, byte for byte: its digest is what a restore pins.
+    let manifest_bytes = std::fs::read(source.join(format::MANIFEST)).unwrap();
+    assert_eq!(
+        std::fs::read(registry.blob_path(&pushed.config_digest)).unwrap(),
+        manifest_bytes
+    );
+    assert!(
+        pushed
+            .reference
+            .ends_with(&format!("podsnap/counter@{}", pushed.digest)),
+        "{pushed:?}"
+    );
+    // The registry keeps the artifact as sent: artifactType and the path annotations.
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(registry.blob_path(&pushed.digest)).unwrap())
+            .unwrap();
+    assert_eq!(
+        stored["artifactType"],
+        podsnap_checkpoint_image::ARTIFACT_TYPE
+    );
+    assert_eq!(stored["layers"].as_array().unwrap().len(), 3, "{stored}");
+    let cache_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cache).unwrap().permissions());
+    assert_eq!(cache_mode & 0o777, 0o600);
+
+    // Pulled by tag and by digest, each is the checkpoint it was.
+    for (name, from) in [
+        ("by-tag", target_ref.clone()),
+        ("by-digest", reference(&pushed.reference).unwrap()),
+    ] {
+        let target = work.path().join(name);
+        let pulled = client.pull(&from, &target, 1 << 30).await.unwrap();
+        assert_eq!(pulled.digest, pushed.digest);
+        assert_eq!(pulled.manifest, manifest);
+        assert_eq!(tree(&target), tree(&source), "{name}");
+        format::verify(&target).unwrap();
+    }
+
+    // Again, with the layer cache: the registry has every blob, nothing is sent, same digest.
+    let again = client.push(&source, &target_ref, &opts).await.unwrap();
+    assert_eq!(again.uploaded, 0, "{again:?}");
+    assert_eq!(again.digest, pushed.digest);
+    // Without it, the layers are packed and sent again, to the same bytes (deterministic).
+    let fresh = client
+        .push(&source, &target_ref, &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(fresh.digest, pushed.digest);
+    assert!(fresh.uploaded > 0);
+    // A cached layer the registry no longer has is sent again.
+    let layer = stored["layers"][0]["digest"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(registry.blob_path(&layer).parent().unwrap()).unwrap();
+    let repaired = client.push(&source, &target_ref, &opts).await.unwrap();
+    assert_eq!(repaired.digest, pushed.digest);
+    assert!(repaired.uploaded > 0, "{repaired:?}");
+    let target = work.path().join("after-repair");
+    client.pull(&target_ref, &target, 1 << 30).await.unwrap();
+    assert_eq!(tree(&target), tree(&source));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_blob_a_wrong_digest_or_a_foreign_image_fails_the_pull_and_leaves_nothing() {
+    let registry = TestRegistry::start();
+    let client = registry.client();
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    sample(&source, &noise(1 << 20, 3));
+    let tag = reference(&format!("{}/podsnap/tampered:1", registry.addr)).unwrap();
+    let pushed = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap();
+    let cache = work.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let target = cache.join("checkpoint-pulled");
+
+    // A byte of the web layer flipped in the registry's storage.
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(registry.blob_path(&pushed.digest)).unwrap())
+            .unwrap();
+    let web = stored["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["annotations"]["io.podsnap.checkpoint.path"] == "web")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = registry.blob_path(&web);
+    let original = std::fs::read(&blob).unwrap();
+    let mut bad = original.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x55;
+    std::fs::write(&blob, &bad).unwrap();
+    let err = client.pull(&tag, &target, 1 << 30).await.unwrap_err();
+    let text = err.to_string();
+    // Refused for its digest (the unpacker's check, or oci-client's at the end of the stream),
+    // which the message names.
+    assert!(
+        text.contains(&web),
+        "a tampered blob was not refused for its digest: {text}"
+    );
+    assert!(names(&cache).is_empty(), "left behind: {:?}", names(&cache));
+    std::fs::write(&blob, &original).unwrap();
+
+    // A digest the registry does not have.
+    let missing = reference(&format!(
+        "{}/podsnap/tampered@sha256:{}",
+        registry.addr,
+        "0".repeat(64)
+    ))
+    .unwrap();
+    let err = client.pull(&missing, &target, 1 << 30).await.unwrap_err();
+    assert!(matches!(err, Error::Registry { .. }), "{err:?}");
+    // A tag that is not there.
+    let err = client
+        .pull(
+            &reference(&format!("{}/podsnap/tampered:nope", registry.addr)).unwrap(),
+            &target,
+            1 << 30,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Registry { .. }), "{err:?}");
+
+    // An ordinary image is not a checkpoint.
+    let plain = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    let other = reference(&format!("{}/podsnap/not-a-checkpoint:1", registry.addr)).unwrap();
+    plain
+        .auth(
+            &other,
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            oci_client::RegistryOperation::Push,
+        )
+        .await
+        .unwrap();
+    plain
+        .push(
+            &other,
+            &[oci_client::client::ImageLayer::oci_v1(
+                b"not a checkpoint".to_vec(),
+                None,
+            )],
+            oci_client::client::Config::oci_v1(b"{}".to_vec(), None),
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap();
+    let err = client.pull(&other, &target, 1 << 30).await.unwrap_err();
+    assert!(
+        err.to_string().contains("not a podsnap checkpoint image"),
+        "{err}"
+    );
+
+    // More than the budget allows.
+    let err = client.pull(&tag, &target, 1 << 10).await.unwrap_err();
+    assert!(err.to_string().contains("budget"), "{err}");
+    assert!(names(&cache).is_empty(), "left behind: {:?}", names(&cache));
+
+    // And with everything put back, it pulls.
+    client.pull(&tag, &target, 1 << 30).await.unwrap();
+    assert_eq!(tree(&target), tree(&source));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let client = Registry::new(&Access {
+        insecure: vec![addr.clone()],
+        credentials: None,
+    });
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    sample(&source, b"pages");
+    let tag = reference(&format!("{addr}/podsnap/down:1")).unwrap();
+    let err = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Registry { registry, .. } if *registry == addr),
+        "{err:?}"
+    );
+    let err = client
+        .pull(&tag, &work.path().join("pulled"), 1 << 30)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Registry { .. }), "{err:?}");
+    assert!(!work.path().join("pulled").exists());
+    // A checkpoint that does not verify is not pushed at all.
+    std::fs::write(source.join("web/rootfs-diff.tar"), b"changed").unwrap();
+    let err = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Image(_)), "{err:?}");
+}
