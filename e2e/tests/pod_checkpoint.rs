@@ -794,3 +794,126 @@ fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
     drop(containerd);
     // The pod goes as containerd cleans up after a dead shim; Workspace's drop removes it.
 }
+
+#[test]
+fn podsnap_pod_checkpoint_pushed_to_a_registry_and_pulled_back_restores_counting_on() {
+    let node = Node::get();
+    let mut ws = Workspace::new("registry");
+    let counter = ws.container_config(
+        "counter",
+        sh("i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"),
+        json!([]),
+    );
+    let config = ws.pod_config(&unique("pushed"));
+    let source = ws.run_pod(Handler::Podsnap, &config);
+    let counter_id = ws.run_container(&source, &counter, &config);
+    wait_for("the source pod to count", LIVENESS, || {
+        let n = counts(node, &counter_id).last().copied().unwrap_or(0);
+        if n >= 5 {
+            Ok(())
+        } else {
+            Err(format!("count {n}"))
+        }
+    });
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    // Counted before the checkpoint: the restored pod goes on from there.
+    let before = counts(node, &counter_id).last().copied().unwrap();
+    let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.report());
+    ws.remove_pod(&source);
+
+    // The node's registry (hack/node-up.sh's), over plain HTTP.
+    let registry = BUSYBOX.split('/').next().unwrap();
+    let tag = format!("{registry}/podsnap-e2e/{}:1", unique("counter"));
+    let out = podsnap(&[
+        "pod",
+        "push",
+        checkpoint.to_str().unwrap(),
+        &tag,
+        "--insecure-registry",
+        registry,
+    ]);
+    assert!(out.success(), "{}", out.report());
+    let by_digest = out.stdout.trim().to_string();
+    assert!(
+        by_digest.contains("@sha256:") && by_digest.starts_with(registry),
+        "push printed {by_digest:?}"
+    );
+
+    // Pulled by digest into a new directory, as another node's cache would be.
+    let cache = ws.path("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let pulled = cache.join("checkpoint-pulled");
+    let pull = |reference: &str| {
+        podsnap(&[
+            "pod",
+            "pull",
+            reference,
+            pulled.to_str().unwrap(),
+            "--insecure-registry",
+            registry,
+        ])
+    };
+    // What is not there, or not a checkpoint, is refused and creates nothing.
+    for bad in [
+        format!("{registry}/podsnap-e2e/missing:1"),
+        BUSYBOX.to_string(),
+    ] {
+        let out = pull(&bad);
+        assert!(!out.success(), "pulled {bad}: {}", out.report());
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            0,
+            "a refused pull of {bad} left something in the cache: {}",
+            out.report()
+        );
+    }
+    let out = pull(&by_digest);
+    assert!(out.success(), "{}", out.report());
+    assert_eq!(
+        out.stdout.trim(),
+        by_digest.split('@').nth(1).unwrap(),
+        "pull printed another digest"
+    );
+    assert_eq!(
+        std::fs::read(checkpoint.join("podsnap-manifest.json")).unwrap(),
+        std::fs::read(pulled.join("podsnap-manifest.json")).unwrap(),
+        "the pulled checkpoint's manifest is not the one pushed"
+    );
+    // A second pull never lands on the first.
+    let again = pull(&by_digest);
+    assert!(
+        !again.success() && again.stderr.contains("exists"),
+        "{}",
+        again.report()
+    );
+
+    let replica_config = ws.pod_config(&unique("pulled"));
+    let out = podsnap(&[
+        "pod",
+        "restore",
+        pulled.to_str().unwrap(),
+        "--pod-config",
+        replica_config.to_str().unwrap(),
+        "--container-config",
+        counter.to_str().unwrap(),
+        "--start",
+    ]);
+    let pod = restored_pod(&out);
+    ws.pods.push(pod.clone());
+    let restored = container_named(node, &pod, "counter");
+    let seen = wait_for("the pulled pod to count on", LIVENESS, || {
+        let seen = counts(node, &restored);
+        if seen.len() >= 3 {
+            Ok(seen)
+        } else {
+            Err(format!("counts {seen:?}"))
+        }
+    });
+    assert!(
+        seen[0] > before,
+        "the pulled pod counted from {}, not on from {before}",
+        seen[0]
+    );
+    ws.remove_pod(&pod);
+}

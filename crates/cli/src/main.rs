@@ -3,7 +3,8 @@
 //!
 //! `checkpoint`, `restore`, `list`, `inspect` and `delete` work on PodCheckpoint / PodRestore
 //! objects through the API server (`kube_cmd`); `pod checkpoint` / `pod restore` talk CRI to a
-//! runtime endpoint on this node (podsnapd's socket by default), without Kubernetes.
+//! runtime endpoint on this node (podsnapd's socket by default), without Kubernetes;
+//! `pod push` / `pod pull` move a checkpoint directory to and from an OCI registry (`transfer`).
 //!
 //! This module owns the command line and error reporting; the CRI commands are `checkpoint` and
 //! `restore`, the CRI JSON configs `config`, the calls and deadlines `cri`.
@@ -18,6 +19,7 @@ mod fake_api;
 mod kube_cmd;
 mod options;
 mod restore;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,6 +165,35 @@ enum PodCommand {
         #[arg(long)]
         start: bool,
     },
+    /// Push a pod checkpoint directory to an OCI registry as a podsnap checkpoint artifact;
+    /// prints it by digest.
+    Push {
+        /// The checkpoint directory (it must verify).
+        checkpoint_dir: PathBuf,
+        /// Where it goes: registry/repository[:tag].
+        reference: String,
+        #[command(flatten)]
+        registry: transfer::RegistryArgs,
+        /// zstd level of the layers.
+        #[arg(long, default_value_t = podsnap_checkpoint_image::DEFAULT_LEVEL)]
+        level: i32,
+        /// A file remembering the layers pushed, so a second push sends only what changed.
+        #[arg(long, value_name = "FILE")]
+        layer_cache: Option<PathBuf>,
+    },
+    /// Pull a podsnap checkpoint artifact into a new directory, every blob and file verified;
+    /// prints its digest.
+    Pull {
+        /// registry/repository:tag or registry/repository@sha256:...
+        reference: String,
+        /// The checkpoint directory to create (it must not exist).
+        checkpoint_dir: PathBuf,
+        #[command(flatten)]
+        registry: transfer::RegistryArgs,
+        /// The most bytes of files the checkpoint may unpack to.
+        #[arg(long, value_name = "BYTES", default_value_t = 256 << 30)]
+        max_size: u64,
+    },
 }
 
 fn parse_endpoint(text: &str) -> Result<CriEndpoint, String> {
@@ -260,6 +291,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let endpoint = cli.runtime_endpoint;
     let context = format!("runtime endpoint {endpoint}");
     let result = match pod_command {
+        PodCommand::Push {
+            checkpoint_dir,
+            reference,
+            registry,
+            level,
+            layer_cache,
+        } => {
+            return transfer::push(&checkpoint_dir, &reference, &registry, level, layer_cache)
+                .await;
+        }
+        PodCommand::Pull {
+            reference,
+            checkpoint_dir,
+            registry,
+            max_size,
+        } => return transfer::pull(&reference, &checkpoint_dir, &registry, max_size).await,
         PodCommand::Checkpoint {
             sandbox_id,
             output_dir,
@@ -322,6 +369,42 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn push_and_pull_take_registry_flags_and_defaults() {
+        let cli = Cli::try_parse_from([
+            "podsnap",
+            "pod",
+            "push",
+            "/cp",
+            "reg:5000/a/b:1",
+            "--insecure-registry",
+            "reg:5000",
+        ])
+        .unwrap();
+        let Command::Pod(PodCommand::Push {
+            checkpoint_dir,
+            reference,
+            registry,
+            level,
+            layer_cache,
+        }) = cli.command
+        else {
+            panic!("not push");
+        };
+        assert_eq!(checkpoint_dir, PathBuf::from("/cp"));
+        assert_eq!(reference, "reg:5000/a/b:1");
+        assert_eq!(registry.insecure, ["reg:5000"]);
+        assert_eq!(level, podsnap_checkpoint_image::DEFAULT_LEVEL);
+        assert!(layer_cache.is_none());
+        let cli =
+            Cli::try_parse_from(["podsnap", "pod", "pull", "reg/a@sha256:00", "/cp"]).unwrap();
+        let Command::Pod(PodCommand::Pull { max_size, .. }) = cli.command else {
+            panic!("not pull");
+        };
+        assert_eq!(max_size, 256 << 30);
+        assert!(Cli::try_parse_from(["podsnap", "pod", "pull", "reg/a:1"]).is_err());
     }
 
     #[test]

@@ -1,0 +1,119 @@
+//! `podsnap pod push` and `podsnap pod pull`: a pod checkpoint directory to and from an OCI
+//! registry, as the artifact `podsnap-checkpoint-registry` writes (the README's "Checkpoint
+//! images"). Credentials come from a Docker config file (`config.json`, the format of a
+//! `kubernetes.io/dockerconfigjson` Secret), never from the command line.
+
+use std::path::{Path, PathBuf};
+
+use podsnap_checkpoint_registry::{Access, PushOptions, Registry, reference};
+
+/// The registry options both commands take.
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// A registry (host:port) to reach over plain HTTP instead of HTTPS (repeat for several).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure: Vec<String>,
+    /// A Docker config file holding the registry's credentials (anonymous without one).
+    #[arg(long, value_name = "FILE", env = "REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// `err`, with a hint when a registry spoken to over HTTPS did not answer: one on plain
+    /// HTTP (a test registry) needs --insecure-registry.
+    fn explain(&self, registry: &str, err: podsnap_checkpoint_registry::Error) -> anyhow::Error {
+        let unreachable = matches!(&err, podsnap_checkpoint_registry::Error::Registry { source, .. }
+            if source.to_string().contains("error sending request"));
+        if unreachable && !self.insecure.iter().any(|r| r == registry) {
+            anyhow::anyhow!(
+                "{err} (tried HTTPS; a registry on plain HTTP needs --insecure-registry {registry})"
+            )
+        } else {
+            err.into()
+        }
+    }
+
+    fn registry(&self, registry: &str) -> anyhow::Result<Registry> {
+        let credentials = match &self.auth_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("reading the auth file {}: {e}", path.display())
+                })?;
+                let found = podsnap_checkpoint_image::auth::credentials(&bytes, registry)
+                    .map_err(|e| anyhow::anyhow!("auth file {}: {e}", path.display()))?;
+                if found.is_none() {
+                    anyhow::bail!(
+                        "auth file {} has no credentials for {registry}",
+                        path.display()
+                    );
+                }
+                found
+            }
+            None => None,
+        };
+        Ok(Registry::new(&Access {
+            insecure: self.insecure.clone(),
+            credentials,
+        }))
+    }
+}
+
+/// Pushes the checkpoint at `dir` to `target`; prints the checkpoint by digest.
+pub async fn push(
+    dir: &Path,
+    target: &str,
+    args: &RegistryArgs,
+    level: i32,
+    layer_cache: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=19).contains(&level),
+        "--level {level}: zstd levels here are 1 to 19"
+    );
+    let reference = reference(target)?;
+    let registry = args.registry(reference.resolve_registry())?;
+    let started = std::time::Instant::now();
+    let pushed = registry
+        .push(dir, &reference, &PushOptions { level, layer_cache })
+        .await
+        .map_err(|e| args.explain(reference.resolve_registry(), e))
+        .map_err(|e| e.context(format!("pushing {} to {target}", dir.display())))?;
+    eprintln!(
+        "pushed {} ({} bytes, {} uploaded) in {:.1}s; config {}",
+        dir.display(),
+        pushed.size,
+        pushed.uploaded,
+        started.elapsed().as_secs_f64(),
+        pushed.config_digest
+    );
+    println!("{}", pushed.reference);
+    Ok(())
+}
+
+/// Pulls the checkpoint `source` into `dir` (which must not exist); prints its digest.
+pub async fn pull(
+    source: &str,
+    dir: &Path,
+    args: &RegistryArgs,
+    max_bytes: u64,
+) -> anyhow::Result<()> {
+    let reference = reference(source)?;
+    let registry = args.registry(reference.resolve_registry())?;
+    let started = std::time::Instant::now();
+    let pulled = registry
+        .pull(&reference, dir, max_bytes)
+        .await
+        .map_err(|e| args.explain(reference.resolve_registry(), e))
+        .map_err(|e| e.context(format!("pulling {source} into {}", dir.display())))?;
+    eprintln!(
+        "pulled {source} ({} bytes; pod {}/{}, {} container(s)) into {} in {:.1}s",
+        pulled.size,
+        pulled.manifest.pod.namespace,
+        pulled.manifest.pod.name,
+        pulled.manifest.containers.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", pulled.digest);
+    Ok(())
+}
