@@ -225,7 +225,11 @@ fn capture_pod(
     // Each CRIU is reported to the guard process as it starts: should the shim die, the guard
     // waits for them to end before its last thaw.
     let opts = &CheckpointOptions {
-        criu_started: guard.criu_started(),
+        // Should the shim die, the guard waits for them up to the deadline and a minute more
+        // (an hour without one), then thaws again all the same.
+        criu_started: guard.criu_started(
+            timeout.map_or(Duration::from_secs(3600), |t| t + Duration::from_secs(60)),
+        ),
         ..opts.clone()
     };
     let guard = Arc::new(Mutex::new(guard));

@@ -9,7 +9,9 @@
 //! its pipe close without the word `DONE` and thaws every cgroup it was told about: the guard
 //! is the shim binary run as `containerd-shim-podsnap-v2 thaw-guard`, in a process group of its
 //! own, reading `<file>\t<value>` lines (a `freezer.state` or `cgroup.freeze` file and the
-//! value that thaws it) and `criu\t<pid>` lines (each CRIU swrk started for the dump).
+//! value that thaws it), `criu\t<pid>\t<start time>` lines (each CRIU swrk started for the
+//! dump, its start time read by the shim while swrk is its unreaped child, so a pid used again
+//! is never mistaken for it) and a `wait\t<seconds>` line (the longest it waits for them).
 //!
 //! A CRIU outlives the shim that started it: it goes on dumping, and when it ends it puts the
 //! freezer cgroup back as it found it, frozen. So the guard thaws at once, then waits for every
@@ -100,32 +102,47 @@ impl TaskRef {
     }
 }
 
+/// How long a guard waits for the CRIUs of a dead shim when not told.
+const DEFAULT_WAIT: Duration = Duration::from_secs(3600);
+
 /// What the shim told a guard before its input ended.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Orders {
     /// Freezer files and the value that thaws each.
     told: Vec<(PathBuf, String)>,
     /// The CRIUs started for the dump.
     criu: Vec<TaskRef>,
+    /// The longest to wait for them.
+    wait: Duration,
 }
 
 /// What the shim told a guard before its input ended; `None` when it said `DONE`.
 fn read_orders(input: impl BufRead) -> Option<Orders> {
-    let Orders { mut told, mut criu } = Orders::default();
+    let mut told: Vec<(PathBuf, String)> = Vec::new();
+    let mut criu: Vec<TaskRef> = Vec::new();
+    let mut wait = DEFAULT_WAIT;
     for line in input.lines() {
         let Ok(line) = line else { break };
         if line == "DONE" {
             return None;
         }
         match line.split_once('\t') {
-            Some(("criu", pid)) => {
-                if let Some(task) = pid
-                    .parse::<i32>()
-                    .ok()
-                    .filter(|p| *p > 1)
-                    .and_then(TaskRef::now)
-                {
-                    criu.push(task);
+            Some(("criu", task)) => {
+                let (pid, start) = match task.split_once('\t') {
+                    Some((pid, start)) => (pid, start.parse::<u64>().ok()),
+                    None => (task, None),
+                };
+                let Some(pid) = pid.parse::<i32>().ok().filter(|p| *p > 1) else {
+                    continue;
+                };
+                match start {
+                    Some(start) => criu.push(TaskRef { pid, start }),
+                    None => criu.extend(TaskRef::now(pid)),
+                }
+            }
+            Some(("wait", seconds)) => {
+                if let Ok(seconds) = seconds.parse::<u64>() {
+                    wait = Duration::from_secs(seconds);
                 }
             }
             Some((file, value)) => {
@@ -137,14 +154,14 @@ fn read_orders(input: impl BufRead) -> Option<Orders> {
             None => {}
         }
     }
-    Some(Orders { told, criu })
+    Some(Orders { told, criu, wait })
 }
 
 /// The guard process's loop: records what it is told until `DONE` (then returns doing
 /// nothing) or end of input (the shim is gone): then thaws everything, waits for the CRIUs it
 /// was told about to end, and thaws everything again. Returns what it thawed.
 pub fn guard_loop(input: impl BufRead) -> Vec<PathBuf> {
-    let Some(Orders { told, criu }) = read_orders(input) else {
+    let Some(Orders { told, criu, wait }) = read_orders(input) else {
         return Vec::new();
     };
     let thaw = || -> Vec<PathBuf> {
@@ -161,7 +178,15 @@ pub fn guard_loop(input: impl BufRead) -> Vec<PathBuf> {
                 task.pid
             ));
         }
+        let give_up = Instant::now() + wait;
         while criu.iter().any(TaskRef::running) {
+            if Instant::now() >= give_up {
+                warn(&format!(
+                    "podsnap thaw guard: CRIU still runs after {}s; thawing again without waiting longer",
+                    wait.as_secs()
+                ));
+                break;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         for file in thaw() {
@@ -175,24 +200,13 @@ pub fn guard_loop(input: impl BufRead) -> Vec<PathBuf> {
 
 /// Logs to the shim's log FIFO (`log` in the bundle, the guard's working directory), which
 /// containerd copies into its own log, as the shim's records are; else to stderr. Opened at
-/// once, while the shim and so containerd's reader are there, and never blocking.
+/// once, while the shim and so containerd's reader are there, and left non-blocking: a full
+/// FIFO loses a record (the logger ignores write errors) rather than holding up a thaw.
 fn open_log() {
     let fifo = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("log")
-        .and_then(|file| {
-            // Blocking again: a record is written whole.
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-            // SAFETY: fcntl on a descriptor this function owns.
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-            // SAFETY: as above.
-            if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(file)
-        });
+        .open("log");
     if let Ok(file) = fifo
         && std::fs::metadata("log")
             .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
@@ -304,11 +318,16 @@ impl ThawGuard {
     }
 
     /// What tells the guard process about each CRIU started for the dump (it waits for them
-    /// should the shim die); `None` without a guard process.
-    pub fn criu_started(&self) -> Option<CriuStarted> {
+    /// should the shim die, at most `wait`); `None` without a guard process.
+    pub fn criu_started(&self, wait: Duration) -> Option<CriuStarted> {
         let stdin = self.process.as_ref()?.stdin.clone();
+        tell(&stdin, &format!("wait\t{}", wait.as_secs()));
         Some(CriuStarted(Arc::new(move |pid| {
-            tell(&stdin, &format!("criu\t{pid}"))
+            // Read now, while swrk is this process's unreaped child: its pid is still its own.
+            match proc_stat(pid as i32) {
+                Some((_, start)) => tell(&stdin, &format!("criu\t{pid}\t{start}")),
+                None => tell(&stdin, &format!("criu\t{pid}")),
+            }
         })))
     }
 
@@ -346,7 +365,8 @@ impl ThawGuard {
     fn dismiss(&mut self) {
         if let Some(mut process) = self.process.take() {
             tell(&process.stdin, "DONE");
-            // The capture threads, which hold clones of the pipe, have ended: this closes it.
+            // DONE ends the guard; the pipe closes when the last clone (the dump options'
+            // reporter) goes too.
             drop(process.stdin);
             let _ = process.child.wait();
         }
@@ -450,6 +470,15 @@ mod tests {
             matches!(proc_stat(criu.id() as i32), Some(('Z', _)) | None),
             "the guard returned while its CRIU ran"
         );
+        criu.wait().unwrap();
+        // Told the start time with the pid (as the shim tells it), and at most `wait`: a CRIU
+        // that runs on is not waited for past it.
+        let mut criu = Command::new("sleep").arg("30").spawn().unwrap();
+        let start = proc_stat(criu.id() as i32).unwrap().1;
+        let input = format!("wait\t0\ncriu\t{}\t{start}\n", criu.id());
+        assert!(guard_loop(input.as_bytes()).is_empty());
+        assert!(TaskRef::now(criu.id() as i32).unwrap().running());
+        criu.kill().unwrap();
         criu.wait().unwrap();
         // Dismissed, it waits for nothing.
         let mut criu = Command::new("sleep").arg("30").spawn().unwrap();

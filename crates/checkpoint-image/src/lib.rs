@@ -183,7 +183,39 @@ impl ImageManifest {
                 manifest.artifact_type, manifest.config.media_type
             )));
         }
+        // Digests go into blob URLs and sizes into sums: both are checked before any is used.
+        let mut total: u64 = 0;
+        for descriptor in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            let hex = descriptor.digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(Error::NotACheckpoint(format!(
+                    "descriptor digest {:?} is not sha256:<64 lowercase hex digits>",
+                    descriptor.digest
+                )));
+            }
+            total = total
+                .checked_add(descriptor.size)
+                .ok_or_else(|| Error::NotACheckpoint("the blobs' sizes add up past 2^64".into()))?;
+        }
+        if manifest.config.size > MAX_CONFIG {
+            return Err(Error::NotACheckpoint(format!(
+                "a config of {} bytes, more than {MAX_CONFIG}",
+                manifest.config.size
+            )));
+        }
         Ok(manifest)
+    }
+
+    /// The total size of the image's blobs (config and layers); [`ImageManifest::parse`] has
+    /// checked that it fits.
+    pub fn size(&self) -> u64 {
+        std::iter::once(&self.config)
+            .chain(&self.layers)
+            .fold(0u64, |sum, d| sum.saturating_add(d.size))
     }
 }
 

@@ -237,6 +237,33 @@ fn an_image_that_is_not_a_podsnap_checkpoint_is_refused() {
         ImageManifest::parse(b"{}"),
         Err(Error::NotACheckpoint(_))
     ));
+    // Digests that are not sha256 hex (they would go into URLs), sizes that overflow a sum, a
+    // config too large to hold: refused before any blob is asked for.
+    let good = serde_json::to_value(&image).unwrap();
+    for (pointer, value) in [
+        ("/layers/0/digest", serde_json::json!("sha256:../../etc")),
+        ("/layers/0/digest", serde_json::json!("sha512:00")),
+        (
+            "/config/digest",
+            serde_json::json!(format!("sha256:{}", "A".repeat(64))),
+        ),
+        ("/layers/0/size", serde_json::json!(u64::MAX)),
+        ("/config/size", serde_json::json!(MAX_CONFIG + 1)),
+    ] {
+        let mut bad = good.clone();
+        *bad.pointer_mut(pointer).unwrap() = value.clone();
+        let err = ImageManifest::parse(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, Error::NotACheckpoint(_)),
+            "{pointer}={value}: {err}"
+        );
+    }
+    assert_eq!(
+        ImageManifest::parse(&serde_json::to_vec(&good).unwrap())
+            .unwrap()
+            .size(),
+        image.config.size + image.layers.iter().map(|l| l.size).sum::<u64>()
+    );
 }
 
 /// A tar entry of a crafted layer: path, type, data.

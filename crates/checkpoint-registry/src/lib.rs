@@ -18,6 +18,8 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -189,6 +191,18 @@ impl Registry {
         let root = dir.to_path_buf();
         let (manifest, layers) = blocking(move || image::plan(&root)).await??;
         let (config_bytes, config) = image::config(dir)?;
+        // The config is read again: it must still be the manifest `plan` verified, or what a
+        // restore pins would not be what was checked.
+        if serde_json::from_slice::<Manifest>(&config_bytes)
+            .ok()
+            .as_ref()
+            != Some(&manifest)
+        {
+            return Err(Error::Image(image::Error::Changed {
+                path: podsnap_checkpoint_format::MANIFEST.to_string(),
+                reason: "it changed while the checkpoint was being pushed".into(),
+            }));
+        }
         self.client
             .auth(reference, &self.auth, RegistryOperation::Push)
             .await
@@ -217,8 +231,8 @@ impl Registry {
             cache.put(key, descriptor.clone())?;
             descriptors.push(descriptor);
         }
-        let size = config.size + descriptors.iter().map(|d| d.size).sum::<u64>();
         let image_manifest = ImageManifest::new(&manifest, config.clone(), descriptors);
+        let size = image_manifest.size();
         let body = serde_json::to_vec(&image_manifest).map_err(|e| Error::Manifest {
             reference: reference.whole(),
             reason: e.to_string(),
@@ -269,16 +283,15 @@ impl Registry {
         let path = layer.path.clone();
         let packer = tokio::task::spawn_blocking(move || {
             let mut out = ChannelWriter {
-                tx: tx.clone(),
+                tx,
                 buf: Vec::with_capacity(CHUNK),
+                finished: false,
             };
             let written = image::write_layer(&layer, &mut out, level);
-            if let Err(e) = &written {
-                // The upload must not commit a blob cut short: end the stream with an error.
-                let _ = tx.blocking_send(Err(OciDistributionError::IoError(io::Error::other(
-                    e.to_string(),
-                ))));
-            }
+            // Only a layer packed whole ends the stream cleanly; an error (or a panic, through
+            // ChannelWriter's drop) ends it with an error, so the upload never commits a blob
+            // cut short.
+            out.finished = written.is_ok();
             written
         });
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -289,12 +302,19 @@ impl Registry {
         let written = packer
             .await
             .map_err(|e| Error::Task(format!("packing layer {path}: {e}")))?;
-        // The packer's error says why first; then the registry's.
-        let written = written?;
-        let sent = sent.map_err(Self::registry_error(
-            reference,
-            format!("pushing layer {path}"),
-        ))?;
+        let sent_error = Self::registry_error(reference, format!("pushing layer {path}"));
+        let (written, sent) = match (written, sent) {
+            (Ok(written), Ok(sent)) => (written, sent),
+            // The packer stopped because the upload did: the registry's error says why.
+            (Err(image::Error::Io { source, .. }), Err(e))
+                if source.kind() == io::ErrorKind::BrokenPipe =>
+            {
+                return Err(sent_error(e));
+            }
+            // The packer failed (a file changed, a read error): that is why.
+            (Err(e), _) => return Err(e.into()),
+            (Ok(_), Err(e)) => return Err(sent_error(e)),
+        };
         if sent.blob_digest != written.digest || sent.size != written.size {
             return Err(Error::Mismatch {
                 layer: path,
@@ -348,8 +368,7 @@ impl Registry {
             tracing::warn!(reference = %reference.whole(), registry_digest = %digest, %actual, "the registry named another digest for the manifest it sent; using the body's");
         }
         let image_manifest = ImageManifest::parse(&body)?;
-        let size =
-            image_manifest.config.size + image_manifest.layers.iter().map(|d| d.size).sum::<u64>();
+        let size = image_manifest.size();
         let by_digest = Reference::with_digest(
             reference.registry().to_string(),
             reference.repository().to_string(),
@@ -358,6 +377,10 @@ impl Registry {
         let handle = tokio::runtime::Handle::current();
         let client = self.client.clone();
         let target = target.to_path_buf();
+        // Should this future be dropped (a caller's timeout), the blocking unpacker stops at its
+        // next read and removes what it unpacked, instead of finishing behind the caller's back.
+        let cancel = Cancel::default();
+        let cancelled = cancel.0.clone();
         let manifest = blocking(move || {
             let blob = |descriptor: &Descriptor| BlobReader {
                 handle: handle.clone(),
@@ -366,12 +389,14 @@ impl Registry {
                 digest: descriptor.digest.clone(),
                 stream: None,
                 chunk: Bytes::new(),
+                cancelled: cancelled.clone(),
             };
             let config = blob(&image_manifest.config);
             let layers: Vec<BlobReader> = image_manifest.layers.iter().map(blob).collect();
             image::unpack(&image_manifest, config, layers, &target, max_bytes)
         })
         .await??;
+        drop(cancel);
         Ok(Pulled {
             digest: actual,
             manifest,
@@ -391,6 +416,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<std::result::Result<Bytes, OciDistributionError>>,
     buf: Vec<u8>,
+    /// Set once the whole layer is written: dropped before that, the stream ends in an error.
+    finished: bool,
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .tx
+                .blocking_send(Err(OciDistributionError::IoError(io::Error::other(
+                    "the layer was not packed whole",
+                ))));
+        }
+    }
 }
 
 impl ChannelWriter {
@@ -420,6 +459,16 @@ impl Write for ChannelWriter {
     }
 }
 
+/// Set when dropped: tells a pull's blocking half that its caller is gone.
+#[derive(Default)]
+struct Cancel(Arc<AtomicBool>);
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A blob pulled as a blocking reader (for the unpacker's thread), its request sent on the
 /// first read.
 struct BlobReader {
@@ -429,10 +478,17 @@ struct BlobReader {
     digest: String,
     stream: Option<SizedStream>,
     chunk: Bytes,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the pull was cancelled",
+            ));
+        }
         while self.chunk.is_empty() {
             let stream = match &mut self.stream {
                 Some(stream) => stream,
@@ -494,7 +550,12 @@ impl LayerCache {
         if let Some(path) = path {
             match std::fs::read(path) {
                 // A cache that does not parse is only a cache: start again.
-                Ok(bytes) => entries = serde_json::from_slice(&bytes).unwrap_or_default(),
+                Ok(bytes) => {
+                    entries = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                        tracing::warn!(path = %path.display(), "the layer cache does not parse ({e}); starting it again");
+                        BTreeMap::new()
+                    })
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(Error::Cache {
@@ -526,19 +587,19 @@ impl LayerCache {
         let bytes = serde_json::to_vec_pretty(&self.entries)
             .map_err(io::Error::other)
             .map_err(cache_error)?;
-        let temp = path.with_extension("tmp");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(cache_error)?;
-            file.write_all(&bytes).map_err(cache_error)?;
-        }
-        std::fs::rename(&temp, path).map_err(cache_error)?;
+        // A temporary file of its own (0600, O_EXCL) beside it, renamed over it: two pushes
+        // never write one file, and a reader sees the old cache or the new one.
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut temp = tempfile::Builder::new()
+            .prefix(".layers-")
+            .tempfile_in(dir)
+            .map_err(cache_error)?;
+        temp.write_all(&bytes).map_err(cache_error)?;
+        temp.as_file().sync_all().map_err(cache_error)?;
+        temp.persist(path).map_err(|e| cache_error(e.error))?;
         Ok(())
     }
 }

@@ -170,6 +170,19 @@ fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// Every directory under `root` (and itself) is 0700, every file 0600.
+fn assert_root_only(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root).unwrap().permissions().mode() & 0o7777;
+    let want = if root.is_dir() { 0o700 } else { 0o600 };
+    assert_eq!(mode, want, "{} has mode {mode:o}", root.display());
+    if root.is_dir() {
+        for entry in std::fs::read_dir(root).unwrap() {
+            assert_root_only(&entry.unwrap().path());
+        }
+    }
+}
+
 /// The names in `dir`.
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -233,6 +246,8 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
         assert_eq!(pulled.manifest, manifest);
         assert_eq!(tree(&target), tree(&source), "{name}");
         format::verify(&target).unwrap();
+        // A checkpoint holds the pod's memory: root-only, whatever the blobs said.
+        assert_root_only(&target);
     }
 
     // Again, with the layer cache: the registry has every blob, nothing is sent, same digest.
@@ -396,11 +411,33 @@ async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
         .unwrap_err();
     assert!(matches!(err, Error::Registry { .. }), "{err:?}");
     assert!(!work.path().join("pulled").exists());
-    // A checkpoint that does not verify is not pushed at all.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_does_not_verify_is_not_pushed() {
+    let registry = TestRegistry::start();
+    let client = registry.client();
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    sample(&source, &noise(1 << 20, 5));
     std::fs::write(source.join("web/rootfs-diff.tar"), b"changed").unwrap();
+    let tag = reference(&format!("{}/podsnap/changed:1", registry.addr)).unwrap();
     let err = client
         .push(&source, &tag, &PushOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Image(_)), "{err:?}");
+    assert!(
+        matches!(&err, Error::Image(_)) && err.to_string().contains("rootfs-diff.tar"),
+        "{err:?}"
+    );
+    // No tag, so nothing to pull.
+    let err = client
+        .pull(&tag, &work.path().join("pulled"), 1 << 30)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Registry { .. }) && err.to_string().contains("manifest unknown"),
+        "{err}"
+    );
+    assert!(!work.path().join("pulled").exists());
 }
