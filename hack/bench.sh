@@ -7,8 +7,9 @@
 # goes through podsnapd and the podsnap CLI: for it both are built in release too, and the node's
 # podsnapd is restarted from the release build (PODSNAPD_BINARY), then from the debug one again.
 #
-# Usage: hack/bench.sh                          podsnap-bench start, checkpoint, then pod
-#        hack/bench.sh start|checkpoint|pod [N] one of them (see target/release/podsnap-bench help)
+# Usage: hack/bench.sh                          podsnap-bench start, checkpoint, pod, then registry
+#        hack/bench.sh start|checkpoint|pod|registry [N]
+#                                               one of them (see target/release/podsnap-bench help)
 #        hack/bench.sh slow-start [N]           bench/slow-start.sh: time-to-ready of a slow-starting
 #                                               pod on the Kubernetes cluster, cold vs restored
 #
@@ -38,6 +39,11 @@ if [ $# = 0 ] || [ "$1" = pod ]; then
 	packages+=(-p podsnapd -p podsnap-cli)
 	binaries+=("$release/podsnapd" "$release/podsnap")
 	node_env+=("PODSNAPD_BINARY=$release/podsnapd")
+elif [ "$1" = registry ]; then
+	# Push and pull are the CLI's: it is built in release; the checkpoint it moves is made by
+	# whichever podsnapd runs (its time is not measured here).
+	packages+=(-p podsnap-cli)
+	binaries+=("$release/podsnap")
 fi
 
 if [ "${PODSNAP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
@@ -75,6 +81,7 @@ if [ $# = 0 ]; then
 	run_bench start
 	run_bench checkpoint
 	run_bench pod
+	run_bench registry
 else
 	run_bench "$@"
 fi

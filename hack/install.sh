@@ -19,7 +19,7 @@ APT_PACKAGES=(
 	libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev
 	libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
 	docker-registry shellcheck busybox-static bzip2 python3 openssl
-	podman netavark aardvark-dns conmon mmdebstrap binutils
+	podman netavark aardvark-dns conmon mmdebstrap binutils skopeo
 	vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base
 	extlinux rsync
 )

@@ -8,6 +8,7 @@ mod criu_stats;
 mod node;
 mod pod;
 mod procfs;
+mod registry;
 mod report;
 mod run;
 mod start;
@@ -22,10 +23,13 @@ const USAGE: &str = "usage: podsnap-bench start [N]       pod start latency and 
        podsnap-bench checkpoint [N]  checkpoint/restore of a container holding 1 GiB: podsnap vs raw CRIU vs runc (N=3)
        podsnap-bench pod [N]         pod checkpoint/restore through podsnapd: 4 x 256 MiB pod vs 4 sequential
                                      container checkpoints, freeze window, restore; 1 GiB pod vs raw CRIU (N=3)
+       podsnap-bench registry [N]    a 1 GiB pod checkpoint pushed to and pulled from a registry by the CLI vs
+                                     skopeo copy of the same blobs both ways; zstd levels 1/3/9 (N=3)
 
 Runs as root against the node of hack/node-up.sh (PODSNAP_BIN, PODSNAP_NODE_RUN, CONTAINERD_SOCK as
 in hack/lib.sh); work files go under $PODSNAP_BENCH_DIR (default /var/tmp). `pod` also needs podsnapd
-(node-up starts it) and the podsnap CLI ($PODSNAP_CLI, default `podsnap` next to this binary), and gcc.";
+(node-up starts it) and the podsnap CLI ($PODSNAP_CLI, default `podsnap` next to this binary), and gcc;
+`registry` also docker-registry and skopeo.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         (Some("start"), 1 | 2) => count(10).and_then(|n| start::run(&node, n)),
         (Some("checkpoint"), 1 | 2) => count(3).and_then(|n| checkpoint::run(&node, n)),
         (Some("pod"), 1 | 2) => count(3).and_then(|n| pod::run(&node, n)),
+        (Some("registry"), 1 | 2) => count(3).and_then(|n| registry::run(&node, n)),
         (Some("-h" | "--help" | "help"), _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

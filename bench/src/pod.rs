@@ -51,8 +51,8 @@ const FILL: Duration = Duration::from_secs(60);
 const MEMTEST_C: &str = include_str!("../../e2e/fixtures/memtest.c");
 
 /// A running pod of memtest containers.
-struct Pod {
-    id: String,
+pub(crate) struct Pod {
+    pub(crate) id: String,
     /// Its pod config; the container configs are next to it.
     config: PathBuf,
     /// Container id, name and config, in creation order.
@@ -315,7 +315,7 @@ fn round(
 }
 
 /// Builds memtest (for the containers) and memtest-raw (its /tmp files in `dir`) static.
-fn build_memtest(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+pub(crate) fn build_memtest(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     let dir_text = dir.display().to_string();
     if !dir_text
         .chars()
@@ -352,7 +352,7 @@ fn build_memtest(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
 
 /// Starts a pod (handler podsnap, a PID namespace per container) of `count` memtest
 /// containers touching `mib` MiB each; configs and logs under `<dir>/<name>/`.
-fn start_pod(
+pub(crate) fn start_pod(
     node: &Node,
     cleanup: &mut Cleanup,
     dir: &Path,
@@ -399,7 +399,7 @@ fn sub_dir(dir: &Path, name: &str) -> Result<PathBuf, String> {
 
 /// Fails unless every container of `pod` runs, in a PID namespace of its own, with its memory;
 /// returns the smallest RssAnon, KiB.
-fn pod_memory(node: &Node, pod: &Pod) -> Result<u64, String> {
+pub(crate) fn pod_memory(node: &Node, pod: &Pod) -> Result<u64, String> {
     let mut smallest = u64::MAX;
     let mut namespaces = Vec::new();
     for (id, name, _) in &pod.containers {

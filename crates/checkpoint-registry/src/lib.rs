@@ -13,13 +13,18 @@
 //! must be the descriptor's, every file its manifest's sha256, and nothing appears at the target
 //! until the whole checkpoint verifies. A manifest pulled by digest must have that digest.
 //!
-//! oci-client has no retries: a failed request fails the push or pull ([`Error::Registry`]).
+//! oci-client has no retries; this crate retries what fails for a passing reason (a refused or
+//! reset connection, a timeout, 5xx, 429, 408: [`Error::is_transient`]) with exponential backoff
+//! ([`Retry`]): a whole blob at a time (a registry may not resume an upload: 2.8 ignores
+//! `Content-Range`), re-packed from disk, and a pull whole (the unpacker removes what it
+//! unpacked). A 4xx, an authentication failure or a digest that does not match is never retried.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -76,6 +81,63 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// Whether trying again may succeed: the registry was unreachable, dropped the connection,
+    /// timed out, or answered 5xx, 429 or 408. Never for a 4xx, an authentication failure or a
+    /// digest mismatch.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Registry { source, .. } => transient(source),
+            // What a pulled blob's reader marks so (see BlobReader).
+            Error::Image(image::Error::Io { source, .. }) => {
+                source.kind() == io::ErrorKind::ConnectionAborted
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an oci-client error is one that passes.
+fn transient(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(e) => {
+            e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+        }
+        OciDistributionError::ServerError { code, .. } => {
+            *code >= 500 || *code == 429 || *code == 408
+        }
+        OciDistributionError::IoError(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// How an operation that failed for a passing reason is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Tries in all (1: never again).
+    pub attempts: u32,
+    /// The first pause; each next one doubles, up to `max_delay`.
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 5,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(8),
+        }
+    }
+}
+
 /// A parsed image reference (`registry/repository[:tag][@sha256:…]`).
 pub fn reference(text: &str) -> Result<Reference> {
     text.parse::<Reference>()
@@ -89,6 +151,8 @@ pub struct Access {
     pub insecure: Vec<String>,
     /// Credentials; anonymous when `None`.
     pub credentials: Option<image::auth::Credentials>,
+    /// Retries of what fails for a passing reason.
+    pub retry: Retry,
 }
 
 /// What a push did.
@@ -141,6 +205,7 @@ impl Default for PushOptions {
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
+    retry: Retry,
 }
 
 impl std::fmt::Debug for Registry {
@@ -164,7 +229,32 @@ impl Registry {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         };
-        Registry { client, auth }
+        Registry {
+            client,
+            auth,
+            retry: access.retry,
+        }
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or has been tried `retry.attempts` times.
+    async fn again<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut delay = self.retry.first_delay;
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && attempt < self.retry.attempts => {
+                    tracing::warn!(%what, attempt, error = %e, ?delay, "trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.retry.max_delay);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn registry_error(
@@ -203,16 +293,22 @@ impl Registry {
                 reason: "it changed while the checkpoint was being pushed".into(),
             }));
         }
-        self.client
-            .auth(reference, &self.auth, RegistryOperation::Push)
-            .await
-            .map_err(Self::registry_error(reference, "authenticating to push"))?;
+        self.again("authenticate", || async {
+            self.client
+                .auth(reference, &self.auth, RegistryOperation::Push)
+                .await
+                .map_err(Self::registry_error(reference, "authenticating to push"))
+        })
+        .await?;
         let mut uploaded = 0;
         if !self.exists(reference, &config.digest).await? {
-            self.client
-                .push_blob(reference, config_bytes.clone(), &config.digest)
-                .await
-                .map_err(Self::registry_error(reference, "pushing the config"))?;
+            self.again("push the config", || async {
+                self.client
+                    .push_blob(reference, config_bytes.clone(), &config.digest)
+                    .await
+                    .map_err(Self::registry_error(reference, "pushing the config"))
+            })
+            .await?;
             uploaded += config.size;
         }
         let mut cache = LayerCache::open(opts.layer_cache.as_deref())?;
@@ -226,7 +322,12 @@ impl Registry {
                 descriptors.push(known);
                 continue;
             }
-            let descriptor = self.push_layer(reference, layer, opts.level).await?;
+            let what = format!("push layer {}", layer.path);
+            let descriptor = self
+                .again(&what, || {
+                    self.push_layer(reference, layer.clone(), opts.level)
+                })
+                .await?;
             uploaded += descriptor.size;
             cache.put(key, descriptor.clone())?;
             descriptors.push(descriptor);
@@ -238,14 +339,17 @@ impl Registry {
             reason: e.to_string(),
         })?;
         let digest = format!("sha256:{}", hex(&Sha256::digest(&body)));
-        self.client
-            .push_manifest_raw(
-                reference,
-                body,
-                image::IMAGE_MANIFEST.parse().expect("a valid header value"),
-            )
-            .await
-            .map_err(Self::registry_error(reference, "pushing the manifest"))?;
+        self.again("push the manifest", || async {
+            self.client
+                .push_manifest_raw(
+                    reference,
+                    body.clone(),
+                    image::IMAGE_MANIFEST.parse().expect("a valid header value"),
+                )
+                .await
+                .map_err(Self::registry_error(reference, "pushing the manifest"))
+        })
+        .await?;
         let by_digest = Reference::with_digest(
             reference.registry().to_string(),
             reference.repository().to_string(),
@@ -261,13 +365,16 @@ impl Registry {
     }
 
     async fn exists(&self, reference: &Reference, digest: &str) -> Result<bool> {
-        self.client
-            .blob_exists(reference, digest)
-            .await
-            .map_err(Self::registry_error(
-                reference,
-                format!("looking up blob {digest}"),
-            ))
+        self.again("look up a blob", || async {
+            self.client
+                .blob_exists(reference, digest)
+                .await
+                .map_err(Self::registry_error(
+                    reference,
+                    format!("looking up blob {digest}"),
+                ))
+        })
+        .await
     }
 
     /// Packs `layer` on a blocking thread while it is uploaded in chunks.
@@ -331,6 +438,17 @@ impl Registry {
     /// exist and appears only once the whole checkpoint verifies; at most `max_bytes` of files
     /// are written.
     pub async fn pull(
+        &self,
+        reference: &Reference,
+        target: &Path,
+        max_bytes: u64,
+    ) -> Result<Pulled> {
+        // Whole: a failed pull has removed what it unpacked.
+        self.again("pull", || self.pull_once(reference, target, max_bytes))
+            .await
+    }
+
+    async fn pull_once(
         &self,
         reference: &Reference,
         target: &Path,
@@ -500,7 +618,12 @@ impl Read for BlobReader {
                                 .pull_blob_stream(&self.reference, self.digest.as_str()),
                         )
                         .map_err(|e| {
-                            io::Error::other(format!("pulling blob {}: {e}", self.digest))
+                            // ConnectionAborted marks what may pass (Error::is_transient).
+                            let kind = match transient(&e) {
+                                true => io::ErrorKind::ConnectionAborted,
+                                false => io::ErrorKind::Other,
+                            };
+                            io::Error::new(kind, format!("pulling blob {}: {e}", self.digest))
                         })?;
                     self.stream.insert(started)
                 }
@@ -508,8 +631,17 @@ impl Read for BlobReader {
             match self.handle.block_on(stream.next()) {
                 Some(Ok(chunk)) => self.chunk = chunk,
                 Some(Err(e)) => {
+                    // oci-client's stream fails with its DigestError when the blob is not the
+                    // one asked for (never retried), else with the transport's error.
+                    let digest = e
+                        .get_ref()
+                        .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
+                    let kind = match digest {
+                        true => io::ErrorKind::InvalidData,
+                        false => io::ErrorKind::ConnectionAborted,
+                    };
                     return Err(io::Error::new(
-                        e.kind(),
+                        kind,
                         format!("pulling blob {}: {e}", self.digest),
                     ));
                 }

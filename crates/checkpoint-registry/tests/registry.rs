@@ -9,9 +9,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use podsnap_checkpoint_format::{self as format, ContainerEntry, Manifest, PodEntry};
-use podsnap_checkpoint_registry::{Access, Error, PushOptions, Registry, reference};
+use podsnap_checkpoint_registry::{Access, Error, PushOptions, Registry, Retry, reference};
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// Retries with short pauses: the tests' registries fail on purpose.
+const QUICK: Retry = Retry {
+    attempts: 3,
+    first_delay: Duration::from_millis(20),
+    max_delay: Duration::from_millis(50),
+};
 
 /// A registry of the test's own; stopped (by its pid) when dropped.
 struct TestRegistry {
@@ -75,6 +82,7 @@ impl TestRegistry {
         Registry::new(&Access {
             insecure: vec![self.addr.clone()],
             credentials: None,
+            retry: QUICK,
         })
     }
 
@@ -392,6 +400,7 @@ async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
     let client = Registry::new(&Access {
         insecure: vec![addr.clone()],
         credentials: None,
+        retry: QUICK,
     });
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("checkpoint");
@@ -440,4 +449,218 @@ async fn a_checkpoint_that_does_not_verify_is_not_pushed() {
         "{err}"
     );
     assert!(!work.path().join("pulled").exists());
+}
+
+/// Requests a [`FaultyProxy`] has seen, by kind, and the faults it injects.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// PATCHes (upload chunks) seen; those numbered in `fail_patch` (from 1) got a 503.
+    patches: usize,
+    fail_patch: Vec<usize>,
+    /// Blob GETs seen; those numbered in `reset_blob_get` had their connection dropped.
+    blob_gets: usize,
+    reset_blob_get: Vec<usize>,
+    /// Manifest GETs seen.
+    manifest_gets: usize,
+}
+
+/// An HTTP/1.1 proxy in front of a registry that answers chosen requests with a 503 or drops
+/// their connection, and counts them. Every other request goes to the registry on a connection
+/// of its own.
+struct FaultyProxy {
+    addr: String,
+    traffic: std::sync::Arc<std::sync::Mutex<Traffic>>,
+}
+
+impl FaultyProxy {
+    async fn start(upstream: &str, traffic: Traffic) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let traffic = std::sync::Arc::new(std::sync::Mutex::new(traffic));
+        let (shared, upstream) = (traffic.clone(), upstream.to_string());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(proxy_connection(conn, upstream.clone(), shared.clone()));
+            }
+        });
+        FaultyProxy { addr, traffic }
+    }
+}
+
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: String,
+    traffic: std::sync::Arc<std::sync::Mutex<Traffic>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        // One request: its head, then Content-Length bytes of body.
+        let head_end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut buf = [0u8; 65536];
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..head_end]).to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while pending.len() < head_end + length {
+            let mut buf = [0u8; 65536];
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+        let request: Vec<u8> = pending.drain(..head_end + length).collect();
+        let line = head.lines().next().unwrap_or_default().to_string();
+        enum Fault {
+            None,
+            Unavailable,
+            Reset,
+        }
+        let fault = {
+            let mut t = traffic.lock().unwrap();
+            if line.starts_with("PATCH ") {
+                t.patches += 1;
+                if t.fail_patch.contains(&t.patches) {
+                    Fault::Unavailable
+                } else {
+                    Fault::None
+                }
+            } else if line.starts_with("GET ") && line.contains("/blobs/sha256:") {
+                t.blob_gets += 1;
+                if t.reset_blob_get.contains(&t.blob_gets) {
+                    Fault::Reset
+                } else {
+                    Fault::None
+                }
+            } else {
+                if line.starts_with("GET ") && line.contains("/manifests/") {
+                    t.manifest_gets += 1;
+                }
+                Fault::None
+            }
+        };
+        match fault {
+            Fault::Unavailable => {
+                let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                if client.write_all(answer).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Fault::Reset => return,
+            Fault::None => {}
+        }
+        // Forwarded on a connection of its own, which the registry closes after its answer.
+        let Ok(mut registry) = tokio::net::TcpStream::connect(&upstream).await else {
+            return;
+        };
+        let first_line_end = head.find("\r\n").unwrap() + 2;
+        let mut forwarded = request[..first_line_end].to_vec();
+        forwarded.extend_from_slice(b"Connection: close\r\n");
+        forwarded.extend_from_slice(&request[first_line_end..]);
+        if registry.write_all(&forwarded).await.is_err() {
+            return;
+        }
+        let mut answer = Vec::new();
+        if registry.read_to_end(&mut answer).await.is_err()
+            || client.write_all(&answer).await.is_err()
+        {
+            return;
+        }
+        // The answer says `Connection: close`: the client opens another connection.
+        return;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
+    let registry = TestRegistry::start();
+    let proxy = FaultyProxy::start(
+        &registry.addr,
+        Traffic {
+            // The second chunk of the first layer, and the first chunk of its second try.
+            fail_patch: vec![2, 3],
+            // The first blob fetched (the config).
+            reset_blob_get: vec![1],
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = Registry::new(&Access {
+        insecure: vec![proxy.addr.clone()],
+        credentials: None,
+        retry: QUICK,
+    });
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    // 10 MiB of pages: the web layer takes three chunks.
+    sample(&source, &noise(10 << 20, 11));
+    let tag = reference(&format!("{}/podsnap/flaky:1", proxy.addr)).unwrap();
+    let pushed = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap();
+    let target = work.path().join("pulled");
+    let pulled = client.pull(&tag, &target, 1 << 30).await.unwrap();
+    assert_eq!(pulled.digest, pushed.digest);
+    assert_eq!(tree(&target), tree(&source));
+    {
+        let t = proxy.traffic.lock().unwrap();
+        assert!(
+            t.patches >= 3 && t.blob_gets >= 2,
+            "no fault was injected: {t:?}"
+        );
+        // The pull was tried twice: two manifest GETs.
+        assert_eq!(t.manifest_gets, 2, "{t:?}");
+    }
+
+    // Failing every time: given up after `attempts` tries, with the registry's answer.
+    let proxy = FaultyProxy::start(
+        &registry.addr,
+        Traffic {
+            fail_patch: (1..100).collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = Registry::new(&Access {
+        insecure: vec![proxy.addr.clone()],
+        credentials: None,
+        retry: QUICK,
+    });
+    let tag = reference(&format!("{}/podsnap/down-for-good:1", proxy.addr)).unwrap();
+    let err = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_transient() && err.to_string().contains("503"),
+        "{err}"
+    );
+    assert_eq!(
+        proxy.traffic.lock().unwrap().patches,
+        QUICK.attempts as usize
+    );
+
+    // A tag that is not there is a 404: asked once, not again.
+    let missing = reference(&format!("{}/podsnap/flaky:nope", proxy.addr)).unwrap();
+    let err = client
+        .pull(&missing, &work.path().join("missing"), 1 << 30)
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(proxy.traffic.lock().unwrap().manifest_gets, 1);
 }
