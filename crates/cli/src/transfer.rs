@@ -54,6 +54,7 @@ impl RegistryArgs {
         Ok(Registry::new(&Access {
             insecure: self.insecure.clone(),
             credentials,
+            retry: Default::default(),
         }))
     }
 }
