@@ -46,8 +46,10 @@ pub const CONTAINER_LAYER: &str = "application/vnd.podsnap.pod-checkpoint.contai
 pub const VOLUME_LAYER: &str = "application/vnd.podsnap.pod-checkpoint.volume.v1.tar+zstd";
 /// The annotation naming what a layer holds: a container name or `_volumes/<volume>.tar`.
 pub const PATH_ANNOTATION: &str = "io.podsnap.checkpoint.path";
-/// zstd level of the layers. Measured with issue 12's benchmark before it is tuned.
-pub const DEFAULT_LEVEL: i32 = 3;
+/// zstd level of the layers. Chosen by `podsnap-bench registry` (README): on the 1 GiB pod
+/// checkpoint, level 1 pushed in 10.0 s and level 3 in 11.5 s, to the same size (page images
+/// of random data do not compress); level 1 keeps most of zstd's gain on memory that does.
+pub const DEFAULT_LEVEL: i32 = 1;
 /// Largest config accepted: at most this much of a config blob is read.
 pub const MAX_CONFIG: u64 = 16 << 20;
 /// zstd window of the layers (4 MiB), written and the most a reader accepts: a layer cannot
@@ -229,10 +231,12 @@ pub struct Layer {
     pub files: BTreeMap<String, (PathBuf, String)>,
 }
 
-/// The layers of the checkpoint at `root`, which must verify: one per container directory,
-/// one per volume archive. Returns the verified manifest with them.
+/// The layers of the checkpoint at `root`: one per container directory, one per volume
+/// archive. Returns its manifest with them. The manifest and the file list are checked here
+/// ([`format::verify_listing`]); every file's sha256 is checked by [`write_layer`] as it packs
+/// it, so a checkpoint is read once.
 pub fn plan(root: &Path) -> Result<(Manifest, Vec<Layer>)> {
-    let manifest = format::verify(root)?;
+    let (manifest, _) = format::verify_listing(root)?;
     let mut layers: BTreeMap<String, Layer> = BTreeMap::new();
     for (relative, sha256) in &manifest.files {
         let clean = format::contained(relative)?;
@@ -307,7 +311,8 @@ pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descrip
         header.set_gid(0);
         header.set_mtime(0);
         // append_data sets the path (long names through GNU extensions) and the checksum.
-        let mut reading = Hashing::new(file.take(size));
+        // Read in large pieces: page images are hundreds of MiB.
+        let mut reading = Hashing::new(io::BufReader::with_capacity(1 << 20, file.take(size)));
         builder
             .append_data(&mut header, relative, &mut reading)
             .map_err(io_err(format!("packing {}", path.display())))?;

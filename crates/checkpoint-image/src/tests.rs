@@ -419,10 +419,27 @@ fn an_image_larger_than_the_budget_is_refused() {
 
 #[test]
 fn only_a_verified_checkpoint_is_packed() {
+    // A file missing, or one the manifest does not list: refused by the plan.
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    fs::remove_file(source.path().join("web/rootfs-diff.tar")).unwrap();
+    assert!(matches!(plan(source.path()), Err(Error::Format(_))));
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    fs::write(source.path().join("web/extra"), b"unlisted").unwrap();
+    assert!(matches!(plan(source.path()), Err(Error::Format(_))));
+    // A file whose bytes changed: the plan does not hash (the packer does), and the layer
+    // holding it fails as it is packed.
     let source = tempfile::tempdir().unwrap();
     sample(source.path());
     fs::write(source.path().join("web/rootfs-diff.tar"), b"changed").unwrap();
-    assert!(matches!(plan(source.path()), Err(Error::Format(_))));
+    let (_, layers) = plan(source.path()).unwrap();
+    let web = layers.iter().find(|l| l.path == "web").unwrap();
+    let err = write_layer(web, std::io::sink(), DEFAULT_LEVEL).unwrap_err();
+    assert!(
+        matches!(&err, Error::Changed { path, .. } if path == "web/rootfs-diff.tar"),
+        "{err}"
+    );
 }
 
 #[test]

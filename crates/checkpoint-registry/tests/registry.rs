@@ -507,22 +507,33 @@ async fn proxy_connection(
             }
         };
         let head = String::from_utf8_lossy(&pending[..head_end]).to_string();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
             })
+        };
+        let chunked =
+            header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        while pending.len() < head_end + length {
+        // The request's end: Content-Length bytes after the head, or the chunked body's last
+        // (empty) chunk.
+        let end = loop {
+            if !chunked && pending.len() >= head_end + length {
+                break head_end + length;
+            }
+            if chunked && let Some(end) = chunked_end(&pending[head_end..]) {
+                break head_end + end;
+            }
             let mut buf = [0u8; 65536];
             match client.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => pending.extend_from_slice(&buf[..n]),
             }
-        }
-        let request: Vec<u8> = pending.drain(..head_end + length).collect();
+        };
+        let request: Vec<u8> = pending.drain(..end).collect();
         let line = head.lines().next().unwrap_or_default().to_string();
         enum Fault {
             None,
@@ -585,14 +596,33 @@ async fn proxy_connection(
     }
 }
 
+/// Where a chunked body that starts `body` ends, once all of it is there.
+fn chunked_end(body: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line_end = at + body.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&body[at..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            // No trailers: the empty line that ends the body.
+            return (body.get(at..at + 2)? == b"\r\n").then_some(at + 2);
+        }
+        at += size + 2;
+        if body.len() < at {
+            return None;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
     let registry = TestRegistry::start();
     let proxy = FaultyProxy::start(
         &registry.addr,
         Traffic {
-            // The second chunk of the first layer, and the first chunk of its second try.
-            fail_patch: vec![2, 3],
+            // Uploads go config, _volumes/cache.tar, sidecar, web: web's first two tries.
+            fail_patch: vec![4, 5],
             // The first blob fetched (the config).
             reset_blob_get: vec![1],
             ..Default::default()
@@ -606,7 +636,7 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
     });
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("checkpoint");
-    // 10 MiB of pages: the web layer takes three chunks.
+    // 10 MiB of pages: the web layer is sent in several pieces.
     sample(&source, &noise(10 << 20, 11));
     let tag = reference(&format!("{}/podsnap/flaky:1", proxy.addr)).unwrap();
     let pushed = client
@@ -619,10 +649,9 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
     assert_eq!(tree(&target), tree(&source));
     {
         let t = proxy.traffic.lock().unwrap();
-        assert!(
-            t.patches >= 3 && t.blob_gets >= 2,
-            "no fault was injected: {t:?}"
-        );
+        // Four uploads and web's two failed tries.
+        assert_eq!(t.patches, 6, "{t:?}");
+        assert!(t.blob_gets >= 2, "no fault was injected: {t:?}");
         // The pull was tried twice: two manifest GETs.
         assert_eq!(t.manifest_gets, 2, "{t:?}");
     }
