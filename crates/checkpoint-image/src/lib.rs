@@ -46,9 +46,9 @@ pub const CONTAINER_LAYER: &str = "application/vnd.podsnap.pod-checkpoint.contai
 pub const VOLUME_LAYER: &str = "application/vnd.podsnap.pod-checkpoint.volume.v1.tar+zstd";
 /// The annotation naming what a layer holds: a container name or `_volumes/<volume>.tar`.
 pub const PATH_ANNOTATION: &str = "io.podsnap.checkpoint.path";
-/// zstd level of the layers. Chosen by `podsnap-bench registry` (README): on the 1 GiB pod
-/// checkpoint, level 1 pushed in 10.0 s and level 3 in 11.5 s, to the same size (page images
-/// of random data do not compress); level 1 keeps most of zstd's gain on memory that does.
+/// zstd level of the layers: 1, zstd's fastest. `podsnap-bench registry` (README) found levels
+/// 1, 3 and 9 within noise of each other on its 1 GiB checkpoint, whose pages do not compress;
+/// memory that does compress is still to be measured.
 pub const DEFAULT_LEVEL: i32 = 1;
 /// Largest config accepted: at most this much of a config blob is read.
 pub const MAX_CONFIG: u64 = 16 << 20;
