@@ -822,8 +822,12 @@ fn podsnap_pod_checkpoint_pushed_to_a_registry_and_pulled_back_restores_counting
     assert!(out.success(), "{}", out.report());
     ws.remove_pod(&source);
 
-    // The node's registry (hack/node-up.sh's), over plain HTTP.
-    let registry = BUSYBOX.split('/').next().unwrap();
+    // A registry of the test's own (plain HTTP, storage in the workspace): nothing it pushes
+    // stays behind.
+    let own = ScratchRegistry::start(&ws.path("registry"));
+    let registry = own.addr.as_str();
+    // The node's (hack/node-up.sh's), which holds busybox: not a checkpoint.
+    let node_registry = BUSYBOX.split('/').next().unwrap();
     let tag = format!("{registry}/podsnap-e2e/{}:1", unique("counter"));
     let out = podsnap(&[
         "pod",
@@ -852,6 +856,8 @@ fn podsnap_pod_checkpoint_pushed_to_a_registry_and_pulled_back_restores_counting
             pulled.to_str().unwrap(),
             "--insecure-registry",
             registry,
+            "--insecure-registry",
+            node_registry,
         ])
     };
     // What is not there, or not a checkpoint, is refused and creates nothing.
@@ -916,4 +922,60 @@ fn podsnap_pod_checkpoint_pushed_to_a_registry_and_pulled_back_restores_counting
         seen[0]
     );
     ws.remove_pod(&pod);
+}
+
+/// Debian's docker-registry (distribution 2.8) on a free loopback port, storage under `dir`;
+/// stopped (by its pid) when dropped.
+struct ScratchRegistry {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ScratchRegistry {
+    fn start(dir: &std::path::Path) -> Self {
+        let bin = "/usr/bin/docker-registry";
+        assert!(
+            std::path::Path::new(bin).exists(),
+            "{bin} is missing: run hack/install.sh"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("storage").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let registry = ScratchRegistry { child, addr };
+        wait_for("the scratch registry to listen", LIVENESS, || {
+            std::net::TcpStream::connect(&registry.addr)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        registry
+    }
+}
+
+impl Drop for ScratchRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
