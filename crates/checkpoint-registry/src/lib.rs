@@ -42,6 +42,10 @@ const CHUNK: usize = 4 << 20;
 const IN_FLIGHT: usize = 2;
 /// The longest a connection to a registry may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an upload may go without the registry taking any of it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a request without a body (opening or committing an upload) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest a registry may stay silent in an answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest image manifest taken from a registry.
@@ -212,7 +216,7 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(access: &Access) -> Self {
+    pub fn new(access: &Access) -> Result<Self> {
         // rustls needs one crypto provider for the process: ring, which kube already uses. A
         // second call finds it installed, which is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -231,17 +235,14 @@ impl Registry {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .build()
-            .unwrap_or_else(|e| {
-                tracing::warn!("building the HTTP client: {e}; using the defaults");
-                reqwest::Client::new()
-            });
-        Registry {
+            .map_err(|e| Error::Task(format!("building the HTTP client: {e}")))?;
+        Ok(Registry {
             client,
             http,
             insecure: access.insecure.clone(),
             auth,
             retry: access.retry,
-        }
+        })
     }
 
     /// Runs `op` until it succeeds, fails for good, or has been tried `retry.attempts` times.
@@ -301,14 +302,7 @@ impl Registry {
                 reason: "it changed while the checkpoint was being pushed".into(),
             }));
         }
-        // A bearer token when the registry hands them out (for the layers' own uploads).
-        let token = self
-            .again("authenticate", || async {
-                self.client
-                    .auth(reference, &self.auth, RegistryOperation::Push)
-                    .await
-                    .map_err(Self::registry_error(reference, "authenticating to push"))
-            })
+        self.again("authenticate", || self.push_token(reference))
             .await?;
         let mut uploaded = 0;
         if !self.exists(reference, &config.digest).await? {
@@ -335,7 +329,7 @@ impl Registry {
             let what = format!("push layer {}", layer.path);
             let descriptor = self
                 .again(&what, || {
-                    self.push_layer(reference, token.as_deref(), layer.clone(), opts.level)
+                    self.push_layer(reference, layer.clone(), opts.level)
                 })
                 .await?;
             uploaded += descriptor.size;
@@ -387,14 +381,24 @@ impl Registry {
         .await
     }
 
-    /// Packs `layer` on a blocking thread while it is uploaded in chunks.
+    /// A bearer token for pushing to `reference`'s repository when the registry hands them out,
+    /// asked for again each time: tokens can live for minutes only (Docker Hub's: 300 s).
+    async fn push_token(&self, reference: &Reference) -> Result<Option<String>> {
+        self.client
+            .auth(reference, &self.auth, RegistryOperation::Push)
+            .await
+            .map_err(Self::registry_error(reference, "authenticating to push"))
+    }
+
+    /// Packs `layer` on a blocking thread while it is uploaded in one streamed request.
     async fn push_layer(
         &self,
         reference: &Reference,
-        token: Option<&str>,
         layer: Layer,
         level: i32,
     ) -> Result<Descriptor> {
+        let token = self.push_token(reference).await?;
+        let token = token.as_deref();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<
             std::result::Result<Bytes, OciDistributionError>,
         >(IN_FLIGHT);
@@ -433,8 +437,10 @@ impl Registry {
             (Ok(_), Err(e)) => return Err(sent_error(e)),
         };
         // The registry computes the digest of what it received and refuses a commit under
-        // another: what it stores is what the packer wrote.
-        self.commit(reference, token, &location, &written.digest)
+        // another: what it stores is what the packer wrote. (A fresh token: the upload may
+        // have outlived the first.)
+        let token = self.push_token(reference).await?;
+        self.commit(reference, token.as_deref(), &location, &written.digest)
             .await
             .map_err(sent_error)?;
         Ok(written)
@@ -450,17 +456,30 @@ impl Registry {
         format!("{scheme}://{registry}")
     }
 
-    /// A request with the push's credentials.
-    fn authorized(
+    /// A `method` request to `url` with the push's credentials, which go only to the registry
+    /// itself: an upload `Location` on another host, port or scheme gets none (as oci-client
+    /// does; CVE-2020-15157).
+    fn request(
         &self,
-        request: reqwest::RequestBuilder,
+        reference: &Reference,
+        method: reqwest::Method,
+        url: &str,
         token: Option<&str>,
-    ) -> reqwest::RequestBuilder {
-        match (token, &self.auth) {
+    ) -> std::result::Result<reqwest::RequestBuilder, OciDistributionError> {
+        let target = reqwest::Url::parse(url)
+            .map_err(|e| OciDistributionError::UrlParseError(format!("{url}: {e}")))?;
+        let base = reqwest::Url::parse(&self.base(reference))
+            .map_err(|e| OciDistributionError::UrlParseError(e.to_string()))?;
+        let request = self.http.request(method, target.clone());
+        if target.origin() != base.origin() {
+            tracing::warn!(%url, "an upload location on another origin: sent without credentials");
+            return Ok(request);
+        }
+        Ok(match (token, &self.auth) {
             (Some(token), _) => request.bearer_auth(token),
             (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
             (None, _) => request,
-        }
+        })
     }
 
     /// Opens an upload session and sends `body` in one streamed PATCH (chunked transfer
@@ -482,18 +501,44 @@ impl Registry {
         let base = self.base(reference);
         let start = format!("{base}/v2/{}/blobs/uploads/", reference.repository());
         let answer = self
-            .authorized(self.http.post(&start), token)
+            .request(reference, reqwest::Method::POST, &start, token)?
             .header(reqwest::header::CONTENT_LENGTH, "0")
+            .timeout(REQUEST_TIMEOUT)
             .send()
             .await?;
-        let location = session_location(&base, answer, reqwest::StatusCode::ACCEPTED).await?;
-        let answer = self
-            .authorized(self.http.patch(&location), token)
+        let location = session_location(answer, reqwest::StatusCode::ACCEPTED).await?;
+        // Not bounded as a whole (a layer may be large and a link slow), but as progress: the
+        // upload fails when the registry takes nothing for IDLE_TIMEOUT, or does not answer
+        // within that once it has it all.
+        let progress = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+        let seen = progress.clone();
+        let body = body.inspect(move |_| {
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        });
+        let send = self
+            .request(reference, reqwest::Method::PATCH, &location, token)?
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await?;
-        session_location(&base, answer, reqwest::StatusCode::ACCEPTED).await
+            .send();
+        let stalled = async {
+            loop {
+                let last = *progress.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= IDLE_TIMEOUT {
+                    break;
+                }
+                tokio::time::sleep_until(last + IDLE_TIMEOUT).await;
+            }
+        };
+        let answer = tokio::select! {
+            answer = send => answer?,
+            () = stalled => {
+                return Err(OciDistributionError::IoError(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the upload to {location} made no progress for {IDLE_TIMEOUT:?}"),
+                )));
+            }
+        };
+        session_location(answer, reqwest::StatusCode::ACCEPTED).await
     }
 
     /// Commits the upload session at `location` as blob `digest`.
@@ -508,11 +553,12 @@ impl Registry {
             .map_err(|e| OciDistributionError::UrlParseError(format!("{location}: {e}")))?;
         url.query_pairs_mut().append_pair("digest", digest);
         let answer = self
-            .authorized(self.http.put(url), token)
+            .request(reference, reqwest::Method::PUT, url.as_str(), token)?
             .header(reqwest::header::CONTENT_LENGTH, "0")
+            .timeout(REQUEST_TIMEOUT)
             .send()
             .await?;
-        session_location(&self.base(reference), answer, reqwest::StatusCode::CREATED)
+        session_location(answer, reqwest::StatusCode::CREATED)
             .await
             .map(|_| ())
     }
@@ -609,17 +655,24 @@ impl Registry {
 /// The `Location` of an upload session from `answer`, absolute, when it has the `expected`
 /// status; else the registry's error (a 5xx, 429 or 408 is one that passes).
 async fn session_location(
-    base: &str,
     answer: reqwest::Response,
     expected: reqwest::StatusCode,
 ) -> std::result::Result<String, OciDistributionError> {
     let status = answer.status();
-    let url = answer.url().to_string();
+    let url = answer.url().clone();
     if status != expected {
         let code = status.as_u16();
         let message = answer.text().await.unwrap_or_default();
+        let url = url.to_string();
         return Err(match code {
             401 | 403 => OciDistributionError::UnauthorizedError { url },
+            // An upload session the registry no longer knows (it expired, or another replica
+            // answered): a new one may work, so it is reported as one that passes.
+            404 if message.contains("BLOB_UPLOAD_UNKNOWN") => OciDistributionError::ServerError {
+                code: 503,
+                url,
+                message: format!("upload session unknown (404): {message}"),
+            },
             _ => OciDistributionError::ServerError { code, url, message },
         });
     }
@@ -628,10 +681,10 @@ async fn session_location(
         .get(reqwest::header::LOCATION)
         .and_then(|l| l.to_str().ok())
         .ok_or(OciDistributionError::RegistryNoLocationError)?;
-    Ok(match location.starts_with('/') {
-        true => format!("{base}{location}"),
-        false => location.to_string(),
-    })
+    // Relative to the request's URL, as HTTP resolves a Location.
+    url.join(location)
+        .map(String::from)
+        .map_err(|e| OciDistributionError::UrlParseError(format!("Location {location}: {e}")))
 }
 
 /// Runs `f` on a blocking thread.
@@ -713,10 +766,8 @@ struct BlobReader {
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancelled.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "the pull was cancelled",
-            ));
+            // Not Interrupted: read_to_end and io::copy would read again, for ever.
+            return Err(io::Error::other("the pull was cancelled"));
         }
         while self.chunk.is_empty() {
             let stream = match &mut self.stream {
@@ -849,4 +900,95 @@ impl LayerCache {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, location: Option<&str>, body: &str) -> reqwest::Response {
+        use reqwest::ResponseBuilderExt;
+        let url = reqwest::Url::parse("http://reg:5000/v2/team/app/blobs/uploads/").unwrap();
+        let mut builder = http::Response::builder().status(status).url(url);
+        if let Some(location) = location {
+            builder = builder.header("Location", location);
+        }
+        reqwest::Response::from(builder.body(body.to_string()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn upload_locations_resolve_as_http_does_and_errors_are_classified() {
+        let accepted = reqwest::StatusCode::ACCEPTED;
+        for (location, want) in [
+            (
+                "/v2/team/app/blobs/uploads/u1?_state=x",
+                "http://reg:5000/v2/team/app/blobs/uploads/u1?_state=x",
+            ),
+            ("u2", "http://reg:5000/v2/team/app/blobs/uploads/u2"),
+            ("https://other:443/x", "https://other/x"),
+            ("//cdn.example/x", "http://cdn.example/x"),
+        ] {
+            let got = session_location(answer(202, Some(location), ""), accepted)
+                .await
+                .unwrap();
+            assert_eq!(got, want, "{location}");
+        }
+        let no_location = session_location(answer(202, None, ""), accepted).await;
+        assert!(matches!(
+            no_location,
+            Err(OciDistributionError::RegistryNoLocationError)
+        ));
+        let registry = |source| Error::Registry {
+            registry: "reg:5000".into(),
+            context: "test".into(),
+            source,
+        };
+        for (status, body, transient) in [
+            (503, "", true),
+            (429, "", true),
+            (404, r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN"}]}"#, true),
+            (404, r#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#, false),
+            (400, r#"{"errors":[{"code":"DIGEST_INVALID"}]}"#, false),
+            (401, "", false),
+        ] {
+            let err = session_location(answer(status, None, body), accepted)
+                .await
+                .unwrap_err();
+            assert_eq!(registry(err).is_transient(), transient, "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registry_itself() {
+        let registry = Registry::new(&Access {
+            insecure: vec!["reg:5000".into()],
+            credentials: Some(image::auth::Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            retry: Retry::default(),
+        })
+        .unwrap();
+        let reference = reference("reg:5000/team/app:1").unwrap();
+        let authorization = |url: &str, token: Option<&str>| {
+            registry
+                .request(&reference, reqwest::Method::PUT, url, token)
+                .unwrap()
+                .build()
+                .unwrap()
+                .headers()
+                .get(reqwest::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let same = "http://reg:5000/v2/team/app/blobs/uploads/u";
+        assert_eq!(authorization(same, None).unwrap(), "Basic dTpw");
+        assert_eq!(authorization(same, Some("t")).unwrap(), "Bearer t");
+        for elsewhere in [
+            "http://evil:5000/v2/x",
+            "https://reg:5000/v2/x",
+            "http://reg:5001/v2/x",
+        ] {
+            assert_eq!(authorization(elsewhere, Some("t")), None, "{elsewhere}");
+        }
+    }
 }

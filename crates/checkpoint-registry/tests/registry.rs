@@ -84,6 +84,7 @@ impl TestRegistry {
             credentials: None,
             retry: QUICK,
         })
+        .unwrap()
     }
 
     /// The stored bytes of blob `digest`.
@@ -401,7 +402,8 @@ async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
         insecure: vec![addr.clone()],
         credentials: None,
         retry: QUICK,
-    });
+    })
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("checkpoint");
     sample(&source, b"pages");
@@ -633,7 +635,8 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         insecure: vec![proxy.addr.clone()],
         credentials: None,
         retry: QUICK,
-    });
+    })
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("checkpoint");
     // 10 MiB of pages: the web layer is sent in several pieces.
@@ -669,7 +672,8 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         insecure: vec![proxy.addr.clone()],
         credentials: None,
         retry: QUICK,
-    });
+    })
+    .unwrap();
     let tag = reference(&format!("{}/podsnap/down-for-good:1", proxy.addr)).unwrap();
     let err = client
         .push(&source, &tag, &PushOptions::default())

@@ -55,7 +55,7 @@ impl RegistryArgs {
             insecure: self.insecure.clone(),
             credentials,
             retry: Default::default(),
-        }))
+        })?)
     }
 }
 
