@@ -30,6 +30,11 @@ struct TestRegistry {
 
 impl TestRegistry {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A registry whose config has `extra` appended (top-level YAML sections).
+    fn start_with(extra: &str) -> Self {
         assert!(
             Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: run hack/install.sh (Debian package docker-registry)"
@@ -46,7 +51,7 @@ impl TestRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
                 storage.display()
             ),
         )
@@ -696,4 +701,71 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         .unwrap_err();
     assert!(!err.is_transient(), "{err}");
     assert_eq!(proxy.traffic.lock().unwrap().manifest_gets, 1);
+}
+
+/// `s3cret:with-colon`, bcrypt (cost 4, so that the registry checks it quickly), for user
+/// `podsnap`: made with Python's `crypt.crypt(..., crypt.mksalt(crypt.METHOD_BLOWFISH,
+/// rounds=16))`.
+const HTPASSWD: &str = "podsnap:$2b$04$AsJ5hGONhd99Vt81c1oThukojKwBfw9hQ1qE..z28rza1E7LJPeU6\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_with_basic_auth_takes_the_secrets_credentials_and_refuses_anonymous() {
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    std::fs::write(&htpasswd, HTPASSWD).unwrap();
+    let registry = TestRegistry::start_with(&format!(
+        "auth:\n  htpasswd:\n    realm: podsnap-test\n    path: {}\n",
+        htpasswd.display()
+    ));
+    let source = work.path().join("checkpoint");
+    sample(&source, &noise(1 << 20, 13));
+    let tag = reference(&format!("{}/podsnap/private:1", registry.addr)).unwrap();
+    let with = |credentials| {
+        Registry::new(&Access {
+            insecure: vec![registry.addr.clone()],
+            credentials,
+            retry: QUICK,
+        })
+        .unwrap()
+    };
+    // Anonymous: refused, and not retried as if it could pass.
+    let err = with(None)
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        !err.is_transient() && err.to_string().contains("401"),
+        "{err}"
+    );
+    // From a kubernetes.io/dockerconfigjson Secret's payload (auth = base64 of user:password).
+    let secret = serde_json::json!({"auths": {
+        format!("http://{}", registry.addr): {"auth": "cG9kc25hcDpzM2NyZXQ6d2l0aC1jb2xvbg=="}
+    }});
+    let credentials =
+        podsnap_checkpoint_image::auth::credentials(secret.to_string().as_bytes(), &registry.addr)
+            .unwrap()
+            .expect("credentials for the registry");
+    let client = with(Some(credentials.clone()));
+    let pushed = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap();
+    let target = work.path().join("pulled");
+    let pulled = client.pull(&tag, &target, 1 << 30).await.unwrap();
+    assert_eq!(pulled.digest, pushed.digest);
+    assert_eq!(tree(&target), tree(&source));
+    // A wrong password: refused for good.
+    let wrong = podsnap_checkpoint_image::auth::Credentials {
+        password: "guess".into(),
+        ..credentials
+    };
+    let err = with(Some(wrong))
+        .pull(&tag, &work.path().join("wrong"), 1 << 30)
+        .await
+        .unwrap_err();
+    assert!(
+        !err.is_transient() && err.to_string().contains("Not authorized"),
+        "{err}"
+    );
+    assert!(!work.path().join("wrong").exists());
 }
