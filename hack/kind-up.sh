@@ -228,6 +228,15 @@ images:
   - name: podsnap/podsnapd
     newName: ${2%:*}
     newTag: "${2##*:}"
+# The node agents push and pull checkpoint images to and from the cluster's registry (plain HTTP).
+patches:
+  - target:
+      kind: ConfigMap
+      name: podsnap-node-agent
+    patch: |-
+      - op: replace
+        path: /data/insecure-registries
+        value: "$KIND_REGISTRY_NAME:5000"
 EOF
 	# The CRDs first: the rest names their kinds.
 	kind_kubectl apply -f "$overlay/crds/" >/dev/null

@@ -147,6 +147,154 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
     }
 }
 
+/// The registry the node agents push to and pull from, as kind-up configured them (the
+/// podsnap-node-agent ConfigMap's insecure registries).
+fn agents_registry(cluster: &Cluster) -> String {
+    let insecure = cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "configmap",
+        "podsnap-node-agent",
+        "-o",
+        "jsonpath={.data.insecure-registries}",
+    ]);
+    let registry = insecure.split(',').next().unwrap_or_default().trim();
+    assert!(
+        !registry.is_empty(),
+        "the node agents have no registry configured (hack/kind-up.sh sets one)"
+    );
+    registry.to_owned()
+}
+
+/// Ctrl-X on one worker, Ctrl-V on the other: a PodCheckpoint with storage type Image is pushed
+/// by the source node's agent and Ready with the image by digest; a PodRestore naming the other
+/// worker has that node's agent pull it (verified, recorded, pinned) and the kubelet there
+/// restore it; the pod counts on from the checkpoint. The pulled copy is the target node's, marked
+/// as pulled; deleting the PodCheckpoint (policy Delete) removes the source node's data.
+#[test]
+fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = agents_registry(cluster);
+    let pod = cluster.create_pod(counter_on("e2e-kind-move", from));
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let mut manifest = checkpoint_of("e2e-kind-move-ckpt", &pod.name);
+    let repository = format!("{registry}/e2e/move");
+    manifest["spec"]["storage"] = json!({"type": "Image", "image": {"repository": repository}});
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    assert_eq!(ready["status"]["nodeName"].as_str(), Some(from.as_str()));
+    let image = ready["status"]["image"]["reference"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        image.starts_with(&format!("{repository}@sha256:")),
+        "{ready}"
+    );
+    assert!(
+        ready["status"]["image"]["size"].as_i64().unwrap_or(0) > 0,
+        "{ready}"
+    );
+    let location = ready["status"]["checkpointLocation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let after = *counts(&pod.logs("counter")).last().unwrap();
+    drop(pod);
+
+    let exists = |node: &str, path: &str| cluster.node_exec(node, &["test", "-e", path]).success();
+    assert!(
+        !exists(to, &location),
+        "{location} is on {to} before any restore"
+    );
+    let mut restore = restore_of("e2e-kind-move-r", "e2e-kind-move-ckpt", 1);
+    restore["spec"]["nodeName"] = json!(to);
+    let restore = Object::create(cluster, restore);
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let restored = restored_pod(cluster, &done);
+    restored.wait_ready();
+    assert_eq!(&node_of(&restored), to, "restored on another node");
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > before && seen[0] <= after + 1,
+        "the checkpoint was taken between counts {before} and {after} on {from}, the pod restored on {to} counts {seen:?}"
+    );
+    // Pulled into the kubelet's directory on the target, with the kubelet's record, marked.
+    for path in [
+        location.clone(),
+        format!("{location}.kubelet.json"),
+        format!("{location}.pulled"),
+    ] {
+        assert!(exists(to, &path), "{path} is not on {to}");
+    }
+    let marker = cluster.node_exec(to, &["cat", &format!("{location}.pulled")]);
+    assert!(
+        image.ends_with(marker.stdout.trim()),
+        "{to} pulled {} for {image}",
+        marker.stdout
+    );
+    drop(restored);
+    drop(restore);
+    cluster.kubectl([
+        "delete",
+        "podcheckpoint",
+        "e2e-kind-move-ckpt",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    assert!(!exists(from, &location), "{location} is still on {from}");
+}
+
+/// A PodCheckpoint whose image cannot be pushed (a registry nobody listens on) fails with the
+/// push's reason, and its data on the node is removed: nothing Ready that cannot be restored
+/// elsewhere, nothing left behind.
+#[test]
+fn a_checkpoint_that_cannot_be_pushed_fails_and_leaves_nothing_on_its_node() {
+    let cluster = Cluster::kind();
+    let worker = workers(cluster).remove(0);
+    let pod = cluster.create_pod(counter_on("e2e-kind-nopush", &worker));
+    pod.wait_ready();
+    let mut manifest = checkpoint_of("e2e-kind-nopush-ckpt", &pod.name);
+    // Port 9 (discard): nothing answers there.
+    manifest["spec"]["storage"] =
+        json!({"type": "Image", "image": {"repository": "127.0.0.1:9/e2e/nothing"}});
+    let checkpoint = Object::create(cluster, manifest);
+    let failed = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "PushFailed", "{failed}");
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.0.1:9"),
+        "{failed}"
+    );
+    let location = failed["status"]["checkpointLocation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for(
+        "the failed checkpoint's data to be removed",
+        Duration::from_secs(60),
+        || {
+            let there = cluster
+                .node_exec(&worker, &["test", "-e", &location])
+                .success();
+            if there { Err(location.clone()) } else { Ok(()) }
+        },
+    );
+    // The source pod ran on, untouched.
+    pod.wait_counting("counter", 2);
+}
+
 /// The seed's two YAML documents, verbatim, with its `my-pod` running: the checkpoint is Ready,
 /// the restored pod counts on.
 #[test]

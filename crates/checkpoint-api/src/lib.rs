@@ -24,6 +24,16 @@ pub use crds::crds;
 /// The annotation that makes the (patched) kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 
+/// The annotation, beside [`RESTORE_FROM`], that names the image a checkpoint stored in a
+/// registry is pulled from (by digest) by the restoring node's agent, into the kubelet's
+/// checkpoint directory under the name `restore-from` gives.
+pub const RESTORE_IMAGE: &str = "checkpoint.k8s.io/restore-image";
+
+/// The annotation of a checkpoint image's manifest that carries the kubelet's record of the
+/// checkpoint (`<checkpoint>.kubelet.json`): the pod it was taken from, its namespace, runtime
+/// handler and containers, which the restoring kubelet checks a pod against.
+pub const KUBELET_RECORD_ANNOTATION: &str = "io.podsnap.kubelet.record";
+
 /// The runtime class whose pods can be checkpointed.
 pub const RUNTIME_CLASS: &str = "podsnap";
 
@@ -86,6 +96,78 @@ pub struct PodCheckpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = "Retain"))]
     pub deletion_policy: Option<DeletionPolicy>,
+    /// Where the checkpoint is kept: on its node (the default), or also pushed as an OCI image
+    /// to a registry, from which a pod can be restored on any node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<CheckpointStorage>,
+}
+
+/// Where a checkpoint is kept. Immutable.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("storage is immutable"))]
+#[x_kube(validation = Rule::new("self.type == 'Image' ? has(self.image) : !has(self.image)").message("image is set exactly when type is Image"))]
+pub struct CheckpointStorage {
+    #[serde(rename = "type")]
+    pub type_: StorageType,
+    /// The registry repository the checkpoint is pushed to, with type `Image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageStorage>,
+}
+
+/// The kinds of checkpoint storage.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StorageType {
+    // On the checkpoint's node only.
+    #[default]
+    NodeLocal,
+    // On its node, and pushed to a registry as an OCI image by the node's agent.
+    Image,
+}
+
+/// A checkpoint pushed to a registry.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStorage {
+    /// `registry/repository`, without tag or digest: the node agent pushes the checkpoint there
+    /// tagged with the PodCheckpoint's UID and reports it by digest in `status.image`. The
+    /// node agents' registry access (insecure registries, credentials) is their configuration.
+    #[schemars(length(min = 1, max = 255))]
+    pub repository: String,
+}
+
+impl PodCheckpointSpec {
+    /// The repository the checkpoint is pushed to, when it is stored as an image.
+    pub fn image_repository(&self) -> Option<&str> {
+        self.storage
+            .as_ref()
+            .filter(|s| s.type_ == StorageType::Image)
+            .and_then(|s| s.image.as_ref())
+            .map(|i| i.repository.as_str())
+    }
+}
+
+/// The reason of a checkpoint taken and being pushed to a registry by its node's agent.
+pub const PUSHING: &str = "Pushing";
+
+impl PodCheckpointStatus {
+    /// Whether the checkpoint is taken (the kubelet answered, its location is known) and its
+    /// node's agent is pushing it to a registry: Checkpointing with a location. Neither a
+    /// restarted controller nor a deletion fails it; the agent ends it, Ready or Failed.
+    pub fn is_pushing(&self) -> bool {
+        self.phase == Some(PodCheckpointPhase::Checkpointing) && self.checkpoint_location.is_some()
+    }
+}
+
+/// A checkpoint stored as an OCI image.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointImageStatus {
+    /// `registry/repository@sha256:…`: the image, by digest.
+    pub reference: String,
+    /// The sum of its blobs' sizes.
+    #[serde(default)]
+    pub size: i64,
 }
 
 /// What happens to a checkpoint's node-local data when its PodCheckpoint is deleted.
@@ -121,6 +203,10 @@ pub struct PodCheckpointStatus {
     pub node_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_location: Option<String>,
+    /// The checkpoint as an image in a registry (storage type `Image`), once its node's agent
+    /// pushed it; the checkpoint is Ready only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<CheckpointImageStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,6 +278,12 @@ pub struct PodRestoreSpec {
     /// the checkpointed pod's: containers given here are ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template: Option<PodTemplate>,
+    /// The node to restore on. A checkpoint kept on its node only can be restored there alone
+    /// (its node is used when unset); one stored as an image can be restored on any node, and
+    /// its pods are scheduled as the checkpointed pod's spec says when this is unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: Option<String>,
 }
 
 /// What a PodRestore may say about its pods: labels, annotations, and a name for a single one.

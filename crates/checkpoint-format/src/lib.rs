@@ -22,7 +22,9 @@
 //! checkpoint directory ([`container`]: metadata, descriptors, `podsnap.sha256`),
 //! `config.dump`/`spec.dump` ([`dumps`]), compressed pages ([`pages`]), the restore grant and
 //! the restore annotation's name ([`grant`]), and what CRIU's images say about credentials
-//! ([`creds`], [`criu_image`]). The shim and podsnapd read and write these only through it.
+//! ([`creds`], [`criu_image`]), and the node's pins of checkpoint manifests ([`pins`], written by
+//! podsnapd when it takes a checkpoint and by the node agent when it pulls one). The shim and
+//! podsnapd read and write these only through it.
 
 pub mod container;
 pub mod creds;
@@ -30,6 +32,7 @@ pub mod criu_image;
 pub mod dumps;
 pub mod grant;
 pub mod pages;
+pub mod pins;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -177,6 +177,10 @@ pub struct Pulled {
     pub manifest: Manifest,
     /// Total size of the blobs pulled.
     pub size: u64,
+    /// The config blob's digest: the sha256 of the checkpoint's manifest file, as pulled.
+    pub config_digest: String,
+    /// The image manifest's annotations (covered by its digest).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Options of a push.
@@ -187,6 +191,9 @@ pub struct PushOptions {
     /// A JSON file remembering the descriptor of each layer pushed, so that the same layer is
     /// not packed and sent again while the registry has it; root-only (0600).
     pub layer_cache: Option<PathBuf>,
+    /// Annotations added to the image manifest (covered by its digest); they may not replace
+    /// the checkpoint's own (`org.criu.checkpoint.*`, `io.podsnap.checkpoint.*`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Default for PushOptions {
@@ -194,6 +201,7 @@ impl Default for PushOptions {
         PushOptions {
             level: image::DEFAULT_LEVEL,
             layer_cache: None,
+            annotations: BTreeMap::new(),
         }
     }
 }
@@ -302,6 +310,14 @@ impl Registry {
                 reason: "it changed while the checkpoint was being pushed".into(),
             }));
         }
+        // The caller's annotations, checked before anything is sent.
+        let own = ImageManifest::new(&manifest, config.clone(), Vec::new()).annotations;
+        if let Some(key) = opts.annotations.keys().find(|k| own.contains_key(*k)) {
+            return Err(Error::Manifest {
+                reference: reference.whole(),
+                reason: format!("annotation {key} is the checkpoint's own"),
+            });
+        }
         self.again("authenticate", || self.push_token(reference))
             .await?;
         let mut uploaded = 0;
@@ -336,7 +352,8 @@ impl Registry {
             cache.put(key, descriptor.clone())?;
             descriptors.push(descriptor);
         }
-        let image_manifest = ImageManifest::new(&manifest, config.clone(), descriptors);
+        let mut image_manifest = ImageManifest::new(&manifest, config.clone(), descriptors);
+        image_manifest.annotations.extend(opts.annotations.clone());
         let size = image_manifest.size();
         let body = serde_json::to_vec(&image_manifest).map_err(|e| Error::Manifest {
             reference: reference.whole(),
@@ -616,6 +633,8 @@ impl Registry {
         }
         let image_manifest = ImageManifest::parse(&body)?;
         let size = image_manifest.size();
+        let config_digest = image_manifest.config.digest.clone();
+        let annotations = image_manifest.annotations.clone();
         let by_digest = Reference::with_digest(
             reference.registry().to_string(),
             reference.repository().to_string(),
@@ -648,6 +667,8 @@ impl Registry {
             digest: actual,
             manifest,
             size,
+            config_digest,
+            annotations,
         })
     }
 }

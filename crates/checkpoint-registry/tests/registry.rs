@@ -218,9 +218,26 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
     let cache = work.path().join("layers.json");
     let opts = PushOptions {
         layer_cache: Some(cache.clone()),
+        annotations: BTreeMap::from([("io.podsnap.kubelet.record".into(), "{}".into())]),
         ..Default::default()
     };
     let target_ref = reference(&format!("{}/podsnap/counter:ckpt-1", registry.addr)).unwrap();
+    // The checkpoint's own annotations are not the caller's to replace.
+    let forged = PushOptions {
+        annotations: BTreeMap::from([(
+            "io.podsnap.checkpoint.pod.namespace".into(),
+            "other".into(),
+        )]),
+        ..Default::default()
+    };
+    let refused = client
+        .push(&source, &target_ref, &forged)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("checkpoint's own"),
+        "{refused}"
+    );
     let pushed = client.push(&source, &target_ref, &opts).await.unwrap();
     assert_eq!(pushed.uploaded, pushed.size, "{pushed:?}");
     assert!(pushed.size > 10 << 20, "{pushed:?}");
@@ -258,6 +275,8 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
         let pulled = client.pull(&from, &target, 1 << 30).await.unwrap();
         assert_eq!(pulled.digest, pushed.digest);
         assert_eq!(pulled.manifest, manifest);
+        assert_eq!(pulled.config_digest, pushed.config_digest);
+        assert_eq!(pulled.annotations["io.podsnap.kubelet.record"], "{}");
         assert_eq!(tree(&target), tree(&source), "{name}");
         format::verify(&target).unwrap();
         // A checkpoint holds the pod's memory: root-only, whatever the blobs said.
@@ -269,10 +288,11 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
     assert_eq!(again.uploaded, 0, "{again:?}");
     assert_eq!(again.digest, pushed.digest);
     // Without it, the layers are packed and sent again, to the same bytes (deterministic).
-    let fresh = client
-        .push(&source, &target_ref, &PushOptions::default())
-        .await
-        .unwrap();
+    let uncached = PushOptions {
+        layer_cache: None,
+        ..opts.clone()
+    };
+    let fresh = client.push(&source, &target_ref, &uncached).await.unwrap();
     assert_eq!(fresh.digest, pushed.digest);
     assert!(fresh.uploaded > 0);
     // A cached layer the registry no longer has is sent again.

@@ -11,8 +11,8 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::{wait, wait::await_condition, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::{
-    DeletionPolicy, PodCheckpoint, PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate,
-    TemplateMetadata,
+    CheckpointStorage, DeletionPolicy, ImageStorage, PodCheckpoint, PodCheckpointSpec, PodRestore,
+    PodRestoreSpec, PodTemplate, StorageType, TemplateMetadata,
 };
 use serde::de::DeserializeOwned;
 
@@ -45,15 +45,29 @@ fn stamp() -> String {
     jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string()
 }
 
+/// What `podsnap checkpoint` puts in the PodCheckpoint besides its pod.
+#[derive(Debug, Default)]
+pub struct CheckpointOptions {
+    pub name: Option<String>,
+    pub timeout_seconds: Option<i32>,
+    pub deletion_policy: Option<String>,
+    /// Storage type Image, to this repository.
+    pub image: Option<String>,
+}
+
 /// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed.
 pub async fn checkpoint(
     target: &Target,
     pod: &str,
-    name: Option<String>,
-    timeout_seconds: Option<i32>,
-    deletion_policy: Option<String>,
+    options: CheckpointOptions,
     wait: Duration,
 ) -> anyhow::Result<()> {
+    let CheckpointOptions {
+        name,
+        timeout_seconds,
+        deletion_policy,
+        image,
+    } = options;
     let deletion_policy = deletion_policy
         .map(|policy| policy.parse::<DeletionPolicy>())
         .transpose()
@@ -65,6 +79,10 @@ pub async fn checkpoint(
             source_pod_name: pod.to_string(),
             timeout_seconds,
             deletion_policy,
+            storage: image.map(|repository| CheckpointStorage {
+                type_: StorageType::Image,
+                image: Some(ImageStorage { repository }),
+            }),
         },
     );
     target
@@ -87,22 +105,39 @@ pub async fn checkpoint(
     .await?;
     let status = done.status.unwrap_or_default();
     println!(
-        "{name}\t{}\t{}",
+        "{name}\t{}\t{}{}",
         status.node_name.unwrap_or_default(),
-        status.checkpoint_location.unwrap_or_default()
+        status.checkpoint_location.unwrap_or_default(),
+        status
+            .image
+            .map(|i| format!("\t{}", i.reference))
+            .unwrap_or_default()
     );
     Ok(())
+}
+
+/// What `podsnap restore` puts in the PodRestore besides its checkpoint.
+#[derive(Debug, Default)]
+pub struct RestoreOptions {
+    pub replicas: Option<i32>,
+    pub pod_name: Option<String>,
+    pub name: Option<String>,
+    pub node: Option<String>,
 }
 
 /// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed.
 pub async fn restore(
     target: &Target,
     checkpoint: &str,
-    replicas: Option<i32>,
-    pod_name: Option<String>,
-    name: Option<String>,
+    options: RestoreOptions,
     wait: Duration,
 ) -> anyhow::Result<()> {
+    let RestoreOptions {
+        replicas,
+        pod_name,
+        name,
+        node,
+    } = options;
     if pod_name.is_some() && replicas.is_some_and(|r| r != 1) {
         bail!("--pod-name names a single restored pod: it cannot go with --replicas above 1");
     }
@@ -119,6 +154,7 @@ pub async fn restore(
                 }),
                 spec: None,
             }),
+            node_name: node,
         },
     );
     target

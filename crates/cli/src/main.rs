@@ -70,6 +70,10 @@ enum Command {
         /// What deleting the PodCheckpoint does to its data: Retain or Delete.
         #[arg(long, value_parser = ["Retain", "Delete"])]
         deletion_policy: Option<String>,
+        /// Also push the checkpoint to this registry repository (registry/path, no tag) as an
+        /// OCI image, so that it can be restored on any node (storage type Image).
+        #[arg(long, value_name = "REGISTRY/REPOSITORY")]
+        image: Option<String>,
         /// How long to wait for the outcome.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -89,6 +93,10 @@ enum Command {
         /// The PodRestore's name (default: <checkpoint>-restore-<time>).
         #[arg(long)]
         name: Option<String>,
+        /// The node to restore on (a checkpoint stored as an image: any node; unset, the
+        /// scheduler places the pods).
+        #[arg(long)]
+        node: Option<String>,
         /// How long to wait for the outcome.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -244,18 +252,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             timeout_seconds,
             deletion_policy,
+            image,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
-            return kube_cmd::checkpoint(
-                &target,
-                &pod,
+            let options = kube_cmd::CheckpointOptions {
                 name,
                 timeout_seconds,
                 deletion_policy,
-                wait,
-            )
-            .await;
+                image,
+            };
+            return kube_cmd::checkpoint(&target, &pod, options, wait).await;
         }
         Command::Restore {
             checkpoint,
@@ -263,10 +270,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replicas,
             pod_name,
             name,
+            node,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
-            return kube_cmd::restore(&target, &checkpoint, replicas, pod_name, name, wait).await;
+            let options = kube_cmd::RestoreOptions {
+                replicas,
+                pod_name,
+                name,
+                node,
+            };
+            return kube_cmd::restore(&target, &checkpoint, options, wait).await;
         }
         Command::List { namespace } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;

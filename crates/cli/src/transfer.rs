@@ -75,7 +75,15 @@ pub async fn push(
     let registry = args.registry(reference.resolve_registry())?;
     let started = std::time::Instant::now();
     let pushed = registry
-        .push(dir, &reference, &PushOptions { level, layer_cache })
+        .push(
+            dir,
+            &reference,
+            &PushOptions {
+                level,
+                layer_cache,
+                ..Default::default()
+            },
+        )
         .await
         .map_err(|e| args.explain(reference.resolve_registry(), e))
         .map_err(|e| e.context(format!("pushing {} to {target}", dir.display())))?;

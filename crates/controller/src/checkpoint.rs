@@ -20,8 +20,9 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
-    Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointPhase,
-    PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS, checkpointed_pod_template_name, now,
+    Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PUSHING, PodCheckpoint,
+    PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS,
+    checkpointed_pod_template_name, now,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -70,15 +71,52 @@ pub enum NodeDataOnDeletion {
     /// never overlap): a controller before this one stopped mid-checkpoint. It is failed
     /// (`ControllerRestarted`), and the node agent then removes what the kubelet recorded for it.
     Abandoned,
-    /// Ready or Failed on a node: podsnapd's node agent there removes the data, then the finalizer.
+    /// Ready or Failed on a node, or taken and being pushed by the node's agent: that agent
+    /// removes the data, then the finalizer.
     NodeAgent,
+}
+
+/// Checks a storage repository (`registry[:port]/path`, no tag, no digest) before anything is
+/// taken: a name the agent could not push to fails the object now, not after the checkpoint.
+pub fn check_repository(repository: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("storage.image.repository {repository:?}: {why}"));
+    let Some((registry, path)) = repository.split_once('/') else {
+        return bad("it names no registry (registry[:port]/repository)");
+    };
+    if !registry.contains('.') && !registry.contains(':') && registry != "localhost" {
+        return bad("its first part is not a registry host (a dot, a port or localhost)");
+    }
+    if repository.contains('@') {
+        return bad("a repository has no digest: the checkpoint is pushed by its own");
+    }
+    if path.contains(':') {
+        return bad("a repository has no tag: the node agent tags it with the PodCheckpoint's UID");
+    }
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    if !path.split('/').all(component_ok) {
+        return bad(
+            "its path components are lowercase letters, digits and . _ -, each starting alphanumerically",
+        );
+    }
+    let host_ok = registry
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !host_ok {
+        return bad("its registry host has characters a host name does not");
+    }
+    Ok(())
 }
 
 pub fn node_data_on_deletion(status: Option<&PodCheckpointStatus>) -> NodeDataOnDeletion {
     let Some(status) = status.filter(|s| s.node_name.is_some()) else {
         return NodeDataOnDeletion::Nothing;
     };
-    if status.phase == Some(PodCheckpointPhase::Checkpointing) {
+    if status.phase == Some(PodCheckpointPhase::Checkpointing) && !status.is_pushing() {
         NodeDataOnDeletion::Abandoned
     } else {
         NodeDataOnDeletion::NodeAgent
@@ -158,9 +196,14 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             // by the Checkpointing update runs after the one that wrote Ready): ask the API
             // server before concluding anything.
             let fresh = api.get_opt(&name).await?;
-            if fresh.and_then(|o| o.status).and_then(|s| s.phase)
-                != Some(PodCheckpointPhase::Checkpointing)
-            {
+            let Some(status) = fresh
+                .and_then(|o| o.status)
+                .filter(|s| s.phase == Some(PodCheckpointPhase::Checkpointing))
+            else {
+                return Ok(Action::await_change());
+            };
+            if status.is_pushing() {
+                // Taken; its node's agent pushes it and ends it.
                 return Ok(Action::await_change());
             }
             // Found mid-checkpoint: this controller restarted while the kubelet worked. The
@@ -200,6 +243,11 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             ),
         )
         .await;
+    }
+    if let Some(repository) = object.spec.image_repository()
+        && let Err(message) = check_repository(repository)
+    {
+        return fail(&ctx, &object, "InvalidStorage", &message).await;
     }
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     let Some(node) = spec.node_name.clone().filter(|_| running) else {
@@ -274,20 +322,38 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             return fail(&ctx, &object, "CheckpointFailed", &message).await;
         }
     };
-    let status = PodCheckpointStatus {
-        phase: Some(PodCheckpointPhase::Ready),
-        node_name: Some(node.clone()),
-        checkpoint_location: Some(location.clone()),
-        containers,
-        completion_time: Some(now()),
-        pod_template_ref: Some(template),
-        conditions: vec![Condition::new(
-            "Ready",
-            true,
-            "Checkpointed",
-            &format!("checkpoint of {source} at {location} on {node}"),
-        )],
-        ..Default::default()
+    let status = match object.spec.image_repository() {
+        None => PodCheckpointStatus {
+            phase: Some(PodCheckpointPhase::Ready),
+            node_name: Some(node.clone()),
+            checkpoint_location: Some(location.clone()),
+            containers,
+            completion_time: Some(now()),
+            pod_template_ref: Some(template),
+            conditions: vec![Condition::new(
+                "Ready",
+                true,
+                "Checkpointed",
+                &format!("checkpoint of {source} at {location} on {node}"),
+            )],
+            ..Default::default()
+        },
+        // Taken; the node's agent pushes it, then writes Ready with the image.
+        Some(repository) => PodCheckpointStatus {
+            phase: Some(PodCheckpointPhase::Checkpointing),
+            reason: Some(PUSHING.into()),
+            node_name: Some(node.clone()),
+            checkpoint_location: Some(location.clone()),
+            containers,
+            pod_template_ref: Some(template),
+            conditions: vec![Condition::new(
+                "Ready",
+                false,
+                PUSHING,
+                &format!("checkpoint of {source} at {location} on {node}, pushing to {repository}"),
+            )],
+            ..Default::default()
+        },
     };
     // The checkpoint exists now: recording it must not be lost to one failed write (a retried
     // reconcile would find the object Checkpointing and fail it).
@@ -718,6 +784,57 @@ mod tests {
         );
         let stored = parse(fake.get(&checkpoint_path()).unwrap());
         assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
+    }
+
+    #[test]
+    fn storage_repositories_name_a_registry_and_no_tag_or_digest() {
+        for good in [
+            "registry.example/team/counter",
+            "podsnap-registry:5000/e2e/counter",
+            "localhost/x",
+            "10.0.0.1:5000/a/b-c_d.e",
+        ] {
+            assert_eq!(check_repository(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("counter", "names no registry"),
+            ("team/counter", "not a registry host"),
+            ("registry.example/team/counter:v1", "no tag"),
+            ("registry.example/team/counter@sha256:00", "no digest"),
+            ("registry.example/Team/counter", "lowercase"),
+            ("registry.example/team//counter", "lowercase"),
+            ("registry.example/-x", "lowercase"),
+            ("regi$try.example/x", "host name"),
+        ] {
+            let err = check_repository(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_being_pushed_is_left_to_its_node_agent() {
+        // Found Checkpointing with a location (taken; its agent pushes): not failed as one a
+        // restarted controller abandoned, neither when reconciled nor when deleted.
+        let status = json!({"phase": "Checkpointing", "nodeName": "n1", "reason": "Pushing",
+                            "checkpointLocation": "/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t"});
+        let fake = FakeApi::default();
+        fake.put(
+            &checkpoint_path(),
+            checkpoint(
+                json!({"name": "c", "namespace": "default", "uid": "u1", "resourceVersion": "4"}),
+                json!({"sourcePodName": "p",
+                       "storage": {"type": "Image", "image": {"repository": "r.example/x"}}}),
+                status.clone(),
+            ),
+        );
+        reconcile_stored(&fake).await;
+        let stored = fake.get(&checkpoint_path()).unwrap();
+        assert_eq!(stored["status"], status);
+        let parsed: PodCheckpointStatus = serde_json::from_value(status).unwrap();
+        assert_eq!(
+            node_data_on_deletion(Some(&parsed)),
+            NodeDataOnDeletion::NodeAgent
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::api::{
     Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
-    PodRestoreStatus, PodTemplateRef, RESTORE_FROM,
+    PodRestoreStatus, PodTemplateRef, RESTORE_FROM, RESTORE_IMAGE,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -91,6 +91,25 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         Err(message) => return fail(&ctx, &object, "CheckpointIncomplete", &message).await,
     };
     let checkpoint_dir = location.rsplit('/').next().unwrap_or_default().to_string();
+    // Where the pods go: a checkpoint kept on its node only can be restored there alone; one in
+    // a registry anywhere, on the node asked for or where the scheduler puts them.
+    let image = status.image.as_ref().map(|i| i.reference.clone());
+    let target = match (&image, object.spec.node_name.as_deref()) {
+        (None, Some(asked)) if asked != node => {
+            return fail(
+                &ctx,
+                &object,
+                "CheckpointOnAnotherNode",
+                &format!(
+                    "PodCheckpoint {wanted} is kept on node {node} only (storage NodeLocal): it \
+                     cannot be restored on {asked}; checkpoint with storage type Image to move it"
+                ),
+            )
+            .await;
+        }
+        (None, _) => Some(node.clone()),
+        (Some(_), asked) => asked.map(str::to_string),
+    };
     // The checkpoint is in use until this restore's pods run: it is not deleted meanwhile.
     let in_use = checkpoint
         .finalizers()
@@ -136,9 +155,19 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             return pod_exists(&ctx, &object, &namespace, pod_name).await;
         }
         let mut pod_spec = spec.clone();
-        pod_spec["nodeName"] = json!(node);
+        match &target {
+            Some(node) => pod_spec["nodeName"] = json!(node),
+            None => {
+                if let Some(spec) = pod_spec.as_object_mut() {
+                    spec.remove("nodeName");
+                }
+            }
+        }
         let mut annotations = template.annotations.clone();
         annotations.insert(RESTORE_FROM.to_string(), checkpoint_dir.clone());
+        if let Some(image) = &image {
+            annotations.insert(RESTORE_IMAGE.to_string(), image.clone());
+        }
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -174,7 +203,15 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             object.as_ref(),
             EventType::Normal,
             "Restoring",
-            &format!("pod {pod_name} restoring from {checkpoint_dir} on node {node}"),
+            &match (&image, &target) {
+                (None, _) => {
+                    format!("pod {pod_name} restoring from {checkpoint_dir} on node {node}")
+                }
+                (Some(image), Some(target)) => {
+                    format!("pod {pod_name} restoring from {image} on node {target}")
+                }
+                (Some(image), None) => format!("pod {pod_name} restoring from {image}"),
+            },
         )
         .await;
     }
@@ -516,6 +553,60 @@ mod tests {
         running["status"] = json!({"phase": "Running"});
         fake.put(&pod_path("x"), running);
         assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+    }
+
+    /// Sets a field of the stored PodCheckpoint's status or the PodRestore's spec.
+    fn set(fake: &FakeApi, path: &str, pointer: &str, value: Value) {
+        let mut object = fake.get(path).unwrap();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        object.pointer_mut(parent).unwrap()[key] = value;
+        fake.put(path, object);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_in_a_registry_is_restored_where_the_scheduler_or_the_restore_says() {
+        let image = "registry.example:5000/team/counter@sha256:".to_string() + &"a".repeat(64);
+        let checkpoint = path_of(GROUP, "podcheckpoints", "default", "c");
+        let mut stored = fake_checkpoint_with_image(&image);
+        // Unpinned: no nodeName (the template's is dropped), the image beside restore-from.
+        let status = reconcile_stored(&stored).await;
+        assert_eq!(status.phase(), "Restoring", "{}", status.0);
+        let created = stored.get(&pod_path("x")).unwrap();
+        assert!(created["spec"].get("nodeName").is_none(), "{created}");
+        assert_eq!(
+            created["metadata"]["annotations"][RESTORE_FROM],
+            "checkpoint-p_default-t"
+        );
+        assert_eq!(created["metadata"]["annotations"][RESTORE_IMAGE], image);
+        // A node asked for: there.
+        stored = fake_checkpoint_with_image(&image);
+        set(&stored, &restore_path(), "/spec/nodeName", json!("n2"));
+        reconcile_stored(&stored).await;
+        let created = stored.get(&pod_path("x")).unwrap();
+        assert_eq!(created["spec"]["nodeName"], "n2");
+        // A node-local checkpoint cannot go to another node...
+        let fake = cluster();
+        set(&fake, &restore_path(), "/spec/nodeName", json!("n2"));
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Failed", "{}", status.0);
+        assert_eq!(status.0["reason"], "CheckpointOnAnotherNode");
+        assert!(fake.get(&pod_path("x")).is_none());
+        // ...and asking for its own node is fine.
+        let fake = cluster();
+        set(&fake, &restore_path(), "/spec/nodeName", json!("n1"));
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Restoring");
+        assert!(fake.get(&checkpoint).is_some());
+    }
+
+    fn fake_checkpoint_with_image(image: &str) -> FakeApi {
+        let fake = cluster();
+        let path = path_of(GROUP, "podcheckpoints", "default", "c");
+        let mut checkpoint = fake.get(&path).unwrap();
+        checkpoint["spec"]["storage"] =
+            json!({"type": "Image", "image": {"repository": "registry.example:5000/team/counter"}});
+        checkpoint["status"]["image"] = json!({"reference": image, "size": 1});
+        fake.put(&path, checkpoint);
+        fake
     }
 
     #[tokio::test]

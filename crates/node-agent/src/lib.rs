@@ -17,6 +17,14 @@
 //! A PodCheckpoint deleted while it is still being taken keeps its node-data finalizer until the
 //! controller has ended it (Ready, with its location; or Failed): the data the kubelet is writing
 //! then is removed too, not left behind once the object is gone.
+//!
+//! Checkpoint images ([`images`]): a PodCheckpoint with storage type `Image` that the kubelet has
+//! taken on this node (Checkpointing, reason `Pushing`, with its location) is pushed by this
+//! node's agent to its repository, tagged with the object's UID, and ended Ready with the image
+//! by digest in `status.image` (Failed, `PushFailed`, when the push fails). A pod bound to this
+//! node and annotated `checkpoint.k8s.io/restore-image` (a restore of such a checkpoint) has its
+//! checkpoint pulled into the kubelet's directory before the kubelet can restore it ([`pulls`]);
+//! pulled checkpoints no pod on the node names any more are removed after a while.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +37,14 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use podsnap_checkpoint_api::finalizers::{self, NODE_DATA};
-use podsnap_checkpoint_api::{PodCheckpoint, PodCheckpointPhase};
+use podsnap_checkpoint_api::{
+    CheckpointImageStatus, Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus,
+};
+
+pub mod images;
+pub mod pulls;
+
+pub use images::RegistryConfig;
 
 /// Why a reconcile failed (it is retried after a pause).
 #[derive(Debug, thiserror::Error)]
@@ -72,20 +87,28 @@ pub struct Agent {
     pub node: String,
     /// The kubelet's pod checkpoint directory (`<root-dir>/pod-checkpoints`).
     pub checkpoints_dir: PathBuf,
+    /// podsnapd's pins of checkpoint manifests ([`podsnap_checkpoint_format::pins::PIN_DIR`]).
+    pub pins_dir: PathBuf,
+    /// How registries are reached.
+    pub registry: RegistryConfig,
+    /// The most bytes one pulled checkpoint may unpack to.
+    pub max_pull_bytes: u64,
+    /// How long a pulled checkpoint no pod on this node names is kept.
+    pub pulled_ttl: Duration,
 }
 
-/// Runs the agent until the watch ends.
+/// Runs the agent until its watches end.
 pub async fn run(agent: Agent) {
     let agent = Arc::new(agent);
     let on_this_node =
         watcher::Config::default().fields(&format!("status.nodeName={}", agent.node));
-    Controller::new(
+    let checkpoints = Controller::new(
         Api::<PodCheckpoint>::all(agent.client.clone()),
         on_this_node,
     )
-    .run(reconcile, requeue_on_error, agent)
-    .for_each(|_| async {})
-    .await;
+    .run(reconcile, requeue_on_error, agent.clone())
+    .for_each(|_| async {});
+    futures::join!(checkpoints, pulls::run(agent));
 }
 
 async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Action, Error> {
@@ -94,6 +117,11 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
         return Ok(Action::await_change());
     }
     if object.meta().deletion_timestamp.is_none() {
+        if status.is_pushing()
+            && let Some(repository) = object.spec.image_repository()
+        {
+            return push(&object, &status, repository, &agent).await;
+        }
         if status.phase == Some(PodCheckpointPhase::Failed)
             && let Some(uid) = object.uid()
         {
@@ -139,13 +167,103 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
     Ok(Action::await_change())
 }
 
-/// Whether the checkpoint has ended, Ready or Failed: until then the kubelet may still be writing
-/// data that no status names yet.
-pub fn has_ended(status: &podsnap_checkpoint_api::PodCheckpointStatus) -> bool {
+/// Pushes a checkpoint taken on this node to its repository, then ends its PodCheckpoint: Ready
+/// with the image by digest, or Failed (`PushFailed`; its data is then removed as any failed
+/// checkpoint's). The status is written only over the version read (a merge patch that names
+/// its resourceVersion): an object changed meanwhile (deleted and failed by the controller) is
+/// left as it is.
+async fn push(
+    object: &PodCheckpoint,
+    status: &PodCheckpointStatus,
+    repository: &str,
+    agent: &Agent,
+) -> Result<Action, Error> {
+    let name = object.name_any();
+    let location = status.checkpoint_location.as_deref().unwrap_or_default();
+    let uid = object.uid().unwrap_or_default();
+    let checkpoint = Path::new(location)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("location {location:?} names no checkpoint"))
+        .and_then(|n| images::checkpoint_in(&agent.checkpoints_dir, n));
+    tracing::info!(checkpoint = %name, %location, %repository, "pushing");
+    let started = std::time::Instant::now();
+    let result = match checkpoint {
+        Ok(checkpoint) => {
+            images::push(
+                &agent.registry,
+                &agent.pins_dir,
+                &checkpoint,
+                repository,
+                &uid,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    let ended = match &result {
+        Ok(pushed) => {
+            tracing::info!(checkpoint = %name, reference = %pushed.reference, size = pushed.size, uploaded = pushed.uploaded, seconds = started.elapsed().as_secs_f64(), "pushed");
+            serde_json::json!({
+                "phase": "Ready",
+                "reason": null,
+                "message": null,
+                "image": CheckpointImageStatus {
+                    reference: pushed.reference.clone(),
+                    size: i64::try_from(pushed.size).unwrap_or(i64::MAX),
+                },
+                "completionTime": podsnap_checkpoint_api::now(),
+                "conditions": [Condition::new(
+                    "Ready",
+                    true,
+                    "Checkpointed",
+                    &format!("checkpoint at {location} on {}, pushed as {}", agent.node, pushed.reference),
+                )],
+            })
+        }
+        Err(message) => {
+            tracing::warn!(checkpoint = %name, %message, "push failed");
+            serde_json::json!({
+                "phase": "Failed",
+                "reason": "PushFailed",
+                "message": message,
+                "conditions": [Condition::new("Ready", false, "PushFailed", message)],
+            })
+        }
+    };
+    let api: Api<PodCheckpoint> = Api::namespaced(
+        agent.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": object.resource_version()},
+        "status": ended,
+    });
+    match api
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(Action::await_change()),
+        // Changed meanwhile: its next version is reconciled on its own.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            tracing::info!(checkpoint = %name, "changed while it was pushed; its new version decides");
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the checkpoint has ended, Ready or Failed, or is taken and being pushed by this agent:
+/// until then the kubelet may still be writing data that no status names yet.
+pub fn has_ended(status: &PodCheckpointStatus) -> bool {
     matches!(
         status.phase,
         Some(PodCheckpointPhase::Ready | PodCheckpointPhase::Failed)
-    )
+    ) || status.is_pushing()
 }
 
 /// The kubelet's record of a pod checkpoint: `<checkpoint>.kubelet.json`.

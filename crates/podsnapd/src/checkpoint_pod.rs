@@ -424,8 +424,12 @@ pub async fn checkpoint_pod(
             // Pinned outside the checkpoint: a restore refuses it changed, hashes and all.
             let digest =
                 podsnap_checkpoint_format::manifest_sha256(&output).map_err(|e| e.to_string())?;
-            crate::pins::pin(std::path::Path::new(crate::pins::PIN_DIR), &output, &digest)
-                .map_err(|e| format!("pin the checkpoint's manifest: {e}"))
+            podsnap_checkpoint_format::pins::pin(
+                std::path::Path::new(podsnap_checkpoint_format::pins::PIN_DIR),
+                &output,
+                &digest,
+            )
+            .map_err(|e| format!("pin the checkpoint's manifest: {e}"))
         }
     })
     .await

@@ -5,14 +5,13 @@
 //! Modules: `server` (socket, connections, routing, shutdown), `route` (which calls stay),
 //! `forward` (the raw proxy to containerd), `pod_rpc` (the pod RPCs' gRPC side and the
 //! [`PodCheckpointer`] trait), `pod` (what they do), `deadline` (`grpc-timeout`), `socket`,
-//! `security` (a restore's security settings against the checkpoint's), `pins` (manifest digests
-//! recorded at checkpoint time), `in_flight` (one call per sandbox and checkpoint directory).
+//! `security` (a restore's security settings against the checkpoint's; manifest pins are
+//! [`podsnap_checkpoint_format::pins`]), `in_flight` (one call per sandbox and checkpoint directory).
 
 mod checkpoint_pod;
 mod deadline;
 mod forward;
 pub mod in_flight;
-mod pins;
 pub mod pod;
 mod pod_options;
 mod pod_rpc;

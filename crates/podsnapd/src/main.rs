@@ -36,7 +36,8 @@ struct Args {
 enum Mode {
     /// Run this node's agent instead of the CRI server: remove the node-local data of deleted
     /// PodCheckpoints whose deletion policy is Delete (the `checkpoint.k8s.io/node-data`
-    /// finalizer), then that finalizer.
+    /// finalizer), then that finalizer; push checkpoints stored as images; pull them for
+    /// restores on this node.
     NodeAgent {
         /// A kubeconfig; $KUBECONFIG or the in-cluster configuration when not given.
         #[arg(long)]
@@ -47,6 +48,28 @@ enum Mode {
         /// The kubelet's pod checkpoint directory (<root-dir>/pod-checkpoints).
         #[arg(long, default_value = "/var/lib/kubelet/pod-checkpoints")]
         checkpoints_dir: PathBuf,
+        /// podsnapd's pins of checkpoint manifests.
+        #[arg(long, default_value = podsnap_checkpoint_format::pins::PIN_DIR)]
+        pins_dir: PathBuf,
+        /// A registry (host:port) reached over plain HTTP instead of HTTPS (repeat for several,
+        /// or separate with commas).
+        #[arg(
+            long = "insecure-registry",
+            value_name = "HOST:PORT",
+            value_delimiter = ',',
+            env = "PODSNAP_INSECURE_REGISTRIES"
+        )]
+        insecure: Vec<String>,
+        /// A Docker config file (a kubernetes.io/dockerconfigjson Secret's payload) with
+        /// registry credentials; anonymous where it has none.
+        #[arg(long, value_name = "FILE")]
+        auth_file: Option<PathBuf>,
+        /// The most bytes one pulled checkpoint may unpack to.
+        #[arg(long, value_name = "BYTES", default_value_t = 64 << 30)]
+        max_pull_size: u64,
+        /// Seconds a pulled checkpoint no pod on this node names is kept.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        pulled_ttl: u64,
     },
 }
 
@@ -66,9 +89,35 @@ async fn main() -> anyhow::Result<()> {
         kubeconfig,
         node,
         checkpoints_dir,
+        pins_dir,
+        insecure,
+        auth_file,
+        max_pull_size,
+        pulled_ttl,
     }) = args.mode
     {
-        return node_agent(kubeconfig, node, checkpoints_dir).await;
+        anyhow::ensure!(!node.is_empty(), "--node is empty");
+        for dir in [&checkpoints_dir, &pins_dir] {
+            anyhow::ensure!(
+                dir.is_absolute(),
+                "{} is not an absolute path",
+                dir.display()
+            );
+        }
+        let client = podsnap_node_agent::client(kubeconfig.as_deref()).await?;
+        let agent = podsnap_node_agent::Agent {
+            client,
+            node,
+            checkpoints_dir,
+            pins_dir,
+            registry: podsnap_node_agent::RegistryConfig {
+                insecure: insecure.into_iter().filter(|r| !r.is_empty()).collect(),
+                auth_file,
+            },
+            max_pull_bytes: max_pull_size,
+            pulled_ttl: Duration::from_secs(pulled_ttl),
+        };
+        return node_agent(agent).await;
     }
 
     let containerd = RuntimeServiceClient::new(unix_channel(&args.containerd))
@@ -94,22 +143,16 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// `podsnapd node-agent`: runs until SIGTERM or SIGINT.
-async fn node_agent(
-    kubeconfig: Option<PathBuf>,
-    node: String,
-    checkpoints_dir: PathBuf,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(!node.is_empty(), "--node is empty");
-    anyhow::ensure!(
-        checkpoints_dir.is_absolute(),
-        "--checkpoints-dir {} is not an absolute path",
-        checkpoints_dir.display()
+async fn node_agent(agent: podsnap_node_agent::Agent) -> anyhow::Result<()> {
+    tracing::info!(
+        node = %agent.node,
+        dir = %agent.checkpoints_dir.display(),
+        insecure = ?agent.registry.insecure,
+        "podsnapd node agent started"
     );
-    let client = podsnap_node_agent::client(kubeconfig.as_deref()).await?;
-    tracing::info!(%node, dir = %checkpoints_dir.display(), "podsnapd node agent started");
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     tokio::select! {
-        _ = podsnap_node_agent::run(podsnap_node_agent::Agent { client, node, checkpoints_dir }) => {}
+        _ = podsnap_node_agent::run(agent) => {}
         _ = shutdown => {}
     }
     tracing::info!("podsnapd node agent stopped");

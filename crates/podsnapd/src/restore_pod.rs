@@ -47,8 +47,11 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             }
             other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
         })?;
-    match crate::pins::lookup(Path::new(crate::pins::PIN_DIR), &path) {
-        Ok(crate::pins::Pin::Pinned(pinned)) if pinned != digest => {
+    match podsnap_checkpoint_format::pins::lookup(
+        Path::new(podsnap_checkpoint_format::pins::PIN_DIR),
+        &path,
+    ) {
+        Ok(podsnap_checkpoint_format::pins::Pin::Pinned(pinned)) if pinned != digest => {
             return Err(Status::failed_precondition(format!(
                 "checkpoint {checkpoint_path} was changed since this node took it: its manifest \
                  has sha256 {digest}, {pinned} when it was written"

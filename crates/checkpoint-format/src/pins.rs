@@ -4,8 +4,12 @@
 //! A manifest lists the sha256 of every file, but it lives beside the files it protects: whoever
 //! can change a checkpoint can re-compute its hashes. A restore of a checkpoint this node's
 //! podsnapd took is refused unless its manifest is byte for byte the one pinned then. (A
-//! checkpoint with no pin — copied here from elsewhere — is verified by its manifest alone;
-//! checkpoints that travel between nodes are pinned by their registry digest instead.)
+//! checkpoint with no pin — copied here from elsewhere — is verified by its manifest alone.) A
+//! checkpoint pulled from a registry is pinned by the node agent that pulled it, to the config
+//! digest its image manifest named: the manifest file it pulled, verified against that digest.
+//!
+//! The node agent also reads the pin before it pushes a checkpoint: one whose manifest is not the
+//! pinned one does not leave the node.
 
 use std::fs;
 use std::io::Write;

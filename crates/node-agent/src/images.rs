@@ -1,0 +1,331 @@
+//! The node agent's registry side: pushing a checkpoint taken on this node whose PodCheckpoint
+//! asks for storage type `Image`, and pulling a checkpoint image for a pod bound to this node
+//! (annotated `checkpoint.k8s.io/restore-image`) into the kubelet's checkpoint directory.
+//!
+//! The chain of trust, end to end: podsnapd pins each checkpoint's manifest when it writes it
+//! ([`pins`]); a push refuses a checkpoint whose manifest is not the pinned one, and sends it
+//! with the kubelet's record as an annotation of the image manifest; the PodCheckpoint's status
+//! names the image by digest; a pull verifies every blob against that digest, and pins what it
+//! unpacked to the config digest it named, so podsnapd's restore refuses anything changed on
+//! disk since.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use podsnap_checkpoint_api::KUBELET_RECORD_ANNOTATION;
+use podsnap_checkpoint_format::pins;
+use podsnap_checkpoint_registry::{Access, PushOptions, Pushed, Registry, reference};
+
+/// How the agent reaches registries.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// A Docker config file (a `kubernetes.io/dockerconfigjson` Secret's payload) with
+    /// credentials, per registry; anonymous where it has none, or when the file does not exist
+    /// (an optional Secret not created).
+    pub auth_file: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// A client for `registry` (host[:port]), with its credentials if the auth file has some.
+    pub fn client(&self, registry: &str) -> Result<Registry, String> {
+        let credentials = match &self.auth_file {
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => podsnap_checkpoint_image::auth::credentials(&bytes, registry)
+                    .map_err(|e| format!("auth file {}: {e}", path.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(format!("reading the auth file {}: {e}", path.display())),
+            },
+            None => None,
+        };
+        Registry::new(&Access {
+            insecure: self.insecure.clone(),
+            credentials,
+            retry: Default::default(),
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The kubelet's record beside a checkpoint directory.
+pub fn record_path(checkpoint: &Path) -> PathBuf {
+    let mut path = checkpoint.as_os_str().to_owned();
+    path.push(crate::RECORD_SUFFIX);
+    PathBuf::from(path)
+}
+
+/// The largest kubelet record read.
+const MAX_RECORD: u64 = 1 << 20;
+
+/// Checks that `name` is a checkpoint's name as the kubelet gives it (`checkpoint-…`, one path
+/// component, not a record), and returns its directory under `dir`.
+pub fn checkpoint_in(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let ok = name.starts_with("checkpoint-")
+        && !name.contains('/')
+        && !name.contains('\0')
+        && !name.ends_with(crate::RECORD_SUFFIX)
+        && !name.ends_with(PULLED_SUFFIX)
+        && name.len() <= 255;
+    if !ok {
+        return Err(format!("{name:?} is not a pod checkpoint name"));
+    }
+    Ok(dir.join(name))
+}
+
+/// Pushes the checkpoint at `checkpoint` (in the kubelet's directory, taken by this node's
+/// podsnapd) to `repository`, tagged `tag`. The manifest must be the one podsnapd pinned; the
+/// kubelet's record goes along as an annotation.
+pub async fn push(
+    config: &RegistryConfig,
+    pins_dir: &Path,
+    checkpoint: &Path,
+    repository: &str,
+    tag: &str,
+) -> Result<Pushed, String> {
+    let at = |e: String| format!("checkpoint {}: {e}", checkpoint.display());
+    let digest =
+        podsnap_checkpoint_format::manifest_sha256(checkpoint).map_err(|e| at(e.to_string()))?;
+    match pins::lookup(pins_dir, checkpoint).map_err(|e| at(format!("its pin: {e}")))? {
+        pins::Pin::Pinned(pinned) if pinned == digest => {}
+        pins::Pin::Pinned(pinned) => {
+            return Err(at(format!(
+                "its manifest has sha256 {digest}, {pinned} when podsnapd wrote it: it was changed, and is not pushed"
+            )));
+        }
+        pins::Pin::Unknown => {
+            return Err(at(format!(
+                "podsnapd has no pin of it in {}: only checkpoints this node's podsnapd took are pushed",
+                pins_dir.display()
+            )));
+        }
+    }
+    let record = read_record(&record_path(checkpoint)).map_err(at)?;
+    let target = reference(&format!("{repository}:{tag}")).map_err(|e| e.to_string())?;
+    let registry = config.client(target.resolve_registry())?;
+    let options = PushOptions {
+        annotations: BTreeMap::from([(KUBELET_RECORD_ANNOTATION.to_string(), record)]),
+        ..Default::default()
+    };
+    registry
+        .push(checkpoint, &target, &options)
+        .await
+        .map_err(|e| format!("pushing {} to {repository}: {e}", checkpoint.display()))
+}
+
+/// Reads a kubelet record: a regular file (no link) of at most [`MAX_RECORD`] bytes holding a
+/// JSON object.
+fn read_record(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("the kubelet's record {}: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_RECORD + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("the kubelet's record {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_RECORD {
+        return Err(format!(
+            "the kubelet's record {} is larger than {MAX_RECORD} bytes",
+            path.display()
+        ));
+    }
+    check_record(&text).map_err(|e| format!("the kubelet's record {}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// What a record must hold to be written beside a pulled checkpoint: a JSON object naming a
+/// namespace; the kubelet checks the rest against the pod it restores.
+fn check_record(text: &str) -> Result<serde_json::Value, String> {
+    let record: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    if record["namespace"].as_str().is_none_or(str::is_empty) {
+        return Err("it names no namespace".into());
+    }
+    Ok(record)
+}
+
+/// The marker beside a checkpoint this agent pulled (`<checkpoint>.pulled`): the image's digest.
+/// Only checkpoints with one are garbage-collected by the agent; the kubelet's own stay with
+/// their PodCheckpoints.
+pub const PULLED_SUFFIX: &str = ".pulled";
+
+fn pulled_marker(checkpoint: &Path) -> PathBuf {
+    let mut path = checkpoint.as_os_str().to_owned();
+    path.push(PULLED_SUFFIX);
+    PathBuf::from(path)
+}
+
+/// What a pull did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PullOutcome {
+    /// The checkpoint was pulled, verified, recorded and pinned.
+    Pulled { size: u64 },
+    /// It was here already: pulled before (same image), or taken on this node.
+    Present,
+}
+
+/// Pulls checkpoint image `image` (by digest) into `<dir>/<name>` for a pod in `namespace`:
+/// the kubelet's record from the image's annotation is written first, then the checkpoint
+/// appears whole (verified against the digest), is pinned to the config digest the image named,
+/// and marked as pulled. A failure leaves neither record nor checkpoint.
+pub async fn pull(
+    config: &RegistryConfig,
+    pins_dir: &Path,
+    dir: &Path,
+    name: &str,
+    image: &str,
+    namespace: &str,
+    max_bytes: u64,
+) -> Result<PullOutcome, String> {
+    let checkpoint = checkpoint_in(dir, name)?;
+    let source = reference(image).map_err(|e| e.to_string())?;
+    let Some(digest) = source.digest().map(str::to_string) else {
+        return Err(format!(
+            "{image} names no digest: a checkpoint image is restored by digest only"
+        ));
+    };
+    let marker = pulled_marker(&checkpoint);
+    if std::fs::symlink_metadata(&checkpoint).is_ok() {
+        return match std::fs::read_to_string(&marker) {
+            Ok(pulled) if pulled.trim() == digest => Ok(PullOutcome::Present),
+            Ok(pulled) => Err(format!(
+                "{} was pulled from another image ({}), not {digest}",
+                checkpoint.display(),
+                pulled.trim()
+            )),
+            // Taken here: the kubelet's own, which the restore uses as it is.
+            Err(_) => Ok(PullOutcome::Present),
+        };
+    }
+    let registry = config.client(source.resolve_registry())?;
+    // A record of an earlier pull that did not finish (the agent stopped) is this pull's to
+    // replace; a record with no checkpoint is nothing the kubelet can use.
+    let record_file = record_path(&checkpoint);
+    let _ = std::fs::remove_file(&record_file);
+    let _ = std::fs::remove_file(&marker);
+    let cleanup = || {
+        let _ = std::fs::remove_file(&record_file);
+        let _ = std::fs::remove_file(&marker);
+        if std::fs::symlink_metadata(&checkpoint).is_ok_and(|m| m.is_dir()) {
+            let _ = std::fs::remove_dir_all(&checkpoint);
+        }
+    };
+    // Into a directory beside, then renamed: the kubelet sees the checkpoint only once its
+    // record is there.
+    let staging = dir.join(format!(".pull-{name}"));
+    if std::fs::symlink_metadata(&staging).is_ok() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| format!("removing the stale {}: {e}", staging.display()))?;
+    }
+    let pulled = match registry.pull(&source, &staging, max_bytes).await {
+        Ok(pulled) => pulled,
+        Err(e) => return Err(format!("pulling {image}: {e}")),
+    };
+    let finish = || -> Result<u64, String> {
+        let record = pulled
+            .annotations
+            .get(KUBELET_RECORD_ANNOTATION)
+            .ok_or_else(|| {
+                format!("{image} carries no kubelet record ({KUBELET_RECORD_ANNOTATION})")
+            })?;
+        let parsed = check_record(record).map_err(|e| format!("{image}'s kubelet record: {e}"))?;
+        if parsed["namespace"].as_str() != Some(namespace) {
+            return Err(format!(
+                "{image} is a checkpoint of namespace {:?}, the pod is in {namespace:?}: checkpoints do not cross namespaces",
+                parsed["namespace"].as_str().unwrap_or_default()
+            ));
+        }
+        // What the registry's digest covered is what podsnapd's restore will accept: the
+        // manifest file, whose sha256 the config digest is.
+        let pin = pulled
+            .config_digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| format!("{image}: config digest {}", pulled.config_digest))?;
+        let on_disk = podsnap_checkpoint_format::manifest_sha256(&staging)
+            .map_err(|e| format!("{}: {e}", staging.display()))?;
+        if on_disk != pin {
+            return Err(format!(
+                "{image}: the unpacked manifest has sha256 {on_disk}, the image's config {pin}"
+            ));
+        }
+        write_root_only(&record_file, record.as_bytes())?;
+        std::fs::rename(&staging, &checkpoint).map_err(|e| {
+            format!(
+                "renaming {} to {}: {e}",
+                staging.display(),
+                checkpoint.display()
+            )
+        })?;
+        pins::pin(pins_dir, &checkpoint, pin)
+            .map_err(|e| format!("pinning {}: {e}", checkpoint.display()))?;
+        write_root_only(&marker, format!("{digest}\n").as_bytes())?;
+        Ok(pulled.size)
+    };
+    match finish() {
+        Ok(size) => Ok(PullOutcome::Pulled { size }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            cleanup();
+            Err(e)
+        }
+    }
+}
+
+/// Writes `bytes` to `path` (0600, synced), through a temporary file renamed into place.
+fn write_root_only(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        format!("writing {}: {e}", path.display())
+    })
+}
+
+/// The checkpoints this agent pulled into `dir` (those with a `.pulled` marker), by name.
+pub fn pulled_checkpoints(dir: &Path) -> Vec<(String, std::time::SystemTime)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry
+                .file_name()
+                .to_str()?
+                .strip_suffix(PULLED_SUFFIX)?
+                .to_string();
+            let modified = entry.metadata().ok()?.modified().ok()?;
+            name.starts_with("checkpoint-").then_some((name, modified))
+        })
+        .collect()
+}
+
+/// Removes a checkpoint this agent pulled: the directory, the kubelet's record and the marker.
+pub fn remove_pulled(dir: &Path, name: &str) -> Result<(), String> {
+    let checkpoint = checkpoint_in(dir, name)?;
+    crate::remove_data(dir, &checkpoint)?;
+    match std::fs::remove_file(pulled_marker(&checkpoint)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!(
+            "remove {}: {e}",
+            pulled_marker(&checkpoint).display()
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,261 @@
+//! The node agent's push and pull of checkpoint images against a real registry (Debian's
+//! docker-registry, started on a free loopback port with storage of its own; a missing binary
+//! fails the test): a checkpoint goes up only when it is the one podsnapd pinned, with the
+//! kubelet's record; it comes down by digest only, into the kubelet's directory with that
+//! record, pinned to what was pulled, and never into another namespace.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use podsnap_checkpoint_format::pins::{self, Pin};
+use podsnap_checkpoint_format::{self as format, ContainerEntry, Manifest, PodEntry};
+use podsnap_node_agent::RegistryConfig;
+use podsnap_node_agent::images::{self, PullOutcome};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A registry of the test's own; stopped (by its pid) when dropped.
+struct TestRegistry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    fn start() -> Self {
+        assert!(
+            Path::new(REGISTRY_BIN).exists(),
+            "{REGISTRY_BIN} is missing: run hack/install.sh (Debian package docker-registry)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = TestRegistry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    fn config(&self) -> RegistryConfig {
+        RegistryConfig {
+            insecure: vec![self.addr.clone()],
+            auth_file: None,
+        }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-container checkpoint of pod `counter` in `default`, as podsnapd writes one, with the
+/// kubelet's record beside it; pinned in `pins_dir`.
+fn checkpoint(dir: &Path, name: &str, pins_dir: &Path) -> PathBuf {
+    let root = dir.join(name);
+    for (path, data) in [
+        ("counter/checkpoint/pages-1.img", &b"pages"[..]),
+        ("counter/checkpoint/inventory.img", b"inventory"),
+        ("counter/rootfs-diff.tar", b"diff"),
+    ] {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    let mut manifest = Manifest {
+        format: format::FORMAT.into(),
+        version: format::VERSION,
+        minor: format::MINOR,
+        created: "2026-12-03T00:00:00Z".into(),
+        pod: PodEntry {
+            sandbox_id: "sb".into(),
+            name: "counter".into(),
+            namespace: "default".into(),
+            uid: "u".into(),
+            runtime_handler: "podsnap".into(),
+            config: serde_json::json!({}),
+        },
+        containers: vec![ContainerEntry {
+            name: "counter".into(),
+            id: "id".into(),
+            image: "busybox".into(),
+            image_ref: "sha256:x".into(),
+            config: serde_json::json!({}),
+        }],
+        criu_version: "4.1.1".into(),
+        kernel: "6.1.0".into(),
+        options: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    format::write_manifest(&root, &mut manifest).unwrap();
+    std::fs::write(
+        images::record_path(&root),
+        r#"{"apiVersion":"podcheckpoint.kubelet.k8s.io/v1alpha1","namespace":"default","name":"counter","containers":[{"name":"counter","image":"busybox"}]}"#,
+    )
+    .unwrap();
+    pins::pin(pins_dir, &root, &format::manifest_sha256(&root).unwrap()).unwrap();
+    root
+}
+
+fn mode(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions()) & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_another_node() {
+    let registry = TestRegistry::start();
+    let config = registry.config();
+    let source = tempfile::tempdir().unwrap();
+    let source_pins = source.path().join("pins");
+    let name = "checkpoint-counter_default-2026-12-03T00:00:00Z";
+    let taken = checkpoint(source.path(), name, &source_pins);
+    let repository = format!("{}/e2e/counter", registry.addr);
+
+    let pushed = images::push(&config, &source_pins, &taken, &repository, "uid-1")
+        .await
+        .unwrap();
+    assert!(
+        pushed
+            .reference
+            .starts_with(&format!("{repository}@sha256:")),
+        "{pushed:?}"
+    );
+
+    // The other node: its own kubelet directory and pins.
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("pod-checkpoints");
+    std::fs::create_dir(&dir).unwrap();
+    let pins_dir = target.path().join("pins");
+    let pull = |name: &'static str, image: String, namespace: &'static str| {
+        let (config, pins_dir, dir) = (config.clone(), pins_dir.clone(), dir.clone());
+        async move { images::pull(&config, &pins_dir, &dir, name, &image, namespace, 1 << 30).await }
+    };
+
+    // By tag: refused; into another namespace: refused; a name that is no checkpoint's: refused.
+    let by_tag = format!("{repository}:uid-1");
+    let err = pull(name, by_tag.clone(), "default").await.unwrap_err();
+    assert!(err.contains("names no digest"), "{err}");
+    let err = pull(name, pushed.reference.clone(), "other")
+        .await
+        .unwrap_err();
+    assert!(err.contains("do not cross namespaces"), "{err}");
+    for bad in [
+        "../checkpoint-x",
+        "x",
+        "checkpoint-a/b",
+        "checkpoint-a.kubelet.json",
+    ] {
+        let err = pull(bad, pushed.reference.clone(), "default")
+            .await
+            .unwrap_err();
+        assert!(err.contains("not a pod checkpoint name"), "{bad}: {err}");
+    }
+    // Each refusal left nothing behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    let outcome = pull(name, pushed.reference.clone(), "default")
+        .await
+        .unwrap();
+    assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
+    let pulled = dir.join(name);
+    format::verify(&pulled).unwrap();
+    assert_eq!(
+        std::fs::read(images::record_path(&pulled)).unwrap(),
+        std::fs::read(images::record_path(&taken)).unwrap()
+    );
+    assert_eq!(mode(&images::record_path(&pulled)), 0o600);
+    // Pinned to what the image named: podsnapd's restore refuses it changed from now on.
+    assert_eq!(
+        pins::lookup(&pins_dir, &pulled).unwrap(),
+        Pin::Pinned(format::manifest_sha256(&taken).unwrap())
+    );
+    // Again: it is here.
+    assert_eq!(
+        pull(name, pushed.reference.clone(), "default")
+            .await
+            .unwrap(),
+        PullOutcome::Present
+    );
+    let pulled_names: Vec<String> = images::pulled_checkpoints(&dir)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(pulled_names, vec![name.to_string()]);
+    images::remove_pulled(&dir, name).unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_the_node() {
+    let registry = TestRegistry::start();
+    let config = registry.config();
+    let node = tempfile::tempdir().unwrap();
+    let pins_dir = node.path().join("pins");
+    let repository = format!("{}/e2e/counter", registry.addr);
+
+    // Changed, its hashes re-computed: it verifies, but is not the one podsnapd wrote.
+    let changed = checkpoint(node.path(), "checkpoint-a_default-t", &pins_dir);
+    std::fs::write(changed.join("counter/checkpoint/pages-1.img"), b"PAGES").unwrap();
+    let mut rewritten: Manifest =
+        serde_json::from_slice(&std::fs::read(changed.join(format::MANIFEST)).unwrap()).unwrap();
+    rewritten.files.clear();
+    std::fs::remove_file(changed.join(format::MANIFEST)).unwrap();
+    format::write_manifest(&changed, &mut rewritten).unwrap();
+    format::verify(&changed).unwrap();
+    let err = images::push(&config, &pins_dir, &changed, &repository, "t")
+        .await
+        .unwrap_err();
+    assert!(err.contains("it was changed, and is not pushed"), "{err}");
+
+    // Never pinned on this node.
+    let unpinned = checkpoint(
+        node.path(),
+        "checkpoint-b_default-t",
+        &node.path().join("other-pins"),
+    );
+    let err = images::push(&config, &pins_dir, &unpinned, &repository, "t")
+        .await
+        .unwrap_err();
+    assert!(err.contains("has no pin of it"), "{err}");
+
+    // No kubelet record beside it.
+    let pinned = checkpoint(node.path(), "checkpoint-c_default-t", &pins_dir);
+    std::fs::remove_file(images::record_path(&pinned)).unwrap();
+    let err = images::push(&config, &pins_dir, &pinned, &repository, "t")
+        .await
+        .unwrap_err();
+    assert!(err.contains("the kubelet's record"), "{err}");
+}
