@@ -178,7 +178,11 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
     let registry = agents_registry(cluster);
-    let pod = cluster.create_pod(counter_on("e2e-kind-move", from));
+    // Bound to its node by name, not by a node selector: the restored pod keeps the checkpointed
+    // spec, and a selector for the first worker would have the second refuse it (NodeAffinity).
+    let mut source = counter_pod("e2e-kind-move");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
     pod.wait_ready();
     pod.wait_counting("counter", 3);
     let before = *counts(&pod.logs("counter")).last().unwrap();

@@ -152,10 +152,13 @@ pub const PUSHING: &str = "Pushing";
 
 impl PodCheckpointStatus {
     /// Whether the checkpoint is taken (the kubelet answered, its location is known) and its
-    /// node's agent is pushing it to a registry: Checkpointing with a location. Neither a
-    /// restarted controller nor a deletion fails it; the agent ends it, Ready or Failed.
+    /// node's agent is pushing it to a registry: Checkpointing, reason `Pushing`, with a
+    /// location. Neither a restarted controller nor a deletion fails it; the agent ends it,
+    /// Ready or Failed.
     pub fn is_pushing(&self) -> bool {
-        self.phase == Some(PodCheckpointPhase::Checkpointing) && self.checkpoint_location.is_some()
+        self.phase == Some(PodCheckpointPhase::Checkpointing)
+            && self.reason.as_deref() == Some(PUSHING)
+            && self.checkpoint_location.is_some()
     }
 }
 

@@ -43,6 +43,22 @@ fn pin_file(dir: &Path, checkpoint: &Path) -> PathBuf {
 /// Records `manifest_sha256` for the checkpoint at `checkpoint` (replacing an older pin of the
 /// same path), and drops pins of checkpoints that no longer exist.
 pub fn pin(dir: &Path, checkpoint: &Path, manifest_sha256: &str) -> std::io::Result<()> {
+    write_pin(dir, checkpoint, manifest_sha256, true)
+}
+
+/// [`pin`], pruning nothing: for a writer that does not see every checkpoint the node's podsnapd
+/// pinned (the node agent, in its container, sees only the kubelet's directory), and so cannot
+/// tell a removed checkpoint from one it cannot see. podsnapd's next pin prunes.
+pub fn pin_only(dir: &Path, checkpoint: &Path, manifest_sha256: &str) -> std::io::Result<()> {
+    write_pin(dir, checkpoint, manifest_sha256, false)
+}
+
+fn write_pin(
+    dir: &Path,
+    checkpoint: &Path,
+    manifest_sha256: &str,
+    prune_stale: bool,
+) -> std::io::Result<()> {
     // One pin write at a time: a prune must not see another call's half-written pin.
     static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
@@ -51,7 +67,9 @@ pub fn pin(dir: &Path, checkpoint: &Path, manifest_sha256: &str) -> std::io::Res
         .mode(0o700)
         .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    prune(dir);
+    if prune_stale {
+        prune(dir);
+    }
     let path = pin_file(dir, checkpoint);
     let temporary = path.with_extension("new");
     let mut file = fs::OpenOptions::new()
@@ -136,8 +154,16 @@ mod tests {
         fs::remove_dir(&checkpoint).unwrap();
         let second = root.path().join("second");
         fs::create_dir(&second).unwrap();
+        // Not by a writer that sees only some of the node's checkpoints.
+        pin_only(&pins, &second, &"c".repeat(64)).unwrap();
+        assert_eq!(fs::read_dir(&pins).unwrap().count(), 2);
         pin(&pins, &second, &"c".repeat(64)).unwrap();
         assert_eq!(fs::read_dir(&pins).unwrap().count(), 1);
+        // A pin written before its directory exists is found once it does.
+        let later = root.path().join("later");
+        pin_only(&pins, &later, &"d".repeat(64)).unwrap();
+        fs::create_dir(&later).unwrap();
+        assert_eq!(lookup(&pins, &later).unwrap(), Pin::Pinned("d".repeat(64)));
     }
 
     #[test]

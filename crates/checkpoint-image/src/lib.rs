@@ -386,7 +386,7 @@ pub fn unpack<R: Read>(
 
 /// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE), then makes the
 /// rename durable.
-fn rename_new(from: &Path, to: &Path) -> Result<()> {
+pub fn rename_new(from: &Path, to: &Path) -> Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let context = || format!("renaming {} to {}", from.display(), to.display());

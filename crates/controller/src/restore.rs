@@ -226,17 +226,22 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             // Deleted and created again by someone else since: not a restored pod.
             return pod_exists(&ctx, &object, &namespace, pod_name).await;
         }
-        let phase = pod.and_then(|p| p.status.and_then(|s| s.phase));
-        match phase.as_deref() {
+        let status = pod.and_then(|p| p.status).unwrap_or_default();
+        match status.phase.as_deref() {
             Some("Running") => running += 1,
             Some("Failed") => {
-                return fail(
-                    &ctx,
-                    &object,
-                    "RestoreFailed",
-                    &format!("restored pod {pod_name} failed"),
-                )
-                .await;
+                // Why, as the kubelet said (a node that refused it: NodeAffinity, OutOfcpu, ...).
+                let why = [status.reason, status.message]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": ");
+                let message = if why.is_empty() {
+                    format!("restored pod {pod_name} failed")
+                } else {
+                    format!("restored pod {pod_name} failed: {why}")
+                };
+                return fail(&ctx, &object, "RestoreFailed", &message).await;
             }
             _ => {}
         }
@@ -596,6 +601,23 @@ mod tests {
         set(&fake, &restore_path(), "/spec/nodeName", json!("n1"));
         assert_eq!(reconcile_stored(&fake).await.phase(), "Restoring");
         assert!(fake.get(&checkpoint).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_restored_pod_the_node_refused_fails_the_restore_with_the_nodes_reason() {
+        let fake = cluster();
+        let mut refused = pod(Some("restore-uid"), "Failed");
+        refused["status"]["reason"] = json!("NodeAffinity");
+        refused["status"]["message"] =
+            json!("Pod was rejected: Predicate NodeAffinity failed: node(s) didn't match");
+        fake.put(&pod_path("x"), refused);
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Failed", "{}", status.0);
+        assert_eq!(status.0["reason"], "RestoreFailed");
+        assert_eq!(
+            status.0["message"],
+            "restored pod x failed: NodeAffinity: Pod was rejected: Predicate NodeAffinity failed: node(s) didn't match"
+        );
     }
 
     fn fake_checkpoint_with_image(image: &str) -> FakeApi {

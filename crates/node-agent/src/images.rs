@@ -168,10 +168,14 @@ pub enum PullOutcome {
     Present,
 }
 
-/// Pulls checkpoint image `image` (by digest) into `<dir>/<name>` for a pod in `namespace`:
-/// the kubelet's record from the image's annotation is written first, then the checkpoint
-/// appears whole (verified against the digest), is pinned to the config digest the image named,
-/// and marked as pulled. A failure leaves neither record nor checkpoint.
+/// Pulls checkpoint image `image` (by digest) into `<dir>/<name>` for a pod in `namespace`, as
+/// the checkpoint of PodCheckpoint `uid` (the record in the image must say so): it is
+/// unpacked beside (every blob verified against the digest), then the kubelet's record from the
+/// image's annotation, the pulled marker and the pin (to the config digest the image named) are
+/// written, and only then is the checkpoint renamed into place, never over anything. A failure
+/// removes what this pull wrote and nothing else; an agent stopped half-way leaves a marker,
+/// which the collection of pulled checkpoints ([`remove_pulled`], [`stale_pulls`]) clears.
+#[allow(clippy::too_many_arguments)]
 pub async fn pull(
     config: &RegistryConfig,
     pins_dir: &Path,
@@ -179,6 +183,7 @@ pub async fn pull(
     name: &str,
     image: &str,
     namespace: &str,
+    uid: &str,
     max_bytes: u64,
 ) -> Result<PullOutcome, String> {
     let checkpoint = checkpoint_in(dir, name)?;
@@ -189,6 +194,7 @@ pub async fn pull(
         ));
     };
     let marker = pulled_marker(&checkpoint);
+    let record_file = record_path(&checkpoint);
     if std::fs::symlink_metadata(&checkpoint).is_ok() {
         return match std::fs::read_to_string(&marker) {
             Ok(pulled) if pulled.trim() == digest => Ok(PullOutcome::Present),
@@ -201,31 +207,28 @@ pub async fn pull(
             Err(_) => Ok(PullOutcome::Present),
         };
     }
+    if std::fs::symlink_metadata(&marker).is_ok() {
+        // A pull that did not finish (the agent stopped before the rename): its files go.
+        remove_pulled(dir, name)?;
+    } else if std::fs::symlink_metadata(&record_file).is_ok() {
+        return Err(format!(
+            "{} has a kubelet record but no checkpoint: the kubelet is writing one of that name here",
+            checkpoint.display()
+        ));
+    }
     let registry = config.client(source.resolve_registry())?;
-    // A record of an earlier pull that did not finish (the agent stopped) is this pull's to
-    // replace; a record with no checkpoint is nothing the kubelet can use.
-    let record_file = record_path(&checkpoint);
-    let _ = std::fs::remove_file(&record_file);
-    let _ = std::fs::remove_file(&marker);
-    let cleanup = || {
-        let _ = std::fs::remove_file(&record_file);
-        let _ = std::fs::remove_file(&marker);
-        if std::fs::symlink_metadata(&checkpoint).is_ok_and(|m| m.is_dir()) {
-            let _ = std::fs::remove_dir_all(&checkpoint);
-        }
-    };
-    // Into a directory beside, then renamed: the kubelet sees the checkpoint only once its
-    // record is there.
     let staging = dir.join(format!(".pull-{name}"));
     if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging)
             .map_err(|e| format!("removing the stale {}: {e}", staging.display()))?;
     }
-    let pulled = match registry.pull(&source, &staging, max_bytes).await {
-        Ok(pulled) => pulled,
-        Err(e) => return Err(format!("pulling {image}: {e}")),
-    };
-    let finish = || -> Result<u64, String> {
+    let pulled = registry
+        .pull(&source, &staging, max_bytes)
+        .await
+        .map_err(|e| format!("pulling {image}: {e}"))?;
+    // What this pull wrote, removed again should it fail.
+    let mut written: Vec<PathBuf> = Vec::new();
+    let mut finish = || -> Result<u64, String> {
         let record = pulled
             .annotations
             .get(KUBELET_RECORD_ANNOTATION)
@@ -237,6 +240,12 @@ pub async fn pull(
             return Err(format!(
                 "{image} is a checkpoint of namespace {:?}, the pod is in {namespace:?}: checkpoints do not cross namespaces",
                 parsed["namespace"].as_str().unwrap_or_default()
+            ));
+        }
+        if parsed["podCheckpointUID"].as_str() != Some(uid) {
+            return Err(format!(
+                "{image}'s kubelet record names PodCheckpoint {:?}, not {uid:?}, whose image it is said to be",
+                parsed["podCheckpointUID"].as_str().unwrap_or_default()
             ));
         }
         // What the registry's digest covered is what podsnapd's restore will accept: the
@@ -252,34 +261,40 @@ pub async fn pull(
                 "{image}: the unpacked manifest has sha256 {on_disk}, the image's config {pin}"
             ));
         }
-        write_root_only(&record_file, record.as_bytes())?;
-        std::fs::rename(&staging, &checkpoint).map_err(|e| {
-            format!(
-                "renaming {} to {}: {e}",
-                staging.display(),
-                checkpoint.display()
-            )
-        })?;
-        pins::pin(pins_dir, &checkpoint, pin)
-            .map_err(|e| format!("pinning {}: {e}", checkpoint.display()))?;
+        written.push(marker.clone());
         write_root_only(&marker, format!("{digest}\n").as_bytes())?;
+        written.push(record_file.clone());
+        write_root_only(&record_file, record.as_bytes())?;
+        // Keyed by the path podsnapd will see (the pin store canonicalises what exists).
+        let canonical = std::fs::canonicalize(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .join(name);
+        pins::pin_only(pins_dir, &canonical, pin)
+            .map_err(|e| format!("pinning {}: {e}", checkpoint.display()))?;
+        podsnap_checkpoint_image::rename_new(&staging, &checkpoint).map_err(|e| e.to_string())?;
         Ok(pulled.size)
     };
     match finish() {
         Ok(size) => Ok(PullOutcome::Pulled { size }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            cleanup();
+            for path in &written {
+                let _ = std::fs::remove_file(path);
+            }
             Err(e)
         }
     }
 }
 
-/// Writes `bytes` to `path` (0600, synced), through a temporary file renamed into place.
+/// Writes `bytes` to `path` (0600, synced) through `.<name>.tmp` beside it, renamed into place.
 fn write_root_only(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} names no file", path.display()))?;
+    let temporary = path.with_file_name(format!(".{name}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -296,6 +311,34 @@ fn write_root_only(path: &Path, bytes: &[u8]) -> Result<(), String> {
         let _ = std::fs::remove_file(&temporary);
         format!("writing {}: {e}", path.display())
     })
+}
+
+/// What pulls that did not finish left in `dir` (an agent stopped half-way): staging
+/// directories `.pull-<name>` and the registry client's `..pull-<name>.partial-*`, and
+/// temporary files `.<file>.tmp`, except those of the pulls named in `pulling`.
+pub fn stale_pulls(dir: &Path, pulling: &std::collections::BTreeSet<String>) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let file = entry.file_name().to_str()?.to_string();
+            let of = file
+                .strip_prefix("..pull-")
+                .and_then(|rest| rest.split_once(".partial-").map(|(n, _)| n))
+                .or_else(|| file.strip_prefix(".pull-"))
+                .or_else(|| {
+                    file.strip_prefix('.')
+                        .and_then(|rest| rest.strip_suffix(".tmp"))
+                        .and_then(|rest| {
+                            rest.strip_suffix(PULLED_SUFFIX)
+                                .or_else(|| rest.strip_suffix(crate::RECORD_SUFFIX))
+                        })
+                })?;
+            (of.starts_with("checkpoint-") && !pulling.contains(of)).then(|| entry.path())
+        })
+        .collect()
 }
 
 /// The checkpoints this agent pulled into `dir` (those with a `.pulled` marker), by name.

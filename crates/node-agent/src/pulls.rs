@@ -11,16 +11,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
+use kube::{Api, ResourceExt};
 
-use podsnap_checkpoint_api::{RESTORE_FROM, RESTORE_IMAGE};
+use podsnap_checkpoint_api::{PodCheckpoint, PodCheckpointPhase, RESTORE_FROM, RESTORE_IMAGE};
 
 use crate::Agent;
 use crate::images::{self, PullOutcome};
@@ -50,19 +50,85 @@ pub fn wanted(pod: &PartialObjectMeta<Pod>) -> Option<Wanted> {
     })
 }
 
+/// The checkpoints the pods on this node name, as the watch tells: a relist (Init … InitDone)
+/// is gathered aside and replaces the known set only once whole, and nothing is known (so
+/// nothing collected) before the first list is.
+#[derive(Debug, Default)]
+pub struct InUse {
+    pods: BTreeMap<String, BTreeSet<String>>,
+    relisting: Option<BTreeMap<String, BTreeSet<String>>>,
+    synced: bool,
+}
+
+impl InUse {
+    /// Takes in one watch event.
+    pub fn note(&mut self, event: &watcher::Event<PartialObjectMeta<Pod>>) {
+        let key = |pod: &PartialObjectMeta<Pod>| {
+            format!(
+                "{}/{}",
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+                pod.metadata.name.as_deref().unwrap_or_default()
+            )
+        };
+        let names = |pod: &PartialObjectMeta<Pod>| -> BTreeSet<String> {
+            wanted(pod).map(|w| w.name).into_iter().collect()
+        };
+        match event {
+            watcher::Event::Apply(pod) => {
+                self.pods.insert(key(pod), names(pod));
+            }
+            watcher::Event::Delete(pod) => {
+                self.pods.remove(&key(pod));
+            }
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(pod) => {
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(pod), names(pod));
+            }
+            watcher::Event::InitDone => {
+                self.pods = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+            }
+        }
+    }
+
+    /// The checkpoint names in use, once the pods on this node are known.
+    pub fn names(&self) -> Option<BTreeSet<String>> {
+        let mut names: BTreeSet<String> = self.pods.values().flatten().cloned().collect();
+        // Until a relist is done, what it has seen counts too.
+        names.extend(
+            self.relisting
+                .iter()
+                .flat_map(|m| m.values().flatten().cloned()),
+        );
+        self.synced.then_some(names)
+    }
+}
+
+/// Pulls under way, and when a failed one may be tried again.
+#[derive(Debug, Default)]
+struct Pulls {
+    running: BTreeSet<String>,
+    failed: BTreeMap<Wanted, (Instant, Duration)>,
+}
+
+/// The first pause after a failed pull; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(10);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
 /// Runs the pull watch and the garbage collection of pulled checkpoints until the watch ends.
 pub async fn run(agent: Arc<Agent>) {
     // Metadata only: nothing of the pods' specs is fetched.
     let pods: Api<PartialObjectMeta<Pod>> = Api::all(agent.client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", agent.node));
-    // Checkpoint names of the pods on this node (for the collection), and pulls in flight.
-    let in_use: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
-    let pulling: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let gc = collect(agent.clone(), in_use.clone());
+    let in_use: Arc<Mutex<InUse>> = Arc::default();
+    let pulls: Arc<Mutex<Pulls>> = Arc::default();
+    let gc = collect(agent.clone(), in_use.clone(), pulls.clone());
     let watch = watcher(pods, config).default_backoff().for_each(|event| {
         let agent = agent.clone();
         let in_use = in_use.clone();
-        let pulling = pulling.clone();
+        let pulls = pulls.clone();
         async move {
             let event = match event {
                 Ok(event) => event,
@@ -71,117 +137,148 @@ pub async fn run(agent: Arc<Agent>) {
                     return;
                 }
             };
-            note(&in_use, &event);
-            let pods: Vec<&PartialObjectMeta<Pod>> = match &event {
-                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => vec![pod],
-                _ => Vec::new(),
+            in_use
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(&event);
+            let pod = match &event {
+                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => pod,
+                _ => return,
             };
-            for pod in pods {
-                if pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                if let Some(wanted) = wanted(pod) {
-                    start_pull(&agent, &pulling, wanted);
-                }
+            if pod.metadata.deletion_timestamp.is_none()
+                && let Some(wanted) = wanted(pod)
+            {
+                start_pull(&agent, &pulls, wanted);
             }
         }
     });
     futures::join!(watch, gc);
 }
 
-/// Keeps `in_use` (pod key → checkpoint names) up to date with a watch event.
-fn note(
-    in_use: &Mutex<BTreeMap<String, BTreeSet<String>>>,
-    event: &watcher::Event<PartialObjectMeta<Pod>>,
-) {
-    let key = |pod: &PartialObjectMeta<Pod>| {
-        format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or_default(),
-            pod.metadata.name.as_deref().unwrap_or_default()
-        )
-    };
-    let names = |pod: &PartialObjectMeta<Pod>| -> BTreeSet<String> {
-        wanted(pod).map(|w| w.name).into_iter().collect()
-    };
-    let mut in_use = in_use.lock().unwrap_or_else(|e| e.into_inner());
-    match event {
-        watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-            in_use.insert(key(pod), names(pod));
-        }
-        watcher::Event::Delete(pod) => {
-            in_use.remove(&key(pod));
-        }
-        // A relist: what it lists replaces what was known (InitApply adds them back).
-        watcher::Event::Init => in_use.clear(),
-        watcher::Event::InitDone => {}
-    }
+/// The UID of the Ready PodCheckpoint in `namespace` whose image is `image`: a pod may have a
+/// checkpoint image pulled only when a PodCheckpoint of its own namespace published it (its
+/// node's agent pushed it and wrote the reference), never any image a pod's author names.
+async fn publisher(agent: &Agent, namespace: &str, image: &str) -> Result<String, String> {
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(agent.client.clone(), namespace);
+    let list = checkpoints
+        .list(&Default::default())
+        .await
+        .map_err(|e| format!("listing the PodCheckpoints of {namespace}: {e}"))?;
+    list.items
+        .iter()
+        .find(|c| {
+            let status = c.status.as_ref();
+            status.and_then(|s| s.phase) == Some(PodCheckpointPhase::Ready)
+                && status
+                    .and_then(|s| s.image.as_ref())
+                    .is_some_and(|i| i.reference == image)
+        })
+        .and_then(|c| c.uid())
+        .ok_or_else(|| {
+            format!("no Ready PodCheckpoint in namespace {namespace} has image {image}: not pulled")
+        })
 }
 
-/// Starts pulling `wanted` unless a pull of that checkpoint is already under way.
-fn start_pull(agent: &Arc<Agent>, pulling: &Arc<Mutex<BTreeSet<String>>>, wanted: Wanted) {
-    if !pulling
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(wanted.name.clone())
+/// Starts pulling `wanted` unless a pull of that checkpoint is under way, or one failed and its
+/// pause has not passed.
+fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
     {
-        return;
+        let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((not_before, _)) = pulls.failed.get(&wanted)
+            && Instant::now() < *not_before
+        {
+            return;
+        }
+        if !pulls.running.insert(wanted.name.clone()) {
+            return;
+        }
     }
     let agent = agent.clone();
-    let pulling = pulling.clone();
+    let pulls = pulls.clone();
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let result = images::pull(
-            &agent.registry,
-            &agent.pins_dir,
-            &agent.checkpoints_dir,
-            &wanted.name,
-            &wanted.image,
-            &wanted.namespace,
-            agent.max_pull_bytes,
-        )
-        .await;
-        match result {
-            Ok(PullOutcome::Pulled { size }) => tracing::info!(
-                checkpoint = %wanted.name,
-                image = %wanted.image,
-                size,
-                seconds = started.elapsed().as_secs_f64(),
-                "pulled a checkpoint for a restore on this node"
-            ),
-            Ok(PullOutcome::Present) => {
-                tracing::debug!(checkpoint = %wanted.name, "checkpoint already here")
+        let started = Instant::now();
+        let result = match publisher(&agent, &wanted.namespace, &wanted.image).await {
+            Ok(uid) => {
+                images::pull(
+                    &agent.registry,
+                    &agent.pins_dir,
+                    &agent.checkpoints_dir,
+                    &wanted.name,
+                    &wanted.image,
+                    &wanted.namespace,
+                    &uid,
+                    agent.max_pull_bytes,
+                )
+                .await
             }
-            Err(message) => tracing::warn!(
-                checkpoint = %wanted.name,
-                image = %wanted.image,
-                %message,
-                "pulling a checkpoint for a restore on this node failed; tried again when the pod changes"
-            ),
+            Err(e) => Err(e),
+        };
+        let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
+        pulls.running.remove(&wanted.name);
+        match result {
+            Ok(outcome) => {
+                if let PullOutcome::Pulled { size } = outcome {
+                    tracing::info!(
+                        checkpoint = %wanted.name,
+                        image = %wanted.image,
+                        size,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "pulled a checkpoint for a restore on this node"
+                    );
+                }
+                pulls.failed.remove(&wanted);
+            }
+            Err(message) => {
+                let pause = pulls
+                    .failed
+                    .get(&wanted)
+                    .map_or(FIRST_RETRY, |(_, last)| (*last * 2).min(MAX_RETRY));
+                tracing::warn!(
+                    checkpoint = %wanted.name,
+                    image = %wanted.image,
+                    %message,
+                    retry_after = ?pause,
+                    "pulling a checkpoint for a restore on this node failed"
+                );
+                pulls.failed.insert(wanted, (Instant::now() + pause, pause));
+            }
         }
-        pulling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&wanted.name);
     });
 }
 
-/// Every [`GC_PERIOD`], removes pulled checkpoints no pod on this node names that have not been
-/// used for the agent's `pulled_ttl`.
-async fn collect(agent: Arc<Agent>, in_use: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>) {
+/// Every [`GC_PERIOD`], once the pods on this node are known: removes pulled checkpoints no pod
+/// here names that have not been used for the agent's `pulled_ttl`, and what pulls that did not
+/// finish left behind.
+async fn collect(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<Pulls>>) {
     let mut last_used: BTreeMap<String, SystemTime> = BTreeMap::new();
     loop {
         tokio::time::sleep(GC_PERIOD).await;
-        let named: BTreeSet<String> = in_use
+        let Some(named) = in_use.lock().unwrap_or_else(|e| e.into_inner()).names() else {
+            continue;
+        };
+        let running = pulls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .flatten()
-            .cloned()
-            .collect();
+            .running
+            .clone();
+        for stale in images::stale_pulls(&agent.checkpoints_dir, &running) {
+            let removed = if stale.is_dir() {
+                std::fs::remove_dir_all(&stale)
+            } else {
+                std::fs::remove_file(&stale)
+            };
+            match removed {
+                Ok(()) => {
+                    tracing::info!(path = %stale.display(), "removed what a pull that did not finish left")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %stale.display(), error = %e, "removing what a pull left")
+                }
+            }
+        }
         let now = SystemTime::now();
         for (name, pulled_at) in images::pulled_checkpoints(&agent.checkpoints_dir) {
-            if named.contains(&name) {
+            if named.contains(&name) || running.contains(&name) {
                 last_used.insert(name, now);
                 continue;
             }
@@ -245,28 +342,36 @@ mod tests {
     }
 
     #[test]
-    fn the_checkpoints_in_use_follow_the_watch() {
-        let in_use = Mutex::new(BTreeMap::new());
-        let restoring = pod(
-            "a",
-            &[
-                (RESTORE_FROM, "checkpoint-a"),
-                (RESTORE_IMAGE, "r.example/x@sha256:00"),
-            ],
-        );
-        note(&in_use, &watcher::Event::Apply(restoring.clone()));
-        note(&in_use, &watcher::Event::Apply(pod("b", &[])));
-        let named = |m: &Mutex<BTreeMap<String, BTreeSet<String>>>| -> Vec<String> {
-            m.lock().unwrap().values().flatten().cloned().collect()
+    fn the_checkpoints_in_use_follow_the_watch_and_a_relist_replaces_them_whole() {
+        let mut in_use = InUse::default();
+        let restoring = |name: &str| {
+            pod(
+                name,
+                &[
+                    (RESTORE_FROM, name),
+                    (RESTORE_IMAGE, "r.example/x@sha256:00"),
+                ],
+            )
         };
-        assert_eq!(named(&in_use), vec!["checkpoint-a".to_string()]);
-        note(&in_use, &watcher::Event::Delete(restoring.clone()));
-        assert!(named(&in_use).is_empty());
-        // A relist starts over from what it lists.
-        note(&in_use, &watcher::Event::Apply(restoring.clone()));
-        note(&in_use, &watcher::Event::Init);
-        assert!(named(&in_use).is_empty());
-        note(&in_use, &watcher::Event::InitApply(restoring));
-        assert_eq!(named(&in_use), vec!["checkpoint-a".to_string()]);
+        let names = |in_use: &InUse| in_use.names().map(|n| n.into_iter().collect::<Vec<_>>());
+        // Nothing is known before the first list is done: nothing may be collected.
+        in_use.note(&watcher::Event::Init);
+        in_use.note(&watcher::Event::InitApply(restoring("checkpoint-a")));
+        assert_eq!(names(&in_use), None);
+        in_use.note(&watcher::Event::InitDone);
+        assert_eq!(names(&in_use), Some(vec!["checkpoint-a".to_string()]));
+        in_use.note(&watcher::Event::Apply(restoring("checkpoint-b")));
+        in_use.note(&watcher::Event::Apply(pod("c", &[])));
+        in_use.note(&watcher::Event::Delete(restoring("checkpoint-a")));
+        assert_eq!(names(&in_use), Some(vec!["checkpoint-b".to_string()]));
+        // A relist: until it is done, what was known still counts, with what it saw.
+        in_use.note(&watcher::Event::Init);
+        in_use.note(&watcher::Event::InitApply(restoring("checkpoint-d")));
+        assert_eq!(
+            names(&in_use),
+            Some(vec!["checkpoint-b".to_string(), "checkpoint-d".to_string()])
+        );
+        in_use.note(&watcher::Event::InitDone);
+        assert_eq!(names(&in_use), Some(vec!["checkpoint-d".to_string()]));
     }
 }

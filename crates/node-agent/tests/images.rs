@@ -123,7 +123,7 @@ fn checkpoint(dir: &Path, name: &str, pins_dir: &Path) -> PathBuf {
     format::write_manifest(&root, &mut manifest).unwrap();
     std::fs::write(
         images::record_path(&root),
-        r#"{"apiVersion":"podcheckpoint.kubelet.k8s.io/v1alpha1","namespace":"default","name":"counter","containers":[{"name":"counter","image":"busybox"}]}"#,
+        r#"{"apiVersion":"podcheckpoint.kubelet.k8s.io/v1alpha1","namespace":"default","name":"counter","podCheckpointUID":"uid-1","containers":[{"name":"counter","image":"busybox"}]}"#,
     )
     .unwrap();
     pins::pin(pins_dir, &root, &format::manifest_sha256(&root).unwrap()).unwrap();
@@ -159,10 +159,24 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
     let dir = target.path().join("pod-checkpoints");
     std::fs::create_dir(&dir).unwrap();
     let pins_dir = target.path().join("pins");
-    let pull = |name: &'static str, image: String, namespace: &'static str| {
-        let (config, pins_dir, dir) = (config.clone(), pins_dir.clone(), dir.clone());
-        async move { images::pull(&config, &pins_dir, &dir, name, &image, namespace, 1 << 30).await }
-    };
+    let pull_as =
+        |name: &'static str, image: String, namespace: &'static str, uid: &'static str| {
+            let (config, pins_dir, dir) = (config.clone(), pins_dir.clone(), dir.clone());
+            async move {
+                images::pull(
+                    &config,
+                    &pins_dir,
+                    &dir,
+                    name,
+                    &image,
+                    namespace,
+                    uid,
+                    1 << 30,
+                )
+                .await
+            }
+        };
+    let pull = |name, image, namespace| pull_as(name, image, namespace, "uid-1");
 
     // By tag: refused; into another namespace: refused; a name that is no checkpoint's: refused.
     let by_tag = format!("{repository}:uid-1");
@@ -172,6 +186,11 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
         .await
         .unwrap_err();
     assert!(err.contains("do not cross namespaces"), "{err}");
+    // The image of another PodCheckpoint than the one that published this reference: refused.
+    let err = pull_as(name, pushed.reference.clone(), "default", "uid-2")
+        .await
+        .unwrap_err();
+    assert!(err.contains("names PodCheckpoint \"uid-1\""), "{err}");
     for bad in [
         "../checkpoint-x",
         "x",
@@ -216,6 +235,55 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
     assert_eq!(pulled_names, vec![name.to_string()]);
     images::remove_pulled(&dir, name).unwrap();
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    // An agent stopped after the marker, before the rename: the next pull starts over.
+    std::fs::write(dir.join(format!("{name}.pulled")), "sha256:0\n").unwrap();
+    std::fs::write(images::record_path(&pulled), "{}").unwrap();
+    let outcome = pull(name, pushed.reference.clone(), "default")
+        .await
+        .unwrap();
+    assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
+    format::verify(&pulled).unwrap();
+    // A record with no marker and no checkpoint is the kubelet's, writing one: not touched.
+    images::remove_pulled(&dir, name).unwrap();
+    std::fs::write(images::record_path(&pulled), "{}").unwrap();
+    let err = pull(name, pushed.reference.clone(), "default")
+        .await
+        .unwrap_err();
+    assert!(err.contains("the kubelet is writing one"), "{err}");
+    assert_eq!(std::fs::read(images::record_path(&pulled)).unwrap(), b"{}");
+}
+
+#[test]
+fn what_unfinished_pulls_leave_is_found_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        ".pull-checkpoint-a",
+        "..pull-checkpoint-b.partial-12-34",
+        ".pull-checkpoint-running",
+        "checkpoint-c",
+        ".checkpoint-d.pulled.tmp",
+        ".checkpoint-e.kubelet.json.tmp",
+        "checkpoint-f.kubelet.json.tmp",
+        ".pull-other",
+    ] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+    }
+    let running = std::collections::BTreeSet::from(["checkpoint-running".to_string()]);
+    let mut stale: Vec<String> = images::stale_pulls(dir.path(), &running)
+        .into_iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    stale.sort();
+    assert_eq!(
+        stale,
+        [
+            "..pull-checkpoint-b.partial-12-34",
+            ".checkpoint-d.pulled.tmp",
+            ".checkpoint-e.kubelet.json.tmp",
+            ".pull-checkpoint-a",
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
