@@ -51,8 +51,8 @@ pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 /// here and in [`container::Metadata`]: a minor version only adds optional fields, so a reader
 /// accepts every minor version of its major version; another major version is refused.
 pub const VERSION: u32 = 1;
-/// The manifest's minor version this build writes.
-pub const MINOR: u32 = 0;
+/// The manifest's minor version this build writes. 1: `machine`.
+pub const MINOR: u32 = 1;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 16 << 20;
 /// The directory of a pod checkpoint that holds the pod's emptyDir volume archives
@@ -174,6 +174,48 @@ pub struct Manifest {
     /// sha256 of every file, by path relative to the checkpoint directory.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// The machine it was taken on (minor 1; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+}
+
+/// What a restore on another machine depends on, beyond what CRIU checks itself: CRIU images
+/// hold the processes' memory as pages of this size, for this instruction set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    /// The instruction set, as Rust names it (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// The page size, in bytes.
+    pub page_size: u64,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn here() -> Machine {
+        // SAFETY: sysconf reads a constant of the running system.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Machine {
+            arch: std::env::consts::ARCH.to_string(),
+            page_size: u64::try_from(page_size).unwrap_or(0),
+        }
+    }
+
+    /// Whether a checkpoint taken on `self` can be restored `here`; the reason when not.
+    pub fn restorable_on(&self, here: &Machine) -> std::result::Result<(), String> {
+        if self.arch != here.arch {
+            return Err(format!(
+                "the checkpoint was taken on {}, this node is {}: CRIU restores on the same architecture only",
+                self.arch, here.arch
+            ));
+        }
+        if self.page_size != here.page_size {
+            return Err(format!(
+                "the checkpoint was taken with {}-byte pages, this node has {}-byte pages",
+                self.page_size, here.page_size
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Creates a new file readable by root only (0600); an existing file or symlink is an error.
@@ -505,6 +547,7 @@ mod tests {
             kernel: "6.18".into(),
             options: BTreeMap::new(),
             files: BTreeMap::new(),
+            machine: None,
         };
         write_manifest(root, &mut manifest).unwrap();
         manifest
@@ -516,6 +559,40 @@ mod tests {
         let manifest = sample(dir.path());
         assert_eq!(manifest.files.len(), 2);
         assert_eq!(verify(dir.path()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn a_checkpoint_restores_only_on_the_same_architecture_and_page_size() {
+        let here = Machine::here();
+        assert!(here.page_size >= 4096, "{here:?}");
+        assert_eq!(here.restorable_on(&here), Ok(()));
+        let arm = Machine {
+            arch: "aarch64".into(),
+            ..here.clone()
+        };
+        let x86 = Machine {
+            arch: "x86_64".into(),
+            ..here.clone()
+        };
+        let err = arm.restorable_on(&x86).unwrap_err();
+        assert!(
+            err.contains("taken on aarch64, this node is x86_64"),
+            "{err}"
+        );
+        let big_pages = Machine {
+            page_size: 65536,
+            ..x86.clone()
+        };
+        let err = big_pages
+            .restorable_on(&Machine {
+                page_size: 4096,
+                ..x86
+            })
+            .unwrap_err();
+        assert!(
+            err.contains("65536-byte pages, this node has 4096-byte"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -539,6 +616,7 @@ mod tests {
             v.as_object_mut().unwrap().remove("minor");
         });
         assert_eq!(verify(dir.path()).unwrap().minor, 0);
+        assert_eq!(verify(dir.path()).unwrap().machine, None);
         // Another major version is refused as such, even with fields this build lacks.
         rewrite(dir.path(), &|v| {
             *v = serde_json::json!({"format": FORMAT, "version": VERSION + 1, "pods": []});

@@ -49,6 +49,7 @@ fn sample(root: &Path, container: &str) -> Manifest {
         kernel: "6.18".into(),
         options: BTreeMap::new(),
         files: BTreeMap::new(),
+        machine: None,
     };
     write_manifest(root, &mut manifest).unwrap();
     manifest

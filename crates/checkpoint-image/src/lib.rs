@@ -134,7 +134,7 @@ impl ImageManifest {
     /// `layers`, with the checkpoint's facts as annotations (`org.criu.checkpoint.*`, which
     /// checkpointctl and the runtimes read, where they mean the same).
     pub fn new(manifest: &Manifest, config: Descriptor, layers: Vec<Descriptor>) -> Self {
-        let annotations = BTreeMap::from([
+        let mut annotations = BTreeMap::from([
             (
                 "org.criu.checkpoint.engine.name".to_string(),
                 "podsnap".to_string(),
@@ -160,6 +160,17 @@ impl ImageManifest {
                 manifest.created.clone(),
             ),
         ]);
+        // Where it can be restored: the architecture and page size it was taken with.
+        if let Some(machine) = &manifest.machine {
+            annotations.insert(
+                "io.podsnap.checkpoint.arch".to_string(),
+                machine.arch.clone(),
+            );
+            annotations.insert(
+                "io.podsnap.checkpoint.page-size".to_string(),
+                machine.page_size.to_string(),
+            );
+        }
         Self {
             schema_version: 2,
             media_type: IMAGE_MANIFEST.to_string(),

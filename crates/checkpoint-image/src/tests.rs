@@ -39,6 +39,7 @@ fn sample(root: &Path) -> Manifest {
         kernel: "6.1.0".into(),
         options: BTreeMap::new(),
         files: BTreeMap::new(),
+        machine: None,
     };
     format::write_manifest(root, &mut manifest).unwrap();
     manifest

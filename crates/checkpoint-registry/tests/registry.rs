@@ -161,6 +161,7 @@ fn sample(root: &Path, pages: &[u8]) -> Manifest {
         kernel: "6.1.0".into(),
         options: BTreeMap::new(),
         files: BTreeMap::new(),
+        machine: None,
     };
     format::write_manifest(root, &mut manifest).unwrap();
     manifest

@@ -119,6 +119,7 @@ fn checkpoint(dir: &Path, name: &str, pins_dir: &Path) -> PathBuf {
         kernel: "6.1.0".into(),
         options: BTreeMap::new(),
         files: BTreeMap::new(),
+        machine: None,
     };
     format::write_manifest(&root, &mut manifest).unwrap();
     std::fs::write(

@@ -407,6 +407,7 @@ pub async fn checkpoint_pod(
                     .to_string(),
                 options: options.to_map(),
                 files: Default::default(),
+                machine: Some(podsnap_checkpoint_format::Machine::here()),
             };
             // The shim hashed each container's images already (`podsnap.sha256`); reuse those,
             // and keep one integrity list for the whole checkpoint: the manifest's.

@@ -70,6 +70,14 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             manifest.pod.runtime_handler
         )));
     }
+    // Pre-flight, before anything is created: a checkpoint from another kind of machine.
+    if let Some(taken_on) = &manifest.machine
+        && let Err(why) = taken_on.restorable_on(&podsnap_checkpoint_format::Machine::here())
+    {
+        return Err(Status::failed_precondition(format!(
+            "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
+        )));
+    }
     Ok((path, manifest, digest))
 }
 
@@ -433,6 +441,7 @@ mod tests {
             kernel: String::new(),
             options: Default::default(),
             files: Default::default(),
+            machine: None,
         }
     }
 
@@ -507,5 +516,38 @@ mod tests {
                 .code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_architecture_is_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("web")).unwrap();
+        std::fs::write(dir.path().join("web/rootfs-diff.tar"), b"tar").unwrap();
+        let mut other = manifest(&["web"]);
+        let here = podsnap_checkpoint_format::Machine::here();
+        other.machine = Some(podsnap_checkpoint_format::Machine {
+            arch: if here.arch == "riscv64" {
+                "s390x"
+            } else {
+                "riscv64"
+            }
+            .into(),
+            page_size: here.page_size,
+        });
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut other).unwrap();
+        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("cannot be restored on this node")
+                && err.message().contains("same architecture only"),
+            "{err:?}"
+        );
+        // The same checkpoint from this kind of machine opens.
+        std::fs::remove_file(dir.path().join(podsnap_checkpoint_format::MANIFEST)).unwrap();
+        let mut same = manifest(&["web"]);
+        same.machine = Some(here);
+        same.files.clear();
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut same).unwrap();
+        open_checkpoint(dir.path().to_str().unwrap()).unwrap();
     }
 }
