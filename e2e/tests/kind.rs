@@ -257,6 +257,176 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
     assert!(!exists(from, &location), "{location} is still on {from}");
 }
 
+/// `podsnap migrate` (the CLI, as a user runs it): a counting pod moves to the other worker through
+/// a checkpoint image, counts on from its checkpoint there, and the source pod is deleted once its
+/// replacement runs. A migration that cannot push fails, deletes what it created, and leaves the
+/// source running.
+#[test]
+fn podsnap_migrate_moves_a_pod_to_the_other_worker_and_only_then_removes_the_source() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = agents_registry(cluster);
+    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
+    assert!(
+        binary.exists(),
+        "{} is not built (cargo build -p podsnap-cli)",
+        binary.display()
+    );
+    let podsnap = |args: &[&str]| {
+        podsnap_e2e::CommandLine::new(&binary)
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .timeout(Duration::from_secs(400))
+            .run()
+            .unwrap()
+    };
+    let mut source = counter_pod("e2e-kind-mig");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+
+    // Through a registry nobody listens on: refused, undone, the source counts on.
+    let failed = podsnap(&[
+        "migrate",
+        "e2e-kind-mig",
+        "--image",
+        "127.0.0.1:9/e2e/nothing",
+        "--to",
+        to,
+    ]);
+    assert!(!failed.success(), "{}", failed.report());
+    assert!(
+        failed.stderr.contains("the source pod runs on") && failed.stderr.contains("PushFailed"),
+        "{}",
+        failed.report()
+    );
+    let left = cluster.kubectl(["get", "podcheckpoints,podrestores", "-o", "name"]);
+    assert!(!left.contains("e2e-kind-mig-m-"), "left behind: {left}");
+    assert_eq!(pod.get()["status"]["phase"], "Running");
+
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let moved = podsnap(&[
+        "migrate",
+        "e2e-kind-mig",
+        "--image",
+        &format!("{registry}/e2e/mig"),
+        "--to",
+        to,
+    ]);
+    assert!(moved.success(), "{}", moved.report());
+    let fields: Vec<&str> = moved.stdout.trim().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{}", moved.report());
+    let (new_pod, node, checkpoint) = (fields[0], fields[1], fields[2].to_owned());
+    assert_eq!(node, to, "{}", moved.report());
+    let restored = cluster.existing_pod("default", new_pod);
+    assert_eq!(&node_of(&restored), to);
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > before,
+        "the pod counted {before} before the migration, {seen:?} after: it started fresh"
+    );
+    wait_for(
+        "the source pod to be gone",
+        Duration::from_secs(120),
+        || {
+            let name = cluster.kubectl([
+                "get",
+                "pod",
+                "e2e-kind-mig",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]);
+            if name.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(name)
+            }
+        },
+    );
+    drop(restored);
+    cluster.kubectl([
+        "delete",
+        "podrestore,podcheckpoint",
+        &checkpoint,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+}
+
+/// `podsnap drain`: the worker is cordoned and its running podsnap pod moves to the other worker
+/// (the scheduler's choice: the only schedulable worker left), counting on; a pod of another
+/// runtime class is left where it is, for `kubectl drain`.
+#[test]
+fn podsnap_drain_cordons_a_worker_and_moves_its_podsnap_pods_off_it() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (workers[0].clone(), workers[1].clone());
+    let registry = agents_registry(cluster);
+    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
+    let podsnap = |args: &[&str]| {
+        podsnap_e2e::CommandLine::new(&binary)
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .timeout(Duration::from_secs(400))
+            .run()
+            .unwrap()
+    };
+    // Whatever happens, the worker is schedulable again afterwards.
+    struct Uncordon<'c>(&'c Cluster, String);
+    impl Drop for Uncordon<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kubectl_try(["uncordon", self.1.as_str()]);
+        }
+    }
+    let _uncordon = Uncordon(cluster, from.clone());
+    // The control plane is tainted: the other worker is the only place left.
+    let mut source = counter_pod("e2e-kind-drain");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
+    let mut plain = counter_pod("e2e-kind-drain-runc");
+    plain["spec"]["nodeName"] = json!(from);
+    plain["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("runtimeClassName");
+    let other = cluster.create_pod(plain);
+    pod.wait_ready();
+    other.wait_ready();
+    pod.wait_counting("counter", 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+
+    let drained = podsnap(&["drain", &from, "--image", &format!("{registry}/e2e/drain")]);
+    assert!(drained.success(), "{}", drained.report());
+    let unschedulable =
+        cluster.kubectl(["get", "node", &from, "-o", "jsonpath={.spec.unschedulable}"]);
+    assert_eq!(unschedulable.trim(), "true");
+    let lines: Vec<&str> = drained.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", drained.report());
+    let fields: Vec<&str> = lines[0].split('\t').collect();
+    assert_eq!(fields[0], "default/e2e-kind-drain", "{}", drained.report());
+    assert_eq!(fields[2], to, "{}", drained.report());
+    let moved = cluster.existing_pod("default", fields[1]);
+    let seen = moved.wait_counting("counter", 2);
+    assert!(
+        seen[0] > before,
+        "started fresh: {before} before, {seen:?} after"
+    );
+    // The runc pod is still there, on the drained node.
+    assert_eq!(node_of(&other), from);
+    assert_eq!(other.get()["status"]["phase"], "Running");
+    drop(moved);
+    cluster.kubectl([
+        "delete",
+        "podrestore,podcheckpoint",
+        fields[3],
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+}
+
 /// A PodCheckpoint whose image cannot be pushed (a registry nobody listens on) fails with the
 /// push's reason, and its data on the node is removed: nothing Ready that cannot be restored
 /// elsewhere, nothing left behind.

@@ -55,13 +55,36 @@ pub struct CheckpointOptions {
     pub image: Option<String>,
 }
 
-/// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed.
+/// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed;
+/// prints `<name>\t<node>\t<location>[\t<image>]`.
 pub async fn checkpoint(
     target: &Target,
     pod: &str,
     options: CheckpointOptions,
     wait: Duration,
 ) -> anyhow::Result<()> {
+    let done = create_checkpoint(target, pod, options, wait).await?;
+    let status = done.status.unwrap_or_default();
+    println!(
+        "{}\t{}\t{}{}",
+        done.metadata.name.unwrap_or_default(),
+        status.node_name.unwrap_or_default(),
+        status.checkpoint_location.unwrap_or_default(),
+        status
+            .image
+            .map(|i| format!("\t{}", i.reference))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Creates a PodCheckpoint and waits until it is Ready (returned) or Failed (an error).
+pub async fn create_checkpoint(
+    target: &Target,
+    pod: &str,
+    options: CheckpointOptions,
+    wait: Duration,
+) -> anyhow::Result<PodCheckpoint> {
     let CheckpointOptions {
         name,
         timeout_seconds,
@@ -94,7 +117,7 @@ pub async fn checkpoint(
         "PodCheckpoint {}/{name}: created for pod {pod}",
         target.namespace
     );
-    let done = await_phase(
+    await_phase(
         &target.checkpoints(),
         &target.namespace,
         &name,
@@ -102,18 +125,7 @@ pub async fn checkpoint(
         wait,
         " (is podsnap-controller running?)",
     )
-    .await?;
-    let status = done.status.unwrap_or_default();
-    println!(
-        "{name}\t{}\t{}{}",
-        status.node_name.unwrap_or_default(),
-        status.checkpoint_location.unwrap_or_default(),
-        status
-            .image
-            .map(|i| format!("\t{}", i.reference))
-            .unwrap_or_default()
-    );
-    Ok(())
+    .await
 }
 
 /// What `podsnap restore` puts in the PodRestore besides its checkpoint.
@@ -125,13 +137,28 @@ pub struct RestoreOptions {
     pub node: Option<String>,
 }
 
-/// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed.
+/// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed;
+/// prints the restored pods' names.
 pub async fn restore(
     target: &Target,
     checkpoint: &str,
     options: RestoreOptions,
     wait: Duration,
 ) -> anyhow::Result<()> {
+    let done = create_restore(target, checkpoint, options, wait).await?;
+    for pod in done.status.unwrap_or_default().restored_pod_names {
+        println!("{pod}");
+    }
+    Ok(())
+}
+
+/// Creates a PodRestore and waits until it is Completed (returned) or Failed (an error).
+pub async fn create_restore(
+    target: &Target,
+    checkpoint: &str,
+    options: RestoreOptions,
+    wait: Duration,
+) -> anyhow::Result<PodRestore> {
     let RestoreOptions {
         replicas,
         pod_name,
@@ -166,7 +193,7 @@ pub async fn restore(
         "PodRestore {}/{name}: created from PodCheckpoint {checkpoint}",
         target.namespace
     );
-    let done = await_phase(
+    await_phase(
         &target.restores(),
         &target.namespace,
         &name,
@@ -174,11 +201,7 @@ pub async fn restore(
         wait,
         "",
     )
-    .await?;
-    for pod in done.status.unwrap_or_default().restored_pod_names {
-        println!("{pod}");
-    }
-    Ok(())
+    .await
 }
 
 /// What an object's status says: phase (Pending until it has one), reason, message.

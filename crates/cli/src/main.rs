@@ -17,6 +17,7 @@ mod error;
 #[cfg(test)]
 mod fake_api;
 mod kube_cmd;
+mod migrate;
 mod options;
 mod restore;
 mod transfer;
@@ -118,6 +119,39 @@ enum Command {
         checkpoint: String,
         #[command(flatten)]
         namespace: Namespace,
+    },
+    /// Move a running pod to another node through a checkpoint image: PodCheckpoint (pushed),
+    /// PodRestore on the target, then the source pod deleted once the restored one runs (it gets
+    /// a new name, <pod>-m-<time>). Any failure deletes what was created; the source runs on.
+    Migrate {
+        /// The pod to move.
+        pod: String,
+        #[command(flatten)]
+        namespace: Namespace,
+        /// The registry repository the checkpoint goes through (registry/path, no tag).
+        #[arg(long, value_name = "REGISTRY/REPOSITORY")]
+        image: String,
+        /// The node to move it to (default: where the scheduler puts it).
+        #[arg(long)]
+        to: Option<String>,
+        /// How long each step (checkpoint and push; restore) may take.
+        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Cordon a node and migrate every running podsnap pod on it (all namespaces) elsewhere,
+    /// one after another; other pods are left to `kubectl drain`.
+    Drain {
+        /// The node to drain.
+        node: String,
+        /// The registry repository the checkpoints go through.
+        #[arg(long, value_name = "REGISTRY/REPOSITORY")]
+        image: String,
+        /// The node to move the pods to (default: where the scheduler puts each).
+        #[arg(long)]
+        to: Option<String>,
+        /// How long each step of each pod's migration may take.
+        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+        wait: Duration,
     },
     /// Pod checkpoint and restore over CRI on this node (no Kubernetes).
     #[command(subcommand)]
@@ -299,6 +333,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
             return kube_cmd::delete(&target, &checkpoint).await;
+        }
+        Command::Migrate {
+            pod,
+            namespace,
+            image,
+            to,
+            wait,
+        } => {
+            let target = kube_cmd::Target::new(namespace.namespace).await?;
+            let options = migrate::MigrateOptions { image, to, wait };
+            return migrate::migrate(&target, &pod, &options).await;
+        }
+        Command::Drain {
+            node,
+            image,
+            to,
+            wait,
+        } => {
+            let target = kube_cmd::Target::new(None).await?;
+            let options = migrate::MigrateOptions { image, to, wait };
+            return migrate::drain(target.client, &node, &options).await;
         }
         Command::Pod(command) => command,
     };
