@@ -24,9 +24,10 @@ pub use crds::crds;
 /// The annotation that makes the (patched) kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 
-/// The annotation, beside [`RESTORE_FROM`], that names the image a checkpoint stored in a
-/// registry is pulled from (by digest) by the restoring node's agent, into the kubelet's
-/// checkpoint directory under the name `restore-from` gives.
+/// The annotation, beside [`RESTORE_FROM`], that says which image (by digest) a restored pod's
+/// checkpoint came from; the restoring node's agent pulls it into the kubelet's checkpoint
+/// directory, under the name `restore-from` gives, because the PodCheckpoint lists the node in
+/// `status.pullNodes`.
 pub const RESTORE_IMAGE: &str = "checkpoint.k8s.io/restore-image";
 
 /// The annotation of a checkpoint image's manifest that carries the kubelet's record of the
@@ -210,6 +211,11 @@ pub struct PodCheckpointStatus {
     /// pushed it; the checkpoint is Ready only then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<CheckpointImageStatus>,
+    /// The nodes a restore of this image checkpoint was placed on (written by the controller
+    /// once each restored pod is bound): their node agents pull the image, and keep it while
+    /// this object exists. A node agent reads them here, and never reads pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_nodes: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

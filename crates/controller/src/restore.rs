@@ -218,6 +218,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
 
     // Completed once every pod runs; Failed when one failed.
     let mut running = 0;
+    let mut bound = Vec::new();
     for pod_name in &names {
         let pod = pods.get_opt(pod_name).await?;
         if let Some(pod) = &pod
@@ -225,6 +226,13 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         {
             // Deleted and created again by someone else since: not a restored pod.
             return pod_exists(&ctx, &object, &namespace, pod_name).await;
+        }
+        if let Some(node) = pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.node_name.clone())
+        {
+            bound.push(node);
         }
         let status = pod.and_then(|p| p.status).unwrap_or_default();
         match status.phase.as_deref() {
@@ -245,6 +253,12 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             }
             _ => {}
         }
+    }
+    // An image checkpoint is pulled by the agents of the nodes its pods are bound to: they
+    // learn of them from the checkpoint (they read no pods).
+    if image.is_some() && !record_pull_nodes(&checkpoints, wanted, &bound).await? {
+        // The checkpoint changed meanwhile: again, on its new version.
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let done = running == names.len();
     let status = PodRestoreStatus {
@@ -282,6 +296,49 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     } else {
         // Its pods' watch events (Controller::owns) reconcile it again.
         Ok(Action::await_change())
+    }
+}
+
+/// Adds `nodes` to PodCheckpoint `name`'s `status.pullNodes` (a merge patch over the version
+/// read, so that two restores of one checkpoint do not drop each other's nodes); false when the
+/// object changed in between (try again).
+async fn record_pull_nodes(
+    checkpoints: &Api<PodCheckpoint>,
+    name: &str,
+    nodes: &[String],
+) -> Result<bool, Error> {
+    let Some(checkpoint) = checkpoints.get_opt(name).await? else {
+        return Ok(true);
+    };
+    let mut listed = checkpoint
+        .status
+        .as_ref()
+        .map(|s| s.pull_nodes.clone())
+        .unwrap_or_default();
+    let before = listed.len();
+    for node in nodes {
+        if !listed.contains(node) {
+            listed.push(node.clone());
+        }
+    }
+    if listed.len() == before {
+        return Ok(true);
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": checkpoint.resource_version()},
+        "status": {"pullNodes": listed},
+    });
+    match checkpoints
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -589,6 +646,17 @@ mod tests {
         reconcile_stored(&stored).await;
         let created = stored.get(&pod_path("x")).unwrap();
         assert_eq!(created["spec"]["nodeName"], "n2");
+        // Bound: the checkpoint lists the node, whose agent pulls the image (the next restore
+        // bound to it adds nothing, another node is added).
+        assert_eq!(
+            stored.get(&checkpoint).unwrap()["status"]["pullNodes"],
+            json!(["n2"])
+        );
+        reconcile_stored(&stored).await;
+        assert_eq!(
+            stored.get(&checkpoint).unwrap()["status"]["pullNodes"],
+            json!(["n2"])
+        );
         // A node-local checkpoint cannot go to another node...
         let fake = cluster();
         set(&fake, &restore_path(), "/spec/nodeName", json!("n2"));

@@ -21,10 +21,11 @@
 //! Checkpoint images ([`images`]): a PodCheckpoint with storage type `Image` that the kubelet has
 //! taken on this node (Checkpointing, reason `Pushing`, with its location) is pushed by this
 //! node's agent to its repository, tagged with the object's UID, and ended Ready with the image
-//! by digest in `status.image` (Failed, `PushFailed`, when the push fails). A pod bound to this
-//! node and annotated `checkpoint.k8s.io/restore-image` (a restore of such a checkpoint) has its
-//! checkpoint pulled into the kubelet's directory before the kubelet can restore it ([`pulls`]);
-//! pulled checkpoints no pod on the node names any more are removed after a while.
+//! by digest in `status.image` (Failed, `PushFailed`, when the push fails). A Ready image
+//! checkpoint whose `status.pullNodes` (written by the controller once a restored pod is bound)
+//! lists this node is pulled into the kubelet's directory for the kubelet to restore from
+//! ([`pulls`]); it is removed a while after its PodCheckpoint is gone or no longer lists the
+//! node. The agent reads no pods.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,26 +1,26 @@
-//! Pulls for restores on this node: the agent watches the metadata of the pods bound to its node
-//! (field selector `spec.nodeName=<node>`; names, namespaces and annotations are all it reads of
-//! them) and, for each annotated `checkpoint.k8s.io/restore-image`, pulls that image into the
-//! kubelet's checkpoint directory under the name `checkpoint.k8s.io/restore-from` gives
-//! ([`images::pull`]). The kubelet, which may try the restore before the pull is done, fails that
-//! attempt (the checkpoint is not there yet) and restores on its next sync.
+//! Pulls for restores on this node. The controller lists, in a PodCheckpoint's
+//! `status.pullNodes`, the nodes that restored pods of its image were bound to; the agent
+//! watches PodCheckpoints (which it may read, and which hold no pod spec; it reads no pods) and
+//! pulls the image of each Ready one that lists its node into the kubelet's checkpoint
+//! directory, under the name of its location ([`images::pull`]). The kubelet, which may try the
+//! restore before the pull is done, fails that attempt (the checkpoint is not there yet) and
+//! restores on its next sync.
 //!
-//! Pulled checkpoints that no pod on this node names any more are removed once they have been
-//! unused for the agent's `pulled_ttl` (a restore of the same checkpoint soon after finds it
-//! here); checkpoints the kubelet took on this node are never touched here.
+//! A pulled checkpoint stays while its PodCheckpoint lists this node (a restored pod whose
+//! sandbox is lost is restored from it again); once the object is gone or lists it no more, it
+//! is removed after the agent's `pulled_ttl`. Checkpoints the kubelet took on this node are
+//! never touched here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 
-use podsnap_checkpoint_api::{PodCheckpoint, PodCheckpointPhase, RESTORE_FROM, RESTORE_IMAGE};
+use podsnap_checkpoint_api::{PodCheckpoint, PodCheckpointPhase};
 
 use crate::Agent;
 use crate::images::{self, PullOutcome};
@@ -28,74 +28,76 @@ use crate::images::{self, PullOutcome};
 /// How often pulled checkpoints are looked at for removal.
 const GC_PERIOD: Duration = Duration::from_secs(30);
 
-/// What a pod asks this node for: a checkpoint, by name, from an image.
+/// What a PodCheckpoint asks this node for: its checkpoint, by name, from its image.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Wanted {
     pub name: String,
     pub image: String,
     pub namespace: String,
+    /// The PodCheckpoint's UID: the kubelet record in the image must name it.
+    pub uid: String,
 }
 
-/// The checkpoint a pod's annotations ask to be pulled, if any.
-pub fn wanted(pod: &PartialObjectMeta<Pod>) -> Option<Wanted> {
-    let annotations = pod.metadata.annotations.as_ref()?;
-    let image = annotations.get(RESTORE_IMAGE)?;
-    let from = annotations.get(RESTORE_FROM)?;
-    // The kubelet takes a name or the path it returned; the agent pulls by name.
-    let name = from.rsplit('/').next().unwrap_or_default();
+/// The pull a PodCheckpoint asks of `node`, if any: Ready, with an image, listing the node.
+pub fn wanted(checkpoint: &PodCheckpoint, node: &str) -> Option<Wanted> {
+    let status = checkpoint.status.as_ref()?;
+    if status.phase != Some(PodCheckpointPhase::Ready)
+        || !status.pull_nodes.iter().any(|n| n == node)
+    {
+        return None;
+    }
+    let image = status.image.as_ref()?.reference.clone();
+    let location = status.checkpoint_location.as_deref()?;
+    let name = location.rsplit('/').next().unwrap_or_default();
     Some(Wanted {
         name: name.to_string(),
-        image: image.clone(),
-        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        image,
+        namespace: checkpoint.namespace()?,
+        uid: checkpoint.uid()?,
     })
 }
 
-/// The checkpoints the pods on this node name, as the watch tells: a relist (Init … InitDone)
-/// is gathered aside and replaces the known set only once whole, and nothing is known (so
-/// nothing collected) before the first list is.
+/// The checkpoints the PodCheckpoints ask this node to keep, as the watch tells: a relist
+/// (Init … InitDone) is gathered aside and replaces the known set only once whole, and nothing is
+/// known (so nothing collected) before the first list is.
 #[derive(Debug, Default)]
 pub struct InUse {
-    pods: BTreeMap<String, BTreeSet<String>>,
+    objects: BTreeMap<String, BTreeSet<String>>,
     relisting: Option<BTreeMap<String, BTreeSet<String>>>,
     synced: bool,
 }
 
 impl InUse {
-    /// Takes in one watch event.
-    pub fn note(&mut self, event: &watcher::Event<PartialObjectMeta<Pod>>) {
-        let key = |pod: &PartialObjectMeta<Pod>| {
-            format!(
-                "{}/{}",
-                pod.metadata.namespace.as_deref().unwrap_or_default(),
-                pod.metadata.name.as_deref().unwrap_or_default()
-            )
-        };
-        let names = |pod: &PartialObjectMeta<Pod>| -> BTreeSet<String> {
-            wanted(pod).map(|w| w.name).into_iter().collect()
+    /// Takes in one watch event, for `node`.
+    pub fn note(&mut self, event: &watcher::Event<PodCheckpoint>, node: &str) {
+        let key =
+            |c: &PodCheckpoint| format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any());
+        let names = |c: &PodCheckpoint| -> BTreeSet<String> {
+            wanted(c, node).map(|w| w.name).into_iter().collect()
         };
         match event {
-            watcher::Event::Apply(pod) => {
-                self.pods.insert(key(pod), names(pod));
+            watcher::Event::Apply(c) => {
+                self.objects.insert(key(c), names(c));
             }
-            watcher::Event::Delete(pod) => {
-                self.pods.remove(&key(pod));
+            watcher::Event::Delete(c) => {
+                self.objects.remove(&key(c));
             }
             watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
-            watcher::Event::InitApply(pod) => {
+            watcher::Event::InitApply(c) => {
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key(pod), names(pod));
+                    .insert(key(c), names(c));
             }
             watcher::Event::InitDone => {
-                self.pods = self.relisting.take().unwrap_or_default();
+                self.objects = self.relisting.take().unwrap_or_default();
                 self.synced = true;
             }
         }
     }
 
-    /// The checkpoint names in use, once the pods on this node are known.
+    /// The checkpoint names in use, once the PodCheckpoints are known.
     pub fn names(&self) -> Option<BTreeSet<String>> {
-        let mut names: BTreeSet<String> = self.pods.values().flatten().cloned().collect();
+        let mut names: BTreeSet<String> = self.objects.values().flatten().cloned().collect();
         // Until a relist is done, what it has seen counts too.
         names.extend(
             self.relisting
@@ -119,64 +121,40 @@ const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// Runs the pull watch and the garbage collection of pulled checkpoints until the watch ends.
 pub async fn run(agent: Arc<Agent>) {
-    // Metadata only: nothing of the pods' specs is fetched.
-    let pods: Api<PartialObjectMeta<Pod>> = Api::all(agent.client.clone());
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", agent.node));
+    let checkpoints: Api<PodCheckpoint> = Api::all(agent.client.clone());
     let in_use: Arc<Mutex<InUse>> = Arc::default();
     let pulls: Arc<Mutex<Pulls>> = Arc::default();
     let gc = collect(agent.clone(), in_use.clone(), pulls.clone());
-    let watch = watcher(pods, config).default_backoff().for_each(|event| {
-        let agent = agent.clone();
-        let in_use = in_use.clone();
-        let pulls = pulls.clone();
-        async move {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching this node's pods");
-                    return;
+    let watch = watcher(checkpoints, watcher::Config::default())
+        .default_backoff()
+        .for_each(|event| {
+            let agent = agent.clone();
+            let in_use = in_use.clone();
+            let pulls = pulls.clone();
+            async move {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching PodCheckpoints");
+                        return;
+                    }
+                };
+                in_use
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .note(&event, &agent.node);
+                let checkpoint = match &event {
+                    watcher::Event::Apply(c) | watcher::Event::InitApply(c) => c,
+                    _ => return,
+                };
+                if checkpoint.meta().deletion_timestamp.is_none()
+                    && let Some(wanted) = wanted(checkpoint, &agent.node)
+                {
+                    start_pull(&agent, &pulls, wanted);
                 }
-            };
-            in_use
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .note(&event);
-            let pod = match &event {
-                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => pod,
-                _ => return,
-            };
-            if pod.metadata.deletion_timestamp.is_none()
-                && let Some(wanted) = wanted(pod)
-            {
-                start_pull(&agent, &pulls, wanted);
             }
-        }
-    });
+        });
     futures::join!(watch, gc);
-}
-
-/// The UID of the Ready PodCheckpoint in `namespace` whose image is `image`: a pod may have a
-/// checkpoint image pulled only when a PodCheckpoint of its own namespace published it (its
-/// node's agent pushed it and wrote the reference), never any image a pod's author names.
-async fn publisher(agent: &Agent, namespace: &str, image: &str) -> Result<String, String> {
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(agent.client.clone(), namespace);
-    let list = checkpoints
-        .list(&Default::default())
-        .await
-        .map_err(|e| format!("listing the PodCheckpoints of {namespace}: {e}"))?;
-    list.items
-        .iter()
-        .find(|c| {
-            let status = c.status.as_ref();
-            status.and_then(|s| s.phase) == Some(PodCheckpointPhase::Ready)
-                && status
-                    .and_then(|s| s.image.as_ref())
-                    .is_some_and(|i| i.reference == image)
-        })
-        .and_then(|c| c.uid())
-        .ok_or_else(|| {
-            format!("no Ready PodCheckpoint in namespace {namespace} has image {image}: not pulled")
-        })
 }
 
 /// Starts pulling `wanted` unless a pull of that checkpoint is under way, or one failed and its
@@ -197,22 +175,17 @@ fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
     let pulls = pulls.clone();
     tokio::spawn(async move {
         let started = Instant::now();
-        let result = match publisher(&agent, &wanted.namespace, &wanted.image).await {
-            Ok(uid) => {
-                images::pull(
-                    &agent.registry,
-                    &agent.pins_dir,
-                    &agent.checkpoints_dir,
-                    &wanted.name,
-                    &wanted.image,
-                    &wanted.namespace,
-                    &uid,
-                    agent.max_pull_bytes,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
+        let result = images::pull(
+            &agent.registry,
+            &agent.pins_dir,
+            &agent.checkpoints_dir,
+            &wanted.name,
+            &wanted.image,
+            &wanted.namespace,
+            &wanted.uid,
+            agent.max_pull_bytes,
+        )
+        .await;
         let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
         pulls.running.remove(&wanted.name);
         match result {
@@ -247,7 +220,7 @@ fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
 }
 
 /// Every [`GC_PERIOD`], once the pods on this node are known: removes pulled checkpoints no pod
-/// here names that have not been used for the agent's `pulled_ttl`, and what pulls that did not
+/// no PodCheckpoint asks this node to keep that have not been asked for during the agent's `pulled_ttl`, and what pulls that did not
 /// finish left behind.
 async fn collect(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<Pulls>>) {
     let mut last_used: BTreeMap<String, SystemTime> = BTreeMap::new();
@@ -303,75 +276,72 @@ async fn collect(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<
 mod tests {
     use super::*;
 
-    fn pod(name: &str, annotations: &[(&str, &str)]) -> PartialObjectMeta<Pod> {
-        let mut pod = PartialObjectMeta::<Pod>::default();
-        pod.metadata.name = Some(name.into());
-        pod.metadata.namespace = Some("team".into());
-        pod.metadata.annotations = Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
-        pod
+    fn checkpoint(name: &str, status: serde_json::Value) -> PodCheckpoint {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodCheckpoint",
+            "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}")},
+            "spec": {"sourcePodName": "p"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn ready(name: &str, nodes: &[&str]) -> PodCheckpoint {
+        checkpoint(
+            name,
+            serde_json::json!({
+                "phase": "Ready", "nodeName": "n1",
+                "checkpointLocation": format!("/var/lib/kubelet/pod-checkpoints/checkpoint-{name}"),
+                "image": {"reference": format!("r.example/x@sha256:{name}"), "size": 1},
+                "pullNodes": nodes,
+            }),
+        )
     }
 
     #[test]
-    fn a_pod_wants_a_pull_only_with_both_annotations() {
-        let image = "r.example/x@sha256:00";
-        assert_eq!(wanted(&pod("a", &[(RESTORE_FROM, "checkpoint-a")])), None);
-        assert_eq!(wanted(&pod("a", &[(RESTORE_IMAGE, image)])), None);
-        let both = pod(
-            "a",
-            &[
-                (
-                    RESTORE_FROM,
-                    "/var/lib/kubelet/pod-checkpoints/checkpoint-a",
-                ),
-                (RESTORE_IMAGE, image),
-            ],
-        );
+    fn a_checkpoint_asks_a_pull_of_the_nodes_it_lists_once_ready_with_an_image() {
         assert_eq!(
-            wanted(&both),
+            wanted(&ready("a", &["n2"]), "n2"),
             Some(Wanted {
                 name: "checkpoint-a".into(),
-                image: image.into(),
+                image: "r.example/x@sha256:a".into(),
                 namespace: "team".into(),
+                uid: "uid-a".into(),
             })
         );
+        assert_eq!(wanted(&ready("a", &["n2"]), "n3"), None);
+        assert_eq!(wanted(&ready("a", &[]), "n2"), None);
+        let mut pushing = ready("a", &["n2"]);
+        pushing.status.as_mut().unwrap().phase = Some(PodCheckpointPhase::Checkpointing);
+        assert_eq!(wanted(&pushing, "n2"), None);
+        let mut local = ready("a", &["n2"]);
+        local.status.as_mut().unwrap().image = None;
+        assert_eq!(wanted(&local, "n2"), None);
     }
 
     #[test]
     fn the_checkpoints_in_use_follow_the_watch_and_a_relist_replaces_them_whole() {
         let mut in_use = InUse::default();
-        let restoring = |name: &str| {
-            pod(
-                name,
-                &[
-                    (RESTORE_FROM, name),
-                    (RESTORE_IMAGE, "r.example/x@sha256:00"),
-                ],
-            )
-        };
+        let node = "n2";
         let names = |in_use: &InUse| in_use.names().map(|n| n.into_iter().collect::<Vec<_>>());
         // Nothing is known before the first list is done: nothing may be collected.
-        in_use.note(&watcher::Event::Init);
-        in_use.note(&watcher::Event::InitApply(restoring("checkpoint-a")));
+        in_use.note(&watcher::Event::Init, node);
+        in_use.note(&watcher::Event::InitApply(ready("a", &[node])), node);
         assert_eq!(names(&in_use), None);
-        in_use.note(&watcher::Event::InitDone);
+        in_use.note(&watcher::Event::InitDone, node);
         assert_eq!(names(&in_use), Some(vec!["checkpoint-a".to_string()]));
-        in_use.note(&watcher::Event::Apply(restoring("checkpoint-b")));
-        in_use.note(&watcher::Event::Apply(pod("c", &[])));
-        in_use.note(&watcher::Event::Delete(restoring("checkpoint-a")));
+        in_use.note(&watcher::Event::Apply(ready("b", &[node])), node);
+        in_use.note(&watcher::Event::Apply(ready("c", &["n9"])), node);
+        in_use.note(&watcher::Event::Delete(ready("a", &[node])), node);
         assert_eq!(names(&in_use), Some(vec!["checkpoint-b".to_string()]));
         // A relist: until it is done, what was known still counts, with what it saw.
-        in_use.note(&watcher::Event::Init);
-        in_use.note(&watcher::Event::InitApply(restoring("checkpoint-d")));
+        in_use.note(&watcher::Event::Init, node);
+        in_use.note(&watcher::Event::InitApply(ready("d", &[node])), node);
         assert_eq!(
             names(&in_use),
             Some(vec!["checkpoint-b".to_string(), "checkpoint-d".to_string()])
         );
-        in_use.note(&watcher::Event::InitDone);
+        in_use.note(&watcher::Event::InitDone, node);
         assert_eq!(names(&in_use), Some(vec!["checkpoint-d".to_string()]));
     }
 }
