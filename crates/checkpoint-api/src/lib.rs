@@ -135,6 +135,22 @@ pub struct ImageStorage {
     /// node agents' registry access (insecure registries, credentials) is their configuration.
     #[schemars(length(min = 1, max = 255))]
     pub repository: String,
+    /// Seal the image's config and layers to these keys, so that the registry holds none of
+    /// the pod's memory, files or environment in the clear; only nodes holding one of the
+    /// private keys can restore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ImageEncryption>,
+}
+
+/// Encryption of a checkpoint image with age (<https://age-encryption.org>).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.recipients.all(r, r.matches('^age1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{58}$'))").message("each recipient is an age X25519 public key (age1 and 58 bech32 characters)"))]
+pub struct ImageEncryption {
+    /// age X25519 public keys (`age1…`, as `podsnap keygen` or `age-keygen` print them); the
+    /// restoring node's agent holds a matching private key (Secret `podsnap-checkpoint-keys`).
+    #[schemars(length(min = 1, max = 16), inner(length(max = 62)))]
+    pub recipients: Vec<String>,
 }
 
 impl PodCheckpointSpec {
@@ -145,6 +161,16 @@ impl PodCheckpointSpec {
             .filter(|s| s.type_ == StorageType::Image)
             .and_then(|s| s.image.as_ref())
             .map(|i| i.repository.as_str())
+    }
+
+    /// The keys the image is sealed to, when it is stored as an encrypted image.
+    pub fn image_recipients(&self) -> Option<&[String]> {
+        self.storage
+            .as_ref()
+            .filter(|s| s.type_ == StorageType::Image)
+            .and_then(|s| s.image.as_ref())
+            .and_then(|i| i.encryption.as_ref())
+            .map(|e| e.recipients.as_slice())
     }
 }
 

@@ -10,6 +10,9 @@
 //!                  with zstd, annotated io.podsnap.checkpoint.path=<container | _volumes/x.tar>
 //! ```
 //!
+//! Optionally ([`crypt`]) the config and every layer are sealed to age recipients: media types
+//! `…+age`, annotation `io.podsnap.checkpoint.encryption=age`; digests are the ciphertext's.
+//!
 //! [`plan`] and [`write_layer`] pack a verified checkpoint directory; packing the same
 //! checkpoint twice gives the same digests, so a registry that has a blob is not sent it again.
 //! [`unpack`] is the only way back: it trusts nothing in the blobs. Every blob's sha256 and size
@@ -23,6 +26,7 @@
 //! `kubernetes.io/dockerconfigjson` Secret.
 
 pub mod auth;
+pub mod crypt;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -33,6 +37,8 @@ use std::path::{Path, PathBuf};
 use podsnap_checkpoint_format::{self as format, MANIFEST, Manifest, VOLUMES_DIR};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub use crypt::{Identities, Recipients};
 
 /// The OCI image manifest's media type.
 pub const IMAGE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -95,6 +101,8 @@ pub enum Error {
     Exists(PathBuf),
     #[error("checkpoint file {path} changed since it was verified: {reason}")]
     Changed { path: String, reason: String },
+    #[error("encryption: {0}")]
+    Crypt(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -171,6 +179,9 @@ impl ImageManifest {
                 machine.page_size.to_string(),
             );
         }
+        if config.media_type.ends_with(crypt::SUFFIX) {
+            annotations.insert(crypt::ANNOTATION.to_string(), "age".to_string());
+        }
         Self {
             schema_version: 2,
             media_type: IMAGE_MANIFEST.to_string(),
@@ -186,10 +197,14 @@ impl ImageManifest {
         let manifest: Self = serde_json::from_slice(bytes).map_err(|e| {
             Error::NotACheckpoint(format!("the image manifest does not parse: {e}"))
         })?;
+        let config_type = manifest.config.media_type.as_str();
         if manifest.schema_version != 2
             || manifest.media_type != IMAGE_MANIFEST
             || manifest.artifact_type != ARTIFACT_TYPE
-            || manifest.config.media_type != CONFIG
+            || config_type
+                .strip_suffix(crypt::SUFFIX)
+                .unwrap_or(config_type)
+                != CONFIG
         {
             return Err(Error::NotACheckpoint(format!(
                 "artifact type {:?}, config {:?}",
@@ -214,6 +229,20 @@ impl ImageManifest {
                 .checked_add(descriptor.size)
                 .ok_or_else(|| Error::NotACheckpoint("the blobs' sizes add up past 2^64".into()))?;
         }
+        // All sealed or none: a plain layer in an encrypted image would be taken unopened.
+        let sealed = manifest.encrypted();
+        if let Some(odd) = manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type.ends_with(crypt::SUFFIX) != sealed)
+        {
+            return Err(Error::NotACheckpoint(format!(
+                "layer {} is {}encrypted in an image whose config is {}",
+                odd.digest,
+                if sealed { "not " } else { "" },
+                if sealed { "encrypted" } else { "not" }
+            )));
+        }
         if manifest.config.size > MAX_CONFIG {
             return Err(Error::NotACheckpoint(format!(
                 "a config of {} bytes, more than {MAX_CONFIG}",
@@ -221,6 +250,11 @@ impl ImageManifest {
             )));
         }
         Ok(manifest)
+    }
+
+    /// Whether its blobs are sealed ([`crypt`]): its config's media type says so.
+    pub fn encrypted(&self) -> bool {
+        self.config.media_type.ends_with(crypt::SUFFIX)
     }
 
     /// The total size of the image's blobs (config and layers); [`ImageManifest::parse`] has
@@ -298,13 +332,38 @@ pub fn config(root: &Path) -> Result<(Vec<u8>, Descriptor)> {
     Ok((bytes, descriptor))
 }
 
+/// The config sealed to `recipients`: its bytes and descriptor (media type `…+age`).
+pub fn seal_config(plain: &[u8], recipients: &Recipients) -> Result<(Vec<u8>, Descriptor)> {
+    let bytes = recipients.seal(plain)?;
+    let descriptor = Descriptor {
+        media_type: format!("{CONFIG}{}", crypt::SUFFIX),
+        digest: format!("sha256:{}", hex(&Sha256::digest(&bytes))),
+        size: bytes.len() as u64,
+        annotations: BTreeMap::new(),
+    };
+    Ok((bytes, descriptor))
+}
+
 /// Writes `layer` to `out` as deterministic tar+zstd at `level`; returns its descriptor. Each
 /// file is hashed as it is read: one that no longer has its manifest's size and sha256 fails
 /// the layer ([`Error::Changed`]), so a checkpoint never leaves other than it verified.
-pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descriptor> {
+///
+/// With `recipients`, the compressed stream is sealed to them as it is written (media type
+/// `…+age`): not deterministic then (each age file has its own key), and the digest is the
+/// ciphertext's.
+pub fn write_layer(
+    layer: &Layer,
+    out: impl Write,
+    level: i32,
+    recipients: Option<&Recipients>,
+) -> Result<Descriptor> {
     let context = || format!("packing layer {}", layer.path);
     let hashing = Hashing::new(out);
-    let mut encoder = zstd::stream::Encoder::new(hashing, level).map_err(io_err(context()))?;
+    let sealing = match recipients {
+        Some(r) => crypt::Sealing::Age(r.sealing(hashing)?),
+        None => crypt::Sealing::Plain(hashing),
+    };
+    let mut encoder = zstd::stream::Encoder::new(sealing, level).map_err(io_err(context()))?;
     encoder.window_log(WINDOW_LOG).map_err(io_err(context()))?;
     let mut builder = tar::Builder::new(encoder);
     builder.mode(tar::HeaderMode::Deterministic);
@@ -342,11 +401,17 @@ pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descrip
         }
     }
     let encoder = builder.into_inner().map_err(io_err(context()))?;
-    let hashing = encoder.finish().map_err(io_err(context()))?;
+    let sealing = encoder.finish().map_err(io_err(context()))?;
+    let hashing = sealing.finish().map_err(io_err(context()))?;
     let (digest, size, mut out) = hashing.finish();
     out.flush().map_err(io_err(context()))?;
+    let suffix = if recipients.is_some() {
+        crypt::SUFFIX
+    } else {
+        ""
+    };
     Ok(Descriptor {
-        media_type: layer.media_type.to_string(),
+        media_type: format!("{}{suffix}", layer.media_type),
         digest,
         size,
         annotations: BTreeMap::from([(PATH_ANNOTATION.to_string(), layer.path.clone())]),
@@ -358,14 +423,19 @@ pub fn write_layer(layer: &Layer, out: impl Write, level: i32) -> Result<Descrip
 /// each layer from its reader, in the image's order, into a staging directory of its own beside
 /// `target` (0700) that becomes `target` only once the whole checkpoint verifies, and never
 /// replaces anything there. At most `max_bytes` of files are written. On any error the staging
-/// directory is removed and `target` is not created.
+/// directory is removed and `target` is not created. An encrypted image is opened with
+/// `identities` (none of them opening it is an error before anything is unpacked).
+///
+/// Returns the checkpoint's manifest and its file's sha256 (`sha256:<hex>`; the config's
+/// digest when the image is not encrypted): what a restore pins.
 pub fn unpack<R: Read>(
     image: &ImageManifest,
     config: impl Read,
     layers: impl IntoIterator<Item = R>,
     target: &Path,
     max_bytes: u64,
-) -> Result<Manifest> {
+    identities: &Identities,
+) -> Result<(Manifest, String)> {
     if target.symlink_metadata().is_ok() {
         return Err(Error::Exists(target.to_path_buf()));
     }
@@ -387,7 +457,7 @@ pub fn unpack<R: Read>(
         .mode(0o700)
         .create(&staging)
         .map_err(io_err(format!("creating {}", staging.display())))?;
-    let result = unpack_into(image, config, layers, &staging, max_bytes)
+    let result = unpack_into(image, config, layers, &staging, max_bytes, identities)
         .and_then(|manifest| rename_new(&staging, target).map(|()| manifest));
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
@@ -442,7 +512,8 @@ fn unpack_into<R: Read>(
     layers: impl IntoIterator<Item = R>,
     staging: &Path,
     max_bytes: u64,
-) -> Result<Manifest> {
+    identities: &Identities,
+) -> Result<(Manifest, String)> {
     // The config first: it lists every file the layers may hold.
     if image.config.size > MAX_CONFIG {
         return Err(Error::NotACheckpoint(format!(
@@ -461,10 +532,17 @@ fn unpack_into<R: Read>(
         &hex(&Sha256::digest(&config_bytes)),
         config_bytes.len() as u64,
     )?;
+    // Sealed: the blob was the descriptor's; its plaintext is what the checkpoint lists.
+    let config_bytes = if image.encrypted() {
+        identities.open(&config_bytes, MAX_CONFIG)?
+    } else {
+        config_bytes
+    };
     let listed: Manifest = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::NotACheckpoint(format!("the config is not a podsnap manifest: {e}")))?;
     write_new(&staging.join(MANIFEST), &mut &config_bytes[..], u64::MAX)?;
     let mut unpacking = Unpacking {
+        identities,
         listed: &listed,
         staging,
         seen: HashSet::new(),
@@ -489,12 +567,19 @@ fn unpack_into<R: Read>(
     }
     // Every file against the manifest's sha256, and the manifest against the pinned config.
     let (manifest, digest) = format::verify_with_digest(staging)?;
-    check_blob("config", &image.config, &digest, config_bytes.len() as u64)?;
-    Ok(manifest)
+    let written = hex(&Sha256::digest(&config_bytes));
+    if digest != written {
+        return Err(Error::Changed {
+            path: MANIFEST.to_string(),
+            reason: format!("it has sha256 {digest} on disk, {written} as unpacked"),
+        });
+    }
+    Ok((manifest, format!("sha256:{digest}")))
 }
 
 /// The state of one [`unpack`]: what the config lists, what was written, the budget left.
 struct Unpacking<'a> {
+    identities: &'a Identities,
     listed: &'a Manifest,
     staging: &'a Path,
     seen: HashSet<String>,
@@ -538,7 +623,9 @@ impl Unpacking<'_> {
             },
             reason,
         };
-        let volume = match descriptor.media_type.as_str() {
+        let media_type = descriptor.media_type.as_str();
+        let sealed = media_type.ends_with(crypt::SUFFIX);
+        let volume = match media_type.strip_suffix(crypt::SUFFIX).unwrap_or(media_type) {
             CONTAINER_LAYER => false,
             VOLUME_LAYER => true,
             other => {
@@ -560,6 +647,11 @@ impl Unpacking<'_> {
             )));
         }
         let context = || format!("layer {path}");
+        let input = if sealed {
+            crypt::Opening::Age(Box::new(self.identities.opening(input)?))
+        } else {
+            crypt::Opening::Plain(input)
+        };
         let mut decoder = zstd::stream::read::Decoder::new(input).map_err(io_err(context()))?;
         decoder
             .window_log_max(WINDOW_LOG)

@@ -47,13 +47,24 @@ fn sample(root: &Path) -> Manifest {
 
 /// The image of the checkpoint at `root`: its manifest, config and layer blobs.
 fn pack(root: &Path) -> (ImageManifest, Vec<u8>, Vec<Vec<u8>>) {
+    pack_sealed(root, None)
+}
+
+/// The image of the checkpoint at `root`, sealed to `recipients` if any.
+fn pack_sealed(
+    root: &Path,
+    recipients: Option<&Recipients>,
+) -> (ImageManifest, Vec<u8>, Vec<Vec<u8>>) {
     let (manifest, layers) = plan(root).unwrap();
-    let (config_bytes, config_descriptor) = config(root).unwrap();
+    let (mut config_bytes, mut config_descriptor) = config(root).unwrap();
+    if let Some(r) = recipients {
+        (config_bytes, config_descriptor) = seal_config(&config_bytes, r).unwrap();
+    }
     let mut blobs = Vec::new();
     let mut descriptors = Vec::new();
     for layer in &layers {
         let mut blob = Vec::new();
-        descriptors.push(write_layer(layer, &mut blob, DEFAULT_LEVEL).unwrap());
+        descriptors.push(write_layer(layer, &mut blob, DEFAULT_LEVEL, recipients).unwrap());
         blobs.push(blob);
     }
     (
@@ -69,7 +80,25 @@ fn unpack_blobs(
     blobs: &[Vec<u8>],
     target: &Path,
 ) -> Result<Manifest> {
-    unpack(image, config, blobs.iter().map(|b| &b[..]), target, 1 << 20)
+    unpack_with(image, config, blobs, target, &Identities::none())
+}
+
+fn unpack_with(
+    image: &ImageManifest,
+    config: &[u8],
+    blobs: &[Vec<u8>],
+    target: &Path,
+    identities: &Identities,
+) -> Result<Manifest> {
+    unpack(
+        image,
+        config,
+        blobs.iter().map(|b| &b[..]),
+        target,
+        1 << 20,
+        identities,
+    )
+    .map(|(manifest, _)| manifest)
 }
 
 /// Nothing but `target` (or nothing at all) in `parent`: no staging directory left.
@@ -412,6 +441,7 @@ fn an_image_larger_than_the_budget_is_refused() {
         blobs.iter().map(|b| &b[..]),
         &target,
         20,
+        &Identities::none(),
     )
     .unwrap_err();
     assert!(matches!(err, Error::TooLarge { .. }), "{err}");
@@ -436,7 +466,7 @@ fn only_a_verified_checkpoint_is_packed() {
     fs::write(source.path().join("web/rootfs-diff.tar"), b"changed").unwrap();
     let (_, layers) = plan(source.path()).unwrap();
     let web = layers.iter().find(|l| l.path == "web").unwrap();
-    let err = write_layer(web, std::io::sink(), DEFAULT_LEVEL).unwrap_err();
+    let err = write_layer(web, std::io::sink(), DEFAULT_LEVEL, None).unwrap_err();
     assert!(
         matches!(&err, Error::Changed { path, .. } if path == "web/rootfs-diff.tar"),
         "{err}"
@@ -530,7 +560,108 @@ fn a_file_changed_after_planning_is_not_packed() {
     let web = layers.iter().find(|l| l.path == "web").unwrap();
     for changed in [&b"DIFF"[..], b"a longer diff"] {
         fs::write(source.path().join("web/rootfs-diff.tar"), changed).unwrap();
-        let err = write_layer(web, Vec::new(), DEFAULT_LEVEL).unwrap_err();
+        let err = write_layer(web, Vec::new(), DEFAULT_LEVEL, None).unwrap_err();
         assert!(matches!(err, Error::Changed { .. }), "{err}");
     }
+}
+
+#[test]
+fn an_encrypted_image_holds_nothing_in_the_clear_and_opens_only_with_its_key() {
+    let source = tempfile::tempdir().unwrap();
+    let written = sample(source.path());
+    let (identity_file, public) = crypt::generate();
+    let identities = Identities::parse(&identity_file).unwrap();
+    let recipients = Recipients::parse(&[public]).unwrap();
+    let (image, config, blobs) = pack_sealed(source.path(), Some(&recipients));
+    assert!(image.encrypted());
+    assert_eq!(image.annotations[crypt::ANNOTATION], "age");
+    assert!(image.layers.iter().all(|l| l.media_type.ends_with("+age")));
+    // Not a byte of the pod in the registry's blobs: page content, file names, the manifest.
+    for blob in blobs.iter().chain(std::iter::once(&config)) {
+        for marker in [&b"pages of"[..], b"sidecar", b"podsnap", b"counter"] {
+            assert!(
+                !blob.windows(marker.len()).any(|w| w == marker),
+                "{:?} in a sealed blob",
+                String::from_utf8_lossy(marker)
+            );
+        }
+    }
+    let parsed = ImageManifest::parse(&serde_json::to_vec(&image).unwrap()).unwrap();
+    assert_eq!(parsed, image);
+
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+    // No key, another key: refused before anything is unpacked; nothing left.
+    let err = unpack_blobs(&image, &config, &blobs, &target).unwrap_err();
+    assert!(err.to_string().contains("no decryption key"), "{err}");
+    only(dest.path(), None);
+    let (other, _) = crypt::generate();
+    let other = Identities::parse(&other).unwrap();
+    let err = unpack_with(&image, &config, &blobs, &target, &other).unwrap_err();
+    assert!(err.to_string().contains("encrypted to other keys"), "{err}");
+    only(dest.path(), None);
+
+    // The key: the checkpoint comes back whole, and the pin is the plaintext manifest's.
+    let (manifest, pin) = unpack(
+        &image,
+        &config[..],
+        blobs.iter().map(|b| &b[..]),
+        &target,
+        1 << 20,
+        &identities,
+    )
+    .unwrap();
+    assert_eq!(manifest, written);
+    assert_eq!(
+        pin,
+        format!("sha256:{}", format::manifest_sha256(source.path()).unwrap())
+    );
+    assert_eq!(
+        fs::read(target.join("web/checkpoint/pages-1.img")).unwrap(),
+        b"pages of web"
+    );
+}
+
+#[test]
+fn a_tampered_or_mixed_encrypted_image_is_refused() {
+    let source = tempfile::tempdir().unwrap();
+    sample(source.path());
+    let (identity_file, public) = crypt::generate();
+    let identities = Identities::parse(&identity_file).unwrap();
+    let recipients = Recipients::parse(&[public]).unwrap();
+    let (image, config, blobs) = pack_sealed(source.path(), Some(&recipients));
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("checkpoint");
+
+    // A flipped byte in a sealed layer: its digest says so, and nothing is left.
+    let mut tampered = blobs.clone();
+    let last = tampered[2].len() - 20;
+    tampered[2][last] ^= 1;
+    let err = unpack_with(&image, &config, &tampered, &target, &identities).unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    only(dest.path(), None);
+
+    // A plain layer in an encrypted image is refused as the manifest is parsed.
+    let (plain, _, _) = pack(source.path());
+    let mut mixed = image.clone();
+    mixed.layers[0] = plain.layers[0].clone();
+    let err = ImageManifest::parse(&serde_json::to_vec(&mixed).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("is not encrypted"), "{err}");
+
+    // A sealed layer re-sealed by someone holding only the public key, with its descriptor
+    // rewritten: the image manifest's digest (which names the image) changes, and within an
+    // image whose descriptors were forged, the layer must still decrypt to listed files.
+    let (other_file, other_public) = crypt::generate();
+    let _ = other_file;
+    let other = Recipients::parse(&[other_public]).unwrap();
+    let (_, layers) = plan(source.path()).unwrap();
+    let mut forged_blob = Vec::new();
+    let forged = write_layer(&layers[2], &mut forged_blob, DEFAULT_LEVEL, Some(&other)).unwrap();
+    let mut forged_image = image.clone();
+    forged_image.layers[2] = forged;
+    let mut forged_blobs = blobs.clone();
+    forged_blobs[2] = forged_blob;
+    let err = unpack_with(&forged_image, &config, &forged_blobs, &target, &identities).unwrap_err();
+    assert!(err.to_string().contains("encrypted to other keys"), "{err}");
+    only(dest.path(), None);
 }

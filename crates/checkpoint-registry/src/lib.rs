@@ -33,7 +33,9 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use podsnap_checkpoint_format::Manifest;
-use podsnap_checkpoint_image::{self as image, Descriptor, ImageManifest, Layer};
+use podsnap_checkpoint_image::{
+    self as image, Descriptor, Identities, ImageManifest, Layer, Recipients,
+};
 use sha2::{Digest, Sha256};
 
 /// The size of the pieces a layer goes to its upload in.
@@ -160,7 +162,8 @@ pub struct Pushed {
     pub reference: String,
     /// The image manifest's digest.
     pub digest: String,
-    /// The config blob's digest: the checkpoint's manifest_sha256, which a restore pins.
+    /// The config blob's digest: the checkpoint's manifest_sha256, which a restore pins (when
+    /// the image is encrypted, the digest of its sealed bytes).
     pub config_digest: String,
     /// Bytes of blobs sent (0 when the registry had them all).
     pub uploaded: u64,
@@ -177,8 +180,13 @@ pub struct Pulled {
     pub manifest: Manifest,
     /// Total size of the blobs pulled.
     pub size: u64,
-    /// The config blob's digest: the sha256 of the checkpoint's manifest file, as pulled.
+    /// The config blob's digest.
     pub config_digest: String,
+    /// `sha256:<hex>` of the checkpoint's manifest file as unpacked (the config's digest when
+    /// the image is not encrypted): what a restore pins.
+    pub manifest_sha256: String,
+    /// Whether the image was encrypted (and opened with the pull's identities).
+    pub encrypted: bool,
     /// The image manifest's annotations (covered by its digest).
     pub annotations: BTreeMap<String, String>,
 }
@@ -194,6 +202,8 @@ pub struct PushOptions {
     /// Annotations added to the image manifest (covered by its digest); they may not replace
     /// the checkpoint's own (`org.criu.checkpoint.*`, `io.podsnap.checkpoint.*`).
     pub annotations: BTreeMap<String, String>,
+    /// Seal the config and every layer to these age recipients ([`image::crypt`]).
+    pub recipients: Option<Recipients>,
 }
 
 impl Default for PushOptions {
@@ -202,6 +212,7 @@ impl Default for PushOptions {
             level: image::DEFAULT_LEVEL,
             layer_cache: None,
             annotations: BTreeMap::new(),
+            recipients: None,
         }
     }
 }
@@ -297,7 +308,7 @@ impl Registry {
     ) -> Result<Pushed> {
         let root = dir.to_path_buf();
         let (manifest, layers) = blocking(move || image::plan(&root)).await??;
-        let (config_bytes, config) = image::config(dir)?;
+        let (mut config_bytes, mut config) = image::config(dir)?;
         // The config is read again: it must still be the manifest `plan` verified, or what a
         // restore pins would not be what was checked.
         if serde_json::from_slice::<Manifest>(&config_bytes)
@@ -318,6 +329,9 @@ impl Registry {
                 reason: format!("annotation {key} is the checkpoint's own"),
             });
         }
+        if let Some(recipients) = &opts.recipients {
+            (config_bytes, config) = image::seal_config(&config_bytes, recipients)?;
+        }
         self.again("authenticate", || self.push_token(reference))
             .await?;
         let mut uploaded = 0;
@@ -334,7 +348,7 @@ impl Registry {
         let mut cache = LayerCache::open(opts.layer_cache.as_deref())?;
         let mut descriptors = Vec::new();
         for layer in layers {
-            let key = layer_key(&layer, opts.level);
+            let key = layer_key(&layer, opts.level, opts.recipients.as_ref());
             if let Some(known) = cache.get(&key)
                 && self.exists(reference, &known.digest).await?
             {
@@ -345,7 +359,12 @@ impl Registry {
             let what = format!("push layer {}", layer.path);
             let descriptor = self
                 .again(&what, || {
-                    self.push_layer(reference, layer.clone(), opts.level)
+                    self.push_layer(
+                        reference,
+                        layer.clone(),
+                        opts.level,
+                        opts.recipients.clone(),
+                    )
                 })
                 .await?;
             uploaded += descriptor.size;
@@ -413,6 +432,7 @@ impl Registry {
         reference: &Reference,
         layer: Layer,
         level: i32,
+        recipients: Option<Recipients>,
     ) -> Result<Descriptor> {
         let token = self.push_token(reference).await?;
         let token = token.as_deref();
@@ -426,7 +446,7 @@ impl Registry {
                 buf: Vec::with_capacity(CHUNK),
                 finished: false,
             };
-            let written = image::write_layer(&layer, &mut out, level);
+            let written = image::write_layer(&layer, &mut out, level, recipients.as_ref());
             // Only a layer packed whole ends the stream cleanly; an error (or a panic, through
             // ChannelWriter's drop) ends it with an error, so the upload never commits a blob
             // cut short.
@@ -582,16 +602,19 @@ impl Registry {
 
     /// Pulls the checkpoint image `reference` (by tag or digest) into `target`, which must not
     /// exist and appears only once the whole checkpoint verifies; at most `max_bytes` of files
-    /// are written.
+    /// are written. An encrypted image is opened with `identities`.
     pub async fn pull(
         &self,
         reference: &Reference,
         target: &Path,
         max_bytes: u64,
+        identities: &Arc<Identities>,
     ) -> Result<Pulled> {
         // Whole: a failed pull has removed what it unpacked.
-        self.again("pull", || self.pull_once(reference, target, max_bytes))
-            .await
+        self.again("pull", || {
+            self.pull_once(reference, target, max_bytes, identities.clone())
+        })
+        .await
     }
 
     async fn pull_once(
@@ -599,6 +622,7 @@ impl Registry {
         reference: &Reference,
         target: &Path,
         max_bytes: u64,
+        identities: Arc<Identities>,
     ) -> Result<Pulled> {
         self.client
             .auth(reference, &self.auth, RegistryOperation::Pull)
@@ -634,6 +658,7 @@ impl Registry {
         let image_manifest = ImageManifest::parse(&body)?;
         let size = image_manifest.size();
         let config_digest = image_manifest.config.digest.clone();
+        let encrypted = image_manifest.encrypted();
         let annotations = image_manifest.annotations.clone();
         let by_digest = Reference::with_digest(
             reference.registry().to_string(),
@@ -647,7 +672,7 @@ impl Registry {
         // next read and removes what it unpacked, instead of finishing behind the caller's back.
         let cancel = Cancel::default();
         let cancelled = cancel.0.clone();
-        let manifest = blocking(move || {
+        let (manifest, manifest_sha256) = blocking(move || {
             let blob = |descriptor: &Descriptor| BlobReader {
                 handle: handle.clone(),
                 client: client.clone(),
@@ -655,11 +680,19 @@ impl Registry {
                 digest: descriptor.digest.clone(),
                 stream: None,
                 chunk: Bytes::new(),
+                ended: false,
                 cancelled: cancelled.clone(),
             };
             let config = blob(&image_manifest.config);
             let layers: Vec<BlobReader> = image_manifest.layers.iter().map(blob).collect();
-            image::unpack(&image_manifest, config, layers, &target, max_bytes)
+            image::unpack(
+                &image_manifest,
+                config,
+                layers,
+                &target,
+                max_bytes,
+                &identities,
+            )
         })
         .await??;
         drop(cancel);
@@ -668,6 +701,8 @@ impl Registry {
             manifest,
             size,
             config_digest,
+            manifest_sha256,
+            encrypted,
             annotations,
         })
     }
@@ -781,6 +816,8 @@ struct BlobReader {
     digest: String,
     stream: Option<SizedStream>,
     chunk: Bytes,
+    /// The stream has ended.
+    ended: bool,
     cancelled: Arc<AtomicBool>,
 }
 
@@ -789,6 +826,9 @@ impl Read for BlobReader {
         if self.cancelled.load(Ordering::Relaxed) {
             // Not Interrupted: read_to_end and io::copy would read again, for ever.
             return Err(io::Error::other("the pull was cancelled"));
+        }
+        if self.ended && self.chunk.is_empty() {
+            return Ok(0);
         }
         while self.chunk.is_empty() {
             let stream = match &mut self.stream {
@@ -828,7 +868,13 @@ impl Read for BlobReader {
                         format!("pulling blob {}: {e}", self.digest),
                     ));
                 }
-                None => return Ok(0),
+                None => {
+                    // oci-client's stream checks the digest again if polled past its end (and
+                    // finds the empty blob's): a reader asked again at its end (age's is)
+                    // answers the end again.
+                    self.ended = true;
+                    return Ok(0);
+                }
             }
         }
         let n = buf.len().min(self.chunk.len());
@@ -839,7 +885,7 @@ impl Read for BlobReader {
 
 /// What identifies a layer's bytes: its media type, path, level and every file's name and
 /// sha256 (packing is deterministic for one zstd).
-fn layer_key(layer: &Layer, level: i32) -> String {
+fn layer_key(layer: &Layer, level: i32, recipients: Option<&Recipients>) -> String {
     let mut hash = Sha256::new();
     hash.update(format!(
         "{}\n{}\n{} level {level}\n",
@@ -847,6 +893,10 @@ fn layer_key(layer: &Layer, level: i32) -> String {
         layer.path,
         image::codec()
     ));
+    // A sealed layer is reused only for the same recipients.
+    if let Some(recipients) = recipients {
+        hash.update(format!("age\n{}\n", recipients.fingerprint()));
+    }
     for (relative, (_, sha256)) in &layer.files {
         hash.update(format!("{relative}\0{sha256}\n"));
     }

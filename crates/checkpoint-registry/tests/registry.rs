@@ -273,7 +273,10 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
         ("by-digest", reference(&pushed.reference).unwrap()),
     ] {
         let target = work.path().join(name);
-        let pulled = client.pull(&from, &target, 1 << 30).await.unwrap();
+        let pulled = client
+            .pull(&from, &target, 1 << 30, &Default::default())
+            .await
+            .unwrap();
         assert_eq!(pulled.digest, pushed.digest);
         assert_eq!(pulled.manifest, manifest);
         assert_eq!(pulled.config_digest, pushed.config_digest);
@@ -303,7 +306,10 @@ async fn a_checkpoint_pushed_and_pulled_is_the_same_and_a_second_push_uploads_no
     assert_eq!(repaired.digest, pushed.digest);
     assert!(repaired.uploaded > 0, "{repaired:?}");
     let target = work.path().join("after-repair");
-    client.pull(&target_ref, &target, 1 << 30).await.unwrap();
+    client
+        .pull(&target_ref, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(tree(&target), tree(&source));
 }
 
@@ -342,7 +348,10 @@ async fn a_tampered_blob_a_wrong_digest_or_a_foreign_image_fails_the_pull_and_le
     let middle = bad.len() / 2;
     bad[middle] ^= 0x55;
     std::fs::write(&blob, &bad).unwrap();
-    let err = client.pull(&tag, &target, 1 << 30).await.unwrap_err();
+    let err = client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     // Refused for its digest (the unpacker's check, or oci-client's at the end of the stream),
     // which the message names.
@@ -360,7 +369,10 @@ async fn a_tampered_blob_a_wrong_digest_or_a_foreign_image_fails_the_pull_and_le
         "0".repeat(64)
     ))
     .unwrap();
-    let err = client.pull(&missing, &target, 1 << 30).await.unwrap_err();
+    let err = client
+        .pull(&missing, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Registry { .. }), "{err:?}");
     // A tag that is not there.
     let err = client
@@ -368,6 +380,7 @@ async fn a_tampered_blob_a_wrong_digest_or_a_foreign_image_fails_the_pull_and_le
             &reference(&format!("{}/podsnap/tampered:nope", registry.addr)).unwrap(),
             &target,
             1 << 30,
+            &Default::default(),
         )
         .await
         .unwrap_err();
@@ -400,19 +413,28 @@ async fn a_tampered_blob_a_wrong_digest_or_a_foreign_image_fails_the_pull_and_le
         )
         .await
         .unwrap();
-    let err = client.pull(&other, &target, 1 << 30).await.unwrap_err();
+    let err = client
+        .pull(&other, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("not a podsnap checkpoint image"),
         "{err}"
     );
 
     // More than the budget allows.
-    let err = client.pull(&tag, &target, 1 << 10).await.unwrap_err();
+    let err = client
+        .pull(&tag, &target, 1 << 10, &Default::default())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("budget"), "{err}");
     assert!(names(&cache).is_empty(), "left behind: {:?}", names(&cache));
 
     // And with everything put back, it pulls.
-    client.pull(&tag, &target, 1 << 30).await.unwrap();
+    client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(tree(&target), tree(&source));
 }
 
@@ -443,7 +465,12 @@ async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
         "{err:?}"
     );
     let err = client
-        .pull(&tag, &work.path().join("pulled"), 1 << 30)
+        .pull(
+            &tag,
+            &work.path().join("pulled"),
+            1 << 30,
+            &Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Registry { .. }), "{err:?}");
@@ -469,7 +496,12 @@ async fn a_checkpoint_that_does_not_verify_is_not_pushed() {
     );
     // No tag, so nothing to pull.
     let err = client
-        .pull(&tag, &work.path().join("pulled"), 1 << 30)
+        .pull(
+            &tag,
+            &work.path().join("pulled"),
+            1 << 30,
+            &Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -673,7 +705,10 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         .await
         .unwrap();
     let target = work.path().join("pulled");
-    let pulled = client.pull(&tag, &target, 1 << 30).await.unwrap();
+    let pulled = client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(pulled.digest, pushed.digest);
     assert_eq!(tree(&target), tree(&source));
     {
@@ -717,7 +752,12 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
     // A tag that is not there is a 404: asked once, not again.
     let missing = reference(&format!("{}/podsnap/flaky:nope", proxy.addr)).unwrap();
     let err = client
-        .pull(&missing, &work.path().join("missing"), 1 << 30)
+        .pull(
+            &missing,
+            &work.path().join("missing"),
+            1 << 30,
+            &Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(!err.is_transient(), "{err}");
@@ -772,7 +812,10 @@ async fn a_registry_with_basic_auth_takes_the_secrets_credentials_and_refuses_an
         .await
         .unwrap();
     let target = work.path().join("pulled");
-    let pulled = client.pull(&tag, &target, 1 << 30).await.unwrap();
+    let pulled = client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(pulled.digest, pushed.digest);
     assert_eq!(tree(&target), tree(&source));
     // A wrong password: refused for good.
@@ -781,7 +824,12 @@ async fn a_registry_with_basic_auth_takes_the_secrets_credentials_and_refuses_an
         ..credentials
     };
     let err = with(Some(wrong))
-        .pull(&tag, &work.path().join("wrong"), 1 << 30)
+        .pull(
+            &tag,
+            &work.path().join("wrong"),
+            1 << 30,
+            &Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -789,4 +837,79 @@ async fn a_registry_with_basic_auth_takes_the_secrets_credentials_and_refuses_an
         "{err}"
     );
     assert!(!work.path().join("wrong").exists());
+}
+
+/// Every file under `dir` whose bytes contain `marker`.
+fn files_holding(dir: &Path, marker: &[u8]) -> Vec<PathBuf> {
+    tree(dir)
+        .into_iter()
+        .filter(|(_, bytes)| bytes.windows(marker.len()).any(|w| w == marker))
+        .map(|(path, _)| dir.join(path))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_checkpoint_leaves_no_plaintext_in_the_registry_and_opens_only_with_its_key() {
+    use podsnap_checkpoint_image::{Identities, Recipients, crypt};
+    let registry = TestRegistry::start();
+    let client = registry.client();
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("checkpoint");
+    // Memory holding a secret the pod had, between pages that do not compress.
+    let marker = b"PODSNAP-SECRET-IN-MEMORY-7f3a";
+    let mut pages = noise(2 << 20, 5);
+    pages.splice(1 << 20..(1 << 20) + marker.len(), marker.iter().copied());
+    sample(&source, &pages);
+    let (identity_file, public) = crypt::generate();
+    let opts = PushOptions {
+        recipients: Some(Recipients::parse(&[public]).unwrap()),
+        ..Default::default()
+    };
+    let tag = reference(&format!("{}/podsnap/sealed:1", registry.addr)).unwrap();
+    let pushed = client.push(&source, &tag, &opts).await.unwrap();
+
+    // The plain push of the same checkpoint would hold the marker; this one holds it nowhere:
+    // not in a blob, not in the manifest, not in any file of the registry's storage.
+    assert!(!files_holding(&source, marker).is_empty());
+    for needle in [&marker[..], b"pages of the sidecar", b"\"namespace\""] {
+        let found = files_holding(&registry.storage, needle);
+        assert!(
+            found.is_empty(),
+            "{:?} in the registry's storage: {found:?}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+
+    // Without a key, with another key: refused, nothing left at the target.
+    let target = work.path().join("pulled");
+    let err = client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no decryption key"), "{err}");
+    assert!(!err.is_transient());
+    let (other, _) = crypt::generate();
+    let other = std::sync::Arc::new(Identities::parse(&other).unwrap());
+    let err = client
+        .pull(&tag, &target, 1 << 30, &other)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("encrypted to other keys"), "{err}");
+    assert_eq!(names(work.path()), ["checkpoint"]);
+
+    // With the key: the checkpoint, whole; the pin is the plaintext manifest's sha256.
+    let identities = std::sync::Arc::new(Identities::parse(&identity_file).unwrap());
+    let pulled = client
+        .pull(&tag, &target, 1 << 30, &identities)
+        .await
+        .unwrap();
+    assert!(pulled.encrypted);
+    assert_eq!(pulled.digest, pushed.digest);
+    assert_eq!(tree(&target), tree(&source));
+    assert_eq!(
+        pulled.manifest_sha256,
+        format!("sha256:{}", format::manifest_sha256(&source).unwrap())
+    );
+    assert_ne!(pulled.manifest_sha256, pulled.config_digest);
+    assert_root_only(&target);
 }

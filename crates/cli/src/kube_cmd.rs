@@ -11,8 +11,8 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::{wait, wait::await_condition, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::{
-    CheckpointStorage, DeletionPolicy, ImageStorage, PodCheckpoint, PodCheckpointSpec, PodRestore,
-    PodRestoreSpec, PodTemplate, StorageType, TemplateMetadata,
+    CheckpointStorage, DeletionPolicy, ImageEncryption, ImageStorage, PodCheckpoint,
+    PodCheckpointSpec, PodRestore, PodRestoreSpec, PodTemplate, StorageType, TemplateMetadata,
 };
 use serde::de::DeserializeOwned;
 
@@ -53,6 +53,8 @@ pub struct CheckpointOptions {
     pub deletion_policy: Option<String>,
     /// Storage type Image, to this repository.
     pub image: Option<String>,
+    /// age public keys the image is sealed to (none: not encrypted).
+    pub encrypt_to: Vec<String>,
 }
 
 /// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed;
@@ -90,7 +92,12 @@ pub async fn create_checkpoint(
         timeout_seconds,
         deletion_policy,
         image,
+        encrypt_to,
     } = options;
+    if !encrypt_to.is_empty() {
+        podsnap_checkpoint_image::Recipients::parse(&encrypt_to)
+            .map_err(|e| anyhow::anyhow!("--encrypt-to: {e}"))?;
+    }
     let deletion_policy = deletion_policy
         .map(|policy| policy.parse::<DeletionPolicy>())
         .transpose()
@@ -104,7 +111,12 @@ pub async fn create_checkpoint(
             deletion_policy,
             storage: image.map(|repository| CheckpointStorage {
                 type_: StorageType::Image,
-                image: Some(ImageStorage { repository }),
+                image: Some(ImageStorage {
+                    repository,
+                    encryption: (!encrypt_to.is_empty()).then(|| ImageEncryption {
+                        recipients: encrypt_to.clone(),
+                    }),
+                }),
             }),
         },
     );

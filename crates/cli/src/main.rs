@@ -75,6 +75,10 @@ enum Command {
         /// OCI image, so that it can be restored on any node (storage type Image).
         #[arg(long, value_name = "REGISTRY/REPOSITORY")]
         image: Option<String>,
+        /// Encrypt the image to this age public key (age1…; repeat for several): only nodes
+        /// holding a matching private key can restore it.
+        #[arg(long, value_name = "AGE_PUBLIC_KEY", requires = "image")]
+        encrypt_to: Vec<String>,
         /// How long to wait for the outcome.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -134,6 +138,9 @@ enum Command {
         /// The node to move it to (default: where the scheduler puts it).
         #[arg(long)]
         to: Option<String>,
+        /// Encrypt the checkpoint image to this age public key (repeat for several).
+        #[arg(long, value_name = "AGE_PUBLIC_KEY")]
+        encrypt_to: Vec<String>,
         /// How long each step (checkpoint and push; restore) may take.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -149,9 +156,19 @@ enum Command {
         /// The node to move the pods to (default: where the scheduler puts each).
         #[arg(long)]
         to: Option<String>,
+        /// Encrypt the checkpoint images to this age public key (repeat for several).
+        #[arg(long, value_name = "AGE_PUBLIC_KEY")]
+        encrypt_to: Vec<String>,
         /// How long each step of each pod's migration may take.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
+    },
+    /// Make a key pair for encrypted checkpoint images: the private key (an age identity
+    /// file) to FILE (0600) or stdout, the public key (age1…, for --encrypt-to) to stderr.
+    Keygen {
+        /// Where the private key goes (it must not exist).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Pod checkpoint and restore over CRI on this node (no Kubernetes).
     #[command(subcommand)]
@@ -222,6 +239,9 @@ enum PodCommand {
         /// A file remembering the layers pushed, so a second push sends only what changed.
         #[arg(long, value_name = "FILE")]
         layer_cache: Option<PathBuf>,
+        /// Encrypt the image to this age public key (repeat for several).
+        #[arg(long, value_name = "AGE_PUBLIC_KEY")]
+        encrypt_to: Vec<String>,
     },
     /// Pull a podsnap checkpoint artifact into a new directory, every blob and file verified;
     /// prints its digest.
@@ -235,6 +255,9 @@ enum PodCommand {
         /// The most bytes of files the checkpoint may unpack to.
         #[arg(long, value_name = "BYTES", default_value_t = 256 << 30)]
         max_size: u64,
+        /// An age identity file (podsnap keygen) opening an encrypted image.
+        #[arg(long, value_name = "FILE")]
+        identity_file: Option<PathBuf>,
     },
 }
 
@@ -287,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_seconds,
             deletion_policy,
             image,
+            encrypt_to,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
@@ -295,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout_seconds,
                 deletion_policy,
                 image,
+                encrypt_to,
             };
             return kube_cmd::checkpoint(&target, &pod, options, wait).await;
         }
@@ -339,22 +364,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             image,
             to,
+            encrypt_to,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
-            let options = migrate::MigrateOptions { image, to, wait };
+            let options = migrate::MigrateOptions {
+                image,
+                to,
+                encrypt_to,
+                wait,
+            };
             return migrate::migrate(&target, &pod, &options).await;
         }
         Command::Drain {
             node,
             image,
             to,
+            encrypt_to,
             wait,
         } => {
             let target = kube_cmd::Target::new(None).await?;
-            let options = migrate::MigrateOptions { image, to, wait };
+            let options = migrate::MigrateOptions {
+                image,
+                to,
+                encrypt_to,
+                wait,
+            };
             return migrate::drain(target.client, &node, &options).await;
         }
+        Command::Keygen { output } => return transfer::keygen(output.as_deref()),
         Command::Pod(command) => command,
     };
     let endpoint = cli.runtime_endpoint;
@@ -366,16 +404,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             registry,
             level,
             layer_cache,
+            encrypt_to,
         } => {
-            return transfer::push(&checkpoint_dir, &reference, &registry, level, layer_cache)
-                .await;
+            let options = transfer::PushArgs {
+                level,
+                layer_cache,
+                encrypt_to,
+            };
+            return transfer::push(&checkpoint_dir, &reference, &registry, options).await;
         }
         PodCommand::Pull {
             reference,
             checkpoint_dir,
             registry,
             max_size,
-        } => return transfer::pull(&reference, &checkpoint_dir, &registry, max_size).await,
+            identity_file,
+        } => {
+            return transfer::pull(
+                &reference,
+                &checkpoint_dir,
+                &registry,
+                max_size,
+                identity_file.as_deref(),
+            )
+            .await;
+        }
         PodCommand::Checkpoint {
             sandbox_id,
             output_dir,
@@ -458,6 +511,7 @@ mod tests {
             registry,
             level,
             layer_cache,
+            ..
         }) = cli.command
         else {
             panic!("not push");

@@ -29,6 +29,8 @@ pub struct MigrateOptions {
     pub image: String,
     /// The target node; the scheduler's choice when unset.
     pub to: Option<String>,
+    /// age public keys the checkpoint image is sealed to (none: not encrypted).
+    pub encrypt_to: Vec<String>,
     /// How long each step (checkpoint and push, restore) may take.
     pub wait: Duration,
 }
@@ -104,6 +106,7 @@ async fn migrate_one(
             timeout_seconds: None,
             deletion_policy: Some("Delete".into()),
             image: Some(options.image.clone()),
+            encrypt_to: options.encrypt_to.clone(),
         },
         options.wait,
     )

@@ -5,6 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use podsnap_checkpoint_image::{Identities, Recipients};
 use podsnap_checkpoint_registry::{Access, PushOptions, Registry, reference};
 
 /// The registry options both commands take.
@@ -59,14 +62,33 @@ impl RegistryArgs {
     }
 }
 
+/// How `podsnap pod push` packs.
+#[derive(Debug)]
+pub struct PushArgs {
+    pub level: i32,
+    pub layer_cache: Option<PathBuf>,
+    /// age public keys to seal the image to (none: not encrypted).
+    pub encrypt_to: Vec<String>,
+}
+
 /// Pushes the checkpoint at `dir` to `target`; prints the checkpoint by digest.
 pub async fn push(
     dir: &Path,
     target: &str,
     args: &RegistryArgs,
-    level: i32,
-    layer_cache: Option<PathBuf>,
+    options: PushArgs,
 ) -> anyhow::Result<()> {
+    let PushArgs {
+        level,
+        layer_cache,
+        encrypt_to,
+    } = options;
+    let recipients = match encrypt_to.is_empty() {
+        true => None,
+        false => {
+            Some(Recipients::parse(&encrypt_to).map_err(|e| anyhow::anyhow!("--encrypt-to: {e}"))?)
+        }
+    };
     anyhow::ensure!(
         (1..=19).contains(&level),
         "--level {level}: zstd levels here are 1 to 19"
@@ -81,6 +103,7 @@ pub async fn push(
             &PushOptions {
                 level,
                 layer_cache,
+                recipients,
                 ..Default::default()
             },
         )
@@ -105,12 +128,23 @@ pub async fn pull(
     dir: &Path,
     args: &RegistryArgs,
     max_bytes: u64,
+    identity_file: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let identities = match identity_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("reading the identity file {}: {e}", path.display())
+            })?;
+            Identities::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Identities::none(),
+    };
+    let identities = Arc::new(identities);
     let reference = reference(source)?;
     let registry = args.registry(reference.resolve_registry())?;
     let started = std::time::Instant::now();
     let pulled = registry
-        .pull(&reference, dir, max_bytes)
+        .pull(&reference, dir, max_bytes, &identities)
         .await
         .map_err(|e| args.explain(reference.resolve_registry(), e))
         .map_err(|e| e.context(format!("pulling {source} into {}", dir.display())))?;
@@ -124,5 +158,29 @@ pub async fn pull(
         started.elapsed().as_secs_f64()
     );
     println!("{}", pulled.digest);
+    Ok(())
+}
+
+/// `podsnap keygen`: a new age key pair; the private key to `output` (created 0600, never
+/// over an existing file) or stdout, the public key to stderr.
+pub fn keygen(output: Option<&Path>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (identity, public) = podsnap_checkpoint_image::crypt::generate();
+    match output {
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+            file.write_all(identity.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        }
+        None => print!("{identity}"),
+    }
+    eprintln!("Public key: {public}");
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use podsnap_checkpoint_api::KUBELET_RECORD_ANNOTATION;
 use podsnap_checkpoint_format::pins;
+use podsnap_checkpoint_image::{Identities, Recipients};
 use podsnap_checkpoint_registry::{Access, PushOptions, Pushed, Registry, reference};
 
 /// How the agent reaches registries.
@@ -25,6 +26,9 @@ pub struct RegistryConfig {
     /// credentials, per registry; anonymous where it has none, or when the file does not exist
     /// (an optional Secret not created).
     pub auth_file: Option<PathBuf>,
+    /// An age identity file with the keys that open encrypted checkpoint images; read at each
+    /// pull (a Secret mounted later, or updated, is seen), none when it does not exist.
+    pub identity_file: Option<PathBuf>,
 }
 
 impl RegistryConfig {
@@ -45,6 +49,14 @@ impl RegistryConfig {
             retry: Default::default(),
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// The keys that open encrypted images here.
+    fn identities(&self) -> Result<Identities, String> {
+        match &self.identity_file {
+            Some(path) => Identities::read(path).map_err(|e| e.to_string()),
+            None => Ok(Identities::none()),
+        }
     }
 }
 
@@ -75,14 +87,21 @@ pub fn checkpoint_in(dir: &Path, name: &str) -> Result<PathBuf, String> {
 
 /// Pushes the checkpoint at `checkpoint` (in the kubelet's directory, taken by this node's
 /// podsnapd) to `repository`, tagged `tag`. The manifest must be the one podsnapd pinned; the
-/// kubelet's record goes along as an annotation.
+/// kubelet's record goes along as an annotation. With `recipients`, the image (and the record)
+/// is sealed to them.
 pub async fn push(
     config: &RegistryConfig,
     pins_dir: &Path,
     checkpoint: &Path,
     repository: &str,
     tag: &str,
+    recipients: Option<&[String]>,
 ) -> Result<Pushed, String> {
+    let recipients = recipients
+        .map(|keys| {
+            Recipients::parse(keys).map_err(|e| format!("spec.storage.image.encryption: {e}"))
+        })
+        .transpose()?;
     let at = |e: String| format!("checkpoint {}: {e}", checkpoint.display());
     let digest =
         podsnap_checkpoint_format::manifest_sha256(checkpoint).map_err(|e| at(e.to_string()))?;
@@ -100,11 +119,18 @@ pub async fn push(
             )));
         }
     }
-    let record = read_record(&record_path(checkpoint)).map_err(at)?;
+    let mut record = read_record(&record_path(checkpoint)).map_err(at)?;
+    // The record is the pod's spec: sealed too, it is not in the clear in the registry.
+    if let Some(recipients) = &recipients {
+        record = recipients
+            .seal_text(&record)
+            .map_err(|e| at(e.to_string()))?;
+    }
     let target = reference(&format!("{repository}:{tag}")).map_err(|e| e.to_string())?;
     let registry = config.client(target.resolve_registry())?;
     let options = PushOptions {
         annotations: BTreeMap::from([(KUBELET_RECORD_ANNOTATION.to_string(), record)]),
+        recipients,
         ..Default::default()
     };
     registry
@@ -217,13 +243,14 @@ pub async fn pull(
         ));
     }
     let registry = config.client(source.resolve_registry())?;
+    let identities = std::sync::Arc::new(config.identities()?);
     let staging = dir.join(format!(".pull-{name}"));
     if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging)
             .map_err(|e| format!("removing the stale {}: {e}", staging.display()))?;
     }
     let pulled = registry
-        .pull(&source, &staging, max_bytes)
+        .pull(&source, &staging, max_bytes, &identities)
         .await
         .map_err(|e| format!("pulling {image}: {e}"))?;
     // What this pull wrote, removed again should it fail.
@@ -235,6 +262,23 @@ pub async fn pull(
             .ok_or_else(|| {
                 format!("{image} carries no kubelet record ({KUBELET_RECORD_ANNOTATION})")
             })?;
+        // Sealed with the image (the unpack opened it with these keys); a sealed record in a
+        // plain image, or the reverse, is refused.
+        let encrypted = podsnap_checkpoint_image::crypt::is_sealed_text(record);
+        if encrypted != pulled.encrypted {
+            return Err(format!(
+                "{image}: its kubelet record is {}encrypted, its checkpoint {}",
+                if encrypted { "" } else { "not " },
+                if encrypted { "not" } else { "is" }
+            ));
+        }
+        let record = match encrypted {
+            true => identities
+                .open_text(record, MAX_RECORD)
+                .map_err(|e| format!("{image}'s kubelet record: {e}"))?,
+            false => record.clone(),
+        };
+        let record = &record;
         let parsed = check_record(record).map_err(|e| format!("{image}'s kubelet record: {e}"))?;
         if parsed["namespace"].as_str() != Some(namespace) {
             return Err(format!(
@@ -251,9 +295,9 @@ pub async fn pull(
         // What the registry's digest covered is what podsnapd's restore will accept: the
         // manifest file, whose sha256 the config digest is.
         let pin = pulled
-            .config_digest
+            .manifest_sha256
             .strip_prefix("sha256:")
-            .ok_or_else(|| format!("{image}: config digest {}", pulled.config_digest))?;
+            .ok_or_else(|| format!("{image}: manifest sha256 {}", pulled.manifest_sha256))?;
         let on_disk = podsnap_checkpoint_format::manifest_sha256(&staging)
             .map_err(|e| format!("{}: {e}", staging.display()))?;
         if on_disk != pin {

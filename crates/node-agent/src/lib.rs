@@ -197,6 +197,7 @@ async fn push(
                 &checkpoint,
                 repository,
                 &uid,
+                object.spec.image_recipients(),
             )
             .await
         }

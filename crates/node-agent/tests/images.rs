@@ -71,6 +71,7 @@ impl TestRegistry {
         RegistryConfig {
             insecure: vec![self.addr.clone()],
             auth_file: None,
+            identity_file: None,
         }
     }
 }
@@ -145,7 +146,7 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
     let taken = checkpoint(source.path(), name, &source_pins);
     let repository = format!("{}/e2e/counter", registry.addr);
 
-    let pushed = images::push(&config, &source_pins, &taken, &repository, "uid-1")
+    let pushed = images::push(&config, &source_pins, &taken, &repository, "uid-1", None)
         .await
         .unwrap();
     assert!(
@@ -304,7 +305,7 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
     std::fs::remove_file(changed.join(format::MANIFEST)).unwrap();
     format::write_manifest(&changed, &mut rewritten).unwrap();
     format::verify(&changed).unwrap();
-    let err = images::push(&config, &pins_dir, &changed, &repository, "t")
+    let err = images::push(&config, &pins_dir, &changed, &repository, "t", None)
         .await
         .unwrap_err();
     assert!(err.contains("it was changed, and is not pushed"), "{err}");
@@ -315,7 +316,7 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
         "checkpoint-b_default-t",
         &node.path().join("other-pins"),
     );
-    let err = images::push(&config, &pins_dir, &unpinned, &repository, "t")
+    let err = images::push(&config, &pins_dir, &unpinned, &repository, "t", None)
         .await
         .unwrap_err();
     assert!(err.contains("has no pin of it"), "{err}");
@@ -323,8 +324,118 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
     // No kubelet record beside it.
     let pinned = checkpoint(node.path(), "checkpoint-c_default-t", &pins_dir);
     std::fs::remove_file(images::record_path(&pinned)).unwrap();
-    let err = images::push(&config, &pins_dir, &pinned, &repository, "t")
+    let err = images::push(&config, &pins_dir, &pinned, &repository, "t", None)
         .await
         .unwrap_err();
     assert!(err.contains("the kubelet's record"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_checkpoint_and_its_record_go_up_sealed_and_come_down_only_where_a_key_opens_them()
+ {
+    let registry = TestRegistry::start();
+    let source = tempfile::tempdir().unwrap();
+    let source_pins = source.path().join("pins");
+    let name = "checkpoint-counter_default-2026-12-03T00:00:01Z";
+    let taken = checkpoint(source.path(), name, &source_pins);
+    let repository = format!("{}/e2e/sealed", registry.addr);
+    let (identity_file, public) = podsnap_checkpoint_image::crypt::generate();
+
+    // A recipient that is no age key: refused before anything is sent.
+    let err = images::push(
+        &registry.config(),
+        &source_pins,
+        &taken,
+        &repository,
+        "uid-1",
+        Some(&["age1nope".to_string()]),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("spec.storage.image.encryption"), "{err}");
+
+    let pushed = images::push(
+        &registry.config(),
+        &source_pins,
+        &taken,
+        &repository,
+        "uid-1",
+        Some(std::slice::from_ref(&public)),
+    )
+    .await
+    .unwrap();
+    // Neither the record (the pod's spec) nor the pages are in the clear in the registry.
+    let storage = registry._dir.path().join("storage");
+    let mut stack = vec![storage];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            for needle in [&b"podCheckpointUID"[..], b"pages"] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{:?} in {}",
+                    String::from_utf8_lossy(needle),
+                    path.display()
+                );
+            }
+        }
+    }
+
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("pod-checkpoints");
+    std::fs::create_dir(&dir).unwrap();
+    let pins_dir = target.path().join("pins");
+    let keys = target.path().join("identities");
+    let config = RegistryConfig {
+        identity_file: Some(keys.clone()),
+        ..registry.config()
+    };
+    let pull = || {
+        images::pull(
+            &config,
+            &pins_dir,
+            &dir,
+            name,
+            &pushed.reference,
+            "default",
+            "uid-1",
+            1 << 30,
+        )
+    };
+    // No key on this node (the optional Secret not created): refused, nothing left.
+    let err = pull().await.unwrap_err();
+    assert!(err.contains("no decryption key"), "{err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    // Another key: refused, nothing left.
+    let (other, _) = podsnap_checkpoint_image::crypt::generate();
+    std::fs::write(&keys, other).unwrap();
+    let err = pull().await.unwrap_err();
+    assert!(err.contains("encrypted to other keys"), "{err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    // Its key, beside another: pulled, the record opened, pinned to the plaintext manifest.
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n{identity_file}",
+            std::fs::read_to_string(&keys).unwrap()
+        ),
+    )
+    .unwrap();
+    let outcome = pull().await.unwrap();
+    assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
+    let pulled = dir.join(name);
+    format::verify(&pulled).unwrap();
+    assert_eq!(
+        std::fs::read(images::record_path(&pulled)).unwrap(),
+        std::fs::read(images::record_path(&taken)).unwrap()
+    );
+    assert_eq!(
+        pins::lookup(&pins_dir, &pulled).unwrap(),
+        Pin::Pinned(format::manifest_sha256(&taken).unwrap())
+    );
 }

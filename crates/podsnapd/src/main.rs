@@ -64,6 +64,10 @@ enum Mode {
         /// registry credentials; anonymous where it has none.
         #[arg(long, value_name = "FILE")]
         auth_file: Option<PathBuf>,
+        /// An age identity file (`podsnap keygen`; a Secret's key) with the private keys that
+        /// open encrypted checkpoint images pulled here; none where it does not exist.
+        #[arg(long, value_name = "FILE")]
+        identity_file: Option<PathBuf>,
         /// The most bytes one pulled checkpoint may unpack to.
         #[arg(long, value_name = "BYTES", default_value_t = 64 << 30)]
         max_pull_size: u64,
@@ -92,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         pins_dir,
         insecure,
         auth_file,
+        identity_file,
         max_pull_size,
         pulled_ttl,
     }) = args.mode
@@ -113,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
             registry: podsnap_node_agent::RegistryConfig {
                 insecure: insecure.into_iter().filter(|r| !r.is_empty()).collect(),
                 auth_file,
+                identity_file,
             },
             max_pull_bytes: max_pull_size,
             pulled_ttl: Duration::from_secs(pulled_ttl),
