@@ -257,6 +257,169 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
     assert!(!exists(from, &location), "{location} is still on {from}");
 }
 
+/// An encrypted checkpoint image (spec.storage.image.encryption): the pod's environment — in its
+/// memory, its CRI config and its spec — is in the checkpoint on its node and nowhere in the
+/// registry's storage. A node without the key does not restore it: the restored pod waits, never
+/// started fresh, and the PodCheckpoint says why (event PullFailed). With the key's Secret there
+/// (the agent restarted to mount it), the pod is restored on the other worker and counts on.
+#[test]
+fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_only_with_its_key() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = agents_registry(cluster);
+    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
+    assert!(
+        binary.exists(),
+        "{} is not built (cargo build -p podsnap-cli)",
+        binary.display()
+    );
+    let keys = ["-n", "podsnap-system"];
+    let secret = ["secret", "podsnap-checkpoint-keys"];
+    cluster.kubectl([&keys[..], &["delete"], &secret[..], &["--ignore-not-found"]].concat());
+    let work = tempfile::tempdir().unwrap();
+    let identity = work.path().join("identities");
+    let keygen = podsnap_e2e::CommandLine::new(&binary)
+        .args(["keygen", "-o"])
+        .arg(&identity)
+        .run()
+        .unwrap();
+    assert!(keygen.success(), "{}", keygen.report());
+    let public = keygen
+        .stderr
+        .trim()
+        .strip_prefix("Public key: ")
+        .unwrap_or_else(|| panic!("podsnap keygen printed {:?}", keygen.stderr))
+        .to_owned();
+
+    let marker = "podsnap-e2e-sealed-8d41c7";
+    let mut source = counter_pod("e2e-kind-sealed");
+    source["spec"]["nodeName"] = json!(from);
+    source["spec"]["containers"][0]["env"] = json!([{"name": "E2E_MARKER", "value": marker}]);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let mut manifest = checkpoint_of("e2e-kind-sealed-ckpt", &pod.name);
+    let repository = format!("{registry}/e2e/sealed");
+    manifest["spec"]["storage"] = json!({
+        "type": "Image",
+        "image": {"repository": repository, "encryption": {"recipients": [public]}}
+    });
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let location = ready["status"]["checkpointLocation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let after = *counts(&pod.logs("counter")).last().unwrap();
+    drop(pod);
+
+    // In the clear on its node (memory pages, CRI config, the kubelet's record) ...
+    let on_node = cluster.node_exec(from, &["grep", "-rlF", marker, &location]);
+    assert!(
+        on_node.stdout.contains("pages-") && on_node.stdout.contains("podsnap-manifest.json"),
+        "the marker is not where the test expects it in the checkpoint: {}",
+        on_node.report()
+    );
+    // ... and nowhere in the registry's storage.
+    let cache = std::env::var("PODSNAP_CACHE").unwrap_or("/var/cache/podsnap".into());
+    let storage = format!("{cache}/kind/registry");
+    assert!(std::path::Path::new(&storage).is_dir(), "{storage}");
+    let in_registry = podsnap_e2e::CommandLine::new("grep")
+        .args(["-rlF", marker, &storage])
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap();
+    assert!(
+        in_registry.stdout.trim().is_empty(),
+        "the marker is in the clear in the registry: {}",
+        in_registry.report()
+    );
+
+    // No key on the target: the restored pod waits, and the PodCheckpoint says why.
+    let mut restore = restore_of("e2e-kind-sealed-r", "e2e-kind-sealed-ckpt", 1);
+    restore["spec"]["nodeName"] = json!(to);
+    let restore = Object::create(cluster, restore);
+    let refused = wait_for("a PullFailed event", Duration::from_secs(120), || {
+        let events = cluster.events("default", "e2e-kind-sealed-ckpt");
+        events
+            .iter()
+            .find(|e| e.starts_with("PullFailed") && e.contains("no decryption key"))
+            .cloned()
+            .ok_or_else(|| format!("{events:?}"))
+    });
+    assert!(refused.contains(to.as_str()), "{refused}");
+    let waiting = restore.get();
+    let name = waiting["status"]["restoredPodName"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no restored pod named: {waiting}"))
+        .to_owned();
+    let restored = cluster.existing_pod("default", &name);
+    let state = restored.get();
+    assert_ne!(state["status"]["phase"], "Running", "{state}");
+    let logs = cluster
+        .kubectl_try(["logs", &name, "-c", "counter"])
+        .unwrap();
+    assert!(
+        !logs.success() || logs.stdout.trim().is_empty(),
+        "the pod started without its checkpoint: {state}\n{}",
+        logs.report()
+    );
+
+    // The key's Secret, mounted by a restarted agent on the target: restored, counting on.
+    let created = cluster.kubectl_try(
+        [
+            &keys[..],
+            &["create"],
+            &secret[..],
+            &[&format!("--from-file=identities={}", identity.display())],
+        ]
+        .concat(),
+    );
+    assert!(created.as_ref().is_ok_and(|f| f.success()), "{created:?}");
+    let agent = cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=podsnap-node-agent",
+        "--field-selector",
+        &format!("spec.nodeName={to}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "delete",
+        "pod",
+        agent.trim(),
+        "--wait=true",
+    ]);
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    restored.wait_ready();
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > before && seen[0] <= after + 1,
+        "checkpointed between counts {before} and {after}, restored counting {seen:?}"
+    );
+    let events = cluster.events("default", "e2e-kind-sealed-ckpt");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Pulled") && e.contains(to.as_str())),
+        "{events:?}"
+    );
+    drop(restored);
+    drop(restore);
+    cluster.kubectl([&keys[..], &["delete"], &secret[..]].concat());
+}
+
 /// `podsnap migrate` (the CLI, as a user runs it): a counting pod moves to the other worker through
 /// a checkpoint image, counts on from its checkpoint there, and the source pod is deleted once its
 /// replacement runs. A migration that cannot push fails, deletes what it created, and leaves the

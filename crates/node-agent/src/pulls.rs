@@ -10,6 +10,12 @@
 //! sandbox is lost is restored from it again); once the object is gone or lists it no more, it
 //! is removed after the agent's `pulled_ttl`. Checkpoints the kubelet took on this node are
 //! never touched here.
+//!
+//! A pull that fails is tried again after a pause (10 s, doubling to 5 min) while its
+//! PodCheckpoint still asks for it, and is reported as a Warning event `PullFailed` on the
+//! PodCheckpoint (the restored pod meanwhile waits, its restore failing as "not found": never a
+//! fresh start), with the reason: a registry that is down, a tampered blob, an encrypted image this
+//! node has no key for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -17,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Resource, ResourceExt};
 
@@ -31,7 +38,10 @@ const GC_PERIOD: Duration = Duration::from_secs(30);
 /// What a PodCheckpoint asks this node for: its checkpoint, by name, from its image.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Wanted {
+    /// The checkpoint's directory name (of its location).
     pub name: String,
+    /// The PodCheckpoint's name.
+    pub object: String,
     pub image: String,
     pub namespace: String,
     /// The PodCheckpoint's UID: the kubelet record in the image must name it.
@@ -51,6 +61,7 @@ pub fn wanted(checkpoint: &PodCheckpoint, node: &str) -> Option<Wanted> {
     let name = location.rsplit('/').next().unwrap_or_default();
     Some(Wanted {
         name: name.to_string(),
+        object: checkpoint.name_any(),
         image,
         namespace: checkpoint.namespace()?,
         uid: checkpoint.uid()?,
@@ -125,6 +136,7 @@ pub async fn run(agent: Arc<Agent>) {
     let in_use: Arc<Mutex<InUse>> = Arc::default();
     let pulls: Arc<Mutex<Pulls>> = Arc::default();
     let gc = collect(agent.clone(), in_use.clone(), pulls.clone());
+    let retry = retry(agent.clone(), in_use.clone(), pulls.clone());
     let watch = watcher(checkpoints, watcher::Config::default())
         .default_backoff()
         .for_each(|event| {
@@ -154,7 +166,67 @@ pub async fn run(agent: Arc<Agent>) {
                 }
             }
         });
-    futures::join!(watch, gc);
+    futures::join!(watch, gc, retry);
+}
+
+/// How often failed pulls are looked at for another try.
+const RETRY_PERIOD: Duration = Duration::from_secs(5);
+
+/// Tries failed pulls again once their pause has passed, while their PodCheckpoint still asks
+/// for them (the watch says nothing new about an object that did not change).
+async fn retry(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<Pulls>>) {
+    loop {
+        tokio::time::sleep(RETRY_PERIOD).await;
+        let wanted = in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .names()
+            .unwrap_or_default();
+        let due: Vec<Wanted> = {
+            let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
+            // Those no longer asked for are forgotten.
+            pulls.failed.retain(|w, _| wanted.contains(&w.name));
+            let now = Instant::now();
+            pulls
+                .failed
+                .iter()
+                .filter(|(_, (not_before, _))| now >= *not_before)
+                .map(|(w, _)| w.clone())
+                .collect()
+        };
+        for wanted in due {
+            start_pull(&agent, &pulls, wanted);
+        }
+    }
+}
+
+/// Publishes an event about the PodCheckpoint a pull is for (a failure to publish is logged).
+async fn publish(agent: &Agent, wanted: &Wanted, type_: EventType, reason: &str, note: String) {
+    let recorder = Recorder::new(
+        agent.client.clone(),
+        Reporter {
+            controller: "podsnap-node-agent".into(),
+            instance: Some(agent.node.clone()),
+        },
+    );
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(PodCheckpoint::api_version(&()).into_owned()),
+        kind: Some(PodCheckpoint::kind(&()).into_owned()),
+        namespace: Some(wanted.namespace.clone()),
+        name: Some(wanted.object.clone()),
+        uid: Some(wanted.uid.clone()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Pull".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &regarding).await {
+        tracing::warn!(error = %e, "publish event");
+    }
 }
 
 /// Starts pulling `wanted` unless a pull of that checkpoint is under way, or one failed and its
@@ -186,6 +258,27 @@ fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
             agent.max_pull_bytes,
         )
         .await;
+        let note = match &result {
+            Ok(PullOutcome::Pulled { size }) => Some((
+                EventType::Normal,
+                "Pulled",
+                format!(
+                    "node {}: pulled {} ({size} bytes) in {:.1}s",
+                    agent.node,
+                    wanted.image,
+                    started.elapsed().as_secs_f64()
+                ),
+            )),
+            Ok(PullOutcome::Present) => None,
+            Err(message) => Some((
+                EventType::Warning,
+                "PullFailed",
+                format!("node {}: {message}", agent.node),
+            )),
+        };
+        if let Some((type_, reason, note)) = note {
+            publish(&agent, &wanted, type_, reason, note).await;
+        }
         let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
         pulls.running.remove(&wanted.name);
         match result {
@@ -304,6 +397,7 @@ mod tests {
             wanted(&ready("a", &["n2"]), "n2"),
             Some(Wanted {
                 name: "checkpoint-a".into(),
+                object: "a".into(),
                 image: "r.example/x@sha256:a".into(),
                 namespace: "team".into(),
                 uid: "uid-a".into(),
