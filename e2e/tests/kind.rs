@@ -469,6 +469,27 @@ fn podsnap_migrate_moves_a_pod_to_the_other_worker_and_only_then_removes_the_sou
     assert!(!left.contains("e2e-kind-mig-m-"), "left behind: {left}");
     assert_eq!(pod.get()["status"]["phase"], "Running");
 
+    // A pod with a hostPath volume: refused before anything is created, with the reason.
+    let mut pinned = counter_pod("e2e-kind-mig-host");
+    pinned["spec"]["nodeName"] = json!(from);
+    pinned["spec"]["volumes"] = json!([{"name": "node-data", "hostPath": {"path": "/tmp"}}]);
+    let pinned = cluster.create_pod(pinned);
+    pinned.wait_ready();
+    let refused = podsnap(&[
+        "migrate",
+        "e2e-kind-mig-host",
+        "--image",
+        &format!("{registry}/e2e/mig"),
+    ]);
+    assert!(
+        !refused.success() && refused.stderr.contains("\"node-data\" is a hostPath"),
+        "{}",
+        refused.report()
+    );
+    let left = cluster.kubectl(["get", "podcheckpoints,podrestores", "-o", "name"]);
+    assert!(!left.contains("e2e-kind-mig-host"), "created: {left}");
+    drop(pinned);
+
     let before = *counts(&pod.logs("counter")).last().unwrap();
     let moved = podsnap(&[
         "migrate",
@@ -483,6 +504,17 @@ fn podsnap_migrate_moves_a_pod_to_the_other_worker_and_only_then_removes_the_sou
     assert_eq!(fields.len(), 3, "{}", moved.report());
     let (new_pod, node, checkpoint) = (fields[0], fields[1], fields[2].to_owned());
     assert_eq!(node, to, "{}", moved.report());
+    // The downtime, from the source's last output to the replacement's first, and its parts.
+    let downtime = moved
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("downtime "))
+        .unwrap_or_else(|| panic!("no downtime printed: {}", moved.report()));
+    assert!(
+        downtime.contains("checkpoint and push") && downtime.contains("restore to running"),
+        "{downtime}"
+    );
+    eprintln!("{downtime}");
     let restored = cluster.existing_pod("default", new_pod);
     assert_eq!(&node_of(&restored), to);
     let seen = restored.wait_counting("counter", 2);

@@ -8,6 +8,15 @@
 //! new name (`<pod>-m-<time>`): two pods of one name cannot run at once, and the source runs
 //! until its replacement does.
 //!
+//! A pod that cannot be moved is refused before anything is created: a `hostPath` volume (its
+//! data stays on the source node) or a device resource (a GPU's memory is not in a CRIU dump).
+//! Established TCP connections fail the checkpoint itself (CRIU refuses them without
+//! tcp-established), which undoes the migration as any failure does.
+//!
+//! The downtime printed is from the source's last output before the checkpoint was asked for to
+//! the replacement's first output (kubelet log timestamps), with where it went: checkpoint and
+//! push, restore to running, first output.
+//!
 //! `drain` cordons the node (as `kubectl drain` does, so the scheduler places the restored pods
 //! elsewhere) and migrates every running podsnap pod on it, one after another; pods of other
 //! runtime classes are left to `kubectl drain`.
@@ -15,8 +24,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::kube_cmd::{self, CheckpointOptions, RestoreOptions, Target};
@@ -68,12 +77,20 @@ async fn migrate_one(
         );
     }
     let running = source.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    let Some(from) = spec.node_name.filter(|_| running) else {
+    let Some(from) = spec.node_name.clone().filter(|_| running) else {
         bail!("pod {namespace}/{pod} is not running on a node");
     };
     if options.to.as_deref() == Some(from.as_str()) {
         bail!("pod {namespace}/{pod} runs on {from} already");
     }
+    if let Some(why) = unmovable(&spec) {
+        bail!("pod {namespace}/{pod} cannot be moved to another node: {why}");
+    }
+    let container = spec
+        .containers
+        .first()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
     let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
     let checkpoint = format!("{pod}-m-{stamp}");
     let restore = checkpoint.clone();
@@ -98,6 +115,7 @@ async fn migrate_one(
     };
 
     let started = Instant::now();
+    let requested = jiff::Timestamp::now();
     let checkpointed = kube_cmd::create_checkpoint(
         target,
         pod,
@@ -142,6 +160,16 @@ async fn migrate_one(
         .spec
         .and_then(|s| s.node_name)
         .unwrap_or_default();
+    let running_at = jiff::Timestamp::now();
+    // The source's last output before the checkpoint was asked for, read before it goes.
+    let since = i64::try_from(started.elapsed().as_secs()).unwrap_or(i64::MAX / 2) + 30;
+    let last_output = match output_times(&pods, pod, &container, Some(since)).await {
+        Ok(times) => times.into_iter().rev().find(|t| *t <= requested),
+        Err(e) => {
+            eprintln!("(downtime not measured: the source's log: {e:#})");
+            None
+        }
+    };
     // The replacement runs: now the source goes.
     pods.delete(pod, &DeleteParams::default())
         .await
@@ -151,11 +179,118 @@ async fn migrate_one(
         pushed_in.as_secs_f64(),
         restored_in.as_secs_f64()
     );
+    if let Some(last) = last_output {
+        match first_output(
+            &pods,
+            &new_pod,
+            &container,
+            options.wait.min(Duration::from_secs(60)),
+        )
+        .await
+        {
+            Some(first) => eprintln!(
+                "downtime {:.2}s: the source's last output before the checkpoint to {new_pod}'s first (output to checkpoint asked {:.2}s, checkpoint and push {:.2}s, restore to running {:.2}s, running to first output {:.2}s)",
+                seconds(last, first),
+                seconds(last, requested),
+                pushed_in.as_secs_f64(),
+                restored_in.as_secs_f64(),
+                seconds(running_at, first).max(0.0),
+            ),
+            None => eprintln!("(downtime not measured: {new_pod} wrote no output yet)"),
+        }
+    }
     Ok(Migrated {
         pod: new_pod,
         node,
         checkpoint,
     })
+}
+
+/// Why a pod cannot be moved to another node, if it cannot: a hostPath volume (its data is the
+/// node's), or a device resource (GPU memory is not in a CRIU dump).
+pub fn unmovable(spec: &PodSpec) -> Option<String> {
+    if let Some(volume) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.is_some())
+    {
+        return Some(format!(
+            "volume {:?} is a hostPath: its data stays on the node",
+            volume.name
+        ));
+    }
+    for container in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+    {
+        let resources = container.resources.iter().flat_map(|r| {
+            r.limits
+                .iter()
+                .flatten()
+                .chain(r.requests.iter().flatten())
+                .map(|(name, _)| name.as_str())
+        });
+        for name in resources {
+            if name.contains('/') && !name.starts_with("hugepages-") {
+                return Some(format!(
+                    "container {:?} uses device resource {name}: a device's state is not in the checkpoint",
+                    container.name
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The kubelet's timestamps of a container's log lines (of the last `since` seconds).
+async fn output_times(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: &str,
+    since: Option<i64>,
+) -> anyhow::Result<Vec<jiff::Timestamp>> {
+    let params = LogParams {
+        container: Some(container.to_string()),
+        timestamps: true,
+        since_seconds: since,
+        ..Default::default()
+    };
+    let log = pods
+        .logs(pod, &params)
+        .await
+        .with_context(|| format!("the log of {pod}/{container}"))?;
+    Ok(log
+        .lines()
+        .filter_map(|line| line.split_once(' ')?.0.parse().ok())
+        .collect())
+}
+
+/// When the container first wrote output, waiting up to `wait` for it to.
+async fn first_output(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: &str,
+    wait: Duration,
+) -> Option<jiff::Timestamp> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(times) = output_times(pods, pod, container, None).await
+            && let Some(first) = times.first()
+        {
+            return Some(*first);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn seconds(from: jiff::Timestamp, to: jiff::Timestamp) -> f64 {
+    (to.as_nanosecond() - from.as_nanosecond()) as f64 / 1e9
 }
 
 /// `podsnap drain NODE`: cordons the node and migrates its running podsnap pods elsewhere, all
@@ -219,4 +354,31 @@ pub async fn drain(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(value: serde_json::Value) -> PodSpec {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn host_paths_and_devices_are_unmovable_the_rest_is_not() {
+        let plain = spec(serde_json::json!({
+            "containers": [{"name": "app", "resources": {"limits": {"cpu": "1", "memory": "1Gi", "hugepages-2Mi": "4Mi"}}}],
+            "volumes": [{"name": "cache", "emptyDir": {}}]
+        }));
+        assert_eq!(unmovable(&plain), None);
+        let host = spec(serde_json::json!({
+            "containers": [{"name": "app"}],
+            "volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]
+        }));
+        assert!(unmovable(&host).unwrap().contains("\"data\" is a hostPath"));
+        let gpu = spec(serde_json::json!({
+            "containers": [{"name": "infer", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]
+        }));
+        assert!(unmovable(&gpu).unwrap().contains("nvidia.com/gpu"));
+    }
 }
