@@ -218,6 +218,52 @@ impl Machine {
     }
 }
 
+/// The leading `major.minor[.patch]` numbers of a version string (`4.1.1 (gitid)`,
+/// `6.1.0-28-amd64`); `None` when it has none.
+fn version_numbers(text: &str) -> Option<(u32, u32, u32)> {
+    let head = text
+        .trim()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()?;
+    let mut parts = head.split('.').map(|p| p.parse::<u32>().ok());
+    let major = parts.next()??;
+    let minor = parts.next()??;
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Whether the CRIU and kernel of this node (`criu`, `kernel`) can restore a checkpoint taken
+/// with `taken_criu` on `taken_kernel`; the reason when not. CRIU reads the images of its own
+/// and older versions, not necessarily newer ones; a kernel older than the one the checkpoint was
+/// taken on may lack what its processes used. Versions that do not parse (an unknown CRIU) are
+/// not held against a restore.
+pub fn versions_restorable(
+    taken_criu: &str,
+    taken_kernel: &str,
+    criu: &str,
+    kernel: &str,
+) -> std::result::Result<(), String> {
+    if let (Some(taken), Some(here)) = (version_numbers(taken_criu), version_numbers(criu))
+        && here < taken
+    {
+        return Err(format!(
+            "the checkpoint was taken with CRIU {}, this node has CRIU {}: an older CRIU may not read newer images",
+            taken_criu.trim(),
+            criu.trim()
+        ));
+    }
+    if let (Some(taken), Some(here)) = (version_numbers(taken_kernel), version_numbers(kernel))
+        && (here.0, here.1) < (taken.0, taken.1)
+    {
+        return Err(format!(
+            "the checkpoint was taken on kernel {}, this node runs {}: an older kernel may lack what its processes use",
+            taken_kernel.trim(),
+            kernel.trim()
+        ));
+    }
+    Ok(())
+}
+
 /// Creates a new file readable by root only (0600); an existing file or symlink is an error.
 pub(crate) fn private_file(path: &Path) -> std::io::Result<fs::File> {
     fs::OpenOptions::new()
@@ -506,6 +552,35 @@ fn check_containers(manifest: &Manifest) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_older_criu_or_kernel_is_refused_newer_and_unknown_ones_are_not() {
+        assert_eq!(
+            versions_restorable("4.1.1", "6.1.0-28-amd64", "4.1.1 (abc)", "6.1.0-30-amd64"),
+            Ok(())
+        );
+        assert_eq!(
+            versions_restorable("4.0", "6.1.0", "4.1.1", "6.8.12"),
+            Ok(())
+        );
+        let err = versions_restorable("4.1.1", "6.1.0", "4.0.0", "6.1.0").unwrap_err();
+        assert!(
+            err.contains("CRIU 4.1.1") && err.contains("CRIU 4.0.0"),
+            "{err}"
+        );
+        let err = versions_restorable("4.1.1", "6.8.0-1", "4.1.1", "6.1.0-28-amd64").unwrap_err();
+        assert!(
+            err.contains("kernel 6.8.0-1") && err.contains("runs 6.1.0-28-amd64"),
+            "{err}"
+        );
+        // A patch level of the kernel is not held against it; what does not parse is skipped.
+        assert_eq!(
+            versions_restorable("4.1.1", "6.1.99", "4.1.1", "6.1.0"),
+            Ok(())
+        );
+        assert_eq!(versions_restorable("", "", "4.1.1", "6.1.0"), Ok(()));
+        assert_eq!(versions_restorable("4.1.1", "6.1.0", "", "weird"), Ok(()));
+    }
 
     #[test]
     fn the_image_name_is_the_users_when_the_config_has_it() {

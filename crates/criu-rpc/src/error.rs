@@ -33,6 +33,8 @@ pub enum Operation {
     PreDump,
     /// `RESTORE` request.
     Restore,
+    /// `CPUINFO_CHECK` request.
+    CpuinfoCheck,
 }
 
 impl Operation {
@@ -45,6 +47,7 @@ impl Operation {
             Operation::Dump => "dump",
             Operation::PreDump => "pre-dump",
             Operation::Restore => "restore",
+            Operation::CpuinfoCheck => "cpuinfo check",
         }
     }
 }

@@ -62,6 +62,13 @@ pub const CRIU_ENV: &str = "PODSNAP_CRIU";
 /// Where `hack/install.sh` installs CRIU.
 pub const PODSNAP_CRIU_PATH: &str = "/var/cache/podsnap/bin/criu";
 
+/// CRIU's default CPU checks (`CPU_CAP_FPU | CPU_CAP_INS`): the FPU (xsave) layout and the
+/// instruction set features the images record.
+pub const CPU_CAP_DEFAULT: u32 = 1 | (1 << 2);
+
+/// The file a dump with [`DumpOptions::cpu_check`] records the CPU's features in.
+pub const CPUINFO_IMAGE: &str = "cpuinfo.img";
+
 /// Called with the pid of each CRIU swrk this client starts, right after it starts.
 pub type SpawnHook = Arc<dyn Fn(u32) + Send + Sync>;
 
@@ -281,6 +288,52 @@ impl Criu {
             op,
             req,
             answer: rpc::CriuReqType::Check,
+            inherit: &[],
+            log: Some(log),
+        };
+        self.exchange(exchange, None).map(drop)
+    }
+
+    /// Whether this CPU has what the images in `images_dir` were dumped with
+    /// ([`DumpOptions::cpu_check`]): its FPU and instruction features (`criu cpuinfo check
+    /// --cpu-cap=fpu,ins`). Reads `cpuinfo.img` there and writes nothing there: CRIU's log goes
+    /// to a private temporary directory, removed afterwards; its tail is in the error.
+    pub fn cpuinfo_check(&self, images_dir: &Path) -> Result<()> {
+        let op = Operation::CpuinfoCheck;
+        let images = open_dir(op, "images", images_dir)?;
+        let dir = PrivateDir::create("cpuinfo").map_err(|source| {
+            Error::new(
+                op,
+                ErrorKind::OpenDir {
+                    what: "temporary",
+                    path: env::temp_dir(),
+                    source,
+                },
+            )
+        })?;
+        let work = open_dir(op, "temporary", &dir.path)?;
+        let opts = rpc::CriuOpts {
+            images_dir_fd: images.as_raw_fd(),
+            work_dir_fd: Some(work.as_raw_fd()),
+            log_file: Some("cpuinfo-check.log".into()),
+            log_level: Some(DEFAULT_LOG_LEVEL),
+            cpu_cap: Some(CPU_CAP_DEFAULT),
+            ..Default::default()
+        };
+        let req = rpc::CriuReq {
+            r#type: rpc::CriuReqType::CpuinfoCheck as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+        let log = LogSource {
+            dir: work.as_fd(),
+            shown_dir: &dir.path,
+            file: "cpuinfo-check.log".into(),
+        };
+        let exchange = Exchange {
+            op,
+            req,
+            answer: rpc::CriuReqType::CpuinfoCheck,
             inherit: &[],
             log: Some(log),
         };

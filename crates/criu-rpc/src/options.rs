@@ -129,6 +129,7 @@ struct CommonOptions {
     lsm_profile: Option<String>,
     config_file: Option<PathBuf>,
     timeout_secs: Option<u32>,
+    cpu_check: bool,
 }
 
 impl CommonOptions {
@@ -163,6 +164,7 @@ impl CommonOptions {
             lsm_profile: None,
             config_file: None,
             timeout_secs: None,
+            cpu_check: false,
         }
     }
 
@@ -232,6 +234,9 @@ impl CommonOptions {
             lsm_profile: self.lsm_profile.clone(),
             config_file: self.config_file.as_deref().map(path_string),
             timeout: self.timeout_secs,
+            // CRIU adds CPU_CAP_IMAGE to what an RPC asks for: cpuinfo.img is written on dump and
+            // checked on restore.
+            cpu_cap: self.cpu_check.then_some(crate::CPU_CAP_DEFAULT),
             ..Default::default()
         };
         if let Some(mode) = self.manage_cgroups {
@@ -279,6 +284,14 @@ macro_rules! common_setters {
         /// Leave the tasks stopped (SIGSTOP) after the dump or restore (`--leave-stopped`).
         pub fn leave_stopped(mut self, on: bool) -> Self {
             self.common.leave_stopped = on;
+            self
+        }
+
+        /// Record the CPU's features in the images (`cpuinfo.img`) on dump, and on restore refuse
+        /// a CPU lacking the FPU or instructions they record (`--cpu-cap=fpu,ins`, CRIU's
+        /// default checks, which over RPC it makes only when asked).
+        pub fn cpu_check(mut self, on: bool) -> Self {
+            self.common.cpu_check = on;
             self
         }
 

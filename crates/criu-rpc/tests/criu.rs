@@ -790,3 +790,38 @@ fn restore_with_orphan_pts_master_hands_over_the_new_master() {
     let second: u64 = lines.next().unwrap().unwrap().trim_end().parse().unwrap();
     assert_eq!(second, first + 1);
 }
+
+#[test]
+fn a_dump_with_cpu_check_records_the_cpu_and_cpuinfo_check_reads_it_and_refuses_a_broken_one() {
+    let Some(host) = host(
+        "a_dump_with_cpu_check_records_the_cpu_and_cpuinfo_check_reads_it_and_refuses_a_broken_one",
+    ) else {
+        return;
+    };
+    let subject = Subject::counting();
+    host.criu
+        .dump(
+            &DumpOptions::new(subject.pid, subject.images())
+                .work_dir(subject.work())
+                .leave_running(true)
+                .cpu_check(true),
+        )
+        .unwrap();
+    let before = ls(&subject.images());
+    assert!(
+        before.iter().any(|f| f == criu_rpc::CPUINFO_IMAGE),
+        "{before:?}"
+    );
+    // This CPU has what it recorded; the check writes nothing beside the images.
+    host.criu.cpuinfo_check(&subject.images()).unwrap();
+    assert_eq!(ls(&subject.images()), before);
+    // A record that is not one: refused, with CRIU's reason.
+    let cpuinfo = subject.images().join(criu_rpc::CPUINFO_IMAGE);
+    let bytes = std::fs::read(&cpuinfo).unwrap();
+    std::fs::write(&cpuinfo, &bytes[..bytes.len() / 2]).unwrap();
+    let err = host.criu.cpuinfo_check(&subject.images()).unwrap_err();
+    assert_eq!(err.operation(), criu_rpc::Operation::CpuinfoCheck, "{err}");
+    std::fs::remove_file(&cpuinfo).unwrap();
+    assert!(host.criu.cpuinfo_check(&subject.images()).is_err());
+    subject.assert_alive_and_counting("after a dump with cpu_check");
+}

@@ -78,7 +78,40 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         )));
     }
+    preflight(&path, &manifest).map_err(|why| {
+        Status::failed_precondition(format!(
+            "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
+        ))
+    })?;
     Ok((path, manifest, digest))
+}
+
+/// The versions and CPU this node restores with against those the checkpoint was taken with:
+/// CRIU and kernel not older ([`podsnap_checkpoint_format::versions_restorable`]), and each
+/// container's recorded CPU features (`cpuinfo.img`) present here (CRIU `CPUINFO_CHECK`).
+fn preflight(path: &Path, manifest: &Manifest) -> Result<(), String> {
+    let criu = criu_rpc::Criu::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let here = criu.version().map(|v| v.to_string()).unwrap_or_default();
+    podsnap_checkpoint_format::versions_restorable(
+        &manifest.criu_version,
+        &manifest.kernel,
+        &here,
+        &kernel,
+    )?;
+    for container in &manifest.containers {
+        let images = path.join(&container.name).join("checkpoint");
+        if !images.join(criu_rpc::CPUINFO_IMAGE).is_file() {
+            continue;
+        }
+        criu.cpuinfo_check(&images).map_err(|e| {
+            format!(
+                "container {}: this node's CPU lacks features the checkpoint's CPU had: {e}",
+                container.name
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Refuses a request whose pod or container security settings differ from the checkpoint's.
@@ -549,5 +582,33 @@ mod tests {
         same.files.clear();
         podsnap_checkpoint_format::write_manifest(dir.path(), &mut same).unwrap();
         open_checkpoint(dir.path().to_str().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_from_a_newer_criu_or_a_cpu_this_one_is_not_is_refused_before_anything_is_created()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("web/checkpoint")).unwrap();
+        std::fs::write(dir.path().join("web/rootfs-diff.tar"), b"tar").unwrap();
+        let mut newer = manifest(&["web"]);
+        newer.criu_version = "99.0.0".into();
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut newer).unwrap();
+        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("CRIU 99.0.0"), "{err:?}");
+
+        // A CPU record CRIU cannot match with this CPU (here: not a record at all).
+        std::fs::remove_file(dir.path().join(podsnap_checkpoint_format::MANIFEST)).unwrap();
+        std::fs::write(dir.path().join("web/checkpoint/cpuinfo.img"), b"\x01\x02").unwrap();
+        let mut cpu = manifest(&["web"]);
+        cpu.files.clear();
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut cpu).unwrap();
+        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message()
+                .contains("container web: this node's CPU lacks features"),
+            "{err:?}"
+        );
     }
 }

@@ -182,6 +182,8 @@ fn dump_into(
         .shell_job(opts.terminal)
         .file_locks(opts.file_locks)
         .manage_cgroups(CgroupMode::Soft)
+        // cpuinfo.img: what a restore elsewhere checks this node's CPU features against.
+        .cpu_check(true)
         .root(target.rootfs);
     if let Some(freezer) = &target.freezer {
         criu_opts = criu_opts.freeze_cgroup(freezer);

@@ -71,6 +71,9 @@ pub fn restore(
         .ext_unix_sk(metadata.ext_unix_sk)
         .file_locks(metadata.file_locks)
         .shell_job(metadata.shell_job)
+        // A checkpoint that recorded its CPU's features (cpuinfo.img) is restored only on a CPU
+        // that has them; older ones carry none to check.
+        .cpu_check(images.join(criu_rpc::CPUINFO_IMAGE).exists())
         // CRIU's mount-v2 engine cannot restore the sharing of external bind mounts whose
         // sources lie on a shared mount, as the kubelet's root directory is
         // (/dev/termination-log, /etc/hosts: "Failed to copy sharing ... Invalid argument",
