@@ -90,6 +90,8 @@ fn assert_private_checkpoint(dir: &Path) {
     }
     for needed in [
         "inventory.img",
+        // The CPU's features, which a restore on another node is checked against.
+        "cpuinfo.img",
         "descriptors.json",
         "podsnap.sha256",
         "podsnap-checkpoint.json",
