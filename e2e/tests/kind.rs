@@ -373,8 +373,7 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
     let created = cluster.kubectl_try(
         [
             &keys[..],
-            &["create"],
-            &secret[..],
+            &["create", "secret", "generic", "podsnap-checkpoint-keys"],
             &[&format!("--from-file=identities={}", identity.display())],
         ]
         .concat(),
