@@ -716,6 +716,68 @@ fn warm_start_of_three_replicas_on_the_checkpoints_node() {
     }
 }
 
+/// Warm start from a checkpoint image: three replicas restored from one PodCheckpoint, scheduled
+/// as the pod's spec says (here a topology spread over the workers), land on both workers, each
+/// pulled there and counting on from the checkpoint.
+#[test]
+fn warm_start_of_three_replicas_from_an_image_spreads_over_both_workers() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let registry = agents_registry(cluster);
+    let mut source = counter_pod("e2e-kind-spread");
+    source["metadata"]["labels"] = json!({"app": "e2e-kind-spread"});
+    source["spec"]["nodeName"] = json!(&workers[0]);
+    source["spec"]["topologySpreadConstraints"] = json!([{
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule",
+        "nodeTaintsPolicy": "Honor",
+        "labelSelector": {"matchLabels": {"app": "e2e-kind-spread"}}
+    }]);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let mut manifest = checkpoint_of("e2e-kind-spread-ckpt", &pod.name);
+    manifest["spec"]["storage"] =
+        json!({"type": "Image", "image": {"repository": format!("{registry}/e2e/spread")}});
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    drop(pod);
+    let restore = Object::create(
+        cluster,
+        restore_of("e2e-kind-spread", "e2e-kind-spread-ckpt", 3),
+    );
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let names: Vec<String> =
+        serde_json::from_value(done["status"]["restoredPodNames"].clone()).unwrap();
+    assert_eq!(names.len(), 3, "{done}");
+    let mut nodes = std::collections::BTreeSet::new();
+    for name in &names {
+        let replica = cluster.existing_pod("default", name);
+        replica.wait_ready();
+        nodes.insert(node_of(&replica));
+        let seen = replica.wait_counting("counter", 2);
+        assert!(
+            seen[0] > before,
+            "{name} started fresh: it counts {seen:?}, the source counted {before} before its checkpoint"
+        );
+    }
+    assert_eq!(
+        nodes,
+        workers.iter().cloned().collect(),
+        "the replicas were not spread over the workers"
+    );
+    let pulled = checkpoint.get();
+    let pull_nodes: std::collections::BTreeSet<String> =
+        serde_json::from_value(pulled["status"]["pullNodes"].clone()).unwrap_or_default();
+    assert!(pull_nodes.is_superset(&nodes), "{pulled}");
+    drop(restore);
+}
+
 /// Who may checkpoint and who may restore are separate permissions, in the deployed RBAC.
 #[test]
 fn restoring_needs_the_restorer_role() {
