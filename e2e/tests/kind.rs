@@ -325,17 +325,31 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
         on_node.report()
     );
     // ... and nowhere in the registry's storage.
+    // The registry's storage as hack/kind-lib.sh names it.
     let cache = std::env::var("PODSNAP_CACHE").unwrap_or("/var/cache/podsnap".into());
-    let storage = format!("{cache}/kind/registry");
-    assert!(std::path::Path::new(&storage).is_dir(), "{storage}");
-    let in_registry = podsnap_e2e::CommandLine::new("grep")
-        .args(["-rlF", marker, &storage])
-        .timeout(Duration::from_secs(120))
-        .run()
-        .unwrap();
+    let storage = match std::env::var("PODSNAP_KIND_CLUSTER").as_deref() {
+        Ok(name) if name != "podsnap" => format!("{cache}/kind/registry-{name}"),
+        _ => format!("{cache}/kind/registry"),
+    };
+    let grep = |needle: &str| {
+        podsnap_e2e::CommandLine::new("grep")
+            .args(["-rlF", needle, &storage])
+            .timeout(Duration::from_secs(120))
+            .run()
+            .unwrap()
+    };
+    // Where this image is (its manifest names the encryption in the clear): the right storage.
+    let control = grep("io.podsnap.checkpoint.encryption");
     assert!(
-        in_registry.stdout.trim().is_empty(),
-        "the marker is in the clear in the registry: {}",
+        control.code == Some(0) && !control.stdout.trim().is_empty(),
+        "the image is not in {storage}: {}",
+        control.report()
+    );
+    let in_registry = grep(marker);
+    assert_eq!(
+        in_registry.code,
+        Some(1),
+        "the marker is in the clear in the registry (or grep failed): {}",
         in_registry.report()
     );
 

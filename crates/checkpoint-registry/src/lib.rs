@@ -321,6 +321,9 @@ impl Registry {
                 reason: "it changed while the checkpoint was being pushed".into(),
             }));
         }
+        if let Some(recipients) = &opts.recipients {
+            (config_bytes, config) = image::seal_config(&config_bytes, recipients)?;
+        }
         // The caller's annotations, checked before anything is sent.
         let own = ImageManifest::new(&manifest, config.clone(), Vec::new()).annotations;
         if let Some(key) = opts.annotations.keys().find(|k| own.contains_key(*k)) {
@@ -328,9 +331,6 @@ impl Registry {
                 reference: reference.whole(),
                 reason: format!("annotation {key} is the checkpoint's own"),
             });
-        }
-        if let Some(recipients) = &opts.recipients {
-            (config_bytes, config) = image::seal_config(&config_bytes, recipients)?;
         }
         self.again("authenticate", || self.push_token(reference))
             .await?;

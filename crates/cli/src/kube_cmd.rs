@@ -120,11 +120,23 @@ pub async fn create_checkpoint(
             }),
         },
     );
-    target
+    let created = target
         .checkpoints()
         .create(&PostParams::default(), &object)
         .await
         .with_context(|| format!("create PodCheckpoint {}/{name}", target.namespace))?;
+    // An API server whose CRD predates encryption drops the field without a word: the
+    // checkpoint would go to the registry in the clear. Refused instead.
+    if created.spec.image_recipients() != object.spec.image_recipients() {
+        let _ = target
+            .checkpoints()
+            .delete(&name, &kube::api::DeleteParams::background())
+            .await;
+        anyhow::bail!(
+            "PodCheckpoint {}/{name}: the API server dropped spec.storage.image.encryption (its PodCheckpoint CRD is older than this podsnap: apply deploy/crds/); deleted, nothing was checkpointed",
+            target.namespace
+        );
+    }
     eprintln!(
         "PodCheckpoint {}/{name}: created for pod {pod}",
         target.namespace

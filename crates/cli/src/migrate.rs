@@ -188,6 +188,9 @@ async fn migrate_one(
         )
         .await
         {
+            Some(first) if first < last => eprintln!(
+                "(downtime not measured: {new_pod}'s first output is stamped before the source's last; are the nodes' clocks apart?)"
+            ),
             Some(first) => eprintln!(
                 "downtime {:.2}s: the source's last output before the checkpoint to {new_pod}'s first (output to checkpoint asked {:.2}s, checkpoint and push {:.2}s, restore to running {:.2}s, running to first output {:.2}s)",
                 seconds(last, first),

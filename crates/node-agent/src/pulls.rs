@@ -76,6 +76,8 @@ pub struct InUse {
     objects: BTreeMap<String, BTreeSet<String>>,
     relisting: Option<BTreeMap<String, BTreeSet<String>>>,
     synced: bool,
+    /// Checkpoint names whose PodCheckpoint is being deleted: kept, not pulled again.
+    pub deleting: BTreeSet<String>,
 }
 
 impl InUse {
@@ -86,6 +88,18 @@ impl InUse {
         let names = |c: &PodCheckpoint| -> BTreeSet<String> {
             wanted(c, node).map(|w| w.name).into_iter().collect()
         };
+        if let watcher::Event::Apply(c) | watcher::Event::InitApply(c) | watcher::Event::Delete(c) =
+            event
+        {
+            for name in names(c) {
+                let gone = matches!(event, watcher::Event::Delete(_));
+                if !gone && c.meta().deletion_timestamp.is_some() {
+                    self.deleting.insert(name);
+                } else {
+                    self.deleting.remove(&name);
+                }
+            }
+        }
         match event {
             watcher::Event::Apply(c) => {
                 self.objects.insert(key(c), names(c));
@@ -136,11 +150,24 @@ pub async fn run(agent: Arc<Agent>) {
     let in_use: Arc<Mutex<InUse>> = Arc::default();
     let pulls: Arc<Mutex<Pulls>> = Arc::default();
     let gc = collect(agent.clone(), in_use.clone(), pulls.clone());
-    let retry = retry(agent.clone(), in_use.clone(), pulls.clone());
+    let recorder = Recorder::new(
+        agent.client.clone(),
+        Reporter {
+            controller: "podsnap-node-agent".into(),
+            instance: Some(agent.node.clone()),
+        },
+    );
+    let retry = retry(
+        agent.clone(),
+        recorder.clone(),
+        in_use.clone(),
+        pulls.clone(),
+    );
     let watch = watcher(checkpoints, watcher::Config::default())
         .default_backoff()
         .for_each(|event| {
             let agent = agent.clone();
+            let recorder = recorder.clone();
             let in_use = in_use.clone();
             let pulls = pulls.clone();
             async move {
@@ -162,7 +189,7 @@ pub async fn run(agent: Arc<Agent>) {
                 if checkpoint.meta().deletion_timestamp.is_none()
                     && let Some(wanted) = wanted(checkpoint, &agent.node)
                 {
-                    start_pull(&agent, &pulls, wanted);
+                    start_pull(&agent, &recorder, &pulls, wanted);
                 }
             }
         });
@@ -174,18 +201,28 @@ const RETRY_PERIOD: Duration = Duration::from_secs(5);
 
 /// Tries failed pulls again once their pause has passed, while their PodCheckpoint still asks
 /// for them (the watch says nothing new about an object that did not change).
-async fn retry(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<Pulls>>) {
+async fn retry(
+    agent: Arc<Agent>,
+    recorder: Recorder,
+    in_use: Arc<Mutex<InUse>>,
+    pulls: Arc<Mutex<Pulls>>,
+) {
     loop {
         tokio::time::sleep(RETRY_PERIOD).await;
-        let wanted = in_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .names()
-            .unwrap_or_default();
+        let (wanted, deleting) = {
+            let in_use = in_use.lock().unwrap_or_else(|e| e.into_inner());
+            // Nothing is known before the first list: nothing is forgotten either.
+            let Some(names) = in_use.names() else {
+                continue;
+            };
+            (names, in_use.deleting.clone())
+        };
         let due: Vec<Wanted> = {
             let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
-            // Those no longer asked for are forgotten.
-            pulls.failed.retain(|w, _| wanted.contains(&w.name));
+            // Those no longer asked for, or whose object is being deleted, are forgotten.
+            pulls
+                .failed
+                .retain(|w, _| wanted.contains(&w.name) && !deleting.contains(&w.name));
             let now = Instant::now();
             pulls
                 .failed
@@ -195,20 +232,32 @@ async fn retry(agent: Arc<Agent>, in_use: Arc<Mutex<InUse>>, pulls: Arc<Mutex<Pu
                 .collect()
         };
         for wanted in due {
-            start_pull(&agent, &pulls, wanted);
+            start_pull(&agent, &recorder, &pulls, wanted);
         }
     }
 }
 
+/// The most bytes of an event's note.
+const MAX_NOTE: usize = 1024;
+
+/// `note` cut to at most [`MAX_NOTE`] bytes, on a character boundary.
+fn note_of(note: &str) -> String {
+    let mut end = note.len().min(MAX_NOTE);
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note[..end].to_string()
+}
+
 /// Publishes an event about the PodCheckpoint a pull is for (a failure to publish is logged).
-async fn publish(agent: &Agent, wanted: &Wanted, type_: EventType, reason: &str, note: String) {
-    let recorder = Recorder::new(
-        agent.client.clone(),
-        Reporter {
-            controller: "podsnap-node-agent".into(),
-            instance: Some(agent.node.clone()),
-        },
-    );
+/// One recorder for the agent: repeated events of a pull that keeps failing become one series.
+async fn publish(
+    recorder: &Recorder,
+    wanted: &Wanted,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let regarding = k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some(PodCheckpoint::api_version(&()).into_owned()),
         kind: Some(PodCheckpoint::kind(&()).into_owned()),
@@ -220,7 +269,7 @@ async fn publish(agent: &Agent, wanted: &Wanted, type_: EventType, reason: &str,
     let event = Event {
         type_,
         reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
+        note: Some(note_of(&note)),
         action: "Pull".into(),
         secondary: None,
     };
@@ -231,7 +280,7 @@ async fn publish(agent: &Agent, wanted: &Wanted, type_: EventType, reason: &str,
 
 /// Starts pulling `wanted` unless a pull of that checkpoint is under way, or one failed and its
 /// pause has not passed.
-fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
+fn start_pull(agent: &Arc<Agent>, recorder: &Recorder, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
     {
         let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((not_before, _)) = pulls.failed.get(&wanted)
@@ -244,6 +293,7 @@ fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
         }
     }
     let agent = agent.clone();
+    let recorder = recorder.clone();
     let pulls = pulls.clone();
     tokio::spawn(async move {
         let started = Instant::now();
@@ -277,7 +327,7 @@ fn start_pull(agent: &Arc<Agent>, pulls: &Arc<Mutex<Pulls>>, wanted: Wanted) {
             )),
         };
         if let Some((type_, reason, note)) = note {
-            publish(&agent, &wanted, type_, reason, note).await;
+            publish(&recorder, &wanted, type_, reason, note).await;
         }
         let mut pulls = pulls.lock().unwrap_or_else(|e| e.into_inner());
         pulls.running.remove(&wanted.name);
@@ -437,5 +487,18 @@ mod tests {
         );
         in_use.note(&watcher::Event::InitDone, node);
         assert_eq!(names(&in_use), Some(vec!["checkpoint-d".to_string()]));
+    }
+
+    #[test]
+    fn an_event_note_is_cut_to_1024_bytes_on_a_character_boundary() {
+        assert_eq!(note_of("short"), "short");
+        let long = "é".repeat(600);
+        let cut = note_of(&long);
+        assert!(
+            cut.len() <= MAX_NOTE && cut.len() >= MAX_NOTE - 1,
+            "{}",
+            cut.len()
+        );
+        assert!(long.starts_with(&cut));
     }
 }

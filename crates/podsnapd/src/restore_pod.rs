@@ -78,7 +78,12 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         )));
     }
-    preflight(&path, &manifest).map_err(|why| {
+    let criu = criu_rpc::Criu::new().timeout(PREFLIGHT_TIMEOUT);
+    let here = Here {
+        criu: criu.version().map(|v| v.to_string()).unwrap_or_default(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
+    };
+    preflight(&criu, &here, &path, &manifest).map_err(|why| {
         Status::failed_precondition(format!(
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         ))
@@ -86,29 +91,46 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
     Ok((path, manifest, digest))
 }
 
+/// The longest the CPU check of one container may take.
+const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The CRIU and kernel versions of this node.
+struct Here {
+    criu: String,
+    kernel: String,
+}
+
 /// The versions and CPU this node restores with against those the checkpoint was taken with:
 /// CRIU and kernel not older ([`podsnap_checkpoint_format::versions_restorable`]), and each
 /// container's recorded CPU features (`cpuinfo.img`) present here (CRIU `CPUINFO_CHECK`).
-fn preflight(path: &Path, manifest: &Manifest) -> Result<(), String> {
-    let criu = criu_rpc::Criu::new();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let here = criu.version().map(|v| v.to_string()).unwrap_or_default();
+fn preflight(
+    criu: &criu_rpc::Criu,
+    here: &Here,
+    path: &Path,
+    manifest: &Manifest,
+) -> Result<(), String> {
     podsnap_checkpoint_format::versions_restorable(
         &manifest.criu_version,
         &manifest.kernel,
-        &here,
-        &kernel,
+        &here.criu,
+        &here.kernel,
     )?;
     for container in &manifest.containers {
         let images = path.join(&container.name).join("checkpoint");
         if !images.join(criu_rpc::CPUINFO_IMAGE).is_file() {
             continue;
         }
-        criu.cpuinfo_check(&images).map_err(|e| {
-            format!(
-                "container {}: this node's CPU lacks features the checkpoint's CPU had: {e}",
+        criu.cpuinfo_check(&images).map_err(|e| match e.kind() {
+            // CRIU read the record and answered: this CPU is not that one.
+            criu_rpc::ErrorKind::Failed { .. } => format!(
+                "container {}: this node's CPU lacks features the checkpoint's CPU had (CRIU cpuinfo check: {e}; log: {})",
+                container.name,
+                e.log_tail().join(" | ")
+            ),
+            _ => format!(
+                "container {}: the CPU check could not run: {e}",
                 container.name
-            )
+            ),
         })?;
     }
     Ok(())
@@ -585,30 +607,27 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_from_a_newer_criu_or_a_cpu_this_one_is_not_is_refused_before_anything_is_created()
-     {
+    fn a_checkpoint_from_a_newer_criu_or_kernel_is_refused_before_anything_is_created() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("web/checkpoint")).unwrap();
         std::fs::write(dir.path().join("web/rootfs-diff.tar"), b"tar").unwrap();
-        let mut newer = manifest(&["web"]);
-        newer.criu_version = "99.0.0".into();
-        podsnap_checkpoint_format::write_manifest(dir.path(), &mut newer).unwrap();
-        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-        assert!(err.message().contains("CRIU 99.0.0"), "{err:?}");
-
-        // A CPU record CRIU cannot match with this CPU (here: not a record at all).
-        std::fs::remove_file(dir.path().join(podsnap_checkpoint_format::MANIFEST)).unwrap();
-        std::fs::write(dir.path().join("web/checkpoint/cpuinfo.img"), b"\x01\x02").unwrap();
-        let mut cpu = manifest(&["web"]);
-        cpu.files.clear();
-        podsnap_checkpoint_format::write_manifest(dir.path(), &mut cpu).unwrap();
-        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        let mut taken = manifest(&["web"]);
+        taken.criu_version = "4.1.1".into();
+        taken.kernel = "6.8.0-1".into();
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut taken).unwrap();
+        let criu = criu_rpc::Criu::new();
+        let here = |criu: &str, kernel: &str| Here {
+            criu: criu.into(),
+            kernel: kernel.into(),
+        };
+        let err = preflight(&criu, &here("4.0.0", "6.8.0"), dir.path(), &taken).unwrap_err();
         assert!(
-            err.message()
-                .contains("container web: this node's CPU lacks features"),
-            "{err:?}"
+            err.contains("CRIU 4.1.1") && err.contains("CRIU 4.0.0"),
+            "{err}"
         );
+        let err = preflight(&criu, &here("4.1.1", "6.1.0-28"), dir.path(), &taken).unwrap_err();
+        assert!(err.contains("kernel 6.8.0-1"), "{err}");
+        // No cpuinfo.img (a checkpoint from before it was recorded): not checked.
+        preflight(&criu, &here("4.1.1", "6.8.12"), dir.path(), &taken).unwrap();
     }
 }
