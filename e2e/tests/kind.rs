@@ -316,6 +316,21 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
         .to_owned();
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
+    let shown = podsnap_e2e::CommandLine::new(&binary)
+        .args(["inspect", "e2e-kind-sealed-ckpt"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .run()
+        .unwrap();
+    let image = ready["status"]["image"]["reference"]
+        .as_str()
+        .unwrap_or("?");
+    assert!(
+        shown.success()
+            && shown.stdout.contains(image)
+            && shown.stdout.contains("encrypted to 1 age key(s)"),
+        "{}",
+        shown.report()
+    );
 
     // In the clear on its node (memory pages, CRI config, the kubelet's record) ...
     let on_node = cluster.node_exec(from, &["grep", "-rlF", marker, &location]);

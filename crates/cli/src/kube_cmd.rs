@@ -396,6 +396,23 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
         "Completed:      {}",
         status.completion_time.clone().unwrap_or_default()
     );
+    if let Some(repository) = c.spec.image_repository() {
+        let encryption = match c.spec.image_recipients() {
+            Some(keys) => format!("encrypted to {} age key(s)", keys.len()),
+            None => "not encrypted".to_string(),
+        };
+        match &status.image {
+            Some(image) => println!(
+                "Image:          {} ({}, {encryption})",
+                image.reference,
+                human(u64::try_from(image.size).unwrap_or(0))
+            ),
+            None => println!("Image:          to be pushed to {repository} ({encryption})"),
+        }
+        if !status.pull_nodes.is_empty() {
+            println!("Pulled on:      {}", status.pull_nodes.join(", "));
+        }
+    }
     let Some(location) = status.checkpoint_location else {
         return Ok(());
     };
