@@ -226,6 +226,23 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The `podsnap` CLI (the workspace's debug build) with the admin kubeconfig, as a user runs
+    /// it against this cluster; a 400-second deadline.
+    pub fn podsnap(&self, args: &[&str]) -> Finished {
+        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
+        assert!(
+            binary.exists(),
+            "{} is not built (cargo build -p podsnap-cli)",
+            binary.display()
+        );
+        CommandLine::new(binary)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .timeout(Duration::from_secs(400))
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// `kubectl` with the admin kubeconfig, a 2-minute deadline.
     pub fn kubectl_command<I, S>(&self, args: I) -> CommandLine
     where

@@ -425,20 +425,7 @@ fn a_user_with_only_the_checkpoint_role_cannot_restore() {
 #[test]
 fn cli_checkpoints_lists_inspects_restores_and_deletes() {
     let cluster = Cluster::get();
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
-    assert!(
-        binary.exists(),
-        "{} is not built (cargo build -p podsnap-cli)",
-        binary.display()
-    );
-    let podsnap = |args: &[&str]| {
-        podsnap_e2e::CommandLine::new(&binary)
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .timeout(Duration::from_secs(300))
-            .run()
-            .unwrap()
-    };
+    let podsnap = |args: &[&str]| cluster.podsnap(args);
     let pod = cluster.create_pod(counter_pod("e2e-cli"));
     pod.wait_ready();
     let seen = wait_counting(&pod, 3);

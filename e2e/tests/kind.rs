@@ -268,22 +268,12 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
     let registry = agents_registry(cluster);
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
-    assert!(
-        binary.exists(),
-        "{} is not built (cargo build -p podsnap-cli)",
-        binary.display()
-    );
     let keys = ["-n", "podsnap-system"];
     let secret = ["secret", "podsnap-checkpoint-keys"];
     cluster.kubectl([&keys[..], &["delete"], &secret[..], &["--ignore-not-found"]].concat());
     let work = tempfile::tempdir().unwrap();
     let identity = work.path().join("identities");
-    let keygen = podsnap_e2e::CommandLine::new(&binary)
-        .args(["keygen", "-o"])
-        .arg(&identity)
-        .run()
-        .unwrap();
+    let keygen = cluster.podsnap(&["keygen", "-o", identity.to_str().unwrap()]);
     assert!(keygen.success(), "{}", keygen.report());
     let public = keygen
         .stderr
@@ -316,11 +306,7 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
         .to_owned();
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
-    let shown = podsnap_e2e::CommandLine::new(&binary)
-        .args(["inspect", "e2e-kind-sealed-ckpt"])
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .run()
-        .unwrap();
+    let shown = cluster.podsnap(&["inspect", "e2e-kind-sealed-ckpt"]);
     let image = ready["status"]["image"]["reference"]
         .as_str()
         .unwrap_or("?");
@@ -458,20 +444,7 @@ fn podsnap_migrate_moves_a_pod_to_the_other_worker_and_only_then_removes_the_sou
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
     let registry = agents_registry(cluster);
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
-    assert!(
-        binary.exists(),
-        "{} is not built (cargo build -p podsnap-cli)",
-        binary.display()
-    );
-    let podsnap = |args: &[&str]| {
-        podsnap_e2e::CommandLine::new(&binary)
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .timeout(Duration::from_secs(400))
-            .run()
-            .unwrap()
-    };
+    let podsnap = |args: &[&str]| cluster.podsnap(args);
     let mut source = counter_pod("e2e-kind-mig");
     source["spec"]["nodeName"] = json!(from);
     let pod = cluster.create_pod(source);
@@ -588,15 +561,7 @@ fn podsnap_drain_cordons_a_worker_and_moves_its_podsnap_pods_off_it() {
     let workers = workers(cluster);
     let (from, to) = (workers[0].clone(), workers[1].clone());
     let registry = agents_registry(cluster);
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
-    let podsnap = |args: &[&str]| {
-        podsnap_e2e::CommandLine::new(&binary)
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .timeout(Duration::from_secs(400))
-            .run()
-            .unwrap()
-    };
+    let podsnap = |args: &[&str]| cluster.podsnap(args);
     // Whatever happens, the worker is schedulable again afterwards.
     struct Uncordon<'c>(&'c Cluster, String);
     impl Drop for Uncordon<'_> {

@@ -132,36 +132,16 @@ enum Command {
         pod: String,
         #[command(flatten)]
         namespace: Namespace,
-        /// The registry repository the checkpoint goes through (registry/path, no tag).
-        #[arg(long, value_name = "REGISTRY/REPOSITORY")]
-        image: String,
-        /// The node to move it to (default: where the scheduler puts it).
-        #[arg(long)]
-        to: Option<String>,
-        /// Encrypt the checkpoint image to this age public key (repeat for several).
-        #[arg(long, value_name = "AGE_PUBLIC_KEY")]
-        encrypt_to: Vec<String>,
-        /// How long each step (checkpoint and push; restore) may take.
-        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
-        wait: Duration,
+        #[command(flatten)]
+        options: migrate::MigrateOptions,
     },
     /// Cordon a node and migrate every running podsnap pod on it (all namespaces) elsewhere,
     /// one after another; other pods are left to `kubectl drain`.
     Drain {
         /// The node to drain.
         node: String,
-        /// The registry repository the checkpoints go through.
-        #[arg(long, value_name = "REGISTRY/REPOSITORY")]
-        image: String,
-        /// The node to move the pods to (default: where the scheduler puts each).
-        #[arg(long)]
-        to: Option<String>,
-        /// Encrypt the checkpoint images to this age public key (repeat for several).
-        #[arg(long, value_name = "AGE_PUBLIC_KEY")]
-        encrypt_to: Vec<String>,
-        /// How long each step of each pod's migration may take.
-        #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
-        wait: Duration,
+        #[command(flatten)]
+        options: migrate::MigrateOptions,
     },
     /// Make a key pair for encrypted checkpoint images: the private key (an age identity
     /// file) to FILE (0600) or stdout, the public key (age1…, for --encrypt-to) to stderr.
@@ -362,34 +342,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate {
             pod,
             namespace,
-            image,
-            to,
-            encrypt_to,
-            wait,
+            options,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
-            let options = migrate::MigrateOptions {
-                image,
-                to,
-                encrypt_to,
-                wait,
-            };
             return migrate::migrate(&target, &pod, &options).await;
         }
-        Command::Drain {
-            node,
-            image,
-            to,
-            encrypt_to,
-            wait,
-        } => {
+        Command::Drain { node, options } => {
             let target = kube_cmd::Target::new(None).await?;
-            let options = migrate::MigrateOptions {
-                image,
-                to,
-                encrypt_to,
-                wait,
-            };
             return migrate::drain(target.client, &node, &options).await;
         }
         Command::Keygen { output } => return transfer::keygen(output.as_deref()),

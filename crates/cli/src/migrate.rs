@@ -31,16 +31,20 @@ use kube::{Api, ResourceExt};
 use crate::kube_cmd::{self, CheckpointOptions, RestoreOptions, Target};
 use podsnap_checkpoint_api::{PodCheckpoint, PodRestore, RUNTIME_CLASS};
 
-/// What a migration needs besides its pod.
-#[derive(Debug, Clone)]
+/// What a migration needs besides its pod (the options `migrate` and `drain` share).
+#[derive(Debug, Clone, clap::Args)]
 pub struct MigrateOptions {
-    /// The registry repository the checkpoint goes through.
+    /// The registry repository the checkpoints go through (registry/path, no tag).
+    #[arg(long, value_name = "REGISTRY/REPOSITORY")]
     pub image: String,
-    /// The target node; the scheduler's choice when unset.
+    /// The node to move the pods to (default: where the scheduler puts each).
+    #[arg(long)]
     pub to: Option<String>,
-    /// age public keys the checkpoint image is sealed to (none: not encrypted).
+    /// Encrypt the checkpoint images to this age public key (repeat for several).
+    #[arg(long, value_name = "AGE_PUBLIC_KEY")]
     pub encrypt_to: Vec<String>,
-    /// How long each step (checkpoint and push, restore) may take.
+    /// How long each step (checkpoint and push; restore) of each pod's migration may take.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = crate::duration::parse_duration)]
     pub wait: Duration,
 }
 

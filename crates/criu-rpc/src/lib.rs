@@ -256,42 +256,7 @@ impl Criu {
     /// Checks that the kernel supports what CRIU needs (`criu check`). CRIU's log goes to a private
     /// temporary directory, removed afterwards; its tail is in the error.
     pub fn check(&self) -> Result<()> {
-        let op = Operation::Check;
-        let dir = PrivateDir::create("check").map_err(|source| {
-            Error::new(
-                op,
-                ErrorKind::OpenDir {
-                    what: "temporary",
-                    path: env::temp_dir(),
-                    source,
-                },
-            )
-        })?;
-        let dir_fd = open_dir(op, "temporary", &dir.path)?;
-        let opts = rpc::CriuOpts {
-            images_dir_fd: dir_fd.as_raw_fd(),
-            log_file: Some("check.log".into()),
-            log_level: Some(DEFAULT_LOG_LEVEL),
-            ..Default::default()
-        };
-        let req = rpc::CriuReq {
-            r#type: rpc::CriuReqType::Check as i32,
-            opts: Some(opts),
-            ..Default::default()
-        };
-        let log = LogSource {
-            dir: dir_fd.as_fd(),
-            shown_dir: &dir.path,
-            file: "check.log".into(),
-        };
-        let exchange = Exchange {
-            op,
-            req,
-            answer: rpc::CriuReqType::Check,
-            inherit: &[],
-            log: Some(log),
-        };
-        self.exchange(exchange, None).map(drop)
+        self.logged_check(Operation::Check, rpc::CriuReqType::Check, None, None)
     }
 
     /// Whether this CPU has what the images in `images_dir` were dumped with
@@ -299,9 +264,26 @@ impl Criu {
     /// --cpu-cap=fpu,ins`). Reads `cpuinfo.img` there and writes nothing there: CRIU's log goes
     /// to a private temporary directory, removed afterwards; its tail is in the error.
     pub fn cpuinfo_check(&self, images_dir: &Path) -> Result<()> {
-        let op = Operation::CpuinfoCheck;
-        let images = open_dir(op, "images", images_dir)?;
-        let dir = PrivateDir::create("cpuinfo").map_err(|source| {
+        self.logged_check(
+            Operation::CpuinfoCheck,
+            rpc::CriuReqType::CpuinfoCheck,
+            Some(images_dir),
+            Some(CPU_CAP_DEFAULT),
+        )
+    }
+
+    /// A request that only answers yes or no (`CHECK`, `CPUINFO_CHECK`), CRIU's log in a private
+    /// temporary directory (also the images directory when `images_dir` is `None`), removed
+    /// afterwards; the log's tail is in the error.
+    fn logged_check(
+        &self,
+        op: Operation,
+        kind: rpc::CriuReqType,
+        images_dir: Option<&Path>,
+        cpu_cap: Option<u32>,
+    ) -> Result<()> {
+        let stem = op.as_str().replace(' ', "-");
+        let dir = PrivateDir::create(&stem).map_err(|source| {
             Error::new(
                 op,
                 ErrorKind::OpenDir {
@@ -312,28 +294,32 @@ impl Criu {
             )
         })?;
         let work = open_dir(op, "temporary", &dir.path)?;
+        let images = images_dir
+            .map(|path| open_dir(op, "images", path))
+            .transpose()?;
+        let log_file = format!("{stem}.log");
         let opts = rpc::CriuOpts {
-            images_dir_fd: images.as_raw_fd(),
+            images_dir_fd: images.as_ref().unwrap_or(&work).as_raw_fd(),
             work_dir_fd: Some(work.as_raw_fd()),
-            log_file: Some("cpuinfo-check.log".into()),
+            log_file: Some(log_file.clone()),
             log_level: Some(DEFAULT_LOG_LEVEL),
-            cpu_cap: Some(CPU_CAP_DEFAULT),
+            cpu_cap,
             ..Default::default()
         };
         let req = rpc::CriuReq {
-            r#type: rpc::CriuReqType::CpuinfoCheck as i32,
+            r#type: kind as i32,
             opts: Some(opts),
             ..Default::default()
         };
         let log = LogSource {
             dir: work.as_fd(),
             shown_dir: &dir.path,
-            file: "cpuinfo-check.log".into(),
+            file: log_file,
         };
         let exchange = Exchange {
             op,
             req,
-            answer: rpc::CriuReqType::CpuinfoCheck,
+            answer: kind,
             inherit: &[],
             log: Some(log),
         };
