@@ -432,12 +432,14 @@ impl Container {
                 let grant = checked_grant;
                 // A container of a pod checkpoint: every file it will read is verified
                 // against the manifest podsnapd verified (pinned by digest in the grant),
-                // here, at start.
+                // here, at start; a big file podsnapd hashed and that did not change since
+                // (the grant's stamps) is not read again.
                 if let Some(grant) = &grant {
                     podsnap_checkpoint_format::verify_container(
                         &grant.checkpoint,
                         &grant.manifest_sha256,
                         &grant.container,
+                        &grant.stamps,
                     )?;
                 }
                 let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {

@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
 use crate::cgroup::ContainerCgroup;
-use crate::checkpoint::{self, CheckpointOptions, DumpTarget};
+use crate::checkpoint::{self, CheckpointOptions, DumpTarget, Follower};
 use crate::container::State;
 use crate::error::Error;
 use crate::task::PodTask;
@@ -238,6 +238,8 @@ fn capture_pod(
     // The freeze window starts here: starting the guard process is not part of it.
     let first_freeze = Instant::now();
     let mut response = None;
+    // The page hashers of the captured containers, in `containers`' order.
+    let mut followers = Vec::new();
     let to_freeze = captures
         .iter()
         .map(|c| (c.id.as_str(), &c.cgroup))
@@ -258,26 +260,30 @@ fn capture_pod(
         }
     }
     let response = response.unwrap_or_else(|| {
-        let results: Vec<anyhow::Result<ContainerCapture>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = captures
-                .iter()
-                .map(|capture| {
-                    scope.spawn(move || capture_container(capture, output_dir, opts, deadline))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked")))
-                })
-                .collect()
-        });
+        let results: Vec<anyhow::Result<(ContainerCapture, Follower)>> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = captures
+                    .iter()
+                    .map(|capture| {
+                        scope.spawn(move || capture_container(capture, output_dir, opts, deadline))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked")))
+                    })
+                    .collect()
+            });
         let mut containers = Vec::new();
         let mut errors = Vec::new();
         for result in results {
             match result {
-                Ok(capture) => containers.push(capture),
+                Ok((capture, follower)) => {
+                    containers.push(capture);
+                    followers.push(follower);
+                }
                 Err(e) => errors.push(Error::from(e)),
             }
         }
@@ -332,13 +338,17 @@ fn capture_pod(
         other => other,
     };
     let window = first_freeze.elapsed().as_millis() as u64;
-    // Hashing the images needs no frozen pod: seal them after the thaw, in parallel.
+    // Hashing the images needs no frozen pod: the followers hashed most of the pages while
+    // CRIU wrote them; seal them after the thaw, in parallel.
     let response = match response {
         PodResponse::Checkpointed { containers, .. } => {
             let sealed: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = containers
                     .iter()
-                    .map(|c| scope.spawn(move || checkpoint::seal(&c.dir.join("checkpoint"))))
+                    .zip(std::mem::take(&mut followers))
+                    .map(|(c, follower)| {
+                        scope.spawn(move || checkpoint::seal(&c.dir.join("checkpoint"), follower))
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -383,7 +393,7 @@ fn capture_container(
     output_dir: &Path,
     opts: &CheckpointOptions,
     deadline: Option<Instant>,
-) -> anyhow::Result<ContainerCapture> {
+) -> anyhow::Result<(ContainerCapture, Follower)> {
     let started = Instant::now();
     // Not `private_dir`: should the caller remove its output directory meanwhile (it gave up),
     // it must not come back.
@@ -410,14 +420,17 @@ fn capture_container(
             .v1_dir("freezer")
             .or_else(|| capture.cgroup.v2_dir()),
     };
-    checkpoint::dump_unsealed(&target, &dir.join("checkpoint"), &opts)?;
+    let follower = checkpoint::dump_unsealed(&target, &dir.join("checkpoint"), &opts)?;
     if let Some(upper) = &capture.upperdir {
         crate::rootfs_diff::capture(upper, &dir)
             .with_context(|| format!("container {}: capture writable layer", capture.id))?;
     }
-    Ok(ContainerCapture {
-        container_id: capture.id.clone(),
-        dir,
-        dump_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok((
+        ContainerCapture {
+            container_id: capture.id.clone(),
+            dir,
+            dump_ms: started.elapsed().as_millis() as u64,
+        },
+        follower,
+    ))
 }

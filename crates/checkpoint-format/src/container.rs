@@ -197,10 +197,27 @@ fn checkpoint_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
 /// podsnap wrote into it (metadata, descriptors, `podsnap.sha256`) and the directory. Needs no
 /// frozen container: a pod checkpoint seals its containers' images after thawing them.
 pub fn seal(dir: &Path) -> Result<()> {
+    seal_followed(dir, &BTreeMap::new())
+}
+
+/// [`seal`], taking a page image's hash from `followed` (a [`crate::follow::Follower`]'s, by
+/// file name) when it is still the file that was hashed at the length hashed; every other file
+/// is hashed here, on every core.
+pub fn seal_followed(
+    dir: &Path,
+    followed: &BTreeMap<String, crate::follow::Followed>,
+) -> Result<()> {
+    let files: Vec<(String, PathBuf)> = checkpoint_files(dir)?.into_iter().collect();
+    let size = |(_, path): &(String, PathBuf)| fs::symlink_metadata(path).map_or(0, |m| m.len());
+    let sums = crate::verified::on_all_cores(&files, size, |(name, path)| {
+        match followed.get(name).and_then(|f| f.of(path)) {
+            Some(sum) => Ok(sum.to_string()),
+            None => crate::sha256_file(path).map_err(io("hash", path)),
+        }
+    });
     let mut text = String::new();
-    for (name, path) in checkpoint_files(dir)? {
-        let sum = crate::sha256_file(&path).map_err(io("hash", &path))?;
-        text.push_str(&format!("{sum}  {name}\n"));
+    for ((name, _), sum) in files.iter().zip(sums) {
+        text.push_str(&format!("{}  {name}\n", sum?));
     }
     for name in [DESCRIPTORS, METADATA] {
         let path = dir.join(name);

@@ -9,7 +9,8 @@
 //! redeems the grant once, when it creates the container ([`redeem`]), and verifies every file
 //! it reads at start against the manifest of that digest
 //! ([`crate::verify_container`]): a checkpoint changed after podsnapd's check, manifest and
-//! hashes included, is refused.
+//! hashes included, is refused. The grant also carries podsnapd's stamps of the big files it
+//! hashed ([`crate::verified`]), so that the shim hashes only what changed since.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -65,7 +66,15 @@ pub struct RestoreGrant {
     pub container: String,
     /// The hex sha256 of the manifest file podsnapd verified.
     pub manifest_sha256: String,
+    /// Stamps of the container's big files as podsnapd verified them, by path relative to the
+    /// checkpoint ([`crate::verified`]): the shim does not read a file again that one still
+    /// vouches for. At most [`MAX_STAMPS`].
+    #[serde(default)]
+    pub stamps: crate::verified::Stamps,
 }
+
+/// Most stamps a grant carries (its file stays well under the size a redeemer reads).
+pub const MAX_STAMPS: usize = 128;
 
 impl RestoreGrant {
     /// The container's directory in the checkpoint: what the restore annotation names.
@@ -204,6 +213,7 @@ mod tests {
             checkpoint: "/var/lib/kubelet/pod-checkpoints/checkpoint-x".into(),
             container: "web".into(),
             manifest_sha256: "ab".repeat(32),
+            stamps: Default::default(),
         }
     }
 

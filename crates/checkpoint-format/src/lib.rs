@@ -30,9 +30,11 @@ pub mod container;
 pub mod creds;
 pub mod criu_image;
 pub mod dumps;
+pub mod follow;
 pub mod grant;
 pub mod pages;
 pub mod pins;
+pub mod verified;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -390,10 +392,20 @@ pub fn verify(root: &Path) -> Result<Manifest> {
 /// [`verify`], also returning the sha256 of the manifest file it read: what a restore pins
 /// ([`grant::RestoreGrant::manifest_sha256`]).
 pub fn verify_with_digest(root: &Path) -> Result<(Manifest, String)> {
+    verify_stamped(root, &verified::Stamps::new()).map(|(manifest, digest, _)| (manifest, digest))
+}
+
+/// [`verify_with_digest`], not reading a file that one of `known` (stamps by relative path)
+/// vouches for ([`verified`]); returns the stamps of the files it verified (reused or new).
+/// Files are hashed on every core.
+pub fn verify_stamped(
+    root: &Path,
+    known: &verified::Stamps,
+) -> Result<(Manifest, String, verified::Stamps)> {
     let (manifest, digest) = read_manifest(root)?;
     check_containers(&manifest)?;
-    check_files(root, &manifest, |_| true, true)?;
-    Ok((manifest, digest))
+    let stamps = check_files(root, &manifest, |_| true, Some(known))?;
+    Ok((manifest, digest, stamps))
 }
 
 /// [`verify_with_digest`] without hashing the files: the manifest and the checkpoint's file
@@ -403,7 +415,7 @@ pub fn verify_with_digest(root: &Path) -> Result<(Manifest, String)> {
 pub fn verify_listing(root: &Path) -> Result<(Manifest, String)> {
     let (manifest, digest) = read_manifest(root)?;
     check_containers(&manifest)?;
-    check_files(root, &manifest, |_| true, false)?;
+    check_files(root, &manifest, |_| true, None)?;
     Ok((manifest, digest))
 }
 
@@ -474,8 +486,14 @@ fn hex(bytes: &[u8]) -> String {
 /// byte for byte the one podsnapd verified (`manifest_sha256`, from the restore grant), names
 /// `container`, and every file the container's restore reads (its own directory and the
 /// pod-level files, such as volume archives; not its siblings' directories, which their own
-/// restores check) has the manifest's sha256, none missing and none added.
-pub fn verify_container(root: &Path, manifest_sha256: &str, container: &str) -> Result<Manifest> {
+/// restores check) has the manifest's sha256, none missing and none added. A file one of
+/// `known` (the grant's stamps, by relative path) still vouches for is not read again.
+pub fn verify_container(
+    root: &Path,
+    manifest_sha256: &str,
+    container: &str,
+    known: &verified::Stamps,
+) -> Result<Manifest> {
     let (manifest, digest) = read_manifest(root)?;
     if digest != manifest_sha256 {
         return Err(Error::ManifestChanged {
@@ -487,23 +505,33 @@ pub fn verify_container(root: &Path, manifest_sha256: &str, container: &str) -> 
     if !manifest.containers.iter().any(|c| c.name == container) {
         return Err(Error::UnknownContainer(container.to_string()));
     }
-    let sibling = |relative: &str| {
-        let first = relative.split('/').next().unwrap_or_default();
-        first != container && manifest.containers.iter().any(|c| c.name == first)
-    };
-    check_files(root, &manifest, |relative| !sibling(relative), true)?;
+    check_files(
+        root,
+        &manifest,
+        |relative| read_by(&manifest, container, relative),
+        Some(known),
+    )?;
     Ok(manifest)
 }
 
+/// Whether the restore of `container` reads the checkpoint file `relative`: its own directory
+/// and the pod-level files, not its siblings' directories.
+pub fn read_by(manifest: &Manifest, container: &str, relative: &str) -> bool {
+    let first = relative.split('/').next().unwrap_or_default();
+    first == container || !manifest.containers.iter().any(|c| c.name == first)
+}
+
 /// Checks the files under `root` that `wanted` selects (by relative path) against the manifest:
-/// every listed path stays inside the checkpoint, none is missing, none is unlisted, each has
-/// its sha256. Paths are checked before any file is hashed.
+/// every listed path stays inside the checkpoint, none is missing, none is unlisted, and (with
+/// `hash`, the stamps that may vouch for files) each has its sha256, hashed on every core
+/// unless a stamp vouches for it. Paths are checked before any file is hashed. Returns the
+/// stamps of the files checked.
 fn check_files(
     root: &Path,
     manifest: &Manifest,
     wanted: impl Fn(&str) -> bool,
-    hash: bool,
-) -> Result<()> {
+    hash: Option<&verified::Stamps>,
+) -> Result<verified::Stamps> {
     let listed: Vec<(&String, &String)> =
         manifest.files.iter().filter(|(r, _)| wanted(r)).collect();
     for (relative, _) in &listed {
@@ -516,23 +544,43 @@ fn check_files(
     {
         return Err(Error::Unlisted(relative.clone()));
     }
+    let mut jobs = Vec::new();
     for (relative, expected) in listed {
         let path = present
             .get(relative)
             .ok_or_else(|| Error::Missing(relative.clone()))?;
-        if !hash {
-            continue;
+        jobs.push((relative, expected, path));
+    }
+    let Some(known) = hash else {
+        return Ok(verified::Stamps::new());
+    };
+    let size = |(_, _, path): &(&String, &String, &PathBuf)| {
+        fs::symlink_metadata(path).map_or(0, |m| m.len())
+    };
+    let checked = verified::on_all_cores(&jobs, size, |&(relative, expected, path)| {
+        if let Some(stamp) = known.get(relative.as_str())
+            && &stamp.sha256 == expected
+            && verified::vouched(path, stamp).is_some()
+        {
+            return Ok(Some(stamp.clone()));
         }
-        let actual = sha256_file(path).map_err(io(path))?;
-        if &actual != expected {
+        let hashed = verified::hash(path).map_err(io(path))?;
+        if &hashed.sha256 != expected {
             return Err(Error::Modified {
                 path: relative.clone(),
                 expected: expected.clone(),
-                actual,
+                actual: hashed.sha256,
             });
         }
+        Ok(hashed.stamp)
+    });
+    let mut stamps = verified::Stamps::new();
+    for ((relative, _, _), result) in jobs.iter().zip(checked) {
+        if let Some(stamp) = result? {
+            stamps.insert((*relative).clone(), stamp);
+        }
     }
-    Ok(())
+    Ok(stamps)
 }
 
 /// Container names must be unique plain names: each is a directory of the checkpoint.
@@ -785,13 +833,51 @@ mod tests {
     }
 
     #[test]
+    fn a_stamp_spares_reading_a_file_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = sample(dir.path());
+        let pages = dir.path().join("web/checkpoint/pages-1.img");
+        fs::write(&pages, vec![1u8; verified::STAMPED_MIN as usize]).unwrap();
+        fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+        write_manifest(dir.path(), &mut manifest).unwrap();
+        let pinned = manifest_sha256(dir.path()).unwrap();
+        // Not settled yet: verified, but no stamp.
+        let (_, _, stamps) = verify_stamped(dir.path(), &Default::default()).unwrap();
+        assert!(stamps.is_empty(), "{stamps:?}");
+        std::thread::sleep(verified::SETTLED * 2);
+        let (_, _, stamps) = verify_stamped(dir.path(), &Default::default()).unwrap();
+        assert_eq!(
+            stamps.keys().collect::<Vec<_>>(),
+            ["web/checkpoint/pages-1.img"]
+        );
+        // A stamp is believed without reading the file: one that vouches for other bytes than
+        // the file's (as no podsnapd would write) shows it.
+        let mut lying = stamps.clone();
+        let stamp = lying.get_mut("web/checkpoint/pages-1.img").unwrap();
+        fs::write(&pages, vec![2u8; verified::STAMPED_MIN as usize]).unwrap();
+        stamp.identity = verified::Identity::at(&pages).unwrap();
+        verify_container(dir.path(), &pinned, "web", &lying).unwrap();
+        // The file the stamps were made for changed (same size): it is read, and refused.
+        assert!(matches!(
+            verify_container(dir.path(), &pinned, "web", &stamps),
+            Err(Error::Modified { .. })
+        ));
+        // A stamp of another hash than the manifest's is not used either.
+        lying.get_mut("web/checkpoint/pages-1.img").unwrap().sha256 = "00".repeat(32);
+        assert!(matches!(
+            verify_stamped(dir.path(), &lying),
+            Err(Error::Modified { .. })
+        ));
+    }
+
+    #[test]
     fn a_container_verifies_against_the_pinned_manifest_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut manifest = sample(dir.path());
         let pinned = manifest_sha256(dir.path()).unwrap();
-        verify_container(dir.path(), &pinned, "web").unwrap();
+        verify_container(dir.path(), &pinned, "web", &Default::default()).unwrap();
         assert!(matches!(
-            verify_container(dir.path(), &pinned, "db"),
+            verify_container(dir.path(), &pinned, "db", &Default::default()),
             Err(Error::UnknownContainer(_))
         ));
         // A changed file, with the manifest's hashes re-computed to match: the manifest is no
@@ -800,14 +886,14 @@ mod tests {
         fs::remove_file(dir.path().join(MANIFEST)).unwrap();
         write_manifest(dir.path(), &mut manifest).unwrap();
         assert!(matches!(
-            verify_container(dir.path(), &pinned, "web"),
+            verify_container(dir.path(), &pinned, "web", &Default::default()),
             Err(Error::ManifestChanged { .. })
         ));
         // A changed file under the same manifest.
         let pinned = manifest_sha256(dir.path()).unwrap();
         fs::write(dir.path().join("web/rootfs-diff.tar"), b"worse").unwrap();
         assert!(matches!(
-            verify_container(dir.path(), &pinned, "web"),
+            verify_container(dir.path(), &pinned, "web", &Default::default()),
             Err(Error::Modified { .. })
         ));
         assert!(verify_with_digest(dir.path()).is_err());

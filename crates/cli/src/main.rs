@@ -200,7 +200,8 @@ enum PodCommand {
         /// Deadline of the restore (e.g. 120s, 2m).
         #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
-        /// Start every restored container afterwards (StartContainer), as kubelet would.
+        /// Start every restored container afterwards (StartContainer, all at once), as the
+        /// kubelet does.
         #[arg(long)]
         start: bool,
     },

@@ -1,6 +1,7 @@
 //! `podsnap pod restore`: restore a pod from a checkpoint directory through CRI `RestorePod`,
 //! with pod and container configs in crictl's JSON, and with `--start` start every restored
-//! container (the restored processes run from `StartContainer` on, as CRI says).
+//! container, all at once as the kubelet does (the restored processes run from `StartContainer`
+//! on, as CRI says).
 //!
 //! Prints the new sandbox ID on stdout, then one `container-id<TAB>name` line per container.
 
@@ -95,36 +96,51 @@ pub async fn restore_pod(endpoint: &CriEndpoint, command: RestorePod) -> Result<
     }
 
     if command.start {
-        for container in &restored.restored_containers {
-            eprint!(
-                "starting container {} ({}) ... ",
-                container.name,
-                short_id(&container.container_id)
-            );
-            let started = Instant::now();
-            let result = answer(
-                "StartContainer",
-                LOOKUP_TIMEOUT,
-                runtime.start_container(with_timeout(
-                    StartContainerRequest {
-                        container_id: container.container_id.clone(),
-                    },
+        // All at once, as the kubelet starts a restored pod's containers: their restores (CRIU,
+        // verification, layers) overlap.
+        eprintln!(
+            "starting {count} container{} ...",
+            if count == 1 { "" } else { "s" }
+        );
+        let starts = restored.restored_containers.iter().map(|container| {
+            let mut runtime = runtime.clone();
+            async move {
+                let started = Instant::now();
+                let result = answer(
+                    "StartContainer",
                     LOOKUP_TIMEOUT,
-                )),
-            )
-            .await;
-            match result {
-                Ok(_) => eprintln!("done in {:.1}s", started.elapsed().as_secs_f64()),
-                Err(err) => {
-                    eprintln!("failed");
-                    return Err(CliError::Start {
-                        name: container.name.clone(),
-                        container_id: container.container_id.clone(),
-                        sandbox_id: restored.pod_sandbox_id.clone(),
-                        source: Box::new(err),
-                    });
+                    runtime.start_container(with_timeout(
+                        StartContainerRequest {
+                            container_id: container.container_id.clone(),
+                        },
+                        LOOKUP_TIMEOUT,
+                    )),
+                )
+                .await;
+                match &result {
+                    Ok(_) => eprintln!(
+                        "started container {} ({}) in {:.1}s",
+                        container.name,
+                        short_id(&container.container_id),
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(_) => eprintln!(
+                        "container {} ({}) failed to start",
+                        container.name,
+                        short_id(&container.container_id)
+                    ),
                 }
+                result.map_err(|err| (container, err))
             }
+        });
+        let results = futures::future::join_all(starts).await;
+        if let Some(Err((container, err))) = results.into_iter().find(Result::is_err) {
+            return Err(CliError::Start {
+                name: container.name.clone(),
+                container_id: container.container_id.clone(),
+                sandbox_id: restored.pod_sandbox_id.clone(),
+                source: Box::new(err),
+            });
         }
     }
     Ok(())

@@ -9,7 +9,7 @@
 //! gets a one-time restore grant ([`podsnap_checkpoint_format::grant`]) pinning the digest of
 //! the manifest verified here; without it the shim refuses the annotation.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,6 +19,7 @@ use cri_api::v1::{
     RestorePodRequest, RestorePodResponse, RestoredContainer, RunPodSandboxRequest,
     StopPodSandboxRequest,
 };
+use podsnap_checkpoint_format::verified::{Stamp, Stamps};
 use podsnap_checkpoint_format::{ContainerEntry, Manifest};
 use tonic::Status;
 use tonic::transport::Channel;
@@ -31,22 +32,75 @@ use podsnap_checkpoint_format::grant::{
     self, GRANT_ANNOTATION, GRANT_DIR, RESTORE_ANNOTATION, RestoreGrant,
 };
 
-/// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash;
-/// returns the manifest and its file's sha256.
-pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, String), Status> {
+/// A checkpoint opened by [`open_checkpoint`].
+#[derive(Debug)]
+pub struct Opened {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+    /// The sha256 of its manifest file.
+    pub digest: String,
+    /// Stamps of its big files as verified, by path relative to `root`.
+    pub stamps: Stamps,
+}
+
+/// Stamps of the checkpoint files this podsnapd verified, by absolute path
+/// ([`podsnap_checkpoint_format::verified`]): a checkpoint restored again (N replicas, a
+/// second restore) is not hashed again unless a file changed. Bounded: emptied when full.
+static VERIFIED: std::sync::Mutex<BTreeMap<PathBuf, Stamp>> =
+    std::sync::Mutex::new(BTreeMap::new());
+/// Most stamps [`VERIFIED`] holds.
+const MAX_VERIFIED: usize = 4096;
+
+fn remembered(root: &Path) -> Stamps {
+    let cache = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .range(root.to_path_buf()..)
+        .take_while(|(path, _)| path.starts_with(root))
+        .filter_map(|(path, stamp)| {
+            let relative = path.strip_prefix(root).ok()?.to_str()?.to_string();
+            Some((relative, stamp.clone()))
+        })
+        .collect()
+}
+
+fn remember(root: &Path, stamps: &Stamps) {
+    let mut cache = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    // What was remembered under this checkpoint and is not vouched for any more goes.
+    let stale: Vec<PathBuf> = cache
+        .range(root.to_path_buf()..)
+        .take_while(|(path, _)| path.starts_with(root))
+        .map(|(path, _)| path.clone())
+        .collect();
+    for path in stale {
+        cache.remove(&path);
+    }
+    if cache.len() + stamps.len() > MAX_VERIFIED {
+        cache.clear();
+    }
+    for (relative, stamp) in stamps {
+        cache.insert(root.join(relative), stamp.clone());
+    }
+}
+
+/// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash (a big
+/// file this podsnapd verified before and that did not change since is not read again).
+pub fn open_checkpoint(checkpoint_path: &str) -> Result<Opened, Status> {
     let path = PathBuf::from(checkpoint_path);
     if checkpoint_path.is_empty() || !path.is_absolute() {
         return Err(Status::invalid_argument(format!(
             "checkpoint_path {checkpoint_path:?} must be an absolute path"
         )));
     }
-    let (manifest, digest) =
-        podsnap_checkpoint_format::verify_with_digest(&path).map_err(|e| match e {
-            podsnap_checkpoint_format::Error::NotADirectory(_) => {
-                Status::invalid_argument(e.to_string())
-            }
-            other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
-        })?;
+    let (manifest, digest, stamps) = podsnap_checkpoint_format::verify_stamped(
+        &path,
+        &remembered(&path),
+    )
+    .map_err(|e| match e {
+        podsnap_checkpoint_format::Error::NotADirectory(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        other => Status::failed_precondition(format!("checkpoint {checkpoint_path}: {other}")),
+    })?;
     match podsnap_checkpoint_format::pins::lookup(
         Path::new(podsnap_checkpoint_format::pins::PIN_DIR),
         &path,
@@ -88,7 +142,13 @@ pub fn open_checkpoint(checkpoint_path: &str) -> Result<(PathBuf, Manifest, Stri
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         ))
     })?;
-    Ok((path, manifest, digest))
+    remember(&path, &stamps);
+    Ok(Opened {
+        root: path,
+        manifest,
+        digest,
+        stamps,
+    })
 }
 
 /// The longest the CPU check of one container may take.
@@ -329,10 +389,14 @@ pub async fn restore_pod(
         )));
     }
     let checkpoint_path = req.checkpoint_path.clone();
-    let (root, manifest, digest) =
-        tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
-            .await
-            .map_err(|e| Status::internal(format!("verify task: {e}")))??;
+    let Opened {
+        root,
+        manifest,
+        digest,
+        stamps,
+    } = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
+        .await
+        .map_err(|e| Status::internal(format!("verify task: {e}")))??;
     let pairs = match_containers(&req.container_configs, &manifest)?;
     check_security(&config, &pairs, &manifest)?;
     grant::remove_stale(Path::new(GRANT_DIR));
@@ -368,6 +432,14 @@ pub async fn restore_pod(
             checkpoint: root.clone(),
             container: entry.name.clone(),
             manifest_sha256: digest.clone(),
+            stamps: stamps
+                .iter()
+                .filter(|(relative, _)| {
+                    podsnap_checkpoint_format::read_by(&manifest, &entry.name, relative)
+                })
+                .take(grant::MAX_STAMPS)
+                .map(|(relative, stamp)| (relative.clone(), stamp.clone()))
+                .collect(),
         };
         match grant::issue(Path::new(GRANT_DIR), &restore_grant) {
             Ok(token) => {
@@ -571,6 +643,33 @@ mod tests {
                 .code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn a_checkpoint_opened_again_is_not_hashed_again_unless_a_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("web/checkpoint")).unwrap();
+        let pages = dir.path().join("web/checkpoint/pages-1.img");
+        let big = podsnap_checkpoint_format::verified::STAMPED_MIN as usize;
+        std::fs::write(&pages, vec![3u8; big]).unwrap();
+        let mut m = manifest(&["web"]);
+        m.machine = Some(podsnap_checkpoint_format::Machine::here());
+        podsnap_checkpoint_format::write_manifest(dir.path(), &mut m).unwrap();
+        std::thread::sleep(podsnap_checkpoint_format::verified::SETTLED * 2);
+        let path = dir.path().to_str().unwrap();
+        let first = open_checkpoint(path).unwrap();
+        assert_eq!(
+            first.stamps.keys().collect::<Vec<_>>(),
+            ["web/checkpoint/pages-1.img"]
+        );
+        assert_eq!(remembered(dir.path()), first.stamps);
+        // Opened again: the stamps are the remembered ones (the file was not read).
+        assert_eq!(open_checkpoint(path).unwrap().stamps, first.stamps);
+        // A file changed since (same size): read again, and refused.
+        std::fs::write(&pages, vec![4u8; big]).unwrap();
+        let err = open_checkpoint(path).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("pages-1.img"), "{err:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::Context;
 use criu_rpc::{CgroupMode, Criu, DumpOptions};
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint_format::container as format;
+pub use podsnap_checkpoint_format::follow::Follower;
 
 use crate::cgroup::ContainerCgroup;
 
@@ -35,8 +36,8 @@ pub fn dump(
     opts: &CheckpointOptions,
 ) -> anyhow::Result<()> {
     let created = !images.exists();
-    dump_unsealed(target, images, opts)?;
-    seal(images).inspect_err(|_| {
+    let follower = dump_unsealed(target, images, opts)?;
+    seal(images, follower).inspect_err(|_| {
         if created {
             let _ = fs::remove_dir_all(images);
         } else {
@@ -64,10 +65,16 @@ pub fn dump_frozen(
     result
 }
 
-/// Writes `podsnap.sha256` for a dumped checkpoint. Needs no frozen container: a pod checkpoint
-/// seals its containers' images after thawing them.
-pub fn seal(images: &Path) -> anyhow::Result<()> {
-    format::seal(images).with_context(|| format!("seal checkpoint {}", images.display()))
+/// Writes `podsnap.sha256` for a dumped checkpoint, with the page images' hashes `follower`
+/// computed while CRIU wrote them (what it could not vouch for is hashed here). Needs no
+/// frozen container: a pod checkpoint seals its containers' images after thawing them.
+pub fn seal(images: &Path, follower: Follower) -> anyhow::Result<()> {
+    let followed = follower.finish().unwrap_or_else(|e| {
+        log::warn!("{e}: hashing them after the dump");
+        Default::default()
+    });
+    format::seal_followed(images, &followed)
+        .with_context(|| format!("seal checkpoint {}", images.display()))
 }
 
 /// Why a container with a user namespace is not checkpointed (`None` when it has none).
@@ -86,12 +93,13 @@ pub fn user_namespace_refusal(id: &str, spec: &Spec) -> Option<String> {
     })
 }
 
-/// [`dump`] without [`seal`]: what must happen while the container is frozen.
+/// [`dump`] without [`seal`]: what must happen while the container is frozen. Returns the
+/// follower that hashed the page images as CRIU wrote them, for [`seal`].
 pub fn dump_unsealed(
     target: &DumpTarget<'_>,
     images: &Path,
     opts: &CheckpointOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Follower> {
     let id = target.id;
     if let Some(refusal) = user_namespace_refusal(id, target.spec) {
         return Err(crate::error::Error::FailedPrecondition(refusal).into());
@@ -158,7 +166,7 @@ fn dump_into(
     images: &Path,
     work: &Path,
     opts: &CheckpointOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Follower> {
     let pid = target.pid;
     let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .with_context(|| format!("read mounts of pid {pid}"))?;
@@ -221,6 +229,8 @@ fn dump_into(
     if let Some(started) = &opts.criu_started {
         criu = criu.on_spawn(started.0.clone());
     }
+    // The page images are hashed as CRIU writes them, on a core the dump leaves idle.
+    let follower = Follower::start(images);
     criu.dump(&criu_opts)?;
     format::write_metadata(images, &metadata, &descriptors)?;
     // CRIU writes its statistics next to its log; checkpointctl reads them from the images.
@@ -230,5 +240,5 @@ fn dump_into(
         fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 0600 {}", entry.path().display()))?;
     }
-    Ok(())
+    Ok(follower)
 }

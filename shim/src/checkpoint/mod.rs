@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-pub use dump::{DumpTarget, dump_frozen, dump_unsealed, seal, user_namespace_refusal};
+pub use dump::{DumpTarget, Follower, dump_frozen, dump_unsealed, seal, user_namespace_refusal};
 pub use podsnap_checkpoint_format::container::{ExternalMount, Metadata, read_metadata, verify};
 pub use restore::{RestoreTarget, restore};
 
