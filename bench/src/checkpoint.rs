@@ -414,7 +414,7 @@ pub fn client_images(node: &Node, id: &str) -> Result<Vec<String>, String> {
 }
 
 /// `error` with the end of a CRIU log.
-fn with_log(error: String, log: &Path) -> String {
+pub(crate) fn with_log(error: String, log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n");

@@ -8,10 +8,18 @@
 //!   ... freeze_window_ms=N`, the shim's figure), vs the longest container dump in that pod
 //!   checkpoint, from CRIU's own statistics (`stats-dump`: freezing + frozen) and vs the pod
 //!   checkpoint's wall time;
-//! - (d) `podsnap pod restore --start` of (a)'s checkpoint until all 4 containers run (then,
-//!   untimed, every restored container checks its memory page by page);
+//! - (d) `podsnap pod restore --start` of (a)'s checkpoint until all 4 containers run, started
+//!   together as the kubelet starts them, vs (d') the same restore with its containers started
+//!   one after another (`crictl start`); then, untimed, every restored container checks its
+//!   memory page by page;
 //! - (e) `podsnap pod checkpoint` of a pod of one container holding 1 GiB vs raw
-//!   `criu dump --leave-running` of the same program run as a plain process.
+//!   `criu dump --leave-running` of the same program run as a plain process;
+//! - (f) `podsnap pod restore --start` of (e)'s checkpoint until its container runs vs raw
+//!   `criu restore --restore-detached` of the raw dump (its original killed first).
+//!
+//! Every restore pays for reading its whole checkpoint, as a first restore does: podsnapd
+//! remembers the files it verified until one changes, so before each restore every file's mode
+//! is set again (which moves its change time) and left to settle, untimed.
 //!
 //! The workload is the e2e fixture memtest (e2e/fixtures/memtest.c, built static with gcc and
 //! bind-mounted read-only at /memtest): it touches N MiB of anonymous memory with a position
@@ -106,6 +114,10 @@ struct Samples {
     d_restore: Vec<f64>,
     d_cli: Vec<f64>,
     d_restore_pod: Vec<f64>,
+    d_one_by_one: Vec<f64>,
+    f_restore: Vec<f64>,
+    f_restore_pod: Vec<f64>,
+    raw_restore: Vec<f64>,
     e_wall: Vec<f64>,
     e_window: Vec<f64>,
     e_to_captured: Vec<f64>,
@@ -252,15 +264,30 @@ fn round(
             );
             s.a_bytes = ck.bytes;
             pod_memory(node, &w.a)?;
-            // (d): restore of that checkpoint, then it goes.
-            let r = pod_restore(node, cleanup, &w.a, &images, dir, &tag)?;
-            eprintln!(
-                "[{tag}] (d) pod restore --start until running: {:.3}s (RestorePod {:.3}s)",
-                r.until_running, r.restore_pod
-            );
-            s.d_restore.push(r.until_running);
-            s.d_cli.push(r.cli);
-            s.d_restore_pod.push(r.restore_pod);
+            // (d): restore of that checkpoint, its containers started together and (d') one
+            // after another (in turns which goes first), then it goes.
+            for together in [even, !even] {
+                let start = if together {
+                    Start::Together
+                } else {
+                    Start::OneByOne
+                };
+                let r = pod_restore(node, cleanup, &w.a, &images, dir, &tag, start)?;
+                eprintln!(
+                    "[{tag}] (d) pod restore, containers started {}, until running: {:.3}s \
+                     (RestorePod {:.3}s)",
+                    start.label(),
+                    r.until_running,
+                    r.restore_pod
+                );
+                if together {
+                    s.d_restore.push(r.until_running);
+                    s.d_cli.push(r.cli);
+                    s.d_restore_pod.push(r.restore_pod);
+                } else {
+                    s.d_one_by_one.push(r.until_running);
+                }
+            }
             cleanup.remove(&Item::Dir(images))?;
         } else {
             let (sum, slowest, bytes) =
@@ -290,8 +317,17 @@ fn round(
             s.e_after_captured.push(ck.after_captured);
             s.e_dump.push(ck.longest_dump());
             s.e_bytes = ck.bytes;
-            cleanup.remove(&Item::Dir(images))?;
             pod_memory(node, &w.c)?;
+            // (f): its restore until running.
+            let r = pod_restore(node, cleanup, &w.c, &images, dir, &tag, Start::Together)?;
+            eprintln!(
+                "[{tag}] (f) pod restore, 1 x {BIG_MIB} MiB, until running: {:.3}s (RestorePod \
+                 {:.3}s)",
+                r.until_running, r.restore_pod
+            );
+            s.f_restore.push(r.until_running);
+            s.f_restore_pod.push(r.restore_pod);
+            cleanup.remove(&Item::Dir(images))?;
         } else {
             let images = dir.join(format!("raw-{tag}"));
             cleanup.add(Item::Dir(images.clone()));
@@ -307,8 +343,31 @@ fn round(
             s.raw.push(t.elapsed.as_secs_f64());
             s.raw_dump.push(stats.dump_seconds());
             s.raw_bytes = procfs::du(&images);
-            cleanup.remove(&Item::Dir(images))?;
             wait_anon("raw memtest after its dump", w.raw, BIG_MIB << 10)?;
+            // Its restore: the original goes first (CRIU restores the same pid).
+            cleanup.remove(&Item::Group(w.raw))?;
+            cold(&images)?;
+            cleanup.add(Item::Group(w.raw));
+            let t = node
+                .criu([
+                    "restore",
+                    "--restore-detached",
+                    "-o",
+                    "restore.log",
+                    "-v2",
+                    "-D",
+                ])
+                .arg(&images)
+                .timeout(LONG)
+                .run()
+                .map_err(|e| crate::checkpoint::with_log(e, &images.join("restore.log")))?;
+            eprintln!(
+                "[{tag}] (f) raw criu restore --restore-detached, {BIG_MIB} MiB: {:.3}s",
+                t.elapsed.as_secs_f64()
+            );
+            s.raw_restore.push(t.elapsed.as_secs_f64());
+            wait_anon("raw memtest after its restore", w.raw, BIG_MIB << 10)?;
+            cleanup.remove(&Item::Dir(images))?;
         }
     }
     Ok(())
@@ -630,14 +689,16 @@ fn pod_restore(
     images: &Path,
     dir: &Path,
     tag: &str,
+    start: Start,
 ) -> Result<Restored, String> {
     let name = format!(
-        "{}-restored-{tag}",
+        "{}-restored-{}-{tag}",
         pod.config
             .parent()
             .and_then(Path::file_name)
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        start.label().replace(' ', "-")
     );
     let pod_dir = sub_dir(dir, &name)?;
     let config = write_pod_config(&pod_dir, &name, PID_NAMESPACE_PER_CONTAINER)?;
@@ -649,13 +710,18 @@ fn pod_restore(
     for (_, _, cconfig) in &pod.containers {
         cmd = cmd.arg("--container-config").arg(cconfig);
     }
+    let cmd = match start {
+        Start::Together => cmd.arg("--start"),
+        Start::OneByOne => cmd,
+    };
     let cmd = cmd
-        .args(["--start", "--timeout", CLI_TIMEOUT])
+        .args(["--timeout", CLI_TIMEOUT])
         .timeout(LONG + Duration::from_secs(60));
     let log_path = node.podsnapd_log();
     let offset = std::fs::metadata(&log_path)
         .map_err(|e| format!("{}: {e}", log_path.display()))?
         .len();
+    cold(images)?;
     sync()?;
     let t0 = Instant::now();
     let (stdout, result) = cmd.run_keeping_stdout();
@@ -700,6 +766,11 @@ fn pod_restore(
             restored.len(),
             pod.containers.len()
         ));
+    }
+    if start == Start::OneByOne {
+        for (id, _) in &restored {
+            node.crictl(["start", id]).timeout(LONG).run()?;
+        }
     }
     wait_for(
         &format!("the {} restored containers to run", restored.len()),
@@ -759,6 +830,45 @@ fn pod_restore(
         cli: cli_time,
         restore_pod: restore_pod as f64 / 1000.0,
     })
+}
+
+/// How a restore's containers are started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// `podsnap pod restore --start`: all at once, as the kubelet does.
+    Together,
+    /// `podsnap pod restore`, then `crictl start` of each container, one after another.
+    OneByOne,
+}
+
+impl Start {
+    fn label(self) -> &'static str {
+        match self {
+            Start::Together => "together",
+            Start::OneByOne => "one by one",
+        }
+    }
+}
+
+/// Makes a restore of `images` pay for reading every file, as the first restore of a checkpoint
+/// does: podsnapd remembers the files it verified (until one changes), so each file's change
+/// time is moved (`chmod` to its own mode) and left to settle, untimed.
+fn cold(images: &Path) -> Result<(), String> {
+    fn touch(path: &Path) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                touch(&entry?.path())?;
+            }
+        }
+        if !meta.is_symlink() {
+            std::fs::set_permissions(path, meta.permissions())?;
+        }
+        Ok(())
+    }
+    touch(images).map_err(|e| format!("chmod the files of {}: {e}", images.display()))?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
 }
 
 /// One pod restore: until every container ran, the CLI's whole run, and podsnapd's RestorePod.
@@ -837,6 +947,11 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
         "    podsnapd RestorePod (podsnapd log)",
         &s.d_restore_pod,
     );
+    row(
+        &mut t,
+        "(d') the same restored, containers started one after another",
+        &s.d_one_by_one,
+    );
     print!("{}", t.render());
     println!(
         "images: (a) {}, (b) {} (4 together)",
@@ -871,6 +986,21 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
     );
     row(&mut t, "    raw criu dump --leave-running", &s.raw);
     row(&mut t, "    raw: freezing+frozen (stats-dump)", &s.raw_dump);
+    row(
+        &mut t,
+        "(f) podsnap pod restore --start of (e) until RUNNING",
+        &s.f_restore,
+    );
+    row(
+        &mut t,
+        "    podsnapd RestorePod (podsnapd log)",
+        &s.f_restore_pod,
+    );
+    row(
+        &mut t,
+        "    raw criu restore --restore-detached",
+        &s.raw_restore,
+    );
     print!("{}", t.render());
     println!("images: (e) {}, raw {}", gib(s.e_bytes), gib(s.raw_bytes));
 
@@ -909,6 +1039,24 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
             median(&s.e_wall),
             median(&s.raw),
             Some(1.2)
+        )
+    );
+    println!(
+        "{}",
+        ratio(
+            "(f) pod restore 1 GiB until running / raw criu restore",
+            median(&s.f_restore),
+            median(&s.raw_restore),
+            Some(1.2)
+        )
+    );
+    println!(
+        "{}",
+        ratio(
+            "(d)/(d') 4 x 256 MiB restore, started together / one after another",
+            median(&s.d_restore),
+            median(&s.d_one_by_one),
+            Some(0.6)
         )
     );
     println!(

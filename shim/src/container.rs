@@ -426,6 +426,7 @@ impl Container {
         Ok(async move {
             let (checked_id, checked_grant, checked_spec) =
                 (id.clone(), grant.clone(), spec.clone());
+            let log_id = id.clone();
             // Compressed pages are expanded into a private scratch directory first: CRIU reads
             // only plain images, and the checkpoint itself is never modified.
             let (scratch, images, metadata, descriptors) = tokio::task::spawn_blocking(move || {
@@ -435,12 +436,19 @@ impl Container {
                 // here, at start; a big file podsnapd hashed and that did not change since
                 // (the grant's stamps) is not read again.
                 if let Some(grant) = &grant {
+                    let started = std::time::Instant::now();
                     podsnap_checkpoint_format::verify_container(
                         &grant.checkpoint,
                         &grant.manifest_sha256,
                         &grant.container,
                         &grant.stamps,
                     )?;
+                    log::info!(
+                        "container {log_id}: checkpoint verified in {} ms ({} stamp(s) from \
+                         podsnapd)",
+                        started.elapsed().as_millis(),
+                        grant.stamps.len()
+                    );
                 }
                 let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
                     checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
@@ -476,8 +484,13 @@ impl Container {
             let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
                 if let Some(grant) = &grant {
                     // A container of a pod checkpoint: the pod's emptyDir volumes first.
+                    let started = std::time::Instant::now();
                     crate::volumes::restore(&grant.checkpoint, &spec)?;
                     crate::rootfs_diff::apply(&grant.container_dir(), &rootfs)?;
+                    log::info!(
+                        "container {restored_id}: volumes and writable layer restored in {} ms",
+                        started.elapsed().as_millis()
+                    );
                 }
                 cgroup.prepare(&spec)?;
                 let [stdin, stdout, stderr] = &container_stdio.fds;

@@ -237,6 +237,9 @@ fn capture_pod(
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     // The freeze window starts here: starting the guard process is not part of it.
     let first_freeze = Instant::now();
+    let guard_started = first_freeze.duration_since(start);
+    let mut frozen = None;
+    let mut captured = None;
     let mut response = None;
     // The page hashers of the captured containers, in `containers`' order.
     let mut followers = Vec::new();
@@ -260,6 +263,7 @@ fn capture_pod(
         }
     }
     let response = response.unwrap_or_else(|| {
+        frozen = Some(first_freeze.elapsed());
         let results: Vec<anyhow::Result<(ContainerCapture, Follower)>> =
             std::thread::scope(|scope| {
                 let handles: Vec<_> = captures
@@ -287,6 +291,7 @@ fn capture_pod(
                 Err(e) => errors.push(Error::from(e)),
             }
         }
+        captured = Some(first_freeze.elapsed());
         // The pod's emptyDir volumes, in the same cut: while the pod is still frozen.
         if errors.is_empty()
             && !expired()
@@ -338,6 +343,7 @@ fn capture_pod(
         other => other,
     };
     let window = first_freeze.elapsed().as_millis() as u64;
+    let thawed = Instant::now();
     // Hashing the images needs no frozen pod: the followers hashed most of the pages while
     // CRIU wrote them; seal them after the thaw, in parallel.
     let response = match response {
@@ -373,6 +379,14 @@ fn capture_pod(
         }
         failure => failure,
     };
+    log::info!(
+        "pod capture: thaw guard started in {} ms; freeze window {window} ms (all frozen at {} \
+         ms, captured at {} ms); sealed in {} ms",
+        guard_started.as_millis(),
+        frozen.map_or(0, |d| d.as_millis()),
+        captured.map_or(0, |d| d.as_millis()),
+        thawed.elapsed().as_millis()
+    );
     match response {
         PodResponse::Checkpointed { containers, .. } => PodResponse::Checkpointed {
             containers,

@@ -8,6 +8,11 @@
 //! has ended, [`Follower::finish`] raises it to the normal policy and hashes the rest. The
 //! result is trusted for a file only if it is still the file that was read (device and inode)
 //! with exactly the length hashed; any other file is hashed again by the sealer.
+//!
+//! How much it saves depends on the dump: CRIU first drains a process's pages into pipes and
+//! writes them out at the end of its dump, and on a node with few cores the dump's writing
+//! leaves little idle time, so the follower often catches only part of a big image before the
+//! thaw (the shim logs how much).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,7 +20,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -56,6 +61,7 @@ pub struct Follower {
     dir: PathBuf,
     stop: Arc<AtomicBool>,
     tid: Arc<AtomicI32>,
+    hashed: Arc<AtomicU64>,
     thread: Option<JoinHandle<std::io::Result<BTreeMap<String, Followed>>>>,
 }
 
@@ -72,15 +78,17 @@ impl Follower {
     pub fn start(dir: &Path) -> Follower {
         let stop = Arc::new(AtomicBool::new(false));
         let tid = Arc::new(AtomicI32::new(0));
+        let hashed = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (dir, stop, tid) = (dir.to_path_buf(), stop.clone(), tid.clone());
+            let (dir, stop, tid, hashed) =
+                (dir.to_path_buf(), stop.clone(), tid.clone(), hashed.clone());
             std::thread::Builder::new()
                 .name("page-hasher".into())
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                     set_policy(0, libc::SCHED_IDLE);
-                    follow(&dir, &stop)
+                    follow(&dir, &stop, &hashed)
                 })
                 .ok()
         };
@@ -88,8 +96,14 @@ impl Follower {
             dir: dir.to_path_buf(),
             stop,
             tid,
+            hashed,
             thread,
         }
+    }
+
+    /// Bytes hashed so far, over all page images.
+    pub fn hashed(&self) -> u64 {
+        self.hashed.load(Ordering::Relaxed)
     }
 
     /// Once CRIU is done writing: hashes the rest at the normal policy and returns what was
@@ -137,7 +151,11 @@ fn set_policy(tid: i32, policy: i32) {
     }
 }
 
-fn follow(dir: &Path, stop: &AtomicBool) -> std::io::Result<BTreeMap<String, Followed>> {
+fn follow(
+    dir: &Path,
+    stop: &AtomicBool,
+    hashed: &AtomicU64,
+) -> std::io::Result<BTreeMap<String, Followed>> {
     let mut open: BTreeMap<String, Open> = BTreeMap::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -177,6 +195,7 @@ fn follow(dir: &Path, stop: &AtomicBool) -> std::io::Result<BTreeMap<String, Fol
                 }
                 o.hasher.update(&buf[..n]);
                 o.len += n as u64;
+                hashed.fetch_add(n as u64, Ordering::Relaxed);
                 progressed = true;
             }
         }
@@ -242,6 +261,7 @@ mod tests {
         let follower = Follower::start(dir.path());
         fs::write(&path, [1u8; 4096]).unwrap();
         let followed = follower.finish().unwrap().remove("pages-1.img").unwrap();
+        assert_eq!(followed.len, 4096);
         assert!(followed.of(&path).is_some());
         fs::OpenOptions::new()
             .append(true)

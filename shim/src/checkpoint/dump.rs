@@ -69,12 +69,26 @@ pub fn dump_frozen(
 /// computed while CRIU wrote them (what it could not vouch for is hashed here). Needs no
 /// frozen container: a pod checkpoint seals its containers' images after thawing them.
 pub fn seal(images: &Path, follower: Follower) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let early = follower.hashed();
     let followed = follower.finish().unwrap_or_else(|e| {
         log::warn!("{e}: hashing them after the dump");
         Default::default()
     });
+    let caught_up = started.elapsed();
     format::seal_followed(images, &followed)
-        .with_context(|| format!("seal checkpoint {}", images.display()))
+        .with_context(|| format!("seal checkpoint {}", images.display()))?;
+    log::info!(
+        "sealed {} in {} ms: {} page image(s), {} MiB, {} MiB of it hashed while CRIU wrote, \
+         the rest in {} ms",
+        images.display(),
+        started.elapsed().as_millis(),
+        followed.len(),
+        followed.values().map(|f| f.len).sum::<u64>() >> 20,
+        early >> 20,
+        caught_up.as_millis(),
+    );
+    Ok(())
 }
 
 /// Why a container with a user namespace is not checkpointed (`None` when it has none).
