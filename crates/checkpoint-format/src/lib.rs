@@ -24,7 +24,9 @@
 //! the restore annotation's name ([`grant`]), and what CRIU's images say about credentials
 //! ([`creds`], [`criu_image`]), and the node's pins of checkpoint manifests ([`pins`], written by
 //! podsnapd when it takes a checkpoint and by the node agent when it pulls one). The shim and
-//! podsnapd read and write these only through it.
+//! podsnapd read and write these only through it. It also owns how they are hashed: page images
+//! while CRIU writes them ([`follow`]), and every file once per change rather than once per
+//! reader ([`verified`]).
 
 pub mod container;
 pub mod creds;
