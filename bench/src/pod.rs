@@ -1032,42 +1032,34 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
             if m <= 50.0 { "met" } else { "NOT met" }
         );
     }
-    println!(
-        "{}",
-        ratio(
+    for (label, num, den, target) in [
+        (
             "(e) pod checkpoint 1 GiB / raw criu dump",
-            median(&s.e_wall),
-            median(&s.raw),
-            Some(1.2)
-        )
-    );
-    println!(
-        "{}",
-        ratio(
+            &s.e_wall,
+            &s.raw,
+            Some(1.2),
+        ),
+        (
             "(f) pod restore 1 GiB until running / raw criu restore",
-            median(&s.f_restore),
-            median(&s.raw_restore),
-            Some(1.2)
-        )
-    );
-    println!(
-        "{}",
-        ratio(
+            &s.f_restore,
+            &s.raw_restore,
+            Some(1.2),
+        ),
+        (
             "(d)/(d') 4 x 256 MiB restore, started together / one after another",
-            median(&s.d_restore),
-            median(&s.d_one_by_one),
-            Some(0.6)
-        )
-    );
-    println!(
-        "{}",
-        ratio(
+            &s.d_restore,
+            &s.d_one_by_one,
+            Some(0.6),
+        ),
+        (
             "(d)/(a) pod restore / pod checkpoint",
-            median(&s.d_restore),
-            median(&s.a_wall),
-            None
-        )
-    );
+            &s.d_restore,
+            &s.a_wall,
+            None,
+        ),
+    ] {
+        println!("{}", ratio(label, median(num), median(den), target));
+    }
     for note in notes {
         println!("note: {note}");
     }

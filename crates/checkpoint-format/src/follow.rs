@@ -88,6 +88,11 @@ impl Follower {
                     // SAFETY: gettid has no preconditions.
                     tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                     set_policy(0, libc::SCHED_IDLE);
+                    // Told to stop before it could see this thread's id: the normal policy
+                    // for the rest is this thread's to set.
+                    if stop.load(Ordering::SeqCst) {
+                        set_policy(0, libc::SCHED_OTHER);
+                    }
                     follow(&dir, &stop, &hashed)
                 })
                 .ok()
@@ -101,6 +106,15 @@ impl Follower {
         }
     }
 
+    /// Tells the thread that CRIU is done, and lets it hash the rest at the normal policy.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid != 0 {
+            set_policy(tid, libc::SCHED_OTHER);
+        }
+    }
+
     /// Bytes hashed so far, over all page images.
     pub fn hashed(&self) -> u64 {
         self.hashed.load(Ordering::Relaxed)
@@ -109,11 +123,7 @@ impl Follower {
     /// Once CRIU is done writing: hashes the rest at the normal policy and returns what was
     /// hashed, by file name. On an error the sealer hashes every file itself.
     pub fn finish(mut self) -> std::io::Result<BTreeMap<String, Followed>> {
-        let tid = self.tid.load(Ordering::SeqCst);
-        if tid != 0 {
-            set_policy(tid, libc::SCHED_OTHER);
-        }
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop();
         let thread = self.thread.take().ok_or_else(|| {
             std::io::Error::other(format!(
                 "no thread hashed the page images of {}",
@@ -131,11 +141,7 @@ impl Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let tid = self.tid.load(Ordering::SeqCst);
-        if tid != 0 {
-            set_policy(tid, libc::SCHED_OTHER);
-        }
+        self.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -23,13 +23,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// How much older than the start of its hashing a file's change time must be for a stamp:
 /// many clock ticks (a tick is at most 10 ms).
@@ -100,16 +98,7 @@ pub fn hash(path: &Path) -> std::io::Result<Hashed> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let before = Identity::of(&file.metadata()?);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let sha256 = crate::hex(&hasher.finalize());
+    let sha256 = crate::sha256_reader(&mut file)?;
     let after = Identity::of(&file.metadata()?);
     let stamp = (before == after && before.size >= STAMPED_MIN && before.settled_before(started))
         .then(|| Stamp {

@@ -200,8 +200,7 @@ enum PodCommand {
         /// Deadline of the restore (e.g. 120s, 2m).
         #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
-        /// Start every restored container afterwards (StartContainer, all at once), as the
-        /// kubelet does.
+        /// Start every restored container afterwards (StartContainer, all at once).
         #[arg(long)]
         start: bool,
     },

@@ -1,7 +1,7 @@
 //! `podsnap pod restore`: restore a pod from a checkpoint directory through CRI `RestorePod`,
 //! with pod and container configs in crictl's JSON, and with `--start` start every restored
-//! container, all at once as the kubelet does (the restored processes run from `StartContainer`
-//! on, as CRI says).
+//! container, all at once (the restored processes run from `StartContainer` on, as CRI says;
+//! the patched kubelet still starts them one after another).
 //!
 //! Prints the new sandbox ID on stdout, then one `container-id<TAB>name` line per container.
 
@@ -96,8 +96,7 @@ pub async fn restore_pod(endpoint: &CriEndpoint, command: RestorePod) -> Result<
     }
 
     if command.start {
-        // All at once, as the kubelet starts a restored pod's containers: their restores (CRIU,
-        // verification, layers) overlap.
+        // All at once: their restores (CRIU, verification, layers) overlap.
         eprintln!(
             "starting {count} container{} ...",
             if count == 1 { "" } else { "s" }
