@@ -3,6 +3,10 @@
 //! images CRIU wrote. CRIU restores exactly these, whatever the new container's spec says, so a
 //! restore must compare them with the spec before any process exists.
 //!
+//! A zombie (a child that exited and was not yet reaped when the dump froze it) has no thread
+//! part and no credentials in its image: CRIU restores it by forking a task that runs only
+//! CRIU's own code and exits with the recorded status, so it grants nothing and is left out.
+//!
 //! Only the fields needed for that comparison are decoded (CRIU's `core.proto` and
 //! `creds.proto`, proto2, with the same field numbers); unknown fields are skipped. An image
 //! file is CRIU's usual layout: `IMG_COMMON_MAGIC`, `CORE_MAGIC`, then one entry (a
@@ -31,7 +35,9 @@ pub enum CredsError {
     Malformed { path: PathBuf, reason: String },
     #[error("CRIU image {0} holds no credentials (a checkpoint without them cannot be checked)")]
     NoCredentials(PathBuf),
-    #[error("checkpoint {0} holds no core images: not a CRIU checkpoint")]
+    #[error(
+        "checkpoint {0} holds no core image of a live task: not a CRIU checkpoint of a running container"
+    )]
     NoTasks(PathBuf),
 }
 
@@ -85,12 +91,17 @@ struct ThreadCoreEntry {
     comm: Option<String>,
 }
 
-/// CRIU's `task_core_entry`: only the command name.
+/// CRIU's `task_core_entry`: the task's state and command name.
 #[derive(Clone, PartialEq, prost::Message)]
 struct TaskCoreEntry {
+    #[prost(uint32, optional, tag = "1")]
+    task_state: Option<u32>,
     #[prost(string, optional, tag = "6")]
     comm: Option<String>,
 }
+
+/// CRIU's `TASK_DEAD` (compel's `COMPEL_TASK_DEAD`): the image of a zombie.
+const TASK_DEAD: u32 = 2;
 
 /// CRIU's `core_entry`: only the task and thread parts.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -141,8 +152,9 @@ fn mask(words: &[u32]) -> u64 {
         .fold(0, |acc, (i, w)| acc | (u64::from(*w) << (32 * i)))
 }
 
-/// Decodes one `core-<tid>.img` given as bytes.
-pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<ThreadCredentials, CredsError> {
+/// Decodes one `core-<tid>.img` given as bytes: the thread's credentials, or `None` for a
+/// zombie's image (which CRIU writes without any, and restores without running its code).
+pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<Option<ThreadCredentials>, CredsError> {
     let malformed = |reason: &str| CredsError::Malformed {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -154,6 +166,9 @@ pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<ThreadCredentials, C
     let body = *entries.first().ok_or_else(|| malformed("no entry"))?;
     let core = <CoreEntry as prost::Message>::decode(body)
         .map_err(|e| malformed(&format!("core entry: {e}")))?;
+    if core.tc.as_ref().and_then(|t| t.task_state) == Some(TASK_DEAD) {
+        return Ok(None);
+    }
     let thread = core
         .thread_core
         .ok_or_else(|| CredsError::NoCredentials(path.to_path_buf()))?;
@@ -167,7 +182,7 @@ pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<ThreadCredentials, C
         .and_then(|n| n.strip_suffix(".img"))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    Ok(ThreadCredentials {
+    Ok(Some(ThreadCredentials {
         tid,
         comm: thread
             .comm
@@ -185,11 +200,11 @@ pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<ThreadCredentials, C
         no_new_privs: creds.no_new_privs.unwrap_or(0) != 0,
         seccomp_mode: thread.seccomp_mode.unwrap_or(0),
         lsm_profile: creds.lsm_profile.filter(|p| !p.is_empty()),
-    })
+    }))
 }
 
 /// The credentials of every thread a CRIU images directory would restore (every
-/// `core-<tid>.img`), or an error if there is none or one cannot be read.
+/// `core-<tid>.img` but a zombie's), or an error if there is none or one cannot be read.
 pub fn thread_credentials(images: &Path) -> Result<Vec<ThreadCredentials>, CredsError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -209,7 +224,7 @@ pub fn thread_credentials(images: &Path) -> Result<Vec<ThreadCredentials>, Creds
         file.take(MAX_CORE_IMAGE)
             .read_to_end(&mut data)
             .map_err(io(&path))?;
-        threads.push(parse_core_image(&path, &data)?);
+        threads.extend(parse_core_image(&path, &data)?);
     }
     if threads.is_empty() {
         return Err(CredsError::NoTasks(images.to_path_buf()));
@@ -225,6 +240,7 @@ pub fn write_core_image(dir: &Path, creds: &ThreadCredentials) -> std::io::Resul
     let split = |m: u64| vec![m as u32, (m >> 32) as u32];
     let core = CoreEntry {
         tc: Some(TaskCoreEntry {
+            task_state: Some(1),
             comm: Some(creds.comm.clone()),
         }),
         thread_core: Some(ThreadCoreEntry {
@@ -339,6 +355,49 @@ mod tests {
         assert!(matches!(
             thread_credentials(dir.path()),
             Err(CredsError::NoCredentials(_))
+        ));
+    }
+
+    /// A core image as CRIU's `dump_one_zombie` writes it: a task part only.
+    fn write_task_only_image(dir: &Path, tid: u32, task_state: u32) {
+        use prost::Message;
+        let body = CoreEntry {
+            tc: Some(TaskCoreEntry {
+                task_state: Some(task_state),
+                comm: Some("cat".into()),
+            }),
+            thread_core: None,
+        }
+        .encode_to_vec();
+        let mut data = Vec::new();
+        data.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        data.extend_from_slice(&CORE_MAGIC.to_le_bytes());
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&body);
+        fs::write(dir.join(format!("core-{tid}.img")), data).unwrap();
+    }
+
+    #[test]
+    fn a_zombie_is_left_out_but_a_live_task_without_credentials_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_core_image(dir.path(), &root_with_caps()).unwrap();
+        write_task_only_image(dir.path(), 9, TASK_DEAD);
+        assert_eq!(
+            thread_credentials(dir.path()).unwrap(),
+            vec![root_with_caps()]
+        );
+        // The same image claiming a live task (state 1): no credentials to check, refused.
+        write_task_only_image(dir.path(), 9, 1);
+        assert!(matches!(
+            thread_credentials(dir.path()),
+            Err(CredsError::NoCredentials(_))
+        ));
+        // Only zombies: nothing that would run, not a checkpoint to restore.
+        let zombies = tempfile::tempdir().unwrap();
+        write_task_only_image(zombies.path(), 9, TASK_DEAD);
+        assert!(matches!(
+            thread_credentials(zombies.path()),
+            Err(CredsError::NoTasks(_))
         ));
     }
 

@@ -9,7 +9,9 @@ use podsnap_checkpoint_format::creds::parse_core_image;
 fn a_real_core_image_yields_the_thread_s_credentials() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/core-sleep.img");
     let data = std::fs::read(&path).unwrap();
-    let creds = parse_core_image(&path, &data).unwrap();
+    let creds = parse_core_image(&path, &data)
+        .unwrap()
+        .expect("a live task's image");
     assert_eq!(creds.comm, "sleep");
     assert_eq!(creds.uids, [0; 4]);
     assert_eq!(creds.gids, [0; 4]);
