@@ -254,7 +254,7 @@ fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data(
 /// Warm start: three independent pods from one checkpoint, each with its own IP, each counting
 /// on from the checkpoint.
 #[test]
-fn warm_start_of_three_replicas_from_one_checkpoint() {
+fn warm_start_of_three_replicas_from_one_checkpoint_lazily() {
     let cluster = Cluster::get();
     let pod = cluster.create_pod(counter_pod("e2e-warm-source"));
     pod.wait_ready();
@@ -269,7 +269,7 @@ fn warm_start_of_three_replicas_from_one_checkpoint() {
         json!({
             "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
             "metadata": {"name": "e2e-warm", "namespace": "default"},
-            "spec": {"checkpointName": "e2e-warm-ckpt", "replicas": 3}
+            "spec": {"checkpointName": "e2e-warm-ckpt", "replicas": 3, "lazy": true}
         }),
     );
     let done = restore.wait_phase(&["Completed", "Failed"]);
@@ -292,6 +292,27 @@ fn warm_start_of_three_replicas_from_one_checkpoint() {
                 .map(|s| s.starts_with("checkpoint-e2e-warm-source_default-")),
             Some(true),
             "{got}"
+        );
+        // Lazily (`lazy: true`): the kubelet's RestorePod read the pod's annotation, and the
+        // shim ran the counter while its memory streamed in.
+        assert_eq!(
+            got["metadata"]["annotations"]["podsnap.io/lazy-restore"], "true",
+            "{got}"
+        );
+        let container = got["status"]["containerStatuses"][0]["containerID"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("containerd://"))
+            .unwrap_or_else(|| panic!("no container id: {got}"))
+            .to_owned();
+        let node = podsnap_e2e::Node::get();
+        let log = std::fs::read_to_string(&node.containerd_log).unwrap_or_default();
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&container)
+                    && l.contains("stream in from the lazy-pages daemon")),
+            "{} was not restored lazily:\n{}",
+            replica.name,
+            node.log_excerpt(&[&container])
         );
         ips.push(got["status"]["podIP"].as_str().unwrap().to_owned());
     }

@@ -625,3 +625,199 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
     let pod_id = pod.pod.clone();
     ws.remove_pod(&pod_id);
 }
+
+/// The lazy-pages daemons serving `checkpoint` (their command line names its images).
+fn lazy_daemons(checkpoint: &Path) -> Vec<HostProcess> {
+    let prefix = checkpoint.display().to_string();
+    host_processes()
+        .into_iter()
+        .filter(|p| {
+            p.argv.iter().any(|a| a == "lazy-pages")
+                && p.argv.iter().any(|a| a.starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// Whether a lazy-pages daemon listens on its socket yet: one of its descriptors is a unix
+/// socket in the accepting state in `/proc/net/unix` (CRIU binds it by a relative name, so
+/// it is found by inode).
+fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode [Path]; __SO_ACCEPTCON = 00010000.
+            fields.len() >= 7 && fields[3] == "00010000" && inodes.iter().any(|i| i == fields[6])
+        })
+}
+
+/// `podsnap pod restore` of the hog alone from `checkpoint`, lazily, started if `start`.
+fn restore_lazily(ws: &Workspace, checkpoint: &Path, name: &str, start: bool) -> String {
+    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique(name));
+    let hog_config = ws.path("hog.json");
+    let mut args = vec![
+        "pod",
+        "restore",
+        checkpoint.to_str().unwrap(),
+        "--pod-config",
+        replica.to_str().unwrap(),
+        "--container-config",
+        hog_config.to_str().unwrap(),
+        "--option",
+        "podsnap.io/lazy-restore=true",
+    ];
+    if start {
+        args.push("--start");
+    }
+    podsnap_e2e::cri_workspace::restored_pod(&podsnap_e2e::cri_workspace::podsnap(&args))
+}
+
+/// The containerd log's lines about `container` that contain `needle`.
+fn log_lines(node: &Node, container: &str, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(&node.containerd_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(container) && l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lazy restore (`podsnap.io/lazy-restore=true`): a replica of the 1 GiB hog runs while its
+/// memory streams in from CRIU's lazy-pages daemon, and memtest finds every word intact. A second
+/// replica's daemon is stopped before it serves a page, memtest touches its memory (and waits
+/// for pages that do not come), then the daemon is SIGKILLed: the shim kills the replica, which
+/// never runs on the zeros the kernel would hand out once nobody serves its memory. No daemon
+/// is left either time, and removing each pod leaves nothing behind.
+#[test]
+fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not_its_memory() {
+    let node = Node::get();
+    let mut ws = Workspace::new("lazy");
+    let pod = HogPod::start(&mut ws, "lazy", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    Cri::new()
+        .checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[])
+        .expect("the checkpoint");
+    let source = pod.pod.clone();
+    ws.remove_pod(&source);
+
+    let restored = restore_lazily(&ws, &checkpoint, "lazy-replica", true);
+    ws.pods.push(restored.clone());
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    assert!(
+        !log_lines(node, &hog, "stream in from the lazy-pages daemon").is_empty(),
+        "the replica was not restored lazily:\n{}",
+        node.log_excerpt(&[&hog])
+    );
+    HogPod {
+        pod: restored.clone(),
+        hog: hog.clone(),
+        sidecar: String::new(),
+        mib: HOG_MIB,
+    }
+    .assert_memory_intact();
+    wait_for("the lazy restore to complete", LIVENESS, || {
+        if log_lines(node, &hog, "lazy restore complete").is_empty() {
+            Err(node.log_excerpt(&[&hog]))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
+    ws.remove_pod(&restored);
+
+    // The second replica: its daemon stopped as soon as it listens, before the restore that
+    // started it reaches CRIU. CRIU's restorer itself reads lazy memory, so the restore waits
+    // for the stopped daemon; then the daemon is SIGKILLed.
+    let stopper = {
+        let checkpoint = checkpoint.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + LIVENESS;
+            let mut seen = Vec::new();
+            loop {
+                let daemons = lazy_daemons(&checkpoint);
+                if let Some(daemon) = daemons.iter().find(|d| lazy_daemon_listens(d)) {
+                    return Ok(Stopped::pid(daemon.pid, Some("criu")));
+                }
+                for daemon in daemons {
+                    let seen_before = seen.iter().any(|s: &String| s == &daemon.to_string());
+                    if !seen_before {
+                        seen.push(daemon.to_string());
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("daemons seen, none listening: {seen:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let restored = restore_lazily(&ws, &checkpoint, "lazy-killed", false);
+    ws.pods.push(restored.clone());
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let start = {
+        let hog = hog.clone();
+        std::thread::spawn(move || Node::get().crictl_try(["start", &hog]))
+    };
+    let stopped = stopper
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("no lazy-pages daemon listened: {e}"));
+    let daemon = lazy_daemons(&checkpoint)
+        .into_iter()
+        .next()
+        .expect("the stopped daemon");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the lazy-pages daemon");
+    drop(stopped);
+    let started = start.join().unwrap();
+    // Either the restore failed (the daemon died under its restorer) or the replica ran and
+    // was killed: never a replica running on.
+    wait_for("the replica to be stopped", LIVENESS, || {
+        match node.container_state(&hog).as_str() {
+            "CONTAINER_RUNNING" => Err("running".to_string()),
+            _ => Ok(()),
+        }
+    });
+    if started.success() {
+        let inspect = node.crictl(["inspect", &hog]);
+        let status: serde_json::Value =
+            serde_json::from_str(&inspect).expect("crictl inspect JSON");
+        assert_eq!(
+            status["status"]["exitCode"], 137,
+            "the replica was not killed: {}",
+            status["status"]
+        );
+    } else {
+        assert!(
+            started.stderr.contains("lazy-pages daemon"),
+            "the failed start does not name the daemon: {}",
+            started.report()
+        );
+    }
+    wait_for("the shim to report the daemon's death", LIVENESS, || {
+        if log_lines(node, &hog, "exited with 137").is_empty() {
+            Err(node.log_excerpt(&[&hog]))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
+    ws.remove_pod(&restored);
+}

@@ -133,6 +133,36 @@ impl Process {
 pub struct Restored {
     pid: i32,
     stdio: ShimStdio,
+    /// The lazy-pages daemon of a lazy restore, killed if the container goes first.
+    lazy_daemon: Option<LazyDaemon>,
+}
+
+/// The lazy-pages daemon still serving a lazily restored container: killed (by its pidfd, so
+/// never another process) when the container is dropped before the daemon finished.
+pub struct LazyDaemon(std::os::fd::OwnedFd);
+
+impl Drop for LazyDaemon {
+    fn drop(&mut self) {
+        checkpoint::lazy::kill_daemon(&self.0);
+    }
+}
+
+/// Whether the spec asks for a lazy restore
+/// ([`podsnap_checkpoint_format::grant::LAZY_RESTORE_ANNOTATION`]).
+fn wants_lazy_restore(id: &str, spec: &Spec) -> Result<bool> {
+    let key = podsnap_checkpoint_format::grant::LAZY_RESTORE_ANNOTATION;
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+    {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "container {id}: annotation {key}={other:?}: expected true or false"
+        ))),
+    }
 }
 
 /// One container of the pod.
@@ -155,6 +185,8 @@ pub struct Container {
     pub upperdir: Option<PathBuf>,
     /// Held for a lifecycle operation on this container (see `PodTask`'s locks).
     pub op: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The lazy-pages daemon of a lazy restore (see [`LazyDaemon`]).
+    lazy_daemon: Option<LazyDaemon>,
     rootfs_mounted: bool,
 }
 
@@ -195,6 +227,7 @@ impl Container {
                     .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
             }),
             op: Default::default(),
+            lazy_daemon: None,
             rootfs_mounted: false,
         };
         if let Some(dir) = spec_annotation(&container.spec, RESTORE_ANNOTATION) {
@@ -419,11 +452,34 @@ impl Container {
         }
         let grant = self.restore_grant.clone();
         let spec = self.spec.clone();
+        let lazy = wants_lazy_restore(&id, &spec)?;
         let rootfs = self.rootfs();
         let cgroup = self.cgroup.clone();
+        let lazy_cgroup = self.cgroup.clone();
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
         Ok(async move {
+            // A lazy restore's daemon is a child of the shim, reaped by its reaper: its exit is
+            // watched from before it starts, through the restore and after.
+            let (daemon_started, session_ready) = if lazy {
+                let exits = containerd_shim::asynchronous::monitor::monitor_subscribe(
+                    containerd_shim::monitor::Topic::Pid,
+                )
+                .await
+                .map_err(|e| Error::internal(format!("container {id}: watch exits: {e}")))?;
+                let (daemon_started, daemon) = tokio::sync::oneshot::channel();
+                let (session_ready, session) = tokio::sync::oneshot::channel();
+                tokio::spawn(watch_lazy_restore(
+                    id.clone(),
+                    exits,
+                    daemon,
+                    session,
+                    cgroup.clone(),
+                ));
+                (Some(daemon_started), Some(session_ready))
+            } else {
+                (None, None)
+            };
             let (checked_id, checked_grant, checked_spec) =
                 (id.clone(), grant.clone(), spec.clone());
             let log_id = id.clone();
@@ -481,7 +537,7 @@ impl Container {
                 Error::FailedPrecondition(format!("container {checked_id}: cannot restore: {e:#}"))
             })?;
             let restored_id = id.clone();
-            let pid = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+            let restored = tokio::task::spawn_blocking(move || {
                 if let Some(grant) = &grant {
                     // A container of a pod checkpoint: the pod's emptyDir volumes first.
                     let started = std::time::Instant::now();
@@ -501,21 +557,46 @@ impl Container {
                     cgroup_path: &cgroup.path,
                     stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
                 };
-                let pid = checkpoint::restore(&target, &images, &metadata, &descriptors)?;
+                let (pid, mut session) =
+                    checkpoint::restore(&target, &images, &metadata, &descriptors, daemon_started)?;
+                if let (Some(session), Some(scratch)) = (session.as_mut(), scratch) {
+                    // The daemon reads the expanded pages until it exits.
+                    session.keep(scratch);
+                }
                 if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref())
                 {
                     cgroup.update(resources)?;
                 }
                 record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
-                drop(scratch);
-                Ok(pid)
+                Ok::<_, anyhow::Error>((pid, session))
             })
             .await
-            .map_err(|e| Error::internal(format!("container {id}: {e}")))?
-            .map_err(|e| Error::from(e).within(format!("container {id}")))?;
+            .map_err(|e| Error::internal(format!("container {id}: {e}")))?;
+            let (pid, session) =
+                restored.map_err(|e| Error::from(e).within(format!("container {id}")))?;
+            let lazy_daemon = match (session, session_ready) {
+                (Some(session), Some(ready)) => {
+                    log::info!(
+                        "container {id}: running; its {} MiB of pages stream in from the \
+                         lazy-pages daemon (pid {})",
+                        session.page_bytes() >> 20,
+                        session.daemon_pid()
+                    );
+                    let daemon = session.daemon_pidfd().ok().map(LazyDaemon);
+                    if let Err(session) = ready.send(session) {
+                        // Nobody watches the daemon: never leave the container on it.
+                        log::error!("container {id}: the lazy-pages daemon is not watched");
+                        let cgroup = lazy_cgroup;
+                        tokio::task::spawn_blocking(move || session.finish(-1, &cgroup));
+                    }
+                    daemon
+                }
+                _ => None,
+            };
             Ok(Restored {
                 pid,
                 stdio: shim_stdio,
+                lazy_daemon,
             })
         })
     }
@@ -524,6 +605,7 @@ impl Container {
     pub fn commit_restore(&mut self, restored: Restored) -> i32 {
         self.init.pid = restored.pid;
         self.init.stdio = restored.stdio;
+        self.lazy_daemon = restored.lazy_daemon;
         self.init.state = State::Running;
         restored.pid
     }
@@ -789,6 +871,63 @@ pub fn load_spec(id: &str, bundle: &Path) -> Result<Spec> {
         )));
     }
     Ok(spec)
+}
+
+/// Watches a lazy restore's daemon from its start (`daemon` brings its pid; never, if the
+/// restore failed first) to its exit. If it fails, during the restore or after, every process
+/// of the container is killed before any can read a page that will never arrive; then the
+/// session (`session`, once the restore succeeded) releases the container's memory.
+async fn watch_lazy_restore(
+    id: String,
+    mut exits: containerd_shim::asynchronous::monitor::Subscription,
+    daemon: tokio::sync::oneshot::Receiver<i32>,
+    session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
+    cgroup: ContainerCgroup,
+) {
+    use containerd_shim::asynchronous::monitor::monitor_unsubscribe;
+    let Ok(daemon) = daemon.await else {
+        let _ = monitor_unsubscribe(exits.id).await;
+        return;
+    };
+    let mut exit_code = None;
+    while let Some(event) = exits.rx.recv().await {
+        if matches!(event.subject, containerd_shim::monitor::Subject::Pid(pid) if pid == daemon) {
+            exit_code = Some(event.exit_code);
+            break;
+        }
+    }
+    let _ = monitor_unsubscribe(exits.id).await;
+    // A monitor that stopped sending never saw the daemon exit: treat it as a failure.
+    let exit_code = exit_code.unwrap_or(-1);
+    if exit_code != 0 {
+        // The restore may still be under way, its restorer waiting for a page.
+        let killed = cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || checkpoint::lazy::kill_all(&killed)).await;
+    }
+    let Ok(session) = session.await else {
+        log::warn!(
+            "container {id}: its restore failed; its lazy-pages daemon (pid {daemon}) exited \
+             with {exit_code}"
+        );
+        return;
+    };
+    log::info!(
+        "container {id}: the lazy-pages daemon (pid {daemon}) exited with {exit_code} after \
+         serving {} MiB of pages for {} ms",
+        session.page_bytes() >> 20,
+        session.elapsed().as_millis()
+    );
+    match tokio::task::spawn_blocking(move || session.finish(exit_code, &cgroup)).await {
+        Ok(checkpoint::lazy::Outcome::Complete) => log::info!(
+            "container {id}: lazy restore complete: every page arrived, from the files \
+             verified before"
+        ),
+        Ok(checkpoint::lazy::Outcome::Killed(reason)) => log::error!(
+            "container {id}: lazy restore failed, its processes were killed before they could \
+             read a missing page: {reason}"
+        ),
+        Err(e) => log::error!("container {id}: lazy restore: {e}"),
+    }
 }
 
 #[cfg(test)]

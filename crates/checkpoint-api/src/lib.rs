@@ -30,6 +30,10 @@ pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 /// `status.pullNodes`.
 pub const RESTORE_IMAGE: &str = "checkpoint.k8s.io/restore-image";
 
+/// The pod annotation that makes podsnap restore a pod lazily (`"true"`): podsnapd's
+/// RestorePod reads it from the pod's sandbox config when the call's options do not say.
+pub const LAZY_RESTORE: &str = "podsnap.io/lazy-restore";
+
 /// The annotation of a checkpoint image's manifest that carries the kubelet's record of the
 /// checkpoint (`<checkpoint>.kubelet.json`): the pod it was taken from, its namespace, runtime
 /// handler and containers, which the restoring kubelet checks a pod against.
@@ -319,6 +323,12 @@ pub struct PodRestoreSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub node_name: Option<String>,
+    /// Restore lazily: the pods run while their memory streams in from the checkpoint
+    /// (CRIU's lazy pages; the pods get the annotation `podsnap.io/lazy-restore: "true"`).
+    /// If the process serving the memory dies first, the pod is killed, never left running on
+    /// memory that did not arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<bool>,
 }
 
 /// What a PodRestore may say about its pods: labels, annotations, and a name for a single one.

@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
 /// The container annotation carrying the grant's token.
 pub const GRANT_ANNOTATION: &str = "podsnap.io/restore-grant";
+/// The annotation asking for a lazy restore (`"true"` or `"false"`): set by podsnapd on every
+/// container it creates in RestorePod, read by the shim (a container config can also carry it,
+/// for a restore through containerd alone); on a pod, RestorePod's default.
+pub const LAZY_RESTORE_ANNOTATION: &str = "podsnap.io/lazy-restore";
 /// Where podsnapd writes grants and the shim redeems them (root-only, 0700).
 pub const GRANT_DIR: &str = "/run/podsnap/restore-grants";
 /// A grant not redeemed within this time is stale (its RestorePod was abandoned).

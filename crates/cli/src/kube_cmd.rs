@@ -159,6 +159,7 @@ pub struct RestoreOptions {
     pub pod_name: Option<String>,
     pub name: Option<String>,
     pub node: Option<String>,
+    pub lazy: bool,
 }
 
 /// `podsnap restore CHECKPOINT`: creates a PodRestore and waits until it is Completed or Failed;
@@ -188,6 +189,7 @@ pub async fn create_restore(
         pod_name,
         name,
         node,
+        lazy,
     } = options;
     if pod_name.is_some() && replicas.is_some_and(|r| r != 1) {
         bail!("--pod-name names a single restored pod: it cannot go with --replicas above 1");
@@ -206,6 +208,7 @@ pub async fn create_restore(
                 spec: None,
             }),
             node_name: node,
+            lazy: lazy.then_some(true),
         },
     );
     target

@@ -102,6 +102,9 @@ enum Command {
         /// scheduler places the pods).
         #[arg(long)]
         node: Option<String>,
+        /// Restore lazily: the pods run while their memory streams in.
+        #[arg(long)]
+        lazy: bool,
         /// How long to wait for the outcome.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -310,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pod_name,
             name,
             node,
+            lazy,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
@@ -318,6 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pod_name,
                 name,
                 node,
+                lazy,
             };
             return kube_cmd::restore(&target, &checkpoint, options, wait).await;
         }

@@ -145,6 +145,7 @@ async fn migrate_one(
             pod_name: None,
             name: Some(restore.clone()),
             node: options.to.clone(),
+            lazy: false,
         },
         options.wait,
     )

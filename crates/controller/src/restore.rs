@@ -21,8 +21,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
-    PodRestoreStatus, PodTemplateRef, RESTORE_FROM, RESTORE_IMAGE,
+    Condition, LAZY_RESTORE, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore,
+    PodRestorePhase, PodRestoreStatus, PodTemplateRef, RESTORE_FROM, RESTORE_IMAGE,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -165,6 +165,9 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         }
         let mut annotations = template.annotations.clone();
         annotations.insert(RESTORE_FROM.to_string(), checkpoint_dir.clone());
+        if object.spec.lazy == Some(true) {
+            annotations.insert(LAZY_RESTORE.to_string(), "true".to_string());
+        }
         if let Some(image) = &image {
             annotations.insert(RESTORE_IMAGE.to_string(), image.clone());
         }
@@ -610,11 +613,26 @@ mod tests {
         );
         assert_eq!(created["spec"]["nodeName"], "n1");
         assert_eq!(created["spec"]["containers"][0]["name"], "counter");
+        assert!(
+            created["metadata"]["annotations"]
+                .get(LAZY_RESTORE)
+                .is_none(),
+            "{created}"
+        );
         // Running now: the next reconcile finds its own pod and completes.
         let mut running = created.clone();
         running["status"] = json!({"phase": "Running"});
         fake.put(&pod_path("x"), running);
         assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+    }
+
+    #[tokio::test]
+    async fn a_lazy_restore_marks_its_pods_for_a_lazy_restore() {
+        let fake = cluster();
+        set(&fake, &restore_path(), "/spec/lazy", json!(true));
+        reconcile_stored(&fake).await;
+        let created = fake.get(&pod_path("x")).expect("the pod was created");
+        assert_eq!(created["metadata"]["annotations"][LAZY_RESTORE], "true");
     }
 
     /// Sets a field of the stored PodCheckpoint's status or the PodRestore's spec.

@@ -95,13 +95,41 @@ impl CheckpointOptions {
     }
 }
 
-/// RestorePod takes no options yet: every key is refused.
-pub fn check_restore_options(options: &HashMap<String, String>) -> Result<(), Status> {
-    match options.keys().min() {
-        Some(key) => Err(Status::invalid_argument(format!(
-            "unknown restore option {key:?}: RestorePod takes no options"
-        ))),
-        None => Ok(()),
+/// Restore lazily (`true`) or not (`false`, default): the containers run while their memory
+/// streams in. A RestorePod option, or an annotation of the pod (the kubelet sends no options).
+pub const LAZY_RESTORE: &str = podsnap_checkpoint_format::grant::LAZY_RESTORE_ANNOTATION;
+
+/// The options of a RestorePod call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    pub lazy: bool,
+}
+
+impl RestoreOptions {
+    /// The call's options; a pod annotation [`LAZY_RESTORE`] counts when the options do not
+    /// say. An unknown key or a bad value is refused.
+    pub fn parse(
+        options: &HashMap<String, String>,
+        pod_annotations: &HashMap<String, String>,
+    ) -> Result<Self, Status> {
+        let mut parsed = RestoreOptions::default();
+        if let Some(value) = pod_annotations.get(LAZY_RESTORE) {
+            parsed.lazy = boolean(&format!("pod annotation {LAZY_RESTORE}"), value)?;
+        }
+        let mut keys: Vec<_> = options.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = options[key].as_str();
+            match key.as_str() {
+                LAZY_RESTORE => parsed.lazy = boolean(key, value)?,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown restore option {other:?} (known: {LAZY_RESTORE})"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
     }
 }
 
@@ -148,7 +176,39 @@ mod tests {
         assert!(err.message().contains("lz4"), "{}", err.message());
         let err = CheckpointOptions::parse(&map(&[(LEAVE_RUNNING, "yes")])).unwrap_err();
         assert!(err.message().contains("yes"), "{}", err.message());
-        assert!(check_restore_options(&map(&[("x", "y")])).is_err());
-        assert!(check_restore_options(&HashMap::new()).is_ok());
+    }
+
+    #[test]
+    fn restore_options_come_from_the_call_or_else_the_pod_annotation() {
+        let none = HashMap::new();
+        assert!(!RestoreOptions::parse(&none, &none).unwrap().lazy);
+        assert!(
+            RestoreOptions::parse(&map(&[(LAZY_RESTORE, "true")]), &none)
+                .unwrap()
+                .lazy
+        );
+        assert!(
+            RestoreOptions::parse(&none, &map(&[(LAZY_RESTORE, "true")]))
+                .unwrap()
+                .lazy
+        );
+        // The call's option wins over the annotation.
+        assert!(
+            !RestoreOptions::parse(
+                &map(&[(LAZY_RESTORE, "false")]),
+                &map(&[(LAZY_RESTORE, "true")])
+            )
+            .unwrap()
+            .lazy
+        );
+        let err = RestoreOptions::parse(&map(&[("x", "y")]), &none).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(LAZY_RESTORE), "{}", err.message());
+        let err = RestoreOptions::parse(&none, &map(&[(LAZY_RESTORE, "yes")])).unwrap_err();
+        assert!(
+            err.message().contains("pod annotation") && err.message().contains("yes"),
+            "{}",
+            err.message()
+        );
     }
 }

@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 
 use crate::checkpoint_pod::{HANDLER, with_deadline};
 use crate::in_flight::{InFlight, Operation, Registry, Resource};
-use crate::pod_options::check_restore_options;
+use crate::pod_options::{LAZY_RESTORE, RestoreOptions};
 
 use podsnap_checkpoint_format::grant::{
     self, GRANT_ANNOTATION, GRANT_DIR, RESTORE_ANNOTATION, RestoreGrant,
@@ -369,7 +369,6 @@ pub async fn restore_pod(
     req: RestorePodRequest,
     deadline: Option<Instant>,
 ) -> Result<RestorePodResponse, Status> {
-    check_restore_options(&req.options)?;
     if !req.runtime_handler.is_empty() && req.runtime_handler != HANDLER {
         return Err(Status::invalid_argument(format!(
             "runtime handler {:?} cannot restore a podsnap checkpoint: use {HANDLER:?}",
@@ -380,6 +379,7 @@ pub async fn restore_pod(
         .config
         .clone()
         .ok_or_else(|| Status::invalid_argument("config (the pod sandbox config) is missing"))?;
+    let options = RestoreOptions::parse(&req.options, &config.annotations)?;
     // One restore of a pod at a time; restores from one checkpoint may run side by side (N
     // replicas), but not while a checkpoint is still being written into its directory.
     let metadata = config.metadata.clone().unwrap_or_default();
@@ -437,6 +437,11 @@ pub async fn restore_pod(
         container
             .annotations
             .insert(RESTORE_ANNOTATION.to_string(), dir.display().to_string());
+        // The shim restores lazily only when told so, and no container config may tell it
+        // otherwise than the call did.
+        container
+            .annotations
+            .insert(LAZY_RESTORE.to_string(), options.lazy.to_string());
         let restore_grant = RestoreGrant {
             checkpoint: root.clone(),
             container: entry.name.clone(),

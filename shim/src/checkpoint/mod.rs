@@ -11,6 +11,7 @@
 //! external too. This module does not know the Task API or containerd's content store.
 
 mod dump;
+pub mod lazy;
 mod mounts;
 mod restore;
 

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use criu_rpc::{CgroupMode, Criu, RestoreOptions};
 use oci_spec::runtime::Spec;
 
+use super::lazy::{LazyPages, LazySession};
 use super::mounts::{mount_sources, needs_compat_mounts};
 use super::{CRIU_LOG_LEVEL, Metadata, joined_namespace, namespace_key, namespace_kind};
 
@@ -23,13 +24,17 @@ pub struct RestoreTarget<'a> {
 }
 
 /// Restores a container from `images` into the created (not yet started) container described
-/// by `target`; returns the pid of its restored init, a child of this process.
+/// by `target`; returns the pid of its restored init, a child of this process. With `lazy`,
+/// the processes resume before their memory is read: it streams in from CRIU's lazy-pages
+/// daemon, whose pid goes to `lazy` as soon as it runs (for whoever watches its exit), and the
+/// returned session must be finished when the daemon exits ([`super::lazy`]).
 pub fn restore(
     target: &RestoreTarget<'_>,
     images: &Path,
     metadata: &Metadata,
     descriptors: &[String],
-) -> anyhow::Result<i32> {
+    lazy: Option<tokio::sync::oneshot::Sender<i32>>,
+) -> anyhow::Result<(i32, Option<LazySession>)> {
     let id = target.id;
     // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
     // into one: its processes would run outside the new container's mapping.
@@ -103,8 +108,31 @@ pub fn restore(
             );
         }
     }
-    let restored = Criu::new()
-        .restore(&opts)
-        .with_context(|| format!("restore container {id}"))?;
-    Ok(restored.pid)
+    let criu = Criu::new();
+    let pages = match lazy {
+        Some(started) => {
+            opts = opts.lazy_pages(true);
+            let pages = LazyPages::start(criu.binary(), images, work.path())
+                .with_context(|| format!("container {id}: lazy restore"))?;
+            let _ = started.send(pages.daemon_pid());
+            Some(pages)
+        }
+        None => None,
+    };
+    match criu.restore(&opts) {
+        Ok(restored) => Ok((restored.pid, pages.map(|p| p.running(work)))),
+        Err(e) => {
+            let mut e = anyhow::Error::from(e);
+            if let Some(pages) = pages {
+                if pages.daemon_exited() {
+                    e = e.context(format!(
+                        "the lazy-pages daemon died during the restore; {}",
+                        pages.daemon_log()
+                    ));
+                }
+                pages.abort();
+            }
+            Err(e).with_context(|| format!("restore container {id}"))
+        }
+    }
 }

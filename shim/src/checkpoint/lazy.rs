@@ -1,0 +1,541 @@
+//! Lazy restore: the restored processes run while CRIU's lazy-pages daemon streams their memory
+//! in through userfaultfd, instead of waiting for every page to be read first.
+//!
+//! A daemon that dies half way must never leave a silently corrupted process. When the last
+//! holder of a userfaultfd closes it, the kernel unregisters the ranges and every page not yet
+//! copied reads as zeros (a lazily restored memtest whose daemon was killed died of SIGSEGV at
+//! address 0 on this machine; a program with less luck computes on zeros). So CRIU's restore
+//! does not hand the userfaultfds to the daemon itself: it connects to a relay the shim listens
+//! on (`lazy-pages.socket` in the restore's work directory), which keeps a duplicate of each
+//! before passing it on to the daemon's own socket. While the shim holds them, a fault on a page
+//! not yet copied waits, whatever happens to the daemon. The shim watches the daemon from the
+//! moment it starts: if it dies, during the restore (CRIU's restorer itself reads lazy memory)
+//! or after, every process of the container is killed ([`kill_all`]) before the userfaultfds are
+//! released. When it exits successfully, [`LazySession::finish`] checks that every pages file is
+//! still the one verified before the restore, then releases them.
+//!
+//! The relay speaks CRIU's protocol (`criu/uffd.c`): per restored task a native `i32` pid, then
+//! for a live task (pid > 0) one byte carrying the userfaultfd as `SCM_RIGHTS`; at the end the
+//! `u32` "restore finished" mark, then end of stream.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use podsnap_checkpoint_format::verified::Identity;
+
+use crate::cgroup::ContainerCgroup;
+
+/// CRIU's name for the socket, relative to the work directory of whoever uses it.
+const SOCKET: &str = "lazy-pages.socket";
+/// CRIU's `LAZY_PAGES_RESTORE_FINISHED`.
+const RESTORE_FINISHED: u32 = 0x5253_5446;
+/// How long the daemon may take to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The daemon's log, in its work directory.
+const DAEMON_LOG: &str = "lazy-pages.log";
+
+/// The daemon and the relay, started before CRIU's restore.
+pub struct LazyPages {
+    daemon: Daemon,
+    relay: JoinHandle<anyhow::Result<Vec<OwnedFd>>>,
+    /// A duplicate of the relay's listening socket: shutting it down wakes a relay that CRIU
+    /// never reached.
+    listener: OwnedFd,
+    pages: Vec<(PathBuf, Identity)>,
+    daemon_dir: PathBuf,
+}
+
+/// The lazy-pages daemon, a child of the shim.
+pub struct Daemon {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl Daemon {
+    /// Kills it (nothing if it already exited: a pidfd names only that process).
+    pub fn kill(&self) {
+        kill_daemon(&self.pidfd);
+    }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The `pages-*.img` of an images directory with their identities now.
+fn page_files(images: &Path) -> anyhow::Result<Vec<(PathBuf, Identity)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(images).with_context(|| format!("read {}", images.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("pages-") && name.ends_with(".img") {
+            let identity =
+                Identity::at(&path).with_context(|| format!("stat {}", path.display()))?;
+            files.push((path, identity));
+        }
+    }
+    Ok(files)
+}
+
+impl LazyPages {
+    /// Starts the daemon on `images` and the relay in `work` (CRIU's restore work directory):
+    /// call before the restore, which must then ask for lazy pages.
+    pub fn start(criu: &Path, images: &Path, work: &Path) -> anyhow::Result<LazyPages> {
+        let pages = page_files(images)?;
+        let daemon_dir = work.join("daemon");
+        fs::create_dir(&daemon_dir).with_context(|| format!("create {}", daemon_dir.display()))?;
+        let (ready_read, ready_write) = nix::unistd::pipe().context("status pipe")?;
+        let status_fd = ready_write.as_raw_fd();
+        let mut command = Command::new(criu);
+        command
+            .arg("lazy-pages")
+            .arg("--images-dir")
+            .arg(images)
+            .arg("--work-dir")
+            .arg(&daemon_dir)
+            .args(["--log-file", DAEMON_LOG, "-v2", "--status-fd", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(status_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("start {} lazy-pages", criu.display()))?;
+        drop(ready_write);
+        let pid = child.id() as i32;
+        // Never waited on through `child`: the shim's reaper collects it.
+        drop(child);
+        let pidfd = pidfd_open(pid).context("pidfd of the lazy-pages daemon")?;
+        let daemon = Daemon { pid, pidfd };
+        if let Err(e) = wait_ready(ready_read) {
+            daemon.kill();
+            let log = tail(&daemon_dir.join(DAEMON_LOG));
+            return Err(e.context(format!("the lazy-pages daemon did not start: {log}")));
+        }
+        let socket = work.join(SOCKET);
+        let listener = match UnixListener::bind(&socket) {
+            Ok(l) => l,
+            Err(e) => {
+                daemon.kill();
+                return Err(e).with_context(|| format!("listen on {}", socket.display()));
+            }
+        };
+        let listener_dup = listener.as_fd().try_clone_to_owned()?;
+        let upstream = daemon_dir.join(SOCKET);
+        let relay = std::thread::Builder::new()
+            .name("lazy-relay".into())
+            .spawn(move || relay(listener, &upstream))
+            .context("start the lazy-pages relay")?;
+        Ok(LazyPages {
+            daemon,
+            relay,
+            listener: listener_dup,
+            pages,
+            daemon_dir,
+        })
+    }
+
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.pid
+    }
+
+    /// Whether the daemon has exited (its pidfd is readable then).
+    pub fn daemon_exited(&self) -> bool {
+        let mut poll = [nix::poll::PollFd::new(
+            self.daemon.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(
+            nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO),
+            Ok(n) if n > 0
+        )
+    }
+
+    /// What the daemon's log ends with.
+    pub fn daemon_log(&self) -> String {
+        tail(&self.daemon_dir.join(DAEMON_LOG))
+    }
+
+    /// The restore failed: stops the daemon and the relay.
+    pub fn abort(self) {
+        self.daemon.kill();
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ = self.relay.join();
+    }
+
+    /// The restore succeeded: the processes run and the daemon streams their pages from the
+    /// images; `work` (the restore's work directory, holding the daemon's) lives as long.
+    pub fn running(self, work: tempfile::TempDir) -> LazySession {
+        LazySession {
+            kept: vec![work],
+            daemon: self.daemon,
+            relay: Some(self.relay),
+            pages: self.pages,
+            daemon_dir: self.daemon_dir,
+            started: Instant::now(),
+        }
+    }
+}
+
+fn wait_ready(ready: OwnedFd) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let mut poll = [nix::poll::PollFd::new(
+            ready.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = nix::poll::PollTimeout::try_from(left.as_millis() as i32)
+            .unwrap_or(nix::poll::PollTimeout::MAX);
+        match nix::poll::poll(&mut poll, timeout) {
+            Ok(0) => bail!("not ready after {} s", READY_TIMEOUT.as_secs()),
+            Ok(_) => break,
+            // The shim's SIGCHLD (any child's) interrupts the wait.
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("wait for the daemon"),
+        }
+    }
+    let mut byte = [0u8; 1];
+    let mut file = fs::File::from(ready);
+    match file.read(&mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => bail!("it exited before it listened"),
+        Err(e) => Err(e).context("read its status"),
+    }
+}
+
+/// The last lines of a log, for a message.
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return format!("{} is empty", path.display());
+    }
+    let start = lines.len().saturating_sub(5);
+    format!("{} says: {}", path.display(), lines[start..].join(" | "))
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` at a clean end of stream before the first.
+fn read_exact_or_end(stream: &mut UnixStream, buf: &mut [u8]) -> anyhow::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => bail!("CRIU closed the lazy-pages socket mid-message"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("read from CRIU"),
+        }
+    }
+    Ok(true)
+}
+
+/// Passes CRIU's messages on to the daemon, keeping a duplicate of every userfaultfd.
+fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>> {
+    let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
+    drop(listener);
+    let mut daemon = UnixStream::connect(upstream)
+        .with_context(|| format!("connect to {}", upstream.display()))?;
+    let mut held = Vec::new();
+    loop {
+        let mut word = [0u8; 4];
+        if !read_exact_or_end(&mut restore, &mut word)? {
+            // End of stream: the daemon sees its hangup.
+            return Ok(held);
+        }
+        daemon.write_all(&word).context("write to the daemon")?;
+        let pid = i32::from_ne_bytes(word);
+        if u32::from_ne_bytes(word) == RESTORE_FINISHED || pid <= 0 {
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let (received, fds) = {
+            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+            let msg = recvmsg::<()>(
+                restore.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .context("receive a userfaultfd from CRIU")?;
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().context("control messages")? {
+                if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                    // SAFETY: SCM_RIGHTS descriptors are new and ours.
+                    fds.extend(
+                        rights
+                            .into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            (msg.bytes, fds)
+        };
+        let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
+            anyhow::anyhow!(
+                "CRIU sent task {pid} with {} descriptors ({received} byte(s)), not one userfaultfd",
+                fds.len()
+            )
+        })?;
+        let raw = [uffd.as_raw_fd()];
+        sendmsg::<()>(
+            daemon.as_raw_fd(),
+            &[std::io::IoSlice::new(&byte)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .with_context(|| format!("pass task {pid}'s userfaultfd to the daemon"))?;
+        held.push(uffd);
+    }
+}
+
+/// A lazily restored container while its pages stream in.
+pub struct LazySession {
+    /// Directories the daemon reads or writes until it exits (removed after).
+    kept: Vec<tempfile::TempDir>,
+    daemon: Daemon,
+    relay: Option<JoinHandle<anyhow::Result<Vec<OwnedFd>>>>,
+    pages: Vec<(PathBuf, Identity)>,
+    daemon_dir: PathBuf,
+    started: Instant,
+}
+
+/// How a lazy restore ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every page arrived, from the files verified before the restore.
+    Complete,
+    /// The daemon failed or a pages file changed: the container's processes were killed
+    /// before any of them could read a page that never arrived.
+    Killed(String),
+}
+
+impl LazySession {
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.pid
+    }
+
+    /// Keeps `dir` (e.g. expanded page images the daemon reads) until the session ends.
+    pub fn keep(&mut self, dir: tempfile::TempDir) {
+        self.kept.push(dir);
+    }
+
+    /// A handle that kills the daemon, for a container deleted before it finished.
+    pub fn daemon_pidfd(&self) -> std::io::Result<OwnedFd> {
+        self.daemon.pidfd.try_clone()
+    }
+
+    /// Decides once the daemon has exited with `exit_code` (as the reaper reports it: 128 +
+    /// signal for a killed one): releases the held userfaultfds, after killing every process
+    /// of `cgroup` unless the restore completed from unchanged files.
+    pub fn finish(mut self, exit_code: i32, cgroup: &ContainerCgroup) -> Outcome {
+        let held = match self.relay.take().map(JoinHandle::join) {
+            Some(Ok(Ok(held))) => Ok(held),
+            Some(Ok(Err(e))) => Err(format!("{e:#}")),
+            Some(Err(_)) => Err("the relay panicked".to_string()),
+            None => Ok(Vec::new()),
+        };
+        let verdict = if exit_code != 0 {
+            Err(format!(
+                "the lazy-pages daemon (pid {}) exited with {exit_code} before every page \
+                 arrived; {}",
+                self.daemon.pid,
+                tail(&self.daemon_dir.join(DAEMON_LOG))
+            ))
+        } else if let Err(e) = &held {
+            Err(format!("the lazy-pages relay failed: {e}"))
+        } else {
+            self.changed_pages()
+        };
+        let outcome = match verdict {
+            Ok(()) => Outcome::Complete,
+            Err(reason) => {
+                if let Err(e) = kill_all(cgroup) {
+                    log::error!("lazy restore: kill the container's processes: {e:#}");
+                }
+                Outcome::Killed(reason)
+            }
+        };
+        // Only now may the kernel unregister the ranges.
+        drop(held);
+        outcome
+    }
+
+    /// Whether a pages file changed since it was verified (what the daemon served would not
+    /// be what was verified).
+    fn changed_pages(&self) -> Result<(), String> {
+        for (path, before) in &self.pages {
+            match Identity::at(path) {
+                Ok(now) if now == *before => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "{} changed while its pages were being served",
+                        path.display()
+                    ));
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of pages served, for the log.
+    pub fn page_bytes(&self) -> u64 {
+        self.pages.iter().map(|(_, id)| id.size).sum()
+    }
+
+    /// Time since the processes resumed.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Freezes the container, kills each of its processes, thaws it (the kills land).
+pub fn kill_all(cgroup: &ContainerCgroup) -> anyhow::Result<()> {
+    cgroup.freeze(true)?;
+    let pids = cgroup.pids();
+    if let Ok(pids) = &pids {
+        for pid in pids {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    cgroup.freeze(false)?;
+    pids.map(drop)
+}
+
+/// Kills the daemon behind `pidfd` (nothing if it already exited: a pidfd names only that
+/// process), e.g. for a container deleted while its pages streamed in.
+pub fn kill_daemon(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_passes_pids_descriptors_and_the_end_mark_on_and_keeps_each_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream_path = dir.path().join("daemon.socket");
+        let upstream = UnixListener::bind(&upstream_path).unwrap();
+        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let relay = std::thread::spawn(move || relay(listener, &upstream_path));
+        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        let (mut daemon, _) = upstream.accept().unwrap();
+        // A live task with a descriptor (a pipe stands in for a userfaultfd), a zombie, the end.
+        let (pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
+        criu.write_all(&42i32.to_ne_bytes()).unwrap();
+        sendmsg::<()>(
+            criu.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &[ControlMessage::ScmRights(&[pipe_write.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(pipe_write);
+        criu.write_all(&(-7i32).to_ne_bytes()).unwrap();
+        criu.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        drop(criu);
+
+        let mut word = [0u8; 4];
+        daemon.read_exact(&mut word).unwrap();
+        assert_eq!(i32::from_ne_bytes(word), 42);
+        let mut byte = [0u8; 1];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let msg = recvmsg::<()>(
+            daemon.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let passed: Vec<RawFd> = msg
+            .cmsgs()
+            .unwrap()
+            .flat_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(passed.len(), 1);
+        daemon.read_exact(&mut word).unwrap();
+        assert_eq!(i32::from_ne_bytes(word), -7);
+        daemon.read_exact(&mut word).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), RESTORE_FINISHED);
+        assert_eq!(
+            daemon.read(&mut word).unwrap(),
+            0,
+            "end of stream passed on"
+        );
+
+        let held = relay.join().unwrap().unwrap();
+        assert_eq!(held.len(), 1);
+        // The daemon's copy closed: the relay's still holds the pipe open.
+        // SAFETY: the descriptor came with the message and is ours.
+        drop(unsafe { OwnedFd::from_raw_fd(passed[0]) });
+        let mut writer = fs::File::from(held.into_iter().next().unwrap());
+        writer.write_all(b"x").unwrap();
+        drop(writer);
+        let mut got = String::new();
+        fs::File::from(pipe_read).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "x");
+    }
+
+    #[test]
+    fn a_task_message_without_its_descriptor_fails_the_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream_path = dir.path().join("daemon.socket");
+        let upstream = UnixListener::bind(&upstream_path).unwrap();
+        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let relay = std::thread::spawn(move || relay(listener, &upstream_path));
+        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        let _daemon = upstream.accept().unwrap();
+        criu.write_all(&42i32.to_ne_bytes()).unwrap();
+        criu.write_all(&[0]).unwrap();
+        drop(criu);
+        let err = relay.join().unwrap().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not one userfaultfd"),
+            "{err:#}"
+        );
+    }
+}
