@@ -15,7 +15,9 @@
 //! - (e) `podsnap pod checkpoint` of a pod of one container holding 1 GiB vs raw
 //!   `criu dump --leave-running` of the same program run as a plain process;
 //! - (f) `podsnap pod restore --start` of (e)'s checkpoint until its container runs vs raw
-//!   `criu restore --restore-detached` of the raw dump (its original killed first).
+//!   `criu restore --restore-detached` of the raw dump (its original killed first);
+//! - (g) the same restore with `podsnap.io/lazy-restore=true` until its container runs (its
+//!   memory streams in after), vs (f); then, untimed, memtest checks every page.
 //!
 //! Every restore pays for reading its whole checkpoint, as a first restore does: podsnapd
 //! remembers the files it verified until one changes, so before each restore every file's mode
@@ -117,6 +119,7 @@ struct Samples {
     d_one_by_one: Vec<f64>,
     f_restore: Vec<f64>,
     f_restore_pod: Vec<f64>,
+    g_lazy: Vec<f64>,
     raw_restore: Vec<f64>,
     e_wall: Vec<f64>,
     e_window: Vec<f64>,
@@ -327,6 +330,13 @@ fn round(
             );
             s.f_restore.push(r.until_running);
             s.f_restore_pod.push(r.restore_pod);
+            // (g): the same, lazily.
+            let r = pod_restore(node, cleanup, &w.c, &images, dir, &tag, Start::Lazily)?;
+            eprintln!(
+                "[{tag}] (g) pod restore, 1 x {BIG_MIB} MiB, lazily, until running: {:.3}s",
+                r.until_running
+            );
+            s.g_lazy.push(r.until_running);
             cleanup.remove(&Item::Dir(images))?;
         } else {
             let images = dir.join(format!("raw-{tag}"));
@@ -713,6 +723,9 @@ fn pod_restore(
     let cmd = match start {
         Start::Together => cmd.arg("--start"),
         Start::OneByOne => cmd,
+        Start::Lazily => cmd
+            .arg("--start")
+            .args(["--option", "podsnap.io/lazy-restore=true"]),
     };
     let cmd = cmd
         .args(["--timeout", CLI_TIMEOUT])
@@ -839,6 +852,8 @@ enum Start {
     Together,
     /// `podsnap pod restore`, then `crictl start` of each container, one after another.
     OneByOne,
+    /// `podsnap pod restore --start` with `podsnap.io/lazy-restore=true`.
+    Lazily,
 }
 
 impl Start {
@@ -846,6 +861,7 @@ impl Start {
         match self {
             Start::Together => "together",
             Start::OneByOne => "one by one",
+            Start::Lazily => "lazily",
         }
     }
 }
@@ -1001,6 +1017,11 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
         "    raw criu restore --restore-detached",
         &s.raw_restore,
     );
+    row(
+        &mut t,
+        "(g) the same restore, lazily, until RUNNING",
+        &s.g_lazy,
+    );
     print!("{}", t.render());
     println!("images: (e) {}, raw {}", gib(s.e_bytes), gib(s.raw_bytes));
 
@@ -1044,6 +1065,12 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
             &s.f_restore,
             &s.raw_restore,
             Some(1.2),
+        ),
+        (
+            "(g)/(f) lazy restore 1 GiB until running / eager",
+            &s.g_lazy,
+            &s.f_restore,
+            Some(0.15),
         ),
         (
             "(d)/(d') 4 x 256 MiB restore, started together / one after another",
