@@ -700,8 +700,9 @@ fn log_lines(node: &Node, container: &str, needle: &str) -> Vec<String> {
 /// memory streams in from CRIU's lazy-pages daemon, and memtest finds every word intact. A second
 /// replica's daemon is stopped before it serves a page, memtest touches its memory (and waits
 /// for pages that do not come), then the daemon is SIGKILLed: the shim kills the replica, which
-/// never runs on the zeros the kernel would hand out once nobody serves its memory. No daemon
-/// is left either time, and removing each pod leaves nothing behind.
+/// never runs on the zeros the kernel would hand out once nobody serves its memory. A third
+/// replica, from a page image changed in place, is killed once its pages are hashed. No daemon
+/// is left any time, and removing each pod leaves nothing behind.
 #[test]
 fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not_its_memory() {
     let node = Node::get();
@@ -818,6 +819,55 @@ fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not
             Ok(())
         }
     });
+    assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
+    ws.remove_pod(&restored);
+
+    // A third replica from a page image changed in place (one byte, same size): a lazy restore
+    // hashes the page images only while they stream in, so the replica may start, but it is
+    // killed once its page image is found not to be the manifest's.
+    let pages: Vec<_> = std::fs::read_dir(checkpoint.join("hog/checkpoint"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pages-"))
+        })
+        .collect();
+    let page_image = pages.first().expect("a page image");
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(page_image)
+            .unwrap();
+        let at = file.metadata().unwrap().len() / 2;
+        let mut byte = [0u8; 1];
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.write_all(&[byte[0] ^ 0xff]).unwrap();
+    }
+    let restored = restore_lazily(&ws, &checkpoint, "lazy-tampered", false);
+    ws.pods.push(restored.clone());
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let started = node.crictl_try(["start", &hog]);
+    wait_for("the tampered replica to be killed", LIVENESS, || match node
+        .container_state(&hog)
+        .as_str()
+    {
+        "CONTAINER_RUNNING" => Err("running".to_string()),
+        _ => Ok(()),
+    });
+    let refused = log_lines(node, &hog, "not the manifest's");
+    assert!(
+        !refused.is_empty(),
+        "the changed page image went unnoticed (start: {}):\n{}",
+        started.report(),
+        node.log_excerpt(&[&hog])
+    );
     assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
     ws.remove_pod(&restored);
 }

@@ -485,57 +485,84 @@ impl Container {
             let log_id = id.clone();
             // Compressed pages are expanded into a private scratch directory first: CRIU reads
             // only plain images, and the checkpoint itself is never modified.
-            let (scratch, images, metadata, descriptors) = tokio::task::spawn_blocking(move || {
-                let grant = checked_grant;
-                // A container of a pod checkpoint: every file it will read is verified
-                // against the manifest podsnapd verified (pinned by digest in the grant),
-                // here, at start; a big file podsnapd hashed and that did not change since
-                // (the grant's stamps) is not read again.
-                if let Some(grant) = &grant {
-                    let started = std::time::Instant::now();
-                    podsnap_checkpoint_format::verify_container(
-                        &grant.checkpoint,
-                        &grant.manifest_sha256,
-                        &grant.container,
-                        &grant.stamps,
-                    )?;
-                    log::info!(
-                        "container {log_id}: checkpoint verified in {} ms ({} stamp(s) from \
+            let (scratch, images, metadata, descriptors, deferred) =
+                tokio::task::spawn_blocking(move || {
+                    let grant = checked_grant;
+                    // A container of a pod checkpoint: every file it will read is verified
+                    // against the manifest podsnapd verified (pinned by digest in the grant),
+                    // here, at start; a big file podsnapd hashed and that did not change since
+                    // (the grant's stamps) is not read again.
+                    // A lazy restore leaves the page images to the session, which hashes them while
+                    // they stream in (see checkpoint::lazy).
+                    let mut deferred = Vec::new();
+                    if let Some(grant) = &grant {
+                        let started = std::time::Instant::now();
+                        let later = |relative: &str| {
+                            lazy && podsnap_checkpoint_format::is_page_image(relative)
+                        };
+                        let manifest = podsnap_checkpoint_format::verify_container_deferring(
+                            &grant.checkpoint,
+                            &grant.manifest_sha256,
+                            &grant.container,
+                            &grant.stamps,
+                            later,
+                        )?;
+                        deferred = manifest
+                            .files
+                            .iter()
+                            .filter(|(relative, _)| {
+                                later(relative)
+                                    && podsnap_checkpoint_format::read_by(
+                                        &manifest,
+                                        &grant.container,
+                                        relative,
+                                    )
+                            })
+                            .map(|(relative, sha256)| checkpoint::lazy::DeferredPages {
+                                path: grant.checkpoint.join(relative),
+                                sha256: sha256.clone(),
+                                stamp: grant.stamps.get(relative).cloned(),
+                            })
+                            .collect();
+                        log::info!(
+                            "container {log_id}: checkpoint verified in {} ms ({} stamp(s) from \
                          podsnapd)",
-                        started.elapsed().as_millis(),
-                        grant.stamps.len()
-                    );
-                }
-                let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
-                    checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
-                    let dir = tempfile::Builder::new()
-                        .prefix("restore-")
-                        .tempdir_in(SCRATCH_ROOT)?;
-                    podsnap_checkpoint_format::pages::expand_into(&checkpoint, dir.path())?;
-                    Some(dir)
-                } else {
-                    None
-                };
-                let images = scratch
-                    .as_ref()
-                    .map_or_else(|| checkpoint.clone(), |d| d.path().to_path_buf());
-                let (metadata, descriptors) = if grant.is_some() {
-                    checkpoint::read_metadata(&images)?
-                } else {
-                    checkpoint::verify(&images)?
-                };
-                // Nothing the images hold may grant more than the new spec: checked before
-                // any process or mount exists.
-                crate::restore_policy::check_metadata(&metadata)?;
-                let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
-                crate::restore_policy::check_credentials(&checked_spec, &threads)?;
-                Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors))
-            })
-            .await
-            .map_err(|e| Error::internal(format!("container {checked_id}: {e}")))?
-            .map_err(|e| {
-                Error::FailedPrecondition(format!("container {checked_id}: cannot restore: {e:#}"))
-            })?;
+                            started.elapsed().as_millis(),
+                            grant.stamps.len()
+                        );
+                    }
+                    let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
+                        checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
+                        let dir = tempfile::Builder::new()
+                            .prefix("restore-")
+                            .tempdir_in(SCRATCH_ROOT)?;
+                        podsnap_checkpoint_format::pages::expand_into(&checkpoint, dir.path())?;
+                        Some(dir)
+                    } else {
+                        None
+                    };
+                    let images = scratch
+                        .as_ref()
+                        .map_or_else(|| checkpoint.clone(), |d| d.path().to_path_buf());
+                    let (metadata, descriptors) = if grant.is_some() {
+                        checkpoint::read_metadata(&images)?
+                    } else {
+                        checkpoint::verify(&images)?
+                    };
+                    // Nothing the images hold may grant more than the new spec: checked before
+                    // any process or mount exists.
+                    crate::restore_policy::check_metadata(&metadata)?;
+                    let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
+                    crate::restore_policy::check_credentials(&checked_spec, &threads)?;
+                    Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors, deferred))
+                })
+                .await
+                .map_err(|e| Error::internal(format!("container {checked_id}: {e}")))?
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "container {checked_id}: cannot restore: {e:#}"
+                    ))
+                })?;
             let restored_id = id.clone();
             let restored = tokio::task::spawn_blocking(move || {
                 if let Some(grant) = &grant {
@@ -557,8 +584,17 @@ impl Container {
                     cgroup_path: &cgroup.path,
                     stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
                 };
-                let (pid, mut session) =
-                    checkpoint::restore(&target, &images, &metadata, &descriptors, daemon_started)?;
+                let (pid, mut session) = checkpoint::restore(
+                    &target,
+                    &images,
+                    &metadata,
+                    &descriptors,
+                    daemon_started.map(|started| checkpoint::lazy::Start {
+                        daemon_started: started,
+                        deferred,
+                        cgroup: cgroup.clone(),
+                    }),
+                )?;
                 if let (Some(session), Some(scratch)) = (session.as_mut(), scratch) {
                     // The daemon reads the expanded pages until it exits.
                     session.keep(scratch);
@@ -919,13 +955,12 @@ async fn watch_lazy_restore(
     );
     match tokio::task::spawn_blocking(move || session.finish(exit_code, &cgroup)).await {
         Ok(checkpoint::lazy::Outcome::Complete) => log::info!(
-            "container {id}: lazy restore complete: every page arrived, from the files \
-             verified before"
+            "container {id}: lazy restore complete: every page arrived, and every page \
+             image is the manifest's"
         ),
-        Ok(checkpoint::lazy::Outcome::Killed(reason)) => log::error!(
-            "container {id}: lazy restore failed, its processes were killed before they could \
-             read a missing page: {reason}"
-        ),
+        Ok(checkpoint::lazy::Outcome::Killed(reason)) => {
+            log::error!("container {id}: lazy restore failed, its processes were killed: {reason}")
+        }
         Err(e) => log::error!("container {id}: lazy restore: {e}"),
     }
 }

@@ -283,7 +283,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Hex sha256 of everything `reader` yields, read in 1 MiB blocks.
-pub(crate) fn sha256_reader(reader: &mut impl Read) -> std::io::Result<String> {
+pub fn sha256_reader(reader: &mut impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -404,10 +404,35 @@ pub fn verify_stamped(
     root: &Path,
     known: &verified::Stamps,
 ) -> Result<(Manifest, String, verified::Stamps)> {
+    verify_stamped_deferring(root, known, |_| false)
+}
+
+/// [`verify_stamped`], except that the files `deferred` selects (by relative path) are checked
+/// for their place in the listing only, not hashed: for a reader that verifies them itself
+/// while it uses them (a lazy restore hashes the page images while they stream in).
+pub fn verify_stamped_deferring(
+    root: &Path,
+    known: &verified::Stamps,
+    deferred: impl Fn(&str) -> bool + Sync,
+) -> Result<(Manifest, String, verified::Stamps)> {
     let (manifest, digest) = read_manifest(root)?;
     check_containers(&manifest)?;
-    let stamps = check_files(root, &manifest, |_| true, Some(known))?;
+    let stamps = check_files(root, &manifest, |_| true, Some((known, &deferred)))?;
     Ok((manifest, digest, stamps))
+}
+
+/// Whether a checkpoint file (by relative path) is one of CRIU's page images,
+/// `<container>/checkpoint/pages-<n>.img`: a container's memory.
+pub fn is_page_image(relative: &str) -> bool {
+    let mut parts = relative.split('/');
+    let (Some(_), Some("checkpoint"), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    name.strip_prefix("pages-")
+        .and_then(|n| n.strip_suffix(".img"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// [`verify_with_digest`] without hashing the files: the manifest and the checkpoint's file
@@ -496,6 +521,18 @@ pub fn verify_container(
     container: &str,
     known: &verified::Stamps,
 ) -> Result<Manifest> {
+    verify_container_deferring(root, manifest_sha256, container, known, |_| false)
+}
+
+/// [`verify_container`], the files `deferred` selects only checked for their place (see
+/// [`verify_stamped_deferring`]).
+pub fn verify_container_deferring(
+    root: &Path,
+    manifest_sha256: &str,
+    container: &str,
+    known: &verified::Stamps,
+    deferred: impl Fn(&str) -> bool + Sync,
+) -> Result<Manifest> {
     let (manifest, digest) = read_manifest(root)?;
     if digest != manifest_sha256 {
         return Err(Error::ManifestChanged {
@@ -511,7 +548,7 @@ pub fn verify_container(
         root,
         &manifest,
         |relative| read_by(&manifest, container, relative),
-        Some(known),
+        Some((known, &deferred)),
     )?;
     Ok(manifest)
 }
@@ -525,14 +562,14 @@ pub fn read_by(manifest: &Manifest, container: &str, relative: &str) -> bool {
 
 /// Checks the files under `root` that `wanted` selects (by relative path) against the manifest:
 /// every listed path stays inside the checkpoint, none is missing, none is unlisted, and (with
-/// `hash`, the stamps that may vouch for files) each has its sha256, hashed on every core
-/// unless a stamp vouches for it. Paths are checked before any file is hashed. Returns the
-/// stamps of the files checked.
+/// `hash`, the stamps that may vouch for files and which files to leave unhashed) each has its
+/// sha256, hashed on every core unless a stamp vouches for it. Paths are checked before any
+/// file is hashed. Returns the stamps of the files checked.
 fn check_files(
     root: &Path,
     manifest: &Manifest,
     wanted: impl Fn(&str) -> bool,
-    hash: Option<&verified::Stamps>,
+    hash: Option<(&verified::Stamps, &(dyn Fn(&str) -> bool + Sync))>,
 ) -> Result<verified::Stamps> {
     let listed: Vec<(&String, &String)> =
         manifest.files.iter().filter(|(r, _)| wanted(r)).collect();
@@ -553,9 +590,10 @@ fn check_files(
             .ok_or_else(|| Error::Missing(relative.clone()))?;
         jobs.push((relative, expected, path));
     }
-    let Some(known) = hash else {
+    let Some((known, deferred)) = hash else {
         return Ok(verified::Stamps::new());
     };
+    jobs.retain(|(relative, _, _)| !deferred(relative));
     let size = |(_, _, path): &(&String, &String, &PathBuf)| {
         fs::symlink_metadata(path).map_or(0, |m| m.len())
     };
@@ -869,6 +907,51 @@ mod tests {
         assert!(matches!(
             verify_stamped(dir.path(), &lying),
             Err(Error::Modified { .. })
+        ));
+    }
+
+    #[test]
+    fn deferred_page_images_are_listed_and_present_but_not_hashed() {
+        assert!(is_page_image("web/checkpoint/pages-1.img"));
+        for not in [
+            "web/checkpoint/pagemap-1.img",
+            "web/checkpoint/pages-.img",
+            "web/checkpoint/pages-1.img.x",
+            "web/pages-1.img",
+            "web/checkpoint/sub/pages-1.img",
+            "pages-1.img",
+        ] {
+            assert!(!is_page_image(not), "{not}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = sample(dir.path());
+        let pages = dir.path().join("web/checkpoint/pages-1.img");
+        fs::write(&pages, b"pages").unwrap();
+        fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+        write_manifest(dir.path(), &mut manifest).unwrap();
+        let pinned = manifest_sha256(dir.path()).unwrap();
+        fs::write(&pages, b"other").unwrap();
+        // Hashed: refused. Deferred: its reader checks it.
+        assert!(matches!(
+            verify_container(dir.path(), &pinned, "web", &Default::default()),
+            Err(Error::Modified { .. })
+        ));
+        verify_container_deferring(
+            dir.path(),
+            &pinned,
+            "web",
+            &Default::default(),
+            is_page_image,
+        )
+        .unwrap();
+        let (_, _, stamps) =
+            verify_stamped_deferring(dir.path(), &Default::default(), is_page_image).unwrap();
+        assert!(!stamps.contains_key("web/checkpoint/pages-1.img"));
+        // Still listed and present: a missing one is refused all the same.
+        fs::remove_file(&pages).unwrap();
+        assert!(matches!(
+            verify_stamped_deferring(dir.path(), &Default::default(), is_page_image),
+            Err(Error::Missing(_))
         ));
     }
 

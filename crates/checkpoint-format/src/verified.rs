@@ -47,7 +47,8 @@ pub struct Identity {
 }
 
 impl Identity {
-    fn of(meta: &fs::Metadata) -> Identity {
+    /// The identity `meta` describes (of a path, or of an open file).
+    pub fn of(meta: &fs::Metadata) -> Identity {
         Identity {
             dev: meta.dev(),
             ino: meta.ino(),

@@ -83,17 +83,21 @@ fn remember(root: &Path, stamps: &Stamps) {
 }
 
 /// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash (a big
-/// file this podsnapd verified before and that did not change since is not read again).
-pub fn open_checkpoint(checkpoint_path: &str) -> Result<Opened, Status> {
+/// file this podsnapd verified before and that did not change since is not read again). With
+/// `pages_later`, CRIU's page images are checked for their place in the listing but not hashed:
+/// a lazy restore's shim hashes them while they stream in, and kills the containers if one is
+/// not the manifest's.
+pub fn open_checkpoint(checkpoint_path: &str, pages_later: bool) -> Result<Opened, Status> {
     let path = PathBuf::from(checkpoint_path);
     if checkpoint_path.is_empty() || !path.is_absolute() {
         return Err(Status::invalid_argument(format!(
             "checkpoint_path {checkpoint_path:?} must be an absolute path"
         )));
     }
-    let (manifest, digest, stamps) = podsnap_checkpoint_format::verify_stamped(
+    let (manifest, digest, stamps) = podsnap_checkpoint_format::verify_stamped_deferring(
         &path,
         &remembered(&path),
+        |relative| pages_later && podsnap_checkpoint_format::is_page_image(relative),
     )
     .map_err(|e| match e {
         podsnap_checkpoint_format::Error::NotADirectory(_) => {
@@ -403,7 +407,7 @@ pub async fn restore_pod(
         manifest,
         digest,
         stamps,
-    } = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path))
+    } = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path, options.lazy))
         .await
         .map_err(|e| Status::internal(format!("verify task: {e}")))??;
     let pairs = match_containers(&req.container_configs, &manifest)?;
@@ -643,16 +647,18 @@ mod tests {
     #[test]
     fn relative_or_missing_checkpoints_are_refused_before_anything_is_created() {
         assert_eq!(
-            open_checkpoint("rel/dir").unwrap_err().code(),
+            open_checkpoint("rel/dir", false).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
         assert_eq!(
-            open_checkpoint("/nonexistent/ckpt").unwrap_err().code(),
+            open_checkpoint("/nonexistent/ckpt", false)
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
-            open_checkpoint(dir.path().to_str().unwrap())
+            open_checkpoint(dir.path().to_str().unwrap(), false)
                 .unwrap_err()
                 .code(),
             tonic::Code::FailedPrecondition
@@ -671,17 +677,17 @@ mod tests {
         podsnap_checkpoint_format::write_manifest(dir.path(), &mut m).unwrap();
         std::thread::sleep(podsnap_checkpoint_format::verified::SETTLED * 2);
         let path = dir.path().to_str().unwrap();
-        let first = open_checkpoint(path).unwrap();
+        let first = open_checkpoint(path, false).unwrap();
         assert_eq!(
             first.stamps.keys().collect::<Vec<_>>(),
             ["web/checkpoint/pages-1.img"]
         );
         assert_eq!(remembered(dir.path()), first.stamps);
         // Opened again: the stamps are the remembered ones (the file was not read).
-        assert_eq!(open_checkpoint(path).unwrap().stamps, first.stamps);
+        assert_eq!(open_checkpoint(path, false).unwrap().stamps, first.stamps);
         // A file changed since (same size): read again, and refused.
         std::fs::write(&pages, vec![4u8; big]).unwrap();
-        let err = open_checkpoint(path).unwrap_err();
+        let err = open_checkpoint(path, false).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("pages-1.img"), "{err:?}");
     }
@@ -703,7 +709,7 @@ mod tests {
             page_size: here.page_size,
         });
         podsnap_checkpoint_format::write_manifest(dir.path(), &mut other).unwrap();
-        let err = open_checkpoint(dir.path().to_str().unwrap()).unwrap_err();
+        let err = open_checkpoint(dir.path().to_str().unwrap(), false).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert!(
             err.message().contains("cannot be restored on this node")
@@ -716,7 +722,7 @@ mod tests {
         same.machine = Some(here);
         same.files.clear();
         podsnap_checkpoint_format::write_manifest(dir.path(), &mut same).unwrap();
-        open_checkpoint(dir.path().to_str().unwrap()).unwrap();
+        open_checkpoint(dir.path().to_str().unwrap(), false).unwrap();
     }
 
     #[test]

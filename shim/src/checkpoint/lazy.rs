@@ -14,6 +14,12 @@
 //! released. When it exits successfully, [`LazySession::finish`] checks that every pages file is
 //! still the one verified before the restore, then releases them.
 //!
+//! The page images themselves are not hashed before a lazy restore (that would cost what lazy
+//! restore saves): podsnapd and the shim verify every other file first, and the session hashes
+//! the page images, from the very files it opened before the daemon started, while the processes
+//! run. A page image that is not the manifest's kills the container at once; the restore is
+//! complete only when every page arrived and every page image was verified.
+//!
 //! The relay speaks CRIU's protocol (`criu/uffd.c`): per restored task a native `i32` pid, then
 //! for a live task (pid > 0) one byte carrying the userfaultfd as `SCM_RIGHTS`; at the end the
 //! `u32` "restore finished" mark, then end of stream.
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
-use podsnap_checkpoint_format::verified::Identity;
+use podsnap_checkpoint_format::verified::{Identity, Stamp};
 
 use crate::cgroup::ContainerCgroup;
 
@@ -43,14 +49,32 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The daemon's log, in its work directory.
 const DAEMON_LOG: &str = "lazy-pages.log";
 
+/// What a lazy restore is given: where to send the daemon's pid once it runs, the page images
+/// left to verify while they stream in, and the container's cgroup (whose processes die if the
+/// daemon or one of those images fails).
+pub struct Start {
+    pub daemon_started: tokio::sync::oneshot::Sender<i32>,
+    pub deferred: Vec<DeferredPages>,
+    pub cgroup: ContainerCgroup,
+}
+
+/// A page image verified only while it streams in: its path, the manifest's sha256 and the
+/// stamp podsnapd may have of it (which spares hashing it while the file is unchanged).
+pub struct DeferredPages {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub stamp: Option<Stamp>,
+}
+
 /// The daemon and the relay, started before CRIU's restore.
 pub struct LazyPages {
+    cgroup: ContainerCgroup,
     daemon: Daemon,
     relay: JoinHandle<anyhow::Result<Vec<OwnedFd>>>,
     /// A duplicate of the relay's listening socket: shutting it down wakes a relay that CRIU
     /// never reached.
     listener: OwnedFd,
-    pages: Vec<(PathBuf, Identity)>,
+    pages: Vec<PageFile>,
     daemon_dir: PathBuf,
 }
 
@@ -77,29 +101,103 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// The `pages-*.img` of an images directory with their identities now.
-fn page_files(images: &Path) -> anyhow::Result<Vec<(PathBuf, Identity)>> {
+/// A pages file as it was when the restore began: held open, so that a checkpoint removed
+/// while its pages stream in (the daemon reads from files it opened) does not count as changed,
+/// while any write to it still does (it moves the change time of the open inode).
+struct PageFile {
+    path: PathBuf,
+    file: fs::File,
+    identity: Identity,
+    /// Not verified before the restore: the manifest's sha256 and podsnapd's stamp.
+    deferred: Option<(String, Option<Stamp>)>,
+}
+
+/// The `pages-*.img` of an images directory, opened, with their identities now; `deferred`
+/// (matched by file name: they are this directory's) still to be verified.
+fn page_files(images: &Path, deferred: Vec<DeferredPages>) -> anyhow::Result<Vec<PageFile>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(images).with_context(|| format!("read {}", images.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with("pages-") && name.ends_with(".img") {
-            let identity =
-                Identity::at(&path).with_context(|| format!("stat {}", path.display()))?;
-            files.push((path, identity));
+            let file = fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            let identity = Identity::of(
+                &file
+                    .metadata()
+                    .with_context(|| format!("stat {}", path.display()))?,
+            );
+            files.push(PageFile {
+                path,
+                file,
+                identity,
+                deferred: None,
+            });
         }
     }
+    for pages in deferred {
+        let name = pages.path.file_name();
+        let file = files
+            .iter_mut()
+            .find(|f| f.path.file_name() == name)
+            .with_context(|| {
+                format!("{} is not among the images restored", pages.path.display())
+            })?;
+        file.deferred = Some((pages.sha256, pages.stamp));
+    }
     Ok(files)
+}
+
+/// Hashes the deferred page images (unless a stamp still vouches for one); the first that is
+/// not the manifest's kills the container's processes at once and is the error.
+fn verify_deferred(
+    pages: Vec<(PathBuf, fs::File, String, Option<Stamp>)>,
+    cgroup: &ContainerCgroup,
+) -> Result<(), String> {
+    for (path, mut file, expected, stamp) in pages {
+        if stamp
+            .as_ref()
+            .and_then(|stamp| podsnap_checkpoint_format::verified::vouched(&path, stamp))
+            .is_some_and(|sha256| sha256 == expected)
+        {
+            continue;
+        }
+        let actual = podsnap_checkpoint_format::sha256_reader(&mut file)
+            .map_err(|e| format!("hash {}: {e}", path.display()))?;
+        if actual != expected {
+            if let Err(e) = kill_all(cgroup) {
+                log::error!("lazy restore: kill the container's processes: {e:#}");
+            }
+            return Err(format!(
+                "{} has sha256 {actual}, not the manifest's {expected}: the container was \
+                 killed",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl LazyPages {
     /// Starts the daemon on `images` and the relay in `work` (CRIU's restore work directory):
     /// call before the restore, which must then ask for lazy pages.
-    pub fn start(criu: &Path, images: &Path, work: &Path) -> anyhow::Result<LazyPages> {
-        let pages = page_files(images)?;
+    pub fn start(
+        criu: &Path,
+        images: &Path,
+        work: &Path,
+        start: Start,
+    ) -> anyhow::Result<LazyPages> {
+        let Start {
+            daemon_started,
+            deferred,
+            cgroup,
+        } = start;
+        let pages = page_files(images, deferred)?;
         let daemon_dir = work.join("daemon");
         fs::create_dir(&daemon_dir).with_context(|| format!("create {}", daemon_dir.display()))?;
-        let (ready_read, ready_write) = nix::unistd::pipe().context("status pipe")?;
+        // Close-on-exec: no other child of the shim may hold the write end (the daemon gets
+        // its copy as fd 3).
+        let (ready_read, ready_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("status pipe")?;
         let status_fd = ready_write.as_raw_fd();
         let mut command = Command::new(criu);
         command
@@ -143,24 +241,28 @@ impl LazyPages {
                 return Err(e).with_context(|| format!("listen on {}", socket.display()));
             }
         };
-        let listener_dup = listener.as_fd().try_clone_to_owned()?;
+        let listener_dup = match listener.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                daemon.kill();
+                return Err(e).context("duplicate the relay's socket");
+            }
+        };
         let upstream = daemon_dir.join(SOCKET);
         let relay = std::thread::Builder::new()
             .name("lazy-relay".into())
             .spawn(move || relay(listener, &upstream))
             .context("start the lazy-pages relay")?;
+        // From now on the daemon's exit is watched.
+        let _ = daemon_started.send(daemon.pid);
         Ok(LazyPages {
+            cgroup,
             daemon,
             relay,
             listener: listener_dup,
             pages,
             daemon_dir,
         })
-    }
-
-    /// The daemon's pid.
-    pub fn daemon_pid(&self) -> i32 {
-        self.daemon.pid
     }
 
     /// Whether the daemon has exited (its pidfd is readable then).
@@ -191,7 +293,28 @@ impl LazyPages {
     /// The restore succeeded: the processes run and the daemon streams their pages from the
     /// images; `work` (the restore's work directory, holding the daemon's) lives as long.
     pub fn running(self, work: tempfile::TempDir) -> LazySession {
+        // The deferred page images are hashed while the processes run.
+        let deferred: Vec<_> = self
+            .pages
+            .iter()
+            .filter_map(|page| {
+                let (sha256, stamp) = page.deferred.clone()?;
+                Some((page.path.clone(), page.file.try_clone(), sha256, stamp))
+            })
+            .collect();
+        let cgroup = self.cgroup.clone();
+        let verifier = std::thread::Builder::new()
+            .name("lazy-verify".into())
+            .spawn(move || {
+                let mut pages = Vec::new();
+                for (path, file, sha256, stamp) in deferred {
+                    let file = file.map_err(|e| format!("{}: {e}", path.display()))?;
+                    pages.push((path, file, sha256, stamp));
+                }
+                verify_deferred(pages, &cgroup)
+            });
         LazySession {
+            verifier: Some(verifier),
             kept: vec![work],
             daemon: self.daemon,
             relay: Some(self.relay),
@@ -273,30 +396,8 @@ fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>
         if u32::from_ne_bytes(word) == RESTORE_FINISHED || pid <= 0 {
             continue;
         }
-        let mut byte = [0u8; 1];
-        let mut space = nix::cmsg_space!([RawFd; 1]);
-        let (received, fds) = {
-            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-            let msg = recvmsg::<()>(
-                restore.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
+        let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd()))
             .context("receive a userfaultfd from CRIU")?;
-            let mut fds = Vec::new();
-            for cmsg in msg.cmsgs().context("control messages")? {
-                if let ControlMessageOwned::ScmRights(rights) = cmsg {
-                    // SAFETY: SCM_RIGHTS descriptors are new and ours.
-                    fds.extend(
-                        rights
-                            .into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            (msg.bytes, fds)
-        };
         let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
             anyhow::anyhow!(
                 "CRIU sent task {pid} with {} descriptors ({received} byte(s)), not one userfaultfd",
@@ -304,25 +405,64 @@ fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>
             )
         })?;
         let raw = [uffd.as_raw_fd()];
-        sendmsg::<()>(
-            daemon.as_raw_fd(),
-            &[std::io::IoSlice::new(&byte)],
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
+        retry_eintr(|| {
+            sendmsg::<()>(
+                daemon.as_raw_fd(),
+                &[std::io::IoSlice::new(&[0])],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            )
+        })
         .with_context(|| format!("pass task {pid}'s userfaultfd to the daemon"))?;
         held.push(uffd);
     }
 }
 
+/// Calls `f` again while a signal (the shim's SIGCHLD) interrupts it.
+fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match f() {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
+
+/// Receives one byte and the descriptors that came with it (`SCM_RIGHTS`, close-on-exec).
+fn receive_descriptors(socket: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let msg = recvmsg::<()>(
+        socket,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(rights) = cmsg {
+            // SAFETY: SCM_RIGHTS descriptors are new and ours.
+            fds.extend(
+                rights
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 /// A lazily restored container while its pages stream in.
 pub struct LazySession {
+    /// Hashes the page images verified only now (see [`verify_deferred`]).
+    verifier: Option<std::io::Result<JoinHandle<Result<(), String>>>>,
     /// Directories the daemon reads or writes until it exits (removed after).
     kept: Vec<tempfile::TempDir>,
     daemon: Daemon,
     relay: Option<JoinHandle<anyhow::Result<Vec<OwnedFd>>>>,
-    pages: Vec<(PathBuf, Identity)>,
+    pages: Vec<PageFile>,
     daemon_dir: PathBuf,
     started: Instant,
 }
@@ -330,10 +470,11 @@ pub struct LazySession {
 /// How a lazy restore ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Every page arrived, from the files verified before the restore.
+    /// Every page arrived, every page image is the manifest's and none changed meanwhile.
     Complete,
-    /// The daemon failed or a pages file changed: the container's processes were killed
-    /// before any of them could read a page that never arrived.
+    /// The daemon failed (the container's processes were killed before any could read a page
+    /// that never arrived), or a page image is not the manifest's or changed (they were killed
+    /// as soon as that was found).
     Killed(String),
 }
 
@@ -363,6 +504,13 @@ impl LazySession {
             Some(Err(_)) => Err("the relay panicked".to_string()),
             None => Ok(Vec::new()),
         };
+        let verified = match self.verifier.take() {
+            Some(Ok(handle)) => handle
+                .join()
+                .unwrap_or_else(|_| Err("the page verifier panicked".to_string())),
+            Some(Err(e)) => Err(format!("start the page verifier: {e}")),
+            None => Ok(()),
+        };
         let verdict = if exit_code != 0 {
             Err(format!(
                 "the lazy-pages daemon (pid {}) exited with {exit_code} before every page \
@@ -372,6 +520,8 @@ impl LazySession {
             ))
         } else if let Err(e) = &held {
             Err(format!("the lazy-pages relay failed: {e}"))
+        } else if let Err(e) = verified {
+            Err(e)
         } else {
             self.changed_pages()
         };
@@ -389,19 +539,19 @@ impl LazySession {
         outcome
     }
 
-    /// Whether a pages file changed since it was verified (what the daemon served would not
+    /// Whether a pages file changed since the restore began (what the daemon served would not
     /// be what was verified).
     fn changed_pages(&self) -> Result<(), String> {
-        for (path, before) in &self.pages {
-            match Identity::at(path) {
-                Ok(now) if now == *before => {}
+        for page in &self.pages {
+            match page.file.metadata() {
+                Ok(now) if Identity::of(&now) == page.identity => {}
                 Ok(_) => {
                     return Err(format!(
                         "{} changed while its pages were being served",
-                        path.display()
+                        page.path.display()
                     ));
                 }
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => return Err(format!("{}: {e}", page.path.display())),
             }
         }
         Ok(())
@@ -409,7 +559,7 @@ impl LazySession {
 
     /// Bytes of pages served, for the log.
     pub fn page_bytes(&self) -> u64 {
-        self.pages.iter().map(|(_, id)| id.size).sum()
+        self.pages.iter().map(|p| p.identity.size).sum()
     }
 
     /// Time since the processes resumed.

@@ -26,14 +26,14 @@ pub struct RestoreTarget<'a> {
 /// Restores a container from `images` into the created (not yet started) container described
 /// by `target`; returns the pid of its restored init, a child of this process. With `lazy`,
 /// the processes resume before their memory is read: it streams in from CRIU's lazy-pages
-/// daemon, whose pid goes to `lazy` as soon as it runs (for whoever watches its exit), and the
-/// returned session must be finished when the daemon exits ([`super::lazy`]).
+/// daemon, whose pid goes to `lazy.daemon_started` as soon as it runs (for whoever watches its
+/// exit), and the returned session must be finished when the daemon exits ([`super::lazy`]).
 pub fn restore(
     target: &RestoreTarget<'_>,
     images: &Path,
     metadata: &Metadata,
     descriptors: &[String],
-    lazy: Option<tokio::sync::oneshot::Sender<i32>>,
+    lazy: Option<super::lazy::Start>,
 ) -> anyhow::Result<(i32, Option<LazySession>)> {
     let id = target.id;
     // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
@@ -110,11 +110,10 @@ pub fn restore(
     }
     let criu = Criu::new();
     let pages = match lazy {
-        Some(started) => {
+        Some(start) => {
             opts = opts.lazy_pages(true);
-            let pages = LazyPages::start(criu.binary(), images, work.path())
+            let pages = LazyPages::start(criu.binary(), images, work.path(), start)
                 .with_context(|| format!("container {id}: lazy restore"))?;
-            let _ = started.send(pages.daemon_pid());
             Some(pages)
         }
         None => None,
