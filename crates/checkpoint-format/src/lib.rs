@@ -565,11 +565,14 @@ pub fn read_by(manifest: &Manifest, container: &str, relative: &str) -> bool {
 /// `hash`, the stamps that may vouch for files and which files to leave unhashed) each has its
 /// sha256, hashed on every core unless a stamp vouches for it. Paths are checked before any
 /// file is hashed. Returns the stamps of the files checked.
+/// Selects files by relative path.
+type Selector<'a> = &'a (dyn Fn(&str) -> bool + Sync);
+
 fn check_files(
     root: &Path,
     manifest: &Manifest,
     wanted: impl Fn(&str) -> bool,
-    hash: Option<(&verified::Stamps, &(dyn Fn(&str) -> bool + Sync))>,
+    hash: Option<(&verified::Stamps, Selector<'_>)>,
 ) -> Result<verified::Stamps> {
     let listed: Vec<(&String, &String)> =
         manifest.files.iter().filter(|(r, _)| wanted(r)).collect();
