@@ -560,14 +560,14 @@ pub fn read_by(manifest: &Manifest, container: &str, relative: &str) -> bool {
     first == container || !manifest.containers.iter().any(|c| c.name == first)
 }
 
+/// Selects files by relative path.
+type Selector<'a> = &'a (dyn Fn(&str) -> bool + Sync);
+
 /// Checks the files under `root` that `wanted` selects (by relative path) against the manifest:
 /// every listed path stays inside the checkpoint, none is missing, none is unlisted, and (with
 /// `hash`, the stamps that may vouch for files and which files to leave unhashed) each has its
 /// sha256, hashed on every core unless a stamp vouches for it. Paths are checked before any
 /// file is hashed. Returns the stamps of the files checked.
-/// Selects files by relative path.
-type Selector<'a> = &'a (dyn Fn(&str) -> bool + Sync);
-
 fn check_files(
     root: &Path,
     manifest: &Manifest,
