@@ -455,7 +455,6 @@ impl Container {
         let lazy = wants_lazy_restore(&id, &spec)?;
         let rootfs = self.rootfs();
         let cgroup = self.cgroup.clone();
-        let lazy_cgroup = self.cgroup.clone();
         let bundle = self.bundle.clone();
         let state_root = self.state_root.clone();
         Ok(async move {
@@ -620,10 +619,10 @@ impl Container {
                     );
                     let daemon = session.daemon_pidfd().ok().map(LazyDaemon);
                     if let Err(session) = ready.send(session) {
-                        // Nobody watches the daemon: never leave the container on it.
+                        // Nobody watches the daemon: never leave the container on it (a
+                        // session dropped unfinished kills it).
                         log::error!("container {id}: the lazy-pages daemon is not watched");
-                        let cgroup = lazy_cgroup;
-                        tokio::task::spawn_blocking(move || session.finish(-1, &cgroup));
+                        tokio::task::spawn_blocking(move || drop(session));
                     }
                     daemon
                 }
@@ -909,6 +908,19 @@ pub fn load_spec(id: &str, bundle: &Path) -> Result<Spec> {
     Ok(spec)
 }
 
+/// Whether the process behind `pidfd` has exited (the pidfd is readable then).
+fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsFd;
+    let mut poll = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(
+        nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO),
+        Ok(n) if n > 0
+    )
+}
+
 /// Watches a lazy restore's daemon from its start (`daemon` brings its pid; never, if the
 /// restore failed first) to its exit. If it fails, during the restore or after, every process
 /// of the container is killed before any can read a page that will never arrive; then the
@@ -916,18 +928,22 @@ pub fn load_spec(id: &str, bundle: &Path) -> Result<Spec> {
 async fn watch_lazy_restore(
     id: String,
     mut exits: containerd_shim::asynchronous::monitor::Subscription,
-    daemon: tokio::sync::oneshot::Receiver<i32>,
+    daemon: tokio::sync::oneshot::Receiver<(i32, std::os::fd::OwnedFd)>,
     session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
     cgroup: ContainerCgroup,
 ) {
     use containerd_shim::asynchronous::monitor::monitor_unsubscribe;
-    let Ok(daemon) = daemon.await else {
+    let Ok((daemon, pidfd)) = daemon.await else {
         let _ = monitor_unsubscribe(exits.id).await;
         return;
     };
     let mut exit_code = None;
     while let Some(event) = exits.rx.recv().await {
-        if matches!(event.subject, containerd_shim::monitor::Subject::Pid(pid) if pid == daemon) {
+        // The daemon's pid, and the daemon gone (its pidfd readable): not the exit of an
+        // earlier process that had the same pid, queued before the daemon started.
+        if matches!(event.subject, containerd_shim::monitor::Subject::Pid(pid) if pid == daemon)
+            && exited(&pidfd)
+        {
             exit_code = Some(event.exit_code);
             break;
         }
@@ -939,6 +955,10 @@ async fn watch_lazy_restore(
         // The restore may still be under way, its restorer waiting for a page.
         let killed = cgroup.clone();
         let _ = tokio::task::spawn_blocking(move || checkpoint::lazy::kill_all(&killed)).await;
+        log::error!(
+            "container {id}: its lazy-pages daemon (pid {daemon}) exited with {exit_code}: its \
+             processes were killed"
+        );
     }
     let Ok(session) = session.await else {
         log::warn!(
@@ -953,7 +973,7 @@ async fn watch_lazy_restore(
         session.page_bytes() >> 20,
         session.elapsed().as_millis()
     );
-    match tokio::task::spawn_blocking(move || session.finish(exit_code, &cgroup)).await {
+    match tokio::task::spawn_blocking(move || session.finish(exit_code)).await {
         Ok(checkpoint::lazy::Outcome::Complete) => log::info!(
             "container {id}: lazy restore complete: every page arrived, and every page \
              image is the manifest's"

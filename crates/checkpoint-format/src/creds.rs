@@ -166,7 +166,11 @@ pub fn parse_core_image(path: &Path, data: &[u8]) -> Result<Option<ThreadCredent
     let body = *entries.first().ok_or_else(|| malformed("no entry"))?;
     let core = <CoreEntry as prost::Message>::decode(body)
         .map_err(|e| malformed(&format!("core entry: {e}")))?;
-    if core.tc.as_ref().and_then(|t| t.task_state) == Some(TASK_DEAD) {
+    // Only an image as CRIU writes a zombie's: dead, and no thread part. CRIU restores a
+    // thread from its own thread part whatever its task part says, so an image with one is
+    // checked, whatever state it claims.
+    if core.thread_core.is_none() && core.tc.as_ref().and_then(|t| t.task_state) == Some(TASK_DEAD)
+    {
         return Ok(None);
     }
     let thread = core
@@ -392,6 +396,20 @@ mod tests {
             thread_credentials(dir.path()),
             Err(CredsError::NoCredentials(_))
         ));
+        // A thread image that claims to be dead but has a thread part (credentials) is a
+        // thread CRIU would restore: checked.
+        let mut dead_root = root_with_caps();
+        dead_root.tid = 11;
+        write_core_image(dir.path(), &dead_root).unwrap();
+        let data = fs::read(dir.path().join("core-11.img")).unwrap();
+        let mut core = <CoreEntry as prost::Message>::decode(&data[12..]).unwrap();
+        core.tc.as_mut().unwrap().task_state = Some(TASK_DEAD);
+        let body = prost::Message::encode_to_vec(&core);
+        let mut image = data[..8].to_vec();
+        image.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        image.extend_from_slice(&body);
+        let claimed = parse_core_image(Path::new("core-11.img"), &image).unwrap();
+        assert_eq!(claimed, Some(dead_root));
         // Only zombies: nothing that would run, not a checkpoint to restore.
         let zombies = tempfile::tempdir().unwrap();
         write_task_only_image(zombies.path(), 9, TASK_DEAD);

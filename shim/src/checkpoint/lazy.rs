@@ -31,6 +31,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -48,12 +50,20 @@ const RESTORE_FINISHED: u32 = 0x5253_5446;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The daemon's log, in its work directory.
 const DAEMON_LOG: &str = "lazy-pages.log";
+/// How long the killed processes of a container may take to be gone before the userfaultfds
+/// are released (never released while one may still run).
+const KILL_CONFIRM: Duration = Duration::from_secs(10);
+
+/// The userfaultfds CRIU passed through the relay: the shim's copies, released only by
+/// [`release`] (after the container's processes are gone, if they must die).
+type Held = Arc<Mutex<Vec<OwnedFd>>>;
 
 /// What a lazy restore is given: where to send the daemon's pid once it runs, the page images
 /// left to verify while they stream in, and the container's cgroup (whose processes die if the
 /// daemon or one of those images fails).
 pub struct Start {
-    pub daemon_started: tokio::sync::oneshot::Sender<i32>,
+    /// The daemon's pid and a pidfd of it, once it runs.
+    pub daemon_started: tokio::sync::oneshot::Sender<(i32, OwnedFd)>,
     pub deferred: Vec<DeferredPages>,
     pub cgroup: ContainerCgroup,
 }
@@ -70,7 +80,8 @@ pub struct DeferredPages {
 pub struct LazyPages {
     cgroup: ContainerCgroup,
     daemon: Daemon,
-    relay: JoinHandle<anyhow::Result<Vec<OwnedFd>>>,
+    relay: JoinHandle<anyhow::Result<()>>,
+    held: Held,
     /// A duplicate of the relay's listening socket: shutting it down wakes a relay that CRIU
     /// never reached.
     listener: OwnedFd,
@@ -103,7 +114,8 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 
 /// A pages file as it was when the restore began: held open, so that a checkpoint removed
 /// while its pages stream in (the daemon reads from files it opened) does not count as changed,
-/// while any write to it still does (it moves the change time of the open inode).
+/// while any write to it still does (it moves the modification time or the size of the open
+/// inode; its change time also moves when it is unlinked or linked, so that is not compared).
 struct PageFile {
     path: PathBuf,
     file: fs::File,
@@ -147,11 +159,43 @@ fn page_files(images: &Path, deferred: Vec<DeferredPages>) -> anyhow::Result<Vec
     Ok(files)
 }
 
+/// Whether a page image's content may have changed since `before` (what the daemon served
+/// would not be what was verified).
+fn content_changed(before: &Identity, now: &Identity) -> bool {
+    (before.dev, before.ino, before.size, before.mtime) != (now.dev, now.ino, now.size, now.mtime)
+}
+
+/// A file that stops yielding bytes (an error) once `cancel` is set.
+struct Cancellable<'a> {
+    file: &'a mut fs::File,
+    cancel: &'a AtomicBool,
+}
+
+impl Read for Cancellable<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        self.file.read(buf)
+    }
+}
+
+/// The hex sha256 of `file`, or `None` once `cancel` is set.
+fn sha256_cancellable(file: &mut fs::File, cancel: &AtomicBool) -> std::io::Result<Option<String>> {
+    match podsnap_checkpoint_format::sha256_reader(&mut Cancellable { file, cancel }) {
+        Ok(sha256) => Ok(Some(sha256)),
+        Err(_) if cancel.load(Ordering::Relaxed) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Hashes the deferred page images (unless a stamp still vouches for one); the first that is
-/// not the manifest's kills the container's processes at once and is the error.
+/// not the manifest's kills the container's processes at once and is the error. Stops early
+/// (an error) once `cancel` is set.
 fn verify_deferred(
     pages: Vec<(PathBuf, fs::File, String, Option<Stamp>)>,
     cgroup: &ContainerCgroup,
+    cancel: &AtomicBool,
 ) -> Result<(), String> {
     for (path, mut file, expected, stamp) in pages {
         if stamp
@@ -161,12 +205,13 @@ fn verify_deferred(
         {
             continue;
         }
-        let actual = podsnap_checkpoint_format::sha256_reader(&mut file)
-            .map_err(|e| format!("hash {}: {e}", path.display()))?;
+        let Some(actual) = sha256_cancellable(&mut file, cancel)
+            .map_err(|e| format!("hash {}: {e}", path.display()))?
+        else {
+            return Err(format!("{} was not verified: cancelled", path.display()));
+        };
         if actual != expected {
-            if let Err(e) = kill_all(cgroup) {
-                log::error!("lazy restore: kill the container's processes: {e:#}");
-            }
+            kill_all(cgroup);
             return Err(format!(
                 "{} has sha256 {actual}, not the manifest's {expected}: the container was \
                  killed",
@@ -194,8 +239,8 @@ impl LazyPages {
         let pages = page_files(images, deferred)?;
         let daemon_dir = work.join("daemon");
         fs::create_dir(&daemon_dir).with_context(|| format!("create {}", daemon_dir.display()))?;
-        // Close-on-exec: no other child of the shim may hold the write end (the daemon gets
-        // its copy as fd 3).
+        // Close-on-exec: no other child of the shim may hold the write end; the daemon's
+        // copy loses the flag between fork and exec, under its own number.
         let (ready_read, ready_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("status pipe")?;
         let status_fd = ready_write.as_raw_fd();
@@ -206,14 +251,15 @@ impl LazyPages {
             .arg(images)
             .arg("--work-dir")
             .arg(&daemon_dir)
-            .args(["--log-file", DAEMON_LOG, "-v2", "--status-fd", "3"])
+            .args(["--log-file", DAEMON_LOG, "-v2", "--status-fd"])
+            .arg(status_fd.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(status_fd, 3) < 0 {
+                if libc::fcntl(status_fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -226,7 +272,19 @@ impl LazyPages {
         let pid = child.id() as i32;
         // Never waited on through `child`: the shim's reaper collects it.
         drop(child);
-        let pidfd = pidfd_open(pid).context("pidfd of the lazy-pages daemon")?;
+        let pidfd = match pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                // Gone already (reaped: ESRCH), or still our unreaped child: kill it by pid.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(e).context("pidfd of the lazy-pages daemon");
+            }
+        };
         let daemon = Daemon { pid, pidfd };
         if let Err(e) = wait_ready(ready_read) {
             daemon.kill();
@@ -249,16 +307,38 @@ impl LazyPages {
             }
         };
         let upstream = daemon_dir.join(SOCKET);
-        let relay = std::thread::Builder::new()
+        let held = Held::default();
+        let relay_held = held.clone();
+        let relay = match std::thread::Builder::new()
             .name("lazy-relay".into())
-            .spawn(move || relay(listener, &upstream))
-            .context("start the lazy-pages relay")?;
+            .spawn(move || relay(listener, &upstream, &relay_held))
+        {
+            Ok(relay) => relay,
+            Err(e) => {
+                daemon.kill();
+                return Err(e).context("start the lazy-pages relay");
+            }
+        };
         // From now on the daemon's exit is watched.
-        let _ = daemon_started.send(daemon.pid);
+        match daemon.pidfd.try_clone() {
+            Ok(pidfd) => {
+                let _ = daemon_started.send((daemon.pid, pidfd));
+            }
+            Err(e) => {
+                daemon.kill();
+                let _ = nix::sys::socket::shutdown(
+                    listener_dup.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Both,
+                );
+                let _ = relay.join();
+                return Err(e).context("duplicate the daemon's pidfd");
+            }
+        }
         Ok(LazyPages {
             cgroup,
             daemon,
             relay,
+            held,
             listener: listener_dup,
             pages,
             daemon_dir,
@@ -282,12 +362,14 @@ impl LazyPages {
         tail(&self.daemon_dir.join(DAEMON_LOG))
     }
 
-    /// The restore failed: stops the daemon and the relay.
+    /// The restore failed: stops the daemon and the relay. CRIU may have failed after the
+    /// processes resumed: any of them still there is killed before the userfaultfds go.
     pub fn abort(self) {
         self.daemon.kill();
         let _ =
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let _ = self.relay.join();
+        release(&self.held, Some(&self.cgroup));
     }
 
     /// The restore succeeded: the processes run and the daemon streams their pages from the
@@ -303,6 +385,8 @@ impl LazyPages {
             })
             .collect();
         let cgroup = self.cgroup.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = cancel.clone();
         let verifier = std::thread::Builder::new()
             .name("lazy-verify".into())
             .spawn(move || {
@@ -311,13 +395,18 @@ impl LazyPages {
                     let file = file.map_err(|e| format!("{}: {e}", path.display()))?;
                     pages.push((path, file, sha256, stamp));
                 }
-                verify_deferred(pages, &cgroup)
+                verify_deferred(pages, &cgroup, &cancelled)
             });
         LazySession {
+            finished: false,
+            cgroup: self.cgroup,
+            cancel,
             verifier: Some(verifier),
             kept: vec![work],
             daemon: self.daemon,
             relay: Some(self.relay),
+            held: self.held,
+            listener: self.listener,
             pages: self.pages,
             daemon_dir: self.daemon_dir,
             started: Instant::now(),
@@ -378,24 +467,26 @@ fn read_exact_or_end(stream: &mut UnixStream, buf: &mut [u8]) -> anyhow::Result<
     Ok(true)
 }
 
-/// Passes CRIU's messages on to the daemon, keeping a duplicate of every userfaultfd.
-fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>> {
+/// Passes CRIU's messages on to the daemon, putting every userfaultfd into `held` before it
+/// passes it on (so that no error here ever releases one: only [`release`] does).
+fn relay(listener: UnixListener, upstream: &Path, held: &Held) -> anyhow::Result<()> {
     let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
     drop(listener);
     let mut daemon = UnixStream::connect(upstream)
         .with_context(|| format!("connect to {}", upstream.display()))?;
-    let mut held = Vec::new();
     loop {
         let mut word = [0u8; 4];
         if !read_exact_or_end(&mut restore, &mut word)? {
             // End of stream: the daemon sees its hangup.
-            return Ok(held);
+            return Ok(());
         }
-        daemon.write_all(&word).context("write to the daemon")?;
         let pid = i32::from_ne_bytes(word);
         if u32::from_ne_bytes(word) == RESTORE_FINISHED || pid <= 0 {
+            daemon.write_all(&word).context("write to the daemon")?;
             continue;
         }
+        // A live task: its userfaultfd is received and held before anything goes to the
+        // daemon, whose death must never release it.
         let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd()))
             .context("receive a userfaultfd from CRIU")?;
         let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
@@ -405,6 +496,10 @@ fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>
             )
         })?;
         let raw = [uffd.as_raw_fd()];
+        // Held from here on, whatever happens to the daemon (released only by `release`,
+        // after this thread has ended).
+        held.lock().unwrap_or_else(|p| p.into_inner()).push(uffd);
+        daemon.write_all(&word).context("write to the daemon")?;
         retry_eintr(|| {
             sendmsg::<()>(
                 daemon.as_raw_fd(),
@@ -415,7 +510,6 @@ fn relay(listener: UnixListener, upstream: &Path) -> anyhow::Result<Vec<OwnedFd>
             )
         })
         .with_context(|| format!("pass task {pid}'s userfaultfd to the daemon"))?;
-        held.push(uffd);
     }
 }
 
@@ -456,15 +550,37 @@ fn receive_descriptors(socket: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
 
 /// A lazily restored container while its pages stream in.
 pub struct LazySession {
+    /// Set by [`LazySession::finish`]; a session dropped unfinished kills the container.
+    finished: bool,
+    cgroup: ContainerCgroup,
+    /// Stops the verifier early (the container is being killed anyway).
+    cancel: Arc<AtomicBool>,
     /// Hashes the page images verified only now (see [`verify_deferred`]).
     verifier: Option<std::io::Result<JoinHandle<Result<(), String>>>>,
     /// Directories the daemon reads or writes until it exits (removed after).
     kept: Vec<tempfile::TempDir>,
     daemon: Daemon,
-    relay: Option<JoinHandle<anyhow::Result<Vec<OwnedFd>>>>,
+    relay: Option<JoinHandle<anyhow::Result<()>>>,
+    held: Held,
+    /// The relay's listening socket, shut down to wake a relay CRIU never reached.
+    listener: OwnedFd,
     pages: Vec<PageFile>,
     daemon_dir: PathBuf,
     started: Instant,
+}
+
+impl Drop for LazySession {
+    /// Dropped unfinished (a failure after the restore, before the session was handed over):
+    /// the daemon is stopped and the container killed before the userfaultfds go.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.cancel.store(true, Ordering::Relaxed);
+        self.daemon.kill();
+        let _ = self.stop_relay();
+        release(&self.held, Some(&self.cgroup));
+    }
 }
 
 /// How a lazy restore ended.
@@ -497,13 +613,13 @@ impl LazySession {
     /// Decides once the daemon has exited with `exit_code` (as the reaper reports it: 128 +
     /// signal for a killed one): releases the held userfaultfds, after killing every process
     /// of `cgroup` unless the restore completed from unchanged files.
-    pub fn finish(mut self, exit_code: i32, cgroup: &ContainerCgroup) -> Outcome {
-        let held = match self.relay.take().map(JoinHandle::join) {
-            Some(Ok(Ok(held))) => Ok(held),
-            Some(Ok(Err(e))) => Err(format!("{e:#}")),
-            Some(Err(_)) => Err("the relay panicked".to_string()),
-            None => Ok(Vec::new()),
-        };
+    pub fn finish(mut self, exit_code: i32) -> Outcome {
+        self.finished = true;
+        if exit_code != 0 {
+            // The container dies anyway: no need to finish hashing its memory.
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+        let relayed = self.stop_relay();
         let verified = match self.verifier.take() {
             Some(Ok(handle)) => handle
                 .join()
@@ -518,25 +634,35 @@ impl LazySession {
                 self.daemon.pid,
                 tail(&self.daemon_dir.join(DAEMON_LOG))
             ))
-        } else if let Err(e) = &held {
+        } else if let Err(e) = relayed {
             Err(format!("the lazy-pages relay failed: {e}"))
         } else if let Err(e) = verified {
             Err(e)
         } else {
             self.changed_pages()
         };
-        let outcome = match verdict {
-            Ok(()) => Outcome::Complete,
+        match verdict {
+            Ok(()) => {
+                release(&self.held, None);
+                Outcome::Complete
+            }
             Err(reason) => {
-                if let Err(e) = kill_all(cgroup) {
-                    log::error!("lazy restore: kill the container's processes: {e:#}");
-                }
+                // Only once the processes are gone may the kernel unregister the ranges.
+                release(&self.held, Some(&self.cgroup));
                 Outcome::Killed(reason)
             }
-        };
-        // Only now may the kernel unregister the ranges.
-        drop(held);
-        outcome
+        }
+    }
+
+    /// Wakes a relay CRIU never reached and waits for it to end; its outcome.
+    fn stop_relay(&mut self) -> Result<(), String> {
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        match self.relay.take().map(JoinHandle::join) {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(format!("{e:#}")),
+            Some(Err(_)) => Err("the relay panicked".to_string()),
+        }
     }
 
     /// Whether a pages file changed since the restore began (what the daemon served would not
@@ -544,7 +670,7 @@ impl LazySession {
     fn changed_pages(&self) -> Result<(), String> {
         for page in &self.pages {
             match page.file.metadata() {
-                Ok(now) if Identity::of(&now) == page.identity => {}
+                Ok(now) if !content_changed(&page.identity, &Identity::of(&now)) => {}
                 Ok(_) => {
                     return Err(format!(
                         "{} changed while its pages were being served",
@@ -568,17 +694,75 @@ impl LazySession {
     }
 }
 
-/// Freezes the container, kills each of its processes, thaws it (the kills land).
-pub fn kill_all(cgroup: &ContainerCgroup) -> anyhow::Result<()> {
-    cgroup.freeze(true)?;
-    let pids = cgroup.pids();
-    if let Ok(pids) = &pids {
-        for pid in pids {
-            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+/// Kills every process of the container: freezes it (so that none runs on meanwhile), sends
+/// each SIGKILL, thaws it (so that the kills land), and on cgroup v2 writes `cgroup.kill` too.
+/// Each step is tried whatever the others did; failures are logged.
+pub fn kill_all(cgroup: &ContainerCgroup) {
+    if let Err(e) = cgroup.freeze(true) {
+        log::warn!("lazy restore: freeze before the kill: {e:#}");
+    }
+    match cgroup.pids() {
+        Ok(pids) => {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        Err(e) => log::error!("lazy restore: list the processes to kill: {e:#}"),
+    }
+    if let Some(dir) = cgroup.v2_dir() {
+        let kill = dir.join("cgroup.kill");
+        if kill.exists()
+            && let Err(e) = fs::write(&kill, "1")
+        {
+            log::warn!("lazy restore: write {}: {e}", kill.display());
         }
     }
-    cgroup.freeze(false)?;
-    pids.map(drop)
+    if let Err(e) = cgroup.freeze(false) {
+        log::warn!("lazy restore: thaw after the kill: {e:#}");
+    }
+}
+
+/// Whether the container has no process left, waiting up to [`KILL_CONFIRM`].
+fn gone(cgroup: &ContainerCgroup) -> bool {
+    let deadline = Instant::now() + KILL_CONFIRM;
+    loop {
+        match cgroup.pids() {
+            Ok(pids) if pids.is_empty() => return true,
+            // Its cgroup removed (the container deleted): nothing can be left in it.
+            Err(_) if cgroup.v2_dir().is_none() && cgroup.v1_dir("freezer").is_none() => {
+                return true;
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Releases the held userfaultfds; with `kill`, only after every process of that cgroup is
+/// killed and gone. If they cannot be confirmed gone, the descriptors are kept open for the
+/// shim's lifetime (a leak) rather than let a survivor read zeros.
+fn release(held: &Held, kill: Option<&ContainerCgroup>) {
+    let fds = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
+    if fds.is_empty() {
+        return;
+    }
+    if let Some(cgroup) = kill {
+        kill_all(cgroup);
+        if !gone(cgroup) {
+            log::error!(
+                "lazy restore: processes of {} outlived their kill: keeping {} userfaultfd(s) \
+                 open so that none of them reads memory that never arrived",
+                cgroup.path.display(),
+                fds.len()
+            );
+            std::mem::forget(fds);
+            return;
+        }
+    }
+    drop(fds);
 }
 
 /// Kills the daemon behind `pidfd` (nothing if it already exited: a pidfd names only that
@@ -606,7 +790,9 @@ mod tests {
         let upstream_path = dir.path().join("daemon.socket");
         let upstream = UnixListener::bind(&upstream_path).unwrap();
         let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
-        let relay = std::thread::spawn(move || relay(listener, &upstream_path));
+        let held = Held::default();
+        let relay_held = held.clone();
+        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
         let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
         let (mut daemon, _) = upstream.accept().unwrap();
         // A live task with a descriptor (a pipe stands in for a userfaultfd), a zombie, the end.
@@ -657,7 +843,8 @@ mod tests {
             "end of stream passed on"
         );
 
-        let held = relay.join().unwrap().unwrap();
+        relay.join().unwrap().unwrap();
+        let held = std::mem::take(&mut *held.lock().unwrap());
         assert_eq!(held.len(), 1);
         // The daemon's copy closed: the relay's still holds the pipe open.
         // SAFETY: the descriptor came with the message and is ours.
@@ -671,12 +858,44 @@ mod tests {
     }
 
     #[test]
+    fn a_descriptor_stays_held_when_the_daemon_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream_path = dir.path().join("daemon.socket");
+        let upstream = UnixListener::bind(&upstream_path).unwrap();
+        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let held = Held::default();
+        let relay_held = held.clone();
+        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
+        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        // The daemon accepts, then dies.
+        drop(upstream.accept().unwrap());
+        drop(upstream);
+        let (_pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
+        criu.write_all(&42i32.to_ne_bytes()).unwrap();
+        sendmsg::<()>(
+            criu.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &[ControlMessage::ScmRights(&[pipe_write.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        criu.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        drop(criu);
+        // Passing it on or the end mark fails; the copy is held all the same.
+        let _ = relay.join().unwrap();
+        assert_eq!(held.lock().unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_task_message_without_its_descriptor_fails_the_relay() {
         let dir = tempfile::tempdir().unwrap();
         let upstream_path = dir.path().join("daemon.socket");
         let upstream = UnixListener::bind(&upstream_path).unwrap();
         let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
-        let relay = std::thread::spawn(move || relay(listener, &upstream_path));
+        let held = Held::default();
+        let relay_held = held.clone();
+        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
         let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
         let _daemon = upstream.accept().unwrap();
         criu.write_all(&42i32.to_ne_bytes()).unwrap();
@@ -687,5 +906,6 @@ mod tests {
             format!("{err:#}").contains("not one userfaultfd"),
             "{err:#}"
         );
+        assert!(held.lock().unwrap().is_empty());
     }
 }
