@@ -861,13 +861,17 @@ fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not
         "CONTAINER_RUNNING" => Err("running".to_string()),
         _ => Ok(()),
     });
-    let refused = log_lines(node, &hog, "not the manifest's");
-    assert!(
-        !refused.is_empty(),
-        "the changed page image went unnoticed (start: {}):\n{}",
-        started.report(),
-        node.log_excerpt(&[&hog])
-    );
+    wait_for("the shim to say why", LIVENESS, || {
+        if log_lines(node, &hog, "not the manifest's").is_empty() {
+            Err(format!(
+                "the changed page image went unnoticed (start: {}):\n{}",
+                started.report(),
+                node.log_excerpt(&[&hog])
+            ))
+        } else {
+            Ok(())
+        }
+    });
     assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
     ws.remove_pod(&restored);
 }

@@ -589,6 +589,7 @@ impl Container {
                     &metadata,
                     &descriptors,
                     daemon_started.map(|started| checkpoint::lazy::Start {
+                        id: restored_id.clone(),
                         daemon_started: started,
                         deferred,
                         cgroup: cgroup.clone(),

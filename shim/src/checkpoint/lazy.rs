@@ -62,6 +62,8 @@ type Held = Arc<Mutex<Vec<OwnedFd>>>;
 /// left to verify while they stream in, and the container's cgroup (whose processes die if the
 /// daemon or one of those images fails).
 pub struct Start {
+    /// The container's id, for the log.
+    pub id: String,
     /// The daemon's pid and a pidfd of it, once it runs.
     pub daemon_started: tokio::sync::oneshot::Sender<(i32, OwnedFd)>,
     pub deferred: Vec<DeferredPages>,
@@ -78,6 +80,7 @@ pub struct DeferredPages {
 
 /// The daemon and the relay, started before CRIU's restore.
 pub struct LazyPages {
+    id: String,
     cgroup: ContainerCgroup,
     daemon: Daemon,
     relay: JoinHandle<anyhow::Result<()>>,
@@ -232,6 +235,7 @@ impl LazyPages {
         start: Start,
     ) -> anyhow::Result<LazyPages> {
         let Start {
+            id,
             daemon_started,
             deferred,
             cgroup,
@@ -335,6 +339,7 @@ impl LazyPages {
             }
         }
         Ok(LazyPages {
+            id,
             cgroup,
             daemon,
             relay,
@@ -385,6 +390,7 @@ impl LazyPages {
             })
             .collect();
         let cgroup = self.cgroup.clone();
+        let id = self.id.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let cancelled = cancel.clone();
         let verifier = std::thread::Builder::new()
@@ -395,7 +401,9 @@ impl LazyPages {
                     let file = file.map_err(|e| format!("{}: {e}", path.display()))?;
                     pages.push((path, file, sha256, stamp));
                 }
-                verify_deferred(pages, &cgroup, &cancelled)
+                verify_deferred(pages, &cgroup, &cancelled).inspect_err(|e| {
+                    log::error!("container {id}: lazy restore: {e}");
+                })
             });
         LazySession {
             finished: false,
@@ -694,12 +702,31 @@ impl LazySession {
     }
 }
 
+/// Freezes (`true`) or thaws the container's cgroup by writing its freezer file, only if the
+/// cgroup is still there (libcgroups' freeze would create it again after a delete).
+fn freeze_if_there(cgroup: &ContainerCgroup, frozen: bool) -> std::io::Result<()> {
+    if let Some(dir) = cgroup.v2_dir() {
+        if dir.is_dir() {
+            fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        }
+        return Ok(());
+    }
+    if let Some(dir) = cgroup.v1_dir("freezer") {
+        fs::write(
+            dir.join("freezer.state"),
+            if frozen { "FROZEN" } else { "THAWED" },
+        )?;
+    }
+    Ok(())
+}
+
 /// Kills every process of the container: freezes it (so that none runs on meanwhile), sends
 /// each SIGKILL, thaws it (so that the kills land), and on cgroup v2 writes `cgroup.kill` too.
-/// Each step is tried whatever the others did; failures are logged.
+/// Each step is tried whatever the others did; failures are logged. A cgroup already removed
+/// is left alone (nothing can run in it).
 pub fn kill_all(cgroup: &ContainerCgroup) {
-    if let Err(e) = cgroup.freeze(true) {
-        log::warn!("lazy restore: freeze before the kill: {e:#}");
+    if let Err(e) = freeze_if_there(cgroup, true) {
+        log::warn!("lazy restore: freeze before the kill: {e}");
     }
     match cgroup.pids() {
         Ok(pids) => {
@@ -707,7 +734,7 @@ pub fn kill_all(cgroup: &ContainerCgroup) {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
         }
-        Err(e) => log::error!("lazy restore: list the processes to kill: {e:#}"),
+        Err(e) => log::warn!("lazy restore: list the processes to kill: {e:#}"),
     }
     if let Some(dir) = cgroup.v2_dir() {
         let kill = dir.join("cgroup.kill");
@@ -717,8 +744,8 @@ pub fn kill_all(cgroup: &ContainerCgroup) {
             log::warn!("lazy restore: write {}: {e}", kill.display());
         }
     }
-    if let Err(e) = cgroup.freeze(false) {
-        log::warn!("lazy restore: thaw after the kill: {e:#}");
+    if let Err(e) = freeze_if_there(cgroup, false) {
+        log::warn!("lazy restore: thaw after the kill: {e}");
     }
 }
 
