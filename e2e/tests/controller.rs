@@ -441,6 +441,210 @@ fn a_user_with_only_the_checkpoint_role_cannot_restore() {
     ]);
 }
 
+/// Restoring is the `restore` verb on a PodCheckpoint (KEP-5823's PodRestoreAuthorization: the
+/// policies podsnap-restore and podsnap-restore-pods of deploy/rbac.yaml), asked of whoever
+/// creates a PodRestore naming it or a pod with the kubelet's restore annotation; a Role can
+/// narrow it to some checkpoints; a user who may only create pods restores nothing; an existing
+/// pod cannot gain the annotation by an update, a status update or a binding.
+#[test]
+fn restoring_takes_the_restore_verb_on_that_checkpoint() {
+    let cluster = Cluster::get();
+    let user = "e2e-carol";
+    let mine = "e2e-carol-mine";
+    let other = "e2e-carol-other";
+    let pod_name = "e2e-carol-pod";
+    let clean = || {
+        for (kind, name) in [
+            ("rolebinding", user),
+            ("rolebinding", "e2e-carol-restorer"),
+            ("role", user),
+            ("pod", pod_name),
+        ] {
+            cluster.kubectl(["delete", kind, name, "-n", "default", "--ignore-not-found"]);
+        }
+    };
+    clean();
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": user, "namespace": "default"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]},
+            {"apiGroups": ["checkpoint.k8s.io"], "resources": ["podrestores"], "verbs": ["create"]},
+            {"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
+             "verbs": ["restore"], "resourceNames": [mine]}
+        ]
+    }));
+    let binding = |name: &str, kind: &str, role: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        })
+    };
+    cluster.apply(&binding(user, "Role", user));
+    let create_as = |as_user: bool, manifest: &Value| {
+        let mut args = vec!["create", "--dry-run=server", "-o", "name", "-f", "-"];
+        if as_user {
+            args.push("--as=e2e-carol");
+        }
+        cluster
+            .kubectl_command(args)
+            .input(manifest.to_string())
+            .run()
+            .unwrap()
+    };
+    let restore_of = |checkpoint: &str| {
+        json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "e2e-carol-restore", "namespace": "default"},
+            "spec": {"checkpointName": checkpoint}
+        })
+    };
+    let pod_from = |checkpoint: Option<&str>| {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod_name, "namespace": "default"},
+            "spec": {
+                "schedulingGates": [{"name": "podsnap.io/e2e-never"}],
+                "containers": [{"name": "c", "image": "docker.io/library/busybox:1.37.0"}]
+            }
+        });
+        if let Some(checkpoint) = checkpoint {
+            pod["metadata"]["annotations"] = json!({"checkpoint.k8s.io/restore-from": checkpoint});
+        }
+        pod
+    };
+    // What she may do is allowed (RBAC may take a moment to see a new binding).
+    let allowed = |what: &str, manifest: Value| {
+        wait_for(what, Duration::from_secs(20), || {
+            let done = create_as(true, &manifest);
+            if done.success() {
+                Ok(())
+            } else {
+                Err(done.report())
+            }
+        })
+    };
+    let refused_by = |what: &str, done: &podsnap_e2e::Finished, policy: &str, text: &str| {
+        assert!(!done.success(), "{what} was allowed: {}", done.report());
+        assert!(
+            done.stderr
+                .contains(&format!("ValidatingAdmissionPolicy '{policy}'"))
+                && done.stderr.contains(text),
+            "{what}: {}",
+            done.report()
+        );
+    };
+    let refused = |what: &str, manifest: Value| {
+        let policy = match manifest["kind"].as_str() {
+            Some("Pod") => "podsnap-restore-pods",
+            _ => "podsnap-restore",
+        };
+        refused_by(
+            what,
+            &create_as(true, &manifest),
+            policy,
+            "e2e-carol may not restore PodCheckpoint",
+        );
+    };
+    allowed(
+        "a PodRestore of the checkpoint she may restore",
+        restore_of(mine),
+    );
+    allowed("a pod of her own", pod_from(None));
+    refused("a PodRestore of another checkpoint", restore_of(other));
+    // The kubelet's annotation names a checkpoint directory: it takes `restore` on all of the
+    // namespace's PodCheckpoints, which a grant for some does not give.
+    let directory = "checkpoint-counter_default-2026-12-03T10:00:00Z";
+    refused(
+        "a pod restored from a checkpoint directory",
+        pod_from(Some(directory)),
+    );
+    cluster.apply(&binding(
+        "e2e-carol-restorer",
+        "ClusterRole",
+        "podsnap-restorer",
+    ));
+    allowed(
+        "a pod restored from a checkpoint directory, as a podsnap-restorer",
+        pod_from(Some(directory)),
+    );
+    allowed(
+        "a PodRestore of another checkpoint, as a podsnap-restorer",
+        restore_of(other),
+    );
+
+    // An existing pod cannot gain the annotation, even from a cluster admin: not by an update,
+    // a status update, nor the annotations of a binding.
+    cluster.apply(&pod_from(None));
+    let annotation = format!(
+        r#"{{"metadata":{{"annotations":{{"checkpoint.k8s.io/restore-from":"{directory}"}}}}}}"#
+    );
+    let update = cluster
+        .kubectl_command([
+            "patch",
+            "--dry-run=server",
+            "pod",
+            pod_name,
+            "-n",
+            "default",
+        ])
+        .args(["--type=merge", "-p", &annotation])
+        .run()
+        .unwrap();
+    let status_update = cluster
+        .kubectl_command([
+            "patch",
+            "--dry-run=server",
+            "pod",
+            pod_name,
+            "-n",
+            "default",
+        ])
+        .args(["--subresource=status", "--type=merge", "-p", &annotation])
+        .run()
+        .unwrap();
+    let bind = cluster
+        .kubectl_command(["create", "--dry-run=server", "-f", "-"])
+        .input(
+            json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": pod_name, "namespace": "default",
+                             "annotations": {"checkpoint.k8s.io/restore-from": directory}},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME}
+            })
+            .to_string(),
+        )
+        .run()
+        .unwrap();
+    let changed = "cannot be added to, changed on or removed from an existing pod";
+    refused_by(
+        "an update adding the annotation",
+        &update,
+        "podsnap-restore-pods",
+        changed,
+    );
+    refused_by(
+        "a status update adding the annotation",
+        &status_update,
+        "podsnap-restore-pods",
+        changed,
+    );
+    refused_by(
+        "a binding carrying the annotation",
+        &bind,
+        "podsnap-restore-pods",
+        "a binding cannot carry",
+    );
+    // The cluster admin restores what they like.
+    let mut admins = pod_from(Some(directory));
+    admins["metadata"]["name"] = json!("e2e-carol-admins");
+    let admin = create_as(false, &admins);
+    assert!(admin.success(), "{}", admin.report());
+    clean();
+}
+
 /// The `podsnap` CLI (also `kubectl podsnap`): checkpoint, list, inspect, restore and delete
 /// through the API server, with progress, and a clear failure.
 #[test]
