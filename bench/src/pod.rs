@@ -18,15 +18,15 @@
 //!   `criu restore --restore-detached` of the raw dump (its original killed first);
 //! - (g) the same restore with `podsnap.io/lazy-restore=true` until its container runs (its
 //!   memory streams in after), vs (f); then, untimed, memtest checks every page;
-//! - (h) (e)'s checkpoint throughput (its bytes over its wall time) vs `dd` copying the same
-//!   bytes (its page image) to the same file system: into the page cache as the checkpoint
-//!   writes them, and with `conv=fdatasync`, to the disk.
+//! - (h) (e)'s checkpoint throughput (its bytes over its wall time) vs `dd` writing as many
+//!   bytes (its page image's size) to the same file system: into the page cache as the
+//!   checkpoint writes them, and with `conv=fdatasync`, to the disk.
 //!
 //! Every restore pays for reading its whole checkpoint, as a first restore does: podsnapd
 //! remembers the files it verified until one changes, so before each restore every file's mode
-//! is set again (which moves its change time) and left to settle, untimed. Before each restore,
-//! raw or not, 1.5 GiB of memory is touched and freed, so that both sides restore into memory
-//! the VM's host backs (see `warm_free_memory`).
+//! is set again (which moves its change time) and left to settle, untimed. Before each timed
+//! checkpoint, restore and `dd`, podsnap's or the reference's, 1.5 GiB of memory is touched and
+//! freed, so that both sides work in memory the VM's host backs (see `warm_free_memory`).
 //!
 //! The workload is the e2e fixture memtest (e2e/fixtures/memtest.c, built static with gcc and
 //! bind-mounted read-only at /memtest): it touches N MiB of anonymous memory with a position
@@ -350,7 +350,7 @@ fn round(
             for fsync in [false, true] {
                 let rate = dd_rate(&images, dir, fsync)?;
                 eprintln!(
-                    "[{tag}] (h) dd of its page image{}: {:.0} MiB/s",
+                    "[{tag}] (h) dd of its page image's size{}: {:.0} MiB/s",
                     if fsync { ", conv=fdatasync" } else { "" },
                     rate / f64::from(1 << 20)
                 );
@@ -367,6 +367,7 @@ fn round(
             std::fs::create_dir(&images)
                 .map_err(|e| format!("create {}: {e}", images.display()))?;
             sync()?;
+            warm_free_memory()?;
             let t = raw_dump(node, w.raw, &images)?;
             let stats = criu_stats::read(&images.join("stats-dump"))?;
             eprintln!(
@@ -406,10 +407,12 @@ fn round(
     Ok(())
 }
 
-/// Bytes per second of `dd` copying the largest file under `images` (a page image) to a new
-/// file in `dir`, with `conv=fdatasync` when `fsync`; the copy goes again at once.
+/// Bytes per second of `dd` writing as many bytes as the largest file under `images` (a page
+/// image) into a new file in `dir`, from /dev/zero (reading the image back could meet it evicted
+/// from the page cache, and time the disk's reads too), with `conv=fdatasync` when `fsync`; the
+/// copy goes again at once.
 fn dd_rate(images: &Path, dir: &Path, fsync: bool) -> Result<f64, String> {
-    fn largest(dir: &Path) -> Option<(u64, PathBuf)> {
+    fn largest(dir: &Path) -> Option<u64> {
         std::fs::read_dir(dir)
             .ok()?
             .flatten()
@@ -418,20 +421,23 @@ fn dd_rate(images: &Path, dir: &Path, fsync: bool) -> Result<f64, String> {
                 if t.is_dir() {
                     largest(&e.path())
                 } else if t.is_file() {
-                    Some((e.metadata().ok()?.len(), e.path()))
+                    Some(e.metadata().ok()?.len())
                 } else {
                     None
                 }
             })
             .max()
     }
-    let (bytes, source) = largest(images).ok_or(format!("{} holds no file", images.display()))?;
+    let mib = largest(images).ok_or(format!("{} holds no file", images.display()))? >> 20;
+    let bytes = mib << 20;
     let copy = dir.join("dd.img");
     sync()?;
+    warm_free_memory()?;
     let mut cmd = Cmd::new("dd")
-        .arg(format!("if={}", source.display()))
+        .arg("if=/dev/zero")
         .arg(format!("of={}", copy.display()))
-        .args(["bs=4M", "status=none"]);
+        .arg(format!("count={mib}"))
+        .args(["bs=1M", "status=none"]);
     if fsync {
         cmd = cmd.arg("conv=fdatasync");
     }
@@ -577,6 +583,7 @@ fn pod_checkpoint(node: &Node, pod: &Pod, images: &Path) -> Result<PodCheckpoint
         .map_err(|e| format!("{}: {e}", log_path.display()))?
         .len();
     sync()?;
+    warm_free_memory()?;
     let t = node
         .podsnap(["pod", "checkpoint", &pod.id])
         .arg(images)
@@ -714,6 +721,7 @@ fn sequential_checkpoints(
     sync()?;
     let mut times = Vec::new();
     for ((id, _, _), images) in pod.containers.iter().zip(&dirs) {
+        warm_free_memory()?;
         let t = node
             .ctr(CRI_NS, ["task", "checkpoint", "--image-path"])
             .arg(images)
@@ -945,12 +953,13 @@ fn cold(images: &Path) -> Result<(), String> {
     warm_free_memory()
 }
 
-/// Touches and frees [`WARM_MIB`] of memory, so that the restore that follows allocates pages
-/// its host backs, whichever side it is. On this VM (free page reporting, DAMON) a page that
-/// stayed free for seconds costs the host a fault at its first touch: a raw restore right
-/// after killing its original reused that memory warm, a pod restore beside its running
-/// original got cold pages, and CRIU's restore took up to 4x as long, all of it in
-/// clear_page (perf); `dd` from /dev/zero into one buffer touches every page of it.
+/// Touches and frees [`WARM_MIB`] of memory, so that the timed command that follows (a
+/// checkpoint writing page cache, a restore allocating its memory, `dd`) gets pages its host
+/// backs, whichever side it is. On this VM (virtio free page reporting) a page that stayed free
+/// for seconds costs the host a fault at its first touch: a raw restore right after killing its
+/// original reused that memory warm, a pod restore beside its running original got cold pages,
+/// and CRIU's part of it took up to 3x as long, most of it in clear_page (perf); `dd` from
+/// /dev/zero into one buffer touches every page of it.
 fn warm_free_memory() -> Result<(), String> {
     Cmd::new("dd")
         .args(["if=/dev/zero", "of=/dev/null", "count=1", "status=none"])
@@ -1101,7 +1110,7 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
     let e_rate: Vec<f64> = s.e_wall.iter().map(|w| s.e_bytes as f64 / w).collect();
     let mibs = |v: &[f64]| format!("{:.0} MiB/s", median(v) / f64::from(1 << 20));
     println!(
-        "(h) checkpoint throughput of (e): {}; dd of its page image to the same file system: {} \
+        "(h) checkpoint throughput of (e): {}; dd of its page image's size to the same file system: {} \
          (page cache), {} (conv=fdatasync)",
         mibs(&e_rate),
         mibs(&s.h_dd),
