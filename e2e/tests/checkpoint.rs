@@ -32,6 +32,59 @@ fn private_dir(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// `ctr container checkpoint --rw --task` of `original` into the image
+/// `podsnap-e2e/<name>:<its id>`; returns the image's name.
+fn checkpoint_image(original: &CtrContainer, name: &str) -> String {
+    let image = format!("podsnap-e2e/{name}:{}", original.id);
+    Node::get().ctr(
+        CTR_NAMESPACE,
+        [
+            "container",
+            "checkpoint",
+            "--rw",
+            "--task",
+            &original.id,
+            &image,
+        ],
+    );
+    image
+}
+
+/// `ctr container restore --rw --live` of `image` into `restored`, which then runs.
+fn restore_image(restored: &CtrContainer, image: &str) {
+    let node = Node::get();
+    let out = node.ctr_try(
+        CTR_NAMESPACE,
+        [
+            "container",
+            "restore",
+            "--rw",
+            "--live",
+            &restored.id,
+            image,
+        ],
+    );
+    assert!(
+        out.success(),
+        "{}\n{}",
+        out.report(),
+        node.log_excerpt(&[&restored.id])
+    );
+    assert_eq!(restored.status().as_deref(), Some("RUNNING"));
+}
+
+/// Waits until a restored counter has gone on past `resumed`.
+fn wait_counting_past(restored: &CtrContainer, resumed: u64) {
+    wait_for("the restored counter to go on", LIVENESS, || {
+        let now = ctr_count(restored);
+        if now > resumed + 3 {
+            Ok(())
+        } else {
+            Err(format!("count {now}, restored at {resumed}"))
+        }
+    });
+}
+
 /// The count a ctr container last wrote.
 fn ctr_count(c: &CtrContainer) -> u64 {
     let exec_id = format!("count{}", rand_suffix());
@@ -203,18 +256,7 @@ fn podsnap_ctr_container_checkpoint_and_restore_continue_the_count_with_its_file
         }
     });
     let before = ctr_count(&original);
-    let image = format!("podsnap-e2e/checkpoint:{}", original.id);
-    node.ctr(
-        CTR_NAMESPACE,
-        [
-            "container",
-            "checkpoint",
-            "--rw",
-            "--task",
-            &original.id,
-            &image,
-        ],
-    );
+    let image = checkpoint_image(&original, "checkpoint");
     let after = ctr_count(&original);
     assert!(
         after >= before,
@@ -224,31 +266,13 @@ fn podsnap_ctr_container_checkpoint_and_restore_continue_the_count_with_its_file
     drop(original);
 
     let restored = CtrContainer::unstarted(Handler::Podsnap, "cr-restored");
-    node.ctr(
-        CTR_NAMESPACE,
-        [
-            "container",
-            "restore",
-            "--rw",
-            "--live",
-            &restored.id,
-            &image,
-        ],
-    );
-    assert_eq!(restored.status().as_deref(), Some("RUNNING"));
+    restore_image(&restored, &image);
     let resumed = ctr_count(&restored);
     assert!(
         resumed >= before,
         "the restored counter starts again from {resumed}, below the checkpointed {before}"
     );
-    wait_for("the restored counter to go on", LIVENESS, || {
-        let now = ctr_count(&restored);
-        if now > resumed + 3 {
-            Ok(())
-        } else {
-            Err(format!("count {now}, restored at {resumed}"))
-        }
-    });
+    wait_counting_past(&restored, resumed);
     assert_eq!(ctr_exec(&restored, &["cat", "/before"]).trim(), "before");
     let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
 }
@@ -288,53 +312,18 @@ fn podsnap_a_container_with_an_unreaped_child_restores_with_its_zombie_and_count
         }
     });
     let before = ctr_count(&original);
-    let image = format!("podsnap-e2e/zombie:{}", original.id);
-    node.ctr(
-        CTR_NAMESPACE,
-        [
-            "container",
-            "checkpoint",
-            "--rw",
-            "--task",
-            &original.id,
-            &image,
-        ],
-    );
+    let image = checkpoint_image(&original, "zombie");
     drop(original);
 
     let restored = CtrContainer::unstarted(Handler::Podsnap, "zombie-restored");
-    let out = node.ctr_try(
-        CTR_NAMESPACE,
-        [
-            "container",
-            "restore",
-            "--rw",
-            "--live",
-            &restored.id,
-            &image,
-        ],
-    );
-    assert!(
-        out.success(),
-        "{}\n{}",
-        out.report(),
-        node.log_excerpt(&[&restored.id])
-    );
-    assert_eq!(restored.status().as_deref(), Some("RUNNING"));
+    restore_image(&restored, &image);
     assert!(
         !zombies(&restored).is_empty(),
         "the restored container lost its zombie"
     );
     let resumed = ctr_count(&restored);
     assert!(resumed >= before, "restored at {resumed}, below {before}");
-    wait_for("the restored counter to go on", LIVENESS, || {
-        let now = ctr_count(&restored);
-        if now > resumed + 3 {
-            Ok(())
-        } else {
-            Err(format!("count {now}, restored at {resumed}"))
-        }
-    });
+    wait_counting_past(&restored, resumed);
     let _ = node.ctr_try(CTR_NAMESPACE, ["image", "rm", &image]);
 }
 

@@ -581,30 +581,25 @@ fn restoring_takes_the_restore_verb_on_that_checkpoint() {
     let annotation = format!(
         r#"{{"metadata":{{"annotations":{{"checkpoint.k8s.io/restore-from":"{directory}"}}}}}}"#
     );
-    let update = cluster
-        .kubectl_command([
-            "patch",
-            "--dry-run=server",
-            "pod",
-            pod_name,
-            "-n",
-            "default",
-        ])
-        .args(["--type=merge", "-p", &annotation])
-        .run()
-        .unwrap();
-    let status_update = cluster
-        .kubectl_command([
-            "patch",
-            "--dry-run=server",
-            "pod",
-            pod_name,
-            "-n",
-            "default",
-        ])
-        .args(["--subresource=status", "--type=merge", "-p", &annotation])
-        .run()
-        .unwrap();
+    let patch = |extra: &[&str]| {
+        cluster
+            .kubectl_command([
+                "patch",
+                "--dry-run=server",
+                "pod",
+                pod_name,
+                "-n",
+                "default",
+                "--type=merge",
+                "-p",
+                &annotation,
+            ])
+            .args(extra)
+            .run()
+            .unwrap()
+    };
+    let update = patch(&[]);
+    let status_update = patch(&["--subresource=status"]);
     let bind = cluster
         .kubectl_command(["create", "--dry-run=server", "-f", "-"])
         .input(

@@ -240,7 +240,6 @@ pub fn thread_credentials(images: &Path) -> Result<Vec<ThreadCredentials>, Creds
 /// Writes a `core-<tid>.img` with these credentials: for tests of the readers and of the
 /// restore checks built on them.
 pub fn write_core_image(dir: &Path, creds: &ThreadCredentials) -> std::io::Result<()> {
-    use prost::Message;
     let split = |m: u64| vec![m as u32, (m >> 32) as u32];
     let core = CoreEntry {
         tc: Some(TaskCoreEntry {
@@ -271,13 +270,21 @@ pub fn write_core_image(dir: &Path, creds: &ThreadCredentials) -> std::io::Resul
             comm: Some(creds.comm.clone()),
         }),
     };
-    let body = core.encode_to_vec();
+    fs::write(
+        dir.join(format!("core-{}.img", creds.tid)),
+        core_image(&core),
+    )
+}
+
+/// `core` framed as CRIU writes a core image: the two magics, the entry's length, the entry.
+fn core_image(core: &CoreEntry) -> Vec<u8> {
+    let body = prost::Message::encode_to_vec(core);
     let mut data = Vec::with_capacity(body.len() + 12);
     data.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
     data.extend_from_slice(&CORE_MAGIC.to_le_bytes());
     data.extend_from_slice(&(body.len() as u32).to_le_bytes());
     data.extend_from_slice(&body);
-    fs::write(dir.join(format!("core-{}.img", creds.tid)), data)
+    data
 }
 
 #[cfg(test)]
@@ -343,18 +350,11 @@ mod tests {
 
     #[test]
     fn a_core_image_without_credentials_is_refused() {
-        use prost::Message;
         let dir = tempfile::tempdir().unwrap();
-        let body = CoreEntry {
+        let data = core_image(&CoreEntry {
             tc: None,
             thread_core: Some(ThreadCoreEntry::default()),
-        }
-        .encode_to_vec();
-        let mut data = Vec::new();
-        data.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        data.extend_from_slice(&CORE_MAGIC.to_le_bytes());
-        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        data.extend_from_slice(&body);
+        });
         fs::write(dir.path().join("core-3.img"), data).unwrap();
         assert!(matches!(
             thread_credentials(dir.path()),
@@ -364,20 +364,13 @@ mod tests {
 
     /// A core image as CRIU's `dump_one_zombie` writes it: a task part only.
     fn write_task_only_image(dir: &Path, tid: u32, task_state: u32) {
-        use prost::Message;
-        let body = CoreEntry {
+        let data = core_image(&CoreEntry {
             tc: Some(TaskCoreEntry {
                 task_state: Some(task_state),
                 comm: Some("cat".into()),
             }),
             thread_core: None,
-        }
-        .encode_to_vec();
-        let mut data = Vec::new();
-        data.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        data.extend_from_slice(&CORE_MAGIC.to_le_bytes());
-        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        data.extend_from_slice(&body);
+        });
         fs::write(dir.join(format!("core-{tid}.img")), data).unwrap();
     }
 
@@ -404,11 +397,7 @@ mod tests {
         let data = fs::read(dir.path().join("core-11.img")).unwrap();
         let mut core = <CoreEntry as prost::Message>::decode(&data[12..]).unwrap();
         core.tc.as_mut().unwrap().task_state = Some(TASK_DEAD);
-        let body = prost::Message::encode_to_vec(&core);
-        let mut image = data[..8].to_vec();
-        image.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        image.extend_from_slice(&body);
-        let claimed = parse_core_image(Path::new("core-11.img"), &image).unwrap();
+        let claimed = parse_core_image(Path::new("core-11.img"), &core_image(&core)).unwrap();
         assert_eq!(claimed, Some(dead_root));
         // Only zombies: nothing that would run, not a checkpoint to restore.
         let zombies = tempfile::tempdir().unwrap();

@@ -811,28 +811,62 @@ pub fn kill_daemon(pidfd: &OwnedFd) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_relay_passes_pids_descriptors_and_the_end_mark_on_and_keeps_each_descriptor() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream_path = dir.path().join("daemon.socket");
-        let upstream = UnixListener::bind(&upstream_path).unwrap();
-        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
-        let held = Held::default();
-        let relay_held = held.clone();
-        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
-        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
-        let (mut daemon, _) = upstream.accept().unwrap();
-        // A live task with a descriptor (a pipe stands in for a userfaultfd), a zombie, the end.
-        let (pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
-        criu.write_all(&42i32.to_ne_bytes()).unwrap();
+    /// A relay between a socket where CRIU connects and a daemon socket this test accepts on.
+    struct Relay {
+        _dir: tempfile::TempDir,
+        upstream: UnixListener,
+        held: Held,
+        relay: JoinHandle<anyhow::Result<()>>,
+        criu: UnixStream,
+    }
+
+    impl Relay {
+        /// Starts the relay and connects to it as CRIU does.
+        fn start() -> Relay {
+            let dir = tempfile::tempdir().unwrap();
+            let upstream_path = dir.path().join("daemon.socket");
+            let upstream = UnixListener::bind(&upstream_path).unwrap();
+            let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+            let held = Held::default();
+            let relay_held = held.clone();
+            let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
+            let criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+            Relay {
+                _dir: dir,
+                upstream,
+                held,
+                relay,
+                criu,
+            }
+        }
+    }
+
+    /// Sends a live task as CRIU does: its pid, then one byte carrying `uffd`.
+    fn send_task(criu: &mut UnixStream, pid: i32, uffd: &OwnedFd) {
+        criu.write_all(&pid.to_ne_bytes()).unwrap();
         sendmsg::<()>(
             criu.as_raw_fd(),
             &[std::io::IoSlice::new(&[0])],
-            &[ControlMessage::ScmRights(&[pipe_write.as_raw_fd()])],
+            &[ControlMessage::ScmRights(&[uffd.as_raw_fd()])],
             MsgFlags::empty(),
             None,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_relay_passes_pids_descriptors_and_the_end_mark_on_and_keeps_each_descriptor() {
+        let Relay {
+            _dir,
+            upstream,
+            held,
+            relay,
+            mut criu,
+        } = Relay::start();
+        let (mut daemon, _) = upstream.accept().unwrap();
+        // A live task with a descriptor (a pipe stands in for a userfaultfd), a zombie, the end.
+        let (pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
+        send_task(&mut criu, 42, &pipe_write);
         drop(pipe_write);
         criu.write_all(&(-7i32).to_ne_bytes()).unwrap();
         criu.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
@@ -886,27 +920,18 @@ mod tests {
 
     #[test]
     fn a_descriptor_stays_held_when_the_daemon_is_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream_path = dir.path().join("daemon.socket");
-        let upstream = UnixListener::bind(&upstream_path).unwrap();
-        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
-        let held = Held::default();
-        let relay_held = held.clone();
-        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
-        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        let Relay {
+            _dir,
+            upstream,
+            held,
+            relay,
+            mut criu,
+        } = Relay::start();
         // The daemon accepts, then dies.
         drop(upstream.accept().unwrap());
         drop(upstream);
         let (_pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
-        criu.write_all(&42i32.to_ne_bytes()).unwrap();
-        sendmsg::<()>(
-            criu.as_raw_fd(),
-            &[std::io::IoSlice::new(&[0])],
-            &[ControlMessage::ScmRights(&[pipe_write.as_raw_fd()])],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        send_task(&mut criu, 42, &pipe_write);
         // The relay may have given up already (passing the descriptor on failed) and closed
         // its end: the end mark then meets a broken pipe.
         let _ = criu.write_all(&RESTORE_FINISHED.to_ne_bytes());
@@ -918,14 +943,13 @@ mod tests {
 
     #[test]
     fn a_task_message_without_its_descriptor_fails_the_relay() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream_path = dir.path().join("daemon.socket");
-        let upstream = UnixListener::bind(&upstream_path).unwrap();
-        let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
-        let held = Held::default();
-        let relay_held = held.clone();
-        let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
-        let mut criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
+        let Relay {
+            _dir,
+            upstream,
+            held,
+            relay,
+            mut criu,
+        } = Relay::start();
         let _daemon = upstream.accept().unwrap();
         criu.write_all(&42i32.to_ne_bytes()).unwrap();
         criu.write_all(&[0]).unwrap();
