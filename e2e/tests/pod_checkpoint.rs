@@ -382,15 +382,12 @@ fn podsnap_bad_pod_checkpoint_and_restore_requests_are_refused_and_leave_nothing
     );
 
     // A good checkpoint of a second container, to restore from in the bad ways below.
-    let good_c = ws.run_container(
-        &pod,
-        &ws.container_config(
-            "counter",
-            sh("i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"),
-            json!([]),
-        ),
-        &config,
+    let good_config = ws.container_config(
+        "counter",
+        sh("i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"),
+        json!([]),
     );
+    let good_c = ws.run_container(&pod, &good_config, &config);
     let checkpoint = ws.checkpoint_dir("good");
     cri.checkpoint(&pod, checkpoint.to_str().unwrap(), &[&good_c], &[])
         .expect("a good checkpoint");
@@ -444,16 +441,14 @@ fn podsnap_bad_pod_checkpoint_and_restore_requests_are_refused_and_leave_nothing
         assert!(status.success());
         dir
     };
+    let flip_first_byte = |path: &std::path::Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
+    };
+    // Every file but the page images is verified before anything is created.
     let modified = copy("modified");
-    let pages = std::fs::read_dir(modified.join("counter/checkpoint"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&pages).unwrap();
-    bytes[0] ^= 0xff;
-    std::fs::write(&pages, bytes).unwrap();
+    flip_first_byte(&modified.join("counter/checkpoint/inventory.img"));
     assert_status(
         cri.restore(
             modified.to_str().unwrap(),
@@ -526,6 +521,41 @@ fn podsnap_bad_pod_checkpoint_and_restore_requests_are_refused_and_leave_nothing
         pods_before,
         "a refused restore left a pod sandbox behind"
     );
+
+    // The page images are hashed while CRIU reads them: a modified one fails the container's
+    // start, and none of its processes ever runs.
+    let modified_pages = copy("modified-pages");
+    let pages = std::fs::read_dir(modified_pages.join("counter/checkpoint"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .unwrap()
+        .path();
+    flip_first_byte(&pages);
+    let replica = ws.pod_config(&unique("modified-pages"));
+    let restored = restored_pod(&restore_created(
+        &modified_pages,
+        &replica,
+        &[good_config.as_path()],
+    ));
+    ws.pods.push(restored.clone());
+    let counter = container_named(node, &restored, "counter");
+    let started = node.crictl_try(["start", &counter]);
+    assert!(!started.success(), "started: {}", started.report());
+    let pages_name = pages.file_name().unwrap().to_str().unwrap();
+    assert!(
+        started.stderr.contains("was modified") && started.stderr.contains(pages_name),
+        "the refusal does not name {pages_name} as modified: {}",
+        started.report()
+    );
+    assert_ne!(node.container_state(&counter), "CONTAINER_RUNNING");
+    let logs = node.crictl_try(["logs", &counter]);
+    assert!(
+        !logs.stdout.contains("count="),
+        "a process restored from the modified pages ran: {}",
+        logs.report()
+    );
+    ws.remove_pod(&restored);
 }
 
 #[test]

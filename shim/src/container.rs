@@ -491,14 +491,12 @@ impl Container {
                     // against the manifest podsnapd verified (pinned by digest in the grant),
                     // here, at start; a big file podsnapd hashed and that did not change since
                     // (the grant's stamps) is not read again.
-                    // A lazy restore leaves the page images to the session, which hashes them while
-                    // they stream in (see checkpoint::lazy).
+                    // The page images are left to the restore, which hashes them while CRIU
+                    // reads them (see checkpoint::page_check).
                     let mut deferred = Vec::new();
                     if let Some(grant) = &grant {
                         let started = std::time::Instant::now();
-                        let later = |relative: &str| {
-                            lazy && podsnap_checkpoint_format::is_page_image(relative)
-                        };
+                        let later = podsnap_checkpoint_format::is_page_image;
                         let manifest = podsnap_checkpoint_format::verify_container_deferring(
                             &grant.checkpoint,
                             &grant.manifest_sha256,
@@ -517,7 +515,7 @@ impl Container {
                                         relative,
                                     )
                             })
-                            .map(|(relative, sha256)| checkpoint::lazy::DeferredPages {
+                            .map(|(relative, sha256)| checkpoint::page_check::DeferredPages {
                                 path: grant.checkpoint.join(relative),
                                 sha256: sha256.clone(),
                                 stamp: grant.stamps.get(relative).cloned(),
@@ -588,12 +586,15 @@ impl Container {
                     &images,
                     &metadata,
                     &descriptors,
-                    daemon_started.map(|started| checkpoint::lazy::Start {
-                        id: restored_id.clone(),
-                        daemon_started: started,
-                        deferred,
-                        cgroup: cgroup.clone(),
-                    }),
+                    match daemon_started {
+                        Some(started) => checkpoint::Pages::Lazy(checkpoint::lazy::Start {
+                            id: restored_id.clone(),
+                            daemon_started: started,
+                            deferred,
+                            cgroup: cgroup.clone(),
+                        }),
+                        None => checkpoint::Pages::Eager(deferred),
+                    },
                 )?;
                 if let (Some(session), Some(scratch)) = (session.as_mut(), scratch) {
                     // The daemon reads the expanded pages until it exits.

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodTemplate};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, PodTemplate};
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -239,7 +239,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         }
         let status = pod.and_then(|p| p.status).unwrap_or_default();
         match status.phase.as_deref() {
-            Some("Running") => running += 1,
+            Some("Running") if every_container_runs(&status) => running += 1,
             Some("Failed") => {
                 // Why, as the kubelet said (a node that refused it: NodeAffinity, OutOfcpu, ...).
                 let why = [status.reason, status.message]
@@ -343,6 +343,19 @@ async fn record_pull_nodes(
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether every container of a pod runs. The phase alone does not say it: a pod whose
+/// restored containers failed to start (their `StartError` is a termination, and the kubelet
+/// restarts them) is `Running` too.
+fn every_container_runs(status: &PodStatus) -> bool {
+    let containers = status.container_statuses.as_deref().unwrap_or_default();
+    !containers.is_empty()
+        && containers.iter().all(|c| {
+            c.state
+                .as_ref()
+                .is_some_and(|state| state.running.is_some())
+        })
 }
 
 /// Whether `pod` is one the PodRestore with UID `restore_uid` created: its controller owner
@@ -516,8 +529,19 @@ mod tests {
             "metadata": {"name": "x", "namespace": "default", "uid": "x-uid",
                          "ownerReferences": owners},
             "spec": {"containers": [{"name": "counter", "image": "busybox"}]},
-            "status": {"phase": phase},
+            "status": pod_status(phase),
         })
+    }
+
+    /// A pod status of `phase`; a `Running` one with its container running.
+    fn pod_status(phase: &str) -> Value {
+        if phase != "Running" {
+            return json!({"phase": phase});
+        }
+        json!({"phase": phase, "containerStatuses": [{
+            "name": "counter", "image": "busybox", "imageID": "", "ready": true,
+            "restartCount": 0, "state": {"running": {}},
+        }]})
     }
 
     /// Reconciles the PodRestore as the API server has it now; returns its status after.
@@ -598,6 +622,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_running_pod_whose_restored_container_failed_to_start_is_not_restored() {
+        // The kubelet calls a pod Running once a container terminated and will be restarted,
+        // and a restore refused at StartContainer is such a termination.
+        let fake = cluster();
+        let mut failing = pod(Some("restore-uid"), "Running");
+        failing["status"]["containerStatuses"][0]["state"] =
+            json!({"waiting": {"reason": "RunContainerError"}});
+        failing["status"]["containerStatuses"][0]["lastState"] = json!({"terminated": {
+            "exitCode": 128, "reason": "StartError", "startedAt": "1970-01-01T00:00:00Z",
+        }});
+        fake.put(&pod_path("x"), failing);
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Restoring", "{}", status.0);
+        // Its restore succeeds on a later try: now it is.
+        fake.put(&pod_path("x"), pod(Some("restore-uid"), "Running"));
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+    }
+
+    #[tokio::test]
     async fn a_missing_pod_is_created_owned_by_the_restore_from_the_checkpoints_template() {
         let fake = cluster();
         let status = reconcile_stored(&fake).await;
@@ -621,7 +664,7 @@ mod tests {
         );
         // Running now: the next reconcile finds its own pod and completes.
         let mut running = created.clone();
-        running["status"] = json!({"phase": "Running"});
+        running["status"] = pod_status("Running");
         fake.put(&pod_path("x"), running);
         assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
     }

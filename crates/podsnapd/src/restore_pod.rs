@@ -82,11 +82,16 @@ fn remember(root: &Path, stamps: &Stamps) {
     }
 }
 
+/// RestorePod leaves the page images to the shim, which hashes them while CRIU restores from
+/// them (an eager restore resumes no process until they are verified; a lazy one kills the
+/// container when one is not the manifest's): hashing them here, before the sandbox exists,
+/// cost as much as CRIU's whole restore.
+const PAGES_IN_THE_SHIM: bool = true;
+
 /// Checks `checkpoint_path` and verifies the checkpoint's manifest and every file's hash (a big
 /// file this podsnapd verified before and that did not change since is not read again). With
-/// `pages_later`, CRIU's page images are checked for their place in the listing but not hashed:
-/// a lazy restore's shim hashes them while they stream in, and kills the containers if one is
-/// not the manifest's.
+/// `pages_later`, CRIU's page images are checked for their place in the listing but not hashed
+/// (see [`PAGES_IN_THE_SHIM`]).
 pub fn open_checkpoint(checkpoint_path: &str, pages_later: bool) -> Result<Opened, Status> {
     let path = PathBuf::from(checkpoint_path);
     if checkpoint_path.is_empty() || !path.is_absolute() {
@@ -407,7 +412,7 @@ pub async fn restore_pod(
         manifest,
         digest,
         stamps,
-    } = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path, options.lazy))
+    } = tokio::task::spawn_blocking(move || open_checkpoint(&checkpoint_path, PAGES_IN_THE_SHIM))
         .await
         .map_err(|e| Status::internal(format!("verify task: {e}")))??;
     let pairs = match_containers(&req.container_configs, &manifest)?;

@@ -16,8 +16,8 @@
 //!
 //! The page images themselves are not hashed before a lazy restore (that would cost what lazy
 //! restore saves): podsnapd and the shim verify every other file first, and the session hashes
-//! the page images, from the very files it opened before the daemon started, while the processes
-//! run. A page image that is not the manifest's kills the container at once; the restore is
+//! the page images ([`page_check`]), from the very files it opened before the daemon started,
+//! while the processes run. A page image that is not the manifest's kills the container at once; the restore is
 //! complete only when every page arrived and every page image was verified.
 //!
 //! The relay speaks CRIU's protocol (`criu/uffd.c`): per restored task a native `i32` pid, then
@@ -40,6 +40,7 @@ use anyhow::{Context, bail};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use podsnap_checkpoint_format::verified::{Identity, Stamp};
 
+use super::page_check::{self, DeferredPages, PageFile, content_changed, page_files};
 use crate::cgroup::ContainerCgroup;
 
 /// CRIU's name for the socket, relative to the work directory of whoever uses it.
@@ -68,14 +69,6 @@ pub struct Start {
     pub daemon_started: tokio::sync::oneshot::Sender<(i32, OwnedFd)>,
     pub deferred: Vec<DeferredPages>,
     pub cgroup: ContainerCgroup,
-}
-
-/// A page image verified only while it streams in: its path, the manifest's sha256 and the
-/// stamp podsnapd may have of it (which spares hashing it while the file is unchanged).
-pub struct DeferredPages {
-    pub path: PathBuf,
-    pub sha256: String,
-    pub stamp: Option<Stamp>,
 }
 
 /// The daemon and the relay, started before CRIU's restore.
@@ -115,114 +108,26 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// A pages file as it was when the restore began: held open, so that a checkpoint removed
-/// while its pages stream in (the daemon reads from files it opened) does not count as changed,
-/// while any write to it still does (it moves the modification time or the size of the open
-/// inode; its change time also moves when it is unlinked or linked, so that is not compared).
-struct PageFile {
-    path: PathBuf,
-    file: fs::File,
-    identity: Identity,
-    /// Not verified before the restore: the manifest's sha256 and podsnapd's stamp.
-    deferred: Option<(String, Option<Stamp>)>,
-}
-
-/// The `pages-*.img` of an images directory, opened, with their identities now; `deferred`
-/// (matched by file name: they are this directory's) still to be verified.
-fn page_files(images: &Path, deferred: Vec<DeferredPages>) -> anyhow::Result<Vec<PageFile>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(images).with_context(|| format!("read {}", images.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("pages-") && name.ends_with(".img") {
-            let file = fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-            let identity = Identity::of(
-                &file
-                    .metadata()
-                    .with_context(|| format!("stat {}", path.display()))?,
-            );
-            files.push(PageFile {
-                path,
-                file,
-                identity,
-                deferred: None,
-            });
-        }
-    }
-    for pages in deferred {
-        let name = pages.path.file_name();
-        let file = files
-            .iter_mut()
-            .find(|f| f.path.file_name() == name)
-            .with_context(|| {
-                format!("{} is not among the images restored", pages.path.display())
-            })?;
-        file.deferred = Some((pages.sha256, pages.stamp));
-    }
-    Ok(files)
-}
-
-/// Whether a page image's content may have changed since `before` (what the daemon served
-/// would not be what was verified).
-fn content_changed(before: &Identity, now: &Identity) -> bool {
-    (before.dev, before.ino, before.size, before.mtime) != (now.dev, now.ino, now.size, now.mtime)
-}
-
-/// A file that stops yielding bytes (an error) once `cancel` is set.
-struct Cancellable<'a> {
-    file: &'a mut fs::File,
-    cancel: &'a AtomicBool,
-}
-
-impl Read for Cancellable<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(std::io::Error::other("cancelled"));
-        }
-        self.file.read(buf)
-    }
-}
-
-/// The hex sha256 of `file`, or `None` once `cancel` is set.
-fn sha256_cancellable(file: &mut fs::File, cancel: &AtomicBool) -> std::io::Result<Option<String>> {
-    match podsnap_checkpoint_format::sha256_reader(&mut Cancellable { file, cancel }) {
-        Ok(sha256) => Ok(Some(sha256)),
-        Err(_) if cancel.load(Ordering::Relaxed) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Hashes the deferred page images (unless a stamp still vouches for one); the first that is
-/// not the manifest's kills the container's processes at once and is the error. Stops early
-/// (an error) once `cancel` is set.
+/// Hashes the deferred page images (see [`page_check::first_modified`]); the first that is not
+/// the manifest's kills the container's processes at once and is the error. Stops early (an
+/// error) once `cancel` is set.
 fn verify_deferred(
     pages: Vec<(PathBuf, fs::File, String, Option<Stamp>)>,
     cgroup: &ContainerCgroup,
     cancel: &AtomicBool,
 ) -> Result<(), String> {
-    for (path, mut file, expected, stamp) in pages {
-        if stamp
-            .as_ref()
-            .and_then(|stamp| podsnap_checkpoint_format::verified::vouched(&path, stamp))
-            .is_some_and(|sha256| sha256 == expected)
-        {
-            continue;
-        }
-        let Some(actual) = sha256_cancellable(&mut file, cancel)
-            .map_err(|e| format!("hash {}: {e}", path.display()))?
-        else {
-            return Err(format!("{} was not verified: cancelled", path.display()));
-        };
-        if actual != expected {
+    match page_check::first_modified(pages, cancel)? {
+        None => Ok(()),
+        Some(modified) => {
             kill_all(cgroup);
-            return Err(format!(
-                "{} has sha256 {actual}, not the manifest's {expected}: the container was \
-                 killed",
-                path.display()
-            ));
+            Err(format!(
+                "{} has sha256 {}, not the manifest's {}: the container was killed",
+                modified.path.display(),
+                modified.actual,
+                modified.expected
+            ))
         }
     }
-    Ok(())
 }
 
 impl LazyPages {

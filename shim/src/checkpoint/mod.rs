@@ -13,6 +13,7 @@
 mod dump;
 pub mod lazy;
 mod mounts;
+pub mod page_check;
 mod restore;
 
 use std::fs;
@@ -24,7 +25,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 pub use dump::{DumpTarget, Follower, dump_frozen, dump_unsealed, seal, user_namespace_refusal};
 pub use podsnap_checkpoint_format::container::{ExternalMount, Metadata, read_metadata, verify};
-pub use restore::{RestoreTarget, restore};
+pub use restore::{Pages, RestoreTarget, restore};
 
 /// CRIU's log verbosity for dumps and restores: errors and warnings.
 const CRIU_LOG_LEVEL: i32 = 2;

@@ -5,11 +5,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use criu_rpc::{CgroupMode, Criu, RestoreOptions};
+use criu_rpc::{CgroupMode, Criu, Notification, NotifyError, NotifyScript, RestoreOptions};
 use oci_spec::runtime::Spec;
 
 use super::lazy::{LazyPages, LazySession};
 use super::mounts::{mount_sources, needs_compat_mounts};
+use super::page_check::{DeferredPages, Verifier};
 use super::{CRIU_LOG_LEVEL, Metadata, joined_namespace, namespace_key, namespace_kind};
 
 /// Everything a restore needs to know about the new container.
@@ -23,17 +24,27 @@ pub struct RestoreTarget<'a> {
     pub stdio: [Option<&'a OwnedFd>; 3],
 }
 
+/// How a restore reads the container's memory, and verifies the page images not verified yet.
+pub enum Pages {
+    /// Before the processes resume: the page images listed are hashed while CRIU reads them,
+    /// and the restore goes on past CRIU's `post-restore` only if they are the manifest's
+    /// ([`super::page_check`]).
+    Eager(Vec<DeferredPages>),
+    /// While they run ([`super::lazy`]).
+    Lazy(super::lazy::Start),
+}
+
 /// Restores a container from `images` into the created (not yet started) container described
-/// by `target`; returns the pid of its restored init, a child of this process. With `lazy`,
-/// the processes resume before their memory is read: it streams in from CRIU's lazy-pages
-/// daemon, whose pid goes to `lazy.daemon_started` as soon as it runs (for whoever watches its
-/// exit), and the returned session must be finished when the daemon exits ([`super::lazy`]).
+/// by `target`; returns the pid of its restored init, a child of this process. With
+/// [`Pages::Lazy`], the processes resume before their memory is read: it streams in from CRIU's
+/// lazy-pages daemon, whose pid goes to `daemon_started` as soon as it runs (for whoever
+/// watches its exit), and the returned session must be finished when the daemon exits.
 pub fn restore(
     target: &RestoreTarget<'_>,
     images: &Path,
     metadata: &Metadata,
     descriptors: &[String],
-    lazy: Option<super::lazy::Start>,
+    pages: Pages,
 ) -> anyhow::Result<(i32, Option<LazySession>)> {
     let id = target.id;
     // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
@@ -109,16 +120,60 @@ pub fn restore(
         }
     }
     let criu = Criu::new();
-    let pages = match lazy {
-        Some(start) => {
+    let (pages, verifier) = match pages {
+        Pages::Lazy(start) => {
             opts = opts.lazy_pages(true);
             let pages = LazyPages::start(criu.binary(), images, work.path(), start)
                 .with_context(|| format!("container {id}: lazy restore"))?;
-            Some(pages)
+            (Some(pages), None)
         }
-        None => None,
+        Pages::Eager(deferred) if deferred.is_empty() => (None, None),
+        Pages::Eager(deferred) => {
+            let verifier = Verifier::start(images, deferred)
+                .with_context(|| format!("container {id}: verify its page images"))?;
+            (None, Some(verifier))
+        }
     };
-    match criu.restore(&opts) {
+    let restored = match verifier {
+        None => criu.restore(&opts),
+        Some(mut verifier) => {
+            // Held at post-restore (every page read, no process resumed) until the page images
+            // are known to be the manifest's; a failed notification makes CRIU kill the tree.
+            let (mut verified, mut refused) = (false, None);
+            let mut gate = |notification: &mut Notification| -> Result<(), NotifyError> {
+                if *notification.script() == NotifyScript::PostRestore {
+                    let started = std::time::Instant::now();
+                    if let Err(why) = verifier.wait() {
+                        refused = Some(why.clone());
+                        return Err(why.into());
+                    }
+                    verified = true;
+                    log::info!(
+                        "container {id}: page images verified ({} ms after CRIU read them)",
+                        started.elapsed().as_millis()
+                    );
+                }
+                Ok(())
+            };
+            let restored = criu.restore_with(&opts, &mut gate);
+            if let Some(why) = refused {
+                // CRIU killed what it restored; the checkpoint, not CRIU, is at fault.
+                return Err(crate::error::Error::FailedPrecondition(format!(
+                    "container {id}: cannot restore: {why}"
+                ))
+                .into());
+            }
+            if restored.is_ok() && !verified {
+                // Never the case with CRIU 4.x, which always notifies post-restore first.
+                bail!(
+                    "container {id}: CRIU resumed the restored processes without a post-restore \
+                     notification: its page images were not verified"
+                );
+            }
+            restored
+        }
+    };
+    match restored {
         Ok(restored) => Ok((restored.pid, pages.map(|p| p.running(work)))),
         Err(e) => {
             let mut e = anyhow::Error::from(e);
