@@ -515,9 +515,9 @@ impl Container {
                                         relative,
                                     )
                             })
-                            .map(|(relative, sha256)| checkpoint::page_check::DeferredPages {
+                            .map(|(relative, digest)| checkpoint::page_check::DeferredPages {
                                 path: grant.checkpoint.join(relative),
-                                sha256: sha256.clone(),
+                                digest: digest.clone(),
                                 stamp: grant.stamps.get(relative).cloned(),
                             })
                             .collect();

@@ -6,8 +6,10 @@
 //!   *.img, stats-dump          CRIU's images
 //!   descriptors.json           what the init's stdin/stdout/stderr were (`pipe:[ino]`, ...)
 //!   podsnap-checkpoint.json    [`Metadata`]: external mounts and namespaces, CRIU options
-//!   podsnap.sha256             the sha256 of every other file (a container checkpoint only;
-//!                              in a pod checkpoint the pod manifest lists them instead)
+//!   podsnap.sha256             the digest of every other file (a container checkpoint only;
+//!                              in a pod checkpoint the pod manifest lists them instead):
+//!                              BLAKE3 (`blake3:<hex>`) since metadata minor 1, sha256 before;
+//!                              the file keeps its name, which containerd's tools know
 //! ```
 //!
 //! The shim writes these files through [`write_metadata`] and [`seal`] and reads them through
@@ -30,12 +32,13 @@ use serde::{Deserialize, Serialize};
 pub const DESCRIPTORS: &str = "descriptors.json";
 /// podsnap's metadata about the checkpoint.
 pub const METADATA: &str = "podsnap-checkpoint.json";
-/// The sha256 of every file of a container checkpoint.
+/// The digest ([`crate::digest`]) of every file of a container checkpoint.
 pub const CHECKSUMS: &str = "podsnap.sha256";
 /// The major version of [`Metadata`] this build writes and reads.
 pub const MAJOR: u32 = 1;
-/// The minor version of [`Metadata`] this build writes.
-pub const MINOR: u32 = 0;
+/// The minor version of [`Metadata`] this build writes. 1: `podsnap.sha256` lists BLAKE3
+/// digests (a reader before it refuses them as modified files, never trusts them).
+pub const MINOR: u32 = 1;
 
 /// Why a container checkpoint was refused or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +55,7 @@ pub enum Error {
     Missing { dir: PathBuf, name: String },
     #[error("checkpoint {dir} has an unexpected file {name}")]
     Unexpected { dir: PathBuf, name: String },
-    #[error("checkpoint file {path} was modified (sha256 {actual}, expected {expected})")]
+    #[error("checkpoint file {path} was modified (it has {actual}, expected {expected})")]
     Modified {
         path: PathBuf,
         expected: String,
@@ -193,7 +196,7 @@ fn checkpoint_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(files)
 }
 
-/// Writes `podsnap.sha256` for a dumped checkpoint (every other file's sha256), and syncs what
+/// Writes `podsnap.sha256` for a dumped checkpoint (every other file's digest), and syncs what
 /// podsnap wrote into it (metadata, descriptors, `podsnap.sha256`) and the directory. Needs no
 /// frozen container: a pod checkpoint seals its containers' images after thawing them.
 pub fn seal(dir: &Path) -> Result<()> {
@@ -212,7 +215,7 @@ pub fn seal_followed(
     let sums = crate::verified::on_all_cores(&files, size, |(name, path)| {
         match followed.get(name).and_then(|f| f.of(path)) {
             Some(sum) => Ok(sum.to_string()),
-            None => crate::sha256_file(path).map_err(io("hash", path)),
+            None => crate::digest::of_file(crate::digest::WRITTEN, path).map_err(io("hash", path)),
         }
     });
     let mut text = String::new();
@@ -284,7 +287,9 @@ pub fn verify(dir: &Path) -> Result<(Metadata, Vec<String>)> {
             dir: dir.to_path_buf(),
             name: name.clone(),
         })?;
-        let got = crate::sha256_file(path).map_err(io("hash", path))?;
+        let algorithm =
+            crate::digest::Algorithm::of(want).ok_or_else(|| Error::MalformedLine(want.clone()))?;
+        let got = crate::digest::of_file(algorithm, path).map_err(io("hash", path))?;
         if &got != want {
             return Err(Error::Modified {
                 path: path.clone(),

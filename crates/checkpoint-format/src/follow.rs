@@ -1,7 +1,7 @@
 //! Hashing CRIU's page images while CRIU writes them.
 //!
 //! A container's memory is almost all of a checkpoint's bytes, and CRIU writes it to
-//! `pages-<n>.img` from start to end, never going back. So the sha256 a checkpoint is sealed
+//! `pages-<n>.img` from start to end, never going back. So the digest a checkpoint is sealed
 //! with ([`crate::container::seal_followed`]) need not wait for the dump: a [`Follower`] thread
 //! reads each page image as it grows and hashes what is there, at the `SCHED_IDLE` policy so
 //! that it only uses a core the dump leaves idle and never stretches the freeze. When the dump
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use crate::digest::{self, Hasher};
 
 /// How long the follower waits when CRIU has written nothing new.
 const IDLE: Duration = Duration::from_millis(2);
@@ -32,7 +32,8 @@ const IDLE: Duration = Duration::from_millis(2);
 /// What the follower hashed of one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Followed {
-    pub sha256: String,
+    /// Its digest ([`digest::WRITTEN`]).
+    pub digest: String,
     /// Bytes hashed: the whole file, if its length is still this.
     pub len: u64,
     pub dev: u64,
@@ -47,7 +48,7 @@ impl Followed {
             && meta.dev() == self.dev
             && meta.ino() == self.ino
             && meta.len() == self.len)
-            .then_some(self.sha256.as_str())
+            .then_some(self.digest.as_str())
     }
 }
 
@@ -67,7 +68,7 @@ pub struct Follower {
 
 struct Open {
     file: fs::File,
-    hasher: Sha256,
+    hasher: Hasher,
     len: u64,
     dev: u64,
     ino: u64,
@@ -185,7 +186,7 @@ fn follow(
                 name,
                 Open {
                     file,
-                    hasher: Sha256::new(),
+                    hasher: digest::WRITTEN.hasher(),
                     len: 0,
                     dev: meta.dev(),
                     ino: meta.ino(),
@@ -216,7 +217,7 @@ fn follow(
         .into_iter()
         .map(|(name, o)| {
             let followed = Followed {
-                sha256: crate::hex(&o.hasher.finalize()),
+                digest: o.hasher.finish(),
                 len: o.len,
                 dev: o.dev,
                 ino: o.ino,
@@ -255,7 +256,7 @@ mod tests {
             let path = dir.path().join(name);
             assert_eq!(
                 f.of(&path),
-                Some(crate::sha256_file(&path).unwrap().as_str())
+                Some(digest::of_file(digest::WRITTEN, &path).unwrap().as_str())
             );
         }
     }

@@ -4,7 +4,8 @@
 //! ```text
 //! <checkpoint>/
 //!   podsnap-manifest.json      versioned manifest: pod and container configs, image
-//!                              references, CRIU and kernel versions, sha256 of every file
+//!                              references, CRIU and kernel versions, the digest of every
+//!                              file ([`digest`]: BLAKE3 since version 2, sha256 before)
 //!   <container name>/          one per container, in the layout CRI-O, containerd and
 //!     checkpoint/              checkpointctl share: CRIU images (+ podsnap metadata)
 //!     config.dump spec.dump    container metadata and OCI spec
@@ -14,7 +15,7 @@
 //! ```
 //!
 //! [`verify`] accepts a directory only if the manifest parses, has this format and version,
-//! and lists exactly the regular files present with their sha256; symlinks, devices, FIFOs,
+//! and lists exactly the regular files present with their digests; symlinks, devices, FIFOs,
 //! sockets and paths that leave the directory are refused. This crate does not create
 //! containers or talk to CRIU.
 //!
@@ -31,6 +32,7 @@
 pub mod container;
 pub mod creds;
 pub mod criu_image;
+pub mod digest;
 pub mod dumps;
 pub mod follow;
 pub mod grant;
@@ -51,12 +53,16 @@ use sha2::{Digest, Sha256};
 pub const MANIFEST: &str = "podsnap-manifest.json";
 /// The manifest's `format` value.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The manifest's major version, which this build writes and reads. Versions follow one rule,
-/// here and in [`container::Metadata`]: a minor version only adds optional fields, so a reader
-/// accepts every minor version of its major version; another major version is refused.
-pub const VERSION: u32 = 1;
-/// The manifest's minor version this build writes. 1: `machine`.
-pub const MINOR: u32 = 1;
+/// The manifest's major version, which this build writes. Versions follow one rule, here and
+/// in [`container::Metadata`]: a minor version only adds optional fields, so a reader accepts
+/// every minor version of a major version it reads; another major version is refused.
+/// Version 2 lists BLAKE3 digests (`blake3:<hex>`, see [`digest`]); version 1 (minor 1:
+/// `machine`) listed sha256, and is still read.
+pub const VERSION: u32 = 2;
+/// The oldest major version this build reads.
+pub const OLDEST_READ: u32 = 1;
+/// The manifest's minor version this build writes.
+pub const MINOR: u32 = 0;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 16 << 20;
 /// The directory of a pod checkpoint that holds the pod's emptyDir volume archives
@@ -95,12 +101,14 @@ pub enum Error {
     Unlisted(String),
     #[error("checkpoint file {0} is missing (truncated checkpoint?)")]
     Missing(String),
-    #[error("checkpoint file {path} was modified (sha256 {actual}, manifest says {expected})")]
+    #[error("checkpoint file {path} was modified (it has {actual}, the manifest says {expected})")]
     Modified {
         path: String,
         expected: String,
         actual: String,
     },
+    #[error("the manifest's digest of {path} is neither sha256 nor blake3: {digest:?}")]
+    BadDigest { path: String, digest: String },
     #[error("the manifest lists container {0:?} twice")]
     DuplicateContainer(String),
     #[error("container directory {0:?} is not a plain name")]
@@ -175,7 +183,7 @@ pub struct Manifest {
     pub kernel: String,
     /// The `podsnap.io/...` options the checkpoint was taken with.
     pub options: BTreeMap<String, String>,
-    /// sha256 of every file, by path relative to the checkpoint directory.
+    /// The digest of every file ([`digest`]), by path relative to the checkpoint directory.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
     /// The machine it was taken on (minor 1; absent before).
@@ -356,8 +364,8 @@ pub fn write_manifest(root: &Path, manifest: &mut Manifest) -> Result<()> {
     write_manifest_reusing(root, manifest, &BTreeMap::new())
 }
 
-/// [`write_manifest`], taking the hash of a file from `known` (relative path → sha256) when the
-/// caller computed it already (the shim's `podsnap.sha256` of each container's images, moments
+/// [`write_manifest`], taking the digest of a file from `known` (relative path → digest) when
+/// the caller computed it already (the shim's `podsnap.sha256` of each container's images, moments
 /// before): a checkpoint's gigabytes are hashed once, not twice.
 pub fn write_manifest_reusing(
     root: &Path,
@@ -368,7 +376,7 @@ pub fn write_manifest_reusing(
     for (relative, path) in files(root)? {
         let hash = match known.get(&relative) {
             Some(hash) => hash.clone(),
-            None => sha256_file(&path).map_err(io(&path))?,
+            None => digest::of_file(digest::WRITTEN, &path).map_err(io(&path))?,
         };
         manifest.files.insert(relative, hash);
     }
@@ -495,7 +503,7 @@ fn read_manifest(root: &Path) -> Result<(Manifest, String)> {
         version: u32,
     }
     let version: Version = serde_json::from_slice(&data).map_err(malformed)?;
-    if version.format != FORMAT || version.version != VERSION {
+    if version.format != FORMAT || !(OLDEST_READ..=VERSION).contains(&version.version) {
         return Err(Error::Format {
             format: version.format,
             version: version.version,
@@ -602,17 +610,21 @@ fn check_files(
     };
     let checked = verified::on_all_cores(&jobs, size, |&(relative, expected, path)| {
         if let Some(stamp) = known.get(relative.as_str())
-            && &stamp.sha256 == expected
+            && &stamp.digest == expected
             && verified::vouched(path, stamp).is_some()
         {
             return Ok(Some(stamp.clone()));
         }
-        let hashed = verified::hash(path).map_err(io(path))?;
-        if &hashed.sha256 != expected {
+        let algorithm = digest::Algorithm::of(expected).ok_or_else(|| Error::BadDigest {
+            path: relative.clone(),
+            digest: expected.clone(),
+        })?;
+        let hashed = verified::hash(path, algorithm).map_err(io(path))?;
+        if &hashed.digest != expected {
             return Err(Error::Modified {
                 path: relative.clone(),
                 expected: expected.clone(),
-                actual: hashed.sha256,
+                actual: hashed.digest,
             });
         }
         Ok(hashed.stamp)
@@ -906,7 +918,7 @@ mod tests {
             Err(Error::Modified { .. })
         ));
         // A stamp of another hash than the manifest's is not used either.
-        lying.get_mut("web/checkpoint/pages-1.img").unwrap().sha256 = "00".repeat(32);
+        lying.get_mut("web/checkpoint/pages-1.img").unwrap().digest = "00".repeat(32);
         assert!(matches!(
             verify_stamped(dir.path(), &lying),
             Err(Error::Modified { .. })

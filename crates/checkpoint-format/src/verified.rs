@@ -4,7 +4,7 @@
 //! podsnapd's `RestorePod` verifies the whole checkpoint, then the shim verifies each container's
 //! files again at `StartContainer` (and N replicas of one checkpoint verify it N times). For a
 //! gigabyte of pages that is most of the restore. Like the kernel's IMA, which keeps a file's
-//! appraisal until the inode changes, a reader may instead keep a [`Stamp`]: the sha256 it
+//! appraisal until the inode changes, a reader may instead keep a [`Stamp`]: the digest it
 //! verified and the file's [`Identity`] (device, inode, size, modification and change times)
 //! when it did. A later reader re-hashes only a file whose identity is no longer the stamp's:
 //! any write, truncation, rename over, `chmod` or `utimensat` moves its change time, which
@@ -73,10 +73,10 @@ impl Identity {
     }
 }
 
-/// A file's sha256 as verified, and its identity when it was.
+/// A file's digest as verified ([`crate::digest`]), and its identity when it was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
-    pub sha256: String,
+    pub digest: String,
     pub identity: Identity,
 }
 
@@ -85,34 +85,34 @@ pub type Stamps = BTreeMap<String, Stamp>;
 
 /// A file hashed by [`hash`].
 pub struct Hashed {
-    pub sha256: String,
+    pub digest: String,
     /// A stamp for the hash, when the file deserves one (settled, unchanged while hashed, at
     /// least [`STAMPED_MIN`] bytes).
     pub stamp: Option<Stamp>,
 }
 
-/// Hashes the regular file at `path` (a symlink is refused: ELOOP).
-pub fn hash(path: &Path) -> std::io::Result<Hashed> {
+/// Hashes the regular file at `path` with `algorithm` (a symlink is refused: ELOOP).
+pub fn hash(path: &Path, algorithm: crate::digest::Algorithm) -> std::io::Result<Hashed> {
     let started = SystemTime::now();
     let mut file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let before = Identity::of(&file.metadata()?);
-    let sha256 = crate::sha256_reader(&mut file)?;
+    let digest = crate::digest::of_reader(algorithm, &mut file)?;
     let after = Identity::of(&file.metadata()?);
     let stamp = (before == after && before.size >= STAMPED_MIN && before.settled_before(started))
         .then(|| Stamp {
-            sha256: sha256.clone(),
+            digest: digest.clone(),
             identity: before,
         });
-    Ok(Hashed { sha256, stamp })
+    Ok(Hashed { digest, stamp })
 }
 
-/// The sha256 of the file at `path` if `stamp` still vouches for it (the file's identity is the
+/// The digest of the file at `path` if `stamp` still vouches for it (the file's identity is the
 /// stamp's), without reading it.
 pub fn vouched(path: &Path, stamp: &Stamp) -> Option<String> {
-    (Identity::at(path).ok()? == stamp.identity).then(|| stamp.sha256.clone())
+    (Identity::at(path).ok()? == stamp.identity).then(|| stamp.digest.clone())
 }
 
 /// Runs `work` on every item on up to `threads` threads (at least one), the largest items
@@ -181,10 +181,10 @@ mod tests {
         let path = dir.path().join("pages-1.img");
         big_file(&path);
         age(&path);
-        let hashed = hash(&path).unwrap();
+        let hashed = hash(&path, crate::digest::WRITTEN).unwrap();
         let stamp = hashed.stamp.expect("a settled big file gets a stamp");
-        assert_eq!(stamp.sha256, hashed.sha256);
-        assert_eq!(vouched(&path, &stamp), Some(hashed.sha256.clone()));
+        assert_eq!(stamp.digest, hashed.digest);
+        assert_eq!(vouched(&path, &stamp), Some(hashed.digest.clone()));
 
         // Same size, same bytes count, another byte: the change time moves.
         let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -202,11 +202,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fresh = dir.path().join("fresh");
         big_file(&fresh);
-        assert!(hash(&fresh).unwrap().stamp.is_none(), "not settled yet");
+        assert!(
+            hash(&fresh, crate::digest::WRITTEN)
+                .unwrap()
+                .stamp
+                .is_none(),
+            "not settled yet"
+        );
         let small = dir.path().join("small");
         fs::write(&small, b"core").unwrap();
         age(&small);
-        assert!(hash(&small).unwrap().stamp.is_none(), "below STAMPED_MIN");
+        assert!(
+            hash(&small, crate::digest::WRITTEN)
+                .unwrap()
+                .stamp
+                .is_none(),
+            "below STAMPED_MIN"
+        );
     }
 
     #[test]
@@ -217,7 +229,9 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert_eq!(
-            hash(&link).err().and_then(|e| e.raw_os_error()),
+            hash(&link, crate::digest::WRITTEN)
+                .err()
+                .and_then(|e| e.raw_os_error()),
             Some(libc::ELOOP)
         );
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use podsnap_checkpoint_format::digest::{self, Algorithm};
 use podsnap_checkpoint_format::{
     ContainerEntry, Error, FORMAT, MANIFEST, Manifest, PodEntry, VERSION, VOLUMES_DIR, files,
     sha256_file, verify, write_manifest,
@@ -70,7 +71,7 @@ fn a_container_named_like_the_volumes_directory_is_refused() {
     );
 }
 
-/// What an accepted checkpoint must be: every file present listed with its actual sha256 and
+/// What an accepted checkpoint must be: every file present listed with its actual digest and
 /// every listed file present, every listed path and container directory inside the checkpoint,
 /// no container named like the volumes directory.
 fn check_accepted(root: &Path, manifest: &Manifest) {
@@ -80,9 +81,11 @@ fn check_accepted(root: &Path, manifest: &Manifest) {
         manifest.files.keys().collect::<Vec<_>>()
     );
     for (relative, path) in &present {
+        let listed = &manifest.files[relative];
+        let algorithm = Algorithm::of(listed).expect("an accepted digest names its algorithm");
         assert_eq!(
-            &sha256_file(path).unwrap(),
-            &manifest.files[relative],
+            &digest::of_file(algorithm, path).unwrap(),
+            listed,
             "{relative}"
         );
     }

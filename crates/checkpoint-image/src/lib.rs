@@ -18,7 +18,7 @@
 //! [`unpack`] is the only way back: it trusts nothing in the blobs. Every blob's sha256 and size
 //! must be the descriptor's; the config must be a podsnap manifest; a layer may hold only
 //! regular files, each listed in that manifest, under the layer's own path, once, within a
-//! byte budget; the result is [`podsnap_checkpoint_format::verify`]ed (every file's sha256)
+//! byte budget; the result is [`podsnap_checkpoint_format::verify`]ed (every file's digest)
 //! before it is renamed into place. Any failure removes what was unpacked.
 //!
 //! This crate does no network I/O: readers and writers come from the caller (a registry
@@ -345,7 +345,7 @@ pub fn seal_config(plain: &[u8], recipients: &Recipients) -> Result<(Vec<u8>, De
 }
 
 /// Writes `layer` to `out` as deterministic tar+zstd at `level`; returns its descriptor. Each
-/// file is hashed as it is read: one that no longer has its manifest's size and sha256 fails
+/// file is hashed as it is read: one that no longer has its manifest's size and digest fails
 /// the layer ([`Error::Changed`]), so a checkpoint never leaves other than it verified.
 ///
 /// With `recipients`, the compressed stream is sealed to them as it is written (media type
@@ -367,7 +367,11 @@ pub fn write_layer(
     encoder.window_log(WINDOW_LOG).map_err(io_err(context()))?;
     let mut builder = tar::Builder::new(encoder);
     builder.mode(tar::HeaderMode::Deterministic);
-    for (relative, (path, sha256)) in &layer.files {
+    for (relative, (path, expected)) in &layer.files {
+        let algorithm = format::digest::Algorithm::of(expected).ok_or_else(|| Error::Changed {
+            path: relative.clone(),
+            reason: format!("its manifest digest {expected:?} is neither sha256 nor blake3"),
+        })?;
         let file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
         let size = file
             .metadata()
@@ -382,21 +386,24 @@ pub fn write_layer(
         header.set_mtime(0);
         // append_data sets the path (long names through GNU extensions) and the checksum.
         // Read in large pieces: page images are hundreds of MiB.
-        let mut reading = Hashing::new(io::BufReader::with_capacity(1 << 20, file.take(size)));
+        let mut reading = format::digest::Reading::new(
+            io::BufReader::with_capacity(1 << 20, file.take(size)),
+            algorithm,
+        );
         builder
             .append_data(&mut header, relative, &mut reading)
             .map_err(io_err(format!("packing {}", path.display())))?;
-        let (actual, read, _) = reading.finish();
+        let (actual, read) = reading.finish();
         if read != size {
             return Err(Error::Changed {
                 path: relative.clone(),
                 reason: format!("{read} of its {size} bytes could be read"),
             });
         }
-        if actual != format!("sha256:{sha256}") {
+        if &actual != expected {
             return Err(Error::Changed {
                 path: relative.clone(),
-                reason: format!("it has {actual}, the manifest sha256:{sha256}"),
+                reason: format!("it has {actual}, the manifest {expected}"),
             });
         }
     }

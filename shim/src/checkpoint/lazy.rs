@@ -121,7 +121,7 @@ fn verify_deferred(
         Some(modified) => {
             kill_all(cgroup);
             Err(format!(
-                "{} has sha256 {}, not the manifest's {}: the container was killed",
+                "{} has {}, not the manifest's {}: the container was killed",
                 modified.path.display(),
                 modified.actual,
                 modified.expected
@@ -290,8 +290,8 @@ impl LazyPages {
             .pages
             .iter()
             .filter_map(|page| {
-                let (sha256, stamp) = page.deferred.clone()?;
-                Some((page.path.clone(), page.file.try_clone(), sha256, stamp))
+                let (digest, stamp) = page.deferred.clone()?;
+                Some((page.path.clone(), page.file.try_clone(), digest, stamp))
             })
             .collect();
         let cgroup = self.cgroup.clone();
