@@ -88,7 +88,8 @@ fn assert_never_started(pod: &KubePod<'_>) {
             pod.name
         );
     }
-    assert_ne!(status["phase"], "Running", "{status}");
+    // (Not the phase: the kubelet calls a pod whose container will be started again after a
+    // `StartError` Running, though nothing of it ever ran.)
 }
 
 #[test]

@@ -491,8 +491,9 @@ impl Container {
                     // against the manifest podsnapd verified (pinned by digest in the grant),
                     // here, at start; a big file podsnapd hashed and that did not change since
                     // (the grant's stamps) is not read again.
-                    // The page images are left to the restore, which hashes them while CRIU
-                    // reads them (see checkpoint::page_check).
+                    // Plain page images are left to the restore, which hashes them while CRIU
+                    // reads them (see checkpoint::page_check); compressed ones (`.img.zst`) are
+                    // hashed here, before they are expanded.
                     let mut deferred = Vec::new();
                     if let Some(grant) = &grant {
                         let started = std::time::Instant::now();
@@ -578,7 +579,7 @@ impl Container {
                     id: &restored_id,
                     spec: &spec,
                     rootfs: &rootfs,
-                    cgroup_path: &cgroup.path,
+                    cgroup: &cgroup,
                     stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],
                 };
                 let (pid, mut session) = checkpoint::restore(

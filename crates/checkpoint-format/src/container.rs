@@ -37,7 +37,9 @@ pub const CHECKSUMS: &str = "podsnap.sha256";
 /// The major version of [`Metadata`] this build writes and reads.
 pub const MAJOR: u32 = 1;
 /// The minor version of [`Metadata`] this build writes. 1: `podsnap.sha256` lists BLAKE3
-/// digests (a reader before it refuses them as modified files, never trusts them).
+/// digests. This one breaks the rule above, knowingly: a reader older than it, or `sha256sum
+/// -c`, takes each `blake3:` digest for a modified file and refuses the checkpoint. It fails
+/// closed (it never trusts such a checkpoint), with a misleading message.
 pub const MINOR: u32 = 1;
 
 /// Why a container checkpoint was refused or could not be written.

@@ -186,7 +186,7 @@ pub struct Manifest {
     /// The digest of every file ([`digest`]), by path relative to the checkpoint directory.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
-    /// The machine it was taken on (minor 1; absent before).
+    /// The machine it was taken on (since version 1 minor 1; absent before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<Machine>,
 }

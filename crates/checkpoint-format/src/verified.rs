@@ -1,9 +1,9 @@
 //! Hashing a checkpoint's files once per change, not once per reader.
 //!
-//! A restore reads every file of a checkpoint twice before CRIU reads it a third time:
-//! podsnapd's `RestorePod` verifies the whole checkpoint, then the shim verifies each container's
-//! files again at `StartContainer` (and N replicas of one checkpoint verify it N times). For a
-//! gigabyte of pages that is most of the restore. Like the kernel's IMA, which keeps a file's
+//! A restore would read every file of a checkpoint twice before CRIU reads it a third time:
+//! podsnapd's `RestorePod` verifies the checkpoint (all but the page images, which the shim
+//! hashes while CRIU reads them), then the shim verifies each container's files again at
+//! `StartContainer` (and N replicas of one checkpoint verify it N times). Like the kernel's IMA, which keeps a file's
 //! appraisal until the inode changes, a reader may instead keep a [`Stamp`]: the digest it
 //! verified and the file's [`Identity`] (device, inode, size, modification and change times)
 //! when it did. A later reader re-hashes only a file whose identity is no longer the stamp's:
@@ -76,6 +76,9 @@ impl Identity {
 /// A file's digest as verified ([`crate::digest`]), and its identity when it was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
+    /// `sha256` in the restore grant, as before checkpoint format 2: a podsnapd and a shim of
+    /// either side of that change read each other's grants during an upgrade.
+    #[serde(rename = "sha256")]
     pub digest: String,
     pub identity: Identity,
 }

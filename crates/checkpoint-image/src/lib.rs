@@ -272,13 +272,13 @@ pub struct Layer {
     pub media_type: &'static str,
     /// A container name, or `_volumes/<volume>.tar`.
     pub path: String,
-    /// Relative path in the checkpoint → the file and its sha256 in the verified manifest.
+    /// Relative path in the checkpoint → the file and its digest in the verified manifest.
     pub files: BTreeMap<String, (PathBuf, String)>,
 }
 
 /// The layers of the checkpoint at `root`: one per container directory, one per volume
 /// archive. Returns its manifest with them. The manifest and the file list are checked here
-/// ([`format::verify_listing`]); every file's sha256 is checked by [`write_layer`] as it packs
+/// ([`format::verify_listing`]); every file's digest is checked by [`write_layer`] as it packs
 /// it, so a checkpoint is read once.
 pub fn plan(root: &Path) -> Result<(Manifest, Vec<Layer>)> {
     let (manifest, _) = format::verify_listing(root)?;

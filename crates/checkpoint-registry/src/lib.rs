@@ -5,12 +5,12 @@
 //! blocking packer thread through a small bounded channel into chunked PATCHes, so no second
 //! copy of the checkpoint is ever written, and memory stays at a few chunks whatever its size.
 //! The digest the packer computed must be the one the upload computed. A layer cache (optional,
-//! keyed by the layer's files' sha256s and the compression level) lets a second push of the
+//! keyed by the layer's files' digests and the compression level) lets a second push of the
 //! same checkpoint upload nothing: a cached layer is reused only if the registry has the blob.
 //!
 //! [`Registry::pull`] streams each blob from the registry into
 //! [`podsnap_checkpoint_image::unpack`], which trusts none of it: every blob's digest and size
-//! must be the descriptor's, every file its manifest's sha256, and nothing appears at the target
+//! must be the descriptor's, every file its manifest's digest, and nothing appears at the target
 //! until the whole checkpoint verifies. A manifest pulled by digest must have that digest.
 //!
 //! oci-client has no retries; this crate retries what fails for a passing reason (a refused or
@@ -884,7 +884,7 @@ impl Read for BlobReader {
 }
 
 /// What identifies a layer's bytes: its media type, path, level and every file's name and
-/// sha256 (packing is deterministic for one zstd).
+/// digest (packing is deterministic for one zstd).
 fn layer_key(layer: &Layer, level: i32, recipients: Option<&Recipients>) -> String {
     let mut hash = Sha256::new();
     hash.update(format!(

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus, PodTemplate};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, PodStatus, PodTemplate};
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -221,6 +221,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
 
     // Completed once every pod runs; Failed when one failed.
     let mut running = 0;
+    let mut not_started = Vec::new();
     let mut bound = Vec::new();
     for pod_name in &names {
         let pod = pods.get_opt(pod_name).await?;
@@ -238,8 +239,11 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             bound.push(node);
         }
         let status = pod.and_then(|p| p.status).unwrap_or_default();
+        if let Some(why) = refused_starts(&status) {
+            not_started.push(format!("{pod_name}: {why}"));
+        }
         match status.phase.as_deref() {
-            Some("Running") if every_container_runs(&status) => running += 1,
+            Some("Running" | "Succeeded") if every_container_restored(&status) => running += 1,
             Some("Failed") => {
                 // Why, as the kubelet said (a node that refused it: NodeAffinity, OutOfcpu, ...).
                 let why = [status.reason, status.message]
@@ -276,7 +280,16 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             "Restored",
             done,
             if done { "PodsRunning" } else { "PodsStarting" },
-            &format!("{running} of {} restored pods running", names.len()),
+            &if not_started.is_empty() || done {
+                format!("{running} of {} restored pods running", names.len())
+            } else {
+                format!(
+                    "{running} of {} restored pods running; the kubelet retries, never starting \
+                     them fresh: {}",
+                    names.len(),
+                    not_started.join("; ")
+                )
+            },
         )],
         ..Default::default()
     };
@@ -345,22 +358,55 @@ async fn record_pull_nodes(
     }
 }
 
-/// Whether every container of a pod runs. The phase alone does not say it: a pod whose
-/// restored containers failed to start (their `StartError` is a termination, and the kubelet
-/// restarts them) is `Running` too.
-fn every_container_runs(status: &PodStatus) -> bool {
+/// Whether every container of a restored pod came back: it runs, or it ran since and ended
+/// (a container that exits 0 under `restartPolicy: OnFailure`, one crash-looping after its
+/// restore). The phase alone does not say it: a pod whose restored containers failed to start
+/// is `Running` too, their `StartError` being a termination the kubelet restarts from, and
+/// such a container never ran.
+fn every_container_restored(status: &PodStatus) -> bool {
     let containers = status.container_statuses.as_deref().unwrap_or_default();
+    let ran = |terminated: Option<&ContainerStateTerminated>| {
+        terminated.is_some_and(|t| t.reason.as_deref() != Some(START_ERROR))
+    };
     !containers.is_empty()
         && containers.iter().all(|c| {
-            c.state
-                .as_ref()
-                .is_some_and(|state| state.running.is_some())
+            let state = c.state.as_ref();
+            state.is_some_and(|s| s.running.is_some())
+                || ran(state.and_then(|s| s.terminated.as_ref()))
+                || ran(c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))
         })
 }
 
-/// Whether `pod` is one the PodRestore with UID `restore_uid` created: its controller owner
-/// reference names that UID.
-pub fn created_by(pod: &Pod, restore_uid: &str) -> bool {
+/// The kubelet's reason for a container that could not be started (for a restored one: its
+/// restore was refused).
+const START_ERROR: &str = "StartError";
+
+/// Why the restored containers of a pod did not start, as the kubelet last said it: `None`
+/// when none was refused.
+fn refused_starts(status: &PodStatus) -> Option<String> {
+    let refused: Vec<String> = status
+        .container_statuses
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| {
+            let t = c.last_state.as_ref()?.terminated.as_ref()?;
+            (t.reason.as_deref() == Some(START_ERROR)).then(|| {
+                let message: String = t
+                    .message
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(300)
+                    .collect();
+                format!("container {}: {message}", c.name)
+            })
+        })
+        .collect();
+    (!refused.is_empty()).then(|| refused.join("; "))
+}
+
+fn created_by(pod: &Pod, restore_uid: &str) -> bool {
     !restore_uid.is_empty()
         && pod
             .metadata
@@ -631,12 +677,41 @@ mod tests {
             json!({"waiting": {"reason": "RunContainerError"}});
         failing["status"]["containerStatuses"][0]["lastState"] = json!({"terminated": {
             "exitCode": 128, "reason": "StartError", "startedAt": "1970-01-01T00:00:00Z",
+            "message": "checkpoint file pages-1.img was modified",
         }});
         fake.put(&pod_path("x"), failing);
         let status = reconcile_stored(&fake).await;
         assert_eq!(status.phase(), "Restoring", "{}", status.0);
+        let said = status.0["conditions"][0]["message"].as_str().unwrap_or("");
+        assert!(
+            said.contains("x: container counter: checkpoint file pages-1.img was modified"),
+            "{said}"
+        );
         // Its restore succeeds on a later try: now it is.
         fake.put(&pod_path("x"), pod(Some("restore-uid"), "Running"));
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+    }
+
+    #[tokio::test]
+    async fn a_restored_container_that_ran_and_ended_counts_as_restored() {
+        // restartPolicy OnFailure, exit 0 after its restore: the pod Succeeded.
+        let fake = cluster();
+        let mut done = pod(Some("restore-uid"), "Running");
+        done["status"]["phase"] = json!("Succeeded");
+        done["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
+            "exitCode": 0, "reason": "Completed", "startedAt": "2026-12-03T00:00:00Z",
+        }});
+        fake.put(&pod_path("x"), done);
+        assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
+        // Crash-looping after its restore: it came back, then failed on its own.
+        let fake = cluster();
+        let mut looping = pod(Some("restore-uid"), "Running");
+        looping["status"]["containerStatuses"][0]["state"] =
+            json!({"waiting": {"reason": "CrashLoopBackOff"}});
+        looping["status"]["containerStatuses"][0]["lastState"] = json!({"terminated": {
+            "exitCode": 1, "reason": "Error", "startedAt": "2026-12-03T00:00:00Z",
+        }});
+        fake.put(&pod_path("x"), looping);
         assert_eq!(reconcile_stored(&fake).await.phase(), "Completed");
     }
 

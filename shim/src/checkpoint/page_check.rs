@@ -6,7 +6,8 @@
 //! descriptors while CRIU restores from them:
 //! - an **eager** restore waits for the hashes at CRIU's `post-restore` notification, when every
 //!   page is in memory and no restored process has run yet ([`Verifier::wait`]). A page image
-//!   that is not the manifest's, or that changed since it was opened, fails the notification,
+//!   that is not the manifest's, or that changed since it was opened (its full identity, change
+//!   time included, of the open file and at its path), fails the notification,
 //!   and CRIU kills the restored tree: no process ever runs on memory that was not verified;
 //! - a **lazy** restore hashes them while its processes run (see [`super::lazy`]).
 
@@ -195,39 +196,67 @@ impl Verifier {
         })
     }
 
-    /// Waits for every page image to be hashed; an error names the first that is not the
-    /// manifest's, or one that changed since [`Verifier::start`] (on disk, or at its path).
-    pub fn wait(&mut self) -> Result<(), String> {
+    /// Waits for every page image to be hashed. [`Unverified::Refused`] names the first that is
+    /// not the manifest's, or one whose identity (device, inode, size, modification and change
+    /// time) moved since [`Verifier::start`], of the open file or at its path: CRIU opens it by
+    /// path, and any rename, link, write or `utimensat` in between moves its change time, which
+    /// nobody can set back. [`Unverified::Failed`] says the check itself could not be made.
+    pub fn wait(&mut self) -> Result<(), Unverified> {
         let hashed = match self.hashing.take() {
             Some(handle) => handle
                 .join()
                 .unwrap_or_else(|_| Err("the page verifier panicked".to_string())),
-            None => return Err("the page images were verified once already".to_string()),
+            None => {
+                return Err(Unverified::Failed(
+                    "the page images were verified once already".to_string(),
+                ));
+            }
         };
-        if let Some(modified) = hashed? {
-            return Err(format!(
+        if let Some(modified) = hashed.map_err(Unverified::Failed)? {
+            return Err(Unverified::Refused(format!(
                 "checkpoint file {} was modified (it has {}, the manifest says {})",
                 modified.path.display(),
                 modified.actual,
                 modified.expected
-            ));
+            )));
         }
         for page in &self.pages {
             let opened = page
                 .file
                 .metadata()
                 .map(|m| Identity::of(&m))
-                .map_err(|e| format!("{}: {e}", page.path.display()))?;
-            let named =
-                Identity::at(&page.path).map_err(|e| format!("{}: {e}", page.path.display()))?;
-            if content_changed(&page.identity, &opened) || content_changed(&page.identity, &named) {
-                return Err(format!(
+                .map_err(|e| Unverified::Failed(format!("{}: {e}", page.path.display())))?;
+            let named = Identity::at(&page.path).map_err(|e| {
+                Unverified::Refused(format!(
+                    "checkpoint file {} is gone or unreadable: {e}",
+                    page.path.display()
+                ))
+            })?;
+            if page.identity != opened || page.identity != named {
+                return Err(Unverified::Refused(format!(
                     "checkpoint file {} was modified while it was restored",
                     page.path.display()
-                ));
+                )));
             }
         }
         Ok(())
+    }
+}
+
+/// Why [`Verifier::wait`] did not verify the page images.
+#[derive(Debug)]
+pub enum Unverified {
+    /// The checkpoint is at fault: a page image is not the manifest's, or changed.
+    Refused(String),
+    /// The check could not be made (a read failed, the hashing thread died).
+    Failed(String),
+}
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unverified::Refused(why) | Unverified::Failed(why) => f.write_str(why),
+        }
     }
 }
 
@@ -287,7 +316,7 @@ mod tests {
             vec![deferred(dir.path(), "pages-1.img", "md5:00".to_string())],
         )
         .unwrap();
-        let err = verifier.wait().unwrap_err();
+        let err = verifier.wait().unwrap_err().to_string();
         assert!(err.contains("neither sha256 nor blake3"), "{err}");
     }
 
@@ -299,7 +328,7 @@ mod tests {
             vec![deferred(dir.path(), "pages-1.img", blake3(b"memory"))],
         )
         .unwrap();
-        let err = verifier.wait().unwrap_err();
+        let err = verifier.wait().unwrap_err().to_string();
         assert!(
             err.contains("pages-1.img was modified") && err.contains(&blake3(b"memory")),
             "{err}"
@@ -317,8 +346,33 @@ mod tests {
         // What CRIU would open now is another file than the one hashed.
         fs::write(dir.path().join("other"), b"evil!!").unwrap();
         fs::rename(dir.path().join("other"), dir.path().join("pages-1.img")).unwrap();
-        let err = verifier.wait().unwrap_err();
+        let err = verifier.wait().unwrap_err().to_string();
         assert!(err.contains("modified while it was restored"), "{err}");
+    }
+
+    #[test]
+    fn a_page_image_swapped_out_and_back_while_it_was_restored_is_refused() {
+        let dir = images(&[("pages-1.img", b"memory")]);
+        let path = dir.path().join("pages-1.img");
+        // Past the change time's granularity (a clock tick).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut verifier = Verifier::start(
+            dir.path(),
+            vec![deferred(dir.path(), "pages-1.img", blake3(b"memory"))],
+        )
+        .unwrap();
+        // What CRIU opens by path is another file for a while; then the original comes back,
+        // same inode, size and modification time.
+        let aside = dir.path().join("aside");
+        fs::hard_link(&path, &aside).unwrap();
+        fs::write(dir.path().join("evil"), b"EVIL!!").unwrap();
+        fs::rename(dir.path().join("evil"), &path).unwrap();
+        fs::rename(&aside, &path).unwrap();
+        let err = verifier.wait().unwrap_err();
+        assert!(
+            matches!(&err, Unverified::Refused(why) if why.contains("modified while it was restored")),
+            "{err:?}"
+        );
     }
 
     #[test]

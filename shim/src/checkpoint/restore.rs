@@ -10,7 +10,7 @@ use oci_spec::runtime::Spec;
 
 use super::lazy::{LazyPages, LazySession};
 use super::mounts::{mount_sources, needs_compat_mounts};
-use super::page_check::{DeferredPages, Verifier};
+use super::page_check::{DeferredPages, Unverified, Verifier};
 use super::{CRIU_LOG_LEVEL, Metadata, joined_namespace, namespace_key, namespace_kind};
 
 /// Everything a restore needs to know about the new container.
@@ -18,8 +18,8 @@ pub struct RestoreTarget<'a> {
     pub id: &'a str,
     pub spec: &'a Spec,
     pub rootfs: &'a Path,
-    /// The new container's cgroup path (relative to each hierarchy).
-    pub cgroup_path: &'a Path,
+    /// The new container's cgroup (its `path` is relative to each hierarchy).
+    pub cgroup: &'a crate::cgroup::ContainerCgroup,
     /// The container side of the new stdio: stdin, stdout, stderr.
     pub stdio: [Option<&'a OwnedFd>; 3],
 }
@@ -56,7 +56,7 @@ pub fn restore(
         ))
         .into());
     }
-    let sources = mount_sources(metadata, target.spec, target.cgroup_path)?;
+    let sources = mount_sources(metadata, target.spec, &target.cgroup.path)?;
     let mut namespace_fds = Vec::new();
     for name in &metadata.external_namespaces {
         let (typ, _) = namespace_kind(name);
@@ -74,7 +74,7 @@ pub fn restore(
         .prefix("podsnap-criu-work-")
         .tempdir()
         .context("create CRIU work directory")?;
-    let cgroup = target.cgroup_path.display().to_string();
+    let cgroup = target.cgroup.path.display().to_string();
     let mut opts = RestoreOptions::new(images)
         .work_dir(work.path())
         .log_file("restore.log")
@@ -144,8 +144,11 @@ pub fn restore(
                 if *notification.script() == NotifyScript::PostRestore {
                     let started = std::time::Instant::now();
                     if let Err(why) = verifier.wait() {
-                        refused = Some(why.clone());
-                        return Err(why.into());
+                        let message = why.to_string();
+                        if let Unverified::Refused(_) = why {
+                            refused = Some(message.clone());
+                        }
+                        return Err(message.into());
                     }
                     verified = true;
                     log::info!(
@@ -164,10 +167,12 @@ pub fn restore(
                 .into());
             }
             if restored.is_ok() && !verified {
-                // Never the case with CRIU 4.x, which always notifies post-restore first.
+                // Never the case with CRIU 4.x, which always notifies post-restore first. The
+                // processes run already: none may go on with memory that was not verified.
+                super::lazy::kill_all(target.cgroup);
                 bail!(
                     "container {id}: CRIU resumed the restored processes without a post-restore \
-                     notification: its page images were not verified"
+                     notification: its page images were not verified, and its processes were killed"
                 );
             }
             restored
