@@ -367,6 +367,23 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
             .ok_or_else(|| format!("{events:?}"))
     });
     assert!(refused.contains(to.as_str()), "{refused}");
+    // ... and so does the PodRestore.
+    wait_for(
+        "the PodRestore to say why it waits",
+        Duration::from_secs(60),
+        || {
+            let status = restore.get()["status"].clone();
+            let said = status["conditions"][0]["message"].as_str().unwrap_or("");
+            if status["phase"] == "Restoring"
+                && said.contains("checkpoint image not pulled")
+                && said.contains("no decryption key")
+            {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        },
+    );
     let waiting = restore.get();
     let name = waiting["status"]["restoredPodName"]
         .as_str()

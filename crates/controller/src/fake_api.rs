@@ -6,7 +6,8 @@
 //! namespaced collection (a list), POST to a collection (409 `AlreadyExists` when the name is
 //! taken; a UID and resourceVersion are assigned), PATCH as a JSON merge patch (of the object, or
 //! of its status through `/status`), and the kubelet's pod checkpoint endpoint behind the node
-//! proxy, answered with what the test set. Events are accepted and kept only as requests.
+//! proxy, answered with what the test set. Events sent are accepted and kept only as requests;
+//! events listed are those a test put.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -106,7 +107,7 @@ impl FakeApi {
                 _ => status(500, "InternalError", "no kubelet answer set"),
             };
         }
-        if seen.path.contains("/events") {
+        if seen.path.contains("/events") && seen.method != "GET" {
             return (201, seen.body);
         }
         // After `namespaces/{ns}/`: {plural} (a collection), {plural}/{name} (an object),

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, PodStatus, PodTemplate};
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Event, Pod, PodStatus, PodTemplate};
+use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -268,6 +268,18 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let done = running == names.len();
+    // A restored pod whose checkpoint image a node cannot pull waits (never starting fresh):
+    // the agents say why on the PodCheckpoint; the PodRestore says it too.
+    if !done && image.is_some() {
+        let since = object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string());
+        if let Some(why) = last_pull_failure(&ctx.client, &namespace, wanted, since).await {
+            not_started.push(format!("checkpoint image not pulled: {why}"));
+        }
+    }
     let status = PodRestoreStatus {
         phase: Some(if done {
             PodRestorePhase::Completed
@@ -284,8 +296,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
                 format!("{running} of {} restored pods running", names.len())
             } else {
                 format!(
-                    "{running} of {} restored pods running; the kubelet retries, never starting \
-                     them fresh: {}",
+                    "{running} of {} restored pods running; retried, never started fresh: {}",
                     names.len(),
                     not_started.join("; ")
                 )
@@ -375,6 +386,48 @@ fn every_container_restored(status: &PodStatus) -> bool {
                 || ran(state.and_then(|s| s.terminated.as_ref()))
                 || ran(c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))
         })
+}
+
+/// The newest `PullFailed` a node agent reported on PodCheckpoint `name` (its note: the node
+/// and the reason), not older than `since` (RFC 3339). Best effort: `None` when the events
+/// cannot be listed.
+async fn last_pull_failure(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    since: Option<String>,
+) -> Option<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("involvedObject.name={name},reason=PullFailed");
+    let listed = match events.list(&ListParams::default().fields(&selector)).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::debug!(checkpoint = name, "list its PullFailed events: {e}");
+            return None;
+        }
+    };
+    // RFC 3339 in UTC: later is greater.
+    let when = |e: &Event| {
+        e.series
+            .as_ref()
+            .and_then(|s| s.last_observed_time.as_ref())
+            .map(|t| t.0.to_string())
+            .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.to_string()))
+            .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()))
+            .unwrap_or_default()
+    };
+    listed
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("PullFailed")
+                && e.involved_object.kind.as_deref() == Some("PodCheckpoint")
+                && e.involved_object.name.as_deref() == Some(name)
+        })
+        .filter(|e| since.as_ref().is_none_or(|since| when(e) >= *since))
+        .max_by_key(when)
+        .and_then(|e| e.message)
+        .map(|m| m.chars().take(300).collect())
 }
 
 /// The kubelet's reason for a container that could not be started (for a restored one: its
@@ -833,6 +886,59 @@ mod tests {
         checkpoint["status"]["image"] = json!({"reference": image, "size": 1});
         fake.put(&path, checkpoint);
         fake
+    }
+
+    #[tokio::test]
+    async fn a_pull_failure_on_its_checkpoint_is_said_in_the_restores_condition() {
+        let image = format!(
+            "registry.example:5000/team/counter@sha256:{}",
+            "a".repeat(64)
+        );
+        let fake = fake_checkpoint_with_image(&image);
+        let event = |name: &str, kind: &str, reason: &str, message: &str, at: &str| {
+            json!({"apiVersion": "v1", "kind": "Event",
+                   "metadata": {"name": name, "namespace": "default"},
+                   "involvedObject": {"kind": kind, "name": "c", "namespace": "default"},
+                   "reason": reason, "message": message, "lastTimestamp": at})
+        };
+        let events = |name: &str| path_of("v1", "events", "default", name);
+        fake.put(
+            &events("e1"),
+            event(
+                "e1",
+                "PodCheckpoint",
+                "PullFailed",
+                "node n1: old reason",
+                "2026-12-03T10:00:00Z",
+            ),
+        );
+        fake.put(
+            &events("e2"),
+            event(
+                "e2",
+                "PodCheckpoint",
+                "PullFailed",
+                "node n1: no decryption key",
+                "2026-12-03T11:00:00Z",
+            ),
+        );
+        fake.put(
+            &events("e3"),
+            event(
+                "e3",
+                "Pod",
+                "PullFailed",
+                "someone else's",
+                "2026-12-03T12:00:00Z",
+            ),
+        );
+        let status = reconcile_stored(&fake).await;
+        assert_eq!(status.phase(), "Restoring", "{}", status.0);
+        let said = status.0["conditions"][0]["message"].as_str().unwrap_or("");
+        assert!(
+            said.contains("checkpoint image not pulled: node n1: no decryption key"),
+            "{said}"
+        );
     }
 
     #[tokio::test]
