@@ -271,11 +271,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     // A restored pod whose checkpoint image a node cannot pull waits (never starting fresh):
     // the agents say why on the PodCheckpoint; the PodRestore says it too.
     if !done && image.is_some() {
-        let since = object
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string());
+        let since = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
         if let Some(why) = last_pull_failure(&ctx.client, &namespace, wanted, since).await {
             not_started.push(format!("checkpoint image not pulled: {why}"));
         }
@@ -389,13 +385,13 @@ fn every_container_restored(status: &PodStatus) -> bool {
 }
 
 /// The newest `PullFailed` a node agent reported on PodCheckpoint `name` (its note: the node
-/// and the reason), not older than `since` (RFC 3339). Best effort: `None` when the events
+/// and the reason), not older than `since`. Best effort: `None` when the events
 /// cannot be listed.
 async fn last_pull_failure(
     client: &kube::Client,
     namespace: &str,
     name: &str,
-    since: Option<String>,
+    since: Option<jiff::Timestamp>,
 ) -> Option<String> {
     let events: Api<Event> = Api::namespaced(client.clone(), namespace);
     let selector = format!("involvedObject.name={name},reason=PullFailed");
@@ -406,15 +402,13 @@ async fn last_pull_failure(
             return None;
         }
     };
-    // RFC 3339 in UTC: later is greater.
     let when = |e: &Event| {
         e.series
             .as_ref()
             .and_then(|s| s.last_observed_time.as_ref())
-            .map(|t| t.0.to_string())
-            .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.to_string()))
-            .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()))
-            .unwrap_or_default()
+            .map(|t| t.0)
+            .or_else(|| e.last_timestamp.as_ref().map(|t| t.0))
+            .or_else(|| e.event_time.as_ref().map(|t| t.0))
     };
     listed
         .items
@@ -424,7 +418,7 @@ async fn last_pull_failure(
                 && e.involved_object.kind.as_deref() == Some("PodCheckpoint")
                 && e.involved_object.name.as_deref() == Some(name)
         })
-        .filter(|e| since.as_ref().is_none_or(|since| when(e) >= *since))
+        .filter(|e| since.is_none_or(|since| when(e).is_some_and(|at| at >= since)))
         .max_by_key(when)
         .and_then(|e| e.message)
         .map(|m| m.chars().take(300).collect())
