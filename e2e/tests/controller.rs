@@ -1295,7 +1295,9 @@ fn node_agents_cannot_read_checkpointed_pod_specs() {
 #[test]
 fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
     let cluster = Cluster::get();
-    let pod = cluster.create_pod(slow_counter_pod("e2e-twice", 1024));
+    // 3 GiB in an emptyDir: its capture outlasts the 1.1 s below (1 GiB no longer did, once
+    // checkpoints were hashed with BLAKE3).
+    let pod = cluster.create_pod(slow_counter_pod("e2e-twice", 3072));
     pod.wait_ready();
     wait_counting(&pod, 2);
     let before = checkpoint_entries(cluster);

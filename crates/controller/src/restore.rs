@@ -316,11 +316,18 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         )
         .await;
         Ok(Action::await_change())
+    } else if image.is_some() {
+        // Its pods wait for the image, which changes nothing of them while a pull fails: look
+        // at the agents' events again, besides the pods' watch events.
+        Ok(Action::requeue(PULL_RECHECK))
     } else {
         // Its pods' watch events (Controller::owns) reconcile it again.
         Ok(Action::await_change())
     }
 }
+
+/// How often a restore whose pods wait for a checkpoint image looks for pull failures.
+const PULL_RECHECK: Duration = Duration::from_secs(10);
 
 /// Adds `nodes` to PodCheckpoint `name`'s `status.pullNodes` (a merge patch over the version
 /// read, so that two restores of one checkpoint do not drop each other's nodes); false when the
