@@ -294,6 +294,15 @@ mod tests {
         }
     }
 
+    /// A verifier of `pages-1.img` in `dir`, which the manifest says has `digest`.
+    fn one_page(dir: &tempfile::TempDir, digest: String) -> Verifier {
+        Verifier::start(
+            dir.path(),
+            vec![deferred(dir.path(), "pages-1.img", digest)],
+        )
+        .unwrap()
+    }
+
     #[test]
     fn page_images_that_are_the_manifests_pass_whichever_algorithm_it_used() {
         let dir = images(&[("pages-1.img", b"memory"), ("pages-2.img", b"more")]);
@@ -311,11 +320,7 @@ mod tests {
     #[test]
     fn a_malformed_manifest_digest_fails_the_check() {
         let dir = images(&[("pages-1.img", b"memory")]);
-        let mut verifier = Verifier::start(
-            dir.path(),
-            vec![deferred(dir.path(), "pages-1.img", "md5:00".to_string())],
-        )
-        .unwrap();
+        let mut verifier = one_page(&dir, "md5:00".to_string());
         let err = verifier.wait().unwrap_err().to_string();
         assert!(err.contains("neither sha256 nor blake3"), "{err}");
     }
@@ -323,11 +328,7 @@ mod tests {
     #[test]
     fn a_modified_page_image_is_named() {
         let dir = images(&[("pages-1.img", b"memorY")]);
-        let mut verifier = Verifier::start(
-            dir.path(),
-            vec![deferred(dir.path(), "pages-1.img", blake3(b"memory"))],
-        )
-        .unwrap();
+        let mut verifier = one_page(&dir, blake3(b"memory"));
         let err = verifier.wait().unwrap_err().to_string();
         assert!(
             err.contains("pages-1.img was modified") && err.contains(&blake3(b"memory")),
@@ -338,11 +339,7 @@ mod tests {
     #[test]
     fn a_page_image_replaced_at_its_path_after_it_was_opened_is_refused() {
         let dir = images(&[("pages-1.img", b"memory")]);
-        let mut verifier = Verifier::start(
-            dir.path(),
-            vec![deferred(dir.path(), "pages-1.img", sha256(b"memory"))],
-        )
-        .unwrap();
+        let mut verifier = one_page(&dir, sha256(b"memory"));
         // What CRIU would open now is another file than the one hashed.
         fs::write(dir.path().join("other"), b"evil!!").unwrap();
         fs::rename(dir.path().join("other"), dir.path().join("pages-1.img")).unwrap();
@@ -356,11 +353,7 @@ mod tests {
         let path = dir.path().join("pages-1.img");
         // Past the change time's granularity (a clock tick).
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut verifier = Verifier::start(
-            dir.path(),
-            vec![deferred(dir.path(), "pages-1.img", blake3(b"memory"))],
-        )
-        .unwrap();
+        let mut verifier = one_page(&dir, blake3(b"memory"));
         // What CRIU opens by path is another file for a while; then the original comes back,
         // same inode, size and modification time.
         let aside = dir.path().join("aside");
