@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use podsnap_e2e::cluster::{
-    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, Object, checkpoint_of, counter_pod, counts,
-    metric, tamper_with,
+    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, Object, RESTORE_FROM, checkpoint_of, counter_pod,
+    counts, metric, tamper_with,
 };
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
@@ -286,11 +286,9 @@ fn warm_start_of_three_replicas_from_one_checkpoint_lazily() {
         let seen = wait_counting(replica, 2);
         assert!(seen[0] > 0, "{} started fresh: {seen:?}", replica.name);
         let got = replica.get();
+        // The PodCheckpoint by name: the kubelet read it (KEP-5823's spec.restoreFrom.name).
         assert_eq!(
-            got["metadata"]["annotations"]["checkpoint.k8s.io/restore-from"]
-                .as_str()
-                .map(|s| s.starts_with("checkpoint-e2e-warm-source_default-")),
-            Some(true),
+            got["metadata"]["annotations"]["checkpoint.k8s.io/restore-from"], "e2e-warm-ckpt",
             "{got}"
         );
         // Lazily (`lazy: true`): the kubelet's RestorePod read the pod's annotation, and the
@@ -326,6 +324,270 @@ fn warm_start_of_three_replicas_from_one_checkpoint_lazily() {
 
 /// Invalid specs are refused at admission (CRD validation, CEL); objects that cannot succeed end
 /// Failed with a reason.
+/// A pod that names a PodCheckpoint in its restore annotation (KEP-5823's `spec.restoreFrom.name`)
+/// is restored by the kubelet, which reads that object: one that does not exist, or failed,
+/// leaves the pod Pending with the KEP's `CheckpointNotReady` (never started fresh); a Ready one
+/// kept on the pod's node restores it, counting on from the checkpoint.
+#[test]
+fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
+    let cluster = Cluster::get();
+    let source = cluster.create_pod(counter_pod("e2e-ref-source"));
+    source.wait_ready();
+    wait_counting(&source, 3);
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-ref-ckpt", "e2e-ref-source"));
+    assert_eq!(
+        checkpoint.wait_phase(&["Ready", "Failed"])["status"]["phase"],
+        "Ready"
+    );
+    let failed = Object::create(cluster, checkpoint_of("e2e-ref-failed", "e2e-ref-nobody"));
+    assert_eq!(
+        failed.wait_phase(&["Ready", "Failed"])["status"]["phase"],
+        "Failed"
+    );
+    let restored_from = |name: &str, checkpoint: &str| {
+        let mut pod = counter_pod(name);
+        pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
+        pod
+    };
+    for (name, reference, says) in [
+        (
+            "e2e-ref-missing",
+            "e2e-ref-nothing",
+            "PodCheckpoint default/e2e-ref-nothing not found",
+        ),
+        (
+            "e2e-ref-unready",
+            "e2e-ref-failed",
+            "PodCheckpoint default/e2e-ref-failed is not Ready (phase Failed",
+        ),
+    ] {
+        let pod = cluster.create_pod(restored_from(name, reference));
+        let events = wait_for(
+            format!("{name}: a CheckpointNotReady event"),
+            Duration::from_secs(90),
+            || {
+                let events = pod.events();
+                if events
+                    .iter()
+                    .any(|e| e.starts_with("CheckpointNotReady:") && e.contains(says))
+                {
+                    Ok(events)
+                } else {
+                    Err(format!("{events:#?}"))
+                }
+            },
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.starts_with("Started:") || e.starts_with("Restored:")),
+            "{name} started: {events:#?}"
+        );
+        let got = pod.get();
+        assert_eq!(got["status"]["phase"], "Pending", "{got}");
+        assert!(
+            got["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|c| c["state"]["running"].is_null()),
+            "{got}"
+        );
+    }
+    let restored = cluster.create_pod(restored_from("e2e-ref-restored", "e2e-ref-ckpt"));
+    restored.wait_ready();
+    let seen = restored.wait_counting("counter", 2);
+    assert!(seen[0] > 0, "e2e-ref-restored started fresh: {seen:?}");
+    let events = restored.events();
+    assert!(
+        events.iter().any(|e| e.starts_with("Restored:")),
+        "{events:#?}"
+    );
+}
+
+/// KEP-5823's P2 tier: a Deployment whose pod template references a PodCheckpoint warm-starts
+/// every replica from it. Its ReplicaSet controller creates the pods, so that controller is the
+/// one asked for `restore` on the checkpoint (podsnap-restore-pods): without a grant no replica
+/// is created and the ReplicaSet says why; with one (a Role naming that checkpoint, bound to the
+/// replicaset-controller's service account) three replicas are restored by their kubelet, and
+/// again after a scale to zero and back.
+#[test]
+fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica() {
+    let cluster = Cluster::get();
+    let (deployment, grant) = ("e2e-deploy", "e2e-deploy-restore");
+    let clean = || {
+        cluster.kubectl([
+            "delete",
+            "deployment",
+            deployment,
+            "-n",
+            "default",
+            "--ignore-not-found",
+            "--cascade=foreground",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+        for kind in ["rolebinding", "role"] {
+            cluster.kubectl(["delete", kind, grant, "-n", "default", "--ignore-not-found"]);
+        }
+    };
+    clean();
+    let source = cluster.create_pod(counter_pod("e2e-deploy-source"));
+    source.wait_ready();
+    wait_counting(&source, 3);
+    let checkpoint = Object::create(
+        cluster,
+        checkpoint_of("e2e-deploy-ckpt", "e2e-deploy-source"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    // The checkpointed pod's containers, on the checkpoint's node (by its hostname label).
+    let node = ready["status"]["nodeName"].as_str().unwrap().to_owned();
+    let hostname = cluster.kubectl([
+        "get",
+        "node",
+        &node,
+        "-o",
+        r"jsonpath={.metadata.labels.kubernetes\.io/hostname}",
+    ]);
+    let mut template = json!({"spec": counter_pod("unused")["spec"].clone()});
+    template["metadata"] = json!({
+        "labels": {"app": deployment},
+        "annotations": {RESTORE_FROM: "e2e-deploy-ckpt"}
+    });
+    template["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": hostname.trim()});
+    cluster.apply(&json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": deployment, "namespace": "default"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": deployment}},
+            "template": template
+        }
+    }));
+    let replicas = || -> Vec<Value> {
+        let out = cluster.kubectl([
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            &format!("app={deployment}"),
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    };
+    // No grant: the ReplicaSet controller may not restore that checkpoint.
+    wait_for(
+        "the ReplicaSet to say it may not restore",
+        Duration::from_secs(90),
+        || {
+            let out = cluster.kubectl([
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "reason=FailedCreate",
+                "-o",
+                "json",
+            ]);
+            let list: Value = serde_json::from_str(&out).unwrap();
+            let said = list["items"].as_array().into_iter().flatten().any(|e| {
+                e["involvedObject"]["kind"] == "ReplicaSet"
+                    && e["message"].as_str().is_some_and(|m| {
+                        m.contains("podsnap-restore-pods")
+                            && m.contains(
+                                "system:serviceaccount:kube-system:replicaset-controller may not \
+                                 restore PodCheckpoint e2e-deploy-ckpt",
+                            )
+                    })
+            });
+            if said { Ok(()) } else { Err(out) }
+        },
+    );
+    assert!(replicas().is_empty(), "{:#?}", replicas());
+
+    // The namespace's owner lets the ReplicaSet controller restore this checkpoint, and only it.
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": grant, "namespace": "default"},
+        "rules": [{"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
+                   "verbs": ["restore"], "resourceNames": ["e2e-deploy-ckpt"]}]
+    }));
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": grant, "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
+        "subjects": [{"kind": "ServiceAccount", "name": "replicaset-controller",
+                      "namespace": "kube-system"}]
+    }));
+    let restored_replicas = |round: &str| {
+        wait_for(
+            format!("{round}: three replicas running"),
+            Duration::from_secs(180),
+            || {
+                // An update of the ReplicaSet makes its controller try again now, not after
+                // its failure backoff.
+                cluster.kubectl([
+                    "annotate",
+                    "replicasets",
+                    "-n",
+                    "default",
+                    "-l",
+                    &format!("app={deployment}"),
+                    &format!("e2e.podsnap.io/poke={round}"),
+                    "--overwrite",
+                ]);
+                let pods = replicas();
+                let running = pods
+                    .iter()
+                    .filter(|p| p["status"]["phase"] == "Running" && is_ready(p))
+                    .count();
+                if pods.len() == 3 && running == 3 {
+                    Ok(pods)
+                } else {
+                    Err(format!("{} pods, {running} running", pods.len()))
+                }
+            },
+        );
+        for pod in replicas() {
+            let name = pod["metadata"]["name"].as_str().unwrap();
+            let seen = counts(&cluster.kubectl(["logs", "-n", "default", name]));
+            let seen = if seen.len() >= 2 {
+                seen
+            } else {
+                std::thread::sleep(Duration::from_secs(3));
+                counts(&cluster.kubectl(["logs", "-n", "default", name]))
+            };
+            assert!(
+                seen.first().is_some_and(|&n| n > 0),
+                "{round}: replica {name} started fresh: {seen:?}"
+            );
+            let events = cluster.events("default", name);
+            assert!(
+                events.iter().any(|e| e.starts_with("Restored:")),
+                "{round}: {name}: {events:#?}"
+            );
+        }
+    };
+    restored_replicas("first");
+    cluster.kubectl(["scale", "deployment", deployment, "--replicas=0"]);
+    wait_for("no replicas", Duration::from_secs(120), || {
+        let left = replicas().len();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} left"))
+        }
+    });
+    cluster.kubectl(["scale", "deployment", deployment, "--replicas=3"]);
+    restored_replicas("after scaling to 0 and back");
+    clean();
+}
+
 #[test]
 fn invalid_specs_are_refused_and_impossible_ones_fail_with_a_reason() {
     let cluster = Cluster::get();
@@ -554,8 +816,17 @@ fn restoring_takes_the_restore_verb_on_that_checkpoint() {
     );
     allowed("a pod of her own", pod_from(None));
     refused("a PodRestore of another checkpoint", restore_of(other));
-    // The kubelet's annotation names a checkpoint directory: it takes `restore` on all of the
-    // namespace's PodCheckpoints, which a grant for some does not give.
+    // A pod naming a PodCheckpoint (the kubelet reads that object) takes `restore` on it.
+    allowed(
+        "a pod restored from the PodCheckpoint she may restore",
+        pod_from(Some(mine)),
+    );
+    refused(
+        "a pod restored from another PodCheckpoint",
+        pod_from(Some(other)),
+    );
+    // A pod naming a checkpoint directory takes `restore` on all of the namespace's
+    // PodCheckpoints, which a grant for some does not give.
     let directory = "checkpoint-counter_default-2026-12-03T10:00:00Z";
     refused(
         "a pod restored from a checkpoint directory",
@@ -1344,4 +1615,12 @@ fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(record(&dir)).unwrap();
     }
+}
+
+fn is_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }

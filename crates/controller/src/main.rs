@@ -2,7 +2,8 @@
 //! (`checkpoint.k8s.io/v1alpha1`, KEP-5823). A PodCheckpoint is taken through the kubelet's pod
 //! checkpoint API (`POST /checkpointpod/{namespace}/{pod}`, kubelet-patches/) on the source pod's
 //! node, reached through the API server's node proxy; a PodRestore creates pods annotated
-//! `checkpoint.k8s.io/restore-from`, pinned to the checkpoint's node, which the kubelet restores.
+//! `checkpoint.k8s.io/restore-from: <PodCheckpoint>`, pinned to the checkpoint's node, which the
+//! kubelet restores after reading that PodCheckpoint.
 //!
 //! Every object ends Ready/Completed or Failed with a reason; a failure is not retried (no retry
 //! storm). An object found mid-checkpoint after a restart is failed cleanly: the kubelet and the

@@ -1,7 +1,7 @@
 //! Reconciling a `PodRestore`: its PodCheckpoint must be Ready; then `replicas` pods are created
 //! from the checkpointed pod's spec, pinned to the checkpoint's node and annotated
-//! `checkpoint.k8s.io/restore-from`, with the template's labels and annotations (and name, for a
-//! single pod). The kubelet restores them (a restore it cannot do fails the pod with an event,
+//! `checkpoint.k8s.io/restore-from: <the PodCheckpoint's name>`, with the template's labels and
+//! annotations (and name, for a single pod). The kubelet restores them (a restore it cannot do fails the pod with an event,
 //! never a fresh start); the PodRestore is Completed once all run, Failed when one fails.
 //!
 //! The spec is the one the checkpoint's `PodTemplate` holds, as the controller wrote it (same
@@ -164,7 +164,9 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             }
         }
         let mut annotations = template.annotations.clone();
-        annotations.insert(RESTORE_FROM.to_string(), checkpoint_dir.clone());
+        // The PodCheckpoint by name (KEP-5823's spec.restoreFrom.name): the kubelet reads it and
+        // restores only from a Ready checkpoint whose data on its node was taken for it.
+        annotations.insert(RESTORE_FROM.to_string(), wanted.clone());
         if object.spec.lazy == Some(true) {
             annotations.insert(LAZY_RESTORE.to_string(), "true".to_string());
         }
@@ -779,10 +781,7 @@ mod tests {
             created["metadata"]["ownerReferences"][0]["uid"],
             "restore-uid"
         );
-        assert_eq!(
-            created["metadata"]["annotations"][RESTORE_FROM],
-            "checkpoint-p_default-t"
-        );
+        assert_eq!(created["metadata"]["annotations"][RESTORE_FROM], "c");
         assert_eq!(created["spec"]["nodeName"], "n1");
         assert_eq!(created["spec"]["containers"][0]["name"], "counter");
         assert!(
@@ -825,10 +824,7 @@ mod tests {
         assert_eq!(status.phase(), "Restoring", "{}", status.0);
         let created = stored.get(&pod_path("x")).unwrap();
         assert!(created["spec"].get("nodeName").is_none(), "{created}");
-        assert_eq!(
-            created["metadata"]["annotations"][RESTORE_FROM],
-            "checkpoint-p_default-t"
-        );
+        assert_eq!(created["metadata"]["annotations"][RESTORE_FROM], "c");
         assert_eq!(created["metadata"]["annotations"][RESTORE_IMAGE], image);
         // A node asked for: there.
         stored = fake_checkpoint_with_image(&image);
