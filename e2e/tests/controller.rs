@@ -144,7 +144,7 @@ fn suspend_and_resume_under_the_same_pod_name() {
         "podcheckpoint_phase_total{phase=\"Checkpointing\"}",
         "podcheckpoint_phase_total{phase=\"Ready\"}",
         "podcheckpoint_ready_condition_total{status=\"False\",reason=\"CheckpointInProgress\"}",
-        "podcheckpoint_ready_condition_total{status=\"True\",reason=\"Checkpointed\"}",
+        "podcheckpoint_ready_condition_total{status=\"True\",reason=\"CheckpointCompleted\"}",
     ] {
         assert_eq!(
             grew(&controller_before, &controller, series),
@@ -334,16 +334,55 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
     let source = cluster.create_pod(counter_pod("e2e-ref-source"));
     source.wait_ready();
     wait_counting(&source, 3);
-    let checkpoint = Object::create(cluster, checkpoint_of("e2e-ref-ckpt", "e2e-ref-source"));
+    // Pinned to the source pod's UID; its status as KEP-5823 names it.
+    let mut pinned = checkpoint_of("e2e-ref-ckpt", "e2e-ref-source");
+    pinned["spec"]["sourcePodUID"] = json!(source.uid());
+    let checkpoint = Object::create(cluster, pinned);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    let status = &ready["status"];
+    assert_eq!(status["phase"], "Ready", "{ready}");
+    assert_eq!(status["sourcePodUID"], source.uid(), "{ready}");
+    assert_eq!(status["conditions"][0]["type"], "Ready", "{ready}");
     assert_eq!(
-        checkpoint.wait_phase(&["Ready", "Failed"])["status"]["phase"],
-        "Ready"
+        status["conditions"][0]["reason"], "CheckpointCompleted",
+        "{ready}"
+    );
+    assert_eq!(
+        status["checkpointedContainers"][0]["name"], "counter",
+        "{ready}"
+    );
+    let image = status["checkpointedContainers"][0]["image"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        image.starts_with("docker.io/library/busybox@sha256:"),
+        "not pinned by digest: {ready}"
     );
     let failed = Object::create(cluster, checkpoint_of("e2e-ref-failed", "e2e-ref-nobody"));
+    let status = failed.wait_phase(&["Ready", "Failed"])["status"].clone();
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(status["reason"], "SourcePodNotFound", "{status}");
     assert_eq!(
-        failed.wait_phase(&["Ready", "Failed"])["status"]["phase"],
-        "Failed"
+        status["conditions"][0]["reason"], "CheckpointFailed",
+        "{status}"
     );
+    // A pod of that name with another UID is not checkpointed.
+    let mut replaced = checkpoint_of("e2e-ref-replaced", "e2e-ref-source");
+    replaced["spec"]["sourcePodUID"] = json!("5c1d3a6e-0000-4000-8000-000000000000");
+    let replaced = Object::create(cluster, replaced);
+    let status = replaced.wait_phase(&["Ready", "Failed"])["status"].clone();
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(
+        status["conditions"][0]["reason"], "SourcePodReplaced",
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("it was replaced")),
+        "{status}"
+    );
+    drop(replaced);
     let restored_from = |name: &str, checkpoint: &str| {
         let mut pod = counter_pod(name);
         pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
@@ -588,6 +627,131 @@ fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica
     clean();
 }
 
+/// Namespace migration (the talk's P1 tier): a PodCheckpoint whose `spec.restoreNamespaces`
+/// lists a namespace is restored there by a pod naming it `<namespace>/<name>`; in a namespace it
+/// does not list the pod stays Pending (`CheckpointNamespaceNotAllowed`); restoring takes
+/// `restore` on the checkpoint in its own namespace, not in the pod's.
+#[test]
+fn a_checkpoint_is_restored_in_another_namespace_only_where_it_allows() {
+    let cluster = Cluster::get();
+    let (allowed_ns, other_ns) = ("e2e-nsmig-b", "e2e-nsmig-c");
+    let clean = || {
+        for namespace in [allowed_ns, other_ns] {
+            cluster.kubectl([
+                "delete",
+                "namespace",
+                namespace,
+                "--ignore-not-found",
+                "--wait=true",
+                "--timeout=120s",
+            ]);
+        }
+    };
+    clean();
+    for namespace in [allowed_ns, other_ns] {
+        cluster.apply(
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        );
+    }
+    let source = cluster.create_pod(counter_pod("e2e-nsmig-source"));
+    source.wait_ready();
+    wait_counting(&source, 3);
+    let mut manifest = checkpoint_of("e2e-nsmig-ckpt", "e2e-nsmig-source");
+    manifest["spec"]["restoreNamespaces"] = json!([allowed_ns]);
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let changed = cluster
+        .kubectl_try([
+            "patch",
+            "podcheckpoint",
+            "e2e-nsmig-ckpt",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"restoreNamespaces":["e2e-nsmig-b","e2e-nsmig-c"]}}"#,
+        ])
+        .unwrap();
+    assert!(
+        !changed.success() && changed.stderr.contains("restoreNamespaces is immutable"),
+        "{}",
+        changed.report()
+    );
+    let restored_in = |namespace: &str, name: &str| {
+        let mut pod = counter_pod(name);
+        pod["metadata"]["namespace"] = json!(namespace);
+        pod["metadata"]["annotations"] = json!({ RESTORE_FROM: "default/e2e-nsmig-ckpt" });
+        pod
+    };
+    // A user who may restore and create pods in the target namespace, but not restore the
+    // checkpoint where it is, is refused.
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "e2e-erin", "namespace": allowed_ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "e2e-erin"}]
+    }));
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "e2e-erin-restorer", "namespace": allowed_ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "podsnap-restorer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "e2e-erin"}]
+    }));
+    let refused = wait_for(
+        "e2e-erin's bindings to take effect",
+        Duration::from_secs(30),
+        || {
+            let done = cluster
+                .kubectl_command(["create", "--dry-run=server", "--as=e2e-erin", "-f", "-"])
+                .input(restored_in(allowed_ns, "e2e-nsmig-erin").to_string())
+                .run()
+                .unwrap();
+            if done.stderr.contains("ValidatingAdmissionPolicy") || done.success() {
+                Ok(done)
+            } else {
+                Err(done.report())
+            }
+        },
+    );
+    assert!(
+        !refused.success()
+            && refused.stderr.contains(
+                "e2e-erin may not restore PodCheckpoint e2e-nsmig-ckpt in namespace default"
+            ),
+        "{}",
+        refused.report()
+    );
+
+    // Where it is allowed: restored, counting on.
+    let moved = cluster.create_pod(restored_in(allowed_ns, "e2e-nsmig-moved"));
+    moved.wait_ready();
+    let seen = moved.wait_counting("counter", 2);
+    assert!(seen[0] > 0, "restored in {allowed_ns} fresh: {seen:?}");
+    // Where it is not: Pending, with the reason.
+    let refused = cluster.create_pod(restored_in(other_ns, "e2e-nsmig-refused"));
+    let events = wait_for(
+        "a CheckpointNamespaceNotAllowed event",
+        Duration::from_secs(90),
+        || {
+            let events = refused.events();
+            if events.iter().any(|e| {
+                e.starts_with("CheckpointNamespaceNotAllowed:")
+                    && e.contains(&format!("may not be restored in namespace \"{other_ns}\""))
+            }) {
+                Ok(events)
+            } else {
+                Err(format!("{events:#?}"))
+            }
+        },
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("Started:")),
+        "{events:#?}"
+    );
+    assert_eq!(refused.get()["status"]["phase"], "Pending");
+    drop((moved, refused));
+    clean();
+}
+
 #[test]
 fn invalid_specs_are_refused_and_impossible_ones_fail_with_a_reason() {
     let cluster = Cluster::get();
@@ -719,6 +883,7 @@ fn restoring_takes_the_restore_verb_on_that_checkpoint() {
         for (kind, name) in [
             ("rolebinding", user),
             ("rolebinding", "e2e-carol-restorer"),
+            ("rolebinding", "e2e-dave-restorer"),
             ("role", user),
             ("pod", pod_name),
         ] {
@@ -902,6 +1067,44 @@ fn restoring_takes_the_restore_verb_on_that_checkpoint() {
         &bind,
         "podsnap-restore-pods",
         "a binding cannot carry",
+    );
+    // A PodRestore's pods are created by the controller: only for someone who may create pods
+    // there. A podsnap-restorer who may not is refused.
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "e2e-dave-restorer", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "podsnap-restorer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "e2e-dave"}]
+    }));
+    let daves = wait_for(
+        "the podsnap-restorer binding of e2e-dave",
+        Duration::from_secs(20),
+        || {
+            let done = cluster
+                .kubectl_command([
+                    "create",
+                    "--dry-run=server",
+                    "--as=e2e-dave",
+                    "-o",
+                    "name",
+                    "-f",
+                    "-",
+                ])
+                .input(restore_of(mine).to_string())
+                .run()
+                .unwrap();
+            if done.stderr.contains("ValidatingAdmissionPolicy") || done.success() {
+                Ok(done)
+            } else {
+                Err(done.report())
+            }
+        },
+    );
+    refused_by(
+        "a PodRestore by a restorer who may not create pods",
+        &daves,
+        "podsnap-restore",
+        "e2e-dave may not create pods in namespace default, which a PodRestore creates",
     );
     // The cluster admin restores what they like.
     let mut admins = pod_from(Some(directory));

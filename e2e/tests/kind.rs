@@ -803,7 +803,11 @@ fn restoring_needs_the_restorer_role() {
         })
     };
     let unbind = || {
-        for name in ["e2e-kind-checkpointer", "e2e-kind-restorer"] {
+        for name in [
+            "e2e-kind-checkpointer",
+            "e2e-kind-restorer",
+            "e2e-kind-editor",
+        ] {
             cluster.kubectl([
                 "-n",
                 "default",
@@ -836,8 +840,23 @@ fn restoring_needs_the_restorer_role() {
         refused.report()
     );
     cluster.apply(&binding("e2e-kind-restorer", "podsnap-restorer"));
-    let allowed = wait_for(
+    // A PodRestore creates pods: its creator must be able to create them too.
+    let no_pods = wait_for(
         "the restorer binding to take effect",
+        Duration::from_secs(30),
+        || {
+            let f = as_user(&["create", "--dry-run=server", "-f", "-"]);
+            if f.stderr.contains("may not create pods") {
+                Ok(f)
+            } else {
+                Err(f.report())
+            }
+        },
+    );
+    assert!(!no_pods.success(), "{}", no_pods.report());
+    cluster.apply(&binding("e2e-kind-editor", "edit"));
+    let allowed = wait_for(
+        "the edit binding to take effect",
         Duration::from_secs(30),
         || {
             let f = as_user(&["create", "--dry-run=server", "-f", "-"]);

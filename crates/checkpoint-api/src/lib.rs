@@ -87,12 +87,39 @@ pub struct PodTemplateRef {
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("has(self.sourcePodUID) == has(oldSelf.sourcePodUID)").message("sourcePodUID is immutable"))]
+#[x_kube(validation = Rule::new("(has(self.restoreNamespaces) ? self.restoreNamespaces : []) == (has(oldSelf.restoreNamespaces) ? oldSelf.restoreNamespaces : [])").message("restoreNamespaces is immutable"))]
 #[serde(rename_all = "camelCase")]
 pub struct PodCheckpointSpec {
     /// The pod to checkpoint, in this namespace. Immutable.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("sourcePodName is immutable"))]
     pub source_pod_name: String,
+    /// The UID the source pod must have (KEP-5823): set, a pod of that name with another UID
+    /// (deleted and created again) is not checkpointed, and the object fails with
+    /// `SourcePodReplaced`. Immutable.
+    #[serde(
+        default,
+        rename = "sourcePodUID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("sourcePodUID is immutable"))]
+    pub source_pod_uid: Option<String>,
+    /// Other namespaces whose pods may be restored from this checkpoint (podsnap's namespace
+    /// migration, the talk's P1 tier): such a pod names it `<this namespace>/<name>` in its
+    /// `checkpoint.k8s.io/restore-from`, and its creator needs `restore` on it here. A
+    /// checkpoint holds all of its pod's memory, secrets included: it goes nowhere else.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        )
+    )]
+    pub restore_namespaces: Vec<String>,
     /// How long the checkpoint may take; the runtime's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
@@ -246,8 +273,21 @@ pub struct PodCheckpointStatus {
     /// this object exists. A node agent reads them here, and never reads pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_nodes: Vec<String>,
+    /// The UID of the pod that was checkpointed (KEP-5823), recorded when the checkpoint began.
+    #[serde(
+        default,
+        rename = "sourcePodUID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub source_pod_uid: Option<String>,
+    /// Deprecated: the checkpointed containers' names; see `checkpointedContainers`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
+    /// The checkpointed containers (KEP-5823), each with its image pinned by digest
+    /// (`repository@sha256:…`) as the node ran it, where the runtime reported one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub checkpointed_containers: Vec<CheckpointedContainer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub completion_time: Option<String>,
@@ -265,6 +305,29 @@ pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A checkpointed container (KEP-5823's `PodCheckpointContainerStatus`).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+pub struct CheckpointedContainer {
+    pub name: String,
+    /// Its image, by digest where the runtime reported one.
+    pub image: String,
+}
+
+/// The reasons of a PodCheckpoint's `Ready` condition, as KEP-5823 names them. The detail of a
+/// failure (`SourcePodNotFound`, `NotPodsnapPod`, ...) is in `status.reason`.
+pub mod ready_reasons {
+    /// Not begun.
+    pub const PENDING: &str = "Pending";
+    /// Being taken.
+    pub const CHECKPOINT_IN_PROGRESS: &str = "CheckpointInProgress";
+    /// Taken: Ready.
+    pub const CHECKPOINT_COMPLETED: &str = "CheckpointCompleted";
+    /// Failed for good; `status.reason` and the message say why.
+    pub const CHECKPOINT_FAILED: &str = "CheckpointFailed";
+    /// The source pod is not the one `spec.sourcePodUID` names.
+    pub const SOURCE_POD_REPLACED: &str = "SourcePodReplaced";
 }
 
 /// Pods restored from a PodCheckpoint.

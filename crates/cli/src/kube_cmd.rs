@@ -107,6 +107,8 @@ pub async fn create_checkpoint(
         &name,
         PodCheckpointSpec {
             source_pod_name: pod.to_string(),
+            source_pod_uid: None,
+            restore_namespaces: Vec::new(),
             timeout_seconds,
             deletion_policy,
             storage: image.map(|repository| CheckpointStorage {

@@ -20,9 +20,9 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
-    Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PUSHING, PodCheckpoint,
-    PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS,
-    checkpointed_pod_template_name, now,
+    CheckpointedContainer, Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PUSHING,
+    PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS,
+    checkpointed_pod_template_name, now, ready_reasons,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -231,6 +231,20 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         )
         .await;
     };
+    let pod_uid = pod.uid().unwrap_or_default();
+    if let Some(pinned) = &object.spec.source_pod_uid
+        && *pinned != pod_uid
+    {
+        return fail(
+            &ctx,
+            &object,
+            ready_reasons::SOURCE_POD_REPLACED,
+            &format!(
+                "pod {namespace}/{source} has UID {pod_uid}, not {pinned} (spec.sourcePodUID): it was replaced"
+            ),
+        )
+        .await;
+    }
     let spec = pod.spec.clone().unwrap_or_default();
     if spec.runtime_class_name.as_deref() != Some(RUNTIME_CLASS) {
         return fail(
@@ -263,15 +277,24 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     let checkpointing = PodCheckpointStatus {
         phase: Some(PodCheckpointPhase::Checkpointing),
         node_name: Some(node.clone()),
+        source_pod_uid: Some(pod_uid.clone()),
         conditions: vec![Condition::new(
             "Ready",
             false,
-            "CheckpointInProgress",
+            ready_reasons::CHECKPOINT_IN_PROGRESS,
             &format!("checkpointing {source} on {node}"),
         )],
         ..Default::default()
     };
     status::set(&ctx, object.as_ref(), &checkpointing).await?;
+    publish(
+        &ctx,
+        object.as_ref(),
+        EventType::Normal,
+        "CheckpointStarted",
+        &format!("checkpointing pod {source} on node {node}"),
+    )
+    .await;
     // The kubelet records the object's UID beside the checkpoint: should this controller stop
     // before it writes the location, podsnapd's node agent finds the checkpoint by it.
     let query: Vec<String> = [
@@ -315,6 +338,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         .collect();
     // The pod's spec, for restores, in a PodTemplate only the controller reads (a failure here
     // fails the object, and the node agent removes what the kubelet recorded for it).
+    let checkpointed_containers = checkpointed_containers(&pod, &containers);
     let template = match save_pod_spec(&ctx, &object, &spec).await {
         Ok(template) => template,
         Err(message) => {
@@ -328,12 +352,13 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             node_name: Some(node.clone()),
             checkpoint_location: Some(location.clone()),
             containers,
+            checkpointed_containers,
             completion_time: Some(now()),
             pod_template_ref: Some(template),
             conditions: vec![Condition::new(
                 "Ready",
                 true,
-                "Checkpointed",
+                ready_reasons::CHECKPOINT_COMPLETED,
                 &format!("checkpoint of {source} at {location} on {node}"),
             )],
             ..Default::default()
@@ -345,6 +370,7 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             node_name: Some(node.clone()),
             checkpoint_location: Some(location.clone()),
             containers,
+            checkpointed_containers,
             pod_template_ref: Some(template),
             conditions: vec![Condition::new(
                 "Ready",
@@ -370,11 +396,46 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         &ctx,
         object.as_ref(),
         EventType::Normal,
-        "Checkpointed",
+        "CheckpointSucceeded",
         &format!("pod {source} checkpointed on node {node}: {location}"),
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The checkpointed containers `names` of `pod`, each with the image its node ran: by digest
+/// (`repository@sha256:…`, the runtime's image reference) where the pod's status reports one,
+/// else as the spec names it.
+pub fn checkpointed_containers(pod: &Pod, names: &[String]) -> Vec<CheckpointedContainer> {
+    let spec = pod.spec.as_ref();
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            let by_digest = statuses
+                .iter()
+                .find(|s| &s.name == name)
+                .map(|s| s.image_id.trim_start_matches("docker-pullable://"))
+                .filter(|id| {
+                    id.split_once("@sha256:").is_some_and(|(repository, hex)| {
+                        !repository.is_empty()
+                            && hex.len() == 64
+                            && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+                });
+            let in_spec = spec
+                .and_then(|s| s.containers.iter().find(|c| &c.name == name))
+                .and_then(|c| c.image.as_deref());
+            CheckpointedContainer {
+                name: name.clone(),
+                image: by_digest.or(in_spec).unwrap_or_default().to_string(),
+            }
+        })
+        .collect()
 }
 
 /// The PodTemplate that keeps the checkpointed pod's `spec` for the PodCheckpoint `object`:
@@ -537,6 +598,39 @@ async fn fail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpointed_containers_carry_their_images_by_digest_where_the_node_said_one() {
+        let digest = "a".repeat(64);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [
+                {"name": "by-digest", "image": "busybox:1.37.0"},
+                {"name": "local", "image": "localhost/built-here"},
+                {"name": "not-running", "image": "alpine:3"}
+            ]},
+            "status": {"containerStatuses": [
+                {"name": "by-digest", "image": "busybox:1.37.0", "imageID": format!("docker.io/library/busybox@sha256:{digest}"),
+                 "ready": true, "restartCount": 0},
+                {"name": "local", "image": "localhost/built-here", "imageID": "sha256:0123",
+                 "ready": true, "restartCount": 0}
+            ]}
+        }))
+        .unwrap();
+        let names = ["by-digest", "local", "not-running"].map(String::from);
+        let images: Vec<String> = checkpointed_containers(&pod, &names)
+            .into_iter()
+            .map(|c| c.image)
+            .collect();
+        assert_eq!(
+            images,
+            [
+                format!("docker.io/library/busybox@sha256:{digest}"),
+                "localhost/built-here".to_string(),
+                "alpine:3".to_string()
+            ]
+        );
+    }
     use crate::fake_api::{FakeApi, Seen, context, path_of};
     use serde_json::{Value, json};
 

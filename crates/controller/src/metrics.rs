@@ -174,14 +174,14 @@ mod tests {
         metrics.phase_transition(None, Checkpointing);
         metrics.phase_transition(Some(Checkpointing), Checkpointing);
         metrics.phase_transition(Some(Checkpointing), Ready);
-        metrics.ready_condition("True", "Checkpointed");
+        metrics.ready_condition("True", "CheckpointCompleted");
         metrics.reconciled(Duration::from_millis(30));
         let text = metrics.encode();
         for line in [
             "# TYPE podcheckpoint_phase counter",
             "podcheckpoint_phase_total{phase=\"Checkpointing\"} 1",
             "podcheckpoint_phase_total{phase=\"Ready\"} 1",
-            "podcheckpoint_ready_condition_total{status=\"True\",reason=\"Checkpointed\"} 1",
+            "podcheckpoint_ready_condition_total{status=\"True\",reason=\"CheckpointCompleted\"} 1",
             "podcheckpoint_reconcile_duration_seconds_count 1",
             "podcheckpoint_reconcile_duration_seconds_bucket{le=\"0.05\"} 1",
             "podcheckpoint_reconcile_duration_seconds_bucket{le=\"0.025\"} 0",

@@ -1,8 +1,10 @@
 //! Reconciling a `PodRestore`: its PodCheckpoint must be Ready; then `replicas` pods are created
-//! from the checkpointed pod's spec, pinned to the checkpoint's node and annotated
+//! from the checkpointed pod's spec, pinned to the checkpoint's node (a required node affinity the
+//! scheduler honours, as KEP-5823's admission injects it; no `nodeName`) and annotated
 //! `checkpoint.k8s.io/restore-from: <the PodCheckpoint's name>`, with the template's labels and
-//! annotations (and name, for a single pod). The kubelet restores them (a restore it cannot do fails the pod with an event,
-//! never a fresh start); the PodRestore is Completed once all run, Failed when one fails.
+//! annotations (and name, for a single pod). The kubelet restores them (a restore it cannot do
+//! fails the pod with an event, never a fresh start); the PodRestore is Completed once all run,
+//! Failed when one fails.
 //!
 //! The spec is the one the checkpoint's `PodTemplate` holds, as the controller wrote it (same
 //! object, same resourceVersion). A pod of a wanted name that exists already counts only when this
@@ -26,6 +28,38 @@ use crate::api::{
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
+
+/// Pins a restored pod's spec to `node` as KEP-5823's admission does: no `nodeName` (the
+/// checkpointed pod's is dropped), a required node affinity term on the node's name
+/// (`matchFields metadata.name In [node]`) added to every existing term (or alone), so the
+/// scheduler places the pod there and honours everything else it asks for. `None` leaves the
+/// placement to the scheduler.
+fn pin(spec: &mut serde_json::Value, node: Option<&str>) {
+    let Some(fields) = spec.as_object_mut() else {
+        return;
+    };
+    fields.remove("nodeName");
+    let Some(node) = node else {
+        return;
+    };
+    let on_node = json!({"key": "metadata.name", "operator": "In", "values": [node]});
+    let required =
+        &mut spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+    let terms = required["nodeSelectorTerms"]
+        .as_array_mut()
+        .filter(|terms| !terms.is_empty());
+    match terms {
+        Some(terms) => {
+            for term in terms {
+                match term["matchFields"].as_array_mut() {
+                    Some(fields) => fields.push(on_node.clone()),
+                    None => term["matchFields"] = json!([on_node.clone()]),
+                }
+            }
+        }
+        None => required["nodeSelectorTerms"] = json!([{"matchFields": [on_node]}]),
+    }
+}
 
 pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
@@ -155,14 +189,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             return pod_exists(&ctx, &object, &namespace, pod_name).await;
         }
         let mut pod_spec = spec.clone();
-        match &target {
-            Some(node) => pod_spec["nodeName"] = json!(node),
-            None => {
-                if let Some(spec) = pod_spec.as_object_mut() {
-                    spec.remove("nodeName");
-                }
-            }
-        }
+        pin(&mut pod_spec, target.as_deref());
         let mut annotations = template.annotations.clone();
         // The PodCheckpoint by name (KEP-5823's spec.restoreFrom.name): the kubelet reads it and
         // restores only from a Ready checkpoint whose data on its node was taken for it.
@@ -782,7 +809,8 @@ mod tests {
             "restore-uid"
         );
         assert_eq!(created["metadata"]["annotations"][RESTORE_FROM], "c");
-        assert_eq!(created["spec"]["nodeName"], "n1");
+        assert!(created["spec"].get("nodeName").is_none(), "{created}");
+        assert_eq!(pinned_to(&created), ["n1"], "{created}");
         assert_eq!(created["spec"]["containers"][0]["name"], "counter");
         assert!(
             created["metadata"]["annotations"]
@@ -804,6 +832,45 @@ mod tests {
         reconcile_stored(&fake).await;
         let created = fake.get(&pod_path("x")).expect("the pod was created");
         assert_eq!(created["metadata"]["annotations"][LAZY_RESTORE], "true");
+    }
+
+    /// The nodes a pod's required node affinity pins it to, one per term.
+    fn pinned_to(pod: &Value) -> Vec<String> {
+        pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["matchFields"].as_array().cloned().unwrap_or_default())
+            .filter(|f| f["key"] == "metadata.name" && f["operator"] == "In")
+            .map(|f| f["values"][0].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_pin_is_added_to_every_term_of_the_pods_own_affinity() {
+        let mut spec = json!({
+            "nodeName": "old",
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["x"]}]}
+                ]}}}
+        });
+        pin(&mut spec, Some("n1"));
+        let terms = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"];
+        assert!(spec.get("nodeName").is_none());
+        assert_eq!(terms[0]["matchExpressions"][0]["key"], "zone");
+        assert_eq!(terms[0]["matchFields"][0]["values"][0], "n1");
+        assert_eq!(terms[1]["matchFields"][0]["operator"], "NotIn");
+        assert_eq!(terms[1]["matchFields"][1]["values"][0], "n1");
+        let mut bare = json!({"nodeName": "old", "containers": []});
+        pin(&mut bare, Some("n1"));
+        assert_eq!(pinned_to(&json!({ "spec": bare })), ["n1"]);
+        let mut free = json!({"nodeName": "old"});
+        pin(&mut free, None);
+        assert_eq!(free, json!({}));
     }
 
     /// Sets a field of the stored PodCheckpoint's status or the PodRestore's spec.
@@ -831,9 +898,11 @@ mod tests {
         set(&stored, &restore_path(), "/spec/nodeName", json!("n2"));
         reconcile_stored(&stored).await;
         let created = stored.get(&pod_path("x")).unwrap();
-        assert_eq!(created["spec"]["nodeName"], "n2");
-        // Bound: the checkpoint lists the node, whose agent pulls the image (the next restore
-        // bound to it adds nothing, another node is added).
+        assert_eq!(pinned_to(&created), ["n2"], "{created}");
+        // Bound there by the scheduler: the checkpoint lists the node, whose agent pulls the
+        // image (the next restore bound to it adds nothing, another node is added).
+        set(&stored, &pod_path("x"), "/spec/nodeName", json!("n2"));
+        reconcile_stored(&stored).await;
         assert_eq!(
             stored.get(&checkpoint).unwrap()["status"]["pullNodes"],
             json!(["n2"])

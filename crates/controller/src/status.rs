@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodRestore, PodRestorePhase,
-    PodRestoreStatus,
+    PodRestoreStatus, ready_reasons,
 };
 use crate::{Context, Error};
 
@@ -36,7 +36,12 @@ pub trait Owned:
 }
 
 impl Owned for PodCheckpoint {
-    fn failed(condition: Condition, reason: &str, message: &str) -> PodCheckpointStatus {
+    /// The Ready condition's reason is KEP-5823's (`CheckpointFailed`, or `SourcePodReplaced`);
+    /// podsnap's detail (`SourcePodNotFound`, ...) is `status.reason`.
+    fn failed(mut condition: Condition, reason: &str, message: &str) -> PodCheckpointStatus {
+        if condition.type_ == "Ready" && reason != ready_reasons::SOURCE_POD_REPLACED {
+            condition.reason = Some(ready_reasons::CHECKPOINT_FAILED.into());
+        }
         PodCheckpointStatus {
             phase: Some(PodCheckpointPhase::Failed),
             reason: Some(reason.into()),

@@ -40,6 +40,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use podsnap_checkpoint_api::finalizers::{self, NODE_DATA};
 use podsnap_checkpoint_api::{
     CheckpointImageStatus, Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus,
+    ready_reasons,
 };
 
 pub mod images;
@@ -218,7 +219,7 @@ async fn push(
                 "conditions": [Condition::new(
                     "Ready",
                     true,
-                    "Checkpointed",
+                    ready_reasons::CHECKPOINT_COMPLETED,
                     &format!("checkpoint at {location} on {}, pushed as {}", agent.node, pushed.reference),
                 )],
             })
@@ -229,7 +230,7 @@ async fn push(
                 "phase": "Failed",
                 "reason": "PushFailed",
                 "message": message,
-                "conditions": [Condition::new("Ready", false, "PushFailed", message)],
+                "conditions": [Condition::new("Ready", false, ready_reasons::CHECKPOINT_FAILED, message)],
             })
         }
     };
