@@ -388,27 +388,36 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
         pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
         pod
     };
-    for (name, reference, says) in [
+    // A pod that differs from the checkpointed one (another command).
+    let mut drifted = restored_from("e2e-ref-drifted", "e2e-ref-ckpt");
+    drifted["spec"]["containers"][0]["command"] = json!(["sh", "-c", "sleep 1000"]);
+    for (pod, reason, says) in [
         (
-            "e2e-ref-missing",
-            "e2e-ref-nothing",
+            restored_from("e2e-ref-missing", "e2e-ref-nothing"),
+            "CheckpointNotReady",
             "PodCheckpoint default/e2e-ref-nothing not found",
         ),
         (
-            "e2e-ref-unready",
-            "e2e-ref-failed",
+            restored_from("e2e-ref-unready", "e2e-ref-failed"),
+            "CheckpointNotReady",
             "PodCheckpoint default/e2e-ref-failed is not Ready (phase Failed",
         ),
+        (
+            drifted,
+            "PodSpecMismatch",
+            "container \"counter\": checkpoint has command",
+        ),
     ] {
-        let pod = cluster.create_pod(restored_from(name, reference));
+        let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+        let pod = cluster.create_pod(pod);
         let events = wait_for(
-            format!("{name}: a CheckpointNotReady event"),
+            format!("{name}: a {reason} event"),
             Duration::from_secs(90),
             || {
                 let events = pod.events();
                 if events
                     .iter()
-                    .any(|e| e.starts_with("CheckpointNotReady:") && e.contains(says))
+                    .any(|e| e.starts_with(&format!("{reason}:")) && e.contains(says))
                 {
                     Ok(events)
                 } else {
@@ -624,6 +633,131 @@ fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica
     });
     cluster.kubectl(["scale", "deployment", deployment, "--replicas=3"]);
     restored_replicas("after scaling to 0 and back");
+    clean();
+}
+
+/// The P2 tier for the other workload kinds: a Job's and a StatefulSet's pods, created by their
+/// controllers from templates that reference a PodCheckpoint, are restored from it once the
+/// namespace grants those controllers `restore` on it.
+#[test]
+fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_pods() {
+    let cluster = Cluster::get();
+    let grant = "e2e-workloads-restore";
+    let clean = || {
+        for (kind, name) in [("job", "e2e-job"), ("statefulset", "e2e-sts")] {
+            cluster.kubectl([
+                "delete",
+                kind,
+                name,
+                "-n",
+                "default",
+                "--ignore-not-found",
+                "--cascade=foreground",
+                "--wait=true",
+                "--timeout=120s",
+            ]);
+        }
+        for kind in ["rolebinding", "role"] {
+            cluster.kubectl(["delete", kind, grant, "-n", "default", "--ignore-not-found"]);
+        }
+    };
+    clean();
+    let source = cluster.create_pod(counter_pod("e2e-workloads-source"));
+    source.wait_ready();
+    wait_counting(&source, 3);
+    let checkpoint = Object::create(
+        cluster,
+        checkpoint_of("e2e-workloads-ckpt", "e2e-workloads-source"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let node = ready["status"]["nodeName"].as_str().unwrap().to_owned();
+    let hostname = cluster.kubectl([
+        "get",
+        "node",
+        &node,
+        "-o",
+        r"jsonpath={.metadata.labels.kubernetes\.io/hostname}",
+    ]);
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": grant, "namespace": "default"},
+        "rules": [{"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
+                   "verbs": ["restore"], "resourceNames": ["e2e-workloads-ckpt"]}]
+    }));
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": grant, "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "job-controller", "namespace": "kube-system"},
+            {"kind": "ServiceAccount", "name": "statefulset-controller", "namespace": "kube-system"}
+        ]
+    }));
+    let template = |app: &str, restart_policy: &str| {
+        let mut spec = counter_pod("unused")["spec"].clone();
+        spec["restartPolicy"] = json!(restart_policy);
+        spec["nodeSelector"] = json!({"kubernetes.io/hostname": hostname.trim()});
+        json!({
+            "metadata": {"labels": {"app": app},
+                         "annotations": {RESTORE_FROM: "e2e-workloads-ckpt"}},
+            "spec": spec
+        })
+    };
+    cluster.apply(&json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "e2e-job", "namespace": "default"},
+        "spec": {"backoffLimit": 0, "template": template("e2e-job", "Never")}
+    }));
+    cluster.apply(&json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "e2e-sts", "namespace": "default"},
+        "spec": {
+            "replicas": 1, "serviceName": "e2e-sts",
+            "selector": {"matchLabels": {"app": "e2e-sts"}},
+            "template": template("e2e-sts", "Always")
+        }
+    }));
+    for app in ["e2e-job", "e2e-sts"] {
+        let pod = wait_for(
+            format!("the {app} pod running"),
+            Duration::from_secs(180),
+            || {
+                let out = cluster.kubectl([
+                    "get",
+                    "pods",
+                    "-n",
+                    "default",
+                    "-l",
+                    &format!("app={app}"),
+                    "-o",
+                    "json",
+                ]);
+                let list: Value = serde_json::from_str(&out).unwrap();
+                match list["items"].as_array().map(Vec::as_slice) {
+                    Some([pod]) if pod["status"]["phase"] == "Running" && is_ready(pod) => {
+                        Ok(pod["metadata"]["name"].as_str().unwrap().to_owned())
+                    }
+                    _ => Err(out),
+                }
+            },
+        );
+        // (Its controller owns it: deleting the workload deletes it.)
+        let seen = wait_for(format!("{pod} counting"), Duration::from_secs(30), || {
+            let seen = counts(&cluster.kubectl(["logs", "-n", "default", &pod]));
+            if seen.len() >= 2 {
+                Ok(seen)
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        });
+        assert!(seen[0] > 0, "the {app} pod {pod} started fresh: {seen:?}");
+        let events = cluster.events("default", &pod);
+        assert!(
+            events.iter().any(|e| e.starts_with("Restored:")),
+            "{pod}: {events:#?}"
+        );
+    }
     clean();
 }
 

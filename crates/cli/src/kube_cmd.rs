@@ -55,6 +55,9 @@ pub struct CheckpointOptions {
     pub image: Option<String>,
     /// age public keys the image is sealed to (none: not encrypted).
     pub encrypt_to: Vec<String>,
+    /// The UID the source pod must have (`spec.sourcePodUID`): a pod of that name created
+    /// again meanwhile is not checkpointed.
+    pub source_pod_uid: Option<String>,
 }
 
 /// `podsnap checkpoint POD`: creates a PodCheckpoint and waits until it is Ready or Failed;
@@ -93,6 +96,7 @@ pub async fn create_checkpoint(
         deletion_policy,
         image,
         encrypt_to,
+        source_pod_uid,
     } = options;
     if !encrypt_to.is_empty() {
         podsnap_checkpoint_image::Recipients::parse(&encrypt_to)
@@ -107,7 +111,7 @@ pub async fn create_checkpoint(
         &name,
         PodCheckpointSpec {
             source_pod_name: pod.to_string(),
-            source_pod_uid: None,
+            source_pod_uid,
             restore_namespaces: Vec::new(),
             timeout_seconds,
             deletion_policy,

@@ -303,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 deletion_policy,
                 image,
                 encrypt_to,
+                source_pod_uid: None,
             };
             return kube_cmd::checkpoint(&target, &pod, options, wait).await;
         }

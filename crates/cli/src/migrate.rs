@@ -129,6 +129,8 @@ async fn migrate_one(
             deletion_policy: Some("Delete".into()),
             image: Some(options.image.clone()),
             encrypt_to: options.encrypt_to.clone(),
+            // This pod, which is deleted once restored: not one created again under its name.
+            source_pod_uid: source.metadata.uid.clone(),
         },
         options.wait,
     )
