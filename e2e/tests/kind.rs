@@ -257,6 +257,52 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
     assert!(!exists(from, &location), "{location} is still on {from}");
 }
 
+/// Restore by reference on any node: a pod created directly (no PodRestore), naming an image
+/// PodCheckpoint taken on one worker and bound to the other, is restored there. The controller
+/// lists that node in the checkpoint's `pullNodes` once the pod is bound, its node agent pulls
+/// the image, and the kubelet (which waited, `CheckpointDataMissing`) restores the pod from it.
+#[test]
+fn a_pod_naming_an_image_checkpoint_is_restored_on_another_worker() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = agents_registry(cluster);
+    let mut source = counter_pod("e2e-kind-ref");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let mut manifest = checkpoint_of("e2e-kind-ref-ckpt", &pod.name);
+    manifest["spec"]["storage"] =
+        json!({"type": "Image", "image": {"repository": format!("{registry}/e2e/ref")}});
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let after = *counts(&pod.logs("counter")).last().unwrap();
+    drop(pod);
+
+    let mut restored = counter_pod("e2e-kind-ref-restored");
+    restored["spec"]["nodeName"] = json!(to);
+    restored["metadata"]["annotations"] =
+        json!({"checkpoint.k8s.io/restore-from": "e2e-kind-ref-ckpt"});
+    let restored = cluster.create_pod(restored);
+    restored.wait_ready();
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > 0 && seen[0] <= after + 1,
+        "the checkpoint was taken by count {after} on {from}, the pod restored on {to} counts {seen:?}"
+    );
+    let pulled = checkpoint.get();
+    assert!(
+        pulled["status"]["pullNodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.iter().any(|n| n == to.as_str())),
+        "{pulled}"
+    );
+    drop(restored);
+}
+
 /// An encrypted checkpoint image (spec.storage.image.encryption): the pod's environment — in its
 /// memory, its CRI config and its spec — is in the checkpoint on its node and nowhere in the
 /// registry's storage. A node without the key does not restore it: the restored pod waits, never

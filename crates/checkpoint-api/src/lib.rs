@@ -24,6 +24,30 @@ pub use crds::crds;
 /// The annotation that makes the (patched) kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
 
+/// The PodCheckpoint (namespace, name) a [`RESTORE_FROM`] value references, as the kubelet
+/// (patches 0009, 0010) reads it: `<name>` in the pod's namespace, `<namespace>/<name>` in
+/// another; `None` for a checkpoint directory's name or path (which contain `_` or start with
+/// `/`), or anything that is no object name.
+pub fn restore_reference(value: &str, pod_namespace: &str) -> Option<(String, String)> {
+    let dns = |s: &str, dots: bool, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+            })
+            && s.split('.').all(|l| {
+                l.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && l.ends_with(|c: char| c.is_ascii_alphanumeric())
+            })
+    };
+    let (namespace, name) = match value.split_once('/') {
+        Some((namespace, name)) if dns(namespace, false, 63) => (namespace, name),
+        Some(_) => return None,
+        None => (pod_namespace, value),
+    };
+    dns(name, true, 253).then(|| (namespace.to_string(), name.to_string()))
+}
+
 /// The annotation, beside [`RESTORE_FROM`], that says which image (by digest) a restored pod's
 /// checkpoint came from; the restoring node's agent pulls it into the kubelet's checkpoint
 /// directory, under the name `restore-from` gives, because the PodCheckpoint lists the node in
@@ -544,6 +568,31 @@ pub fn now() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn restore_references_read_as_the_kubelet_reads_them() {
+        let read = |v: &str| super::restore_reference(v, "pods");
+        let some = |ns: &str, n: &str| Some((ns.to_string(), n.to_string()));
+        assert_eq!(
+            read("counter-checkpoint"),
+            some("pods", "counter-checkpoint")
+        );
+        assert_eq!(read("a.b"), some("pods", "a.b"));
+        assert_eq!(read("team-a/counter"), some("team-a", "counter"));
+        for not in [
+            "checkpoint-counter_default-2026-12-03T10:00:00Z",
+            "/var/lib/kubelet/pod-checkpoints/checkpoint-a_b-t",
+            "team.a/counter",
+            "a/b/c",
+            "team-a/",
+            "..",
+            "",
+            "Counter",
+            "-a",
+        ] {
+            assert_eq!(read(not), None, "{not}");
+        }
+    }
+
     use super::*;
 
     #[test]

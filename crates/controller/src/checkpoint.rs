@@ -21,8 +21,8 @@ use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
     CheckpointedContainer, Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PUSHING,
-    PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RUNTIME_CLASS,
-    checkpointed_pod_template_name, now, ready_reasons,
+    PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RESTORE_FROM,
+    RUNTIME_CLASS, checkpointed_pod_template_name, now, ready_reasons, restore_reference,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -185,6 +185,15 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     }
     match phase {
         Some(PodCheckpointPhase::Ready) => {
+            if object.status.as_ref().is_some_and(|s| s.image.is_some()) {
+                let nodes = referencing_nodes(&ctx, &object).await?;
+                if !nodes.is_empty()
+                    && !crate::restore::record_pull_nodes(&api, &name, &nodes).await?
+                {
+                    // Changed meanwhile: read again.
+                    return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+                }
+            }
             if ctx.keep_last > 0 {
                 prune(&ctx, &api, &object).await?;
             }
@@ -401,6 +410,38 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The nodes of the pods bound to restore from `object` by reference (their
+/// `checkpoint.k8s.io/restore-from` names it), in its namespace and in those its
+/// `spec.restoreNamespaces` lists, that have not ended: an image checkpoint is pulled there (the
+/// node's agent pulls what `status.pullNodes` lists). Any such pod passed admission's `restore`
+/// check on this checkpoint when it was created.
+async fn referencing_nodes(ctx: &Context, object: &PodCheckpoint) -> Result<Vec<String>, Error> {
+    let home = object.namespace().unwrap_or_else(|| "default".into());
+    let name = object.name_any();
+    let mut nodes = Vec::new();
+    for namespace in std::iter::once(&home).chain(&object.spec.restore_namespaces) {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+        for pod in pods.list(&kube::api::ListParams::default()).await? {
+            let referenced = pod
+                .annotations()
+                .get(RESTORE_FROM)
+                .and_then(|v| restore_reference(v, namespace));
+            let ended = matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            );
+            if referenced.as_ref() == Some(&(home.clone(), name.clone()))
+                && !ended
+                && let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
+                && !nodes.contains(&node)
+            {
+                nodes.push(node);
+            }
+        }
+    }
+    Ok(nodes)
 }
 
 /// The checkpointed containers `names` of `pod`, each with the image its node ran: by digest

@@ -91,6 +91,16 @@ fn restores_of(
         .collect()
 }
 
+/// The PodCheckpoint a bound pod restores from by reference (its `checkpoint.k8s.io/restore-from`
+/// names the object): the pod's changes reconcile it, so that an image checkpoint is pulled to
+/// the node of a pod created to restore it, by a PodRestore or by anyone else.
+fn checkpoint_restored_by(pod: Pod) -> Option<ObjectRef<PodCheckpoint>> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_ref())?;
+    let value = pod.annotations().get(api::RESTORE_FROM)?;
+    let (namespace, name) = api::restore_reference(value, &pod.namespace()?)?;
+    Some(ObjectRef::new(&name).within(&namespace))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -110,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
     let checkpoints = Controller::new(
         Api::<PodCheckpoint>::all(client.clone()),
         watcher::Config::default(),
+    )
+    .watches(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        checkpoint_restored_by,
     );
     // A PodRestore waits for its checkpoint to be Ready and for its pods to run: their watch
     // events reconcile it (its pods carry its controller owner reference).

@@ -361,7 +361,7 @@ const PULL_RECHECK: Duration = Duration::from_secs(10);
 /// Adds `nodes` to PodCheckpoint `name`'s `status.pullNodes` (a merge patch over the version
 /// read, so that two restores of one checkpoint do not drop each other's nodes); false when the
 /// object changed in between (try again).
-async fn record_pull_nodes(
+pub(crate) async fn record_pull_nodes(
     checkpoints: &Api<PodCheckpoint>,
     name: &str,
     nodes: &[String],
