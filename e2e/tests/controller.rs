@@ -453,6 +453,72 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
     );
 }
 
+/// Deletes the workloads `(kind, name)` (and, with them, their pods) and the Role and RoleBinding
+/// `grant` that the workload tests create in namespace default.
+fn delete_workloads(cluster: &Cluster, workloads: &[(&str, &str)], grant: &str) {
+    for (kind, name) in workloads {
+        cluster.kubectl([
+            "delete",
+            kind,
+            name,
+            "-n",
+            "default",
+            "--ignore-not-found",
+            "--cascade=foreground",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+    }
+    for kind in ["rolebinding", "role"] {
+        cluster.kubectl(["delete", kind, grant, "-n", "default", "--ignore-not-found"]);
+    }
+}
+
+/// A counting pod `source` and its Ready PodCheckpoint `checkpoint`; with the
+/// `kubernetes.io/hostname` label of the checkpoint's node, for workload templates to select it.
+fn counter_checkpointed<'c>(
+    cluster: &'c Cluster,
+    source: &str,
+    checkpoint: &str,
+) -> (KubePod<'c>, Object<'c>, String) {
+    let pod = cluster.create_pod(counter_pod(source));
+    pod.wait_ready();
+    wait_counting(&pod, 3);
+    let object = Object::create(cluster, checkpoint_of(checkpoint, source));
+    let ready = object.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let node = ready["status"]["nodeName"].as_str().unwrap().to_owned();
+    let hostname = cluster.kubectl([
+        "get",
+        "node",
+        &node,
+        "-o",
+        r"jsonpath={.metadata.labels.kubernetes\.io/hostname}",
+    ]);
+    (pod, object, hostname.trim().to_owned())
+}
+
+/// Grants the `restore` verb on PodCheckpoint `checkpoint` (namespace default) to the
+/// kube-system service accounts `controllers`, as Role and RoleBinding `grant`.
+fn grant_restore(cluster: &Cluster, grant: &str, checkpoint: &str, controllers: &[&str]) {
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": grant, "namespace": "default"},
+        "rules": [{"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
+                   "verbs": ["restore"], "resourceNames": [checkpoint]}]
+    }));
+    let subjects: Vec<Value> = controllers
+        .iter()
+        .map(|c| json!({"kind": "ServiceAccount", "name": c, "namespace": "kube-system"}))
+        .collect();
+    cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": grant, "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
+        "subjects": subjects
+    }));
+}
+
 /// KEP-5823's P2 tier: a Deployment whose pod template references a PodCheckpoint warm-starts
 /// every replica from it. Its ReplicaSet controller creates the pods, so that controller is the
 /// one asked for `restore` on the checkpoint (podsnap-restore-pods): without a grant no replica
@@ -463,47 +529,17 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
 fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica() {
     let cluster = Cluster::get();
     let (deployment, grant) = ("e2e-deploy", "e2e-deploy-restore");
-    let clean = || {
-        cluster.kubectl([
-            "delete",
-            "deployment",
-            deployment,
-            "-n",
-            "default",
-            "--ignore-not-found",
-            "--cascade=foreground",
-            "--wait=true",
-            "--timeout=120s",
-        ]);
-        for kind in ["rolebinding", "role"] {
-            cluster.kubectl(["delete", kind, grant, "-n", "default", "--ignore-not-found"]);
-        }
-    };
+    let clean = || delete_workloads(cluster, &[("deployment", deployment)], grant);
     clean();
-    let source = cluster.create_pod(counter_pod("e2e-deploy-source"));
-    source.wait_ready();
-    wait_counting(&source, 3);
-    let checkpoint = Object::create(
-        cluster,
-        checkpoint_of("e2e-deploy-ckpt", "e2e-deploy-source"),
-    );
-    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
-    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     // The checkpointed pod's containers, on the checkpoint's node (by its hostname label).
-    let node = ready["status"]["nodeName"].as_str().unwrap().to_owned();
-    let hostname = cluster.kubectl([
-        "get",
-        "node",
-        &node,
-        "-o",
-        r"jsonpath={.metadata.labels.kubernetes\.io/hostname}",
-    ]);
+    let (_source, _checkpoint, hostname) =
+        counter_checkpointed(cluster, "e2e-deploy-source", "e2e-deploy-ckpt");
     let mut template = json!({"spec": counter_pod("unused")["spec"].clone()});
     template["metadata"] = json!({
         "labels": {"app": deployment},
         "annotations": {RESTORE_FROM: "e2e-deploy-ckpt"}
     });
-    template["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": hostname.trim()});
+    template["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": hostname});
     cluster.apply(&json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": deployment, "namespace": "default"},
@@ -559,19 +595,12 @@ fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica
     assert!(replicas().is_empty(), "{:#?}", replicas());
 
     // The namespace's owner lets the ReplicaSet controller restore this checkpoint, and only it.
-    cluster.apply(&json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": grant, "namespace": "default"},
-        "rules": [{"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
-                   "verbs": ["restore"], "resourceNames": ["e2e-deploy-ckpt"]}]
-    }));
-    cluster.apply(&json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": grant, "namespace": "default"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
-        "subjects": [{"kind": "ServiceAccount", "name": "replicaset-controller",
-                      "namespace": "kube-system"}]
-    }));
+    grant_restore(
+        cluster,
+        grant,
+        "e2e-deploy-ckpt",
+        &["replicaset-controller"],
+    );
     let restored_replicas = |round: &str| {
         wait_for(
             format!("{round}: three replicas running"),
@@ -644,60 +673,25 @@ fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_
     let cluster = Cluster::get();
     let grant = "e2e-workloads-restore";
     let clean = || {
-        for (kind, name) in [("job", "e2e-job"), ("statefulset", "e2e-sts")] {
-            cluster.kubectl([
-                "delete",
-                kind,
-                name,
-                "-n",
-                "default",
-                "--ignore-not-found",
-                "--cascade=foreground",
-                "--wait=true",
-                "--timeout=120s",
-            ]);
-        }
-        for kind in ["rolebinding", "role"] {
-            cluster.kubectl(["delete", kind, grant, "-n", "default", "--ignore-not-found"]);
-        }
+        delete_workloads(
+            cluster,
+            &[("job", "e2e-job"), ("statefulset", "e2e-sts")],
+            grant,
+        )
     };
     clean();
-    let source = cluster.create_pod(counter_pod("e2e-workloads-source"));
-    source.wait_ready();
-    wait_counting(&source, 3);
-    let checkpoint = Object::create(
+    let (_source, _checkpoint, hostname) =
+        counter_checkpointed(cluster, "e2e-workloads-source", "e2e-workloads-ckpt");
+    grant_restore(
         cluster,
-        checkpoint_of("e2e-workloads-ckpt", "e2e-workloads-source"),
+        grant,
+        "e2e-workloads-ckpt",
+        &["job-controller", "statefulset-controller"],
     );
-    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
-    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    let node = ready["status"]["nodeName"].as_str().unwrap().to_owned();
-    let hostname = cluster.kubectl([
-        "get",
-        "node",
-        &node,
-        "-o",
-        r"jsonpath={.metadata.labels.kubernetes\.io/hostname}",
-    ]);
-    cluster.apply(&json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": grant, "namespace": "default"},
-        "rules": [{"apiGroups": ["checkpoint.k8s.io"], "resources": ["podcheckpoints"],
-                   "verbs": ["restore"], "resourceNames": ["e2e-workloads-ckpt"]}]
-    }));
-    cluster.apply(&json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": grant, "namespace": "default"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
-        "subjects": [
-            {"kind": "ServiceAccount", "name": "job-controller", "namespace": "kube-system"},
-            {"kind": "ServiceAccount", "name": "statefulset-controller", "namespace": "kube-system"}
-        ]
-    }));
     let template = |app: &str, restart_policy: &str| {
         let mut spec = counter_pod("unused")["spec"].clone();
         spec["restartPolicy"] = json!(restart_policy);
-        spec["nodeSelector"] = json!({"kubernetes.io/hostname": hostname.trim()});
+        spec["nodeSelector"] = json!({"kubernetes.io/hostname": hostname});
         json!({
             "metadata": {"labels": {"app": app},
                          "annotations": {RESTORE_FROM: "e2e-workloads-ckpt"}},

@@ -167,6 +167,33 @@ fn agents_registry(cluster: &Cluster) -> String {
     registry.to_owned()
 }
 
+/// A counting pod `name` bound to `node` by name and its Ready PodCheckpoint `checkpoint`, stored
+/// as an image in `repository` (deletion policy Delete). Bound by name, not by a node selector:
+/// a pod restored from it keeps the checkpointed spec, and a selector for one worker would have
+/// another refuse it (NodeAffinity). Returns the pod, its last count before the checkpoint was
+/// asked for, the PodCheckpoint and the object once Ready.
+fn counter_with_image_checkpoint<'c>(
+    cluster: &'c Cluster,
+    name: &str,
+    checkpoint: &str,
+    repository: &str,
+    node: &str,
+) -> (KubePod<'c>, u64, Object<'c>, Value) {
+    let mut source = counter_pod(name);
+    source["spec"]["nodeName"] = json!(node);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let mut manifest = checkpoint_of(checkpoint, &pod.name);
+    manifest["spec"]["storage"] = json!({"type": "Image", "image": {"repository": repository}});
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let object = Object::create(cluster, manifest);
+    let ready = object.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    (pod, before, object, ready)
+}
+
 /// Ctrl-X on one worker, Ctrl-V on the other: a PodCheckpoint with storage type Image is pushed
 /// by the source node's agent and Ready with the image by digest; a PodRestore naming the other
 /// worker has that node's agent pull it (verified, recorded, pinned) and the kubelet there
@@ -177,22 +204,14 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
     let cluster = Cluster::kind();
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
-    let registry = agents_registry(cluster);
-    // Bound to its node by name, not by a node selector: the restored pod keeps the checkpointed
-    // spec, and a selector for the first worker would have the second refuse it (NodeAffinity).
-    let mut source = counter_pod("e2e-kind-move");
-    source["spec"]["nodeName"] = json!(from);
-    let pod = cluster.create_pod(source);
-    pod.wait_ready();
-    pod.wait_counting("counter", 3);
-    let before = *counts(&pod.logs("counter")).last().unwrap();
-    let mut manifest = checkpoint_of("e2e-kind-move-ckpt", &pod.name);
-    let repository = format!("{registry}/e2e/move");
-    manifest["spec"]["storage"] = json!({"type": "Image", "image": {"repository": repository}});
-    manifest["spec"]["deletionPolicy"] = json!("Delete");
-    let checkpoint = Object::create(cluster, manifest);
-    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
-    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let repository = format!("{}/e2e/move", agents_registry(cluster));
+    let (pod, before, _checkpoint, ready) = counter_with_image_checkpoint(
+        cluster,
+        "e2e-kind-move",
+        "e2e-kind-move-ckpt",
+        &repository,
+        from,
+    );
     assert_eq!(ready["status"]["nodeName"].as_str(), Some(from.as_str()));
     let image = ready["status"]["image"]["reference"]
         .as_str()
@@ -266,19 +285,14 @@ fn a_pod_naming_an_image_checkpoint_is_restored_on_another_worker() {
     let cluster = Cluster::kind();
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
-    let registry = agents_registry(cluster);
-    let mut source = counter_pod("e2e-kind-ref");
-    source["spec"]["nodeName"] = json!(from);
-    let pod = cluster.create_pod(source);
-    pod.wait_ready();
-    pod.wait_counting("counter", 3);
-    let mut manifest = checkpoint_of("e2e-kind-ref-ckpt", &pod.name);
-    manifest["spec"]["storage"] =
-        json!({"type": "Image", "image": {"repository": format!("{registry}/e2e/ref")}});
-    manifest["spec"]["deletionPolicy"] = json!("Delete");
-    let checkpoint = Object::create(cluster, manifest);
-    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
-    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let repository = format!("{}/e2e/ref", agents_registry(cluster));
+    let (pod, _, checkpoint, _) = counter_with_image_checkpoint(
+        cluster,
+        "e2e-kind-ref",
+        "e2e-kind-ref-ckpt",
+        &repository,
+        from,
+    );
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
 
