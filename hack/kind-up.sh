@@ -172,6 +172,20 @@ criu_check() {
 	done
 }
 
+# cluster_pki: the cluster's CA and the API server's kubelet client pair, from the control-plane
+# node into $KIND_RUN/pki (root's alone), for the tests that sign a client certificate or reach
+# a kubelet as the API server does. kind-down removes $KIND_RUN.
+cluster_pki() {
+	local file
+	install -d -m 0700 "$KIND_RUN/pki"
+	for file in ca.crt ca.key apiserver-kubelet-client.crt apiserver-kubelet-client.key; do
+		podman exec "$KIND_CLUSTER-control-plane" cat "/etc/kubernetes/pki/$file" >"$KIND_RUN/pki/$file.tmp" ||
+			die "cannot read /etc/kubernetes/pki/$file in $KIND_CLUSTER-control-plane"
+		chmod 0600 "$KIND_RUN/pki/$file.tmp"
+		mv "$KIND_RUN/pki/$file.tmp" "$KIND_RUN/pki/$file"
+	done
+}
+
 # pod_network: each node's podCIDR on a bridge (bridge + host-local, as on the host's node), and
 # a route to every other node's podCIDR through that node's address on the kind network.
 pod_network() {
@@ -273,6 +287,7 @@ main() {
 		log "kind cluster $KIND_CLUSTER is up ($NODES nodes, node image $node_image)"
 	fi
 	step criu-check criu_check
+	step cluster-pki cluster_pki
 	step pod-network pod_network
 	wait_for kubelet "Ready nodes" 180 kind_kubectl wait --for condition=Ready --timeout 5s node --all
 	step deploy-podsnap deploy_podsnap "$controller_image" "$podsnapd_image"

@@ -105,6 +105,9 @@ node_started=0
 kind_started=1
 phase kind-up 1800 hack/kind-up.sh --nodes 3
 phase e2e-kind 1200 cargo test -p podsnap-e2e --locked --test kind -- --test-threads=1
+# The cluster suite again, unchanged in what it asserts, on kind: its pods on the first worker,
+# podsnap as deploy/ deploys it, node files, logs and processes reached with podman exec.
+phase e2e-kind-cluster 2400 env PODSNAP_E2E_CLUSTER=kind cargo test -p podsnap-e2e --locked --test cluster --test controller --test load -- --test-threads=1
 phase kind-down 600 hack/kind-down.sh
 kind_started=0
 log "all tests passed in $(($(date +%s) - T0))s"

@@ -1,13 +1,20 @@
 //! The Kubernetes clusters the tests run on, seen from a test: the patched kubelet, the
-//! apiserver, and `kubectl` with the administrator's kubeconfig. [`Cluster::get`] is the
-//! single-node cluster `hack/cluster-up.sh` starts on this machine; [`Cluster::kind`] the kind
+//! apiserver, and `kubectl` with the administrator's kubeconfig. [`Cluster::get`] is the cluster
+//! the cluster suite (`cluster.rs`, `controller.rs`, `load.rs`) runs on: the single-node cluster
+//! `hack/cluster-up.sh` starts on this machine, or, with `PODSNAP_E2E_CLUSTER=kind`, the kind
 //! cluster `hack/kind-up.sh` starts (nodes in podman containers, podsnap deployed from
-//! `deploy/`), whose nodes' files a test reaches with [`Cluster::node_exec`].
+//! `deploy/`), with every pod a test creates placed on its first worker ([`Cluster::node`]).
+//! [`Cluster::kind`] is the kind cluster for the multi-node tests (`kind.rs`), which place their
+//! pods themselves.
+//!
+//! A test reaches a node's files, logs and processes through the `node_*` methods, the same on
+//! both: on this machine for the single-node cluster, by `podman exec` in a kind node.
 //!
 //! Like [`crate::node`], nothing here starts or builds anything: a missing cluster fails the
 //! test with what to run. Paths follow `hack/cluster-lib.sh` (`PODSNAP_CLUSTER_RUN`,
 //! `PODSNAP_CLUSTER_LIB`). Pods a test creates are deleted when their [`KubePod`] guard drops.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -20,8 +27,37 @@ use crate::poll::wait_for;
 /// The node's name (cluster-up's default).
 pub const NODE_NAME: &str = "podsnap-node";
 
+/// Which cluster [`Cluster::get`] is: `host` (default) or `kind`.
+pub const CLUSTER_ENV: &str = "PODSNAP_E2E_CLUSTER";
+
+/// A node's component whose log a test reads ([`Cluster::node_log`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Containerd,
+    Podsnapd,
+    Kubelet,
+}
+
+impl Component {
+    /// Its systemd unit in a kind node.
+    fn unit(self) -> &'static str {
+        match self {
+            Component::Containerd => "containerd",
+            Component::Podsnapd => "podsnapd",
+            Component::Kubelet => "kubelet",
+        }
+    }
+}
+
 /// The annotation that makes the patched kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
+
+/// containerd's CRI socket in a kind node.
+const KIND_CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+
+/// The namespace and label selector of podsnap-controller's pods in the kind cluster.
+const CONTROLLER_NAMESPACE: &str = "podsnap-system";
+const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/name=podsnap-controller";
 
 /// The image of the tests' pods (pushed to the local registry by `hack/images.sh`).
 pub const COUNTER_IMAGE: &str = "docker.io/library/busybox:1.37.0";
@@ -47,6 +83,13 @@ pub struct Cluster {
     pub run: PathBuf,
     /// Whether this is the kind cluster (nodes are podman containers of these names).
     pub kind: bool,
+    /// The node the suite's pods run on: cluster-up's node, or kind's first worker.
+    pub node: String,
+    /// Whether [`Cluster::apply`] places pods that name no node on [`Cluster::node`] (the
+    /// cluster suite on kind; the kind tests place theirs).
+    pin_pods: bool,
+    /// Where the kubelet puts every pod's cgroups in the freezer hierarchy, on [`Cluster::node`].
+    pub freezer_root: PathBuf,
 }
 
 /// The outcome of `POST /checkpointpod/...` through the API server's node proxy.
@@ -58,16 +101,29 @@ pub struct CheckpointAnswer {
 }
 
 impl Cluster {
-    /// The cluster, checked once per test binary: kubectl and the admin kubeconfig exist, the
-    /// apiserver is ready and the node is Ready. Panics with what to do otherwise (these tests
-    /// never skip).
+    /// The cluster suite's cluster, checked once per test binary: kubectl and the admin
+    /// kubeconfig exist, the apiserver is ready and the node is Ready. That is the single-node
+    /// cluster, or the kind cluster when `PODSNAP_E2E_CLUSTER=kind` (its pods then placed on its
+    /// first worker). Panics with what to do otherwise (these tests never skip).
     pub fn get() -> &'static Cluster {
         static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-        match CLUSTER.get_or_init(Cluster::check) {
+        let which = std::env::var(CLUSTER_ENV).unwrap_or_default();
+        let (result, start) = match which.as_str() {
+            "" | "host" => (
+                CLUSTER.get_or_init(Cluster::check),
+                "hack/cluster-up.sh",
+            ),
+            "kind" => (
+                CLUSTER.get_or_init(|| Cluster::check_kind(true)),
+                "hack/kind-up.sh",
+            ),
+            other => panic!("{CLUSTER_ENV}={other:?}: want host or kind"),
+        };
+        match result {
             Ok(cluster) => cluster,
             Err(why) => panic!(
                 "the podsnap test cluster is not usable: {why}\n\
-                 (start it with hack/cluster-up.sh; these tests do not skip, CI={})",
+                 (start it with {start}; these tests do not skip, CI={})",
                 std::env::var("CI").unwrap_or_default()
             ),
         }
@@ -86,6 +142,10 @@ impl Cluster {
             kubelet_log: run.join("kubelet.log"),
             run,
             kind: false,
+            node: NODE_NAME.to_owned(),
+            pin_pods: false,
+            // KUBELET_CGROUP_ROOT of hack/cluster-lib.sh.
+            freezer_root: PathBuf::from("/sys/fs/cgroup/freezer/podsnap-cluster"),
         };
         for file in [&cluster.kubectl, &cluster.kubeconfig] {
             if !file.exists() {
@@ -117,7 +177,7 @@ impl Cluster {
     /// node Ready, podsnap-controller available. Panics with what to do otherwise.
     pub fn kind() -> &'static Cluster {
         static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-        match CLUSTER.get_or_init(Cluster::check_kind) {
+        match CLUSTER.get_or_init(|| Cluster::check_kind(false)) {
             Ok(cluster) => cluster,
             Err(why) => panic!(
                 "the podsnap kind cluster is not usable: {why}\n\
@@ -127,11 +187,12 @@ impl Cluster {
         }
     }
 
-    fn check_kind() -> Result<Cluster, String> {
+    /// `pin_pods`: place the pods a test creates on the first worker (the cluster suite).
+    fn check_kind(pin_pods: bool) -> Result<Cluster, String> {
         let run = env_path("PODSNAP_KIND_RUN", "/run/podsnap-kind");
         let bin = std::fs::read_to_string(run.join("kube-bin"))
             .map_err(|e| format!("{}: {e}", run.join("kube-bin").display()))?;
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             kubectl: Path::new(bin.trim()).join("kubectl"),
             kubeconfig: run.join("kubeconfig"),
             kubelet_root: PathBuf::from("/var/lib/kubelet"),
@@ -139,6 +200,10 @@ impl Cluster {
             kubelet_log: run.join("kubelet.log"),
             run,
             kind: true,
+            node: String::new(),
+            pin_pods,
+            // kind's kubelet cgroupRoot, in the node's cgroup namespace.
+            freezer_root: PathBuf::from("/sys/fs/cgroup/freezer/kubelet"),
         };
         for file in [&cluster.kubectl, &cluster.kubeconfig] {
             if !file.exists() {
@@ -162,6 +227,12 @@ impl Cluster {
                 return Err(format!("not {what}:\n{}", f.report()));
             }
         }
+        let mut workers = cluster.workers();
+        workers.sort();
+        cluster.node = workers
+            .into_iter()
+            .next()
+            .ok_or("the kind cluster has no worker")?;
         Ok(cluster)
     }
 
@@ -211,19 +282,176 @@ impl Cluster {
             .collect()
     }
 
-    /// Runs `argv` on a kind node (`podman exec`); its outcome.
+    /// Runs `argv` on a node, a 60-second deadline: in the kind node's container (`podman
+    /// exec`), or on this machine, the single-node cluster's node; its outcome.
     pub fn node_exec(&self, node: &str, argv: &[&str]) -> Finished {
-        assert!(self.kind, "node_exec is for the kind cluster's nodes");
-        // podman as hack/kind-lib.sh configures it for this host (runtime, cgroup manager).
-        let cache = std::env::var("PODSNAP_CACHE").unwrap_or("/var/cache/podsnap".into());
-        CommandLine::new("podman")
-            .env("CONTAINERS_CONF", format!("{cache}/kind/containers.conf"))
-            .arg("exec")
-            .arg(node)
-            .args(argv)
-            .timeout(Duration::from_secs(60))
+        self.node_command(node, argv)
             .run()
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The command line running `argv` on a node (see [`Cluster::node_exec`]).
+    fn node_command(&self, node: &str, argv: &[&str]) -> CommandLine {
+        let command = if self.kind {
+            // podman as hack/kind-lib.sh configures it for this host (runtime, cgroup manager).
+            let cache = std::env::var("PODSNAP_CACHE").unwrap_or("/var/cache/podsnap".into());
+            CommandLine::new("podman")
+                .env("CONTAINERS_CONF", format!("{cache}/kind/containers.conf"))
+                .arg("exec")
+                .arg(node)
+                .args(argv)
+        } else {
+            assert_eq!(node, self.node, "the single-node cluster has no node {node}");
+            CommandLine::new(argv[0]).args(&argv[1..])
+        };
+        command.timeout(Duration::from_secs(60))
+    }
+
+    /// Runs a POSIX shell script on a node (`sh -c script sh args...`).
+    fn node_sh(&self, node: &str, script: &str, args: &[&str]) -> Finished {
+        let mut argv = vec!["sh", "-c", script, "sh"];
+        argv.extend_from_slice(args);
+        self.node_exec(node, &argv)
+    }
+
+    /// A file's text on a node; `None` when it cannot be read.
+    pub fn node_read(&self, node: &str, path: &Path) -> Option<String> {
+        let f = self.node_exec(node, &["cat", "--", path_str(path)]);
+        f.success().then_some(f.stdout)
+    }
+
+    /// Whether `test <test> <path>` holds on a node (`-e`, `-d`, `-f`, ...).
+    pub fn node_test(&self, node: &str, test: &str, path: &Path) -> bool {
+        self.node_exec(node, &["test", test, path_str(path)])
+            .success()
+    }
+
+    /// The names in a directory on a node; empty when it does not exist.
+    pub fn node_entries(&self, node: &str, dir: &Path) -> BTreeSet<String> {
+        let f = self.node_sh(node, r#"[ ! -e "$1" ] || ls -A1 -- "$1""#, &[path_str(dir)]);
+        assert!(f.success(), "{}", f.report());
+        f.stdout.lines().map(str::to_owned).collect()
+    }
+
+    /// A file's permission bits on a node.
+    pub fn node_mode(&self, node: &str, path: &Path) -> u32 {
+        let f = self.node_exec(node, &["stat", "-c", "%a", "--", path_str(path)]);
+        assert!(f.success(), "{}", f.report());
+        u32::from_str_radix(f.stdout.trim(), 8).expect("stat %a is octal")
+    }
+
+    /// Removes a file or a directory tree on a node.
+    pub fn node_remove(&self, node: &str, path: &Path) {
+        let f = self.node_exec(node, &["rm", "-rf", "--", path_str(path)]);
+        assert!(f.success(), "{}", f.report());
+    }
+
+    /// Tampers with a checkpoint on a node: flips a byte in the middle of its largest file (a
+    /// memory image); returns that file.
+    pub fn tamper_with(&self, node: &str, checkpoint: &Path) -> PathBuf {
+        const SCRIPT: &str = r#"set -e
+f=$(find "$1" -type f -printf '%s %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
+[ -n "$f" ] || { echo "no file under $1" >&2; exit 1; }
+mid=$(($(stat -c %s "$f") / 2))
+byte=$(od -An -tu1 -j "$mid" -N1 "$f" | tr -d ' ')
+printf '%b' "$(printf '\\0%o' $((byte ^ 255)))" | dd of="$f" bs=1 seek="$mid" conv=notrunc status=none
+printf '%s\n' "$f""#;
+        let f = self.node_sh(node, SCRIPT, &[path_str(checkpoint)]);
+        assert!(f.success(), "{}", f.report());
+        PathBuf::from(f.stdout.trim_end())
+    }
+
+    /// A component's log on a node: its log file on this machine (hack/node-up.sh,
+    /// hack/cluster-up.sh), its journal in a kind node.
+    pub fn node_log(&self, node: &str, component: Component) -> String {
+        if self.kind {
+            let f = self.node_exec(
+                node,
+                &["journalctl", "--no-pager", "-o", "cat", "-u", component.unit()],
+            );
+            assert!(f.success(), "{}", f.report());
+            return f.stdout;
+        }
+        let file = match component {
+            Component::Containerd => crate::cri_workspace::node_run().join("containerd.log"),
+            Component::Podsnapd => crate::cri_workspace::node_run().join("podsnapd.log"),
+            Component::Kubelet => self.kubelet_log.clone(),
+        };
+        std::fs::read_to_string(&file).unwrap_or_default()
+    }
+
+    /// `crictl` on a node, as its kubelet's runtime sees it; its stdout.
+    pub fn node_crictl(&self, node: &str, args: &[&str]) -> String {
+        if !self.kind {
+            return crate::Node::get().crictl(args);
+        }
+        let mut argv = vec!["crictl", "--runtime-endpoint", KIND_CRI_ENDPOINT];
+        argv.extend_from_slice(args);
+        let f = self.node_exec(node, &argv);
+        assert!(f.success(), "{}", f.report());
+        f.stdout
+    }
+
+    /// The cgroups under [`Cluster::freezer_root`] on a node that are not thawed.
+    pub fn frozen_cgroups(&self, node: &str) -> Vec<String> {
+        let root = path_str(&self.freezer_root);
+        assert!(
+            self.node_test(node, "-d", &self.freezer_root),
+            "{root} does not exist on {node}: the frozen-cgroup check would see nothing"
+        );
+        let f = self.node_sh(
+            node,
+            r#"find "$1" -name freezer.state | while read -r f; do
+                 s=$(cat "$f" 2>/dev/null) || continue
+                 [ "$s" = THAWED ] || printf '%s: %s\n' "${f%/freezer.state}" "$s"
+               done"#,
+            &[root],
+        );
+        assert!(f.success(), "{}", f.report());
+        f.stdout.lines().map(str::to_owned).collect()
+    }
+
+    /// Kills the kubelet of a node with SIGKILL: by its pid file on this machine (checking the
+    /// pid is the kubelet's), through systemd in a kind node.
+    pub fn kill_kubelet(&self, node: &str) {
+        if self.kind {
+            let f = self.node_exec(node, &["systemctl", "kill", "--signal=KILL", "kubelet"]);
+            assert!(f.success(), "{}", f.report());
+            return;
+        }
+        let pidfile = self.run.join("kubelet.pid");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .expect("a pid");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "kubelet", "pid {pid} is not the kubelet");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+            .unwrap_or_else(|e| panic!("kill {pid}: {e}"));
+    }
+
+    /// Starts a killed kubelet again (`hack/cluster-up.sh`; systemd in a kind node, whose unit
+    /// restarts it by itself) and waits for its node to be Ready.
+    pub fn start_kubelet(&self, node: &str) {
+        if self.kind {
+            let f = self.node_exec(node, &["systemctl", "start", "kubelet"]);
+            assert!(f.success(), "{}", f.report());
+        } else {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/cluster-up.sh");
+            let up = CommandLine::new("bash")
+                .arg(script)
+                .timeout(Duration::from_secs(300))
+                .run()
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(up.success(), "restart the kubelet: {}", up.report());
+        }
+        self.kubectl([
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=120s",
+            &format!("node/{node}"),
+        ]);
     }
 
     /// The `podsnap` CLI (the workspace's debug build) with the admin kubeconfig, as a user runs
@@ -275,14 +503,41 @@ impl Cluster {
         finished.stdout
     }
 
-    /// `kubectl apply -f -` of a manifest.
+    /// `kubectl apply -f -` of a manifest. A Pod that names no node (alone or in a List) is
+    /// placed on [`Cluster::node`] when this is the cluster suite on kind.
     pub fn apply(&self, manifest: &Value) {
+        let mut manifest = manifest.clone();
+        if self.pin_pods {
+            self.pin(&mut manifest);
+        }
         let finished = self
             .kubectl_command(["apply", "-f", "-"])
             .input(manifest.to_string())
             .run()
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(finished.success(), "{}", finished.report());
+    }
+
+    /// Places a Pod (or each Pod of a List) that names no node, node selector or affinity on
+    /// [`Cluster::node`], by its `kubernetes.io/hostname` label.
+    fn pin(&self, manifest: &mut Value) {
+        match manifest["kind"].as_str() {
+            Some("List") => {
+                for item in manifest["items"].as_array_mut().into_iter().flatten() {
+                    self.pin(item);
+                }
+            }
+            Some("Pod") => {
+                let spec = &mut manifest["spec"];
+                if spec["nodeName"].is_null()
+                    && spec["nodeSelector"].is_null()
+                    && spec["affinity"].is_null()
+                {
+                    spec["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": self.node});
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Creates a pod from a manifest and returns its guard (the pod is deleted on drop).
@@ -321,8 +576,10 @@ impl Cluster {
         query: &str,
         user: Option<&str>,
     ) -> CheckpointAnswer {
-        let path =
-            format!("/api/v1/nodes/{NODE_NAME}/proxy/checkpointpod/{namespace}/{pod}{query}");
+        let path = format!(
+            "/api/v1/nodes/{}/proxy/checkpointpod/{namespace}/{pod}{query}",
+            self.node
+        );
         let mut args = vec![
             "create".to_owned(),
             "--raw".to_owned(),
@@ -375,13 +632,29 @@ impl Cluster {
         self.kubectl([
             "get",
             "--raw",
-            &format!("/api/v1/nodes/{NODE_NAME}/proxy/metrics"),
+            &format!("/api/v1/nodes/{}/proxy/metrics", self.node),
         ])
     }
 
-    /// podsnap-controller's Prometheus metrics (`--metrics-bind-address`, cluster-up's port).
+    /// podsnap-controller's Prometheus metrics (`--metrics-bind-address`): cluster-up's port on
+    /// this machine, or the controller pod's `metrics` port through the API server's pod proxy.
     pub fn controller_metrics(&self) -> String {
         use std::io::{Read, Write};
+        if self.kind {
+            let pod = self.controller_pod();
+            return wait_for(
+                "podsnap-controller's /metrics",
+                Duration::from_secs(30),
+                || {
+                    let f = self.kubectl_try([
+                        "get",
+                        "--raw",
+                        &format!("/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods/{pod}:8080/proxy/metrics"),
+                    ])?;
+                    if f.success() { Ok(f.stdout) } else { Err(f.report()) }
+                },
+            );
+        }
         let port = std::env::var("PODSNAP_CONTROLLER_METRICS_PORT").unwrap_or("16480".into());
         let answer = wait_for(
             "podsnap-controller's /metrics",
@@ -407,9 +680,60 @@ impl Cluster {
         body.to_owned()
     }
 
-    /// Kills podsnap-controller (SIGKILL, by its pid file, checking the pid is the controller's)
-    /// and starts it again with `hack/cluster-up.sh --podsnap-controller`.
+    /// The running podsnap-controller pod of the kind cluster (deploy/controller.yaml).
+    fn controller_pod(&self) -> String {
+        wait_for(
+            "a running podsnap-controller pod",
+            Duration::from_secs(120),
+            || {
+                let f = self.kubectl_try([
+                    "-n",
+                    CONTROLLER_NAMESPACE,
+                    "get",
+                    "pods",
+                    "-l",
+                    CONTROLLER_SELECTOR,
+                    "--field-selector=status.phase=Running",
+                    "-o",
+                    "jsonpath={.items[*].metadata.name}",
+                ])?;
+                match f.stdout.split_whitespace().collect::<Vec<_>>()[..] {
+                    [pod] if f.success() => Ok(pod.to_owned()),
+                    _ => Err(f.report()),
+                }
+            },
+        )
+    }
+
+    /// Kills podsnap-controller with SIGKILL: by its pid file on this machine (checking the pid
+    /// is the controller's); in kind, its container's process, found by CRI on the pod's node
+    /// (the kubelet then starts the container again, as it would after a crash).
     pub fn kill_controller(&self) {
+        if self.kind {
+            let pod = self.controller_pod();
+            let node = self.kubectl([
+                "-n",
+                CONTROLLER_NAMESPACE,
+                "get",
+                "pod",
+                &pod,
+                "-o",
+                "jsonpath={.spec.nodeName}",
+            ]);
+            let f = self.node_sh(
+                node.trim(),
+                r#"set -e
+endpoint=$3
+cri() { crictl --runtime-endpoint "$endpoint" "$@"; }
+sandbox=$(cri pods -q --namespace "$1" --name "$2")
+id=$(cri ps -q --pod "$sandbox" --name controller)
+[ -n "$id" ] || { echo "no running controller container in pod $2" >&2; exit 1; }
+kill -KILL "$(cri inspect -o go-template --template '{{.info.pid}}' "$id")""#,
+                &[CONTROLLER_NAMESPACE, &pod, KIND_CRI_ENDPOINT],
+            );
+            assert!(f.success(), "{}", f.report());
+            return;
+        }
         let pidfile = self.run.join("podsnap-controller.pid");
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
@@ -438,8 +762,35 @@ impl Cluster {
         );
     }
 
-    /// Starts podsnap-controller and its node agent (`hack/cluster-up.sh --podsnap-controller`).
+    /// Starts podsnap-controller and its node agent again (`hack/cluster-up.sh
+    /// --podsnap-controller`); in kind, waits until its Deployment is available again.
     pub fn start_controller(&self) {
+        if self.kind {
+            // The kubelet restarts the killed container; Available once it is ready again.
+            wait_for(
+                "podsnap-controller to be ready again",
+                Duration::from_secs(120),
+                || {
+                    let f = self.kubectl_try([
+                        "-n",
+                        CONTROLLER_NAMESPACE,
+                        "get",
+                        "pods",
+                        "-l",
+                        CONTROLLER_SELECTOR,
+                        "-o",
+                        "jsonpath={.items[*].status.containerStatuses[*].restartCount} {.items[*].status.containerStatuses[*].ready}",
+                    ])?;
+                    let out = f.stdout.trim().to_owned();
+                    let fields: Vec<&str> = out.split_whitespace().collect();
+                    match fields[..] {
+                        [restarts, "true"] if restarts != "0" => Ok(()),
+                        _ => Err(format!("restarts and ready: {out:?}")),
+                    }
+                },
+            );
+            return;
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/cluster-up.sh");
         let finished = CommandLine::new("bash")
             .args([script.to_str().unwrap(), "--podsnap-controller"])
@@ -448,9 +799,9 @@ impl Cluster {
         assert!(finished.success(), "{}", finished.report());
     }
 
-    /// The tail of the kubelet's log, for messages.
+    /// The tail of the kubelet's log (of [`Cluster::node`]), for messages.
     pub fn kubelet_log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.kubelet_log).unwrap_or_default();
+        let log = self.node_log(&self.node, Component::Kubelet);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -680,41 +1031,16 @@ pub fn counter_pod(name: &str) -> Value {
     })
 }
 
-/// Tampers with a checkpoint: flips a byte in the middle of its largest file (a memory image);
-/// returns that file.
-pub fn tamper_with(checkpoint: &Path) -> PathBuf {
-    let victim = largest_file(checkpoint);
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&victim, bytes).unwrap();
-    victim
-}
-
-/// The largest regular file under `dir`.
-fn largest_file(dir: &Path) -> PathBuf {
-    let mut best: Option<(u64, PathBuf)> = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
-                best = Some((meta.len(), entry.path()));
-            }
-        }
-    }
-    best.expect("the directory has files").1
-}
-
 /// The numbers of the `count: N` lines of a log, in order.
 pub fn counts(log: &str) -> Vec<u64> {
     log.lines()
         .filter_map(|l| l.strip_prefix("count: "))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("the tests' paths are UTF-8")
 }
 
 fn env_path(name: &str, default: &str) -> PathBuf {

@@ -1,18 +1,14 @@
-//! End-to-end tests on the single-node Kubernetes cluster (hack/cluster-up.sh): the patched
-//! kubelet checkpoints a pod through `POST /checkpointpod/{namespace}/{pod}` (reached through the
+//! End-to-end tests on the cluster (hack/cluster-up.sh's single node, or kind's first worker
+//! with `PODSNAP_E2E_CLUSTER=kind`, see [`Cluster::get`]): the patched kubelet checkpoints a pod through `POST /checkpointpod/{namespace}/{pod}` (reached through the
 //! API server's node proxy, as a user would) and restores a pod annotated
 //! `checkpoint.k8s.io/restore-from` through CRI RestorePod on podsnapd.
 //!
 //! Run them one at a time (`--test-threads=1`): they share the node.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{
-    self, COUNTER_IMAGE, Cluster, KubePod, RESTORE_FROM, counts, tamper_with,
-};
+use podsnap_e2e::cluster::{self, COUNTER_IMAGE, Cluster, Component, KubePod, RESTORE_FROM, counts};
 use podsnap_e2e::{CommandLine, wait_for};
 use serde_json::{Value, json};
 
@@ -101,10 +97,10 @@ fn seed_demo_counter_counts_on_after_restore() {
     let (location, before, after) = checkpoint(cluster, &pod, "counter");
 
     // The checkpoint is root's alone: a directory 0700, the kubelet's record 0600.
-    let mode = fs::metadata(&location).unwrap().permissions().mode() & 0o777;
+    let mode = cluster.node_mode(&cluster.node, &location);
     assert_eq!(mode, 0o700, "{}", location.display());
     let record = format!("{}.kubelet.json", location.display());
-    let mode = fs::metadata(&record).unwrap().permissions().mode() & 0o777;
+    let mode = cluster.node_mode(&cluster.node, Path::new(&record));
     assert_eq!(mode, 0o600, "{record}");
     assert_eq!(
         location.parent().unwrap(),
@@ -197,8 +193,10 @@ fn two_container_pod_restores_both_with_their_shared_files() {
         ],
     );
     let (location, before, after) = checkpoint(cluster, &pod, "count");
-    let answer_containers =
-        fs::read_to_string(format!("{}.kubelet.json", location.display())).unwrap();
+    let record = format!("{}.kubelet.json", location.display());
+    let answer_containers = cluster
+        .node_read(&cluster.node, Path::new(&record))
+        .unwrap_or_else(|| panic!("{record} cannot be read"));
     assert!(
         answer_containers.contains("\"count\"") && answer_containers.contains("\"serve\""),
         "{answer_containers}"
@@ -263,7 +261,7 @@ fn tampered_checkpoint_fails_the_restore_with_an_event_and_never_starts_fresh() 
     drop(pod);
 
     // Flip a byte of the largest file in the checkpoint (a memory image).
-    let victim = tamper_with(&location);
+    let victim = cluster.tamper_with(&cluster.node, &location);
     let victim_name = victim.file_name().unwrap().to_str().unwrap().to_owned();
 
     let name = location.file_name().unwrap().to_str().unwrap().to_owned();
@@ -366,17 +364,7 @@ fn restore_from_a_bad_reference_fails_clearly_and_never_starts_fresh() {
 fn checkpoint_requests_that_cannot_succeed_get_a_4xx_and_change_nothing() {
     let cluster = Cluster::get();
     let checkpoints = cluster.kubelet_root.join("pod-checkpoints");
-    let listing = || -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&checkpoints)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    };
+    let listing = || cluster.node_entries(&cluster.node, &checkpoints);
 
     let expect = |namespace: &str,
                   pod: &str,
@@ -529,7 +517,7 @@ fn kubelet_refuses_a_checkpoint_by_a_user_without_the_permission() {
     let address = cluster.kubectl([
         "get",
         "node",
-        podsnap_e2e::cluster::NODE_NAME,
+        &cluster.node,
         "-o",
         "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
     ]);
@@ -577,7 +565,7 @@ fn kubelet_refuses_a_checkpoint_by_a_user_without_the_permission() {
 #[test]
 fn the_controller_reaches_the_kubelet_only_at_the_pod_checkpoint_endpoint() {
     let cluster = Cluster::get();
-    let node = podsnap_e2e::cluster::NODE_NAME;
+    let node = &cluster.node;
     for path in [
         "run/default/anything/c?cmd=id",
         "exec/default/anything/c?command=id",
@@ -624,8 +612,8 @@ fn the_controller_reaches_the_kubelet_only_at_the_pod_checkpoint_endpoint() {
 
 /// The pod's containers on the node, as CRI reports them: (name, state) of every container of
 /// the pod named `pod` (any sandbox).
-fn cri_containers(pod: &str) -> Vec<(String, String)> {
-    let out = podsnap_e2e::Node::get().crictl(["ps", "-a", "-o", "json"]);
+fn cri_containers(cluster: &Cluster, pod: &str) -> Vec<(String, String)> {
+    let out = cluster.node_crictl(&cluster.node, &["ps", "-a", "-o", "json"]);
     let listed: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     listed["containers"]
         .as_array()
@@ -677,12 +665,11 @@ fn a_kubelet_restarted_mid_restore_restores_the_pod_again_and_never_starts_it_fr
     let restored = cluster.create_pod(two(Some(&name)));
     // RestorePod has answered (podsnapd logs it, naming the checkpoint): the kubelet is now
     // starting `first`, whose restore unpacks the volume, and `second` waits CREATED.
-    let podsnapd_log = podsnap_e2e::cri_workspace::node_run().join("podsnapd.log");
     wait_for(
         "RestorePod to answer the kubelet",
         Duration::from_secs(120),
         || {
-            let log = fs::read_to_string(&podsnapd_log).unwrap_or_default();
+            let log = cluster.node_log(&cluster.node, Component::Podsnapd);
             if log
                 .lines()
                 .any(|l| l.contains("pod restored (created)") && l.contains(name.as_str()))
@@ -693,29 +680,15 @@ fn a_kubelet_restarted_mid_restore_restores_the_pod_again_and_never_starts_it_fr
             }
         },
     );
-    let pidfile = cluster.run.join("kubelet.pid");
-    let pid: i32 = fs::read_to_string(&pidfile)
-        .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
-        .trim()
-        .parse()
-        .expect("a pid");
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "kubelet", "pid {pid} is not the kubelet");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    let containers = cri_containers("e2e-interrupted");
+    cluster.kill_kubelet(&cluster.node);
+    let containers = cri_containers(cluster, "e2e-interrupted");
     assert!(
         containers
             .iter()
             .any(|(n, s)| n == "second" && s == "CONTAINER_CREATED"),
         "the kubelet was not killed mid-restore: {containers:?}"
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/cluster-up.sh");
-    let up = CommandLine::new("bash")
-        .arg(script)
-        .timeout(Duration::from_secs(300))
-        .run()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(up.success(), "restart the kubelet: {}", up.report());
+    cluster.start_kubelet(&cluster.node);
 
     restored.wait_ready();
     wait_counting(&restored, "second", 2);

@@ -1,12 +1,14 @@
 //! End-to-end tests of `PodCheckpoint` / `PodRestore` (checkpoint.k8s.io/v1alpha1) on the
-//! single-node cluster, with podsnap-controller running beside it (hack/cluster-up.sh starts it
-//! with its own least-privilege identity, deploy/rbac.yaml). Run one at a time.
+//! cluster ([`Cluster::get`]: hack/cluster-up.sh's single node, where podsnap-controller runs
+//! beside it with its own least-privilege identity, or kind with `PODSNAP_E2E_CLUSTER=kind`,
+//! where it runs as deploy/ deploys it). Run one at a time.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use podsnap_e2e::cluster::{
-    COUNTER_SCRIPT, Cluster, KubePod, NODE_NAME, Object, RESTORE_FROM, checkpoint_of, counter_pod,
-    counts, metric, tamper_with,
+    COUNTER_SCRIPT, Cluster, Component, KubePod, Object, RESTORE_FROM, checkpoint_of, counter_pod,
+    counts, metric,
 };
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
@@ -83,13 +85,19 @@ fn suspend_and_resume_under_the_same_pod_name() {
     let checkpoint = Object::create(cluster, checkpoint_of("e2e-suspend-ckpt", "e2e-suspend"));
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    assert_eq!(ready["status"]["nodeName"], NODE_NAME);
+    assert_eq!(ready["status"]["nodeName"], cluster.node.as_str());
     assert_eq!(ready["status"]["containers"], json!(["counter"]));
-    let location = ready["status"]["checkpointLocation"].as_str().unwrap();
-    assert!(std::path::Path::new(location).is_dir(), "{location}");
+    let location = Path::new(ready["status"]["checkpointLocation"].as_str().unwrap());
+    assert!(
+        cluster.node_test(&cluster.node, "-d", location),
+        "{}",
+        location.display()
+    );
     // checkpointctl's config.dump names the image as the pod spec does.
-    let dump: Value = serde_json::from_slice(
-        &std::fs::read(std::path::Path::new(location).join("counter/config.dump")).unwrap(),
+    let dump: Value = serde_json::from_str(
+        &cluster
+            .node_read(&cluster.node, &location.join("counter/config.dump"))
+            .expect("config.dump"),
     )
     .unwrap();
     assert_eq!(
@@ -161,15 +169,19 @@ fn suspend_and_resume_under_the_same_pod_name() {
     );
 }
 
-/// The entries of the kubelet's pod checkpoint directory.
+/// The entries of the kubelet's pod checkpoint directory (on the suite's node).
 fn checkpoint_entries(cluster: &Cluster) -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(cluster.kubelet_root.join("pod-checkpoints"))
-        .map(|dir| {
-            dir.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    cluster.node_entries(&cluster.node, &cluster.kubelet_root.join("pod-checkpoints"))
+}
+
+/// Whether `test <test> <path>` holds on the suite's node.
+fn on_node(cluster: &Cluster, test: &str, path: &Path) -> bool {
+    cluster.node_test(&cluster.node, test, path)
+}
+
+/// A checkpoint directory's kubelet record (`<directory>.kubelet.json`).
+fn record_of(dir: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.kubelet.json", dir.display()))
 }
 
 /// The controller is killed while the kubelet checkpoints (a pod with 512 MiB in an emptyDir,
@@ -302,15 +314,15 @@ fn warm_start_of_three_replicas_from_one_checkpoint_lazily() {
             .and_then(|id| id.strip_prefix("containerd://"))
             .unwrap_or_else(|| panic!("no container id: {got}"))
             .to_owned();
-        let node = podsnap_e2e::Node::get();
-        let log = std::fs::read_to_string(&node.containerd_log).unwrap_or_default();
+        let log = cluster.node_log(&cluster.node, Component::Containerd);
+        let about: Vec<&str> = log.lines().filter(|l| l.contains(&container)).collect();
         assert!(
-            log.lines()
-                .any(|l| l.contains(&container)
-                    && l.contains("stream in from the lazy-pages daemon")),
-            "{} was not restored lazily:\n{}",
+            about
+                .iter()
+                .any(|l| l.contains("stream in from the lazy-pages daemon")),
+            "{} was not restored lazily; containerd's log of {container}:\n{}",
             replica.name,
-            node.log_excerpt(&[&container])
+            about[about.len().saturating_sub(30)..].join("\n")
         );
         ips.push(got["status"]["podIP"].as_str().unwrap().to_owned());
     }
@@ -1171,7 +1183,7 @@ fn restoring_takes_the_restore_verb_on_that_checkpoint() {
                 "apiVersion": "v1", "kind": "Binding",
                 "metadata": {"name": pod_name, "namespace": "default",
                              "annotations": {"checkpoint.k8s.io/restore-from": directory}},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME}
+                "target": {"apiVersion": "v1", "kind": "Node", "name": cluster.node}
             })
             .to_string(),
         )
@@ -1266,7 +1278,8 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
         made.report()
     );
     assert!(
-        made.stdout.starts_with("e2e-cli-ckpt\tpodsnap-node\t/"),
+        made.stdout
+            .starts_with(&format!("e2e-cli-ckpt\t{}\t/", cluster.node)),
         "{}",
         made.report()
     );
@@ -1277,19 +1290,48 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
         listed
             .stdout
             .lines()
-            .any(|l| l.starts_with("e2e-cli-ckpt\te2e-cli\tReady\tpodsnap-node\tcounter\t")),
+            .any(|l| l.starts_with(&format!(
+                "e2e-cli-ckpt\te2e-cli\tReady\t{}\tcounter\t",
+                cluster.node
+            ))),
         "{}",
         listed.report()
     );
     let shown = podsnap(&["inspect", "e2e-cli-ckpt"]);
     assert!(shown.success(), "{}", shown.report());
-    for needle in [
-        "Phase:          Ready",
-        "CRIU:           4.",
-        "Kernel:",
-        "Containers:",
-        "  counter\timage docker.io/library/busybox:1.37.0\t",
-    ] {
+    // The checkpoint's data (its manifest: CRIU, kernel, each container's files) is read where
+    // it is: on this machine for the single-node cluster; a kind node's is not, and inspect says
+    // where it is instead, while the test reads the manifest on that node.
+    let data_here = !cluster.kind;
+    let mut needles = vec!["Phase:          Ready", "Containers:"];
+    if data_here {
+        needles.extend([
+            "CRIU:           4.",
+            "Kernel:",
+            "  counter\timage docker.io/library/busybox:1.37.0\t",
+        ]);
+    } else {
+        needles.push("the checkpoint's data is on node ");
+        let location = shown
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Location:"))
+            .map(|l| std::path::Path::new(l.trim()).join("podsnap-manifest.json"))
+            .unwrap_or_else(|| panic!("no Location in:\n{}", shown.stdout));
+        let manifest: Value = serde_json::from_str(
+            &cluster
+                .node_read(&cluster.node, &location)
+                .unwrap_or_else(|| panic!("{} on {}", location.display(), cluster.node)),
+        )
+        .unwrap();
+        assert!(
+            manifest["criu_version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("4.")),
+            "{manifest}"
+        );
+    }
+    for needle in needles {
         assert!(
             shown.stdout.contains(needle),
             "no {needle:?} in:\n{}",
@@ -1385,10 +1427,9 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
     let checkpoint = Object::create(cluster, manifest);
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    let location =
-        std::path::PathBuf::from(ready["status"]["checkpointLocation"].as_str().unwrap());
-    let record = std::path::PathBuf::from(format!("{}.kubelet.json", location.display()));
-    assert!(location.is_dir() && record.is_file());
+    let location = PathBuf::from(ready["status"]["checkpointLocation"].as_str().unwrap());
+    let record = record_of(&location);
+    assert!(on_node(cluster, "-d", &location) && on_node(cluster, "-f", &record));
     wait_for("the node-data finalizer", Duration::from_secs(30), || {
         let f = checkpoint.get()["metadata"]["finalizers"].clone();
         if f.to_string().contains("checkpoint.k8s.io/node-data") {
@@ -1424,12 +1465,12 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
             "only PodCheckpoints on its own node",
         ),
         (
-            NODE_NAME,
+            cluster.node.as_str(),
             json!({"spec": {"timeoutSeconds": 5}}),
             "may not change a PodCheckpoint's spec",
         ),
         (
-            NODE_NAME,
+            cluster.node.as_str(),
             json!({"metadata": {"finalizers": ["checkpoint.k8s.io/node-data", "example.com/keep"]}}),
             "may only remove the checkpoint.k8s.io/node-data finalizer",
         ),
@@ -1441,13 +1482,13 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
             refused.report()
         );
     }
-    let allowed = as_agent(NODE_NAME, release);
+    let allowed = as_agent(&cluster.node, release);
     assert!(allowed.success(), "{}", allowed.report());
 
     // Make the kubelet's restore fail (a modified image): the restore stays in progress, its pod
     // never starts, and the checkpoint is in use meanwhile.
-    let record_text = std::fs::read_to_string(&record).unwrap();
-    tamper_with(&location);
+    let record_text = cluster.node_read(&cluster.node, &record).unwrap();
+    cluster.tamper_with(&cluster.node, &location);
     let restore = Object::create(
         cluster,
         json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
@@ -1475,8 +1516,11 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
     std::thread::sleep(Duration::from_secs(4));
     let held = checkpoint.get();
     assert!(!held["metadata"]["deletionTimestamp"].is_null(), "{held}");
-    assert!(location.is_dir(), "the data went while a restore used it");
-    assert!(record.is_file(), "{record_text}");
+    assert!(
+        on_node(cluster, "-d", &location),
+        "the data went while a restore used it"
+    );
+    assert!(on_node(cluster, "-f", &record), "{record_text}");
 
     // The restore goes: the checkpoint is released, deleted, and its data removed on the node.
     drop(restore);
@@ -1485,7 +1529,7 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
         "the checkpoint's data to be removed",
         Duration::from_secs(30),
         || {
-            if location.exists() || record.exists() {
+            if on_node(cluster, "-e", &location) || on_node(cluster, "-e", &record) {
                 Err(format!("{} still there", location.display()))
             } else {
                 Ok(())
@@ -1562,9 +1606,9 @@ fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
     let kept = cluster.checkpoint_pod("default", "e2e-orphan", "", None);
     assert!(kept.finished.success(), "{}", kept.finished.report());
     let kept = kept.location.unwrap();
-    let record =
-        |dir: &std::path::Path| std::path::PathBuf::from(format!("{}.kubelet.json", dir.display()));
-    let recorded: Value = serde_json::from_slice(&std::fs::read(record(&orphan)).unwrap()).unwrap();
+    let recorded: Value =
+        serde_json::from_str(&cluster.node_read(&cluster.node, &record_of(&orphan)).unwrap())
+            .unwrap();
     assert_eq!(recorded["podCheckpointUID"], uid.as_str(), "{recorded}");
 
     // The failed object on this node, as the controller leaves it when it failed mid-checkpoint.
@@ -1575,13 +1619,13 @@ fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
         "--subresource=status",
         "--type=merge",
         "-p",
-        &json!({"status": {"nodeName": NODE_NAME}}).to_string(),
+        &json!({"status": {"nodeName": cluster.node}}).to_string(),
     ]);
     wait_for(
         "the node agent to remove the orphan",
         Duration::from_secs(30),
         || {
-            if orphan.exists() || record(&orphan).exists() {
+            if on_node(cluster, "-e", &orphan) || on_node(cluster, "-e", &record_of(&orphan)) {
                 Err(format!("{} still there", orphan.display()))
             } else {
                 Ok(())
@@ -1589,11 +1633,11 @@ fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
         },
     );
     assert!(
-        kept.is_dir() && record(&kept).is_file(),
+        on_node(cluster, "-d", &kept) && on_node(cluster, "-f", &record_of(&kept)),
         "a checkpoint of no object went"
     );
-    std::fs::remove_dir_all(&kept).unwrap();
-    std::fs::remove_file(record(&kept)).unwrap();
+    cluster.node_remove(&cluster.node, &kept);
+    cluster.node_remove(&cluster.node, &record_of(&kept));
 }
 
 /// A counter pod with `mib` MiB of random data in an emptyDir volume: its checkpoint takes
@@ -1772,9 +1816,10 @@ fn a_restarted_controller_takes_up_the_pod_its_restore_created() {
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     // The kubelet cannot restore a modified checkpoint: the restore stays in progress.
-    tamper_with(std::path::Path::new(
-        ready["status"]["checkpointLocation"].as_str().unwrap(),
-    ));
+    cluster.tamper_with(
+        &cluster.node,
+        Path::new(ready["status"]["checkpointLocation"].as_str().unwrap()),
+    );
     let restore = Object::create(
         cluster,
         json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
@@ -1820,7 +1865,7 @@ fn node_agents_cannot_read_checkpointed_pod_specs() {
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     let as_agent = |args: &[&str]| {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        args.push(format!("--as=podsnap:node-agent:{NODE_NAME}"));
+        args.push(format!("--as=podsnap:node-agent:{}", cluster.node));
         args.push("--as-group=podsnap:node-agents".to_owned());
         cluster.kubectl_try(args).unwrap()
     };
@@ -1843,7 +1888,7 @@ fn node_agents_cannot_read_checkpointed_pod_specs() {
         "podcheckpoints",
         "-A",
         "--field-selector",
-        &format!("status.nodeName={NODE_NAME}"),
+        &format!("status.nodeName={}", cluster.node),
         "-o",
         "name",
     ]);
@@ -1903,8 +1948,6 @@ fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
     pod.wait_ready();
     wait_counting(&pod, 2);
     let before = checkpoint_entries(cluster);
-    let record =
-        |dir: &std::path::Path| std::path::PathBuf::from(format!("{}.kubelet.json", dir.display()));
 
     let (first, second, first_ended_at, second_started_at) = std::thread::scope(|scope| {
         let first = scope.spawn(|| {
@@ -1933,7 +1976,7 @@ fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
     );
     let first = first.location.unwrap();
     let mut expected = before.clone();
-    for entry in [&first, &record(&first)] {
+    for entry in [&first, &record_of(&first)] {
         expected.insert(entry.file_name().unwrap().to_string_lossy().into_owned());
     }
     assert_eq!(checkpoint_entries(cluster), expected);
@@ -1943,8 +1986,8 @@ fn a_second_checkpoint_of_a_pod_being_checkpointed_is_refused_at_once() {
     let again = cluster.checkpoint_pod("default", "e2e-twice", "", None);
     assert!(again.finished.success(), "{}", again.finished.report());
     for dir in [first, again.location.unwrap()] {
-        std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::remove_file(record(&dir)).unwrap();
+        cluster.node_remove(&cluster.node, &dir);
+        cluster.node_remove(&cluster.node, &record_of(&dir));
     }
 }
 

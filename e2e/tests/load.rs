@@ -1,4 +1,4 @@
-//! Load on the single-node cluster (hack/cluster-up.sh, podsnap-controller beside it): ten
+//! Load on the cluster ([`Cluster::get`]: the single node, or kind's first worker): ten
 //! counter pods checkpointed at once (ten PodCheckpoint objects applied in one request), then
 //! ten pods restored at once from one of those checkpoints (one PodRestore with `replicas: 10`).
 //!
@@ -10,7 +10,7 @@
 //! (deletion policy Delete).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use podsnap_e2e::cluster::{Cluster, READY_TIMEOUT, counter_pod, counts};
@@ -26,10 +26,6 @@ const LABEL: &str = "podsnap-e2e/load";
 
 /// How long the ten checkpoints, or the ten restores, may take in all (liveness only).
 const ALL_DONE: Duration = Duration::from_secs(600);
-
-/// Where the kubelet puts every pod's cgroups in the freezer hierarchy (its cgroupRoot,
-/// `KUBELET_CGROUP_ROOT` of hack/cluster-lib.sh).
-const CLUSTER_FREEZER: &str = "/sys/fs/cgroup/freezer/podsnap-cluster";
 
 /// Deletes everything labelled [`LABEL`] — PodRestores, then pods, then PodCheckpoints (whose
 /// node data goes with them) — when dropped, and before the test (an earlier run's leftovers).
@@ -141,39 +137,13 @@ fn failed_restores(cluster: &Cluster) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The cgroups under the cluster's root in the freezer hierarchy that are not thawed.
-fn frozen_cgroups() -> Vec<String> {
-    let root = Path::new(CLUSTER_FREEZER);
-    assert!(
-        root.is_dir(),
-        "{CLUSTER_FREEZER} does not exist: the frozen-cgroup check would see nothing"
-    );
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
-            }
-        }
-        let state = std::fs::read_to_string(dir.join("freezer.state")).unwrap_or_default();
-        let state = state.trim();
-        if !state.is_empty() && state != "THAWED" {
-            found.push(format!("{}: {state}", dir.display()));
-        }
-    }
-    found
-}
-
-fn assert_nothing_frozen(when: &str) {
+/// No cgroup of the cluster's pods on the suite's node is left frozen.
+fn assert_nothing_frozen(cluster: &Cluster, when: &str) {
     wait_for(
         format!("no frozen cgroup {when}"),
         Duration::from_secs(60),
         || {
-            let frozen = frozen_cgroups();
+            let frozen = cluster.frozen_cgroups(&cluster.node);
             if frozen.is_empty() {
                 Ok(())
             } else {
@@ -322,7 +292,11 @@ fn ten_pods_checkpointed_at_once_then_ten_restored_at_once_from_one_checkpoint()
         match status["phase"].as_str() {
             Some("Ready") => {
                 let location = PathBuf::from(status["checkpointLocation"].as_str().unwrap());
-                assert!(location.is_dir(), "{name}: {}", location.display());
+                assert!(
+                    cluster.node_test(&cluster.node, "-d", &location),
+                    "{name}: {}",
+                    location.display()
+                );
                 locations.push(location);
             }
             _ => {
@@ -339,7 +313,7 @@ fn ten_pods_checkpointed_at_once_then_ten_restored_at_once_from_one_checkpoint()
     eprintln!("load: {} of {N} checkpoints Ready", locations.len());
     assert!(!locations.is_empty(), "no checkpoint succeeded: {ended:?}");
     // Not stuck: no cgroup frozen, every source counts on.
-    assert_nothing_frozen("after the checkpoints");
+    assert_nothing_frozen(cluster, "after the checkpoints");
     wait_counting_on(cluster, &sources, &last_counts(cluster, &sources));
 
     // Ten pods from one checkpoint, in one PodRestore.
@@ -439,7 +413,7 @@ fn ten_pods_checkpointed_at_once_then_ten_restored_at_once_from_one_checkpoint()
         let seen = counts(&log);
         assert!(seen[0] > 0, "{pod} started fresh: {seen:?}");
     }
-    assert_nothing_frozen("after the restores");
+    assert_nothing_frozen(cluster, "after the restores");
 
     // Everything goes, the checkpoints' node data with them.
     objects
@@ -451,7 +425,7 @@ fn ten_pods_checkpointed_at_once_then_ten_restored_at_once_from_one_checkpoint()
         || {
             let left: Vec<String> = locations
                 .iter()
-                .filter(|l| l.exists())
+                .filter(|l| cluster.node_test(&cluster.node, "-e", l))
                 .map(|l| l.display().to_string())
                 .collect();
             if left.is_empty() {
