@@ -109,10 +109,7 @@ impl Cluster {
         static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
         let which = std::env::var(CLUSTER_ENV).unwrap_or_default();
         let (result, start) = match which.as_str() {
-            "" | "host" => (
-                CLUSTER.get_or_init(Cluster::check),
-                "hack/cluster-up.sh",
-            ),
+            "" | "host" => (CLUSTER.get_or_init(Cluster::check), "hack/cluster-up.sh"),
             "kind" => (
                 CLUSTER.get_or_init(|| Cluster::check_kind(true)),
                 "hack/kind-up.sh",
@@ -301,7 +298,10 @@ impl Cluster {
                 .arg(node)
                 .args(argv)
         } else {
-            assert_eq!(node, self.node, "the single-node cluster has no node {node}");
+            assert_eq!(
+                node, self.node,
+                "the single-node cluster has no node {node}"
+            );
             CommandLine::new(argv[0]).args(&argv[1..])
         };
         command.timeout(Duration::from_secs(60))
@@ -367,7 +367,14 @@ printf '%s\n' "$f""#;
         if self.kind {
             let f = self.node_exec(
                 node,
-                &["journalctl", "--no-pager", "-o", "cat", "-u", component.unit()],
+                &[
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "cat",
+                    "-u",
+                    component.unit(),
+                ],
             );
             assert!(f.success(), "{}", f.report());
             return f.stdout;
@@ -651,7 +658,11 @@ printf '%s\n' "$f""#;
                         "--raw",
                         &format!("/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods/{pod}:8080/proxy/metrics"),
                     ])?;
-                    if f.success() { Ok(f.stdout) } else { Err(f.report()) }
+                    if f.success() {
+                        Ok(f.stdout)
+                    } else {
+                        Err(f.report())
+                    }
                 },
             );
         }

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{self, COUNTER_IMAGE, Cluster, Component, KubePod, RESTORE_FROM, counts};
+use podsnap_e2e::cluster::{
+    self, COUNTER_IMAGE, Cluster, Component, KubePod, RESTORE_FROM, counts,
+};
 use podsnap_e2e::{CommandLine, wait_for};
 use serde_json::{Value, json};
 

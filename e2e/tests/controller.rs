@@ -1287,13 +1287,10 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
     let listed = podsnap(&["list"]);
     assert!(listed.success(), "{}", listed.report());
     assert!(
-        listed
-            .stdout
-            .lines()
-            .any(|l| l.starts_with(&format!(
-                "e2e-cli-ckpt\te2e-cli\tReady\t{}\tcounter\t",
-                cluster.node
-            ))),
+        listed.stdout.lines().any(|l| l.starts_with(&format!(
+            "e2e-cli-ckpt\te2e-cli\tReady\t{}\tcounter\t",
+            cluster.node
+        ))),
         "{}",
         listed.report()
     );
@@ -1606,9 +1603,12 @@ fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
     let kept = cluster.checkpoint_pod("default", "e2e-orphan", "", None);
     assert!(kept.finished.success(), "{}", kept.finished.report());
     let kept = kept.location.unwrap();
-    let recorded: Value =
-        serde_json::from_str(&cluster.node_read(&cluster.node, &record_of(&orphan)).unwrap())
-            .unwrap();
+    let recorded: Value = serde_json::from_str(
+        &cluster
+            .node_read(&cluster.node, &record_of(&orphan))
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(recorded["podCheckpointUID"], uid.as_str(), "{recorded}");
 
     // The failed object on this node, as the controller leaves it when it failed mid-checkpoint.
