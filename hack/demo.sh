@@ -75,7 +75,7 @@ kubectl wait --for=condition=Ready pod/counter-app --timeout 180s >/dev/null
 sleep 4
 show get pods -o wide
 show logs counter-app
-show get events --field-selector involvedObject.name=counter-app,reason=Restored
+show get events --field-selector involvedObject.name=counter-app,reason=RestoreSucceeded
 first=$(kubectl logs counter-app | sed -n 's/^count: \([0-9]*\)$/\1/p' | awk 'NR == 1')
 [ -n "$first" ] || die "the restored pod logged no count"
 if [ "$first" -le 0 ] || [ "$first" -lt $((before + 1)) ] || [ "$first" -gt $((after + 1)) ]; then

@@ -153,7 +153,7 @@ kubeadmConfigPatches:
     failCgroupV1: false
     runtimeRequestTimeout: 5m
     featureGates:
-      PodCheckpointRestore: true
+      PodLevelCheckpointRestore: true
 nodes:
   - role: control-plane
 EOF

@@ -935,6 +935,31 @@ impl KubePod<'_> {
         )
     }
 
+    /// Waits until the pod's condition `kind` has `status` and `reason` (KEP-5823's
+    /// `Checkpointing` and `Restoring`, which the kubelet writes); returns the condition.
+    pub fn wait_condition(&self, kind: &str, status: &str, reason: &str) -> Value {
+        wait_for(
+            format!(
+                "pod {}/{} condition {kind}={status} ({reason})",
+                self.namespace, self.name
+            ),
+            Duration::from_secs(90),
+            || {
+                let pod = self.get();
+                let found = pod["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == kind)
+                    .cloned();
+                match found {
+                    Some(c) if c["status"] == status && c["reason"] == reason => Ok(c),
+                    _ => Err(pod["status"]["conditions"].to_string()),
+                }
+            },
+        )
+    }
+
     /// Waits until `container` has logged at least `n` `count: N` lines; returns them.
     pub fn wait_counting(&self, container: &str, n: usize) -> Vec<u64> {
         wait_for(

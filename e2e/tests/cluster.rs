@@ -123,12 +123,34 @@ fn seed_demo_counter_counts_on_after_restore() {
             Err(format!("still at {now}"))
         }
     });
+    // KEP-5823's event and condition on the checkpointed pod: CheckpointingPod, and
+    // Checkpointing, False once done, naming the checkpoint.
+    let checkpointing = pod.wait_condition("Checkpointing", "False", "CheckpointCompleted");
+    assert!(
+        checkpointing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&name)),
+        "{checkpointing}"
+    );
+    let events = pod.events();
+    assert!(
+        events.iter().any(|e| e.starts_with("CheckpointingPod:")),
+        "{events:#?}"
+    );
     let old_uid = pod.uid();
     drop(pod);
 
     let restored = cluster.create_pod(counter_pod("e2e-counter", Some(&name)));
     restored.wait_ready();
     assert_ne!(restored.uid(), old_uid);
+    // And on the restored pod: Restoring, False once its containers run again.
+    let restoring = restored.wait_condition("Restoring", "False", "RestoreSucceeded");
+    assert!(
+        restoring["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&name)),
+        "{restoring}"
+    );
     wait_counting(&restored, "counter", 2);
     let seen = counts(&restored.logs("counter"));
     let first = seen[0];
@@ -145,7 +167,7 @@ fn seed_demo_counter_counts_on_after_restore() {
     }
     let events = restored.events();
     assert!(
-        events.iter().any(|e| e.starts_with("Restored:")),
+        events.iter().any(|e| e.starts_with("RestoreSucceeded:")),
         "no Restored event: {events:#?}"
     );
     assert!(
@@ -278,6 +300,8 @@ fn tampered_checkpoint_fails_the_restore_with_an_event_and_never_starts_fresh() 
         "the event does not name {victim_name}: {failed}"
     );
     assert_never_started(&restored);
+    // The pod's Restoring condition says so too (the outcome of the last attempt).
+    restored.wait_condition("Restoring", "False", "FailedRestore");
     // The kubelet retries with backoff, and still never starts the pod fresh. (The page
     // images are verified at StartContainer, whose error names the new container: each retry
     // may be an event of its own rather than a count on the first.)

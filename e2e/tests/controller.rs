@@ -440,8 +440,16 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
         assert!(
             !events
                 .iter()
-                .any(|e| e.starts_with("Started:") || e.starts_with("Restored:")),
+                .any(|e| e.starts_with("Started:") || e.starts_with("RestoreSucceeded:")),
             "{name} started: {events:#?}"
+        );
+        // The pod itself says why it waits: Restoring=False with the KEP's reason.
+        let restoring = pod.wait_condition("Restoring", "False", reason);
+        assert!(
+            restoring["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{name}: {restoring}"
         );
         let got = pod.get();
         assert_eq!(got["status"]["phase"], "Pending", "{got}");
@@ -460,7 +468,7 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
     assert!(seen[0] > 0, "e2e-ref-restored started fresh: {seen:?}");
     let events = restored.events();
     assert!(
-        events.iter().any(|e| e.starts_with("Restored:")),
+        events.iter().any(|e| e.starts_with("RestoreSucceeded:")),
         "{events:#?}"
     );
 }
@@ -657,7 +665,7 @@ fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica
             );
             let events = cluster.events("default", name);
             assert!(
-                events.iter().any(|e| e.starts_with("Restored:")),
+                events.iter().any(|e| e.starts_with("RestoreSucceeded:")),
                 "{round}: {name}: {events:#?}"
             );
         }
@@ -760,7 +768,7 @@ fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_
         assert!(seen[0] > 0, "the {app} pod {pod} started fresh: {seen:?}");
         let events = cluster.events("default", &pod);
         assert!(
-            events.iter().any(|e| e.starts_with("Restored:")),
+            events.iter().any(|e| e.starts_with("RestoreSucceeded:")),
             "{pod}: {events:#?}"
         );
     }
