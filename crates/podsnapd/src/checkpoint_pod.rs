@@ -462,7 +462,10 @@ impl SizeEstimate {
     }
 }
 
-/// A filesystem's space (bytes): what an unprivileged writer may still use, and its size.
+/// A filesystem's space (bytes): what an unprivileged writer may still use, and its size as
+/// such a writer sees it — used plus available, as `df` computes its `Use%`. Blocks reserved for
+/// root (ext4's reserved blocks, often 5 %, sometimes far more) are in neither: a margin taken
+/// of them would ask for space no checkpoint could ever use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FsSpace {
     pub available: u64,
@@ -526,9 +529,12 @@ pub fn fs_space(path: &Path) -> std::io::Result<FsSpace> {
     // SAFETY: statvfs succeeded, so it initialised the struct.
     let stat = unsafe { stat.assume_init() };
     let fragment = stat.f_frsize as u64;
+    let used = (stat.f_blocks as u64).saturating_sub(stat.f_bfree as u64);
     Ok(FsSpace {
         available: (stat.f_bavail as u64).saturating_mul(fragment),
-        size: (stat.f_blocks as u64).saturating_mul(fragment),
+        size: used
+            .saturating_add(stat.f_bavail as u64)
+            .saturating_mul(fragment),
     })
 }
 
@@ -961,6 +967,27 @@ mod tests {
         let space = fs_space(dir.path()).unwrap();
         assert!(space.size > 0 && space.available <= space.size, "{space:?}");
         assert!(fs_space(&dir.path().join("missing")).is_err());
+        // The size is df's used plus available (root's reserved blocks left out), give or take
+        // what other writers did in between.
+        let df = std::process::Command::new("df")
+            .args(["-B1", "--output=used,avail"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(df.status.success(), "{df:?}");
+        let text = String::from_utf8(df.stdout).unwrap();
+        let figures: Vec<u64> = text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        let df_size = figures[0] + figures[1];
+        assert!(
+            space.size.abs_diff(df_size) <= df_size / 100 + (64 << 20),
+            "statvfs {space:?}, df used + avail {df_size}"
+        );
     }
 
     fn write(path: &Path, text: &str) {
