@@ -463,6 +463,22 @@ printf '%s\n' "$f""#;
 
     /// The `podsnap` CLI (the workspace's debug build) with the admin kubeconfig, as a user runs
     /// it against this cluster; a 400-second deadline.
+    /// The directory on its node of the checkpoint a PodCheckpoint's `status` names: its
+    /// `checkpointLocation`, KEP-5823's `{type: NodeLocal, nodeLocal: {path}}` relative to the
+    /// kubelet's checkpoint root.
+    pub fn checkpoint_dir(&self, status: &Value) -> PathBuf {
+        let location = &status["checkpointLocation"];
+        assert_eq!(location["type"], "NodeLocal", "{status}");
+        let path = location["nodeLocal"]["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no checkpointLocation.nodeLocal.path in {status}"));
+        assert!(
+            path.starts_with("checkpoint-") && !path.contains('/'),
+            "{status}"
+        );
+        self.kubelet_root.join("pod-checkpoints").join(path)
+    }
+
     pub fn podsnap(&self, args: &[&str]) -> Finished {
         let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
         assert!(
@@ -473,6 +489,11 @@ printf '%s\n' "$f""#;
         CommandLine::new(binary)
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
+            // Where `inspect` finds a checkpoint's data when this machine is its node.
+            .env(
+                "PODSNAP_CHECKPOINTS_DIR",
+                self.kubelet_root.join("pod-checkpoints"),
+            )
             .timeout(Duration::from_secs(400))
             .run()
             .unwrap_or_else(|e| panic!("{e}"))

@@ -87,7 +87,7 @@ fn suspend_and_resume_under_the_same_pod_name() {
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     assert_eq!(ready["status"]["nodeName"], cluster.node.as_str());
     assert_eq!(ready["status"]["containers"], json!(["counter"]));
-    let location = Path::new(ready["status"]["checkpointLocation"].as_str().unwrap());
+    let location = &cluster.checkpoint_dir(&ready["status"]);
     assert!(
         cluster.node_test(&cluster.node, "-d", location),
         "{}",
@@ -149,6 +149,8 @@ fn suspend_and_resume_under_the_same_pod_name() {
     }
     assert!(metric(&kubelet, "kubelet_pod_checkpoint_size_bytes_sum") > 0.0);
     for series in [
+        "podcheckpoint_phase_total{phase=\"Pending\"}",
+        "podcheckpoint_ready_condition_total{status=\"False\",reason=\"Pending\"}",
         "podcheckpoint_phase_total{phase=\"Checkpointing\"}",
         "podcheckpoint_phase_total{phase=\"Ready\"}",
         "podcheckpoint_ready_condition_total{status=\"False\",reason=\"CheckpointInProgress\"}",
@@ -223,11 +225,8 @@ fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data(
             before.clone()
         }
         _ => {
-            let location = status["checkpointLocation"].as_str().unwrap();
-            let name = std::path::Path::new(location)
-                .file_name()
-                .unwrap()
-                .to_string_lossy();
+            let location = cluster.checkpoint_dir(status);
+            let name = location.file_name().unwrap().to_string_lossy();
             let mut with = before.clone();
             with.insert(name.to_string());
             with.insert(format!("{name}.kubelet.json"));
@@ -1287,7 +1286,7 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
     );
     assert!(
         made.stdout
-            .starts_with(&format!("e2e-cli-ckpt\t{}\t/", cluster.node)),
+            .starts_with(&format!("e2e-cli-ckpt\t{}\tcheckpoint-", cluster.node)),
         "{}",
         made.report()
     );
@@ -1317,12 +1316,17 @@ fn cli_checkpoints_lists_inspects_restores_and_deletes() {
         ]);
     } else {
         needles.push("the checkpoint's data is on node ");
-        let location = shown
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Location:"))
-            .map(|l| std::path::Path::new(l.trim()).join("podsnap-manifest.json"))
-            .unwrap_or_else(|| panic!("no Location in:\n{}", shown.stdout));
+        let ready: Value = serde_json::from_str(&cluster.kubectl([
+            "get",
+            "podcheckpoint",
+            "e2e-cli-ckpt",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        let location = cluster
+            .checkpoint_dir(&ready["status"])
+            .join("podsnap-manifest.json");
         let manifest: Value = serde_json::from_str(
             &cluster
                 .node_read(&cluster.node, &location)
@@ -1432,7 +1436,7 @@ fn a_checkpoint_in_use_waits_for_its_restore_and_delete_policy_removes_its_data(
     let checkpoint = Object::create(cluster, manifest);
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    let location = PathBuf::from(ready["status"]["checkpointLocation"].as_str().unwrap());
+    let location = cluster.checkpoint_dir(&ready["status"]);
     let record = record_of(&location);
     assert!(on_node(cluster, "-d", &location) && on_node(cluster, "-f", &record));
     wait_for("the node-data finalizer", Duration::from_secs(30), || {
@@ -1824,10 +1828,7 @@ fn a_restarted_controller_takes_up_the_pod_its_restore_created() {
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     // The kubelet cannot restore a modified checkpoint: the restore stays in progress.
-    cluster.tamper_with(
-        &cluster.node,
-        Path::new(ready["status"]["checkpointLocation"].as_str().unwrap()),
-    );
+    cluster.tamper_with(&cluster.node, &cluster.checkpoint_dir(&ready["status"]));
     let restore = Object::create(
         cluster,
         json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",

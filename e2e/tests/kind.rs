@@ -225,10 +225,10 @@ fn a_checkpoint_stored_as_an_image_moves_from_one_worker_to_the_other() {
         ready["status"]["image"]["size"].as_i64().unwrap_or(0) > 0,
         "{ready}"
     );
-    let location = ready["status"]["checkpointLocation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let location = cluster
+        .checkpoint_dir(&ready["status"])
+        .display()
+        .to_string();
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
 
@@ -360,10 +360,10 @@ fn an_encrypted_checkpoint_image_leaves_nothing_in_the_clear_and_is_restored_onl
     let checkpoint = Object::create(cluster, manifest);
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
-    let location = ready["status"]["checkpointLocation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let location = cluster
+        .checkpoint_dir(&ready["status"])
+        .display()
+        .to_string();
     let after = *counts(&pod.logs("counter")).last().unwrap();
     drop(pod);
     let shown = cluster.podsnap(&["inspect", "e2e-kind-sealed-ckpt"]);
@@ -716,10 +716,10 @@ fn a_checkpoint_that_cannot_be_pushed_fails_and_leaves_nothing_on_its_node() {
             .contains("127.0.0.1:9"),
         "{failed}"
     );
-    let location = failed["status"]["checkpointLocation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let location = cluster
+        .checkpoint_dir(&failed["status"])
+        .display()
+        .to_string();
     wait_for(
         "the failed checkpoint's data to be removed",
         Duration::from_secs(60),
@@ -941,10 +941,10 @@ fn the_node_agent_removes_a_deleted_checkpoints_data_on_its_worker() {
     let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
     assert_eq!(ready["status"]["nodeName"].as_str(), Some(worker.as_str()));
-    let location = ready["status"]["checkpointLocation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let location = cluster
+        .checkpoint_dir(&ready["status"])
+        .display()
+        .to_string();
     let exists = |path: &str| cluster.node_exec(&worker, &["test", "-e", path]).success();
     let record = format!("{location}.kubelet.json");
     assert!(exists(&location), "{location} is not on {worker}");

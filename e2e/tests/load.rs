@@ -291,7 +291,7 @@ fn ten_pods_checkpointed_at_once_then_ten_restored_at_once_from_one_checkpoint()
         let status = &object["status"];
         match status["phase"].as_str() {
             Some("Ready") => {
-                let location = PathBuf::from(status["checkpointLocation"].as_str().unwrap());
+                let location = cluster.checkpoint_dir(status);
                 assert!(
                     cluster.node_test(&cluster.node, "-d", &location),
                     "{name}: {}",

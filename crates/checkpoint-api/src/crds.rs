@@ -103,6 +103,38 @@ pub fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// The schema of `status.checkpointLocation`: KEP-5823's `CheckpointSource` (see
+/// [`crate::CheckpointLocation`]).
+pub fn checkpoint_location(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Where the checkpoint's data is on status.nodeName (KEP-5823's CheckpointSource).",
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {
+                "description": "NodeLocal: kept in the kubelet's checkpoint root on its node.",
+                "type": "string",
+                "enum": ["NodeLocal"],
+            },
+            "nodeLocal": {
+                "type": "object",
+                "required": ["path"],
+                "properties": {
+                    "path": {
+                        "description": "The checkpoint directory, relative to the kubelet's checkpoint root (<root-dir>/pod-checkpoints).",
+                        "type": "string",
+                        "maxLength": 253,
+                    },
+                },
+            },
+        },
+        "x-kubernetes-validations": [{
+            "rule": "self.type != 'NodeLocal' || has(self.nodeLocal)",
+            "message": "a NodeLocal location has nodeLocal.path",
+        }],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

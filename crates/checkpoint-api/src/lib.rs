@@ -286,8 +286,10 @@ pub struct PodCheckpointStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// Where the checkpoint's data is on `nodeName` (KEP-5823's `CheckpointSource`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint_location: Option<String>,
+    #[schemars(schema_with = "crds::checkpoint_location")]
+    pub checkpoint_location: Option<CheckpointLocation>,
     /// The checkpoint as an image in a registry (storage type `Image`), once its node's agent
     /// pushed it; the checkpoint is Ready only then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,6 +331,79 @@ pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// Where a checkpoint's data is kept: KEP-5823's `CheckpointSource` union, `type: NodeLocal` (its
+/// only type) with `nodeLocal.path`, the checkpoint directory relative to the kubelet's checkpoint
+/// root (`<root-dir>/pod-checkpoints`). Objects written before podsnap followed the KEP here carry
+/// the directory's absolute path as a string (the seed talk's YAML a bare name); both are read,
+/// only the KEP's form is written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum CheckpointLocation {
+    Source(CheckpointSource),
+    Legacy(String),
+}
+
+/// KEP-5823's `CheckpointSource`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSource {
+    /// `NodeLocal`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_local: Option<NodeLocalSource>,
+}
+
+/// A checkpoint kept on its node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct NodeLocalSource {
+    /// Relative to the kubelet's checkpoint root.
+    pub path: String,
+}
+
+impl CheckpointLocation {
+    /// The KEP's only location type.
+    pub const NODE_LOCAL: &'static str = "NodeLocal";
+
+    /// A checkpoint in directory `name` of its node's checkpoint root.
+    pub fn node_local(name: &str) -> CheckpointLocation {
+        CheckpointLocation::Source(CheckpointSource {
+            type_: Self::NODE_LOCAL.into(),
+            node_local: Some(NodeLocalSource { path: name.into() }),
+        })
+    }
+
+    /// The path as written: relative to the checkpoint root, or (legacy) absolute.
+    pub fn path(&self) -> &str {
+        match self {
+            CheckpointLocation::Source(source) => source
+                .node_local
+                .as_ref()
+                .filter(|_| source.type_ == Self::NODE_LOCAL)
+                .map_or("", |n| n.path.as_str()),
+            CheckpointLocation::Legacy(path) => path,
+        }
+    }
+
+    /// The checkpoint directory's name in its node's checkpoint root (the path's last part, as
+    /// the kubelet resolves it); `None` when the location names none.
+    pub fn dir_name(&self) -> Option<&str> {
+        let name = self.path().trim_end_matches('/').rsplit('/').next()?;
+        (!name.is_empty() && name != "." && name != "..").then_some(name)
+    }
+
+    /// The checkpoint directory under `root`, the node's checkpoint root.
+    pub fn dir_in(&self, root: &std::path::Path) -> Option<std::path::PathBuf> {
+        self.dir_name().map(|name| root.join(name))
+    }
+}
+
+impl std::fmt::Display for CheckpointLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
 }
 
 /// A checkpointed container (KEP-5823's `PodCheckpointContainerStatus`).
@@ -594,6 +669,44 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_checkpoint_location_is_read_in_the_keps_form_and_the_legacy_one() {
+        let kep: CheckpointLocation = serde_json::from_value(serde_json::json!(
+            {"type": "NodeLocal", "nodeLocal": {"path": "checkpoint-0f3c"}}
+        ))
+        .unwrap();
+        assert_eq!(kep, CheckpointLocation::node_local("checkpoint-0f3c"));
+        assert_eq!(kep.dir_name(), Some("checkpoint-0f3c"));
+        assert_eq!(
+            serde_json::to_value(&kep).unwrap(),
+            serde_json::json!({"type": "NodeLocal", "nodeLocal": {"path": "checkpoint-0f3c"}})
+        );
+        assert_eq!(
+            kep.dir_in(std::path::Path::new("/var/lib/kubelet/pod-checkpoints")),
+            Some("/var/lib/kubelet/pod-checkpoints/checkpoint-0f3c".into())
+        );
+        let legacy: CheckpointLocation = serde_json::from_value(serde_json::json!(
+            "/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t/"
+        ))
+        .unwrap();
+        assert_eq!(legacy.dir_name(), Some("checkpoint-p_default-t"));
+        assert_eq!(
+            legacy.to_string(),
+            "/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t/"
+        );
+        // Nothing to resolve: no directory is named.
+        for nothing in [
+            serde_json::json!(""),
+            serde_json::json!("/"),
+            serde_json::json!(".."),
+            serde_json::json!({"type": "NodeLocal"}),
+            serde_json::json!({"type": "Elsewhere", "nodeLocal": {"path": "checkpoint-x"}}),
+        ] {
+            let location: CheckpointLocation = serde_json::from_value(nothing.clone()).unwrap();
+            assert_eq!(location.dir_name(), None, "{nothing}");
+        }
+    }
 
     #[test]
     fn the_seed_talks_objects_parse() {

@@ -74,7 +74,10 @@ pub async fn checkpoint(
         "{}\t{}\t{}{}",
         done.metadata.name.unwrap_or_default(),
         status.node_name.unwrap_or_default(),
-        status.checkpoint_location.unwrap_or_default(),
+        status
+            .checkpoint_location
+            .map(|l| l.to_string())
+            .unwrap_or_default(),
         status
             .image
             .map(|i| format!("\t{}", i.reference))
@@ -365,7 +368,10 @@ pub async fn list(target: &Target) -> anyhow::Result<()> {
             status.phase.map(|p| p.as_str()).unwrap_or_default(),
             status.node_name.unwrap_or_default(),
             status.containers.join(","),
-            status.checkpoint_location.unwrap_or_default()
+            status
+                .checkpoint_location
+                .map(|l| l.to_string())
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -374,7 +380,11 @@ pub async fn list(target: &Target) -> anyhow::Result<()> {
 /// `podsnap inspect CHECKPOINT`: the object's status and, when this machine is the checkpoint's
 /// node, what the checkpoint holds (as `checkpointctl show` would): containers, images, sizes,
 /// CRIU and kernel versions, from its manifest.
-pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
+pub async fn inspect(
+    target: &Target,
+    name: &str,
+    checkpoints_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let c = target
         .checkpoints()
         .get(name)
@@ -397,10 +407,20 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
         "Node:           {}",
         status.node_name.clone().unwrap_or_default()
     );
-    println!(
-        "Location:       {}",
-        status.checkpoint_location.clone().unwrap_or_default()
-    );
+    // The data, where this machine is the checkpoint's node.
+    let data = status
+        .checkpoint_location
+        .as_ref()
+        .and_then(|l| l.dir_in(checkpoints_dir));
+    match (&status.checkpoint_location, &data) {
+        (Some(location), Some(dir)) => println!(
+            "Location:       {location} ({} on node {})",
+            dir.display(),
+            status.node_name.clone().unwrap_or_default()
+        ),
+        (Some(location), None) => println!("Location:       {location}"),
+        (None, _) => println!("Location:"),
+    }
     println!(
         "Completed:      {}",
         status.completion_time.clone().unwrap_or_default()
@@ -422,10 +442,10 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
             println!("Pulled on:      {}", status.pull_nodes.join(", "));
         }
     }
-    let Some(location) = status.checkpoint_location else {
+    let Some(location) = data else {
         return Ok(());
     };
-    let manifest_path = std::path::Path::new(&location).join(podsnap_checkpoint_format::MANIFEST);
+    let manifest_path = location.join(podsnap_checkpoint_format::MANIFEST);
     let manifest = match std::fs::read(&manifest_path) {
         Ok(data) => data,
         Err(e) => {
@@ -446,8 +466,7 @@ pub async fn inspect(target: &Target, name: &str) -> anyhow::Result<()> {
         .files
         .keys()
         .map(|f| {
-            let len =
-                std::fs::metadata(std::path::Path::new(&location).join(f)).map_or(0, |m| m.len());
+            let len = std::fs::metadata(location.join(f)).map_or(0, |m| m.len());
             (f, len)
         })
         .collect();

@@ -120,6 +120,14 @@ enum Command {
         checkpoint: String,
         #[command(flatten)]
         namespace: Namespace,
+        /// The kubelet's checkpoint root on this machine (`<root-dir>/pod-checkpoints`), which
+        /// the PodCheckpoint's location is relative to.
+        #[arg(
+            long,
+            env = "PODSNAP_CHECKPOINTS_DIR",
+            default_value = "/var/lib/kubelet/pod-checkpoints"
+        )]
+        checkpoints_dir: std::path::PathBuf,
     },
     /// Delete a PodCheckpoint.
     Delete {
@@ -334,9 +342,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect {
             checkpoint,
             namespace,
+            checkpoints_dir,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
-            return kube_cmd::inspect(&target, &checkpoint).await;
+            return kube_cmd::inspect(&target, &checkpoint, &checkpoints_dir).await;
         }
         Command::Delete {
             checkpoint,

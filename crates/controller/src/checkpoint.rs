@@ -20,9 +20,10 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
-    CheckpointedContainer, Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PUSHING,
-    PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus, PodTemplateRef, RESTORE_FROM,
-    RUNTIME_CLASS, checkpointed_pod_template_name, now, ready_reasons, restore_reference,
+    CheckpointLocation, CheckpointedContainer, Condition, DeletionPolicy,
+    POD_CHECKPOINT_ANNOTATION, PUSHING, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus,
+    PodTemplateRef, RESTORE_FROM, RUNTIME_CLASS, checkpointed_pod_template_name, now,
+    ready_reasons, restore_reference,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -183,6 +184,21 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
         return Ok(Action::await_change());
     }
+    if object.status.is_none() {
+        // KEP-5823's first state: created, not begun. Its watch event reconciles it again.
+        let pending = PodCheckpointStatus {
+            phase: Some(PodCheckpointPhase::Pending),
+            conditions: vec![Condition::new(
+                "Ready",
+                false,
+                ready_reasons::PENDING,
+                &format!("waiting to checkpoint pod {}", object.spec.source_pod_name),
+            )],
+            ..Default::default()
+        };
+        status::set(&ctx, object.as_ref(), &pending).await?;
+        return Ok(Action::await_change());
+    }
     match phase {
         Some(PodCheckpointPhase::Ready) => {
             if object.status.as_ref().is_some_and(|s| s.image.is_some()) {
@@ -338,7 +354,16 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             return fail(&ctx, &object, "CheckpointFailed", &message).await;
         }
     };
-    let location = answer["items"][0].as_str().unwrap_or_default().to_string();
+    // The kubelet answers with the directory's path; the status names it as KEP-5823 does,
+    // relative to the kubelet's checkpoint root.
+    let path = answer["items"][0].as_str().unwrap_or_default();
+    let Some(location) = CheckpointLocation::Legacy(path.to_string())
+        .dir_name()
+        .map(CheckpointLocation::node_local)
+    else {
+        let message = format!("the kubelet's answer {answer} names no checkpoint directory");
+        return fail(&ctx, &object, "CheckpointFailed", &message).await;
+    };
     let containers: Vec<String> = answer["containers"]
         .as_array()
         .into_iter()
@@ -750,6 +775,23 @@ mod tests {
             stored["metadata"]["finalizers"],
             json!([finalizers::NODE_DATA])
         );
+        // The next one says it is Pending (KEP-5823), still without asking the kubelet.
+        reconcile_stored(&fake).await;
+        let pending = parse(fake.get(&checkpoint_path()).unwrap()).status.unwrap();
+        assert_eq!(pending.phase, Some(PodCheckpointPhase::Pending));
+        assert_eq!(
+            pending.conditions[0].reason.as_deref(),
+            Some(ready_reasons::PENDING)
+        );
+        assert_eq!(
+            pending.conditions[0].status,
+            crate::api::ConditionStatus::False
+        );
+        assert!(
+            fake.seen()
+                .iter()
+                .all(|s| !s.path.contains("/proxy/checkpointpod/"))
+        );
         // The next ones (its watch events) checkpoint it.
         for _ in 0..3 {
             reconcile_stored(&fake).await;
@@ -775,6 +817,11 @@ mod tests {
         let status = stored.status.clone().unwrap();
         assert_eq!(status.phase, Some(PodCheckpointPhase::Ready));
         assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
+        // The location as KEP-5823 writes it: the directory relative to the checkpoint root.
+        assert_eq!(
+            fake.get(&checkpoint_path()).unwrap()["status"]["checkpointLocation"],
+            json!({"type": "NodeLocal", "nodeLocal": {"path": "checkpoint-p_default-t"}})
+        );
         // The pod spec is in the checkpoint's PodTemplate, not in the PodCheckpoint.
         assert_eq!(status.checkpointed_pod_spec, None);
         let reference = status.pod_template_ref.unwrap();

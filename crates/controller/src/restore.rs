@@ -124,7 +124,17 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         Ok(spec) => spec,
         Err(message) => return fail(&ctx, &object, "CheckpointIncomplete", &message).await,
     };
-    let checkpoint_dir = location.rsplit('/').next().unwrap_or_default().to_string();
+    let Some(checkpoint_dir) = location.dir_name().map(str::to_string) else {
+        return fail(
+            &ctx,
+            &object,
+            "CheckpointIncomplete",
+            &format!(
+                "PodCheckpoint {wanted}'s location {location:?} names no checkpoint directory"
+            ),
+        )
+        .await;
+    };
     // Where the pods go: a checkpoint kept on its node only can be restored there alone; one in
     // a registry anywhere, on the node asked for or where the scheduler puts them.
     let image = status.image.as_ref().map(|i| i.reference.clone());

@@ -150,7 +150,12 @@ async fn reconcile(object: Arc<PodCheckpoint>, agent: Arc<Agent>) -> Result<Acti
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     if let Some(location) = &status.checkpoint_location {
-        remove_data(&agent.checkpoints_dir, Path::new(location)).map_err(Error::Data)?;
+        let dir = location.dir_in(&agent.checkpoints_dir).ok_or_else(|| {
+            Error::Data(format!(
+                "location {location:?} names no checkpoint directory"
+            ))
+        })?;
+        remove_data(&agent.checkpoints_dir, &dir).map_err(Error::Data)?;
         tracing::info!(checkpoint = %object.name_any(), %location, "removed the checkpoint's data");
     }
     // A checkpoint the kubelet took for it that its status never named (Failed after the
@@ -181,11 +186,16 @@ async fn push(
     agent: &Agent,
 ) -> Result<Action, Error> {
     let name = object.name_any();
-    let location = status.checkpoint_location.as_deref().unwrap_or_default();
+    let location = status
+        .checkpoint_location
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     let uid = object.uid().unwrap_or_default();
-    let checkpoint = Path::new(location)
-        .file_name()
-        .and_then(|n| n.to_str())
+    let checkpoint = status
+        .checkpoint_location
+        .as_ref()
+        .and_then(|l| l.dir_name())
         .ok_or_else(|| format!("location {location:?} names no checkpoint"))
         .and_then(|n| images::checkpoint_in(&agent.checkpoints_dir, n));
     tracing::info!(checkpoint = %name, %location, %repository, "pushing");

@@ -57,8 +57,7 @@ pub fn wanted(checkpoint: &PodCheckpoint, node: &str) -> Option<Wanted> {
         return None;
     }
     let image = status.image.as_ref()?.reference.clone();
-    let location = status.checkpoint_location.as_deref()?;
-    let name = location.rsplit('/').next().unwrap_or_default();
+    let name = status.checkpoint_location.as_ref()?.dir_name()?;
     Some(Wanted {
         name: name.to_string(),
         object: checkpoint.name_any(),
