@@ -461,8 +461,6 @@ printf '%s\n' "$f""#;
         ]);
     }
 
-    /// The `podsnap` CLI (the workspace's debug build) with the admin kubeconfig, as a user runs
-    /// it against this cluster; a 400-second deadline.
     /// The directory on its node of the checkpoint a PodCheckpoint's `status` names: its
     /// `checkpointLocation`, KEP-5823's `{type: NodeLocal, nodeLocal: {path}}` relative to the
     /// kubelet's checkpoint root.
@@ -479,6 +477,8 @@ printf '%s\n' "$f""#;
         self.kubelet_root.join("pod-checkpoints").join(path)
     }
 
+    /// The `podsnap` CLI (the workspace's debug build) with the admin kubeconfig, as a user runs
+    /// it against this cluster; a 400-second deadline.
     pub fn podsnap(&self, args: &[&str]) -> Finished {
         let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/podsnap");
         assert!(

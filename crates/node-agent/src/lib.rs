@@ -186,16 +186,17 @@ async fn push(
     agent: &Agent,
 ) -> Result<Action, Error> {
     let name = object.name_any();
+    let dir_name = status
+        .checkpoint_location
+        .as_ref()
+        .and_then(|l| l.dir_name());
     let location = status
         .checkpoint_location
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_default();
     let uid = object.uid().unwrap_or_default();
-    let checkpoint = status
-        .checkpoint_location
-        .as_ref()
-        .and_then(|l| l.dir_name())
+    let checkpoint = dir_name
         .ok_or_else(|| format!("location {location:?} names no checkpoint"))
         .and_then(|n| images::checkpoint_in(&agent.checkpoints_dir, n));
     tracing::info!(checkpoint = %name, %location, %repository, "pushing");
