@@ -92,6 +92,36 @@ pub struct Cluster {
     pub freezer_root: PathBuf,
 }
 
+/// podsnap-controller stopped ([`Cluster::stop_controller`]); dropped, it runs again.
+pub struct ControllerStopped<'c> {
+    cluster: &'c Cluster,
+}
+
+impl Drop for ControllerStopped<'_> {
+    fn drop(&mut self) {
+        let cluster = self.cluster;
+        if !cluster.kind {
+            cluster.start_controller();
+            return;
+        }
+        cluster.kubectl([
+            "-n",
+            CONTROLLER_NAMESPACE,
+            "scale",
+            "deployment/podsnap-controller",
+            "--replicas=1",
+        ]);
+        cluster.kubectl([
+            "-n",
+            CONTROLLER_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/podsnap-controller",
+            "--timeout=120s",
+        ]);
+    }
+}
+
 /// The outcome of `POST /checkpointpod/...` through the API server's node proxy.
 #[derive(Debug)]
 pub struct CheckpointAnswer {
@@ -453,6 +483,23 @@ printf '%s\n' "$f""#;
                 .unwrap_or_else(|e| panic!("{e}"));
             assert!(up.success(), "restart the kubelet: {}", up.report());
         }
+        // Serving again (its node may still be Ready from before it was killed).
+        wait_for(
+            format!("the kubelet of {node} to serve"),
+            Duration::from_secs(120),
+            || {
+                let f = self.kubectl_try([
+                    "get",
+                    "--raw",
+                    &format!("/api/v1/nodes/{node}/proxy/healthz"),
+                ])?;
+                if f.success() && f.stdout.trim() == "ok" {
+                    Ok(())
+                } else {
+                    Err(f.report())
+                }
+            },
+        );
         self.kubectl([
             "wait",
             "--for=condition=Ready",
@@ -831,6 +878,45 @@ kill -KILL "$(cri inspect -o go-template --template '{{.info.pid}}' "$id")""#,
         assert!(finished.success(), "{}", finished.report());
     }
 
+    /// Stops podsnap-controller until the guard returned is dropped (a failed assertion
+    /// included), which starts it again: on this machine it is killed and started by
+    /// `hack/cluster-up.sh --podsnap-controller`; in kind its Deployment is scaled to 0 (its pod
+    /// gone) and back to 1 (rolled out).
+    pub fn stop_controller(&self) -> ControllerStopped<'_> {
+        if self.kind {
+            self.kubectl([
+                "-n",
+                CONTROLLER_NAMESPACE,
+                "scale",
+                "deployment/podsnap-controller",
+                "--replicas=0",
+            ]);
+            wait_for(
+                "no podsnap-controller pod",
+                Duration::from_secs(120),
+                || {
+                    let f = self.kubectl_try([
+                        "-n",
+                        CONTROLLER_NAMESPACE,
+                        "get",
+                        "pods",
+                        "-l",
+                        CONTROLLER_SELECTOR,
+                        "-o",
+                        "name",
+                    ])?;
+                    match f.stdout.trim() {
+                        "" if f.success() => Ok(()),
+                        _ => Err(f.report()),
+                    }
+                },
+            );
+        } else {
+            self.kill_controller();
+        }
+        ControllerStopped { cluster: self }
+    }
+
     /// The tail of the kubelet's log (of [`Cluster::node`]), for messages.
     pub fn kubelet_log_tail(&self) -> String {
         let log = self.node_log(&self.node, Component::Kubelet);
@@ -1001,6 +1087,23 @@ impl KubePod<'_> {
     pub fn logs(&self, container: &str) -> String {
         self.cluster
             .kubectl(["-n", &self.namespace, "logs", &self.name, "-c", container])
+    }
+
+    /// [`KubePod::logs`], or why not (a kubelet just restarted may not serve them yet).
+    pub fn try_logs(&self, container: &str) -> Result<String, String> {
+        let f = self.cluster.kubectl_try([
+            "-n",
+            &self.namespace,
+            "logs",
+            &self.name,
+            "-c",
+            container,
+        ])?;
+        if f.success() {
+            Ok(f.stdout)
+        } else {
+            Err(f.report())
+        }
     }
 
     /// The `kubectl exec` arguments running `argv` in one of its containers.

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use podsnap_e2e::cluster::{
-    self, COUNTER_IMAGE, Cluster, Component, KubePod, RESTORE_FROM, counts,
+    self, COUNTER_IMAGE, Cluster, Component, KubePod, Object, RESTORE_FROM, checkpoint_of, counts,
 };
-use podsnap_e2e::{CommandLine, wait_for};
+use podsnap_e2e::{CommandLine, Finished, wait_for};
 use serde_json::{Value, json};
 
 /// The seed talk's counting pod; `restore_from` makes it a restore.
@@ -585,54 +585,123 @@ fn kubelet_refuses_a_checkpoint_by_a_user_without_the_permission() {
     );
 }
 
-/// The controller needs `create nodes/proxy`, which RBAC cannot narrow to one kubelet path:
-/// the admission policy podsnap-controller-node-proxy (deploy/rbac.yaml) lets its identity
-/// through the node proxy to /checkpointpod/<namespace>/<pod> only, never to /run or /exec.
+/// The controller never reaches a kubelet (KEP-5823: each kubelet takes the PodCheckpoints of its
+/// own pods): neither of its identities holds `nodes/proxy`, which would reach /run and /exec of
+/// every pod, and the API server refuses it the pod checkpoint endpoint too.
 #[test]
-fn the_controller_reaches_the_kubelet_only_at_the_pod_checkpoint_endpoint() {
+fn the_controller_cannot_reach_any_kubelet() {
     let cluster = Cluster::get();
     let node = &cluster.node;
-    for path in [
-        "run/default/anything/c?cmd=id",
-        "exec/default/anything/c?command=id",
-        "checkpointpod/../run/default/anything/c",
-        "checkpointpod/default/anything/../../run/default/anything/c",
+    for user in [
+        "podsnap-controller",
+        "system:serviceaccount:podsnap-system:podsnap-controller",
     ] {
-        let refused = cluster
-            .kubectl_try([
-                "--as",
-                "podsnap-controller",
-                "create",
-                "--raw",
-                &format!("/api/v1/nodes/{node}/proxy/{path}"),
-                "-f",
-                "/dev/null",
-            ])
+        let can = cluster
+            .kubectl_try(["auth", "can-i", "create", "nodes/proxy", "--as", user])
             .expect("kubectl runs");
-        let text = refused.stdout.clone() + &refused.stderr;
-        assert!(
-            !refused.success() && text.contains("podsnap-controller-node-proxy"),
-            "the controller reached {path} through the node proxy: {}",
-            refused.report()
-        );
+        assert_eq!(can.stdout.trim(), "no", "{user}: {}", can.report());
+        for path in [
+            "run/default/anything/c?cmd=id",
+            "checkpointpod/default/anything?timeout=5",
+        ] {
+            let refused = cluster
+                .kubectl_try([
+                    "--as",
+                    user,
+                    "create",
+                    "--raw",
+                    &format!("/api/v1/nodes/{node}/proxy/{path}"),
+                    "-f",
+                    "/dev/null",
+                ])
+                .expect("kubectl runs");
+            let text = refused.stdout.clone() + &refused.stderr;
+            assert!(
+                !refused.success() && text.contains("Forbidden") && text.contains("nodes/proxy"),
+                "{user} reached {path} through the node proxy: {}",
+                refused.report()
+            );
+        }
     }
-    // The checkpoint endpoint itself is let through (the kubelet answers: no such pod).
-    let allowed = cluster
-        .kubectl_try([
-            "--as",
-            "podsnap-controller",
-            "create",
-            "--raw",
-            &format!("/api/v1/nodes/{node}/proxy/checkpointpod/default/no-such-pod?timeout=5"),
-            "-f",
-            "/dev/null",
-        ])
-        .expect("kubectl runs");
-    let text = allowed.stdout.clone() + &allowed.stderr;
+}
+
+/// A kubelet writes the status of a PodCheckpoint only as the one that takes it on its own node
+/// (policy podsnap-kubelet-podcheckpoint-status): the kubelet of another node may neither claim
+/// one nor write one another node holds, nor change anything but the status.
+#[test]
+fn the_kubelet_of_another_node_cannot_write_a_checkpoints_status() {
+    let cluster = Cluster::get();
+    // A checkpoint that ends Failed at once (no such pod); no kubelet takes it.
+    let checkpoint = Object::create(cluster, checkpoint_of("e2e-node-status", "e2e-nothere"));
+    let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
+    assert_eq!(failed["status"]["reason"], "SourcePodNotFound", "{failed}");
+    let as_node = |node: &str, patch: Value, subresource: Option<&str>| {
+        let patch = patch.to_string();
+        let mut args = vec![
+            "--as".to_string(),
+            format!("system:node:{node}"),
+            "--as-group".into(),
+            "system:nodes".into(),
+            "--as-group".into(),
+            "system:authenticated".into(),
+            "patch".into(),
+            "podcheckpoint".into(),
+            "e2e-node-status".into(),
+            "--type=merge".into(),
+            "-p".into(),
+            patch,
+        ];
+        if let Some(subresource) = subresource {
+            args.push(format!("--subresource={subresource}"));
+        }
+        cluster.kubectl_try(args).expect("kubectl runs")
+    };
+    let refused = |f: &Finished, why: &str| {
+        let text = f.stdout.clone() + &f.stderr;
+        assert!(
+            !f.success()
+                && text.contains("podsnap-kubelet-podcheckpoint-status")
+                && text.contains(why),
+            "{}",
+            f.report()
+        );
+    };
+    let node = cluster.node.clone();
+    // A status naming no node, or another node than the writer's: refused.
+    refused(
+        &as_node(
+            "intruder",
+            json!({"status": {"message": "x"}}),
+            Some("status"),
+        ),
+        "on its own node",
+    );
+    refused(
+        &as_node(
+            "intruder",
+            json!({"status": {"nodeName": node, "message": "x"}}),
+            Some("status"),
+        ),
+        "on its own node",
+    );
+    // The object itself (spec, metadata): refused (RBAC grants kubelets its status only).
+    let object = as_node(&node, json!({"metadata": {"labels": {"x": "y"}}}), None);
     assert!(
-        !text.contains("podsnap-controller-node-proxy") && text.contains("no-such-pod"),
-        "the checkpoint endpoint was not reached: {}",
-        allowed.report()
+        !object.success() && object.stderr.contains("Forbidden"),
+        "{}",
+        object.report()
+    );
+    // The kubelet of the node names itself: let through (RBAC grants every kubelet the status).
+    let own = as_node(&node, json!({"status": {"nodeName": node}}), Some("status"));
+    assert!(own.success(), "{}", own.report());
+    // Now the checkpoint names that node: no other kubelet may write it, even naming itself.
+    refused(
+        &as_node(
+            "intruder",
+            json!({"status": {"nodeName": "intruder"}}),
+            Some("status"),
+        ),
+        "on its own node",
     );
 }
 

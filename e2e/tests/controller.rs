@@ -149,11 +149,9 @@ fn suspend_and_resume_under_the_same_pod_name() {
     }
     assert!(metric(&kubelet, "kubelet_pod_checkpoint_size_bytes_sum") > 0.0);
     for series in [
-        "podcheckpoint_phase_total{phase=\"Pending\"}",
-        "podcheckpoint_ready_condition_total{status=\"False\",reason=\"Pending\"}",
-        "podcheckpoint_phase_total{phase=\"Checkpointing\"}",
+        // The kubelet writes the rest, and may take the object before the controller writes
+        // Pending: the controller counts what it writes and sees.
         "podcheckpoint_phase_total{phase=\"Ready\"}",
-        "podcheckpoint_ready_condition_total{status=\"False\",reason=\"CheckpointInProgress\"}",
         "podcheckpoint_ready_condition_total{status=\"True\",reason=\"CheckpointCompleted\"}",
     ] {
         assert_eq!(
@@ -186,13 +184,13 @@ fn record_of(dir: &Path) -> PathBuf {
     PathBuf::from(format!("{}.kubelet.json", dir.display()))
 }
 
-/// The controller is killed while the kubelet checkpoints (a pod with 512 MiB in an emptyDir,
-/// which takes seconds to archive) and started again: the pod is not left frozen, and no
-/// checkpoint data is left without an object that points to it — the object is failed
-/// (ControllerRestarted), or Ready with its data had the checkpoint ended first. The pod can be
-/// checkpointed again afterwards.
+/// The kubelet is killed while it checkpoints (a pod with 512 MiB in an emptyDir, which takes
+/// seconds to archive) and started again: the pod is not left frozen, and no checkpoint data is
+/// left without an object that points to it — the new kubelet finds the object Checkpointing on
+/// its node and fails it (KubeletRestarted, its partial output removed), or it is Ready with its
+/// data had the checkpoint ended first. The pod can be checkpointed again afterwards.
 #[test]
-fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data() {
+fn a_kubelet_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data() {
     let cluster = Cluster::get();
     let mut manifest = counter_pod("e2e-restart");
     manifest["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
@@ -212,16 +210,20 @@ fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data(
     let seen = checkpoint.wait_phase(&["Checkpointing", "Ready", "Failed"]);
     assert_eq!(
         seen["status"]["phase"], "Checkpointing",
-        "the checkpoint ended before the controller could be killed: {seen}"
+        "the checkpoint ended before the kubelet could be killed: {seen}"
     );
-    cluster.kill_controller();
-    cluster.start_controller();
+    cluster.kill_kubelet(&cluster.node);
+    cluster.start_kubelet(&cluster.node);
 
     let ended = checkpoint.wait_phase(&["Ready", "Failed"]);
     let status = &ended["status"];
     let expected = match status["phase"].as_str() {
         Some("Failed") => {
-            assert_eq!(status["reason"], "ControllerRestarted", "{ended}");
+            assert_eq!(status["reason"], "KubeletRestarted", "{ended}");
+            assert_eq!(
+                status["conditions"][0]["reason"], "CheckpointFailed",
+                "{ended}"
+            );
             before.clone()
         }
         _ => {
@@ -246,10 +248,15 @@ fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data(
             }
         },
     );
-    // Not frozen: it counts on.
-    let last = *counts(&pod.logs("counter")).last().unwrap();
+    // Not frozen: it counts on (its logs through the restarted kubelet, once it serves them).
+    let last = wait_for("the pod's logs", Duration::from_secs(60), || {
+        counts(&pod.try_logs("counter")?)
+            .last()
+            .copied()
+            .ok_or_else(|| "no count yet".to_string())
+    });
     wait_for("the pod to count on", Duration::from_secs(30), || {
-        let now = *counts(&pod.logs("counter")).last().unwrap();
+        let now = *counts(&pod.try_logs("counter")?).last().unwrap();
         if now >= last + 2 {
             Ok(())
         } else {
@@ -260,6 +267,109 @@ fn a_controller_killed_mid_checkpoint_leaves_no_frozen_pod_and_no_orphaned_data(
     let again = Object::create(cluster, checkpoint_of("e2e-restart-again", "e2e-restart"));
     let ready = again.wait_phase(&["Ready", "Failed"]);
     assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+}
+
+/// KEP-5823: the kubelet takes a PodCheckpoint itself. With podsnap-controller stopped, the
+/// kubelet of the source pod's node checkpoints it into `checkpoint-<PodCheckpoint UID>` and
+/// writes the status with the KEP's names (its own status writes, as `kubelet`), with events
+/// CheckpointStarted and CheckpointSucceeded. Once the controller runs again it records the pod's
+/// spec for PodRestores; the checkpoint restores by reference either way.
+#[test]
+fn the_kubelet_checkpoints_a_pod_with_no_controller_running() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-kubelet-takes"));
+    pod.wait_ready();
+    wait_counting(&pod, 2);
+    let got = pod.get();
+    let (pod_uid, node) = (
+        got["metadata"]["uid"].as_str().unwrap().to_string(),
+        got["spec"]["nodeName"].as_str().unwrap().to_string(),
+    );
+    let stopped = cluster.stop_controller();
+    let checkpoint = Object::create(
+        cluster,
+        checkpoint_of("e2e-kubelet-ckpt", "e2e-kubelet-takes"),
+    );
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    let status = &ready["status"];
+    assert_eq!(status["phase"], "Ready", "{ready}");
+    let condition = &status["conditions"][0];
+    assert_eq!(
+        (
+            &condition["type"],
+            &condition["status"],
+            &condition["reason"]
+        ),
+        (
+            &json!("Ready"),
+            &json!("True"),
+            &json!("CheckpointCompleted")
+        ),
+        "{ready}"
+    );
+    assert_eq!(status["nodeName"], node.as_str(), "{ready}");
+    assert_eq!(status["sourcePodUID"], pod_uid.as_str(), "{ready}");
+    let uid = ready["metadata"]["uid"].as_str().unwrap();
+    assert_eq!(
+        status["checkpointLocation"],
+        json!({"type": "NodeLocal", "nodeLocal": {"path": format!("checkpoint-{uid}")}}),
+        "{ready}"
+    );
+    assert!(status["completionTime"].is_string(), "{ready}");
+    assert_eq!(status["checkpointedContainers"][0]["name"], "counter");
+    assert!(
+        status["checkpointedContainers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .contains("@sha256:"),
+        "the image by digest: {ready}"
+    );
+    assert!(
+        status["podTemplateRef"].is_null(),
+        "no controller ran: {ready}"
+    );
+    // Written by the kubelet: the status's only writer is its field manager.
+    let managed = cluster.kubectl([
+        "get",
+        "podcheckpoint",
+        "e2e-kubelet-ckpt",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.subresource} {end}",
+    ]);
+    assert_eq!(
+        managed
+            .split_whitespace()
+            .filter(|m| m.ends_with("/status"))
+            .collect::<Vec<_>>(),
+        ["kubelet/status"],
+        "{managed}"
+    );
+    let events = cluster.events("default", "e2e-kubelet-ckpt");
+    for reason in ["CheckpointStarted:", "CheckpointSucceeded:"] {
+        assert!(
+            events.iter().any(|e| e.starts_with(reason)),
+            "no {reason} in {events:#?}"
+        );
+    }
+    let dir = cluster.checkpoint_dir(status);
+    assert!(on_node(cluster, "-d", &dir), "{}", dir.display());
+    assert!(on_node(cluster, "-f", &record_of(&dir)));
+
+    // The controller, started again, records the pod's spec (the pod is the one taken).
+    drop(stopped);
+    wait_for(
+        "the controller to record the pod's spec",
+        Duration::from_secs(60),
+        || {
+            let now = checkpoint.get();
+            if now["status"]["podTemplateRef"]["name"].is_string() {
+                Ok(())
+            } else {
+                Err(now["status"].to_string())
+            }
+        },
+    );
 }
 
 /// Warm start: three independent pods from one checkpoint, each with its own IP, each counting
@@ -333,12 +443,12 @@ fn warm_start_of_three_replicas_from_one_checkpoint_lazily() {
     assert!(source_counts.len() >= 3);
 }
 
-/// Invalid specs are refused at admission (CRD validation, CEL); objects that cannot succeed end
-/// Failed with a reason.
 /// A pod that names a PodCheckpoint in its restore annotation (KEP-5823's `spec.restoreFrom.name`)
 /// is restored by the kubelet, which reads that object: one that does not exist, or failed,
-/// leaves the pod Pending with the KEP's `CheckpointNotReady` (never started fresh); a Ready one
-/// kept on the pod's node restores it, counting on from the checkpoint.
+/// leaves the pod Pending with the KEP's `CheckpointNotReady`, and a pod that drifts from the
+/// checkpointed one (command, image, a container's or the pod's security) with `PodSpecMismatch`
+/// naming the difference (never started fresh); a Ready one kept on the pod's node restores a
+/// pod with other labels, annotations and resources, counting on from the checkpoint.
 #[test]
 fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
     let cluster = Cluster::get();
@@ -399,9 +509,17 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
         pod["metadata"]["annotations"] = json!({ RESTORE_FROM: checkpoint });
         pod
     };
-    // A pod that differs from the checkpointed one (another command).
+    // Pods that differ from the checkpointed one: another command, image, or security (a restore
+    // runs with the checkpointed identity and privileges, so it may never differ).
     let mut drifted = restored_from("e2e-ref-drifted", "e2e-ref-ckpt");
     drifted["spec"]["containers"][0]["command"] = json!(["sh", "-c", "sleep 1000"]);
+    let mut other_image = restored_from("e2e-ref-image", "e2e-ref-ckpt");
+    other_image["spec"]["containers"][0]["image"] = json!("docker.io/library/busybox:1.0-other");
+    let mut other_user = restored_from("e2e-ref-user", "e2e-ref-ckpt");
+    other_user["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 65534, "runAsNonRoot": true});
+    let mut other_pod_security = restored_from("e2e-ref-hostpid", "e2e-ref-ckpt");
+    other_pod_security["spec"]["securityContext"] = json!({"runAsGroup": 1000});
     for (pod, reason, says) in [
         (
             restored_from("e2e-ref-missing", "e2e-ref-nothing"),
@@ -417,6 +535,21 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
             drifted,
             "PodSpecMismatch",
             "container \"counter\": checkpoint has command",
+        ),
+        (
+            other_image,
+            "PodSpecMismatch",
+            "container \"counter\": checkpoint has image",
+        ),
+        (
+            other_user,
+            "PodSpecMismatch",
+            "container \"counter\": checkpoint has securityContext {}, pod has {\"runAsUser\":65534",
+        ),
+        (
+            other_pod_security,
+            "PodSpecMismatch",
+            "checkpoint has pod security {}, pod has {\"securityContext\":{\"runAsGroup\":1000}}",
         ),
     ] {
         let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
@@ -461,7 +594,13 @@ fn a_pod_that_references_a_podcheckpoint_by_name_is_restored_by_the_kubelet() {
             "{got}"
         );
     }
-    let restored = cluster.create_pod(restored_from("e2e-ref-restored", "e2e-ref-ckpt"));
+    // What may differ (KEP-5823's allowed edits): labels, annotations, resources.
+    let mut edited = restored_from("e2e-ref-restored", "e2e-ref-ckpt");
+    edited["metadata"]["labels"] = json!({"app": "restored", "tier": "warm"});
+    edited["metadata"]["annotations"]["example.com/note"] = json!("edited");
+    edited["spec"]["containers"][0]["resources"] =
+        json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "256Mi"}});
+    let restored = cluster.create_pod(edited);
     restored.wait_ready();
     let seen = restored.wait_counting("counter", 2);
     assert!(seen[0] > 0, "e2e-ref-restored started fresh: {seen:?}");
@@ -899,6 +1038,8 @@ fn a_checkpoint_is_restored_in_another_namespace_only_where_it_allows() {
     clean();
 }
 
+/// Invalid specs are refused at admission (CRD validation, CEL); objects that cannot succeed end
+/// Failed with a reason.
 #[test]
 fn invalid_specs_are_refused_and_impossible_ones_fail_with_a_reason() {
     let cluster = Cluster::get();
@@ -961,7 +1102,14 @@ fn invalid_specs_are_refused_and_impossible_ones_fail_with_a_reason() {
     runc.wait_ready();
     let checkpoint = Object::create(cluster, checkpoint_of("e2e-runc-ckpt", "e2e-ctl-runc"));
     let failed = checkpoint.wait_phase(&["Failed", "Ready"]);
-    assert_eq!(failed["status"]["reason"], "NotPodsnapPod", "{failed}");
+    // Refused by the controller, or, had the kubelet taken it first, by podsnapd.
+    let message = failed["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        failed["status"]["reason"] == "NotPodsnapPod"
+            || (failed["status"]["reason"] == "CheckpointFailed"
+                && message.contains("only \"podsnap\" pods can be checkpointed")),
+        "{failed}"
+    );
 
     // A restore of a checkpoint that does not exist.
     let restore = Object::create(
@@ -1587,11 +1735,11 @@ fn retention_keeps_the_last_three_checkpoints_of_a_pod() {
     );
 }
 
-/// A checkpoint the kubelet recorded for a PodCheckpoint that then failed (its controller
-/// stopped between the kubelet's answer and its status write) is removed by podsnapd's node
-/// agent; a checkpoint recorded for no object is left alone. The window itself cannot be hit on
-/// purpose: the test takes the checkpoint through the kubelet API with the object's UID, as the
-/// controller does, and gives the failed object the node it would have had.
+/// A checkpoint the kubelet recorded for a PodCheckpoint that then failed (the kubelet's status
+/// write lost, and the object failed as abandoned) is removed by podsnapd's node agent; a
+/// checkpoint recorded for no object is left alone. The window itself cannot be hit on purpose:
+/// the test takes the checkpoint through the kubelet API with the object's UID, as the kubelet
+/// records it, and gives the failed object the node it would have had.
 #[test]
 fn a_checkpoint_recorded_for_a_failed_object_is_removed_on_its_node() {
     let cluster = Cluster::get();

@@ -1,8 +1,12 @@
-//! Reconciling a `PodCheckpoint`: the source pod must exist, run on the `podsnap` runtime class
-//! and be running on a node; then the kubelet of that node checkpoints it
-//! (`POST /api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{pod}`), and the status records
-//! where the checkpoint is and its containers; the pod's spec, for restores, goes into a
-//! `PodTemplate` owned by the PodCheckpoint, which the status names (`podTemplateRef`).
+//! Reconciling a `PodCheckpoint` beside the kubelet, which takes it (KEP-5823): the kubelet of
+//! the source pod's node watches PodCheckpoints, checkpoints the pod through CRI CheckpointPod and
+//! writes the status (Checkpointing, then Ready with the location and containers, or Failed). This
+//! controller says `Pending` first, fails what no kubelet will take (the pod does not exist, runs
+//! on another runtime class or on no node, a bad storage repository; `NotTaken` when no kubelet
+//! took a valid one within [`TAKE_WITHIN`]), saves the pod's spec for PodRestores in a
+//! `PodTemplate` owned by the PodCheckpoint (`status.podTemplateRef`), and keeps finalizers and
+//! retention. It never reaches a kubelet itself. Each of its status writes before the kubelet's is
+//! a compare-and-swap on the object's version, so that it never overwrites the kubelet's claim.
 //!
 //! With deletion policy `Delete` the first thing done to a new object is adding the
 //! `checkpoint.k8s.io/node-data` finalizer, so that deleting it at any point later, mid-checkpoint
@@ -20,10 +24,9 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::{
-    CheckpointLocation, CheckpointedContainer, Condition, DeletionPolicy,
-    POD_CHECKPOINT_ANNOTATION, PUSHING, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus,
-    PodTemplateRef, RESTORE_FROM, RUNTIME_CLASS, checkpointed_pod_template_name, now,
-    ready_reasons, restore_reference,
+    Condition, DeletionPolicy, POD_CHECKPOINT_ANNOTATION, PodCheckpoint, PodCheckpointPhase,
+    PodCheckpointStatus, PodTemplateRef, RESTORE_FROM, RUNTIME_CLASS,
+    checkpointed_pod_template_name, ready_reasons, restore_reference,
 };
 use crate::status::{self, publish};
 use crate::{Context, Error, finalizers};
@@ -68,12 +71,9 @@ pub enum NodeDataOnDeletion {
     /// It never reached a node (no `nodeName`): there is no data; the controller removes the
     /// finalizer.
     Nothing,
-    /// It is Checkpointing, yet no reconcile of this controller runs it (reconciles of one object
-    /// never overlap): a controller before this one stopped mid-checkpoint. It is failed
-    /// (`ControllerRestarted`), and the node agent then removes what the kubelet recorded for it.
-    Abandoned,
-    /// Ready or Failed on a node, or taken and being pushed by the node's agent: that agent
-    /// removes the data, then the finalizer.
+    /// It reached a node: Ready or Failed there, being taken by its kubelet (which ends it, or
+    /// fails it on its restart), or being pushed by the node's agent. That agent removes the
+    /// data once it has ended, then the finalizer.
     NodeAgent,
 }
 
@@ -114,13 +114,10 @@ pub fn check_repository(repository: &str) -> Result<(), String> {
 }
 
 pub fn node_data_on_deletion(status: Option<&PodCheckpointStatus>) -> NodeDataOnDeletion {
-    let Some(status) = status.filter(|s| s.node_name.is_some()) else {
-        return NodeDataOnDeletion::Nothing;
-    };
-    if status.phase == Some(PodCheckpointPhase::Checkpointing) && !status.is_pushing() {
-        NodeDataOnDeletion::Abandoned
-    } else {
+    if status.is_some_and(|s| s.node_name.is_some()) {
         NodeDataOnDeletion::NodeAgent
+    } else {
+        NodeDataOnDeletion::Nothing
     }
 }
 
@@ -157,18 +154,14 @@ async fn reconcile_deletion(
             finalizers::remove(api, &fresh, finalizers::NODE_DATA).await?;
             Ok(Action::await_change())
         }
-        NodeDataOnDeletion::Abandoned => {
-            fail(
-                ctx,
-                &fresh,
-                "ControllerRestarted",
-                "the controller restarted during the checkpoint; create a new PodCheckpoint",
-            )
-            .await
-        }
         NodeDataOnDeletion::NodeAgent => Ok(Action::await_change()),
     }
 }
+
+/// How long a valid PodCheckpoint may wait, Pending, for the kubelet of its pod's node to take
+/// it before it is failed (`NotTaken`): a kubelet without the PodLevelCheckpointRestore gate, or
+/// whose role cannot watch PodCheckpoints, never does.
+pub const TAKE_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
@@ -176,16 +169,19 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     let phase = object.status.as_ref().and_then(|s| s.phase);
     let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     if object.meta().deletion_timestamp.is_some() {
+        ctx.metrics.forget(&object.uid().unwrap_or_default());
         return reconcile_deletion(&ctx, &api, &object).await;
     }
+    status::observe(&ctx, &object, object.status.as_ref());
     if needs_node_data_finalizer(&object) {
-        // First, before the kubelet is asked for anything: its data goes when it goes, whenever
-        // that is. The finalizer's watch event reconciles the object again.
+        // First, before anything is taken: its data goes when it goes, whenever that is. The
+        // finalizer's watch event reconciles the object again.
         finalizers::add(&api, &object, finalizers::NODE_DATA).await?;
         return Ok(Action::await_change());
     }
     if object.status.is_none() {
-        // KEP-5823's first state: created, not begun. Its watch event reconciles it again.
+        // KEP-5823's first state: created, not begun; only if the kubelet has not taken it
+        // meanwhile. Its watch event reconciles it again.
         let pending = PodCheckpointStatus {
             phase: Some(PodCheckpointPhase::Pending),
             conditions: vec![Condition::new(
@@ -196,11 +192,14 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
             )],
             ..Default::default()
         };
-        status::set(&ctx, object.as_ref(), &pending).await?;
+        if !status::set_at_version(&ctx, object.as_ref(), &pending).await? {
+            return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+        }
         return Ok(Action::await_change());
     }
     match phase {
         Some(PodCheckpointPhase::Ready) => {
+            keep_pod_spec(&ctx, &object).await?;
             if object.status.as_ref().is_some_and(|s| s.image.is_some()) {
                 let nodes = referencing_nodes(&ctx, &object).await?;
                 if !nodes.is_empty()
@@ -217,34 +216,15 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         }
         Some(PodCheckpointPhase::Failed) => return Ok(Action::await_change()),
         Some(PodCheckpointPhase::Checkpointing) => {
-            // The cache can lag behind this controller's own status writes (a reconcile queued
-            // by the Checkpointing update runs after the one that wrote Ready): ask the API
-            // server before concluding anything.
-            let fresh = api.get_opt(&name).await?;
-            let Some(status) = fresh
-                .and_then(|o| o.status)
-                .filter(|s| s.phase == Some(PodCheckpointPhase::Checkpointing))
-            else {
-                return Ok(Action::await_change());
-            };
-            if status.is_pushing() {
-                // Taken; its node's agent pushes it and ends it.
-                return Ok(Action::await_change());
-            }
-            // Found mid-checkpoint: this controller restarted while the kubelet worked. The
-            // kubelet and the runtime thaw the pod and remove partial output on their own (a
-            // caller that goes away cancels the checkpoint); the object fails cleanly rather
-            // than guessing.
-            return fail(
-                &ctx,
-                &object,
-                "ControllerRestarted",
-                "the controller restarted during the checkpoint; create a new PodCheckpoint",
-            )
-            .await;
+            // The kubelet of its node takes it (KEP-5823) and ends it, or its node's agent
+            // once pushed; the kubelet fails one it finds abandoned by its own restart.
+            keep_pod_spec(&ctx, &object).await?;
+            return Ok(Action::await_change());
         }
         _ => {}
     }
+    // Pending: what the kubelet cannot say, because no kubelet will take it, is said here. Every
+    // failure is written only if the kubelet has not taken it meanwhile.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let source = &object.spec.source_pod_name;
     let Some(pod) = pods.get_opt(source).await? else {
@@ -298,143 +278,88 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         )
         .await;
     };
-
-    let checkpointing = PodCheckpointStatus {
-        phase: Some(PodCheckpointPhase::Checkpointing),
-        node_name: Some(node.clone()),
-        source_pod_uid: Some(pod_uid.clone()),
-        conditions: vec![Condition::new(
-            "Ready",
-            false,
-            ready_reasons::CHECKPOINT_IN_PROGRESS,
-            &format!("checkpointing {source} on {node}"),
-        )],
-        ..Default::default()
-    };
-    status::set(&ctx, object.as_ref(), &checkpointing).await?;
-    publish(
-        &ctx,
-        object.as_ref(),
-        EventType::Normal,
-        "CheckpointStarted",
-        &format!("checkpointing pod {source} on node {node}"),
-    )
-    .await;
-    // The kubelet records the object's UID beside the checkpoint: should this controller stop
-    // before it writes the location, podsnapd's node agent finds the checkpoint by it.
-    let query: Vec<String> = [
-        object.uid().map(|uid| format!("podCheckpointUID={uid}")),
-        object.spec.timeout_seconds.map(|t| format!("timeout={t}")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", query.join("&"))
-    };
-    let path = format!("/api/v1/nodes/{node}/proxy/checkpointpod/{namespace}/{source}{query}");
-    let request = http::Request::post(&path)
-        .body(Vec::new())
-        .map_err(|e| Error::Other(format!("build {path}: {e}")))?;
-    tracing::info!(checkpoint = %name, pod = %source, %node, "checkpointing");
-    let answer = match ctx.client.request_text(request).await {
-        Ok(text) => text,
-        Err(kube::Error::Api(status)) => {
-            return fail(&ctx, &object, "CheckpointFailed", &status.message).await;
-        }
-        Err(e) => return fail(&ctx, &object, "CheckpointFailed", &e.to_string()).await,
-    };
-    let answer: serde_json::Value = match serde_json::from_str(&answer) {
-        Ok(answer) => answer,
-        Err(e) => {
-            // Failed for good (the node agent removes what the kubelet may have recorded for it).
-            let message = format!("the kubelet's answer {answer:?}: {e}");
-            return fail(&ctx, &object, "CheckpointFailed", &message).await;
-        }
-    };
-    // The kubelet answers with the directory's path; the status names it as KEP-5823 does,
-    // relative to the kubelet's checkpoint root.
-    let path = answer["items"][0].as_str().unwrap_or_default();
-    let Some(location) = CheckpointLocation::Legacy(path.to_string())
-        .dir_name()
-        .map(CheckpointLocation::node_local)
-    else {
-        let message = format!("the kubelet's answer {answer} names no checkpoint directory");
-        return fail(&ctx, &object, "CheckpointFailed", &message).await;
-    };
-    let containers: Vec<String> = answer["containers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.as_str().map(str::to_string))
-        .collect();
-    // The pod's spec, for restores, in a PodTemplate only the controller reads (a failure here
-    // fails the object, and the node agent removes what the kubelet recorded for it).
-    let checkpointed_containers = checkpointed_containers(&pod, &containers);
-    let template = match save_pod_spec(&ctx, &object, &spec).await {
-        Ok(template) => template,
-        Err(message) => {
-            let message = format!("recording the checkpointed pod's spec: {message}");
-            return fail(&ctx, &object, "CheckpointFailed", &message).await;
-        }
-    };
-    let status = match object.spec.image_repository() {
-        None => PodCheckpointStatus {
-            phase: Some(PodCheckpointPhase::Ready),
-            node_name: Some(node.clone()),
-            checkpoint_location: Some(location.clone()),
-            containers,
-            checkpointed_containers,
-            completion_time: Some(now()),
-            pod_template_ref: Some(template),
-            conditions: vec![Condition::new(
-                "Ready",
-                true,
-                ready_reasons::CHECKPOINT_COMPLETED,
-                &format!("checkpoint of {source} at {location} on {node}"),
-            )],
-            ..Default::default()
-        },
-        // Taken; the node's agent pushes it, then writes Ready with the image.
-        Some(repository) => PodCheckpointStatus {
-            phase: Some(PodCheckpointPhase::Checkpointing),
-            reason: Some(PUSHING.into()),
-            node_name: Some(node.clone()),
-            checkpoint_location: Some(location.clone()),
-            containers,
-            checkpointed_containers,
+    let status = object.status.clone().unwrap_or_default();
+    if status.pod_template_ref.is_none() {
+        // The pod's spec, for PodRestores, in a PodTemplate only the controller reads, saved
+        // now, while the pod is the one the kubelet is about to checkpoint.
+        let template = match save_pod_spec(&ctx, &object, &spec).await {
+            Ok(template) => template,
+            Err(message) => {
+                let message = format!("recording the pod's spec: {message}");
+                return fail(&ctx, &object, ready_reasons::CHECKPOINT_FAILED, &message).await;
+            }
+        };
+        let waiting = PodCheckpointStatus {
             pod_template_ref: Some(template),
             conditions: vec![Condition::new(
                 "Ready",
                 false,
-                PUSHING,
-                &format!("checkpoint of {source} at {location} on {node}, pushing to {repository}"),
+                ready_reasons::PENDING,
+                &format!("waiting for the kubelet of node {node} to checkpoint pod {source}"),
             )],
             ..Default::default()
-        },
-    };
-    // The checkpoint exists now: recording it must not be lost to one failed write (a retried
-    // reconcile would find the object Checkpointing and fail it).
-    let mut attempt = 1;
-    while let Err(e) = status::set(&ctx, object.as_ref(), &status).await {
-        if attempt == 5 {
-            return Err(e);
+        };
+        if !status::set_at_version(&ctx, object.as_ref(), &waiting).await? {
+            // Taken meanwhile: its next event says by whom; the spec is recorded then.
+            return Ok(Action::requeue(std::time::Duration::from_secs(1)));
         }
-        tracing::warn!(checkpoint = %name, error = %e, attempt, "recording the checkpoint failed; retrying");
-        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
-        attempt += 1;
+        tracing::info!(checkpoint = %name, pod = %source, %node, "waiting for the kubelet");
+        return Ok(Action::requeue(TAKE_WITHIN));
     }
-    publish(
+    let waited = object
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| {
+            std::time::Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok()
+        })
+        .unwrap_or_default();
+    if waited < TAKE_WITHIN {
+        return Ok(Action::requeue(TAKE_WITHIN - waited));
+    }
+    fail(
         &ctx,
-        object.as_ref(),
-        EventType::Normal,
-        "CheckpointSucceeded",
-        &format!("pod {source} checkpointed on node {node}: {location}"),
+        &object,
+        "NotTaken",
+        &format!(
+            "the kubelet of node {node} did not take the checkpoint within {}s: its \
+             PodLevelCheckpointRestore feature gate must be on and its role must grant list and \
+             watch on podcheckpoints (deploy/rbac.yaml, podsnap-kubelet)",
+            TAKE_WITHIN.as_secs()
+        ),
     )
-    .await;
-    Ok(Action::await_change())
+    .await
+}
+
+/// Records the checkpointed pod's spec (a PodTemplate, `status.podTemplateRef`) for a
+/// PodCheckpoint the kubelet took before this controller could: from its source pod, if that is
+/// still the pod the kubelet took (`status.sourcePodUID`). Without it the checkpoint is still
+/// restored by reference (a pod naming it), not through a PodRestore.
+async fn keep_pod_spec(ctx: &Context, object: &PodCheckpoint) -> Result<(), Error> {
+    let Some(status) = object.status.as_ref() else {
+        return Ok(());
+    };
+    if status.pod_template_ref.is_some() {
+        return Ok(());
+    }
+    let namespace = object.namespace().unwrap_or_else(|| "default".into());
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pod = pods.get_opt(&object.spec.source_pod_name).await?;
+    let Some(spec) = pod
+        .filter(|p| p.uid().is_some() && p.uid() == status.source_pod_uid)
+        .and_then(|p| p.spec)
+    else {
+        tracing::warn!(checkpoint = %object.name_any(), "the checkpointed pod is gone: no PodTemplate, no PodRestore of it");
+        return Ok(());
+    };
+    let template = save_pod_spec(ctx, object, &spec)
+        .await
+        .map_err(Error::Other)?;
+    let recorded = PodCheckpointStatus {
+        pod_template_ref: Some(template),
+        ..Default::default()
+    };
+    status::set(ctx, object, &recorded).await
 }
 
 /// The nodes of the pods bound to restore from `object` by reference (their
@@ -467,41 +392,6 @@ async fn referencing_nodes(ctx: &Context, object: &PodCheckpoint) -> Result<Vec<
         }
     }
     Ok(nodes)
-}
-
-/// The checkpointed containers `names` of `pod`, each with the image its node ran: by digest
-/// (`repository@sha256:…`, the runtime's image reference) where the pod's status reports one,
-/// else as the spec names it.
-pub fn checkpointed_containers(pod: &Pod, names: &[String]) -> Vec<CheckpointedContainer> {
-    let spec = pod.spec.as_ref();
-    let statuses = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_deref())
-        .unwrap_or_default();
-    names
-        .iter()
-        .map(|name| {
-            let by_digest = statuses
-                .iter()
-                .find(|s| &s.name == name)
-                .map(|s| s.image_id.trim_start_matches("docker-pullable://"))
-                .filter(|id| {
-                    id.split_once("@sha256:").is_some_and(|(repository, hex)| {
-                        !repository.is_empty()
-                            && hex.len() == 64
-                            && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                    })
-                });
-            let in_spec = spec
-                .and_then(|s| s.containers.iter().find(|c| &c.name == name))
-                .and_then(|c| c.image.as_deref());
-            CheckpointedContainer {
-                name: name.clone(),
-                image: by_digest.or(in_spec).unwrap_or_default().to_string(),
-            }
-        })
-        .collect()
 }
 
 /// The PodTemplate that keeps the checkpointed pod's `spec` for the PodCheckpoint `object`:
@@ -651,52 +541,21 @@ async fn prune(
     Ok(())
 }
 
-/// Fails the checkpoint (condition Ready False).
+/// Fails the checkpoint (condition Ready False), only if the kubelet has not taken it meanwhile
+/// (the object is at the version this reconcile decided on).
 async fn fail(
     ctx: &Context,
     object: &PodCheckpoint,
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    status::fail(ctx, object, "Ready", reason, message).await
+    status::fail_at_version(ctx, object, "Ready", reason, message).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn checkpointed_containers_carry_their_images_by_digest_where_the_node_said_one() {
-        let digest = "a".repeat(64);
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p"},
-            "spec": {"containers": [
-                {"name": "by-digest", "image": "busybox:1.37.0"},
-                {"name": "local", "image": "localhost/built-here"},
-                {"name": "not-running", "image": "alpine:3"}
-            ]},
-            "status": {"containerStatuses": [
-                {"name": "by-digest", "image": "busybox:1.37.0", "imageID": format!("docker.io/library/busybox@sha256:{digest}"),
-                 "ready": true, "restartCount": 0},
-                {"name": "local", "image": "localhost/built-here", "imageID": "sha256:0123",
-                 "ready": true, "restartCount": 0}
-            ]}
-        }))
-        .unwrap();
-        let names = ["by-digest", "local", "not-running"].map(String::from);
-        let images: Vec<String> = checkpointed_containers(&pod, &names)
-            .into_iter()
-            .map(|c| c.image)
-            .collect();
-        assert_eq!(
-            images,
-            [
-                format!("docker.io/library/busybox@sha256:{digest}"),
-                "localhost/built-here".to_string(),
-                "alpine:3".to_string()
-            ]
-        );
-    }
     use crate::fake_api::{FakeApi, Seen, context, path_of};
     use serde_json::{Value, json};
 
@@ -742,15 +601,8 @@ mod tests {
         reconcile(Arc::new(object), context(fake)).await.unwrap()
     }
 
-    fn position(seen: &[Seen], what: &str, wanted: impl Fn(&Seen) -> bool) -> usize {
-        seen.iter().position(wanted).unwrap_or_else(|| {
-            let lines: Vec<String> = seen.iter().map(Seen::line).collect();
-            panic!("no {what} in {lines:#?}")
-        })
-    }
-
     #[tokio::test]
-    async fn the_node_data_finalizer_goes_on_before_the_kubelet_is_asked_to_checkpoint() {
+    async fn the_finalizer_and_the_pod_spec_are_in_place_before_the_kubelet_takes_it() {
         let fake = FakeApi::default();
         fake.put(
             &checkpoint_path(),
@@ -761,10 +613,6 @@ mod tests {
             ),
         );
         fake.put(&path_of("v1", "pods", "default", "p"), running_pod());
-        fake.kubelet_answers(json!({
-            "items": ["/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t"],
-            "containers": ["counter"],
-        }));
 
         // The first reconcile of the new object only adds the finalizer.
         reconcile_stored(&fake).await;
@@ -775,7 +623,7 @@ mod tests {
             stored["metadata"]["finalizers"],
             json!([finalizers::NODE_DATA])
         );
-        // The next one says it is Pending (KEP-5823), still without asking the kubelet.
+        // The next one says it is Pending (KEP-5823), at the version it saw.
         reconcile_stored(&fake).await;
         let pending = parse(fake.get(&checkpoint_path()).unwrap()).status.unwrap();
         assert_eq!(pending.phase, Some(PodCheckpointPhase::Pending));
@@ -787,41 +635,32 @@ mod tests {
             pending.conditions[0].status,
             crate::api::ConditionStatus::False
         );
-        assert!(
-            fake.seen()
-                .iter()
-                .all(|s| !s.path.contains("/proxy/checkpointpod/"))
-        );
-        // The next ones (its watch events) checkpoint it.
-        for _ in 0..3 {
-            reconcile_stored(&fake).await;
-        }
+        // The next one validates the pod and saves its spec; the kubelet takes it from there.
+        let action = reconcile_stored(&fake).await;
+        assert_eq!(action, Action::requeue(TAKE_WITHIN));
         let seen = fake.seen();
-        let finalizer = position(&seen, "node-data finalizer patch", |s| {
-            s.method == "PATCH"
-                && s.path == checkpoint_path()
-                && s.body["metadata"]["finalizers"]
-                    .to_string()
-                    .contains(finalizers::NODE_DATA)
-        });
-        let kubelet = position(&seen, "kubelet checkpoint", |s| {
-            s.method == "POST" && s.path.contains("/proxy/checkpointpod/default/p")
-        });
         assert!(
-            finalizer < kubelet,
-            "finalizer at {finalizer}, kubelet at {kubelet}"
+            seen.iter().all(|s| !s.path.contains("/proxy/")),
+            "the controller reaches no kubelet: {seen:?}"
         );
-        assert!(seen[kubelet].query.contains("podCheckpointUID=ckpt-uid"));
-
+        for (i, s) in seen.iter().enumerate().filter(|(_, s)| s.method == "PATCH") {
+            assert!(
+                i == 0 || s.body["metadata"]["resourceVersion"].is_string(),
+                "a status write before the kubelet's is a compare-and-swap: {}",
+                s.body
+            );
+        }
         let stored = parse(fake.get(&checkpoint_path()).unwrap());
         let status = stored.status.clone().unwrap();
-        assert_eq!(status.phase, Some(PodCheckpointPhase::Ready));
-        assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
-        // The location as KEP-5823 writes it: the directory relative to the checkpoint root.
-        assert_eq!(
-            fake.get(&checkpoint_path()).unwrap()["status"]["checkpointLocation"],
-            json!({"type": "NodeLocal", "nodeLocal": {"path": "checkpoint-p_default-t"}})
+        assert_eq!(status.phase, Some(PodCheckpointPhase::Pending));
+        assert!(
+            status.conditions[0]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("kubelet of node n1")
         );
+        assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
         // The pod spec is in the checkpoint's PodTemplate, not in the PodCheckpoint.
         assert_eq!(status.checkpointed_pod_spec, None);
         let reference = status.pod_template_ref.unwrap();
@@ -847,6 +686,84 @@ mod tests {
             "counter"
         );
         assert!(template["template"]["spec"]["ephemeralContainers"].is_null());
+
+        // Waiting for the kubelet, within TAKE_WITHIN of its creation, changes nothing.
+        let before = fake.seen().len();
+        reconcile_stored(&fake).await;
+        assert!(fake.seen()[before..].iter().all(|s| s.method == "GET"));
+    }
+
+    #[tokio::test]
+    async fn a_failure_never_overwrites_the_kubelets_claim() {
+        // The controller decides on a Pending object of version 1 whose pod is gone; meanwhile
+        // the kubelet took it (version 2): nothing is written, and it is looked at again.
+        let fake = FakeApi::default();
+        let seen_then = checkpoint(
+            json!({"resourceVersion": "1"}),
+            json!({"sourcePodName": "p"}),
+            json!({"phase": "Pending"}),
+        );
+        let mut now = seen_then.clone();
+        now["metadata"]["resourceVersion"] = json!("2");
+        now["status"] = json!({"phase": "Checkpointing", "nodeName": "n1",
+                               "sourcePodUID": "pod-uid"});
+        fake.put(&checkpoint_path(), now.clone());
+        let action = reconcile(Arc::new(parse(seen_then)), context(&fake))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(std::time::Duration::from_secs(1)));
+        assert_eq!(
+            fake.get(&checkpoint_path()).unwrap()["status"],
+            now["status"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_the_kubelet_took_first_gets_its_pod_spec_from_that_pod_only() {
+        for (pod_uid, saved) in [("pod-uid", true), ("another-pod", false)] {
+            let fake = FakeApi::default();
+            fake.put(
+                &checkpoint_path(),
+                checkpoint(
+                    json!({}),
+                    json!({"sourcePodName": "p"}),
+                    json!({"phase": "Ready", "nodeName": "n1", "sourcePodUID": pod_uid,
+                           "checkpointLocation": {"type": "NodeLocal",
+                                                  "nodeLocal": {"path": "checkpoint-ckpt-uid"}}}),
+                ),
+            );
+            fake.put(&path_of("v1", "pods", "default", "p"), running_pod());
+            reconcile_stored(&fake).await;
+            let status = parse(fake.get(&checkpoint_path()).unwrap()).status.unwrap();
+            assert_eq!(status.phase, Some(PodCheckpointPhase::Ready));
+            assert_eq!(status.pod_template_ref.is_some(), saved, "{pod_uid}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_checkpoint_no_kubelet_takes_is_failed_in_time() {
+        let fake = FakeApi::default();
+        fake.put(
+            &checkpoint_path(),
+            checkpoint(
+                json!({"creationTimestamp": "2026-01-01T00:00:00Z"}),
+                json!({"sourcePodName": "p"}),
+                json!({"phase": "Pending",
+                       "podTemplateRef": {"name": "podcheckpoint-ckpt-uid", "uid": "t",
+                                          "resourceVersion": "1"}}),
+            ),
+        );
+        fake.put(&path_of("v1", "pods", "default", "p"), running_pod());
+        reconcile_stored(&fake).await;
+        let status = parse(fake.get(&checkpoint_path()).unwrap()).status.unwrap();
+        assert_eq!(status.phase, Some(PodCheckpointPhase::Failed));
+        assert_eq!(status.reason.as_deref(), Some("NotTaken"));
+        assert!(
+            status
+                .message
+                .unwrap()
+                .contains("PodLevelCheckpointRestore")
+        );
     }
 
     #[test]
@@ -903,14 +820,14 @@ mod tests {
         );
         assert_eq!(
             of(json!({"phase": "Checkpointing", "nodeName": "n1"})),
-            NodeDataOnDeletion::Abandoned
+            NodeDataOnDeletion::NodeAgent
         );
         assert_eq!(
             of(json!({"phase": "Ready", "nodeName": "n1"})),
             NodeDataOnDeletion::NodeAgent
         );
         assert_eq!(
-            of(json!({"phase": "Failed", "reason": "ControllerRestarted", "nodeName": "n1"})),
+            of(json!({"phase": "Failed", "reason": "KubeletRestarted", "nodeName": "n1"})),
             NodeDataOnDeletion::NodeAgent
         );
     }
@@ -944,13 +861,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_deleted_checkpoint_found_mid_checkpoint_is_failed_and_left_to_the_node_agent() {
-        let fake = reconcile_deleted(json!({"phase": "Checkpointing", "nodeName": "n1"})).await;
+    async fn a_deleted_checkpoint_being_taken_is_left_to_its_kubelet_and_node_agent() {
+        let status = json!({"phase": "Checkpointing", "nodeName": "n1"});
+        let fake = reconcile_deleted(status.clone()).await;
+        assert!(fake.seen().iter().all(|s| s.method == "GET"));
         let stored = parse(fake.get(&checkpoint_path()).unwrap());
-        let status = stored.status.clone().unwrap();
-        assert_eq!(status.phase, Some(PodCheckpointPhase::Failed));
-        assert_eq!(status.reason.as_deref(), Some("ControllerRestarted"));
-        assert_eq!(status.node_name.as_deref(), Some("n1"));
+        assert_eq!(fake.get(&checkpoint_path()).unwrap()["status"], status);
         assert_eq!(stored.finalizers(), [finalizers::NODE_DATA]);
     }
 
@@ -995,8 +911,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_checkpoint_being_pushed_is_left_to_its_node_agent() {
-        // Found Checkpointing with a location (taken; its agent pushes): not failed as one a
-        // restarted controller abandoned, neither when reconciled nor when deleted.
+        // Found Checkpointing with a location (taken; its agent pushes): left as it is, both when
+        // reconciled and when deleted.
         let status = json!({"phase": "Checkpointing", "nodeName": "n1", "reason": "Pushing",
                             "checkpointLocation": "/var/lib/kubelet/pod-checkpoints/checkpoint-p_default-t"});
         let fake = FakeApi::default();

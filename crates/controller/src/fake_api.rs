@@ -5,9 +5,9 @@
 //! It knows just enough of the API: GET of an object (404 `NotFound` when absent) or of a
 //! namespaced collection (a list), POST to a collection (409 `AlreadyExists` when the name is
 //! taken; a UID and resourceVersion are assigned), PATCH as a JSON merge patch (of the object, or
-//! of its status through `/status`), and the kubelet's pod checkpoint endpoint behind the node
-//! proxy, answered with what the test set. Events sent are accepted and kept only as requests;
-//! events listed are those a test put.
+//! of its status through `/status`; a `metadata.resourceVersion` in the patch is a precondition,
+//! 409 `Conflict` when the object has moved on). Events sent are accepted and kept only as
+//! requests; events listed are those a test put. Anything else (a node proxy, say) is 405.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -27,7 +27,6 @@ pub struct Seen {
     pub method: String,
     /// The path, without the query.
     pub path: String,
-    pub query: String,
     pub body: Value,
 }
 
@@ -42,7 +41,6 @@ impl Seen {
 struct State {
     objects: BTreeMap<String, Value>,
     seen: Vec<Seen>,
-    kubelet_answer: Option<Value>,
     next_version: u64,
 }
 
@@ -88,11 +86,6 @@ impl FakeApi {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
 
-    /// What the kubelet answers a pod checkpoint with (200, this JSON).
-    pub fn kubelet_answers(&self, answer: Value) {
-        self.state.lock().unwrap().kubelet_answer = Some(answer);
-    }
-
     /// Every request so far, in order.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
@@ -101,12 +94,6 @@ impl FakeApi {
     fn answer(&self, seen: Seen) -> (u16, Value) {
         let mut state = self.state.lock().unwrap();
         state.seen.push(seen.clone());
-        if seen.path.contains("/proxy/checkpointpod/") {
-            return match (&*seen.method, &state.kubelet_answer) {
-                ("POST", Some(answer)) => (200, answer.clone()),
-                _ => status(500, "InternalError", "no kubelet answer set"),
-            };
-        }
         if seen.path.contains("/events") && seen.method != "GET" {
             return (201, seen.body);
         }
@@ -228,7 +215,6 @@ impl tower::Service<Request<kube::client::Body>> for FakeApi {
             let seen = Seen {
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
                 body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             };
             let (code, answer) = fake.answer(seen);

@@ -1,12 +1,16 @@
 //! Prometheus metrics of the controller, named as KEP-5823 names the PodCheckpoint object
 //! metrics: `podcheckpoint_phase_total{phase}` (phase transitions),
-//! `podcheckpoint_ready_condition_total{status,reason}` (transitions of the `Ready` condition)
+//! `podcheckpoint_ready_condition_total{status,reason}` (transitions of the `Ready` condition;
+//! both as this controller writes or sees them: a kubelet that takes a checkpoint from Pending to
+//! Ready between two of its reconciles is counted once, into Ready; an object first seen after
+//! a restart is counted from then on)
 //! and `podcheckpoint_reconcile_duration_seconds` (one PodCheckpoint reconcile), served in the
 //! Prometheus text format at `/metrics` on `--metrics-bind-address`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -37,7 +41,12 @@ pub struct Metrics {
     phase: Family<PhaseLabels, Counter>,
     ready_condition: Family<ConditionLabels, Counter>,
     reconcile: Histogram,
+    /// The phase and Ready condition (status, reason) each PodCheckpoint was last seen with, by
+    /// UID.
+    seen: Mutex<HashMap<String, Seen>>,
 }
+
+type Seen = (Option<PodCheckpointPhase>, Option<(String, String)>);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -54,14 +63,14 @@ impl Default for Metrics {
             "Transitions of the Ready condition of PodCheckpoint objects, by status and reason",
             ready_condition.clone(),
         );
-        // 5 ms to ~10 minutes: a reconcile that checkpoints waits for the kubelet.
+        // 5 ms to ~10 minutes.
         let reconcile = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
             300.0, 600.0,
         ]);
         registry.register(
             "podcheckpoint_reconcile_duration_seconds",
-            "Duration of one PodCheckpoint reconcile (checkpoint, finalizers, retention)",
+            "Duration of one PodCheckpoint reconcile (validation, pod spec, finalizers, retention)",
             reconcile.clone(),
         );
         Metrics {
@@ -69,6 +78,7 @@ impl Default for Metrics {
             phase,
             ready_condition,
             reconcile,
+            seen: Mutex::default(),
         }
     }
 }
@@ -93,6 +103,40 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// The PodCheckpoint `uid` is now in `phase` with its Ready condition `ready` (status,
+    /// reason), as written or seen; `None` leaves either as it was. Counts the transitions from
+    /// what it was last seen with; the first sight of an object counts nothing.
+    pub fn observe(
+        &self,
+        uid: &str,
+        phase: Option<PodCheckpointPhase>,
+        ready: Option<(String, String)>,
+    ) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(before) = seen.get_mut(uid) else {
+            seen.insert(uid.to_string(), (phase, ready));
+            return;
+        };
+        if let Some(phase) = phase {
+            self.phase_transition(before.0, phase);
+            before.0 = Some(phase);
+        }
+        if let Some(ready) = ready
+            && before.1.as_ref() != Some(&ready)
+        {
+            self.ready_condition(&ready.0, &ready.1);
+            before.1 = Some(ready);
+        }
+    }
+
+    /// Forgets a PodCheckpoint being deleted.
+    pub fn forget(&self, uid: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
     }
 
     /// One PodCheckpoint reconcile took `took`.
@@ -166,6 +210,32 @@ fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_what_it_sees_change_only() {
+        let metrics = Metrics::default();
+        use PodCheckpointPhase::{Checkpointing, Pending, Ready};
+        let ready = |s: &str, r: &str| Some((s.to_string(), r.to_string()));
+        // Ready when first seen (a restart): nothing counted.
+        metrics.observe("old", Some(Ready), ready("True", "CheckpointCompleted"));
+        metrics.observe("new", None, None);
+        metrics.observe("new", Some(Pending), ready("False", "Pending"));
+        metrics.observe("new", None, None);
+        metrics.observe("new", Some(Pending), ready("False", "Pending"));
+        metrics.observe("new", Some(Ready), ready("True", "CheckpointCompleted"));
+        metrics.forget("new");
+        let text = metrics.encode();
+        for line in [
+            "podcheckpoint_phase_total{phase=\"Pending\"} 1",
+            "podcheckpoint_phase_total{phase=\"Ready\"} 1",
+            "podcheckpoint_ready_condition_total{status=\"False\",reason=\"Pending\"} 1",
+            "podcheckpoint_ready_condition_total{status=\"True\",reason=\"CheckpointCompleted\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains(&format!("phase=\"{Checkpointing}\"")));
+        assert!(metrics.seen.lock().unwrap().len() == 1);
+    }
 
     #[test]
     fn counts_transitions_with_the_keps_names() {

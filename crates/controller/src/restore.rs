@@ -112,13 +112,23 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         )
         .await;
     };
+    if status.pod_template_ref.is_none()
+        && status.checkpointed_pod_spec.is_none()
+        && recently_completed(&status)
+    {
+        // Taken by the kubelet before the PodCheckpoint controller saw it: that controller
+        // records the pod's spec shortly (its watch event, or this requeue, brings it here).
+        return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+    }
     let spec = match &status.pod_template_ref {
         Some(reference) => {
             let templates: Api<PodTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
             let found = templates.get_opt(&reference.name).await?;
             checkpointed_spec(wanted, reference, found.as_ref())
         }
-        None => legacy_spec(wanted, &status),
+        None => legacy_spec(wanted, &status).map_err(|e| {
+            format!("{e}: its pod was gone before its spec was recorded; restore it by reference (a pod annotated {RESTORE_FROM}: {wanted})")
+        }),
     };
     let spec = match spec {
         Ok(spec) => spec,
@@ -556,6 +566,18 @@ pub fn checkpointed_spec(
         .and_then(|t| t.spec.as_ref())
         .map(|spec| serde_json::to_value(spec).unwrap_or_default())
         .ok_or_else(|| format!("PodTemplate {name} of PodCheckpoint {checkpoint} holds no spec"))
+}
+
+/// Whether the checkpoint was completed less than a minute ago (or says not when): long enough
+/// for the PodCheckpoint controller to record the spec of a pod the kubelet took first.
+fn recently_completed(status: &PodCheckpointStatus) -> bool {
+    let Some(completed) = status.completion_time.as_deref() else {
+        return true;
+    };
+    completed
+        .parse::<jiff::Timestamp>()
+        .map(|t| jiff::Timestamp::now().duration_since(t) < jiff::SignedDuration::from_secs(60))
+        .unwrap_or(false)
 }
 
 /// The pod spec of a checkpoint an earlier controller took, which kept it in the status.

@@ -93,25 +93,84 @@ pub async fn set<K: Owned>(ctx: &Context, object: &K, status: &K::Status) -> Res
     Ok(())
 }
 
-/// Counts a PodCheckpoint's phase and Ready condition transitions (from its status before,
-/// to the status `after` just merged into it) in the metrics.
-fn count_transitions(ctx: &Context, object: &PodCheckpoint, after: &PodCheckpointStatus) {
-    let before = object.status.as_ref();
-    if let Some(phase) = after.phase {
-        ctx.metrics
-            .phase_transition(before.and_then(|s| s.phase), phase);
+/// A merge patch of the status that the API server applies only to the object's version given
+/// (a compare-and-swap): `{"metadata": {"resourceVersion": ...}, "status": ...}`.
+#[derive(Serialize, Debug)]
+struct VersionedStatusPatch<'a, S> {
+    metadata: Version<'a>,
+    status: &'a S,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Version<'a> {
+    resource_version: &'a str,
+}
+
+/// Merges `status` into the object's status if the object is still at the version the caller
+/// decided on (`object`'s `resourceVersion`): `Ok(false)` when it has changed meanwhile (the
+/// kubelet took the PodCheckpoint, say), and nothing was written.
+pub async fn set_at_version<K: Owned>(
+    ctx: &Context,
+    object: &K,
+    status: &K::Status,
+) -> Result<bool, Error> {
+    let Some(resource_version) = object.resource_version() else {
+        return Err(Error::Other(format!(
+            "{} has no resourceVersion",
+            object.name_any()
+        )));
+    };
+    let api: Api<K> = Api::namespaced(
+        ctx.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    let patch = VersionedStatusPatch {
+        metadata: Version {
+            resource_version: &resource_version,
+        },
+        status,
+    };
+    match api
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(false),
+        Err(e) => return Err(e.into()),
     }
-    let ready = |s: &PodCheckpointStatus| {
+    if let (Some(checkpoint), Some(status)) = (
+        (object as &dyn Any).downcast_ref::<PodCheckpoint>(),
+        (status as &dyn Any).downcast_ref::<PodCheckpointStatus>(),
+    ) {
+        count_transitions(ctx, checkpoint, status);
+    }
+    Ok(true)
+}
+
+/// Counts a PodCheckpoint's phase and Ready condition transitions (to the status `after` just
+/// merged into it) in the metrics.
+fn count_transitions(ctx: &Context, object: &PodCheckpoint, after: &PodCheckpointStatus) {
+    observe(ctx, object, Some(after));
+}
+
+/// Tells the metrics the PodCheckpoint's status as seen now (`object`'s) or as just written.
+pub fn observe(ctx: &Context, object: &PodCheckpoint, status: Option<&PodCheckpointStatus>) {
+    let Some(uid) = object.uid() else {
+        return;
+    };
+    let ready = status.and_then(|s| {
         s.conditions
             .iter()
             .find(|c| c.type_ == "Ready")
-            .map(|c| (c.status, c.reason.clone().unwrap_or_default()))
-    };
-    if let Some(now) = ready(after)
-        && before.and_then(ready) != Some(now.clone())
-    {
-        ctx.metrics.ready_condition(now.0.as_str(), &now.1);
-    }
+            .map(|c| (c.status.to_string(), c.reason.clone().unwrap_or_default()))
+    });
+    ctx.metrics
+        .observe(&uid, status.and_then(|s| s.phase), ready);
 }
 
 /// Fails the object for good: phase Failed with `reason` and `message`, condition
@@ -126,6 +185,24 @@ pub async fn fail<K: Owned>(
     tracing::warn!(kind = %K::kind(&()), object = %object.name_any(), reason, message, "failed");
     let condition = Condition::new(condition, false, reason, message);
     set(ctx, object, &K::failed(condition, reason, message)).await?;
+    publish(ctx, object, EventType::Warning, reason, message).await;
+    Ok(Action::await_change())
+}
+
+/// [`fail`], only if the object is still at the version the caller decided on: when it has
+/// changed meanwhile nothing is written and the object is reconciled again shortly.
+pub async fn fail_at_version<K: Owned>(
+    ctx: &Context,
+    object: &K,
+    condition: &str,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    let condition = Condition::new(condition, false, reason, message);
+    if !set_at_version(ctx, object, &K::failed(condition, reason, message)).await? {
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
+    tracing::warn!(kind = %K::kind(&()), object = %object.name_any(), reason, message, "failed");
     publish(ctx, object, EventType::Warning, reason, message).await;
     Ok(Action::await_change())
 }
