@@ -1035,6 +1035,70 @@ fn a_checkpoint_is_restored_in_another_namespace_only_where_it_allows() {
     );
     assert_eq!(refused.get()["status"]["phase"], "Pending");
     drop((moved, refused));
+
+    // A PodRestore does the same with spec.checkpointNamespace: its pod goes in its namespace,
+    // naming the checkpoint <namespace>/<name>.
+    let pod_restore = |namespace: &str, name: &str| {
+        json!({"apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodRestore",
+               "metadata": {"name": name, "namespace": namespace},
+               "spec": {"checkpointName": "e2e-nsmig-ckpt", "checkpointNamespace": "default"}})
+    };
+    let ended = |namespace: &str, name: &str| {
+        wait_for(
+            format!("PodRestore {namespace}/{name} to end"),
+            Duration::from_secs(180),
+            || {
+                let object: Value = serde_json::from_str(&cluster.kubectl([
+                    "-n",
+                    namespace,
+                    "get",
+                    "podrestore",
+                    name,
+                    "-o",
+                    "json",
+                ]))
+                .unwrap();
+                match object["status"]["phase"].as_str() {
+                    Some("Completed" | "Failed") => Ok(object),
+                    _ => Err(object["status"].to_string()),
+                }
+            },
+        )
+    };
+    // e2e-erin may restore in allowed_ns, not the checkpoint in default: refused at admission.
+    let denied = cluster
+        .kubectl_command(["create", "--dry-run=server", "--as=e2e-erin", "-f", "-"])
+        .input(pod_restore(allowed_ns, "e2e-nsmig-erin").to_string())
+        .run()
+        .unwrap();
+    assert!(
+        !denied.success()
+            && denied.stderr.contains(
+                "e2e-erin may not restore PodCheckpoint e2e-nsmig-ckpt in namespace default"
+            ),
+        "{}",
+        denied.report()
+    );
+    cluster.apply(&pod_restore(allowed_ns, "e2e-nsmig-restore"));
+    let done = ended(allowed_ns, "e2e-nsmig-restore");
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let by_restore = cluster.existing_pod(allowed_ns, "e2e-nsmig-restore");
+    let seen = by_restore.wait_counting("counter", 2);
+    assert!(
+        seen[0] > 0,
+        "restored by a PodRestore in {allowed_ns} fresh: {seen:?}"
+    );
+    assert_eq!(
+        by_restore.get()["metadata"]["annotations"][RESTORE_FROM],
+        "default/e2e-nsmig-ckpt"
+    );
+    cluster.apply(&pod_restore(other_ns, "e2e-nsmig-restore"));
+    let failed = ended(other_ns, "e2e-nsmig-restore");
+    assert_eq!(
+        failed["status"]["reason"], "CheckpointNamespaceNotAllowed",
+        "{failed}"
+    );
+    drop(by_restore);
     clean();
 }
 

@@ -465,12 +465,22 @@ pub mod ready_reasons {
 #[x_kube(validation = Rule::new(
     "!has(self.podTemplate) || !has(self.podTemplate.metadata) || !has(self.podTemplate.metadata.name) || !has(self.replicas) || self.replicas == 1"
 ).message("podTemplate.metadata.name can only be set with one replica"))]
+#[x_kube(validation = Rule::new(
+    "has(self.checkpointNamespace) == has(oldSelf.checkpointNamespace)"
+).message("checkpointNamespace is immutable"))]
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreSpec {
-    /// The PodCheckpoint to restore, in this namespace. Immutable.
+    /// The PodCheckpoint to restore, in `checkpointNamespace`. Immutable.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("checkpointName is immutable"))]
     pub checkpoint_name: String,
+    /// The namespace of the PodCheckpoint: this PodRestore's when unset. Another namespace only
+    /// where the checkpoint's `spec.restoreNamespaces` lists this one, and its creator holds
+    /// `restore` on the checkpoint there (the talk's P1 namespace migration). Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpointNamespace is immutable"))]
+    pub checkpoint_namespace: Option<String>,
     /// How many independent pods to restore from the checkpoint (warm start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100), extend("default" = 1))]
@@ -491,6 +501,20 @@ pub struct PodRestoreSpec {
     /// memory that did not arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy: Option<bool>,
+}
+
+impl PodRestore {
+    /// The PodCheckpoint it restores: (namespace, name), its own namespace unless
+    /// `spec.checkpointNamespace` names another.
+    pub fn checkpoint_key(&self) -> (String, String) {
+        let namespace = self
+            .spec
+            .checkpoint_namespace
+            .clone()
+            .or_else(|| self.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        (namespace, self.spec.checkpoint_name.clone())
+    }
 }
 
 /// What a PodRestore may say about its pods: labels, annotations, and a name for a single one.

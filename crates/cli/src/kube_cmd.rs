@@ -208,6 +208,7 @@ pub async fn create_restore(
         &name,
         PodRestoreSpec {
             checkpoint_name: checkpoint.to_string(),
+            checkpoint_namespace: None,
             replicas,
             pod_template: pod_name.map(|pod| PodTemplate {
                 metadata: Some(TemplateMetadata {

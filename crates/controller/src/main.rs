@@ -81,12 +81,14 @@ fn restores_of(
     store: &Store<PodRestore>,
     checkpoint: &PodCheckpoint,
 ) -> Vec<ObjectRef<PodRestore>> {
-    let namespace = checkpoint.namespace();
-    let name = checkpoint.name_any();
+    let key = (
+        checkpoint.namespace().unwrap_or_else(|| "default".into()),
+        checkpoint.name_any(),
+    );
     store
         .state()
         .iter()
-        .filter(|r| r.namespace() == namespace && r.spec.checkpoint_name == name)
+        .filter(|r| r.checkpoint_key() == key)
         .map(|r| ObjectRef::from_obj(r.as_ref()))
         .collect()
 }

@@ -65,13 +65,16 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     let phase = object.status.as_ref().and_then(|s| s.phase);
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-    let wanted = &object.spec.checkpoint_name;
+    // Where the checkpoint is: this namespace, or the one spec.checkpointNamespace names.
+    let (home, wanted) = object.checkpoint_key();
+    let wanted = &wanted;
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &home);
+    let ended = (namespace.as_str(), name.as_str());
     if matches!(
         phase,
         Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
     ) {
-        release(&ctx, &checkpoints, &namespace, wanted, &name).await?;
+        release(&ctx, &checkpoints, &home, wanted, ended).await?;
         return Ok(Action::await_change());
     }
     let Some(checkpoint) = checkpoints.get_opt(wanted).await? else {
@@ -79,10 +82,25 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
             &ctx,
             &object,
             "CheckpointNotFound",
-            &format!("PodCheckpoint {namespace}/{wanted} does not exist"),
+            &format!("PodCheckpoint {home}/{wanted} does not exist"),
         )
         .await;
     };
+    // A checkpoint holds all of its pod's memory, secrets included: it crosses namespaces only
+    // where whoever created it said so (the kubelet checks it again).
+    if home != namespace && !checkpoint.spec.restore_namespaces.contains(&namespace) {
+        return fail(
+            &ctx,
+            &object,
+            "CheckpointNamespaceNotAllowed",
+            &format!(
+                "PodCheckpoint {home}/{wanted} may not be restored in namespace {namespace:?} \
+                 (its spec.restoreNamespaces: {:?})",
+                checkpoint.spec.restore_namespaces
+            ),
+        )
+        .await;
+    }
     let status = checkpoint.status.clone().unwrap_or_default();
     match status.phase {
         Some(PodCheckpointPhase::Ready) => {}
@@ -122,7 +140,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     }
     let spec = match &status.pod_template_ref {
         Some(reference) => {
-            let templates: Api<PodTemplate> = Api::namespaced(ctx.client.clone(), &namespace);
+            let templates: Api<PodTemplate> = Api::namespaced(ctx.client.clone(), &home);
             let found = templates.get_opt(&reference.name).await?;
             checkpointed_spec(wanted, reference, found.as_ref())
         }
@@ -213,7 +231,13 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
         let mut annotations = template.annotations.clone();
         // The PodCheckpoint by name (KEP-5823's spec.restoreFrom.name): the kubelet reads it and
         // restores only from a Ready checkpoint whose data on its node was taken for it.
-        annotations.insert(RESTORE_FROM.to_string(), wanted.clone());
+        // <namespace>/<name> for one in another namespace.
+        let reference = if home == namespace {
+            wanted.clone()
+        } else {
+            format!("{home}/{wanted}")
+        };
+        annotations.insert(RESTORE_FROM.to_string(), reference);
         if object.spec.lazy == Some(true) {
             annotations.insert(LAZY_RESTORE.to_string(), "true".to_string());
         }
@@ -321,7 +345,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     // the agents say why on the PodCheckpoint; the PodRestore says it too.
     if !done && image.is_some() {
         let since = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        if let Some(why) = last_pull_failure(&ctx.client, &namespace, wanted, since).await {
+        if let Some(why) = last_pull_failure(&ctx.client, &home, wanted, since).await {
             not_started.push(format!("checkpoint image not pulled: {why}"));
         }
     }
@@ -351,7 +375,7 @@ pub async fn reconcile(object: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Act
     };
     status::set(&ctx, object.as_ref(), &status).await?;
     if done {
-        release(&ctx, &checkpoints, &namespace, wanted, &name).await?;
+        release(&ctx, &checkpoints, &home, wanted, ended).await?;
         publish(
             &ctx,
             object.as_ref(),
@@ -598,7 +622,7 @@ async fn release(
     checkpoints: &Api<PodCheckpoint>,
     namespace: &str,
     checkpoint: &str,
-    ended: &str,
+    ended: (&str, &str),
 ) -> Result<(), Error> {
     let Some(object) = checkpoints.get_opt(checkpoint).await? else {
         return Ok(());
@@ -721,6 +745,44 @@ mod tests {
         fn phase(&self) -> &str {
             self.0["phase"].as_str().unwrap_or_default()
         }
+    }
+
+    /// The PodRestore `r` moved to namespace `b`, restoring checkpoint `default/c`.
+    fn restore_in_b(fake: &FakeApi) -> PodRestore {
+        let mut object = fake.get(&restore_path()).unwrap();
+        object["metadata"]["namespace"] = json!("b");
+        object["spec"]["checkpointNamespace"] = json!("default");
+        fake.put(&path_of(GROUP, "podrestores", "b", "r"), object.clone());
+        serde_json::from_value(object).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restore_in_another_namespace_needs_the_checkpoints_leave() {
+        let fake = cluster();
+        let object = restore_in_b(&fake);
+        reconcile(Arc::new(object), context(&fake)).await.unwrap();
+        let status = &fake.get(&path_of(GROUP, "podrestores", "b", "r")).unwrap()["status"];
+        assert_eq!(
+            status["reason"], "CheckpointNamespaceNotAllowed",
+            "{status}"
+        );
+        assert!(fake.get(&path_of("v1", "pods", "b", "x")).is_none());
+
+        let fake = cluster();
+        let checkpoint = path_of(GROUP, "podcheckpoints", "default", "c");
+        let mut c = fake.get(&checkpoint).unwrap();
+        c["spec"]["restoreNamespaces"] = json!(["b"]);
+        fake.put(&checkpoint, c);
+        let object = restore_in_b(&fake);
+        reconcile(Arc::new(object), context(&fake)).await.unwrap();
+        // Its pod in b, from the checkpoint's template in default, naming it <namespace>/<name>.
+        let pod = fake
+            .get(&path_of("v1", "pods", "b", "x"))
+            .expect("a pod in b");
+        assert_eq!(pod["metadata"]["annotations"][RESTORE_FROM], "default/c");
+        assert_eq!(pod["spec"]["containers"][0]["name"], "counter");
+        let c = fake.get(&checkpoint).unwrap();
+        assert_eq!(c["metadata"]["finalizers"], json!([finalizers::IN_USE]));
     }
 
     #[tokio::test]

@@ -225,19 +225,24 @@ where
     }
 }
 
-/// Whether a PodRestore of checkpoint `checkpoint` in `namespace`, other than `except` (one the
-/// caller knows has ended), is neither Completed nor Failed: from the PodRestore controller's
-/// reflector store (no LIST per reconcile).
+/// Whether a PodRestore of checkpoint `checkpoint` in `namespace` (from any namespace), other
+/// than `except` (one the caller knows has ended: its namespace and name), is neither Completed
+/// nor Failed: from the PodRestore controller's reflector store (no LIST per reconcile).
 pub fn restore_in_progress(
     ctx: &Context,
     namespace: &str,
     checkpoint: &str,
-    except: Option<&str>,
+    except: Option<(&str, &str)>,
 ) -> bool {
     ctx.restores.state().iter().any(|r| {
-        r.namespace().as_deref() == Some(namespace)
-            && r.spec.checkpoint_name == checkpoint
-            && except != Some(r.name_any().as_str())
+        let (of_namespace, of_name) = r.checkpoint_key();
+        let this = (
+            r.namespace().unwrap_or_else(|| "default".into()),
+            r.name_any(),
+        );
+        of_namespace == namespace
+            && of_name == checkpoint
+            && except != Some((this.0.as_str(), this.1.as_str()))
             && !matches!(
                 r.status.as_ref().and_then(|s| s.phase),
                 Some(PodRestorePhase::Completed | PodRestorePhase::Failed)
@@ -276,7 +281,13 @@ mod tests {
             &context,
             "default",
             "c",
-            Some("running")
+            Some(("default", "running"))
+        ));
+        assert!(restore_in_progress(
+            &context,
+            "default",
+            "c",
+            Some(("other", "running"))
         ));
         assert!(restore_in_progress(&context, "other", "d", None));
         assert!(!restore_in_progress(&context, "default", "d", None));
