@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The podsnap demo, as in the seed talk, on a real single-node Kubernetes cluster: a counting pod
-# (runtimeClassName: podsnap) is checkpointed through the kubelet's pod checkpoint API (reached
-# through the API server's node proxy), deleted, and created again with the annotation
-# checkpoint.k8s.io/restore-from: the kubelet restores it through CRI RestorePod and its log
-# counts on from the checkpoint instead of from 0. Installs and builds what it needs (cached),
+# (runtimeClassName: podsnap) is checkpointed by a PodCheckpoint, which its kubelet takes itself
+# (KEP-5823; no controller runs here), deleted, and created again with the annotation
+# checkpoint.k8s.io/restore-from naming that PodCheckpoint: the kubelet restores it through CRI
+# RestorePod and its log counts on from the checkpoint instead of from 0. Installs and builds what it needs (cached),
 # brings the cluster up, and takes it down again unless --keep is given.
 #
 # hack/demo.sh --kind [--keep]: the same demo on the kind cluster, with PodCheckpoint and
@@ -56,21 +56,22 @@ sleep 6
 show get pods -o wide
 show logs counter-app
 
-node=$(kubectl get pod counter-app -o jsonpath='{.spec.nodeName}')
 before=$(last_count counter-app)
-printf '\n$ kubectl create --raw /api/v1/nodes/%s/proxy/checkpointpod/default/counter-app -f /dev/null\n' "$node" >&2
-answer=$(kubectl create --raw "/api/v1/nodes/$node/proxy/checkpointpod/default/counter-app?timeout=120" -f /dev/null)
-echo "$answer" | jq . >&2
-after=$(last_count counter-app)
-checkpoint=$(echo "$answer" | jq -r '.items[0]')
-if [ -z "$checkpoint" ] || [ "$checkpoint" = null ]; then
-	die "the kubelet returned no checkpoint location: $answer"
+kubectl delete podcheckpoint counter-checkpoint --ignore-not-found --wait=true >/dev/null
+show apply -f examples/checkpoint.yaml
+printf "\n$ kubectl wait --for=jsonpath='{.status.phase}'=Ready podcheckpoint/counter-checkpoint\n" >&2
+if ! kubectl wait --for=jsonpath='{.status.phase}'=Ready podcheckpoint/counter-checkpoint --timeout 180s >&2; then
+	kubectl get podcheckpoint counter-checkpoint -o yaml >&2 || true
+	die "the kubelet did not checkpoint counter-app"
 fi
+after=$(last_count counter-app)
+show get podcheckpoints -o wide
+show get podcheckpoint counter-checkpoint -o jsonpath='{.status.conditions[0]}{"\n"}{.status.checkpointLocation}{"\n"}'
+show get events --field-selector involvedObject.name=counter-checkpoint
 log "checkpointed while the counter was between $before and $after"
 
 show delete pod counter-app --wait=true
-sed "s|CHECKPOINT|$(basename "$checkpoint")|" examples/counter-pod-restore.yaml >"$CLUSTER_RUN/counter-pod-restore.yaml"
-show apply -f "$CLUSTER_RUN/counter-pod-restore.yaml"
+show apply -f examples/counter-pod-restore-ref.yaml
 kubectl wait --for=condition=Ready pod/counter-app --timeout 180s >/dev/null
 sleep 4
 show get pods -o wide

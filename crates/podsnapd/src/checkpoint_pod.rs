@@ -131,17 +131,48 @@ fn verbose_info(info: &std::collections::HashMap<String, String>) -> serde_json:
         .unwrap_or(serde_json::Value::Null)
 }
 
-/// Removes everything under `dir` (not `dir` itself: the caller made it).
+/// How long [`empty_dir`] keeps removing what a writer still adds.
+const EMPTY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Removes everything under `dir` (not `dir` itself: the caller made it). A writer may still be
+/// at work in it: a CRIU whose shim was killed goes on dumping into its images directory until it
+/// ends, and a removal racing it fails (a directory not empty any more). It is tried again until
+/// `dir` is empty, for up to [`EMPTY_WITHIN`]; blocking, so off the async workers.
 pub fn empty_dir(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let _ = if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
+    empty_dir_within(dir, EMPTY_WITHIN);
+}
+
+fn empty_dir_within(dir: &Path, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let _ = if path.is_dir() && !path.is_symlink() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
         }
+        let empty = std::fs::read_dir(dir).map_or(true, |mut e| e.next().is_none());
+        if empty {
+            return;
+        }
+        if Instant::now() >= until {
+            tracing::warn!(dir = %dir.display(), "a failed checkpoint's output is still being written to; left behind");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// [`empty_dir`] on a blocking thread, awaited: a failed checkpoint is answered once its output
+/// is gone.
+async fn discard(output: &Path) {
+    let output = output.to_path_buf();
+    if let Err(e) = tokio::task::spawn_blocking(move || empty_dir(&output)).await {
+        tracing::warn!(error = %e, "emptying a failed checkpoint's output");
     }
 }
 
@@ -340,14 +371,14 @@ pub async fn checkpoint_pod(
             containers
         }
         Ok(PodResponse::Failed { code, message }) => {
-            empty_dir(&output);
+            discard(&output).await;
             return Err(Status::new(
                 grpc_code(code),
                 format!("pod sandbox {sandbox}: {message}"),
             ));
         }
         Err(e) => {
-            empty_dir(&output);
+            discard(&output).await;
             return Err(Status::unavailable(format!(
                 "pod sandbox {sandbox}: the podsnap shim's pod service: {e}"
             )));
@@ -436,7 +467,7 @@ pub async fn checkpoint_pod(
     .await
     .map_err(|e| Status::internal(format!("checkpoint layout task: {e}")))?;
     if let Err(e) = result {
-        empty_dir(&output);
+        discard(&output).await;
         return Err(Status::internal(format!("pod sandbox {sandbox}: {e}")));
     }
     tracing::info!(sandbox = %sandbox, containers = req.container_ids.len(), elapsed_ms = started.elapsed().as_millis() as u64, output = %output.display(), "pod checkpointed");
@@ -764,6 +795,30 @@ fn write_container_files(dir: &Path, s: &Selected, runtime: &str) -> std::io::Re
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_directory_still_written_to_is_emptied_once_its_writer_ends() {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join("container").join("checkpoint");
+        std::fs::create_dir_all(&images).unwrap();
+        // A writer that goes on adding files for a while, as a CRIU whose shim died does.
+        let writer = {
+            let images = images.clone();
+            std::thread::spawn(move || {
+                // Into the directory it has (a removed one takes no new files).
+                for i in 0..20_000 {
+                    if std::fs::write(images.join(format!("pages-{i}.img")), [0u8; 64]).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        empty_dir_within(root.path(), Duration::from_secs(20));
+        writer.join().unwrap();
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        assert!(root.path().is_dir(), "the directory itself stays");
+    }
+
     use super::*;
 
     #[test]
