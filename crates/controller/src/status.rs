@@ -66,38 +66,12 @@ impl Owned for PodRestore {
 
 /// A JSON merge patch of an object's status subresource: `{"status": ...}`. Fields the typed
 /// status leaves unset (`None`, empty lists) are not in it, and the object keeps what it has
-/// there (a Failed checkpoint keeps its node and location).
+/// there (a Failed checkpoint keeps its node and location). With `metadata.resourceVersion` the
+/// API server applies it only to that version of the object (a compare-and-swap).
 #[derive(Serialize, Debug)]
 struct StatusPatch<'a, S> {
-    status: &'a S,
-}
-
-/// Merges `status` into the object's status.
-pub async fn set<K: Owned>(ctx: &Context, object: &K, status: &K::Status) -> Result<(), Error> {
-    let api: Api<K> = Api::namespaced(
-        ctx.client.clone(),
-        &object.namespace().unwrap_or_else(|| "default".into()),
-    );
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(StatusPatch { status }),
-    )
-    .await?;
-    if let (Some(checkpoint), Some(status)) = (
-        (object as &dyn Any).downcast_ref::<PodCheckpoint>(),
-        (status as &dyn Any).downcast_ref::<PodCheckpointStatus>(),
-    ) {
-        count_transitions(ctx, checkpoint, status);
-    }
-    Ok(())
-}
-
-/// A merge patch of the status that the API server applies only to the object's version given
-/// (a compare-and-swap): `{"metadata": {"resourceVersion": ...}, "status": ...}`.
-#[derive(Serialize, Debug)]
-struct VersionedStatusPatch<'a, S> {
-    metadata: Version<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Version<'a>>,
     status: &'a S,
 }
 
@@ -105,6 +79,42 @@ struct VersionedStatusPatch<'a, S> {
 #[serde(rename_all = "camelCase")]
 struct Version<'a> {
     resource_version: &'a str,
+}
+
+/// Merges `status` into the object's status, at `version` only when given, and counts a
+/// PodCheckpoint's transitions in the metrics.
+async fn merge_status<K: Owned>(
+    ctx: &Context,
+    object: &K,
+    status: &K::Status,
+    version: Option<&str>,
+) -> Result<(), kube::Error> {
+    let api: Api<K> = Api::namespaced(
+        ctx.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
+    let patch = StatusPatch {
+        metadata: version.map(|resource_version| Version { resource_version }),
+        status,
+    };
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
+    if let (Some(checkpoint), Some(status)) = (
+        (object as &dyn Any).downcast_ref::<PodCheckpoint>(),
+        (status as &dyn Any).downcast_ref::<PodCheckpointStatus>(),
+    ) {
+        observe(ctx, checkpoint, Some(status));
+    }
+    Ok(())
+}
+
+/// Merges `status` into the object's status.
+pub async fn set<K: Owned>(ctx: &Context, object: &K, status: &K::Status) -> Result<(), Error> {
+    Ok(merge_status(ctx, object, status, None).await?)
 }
 
 /// Merges `status` into the object's status if the object is still at the version the caller
@@ -121,41 +131,11 @@ pub async fn set_at_version<K: Owned>(
             object.name_any()
         )));
     };
-    let api: Api<K> = Api::namespaced(
-        ctx.client.clone(),
-        &object.namespace().unwrap_or_else(|| "default".into()),
-    );
-    let patch = VersionedStatusPatch {
-        metadata: Version {
-            resource_version: &resource_version,
-        },
-        status,
-    };
-    match api
-        .patch_status(
-            &object.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(false),
-        Err(e) => return Err(e.into()),
+    match merge_status(ctx, object, status, Some(&resource_version)).await {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    if let (Some(checkpoint), Some(status)) = (
-        (object as &dyn Any).downcast_ref::<PodCheckpoint>(),
-        (status as &dyn Any).downcast_ref::<PodCheckpointStatus>(),
-    ) {
-        count_transitions(ctx, checkpoint, status);
-    }
-    Ok(true)
-}
-
-/// Counts a PodCheckpoint's phase and Ready condition transitions (to the status `after` just
-/// merged into it) in the metrics.
-fn count_transitions(ctx: &Context, object: &PodCheckpoint, after: &PodCheckpointStatus) {
-    observe(ctx, object, Some(after));
 }
 
 /// Tells the metrics the PodCheckpoint's status as seen now (`object`'s) or as just written.
