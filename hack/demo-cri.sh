@@ -21,7 +21,7 @@ if [ "${PODSNAP_OFFLINE:-0}" = 1 ]; then
 	step node-up env PODSNAP_SKIP_IMAGES=1 hack/node-up.sh
 else
 	step install hack/install.sh
-	step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
+	step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli -p podsnap-cni
 	step images hack/images.sh
 	step node-up hack/node-up.sh
 fi

@@ -17,7 +17,7 @@ keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 
 step install hack/install.sh
-step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-controller
+step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-controller -p podsnap-cni
 KUBE_BIN=$(step kube-build hack/kube-build.sh)
 kubectl() { kind_kubectl "$@"; }
 show() {

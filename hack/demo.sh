@@ -27,7 +27,7 @@ keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 
 step install hack/install.sh
-step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli
+step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli -p podsnap-cni
 KUBE_BIN=$(step kube-build hack/kube-build.sh)
 step images hack/images.sh
 step cluster-up hack/cluster-up.sh

@@ -88,6 +88,7 @@ node_overlay() {
 	for t in bridge host-local loopback portmap; do
 		strip_copy "$CNI_BIN_DIR/$t" "$dir/opt/cni/bin/$t"
 	done
+	strip_copy "$TARGET_DIR/podsnap-ipam" "$dir/opt/cni/bin/podsnap-ipam"
 	# kind's node contract, from kind's own module source (its containerd config is replaced).
 	mkdir -p "$dir/etc/systemd/system" "$dir/etc/default" "$dir/kind"
 	install -m 0755 "$KIND_SRC/images/base/files/usr/local/bin/entrypoint" "$dir/usr/local/bin/entrypoint"
@@ -187,7 +188,7 @@ EOF
 node_image() {
 	local base overlay ctx recipe ref t
 	[ -d "$KIND_SRC" ] || (cd /tmp && GOFLAGS=-mod=mod go mod download "sigs.k8s.io/kind@$KIND_VERSION")
-	for t in podsnapd containerd-shim-podsnap-v2; do
+	for t in podsnapd containerd-shim-podsnap-v2 podsnap-ipam; do
 		[ -x "$TARGET_DIR/$t" ] || die "$TARGET_DIR/$t is not built: cargo build --workspace"
 	done
 	base=$(base_image) || exit 1

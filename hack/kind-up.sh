@@ -186,7 +186,8 @@ cluster_pki() {
 	done
 }
 
-# pod_network: each node's podCIDR on a bridge (bridge + host-local, as on the host's node), and
+# pod_network: each node's podCIDR on a bridge (bridge + host-local through podsnap-ipam, as on
+# the host's node: a restore with podsnap.io/keep-ip gets its checkpointed address), and
 # a route to every other node's podCIDR through that node's address on the kind network.
 pod_network() {
 	local node cidr ip other other_cidr other_ip
@@ -205,7 +206,8 @@ pod_network() {
       "ipMasq": true,
       "promiscMode": true,
       "ipam": {
-        "type": "host-local",
+        "type": "podsnap-ipam",
+        "delegate": "host-local",
         "ranges": [[{ "subnet": "$cidr" }]],
         "routes": [{ "dst": "0.0.0.0/0" }]
       }

@@ -35,6 +35,7 @@ RUNC_ROOT=$PODSNAP_NODE_RUN/runc
 # containerd finds containerd-shim-podsnap-v2 on its PATH: this directory comes first.
 NODE_BIN=$PODSNAP_NODE_RUN/bin
 PODSNAP_SHIM=${PODSNAP_SHIM:-$PODSNAP_TARGET_DIR/containerd-shim-podsnap-v2}
+PODSNAP_IPAM=${PODSNAP_IPAM:-$PODSNAP_TARGET_DIR/podsnap-ipam}
 REGISTRY_HOSTS_DIR=$NODE_ETC/certs.d
 CNI_CONF_DIR=$NODE_ETC/cni/net.d
 CNI_BIN_DIR=$PODSNAP_CACHE/cni/bin

@@ -29,18 +29,32 @@ check_tools() {
 }
 
 # The podsnap shim: containerd looks up containerd-shim-podsnap-v2 on its PATH, $NODE_BIN first.
+# podsnap-ipam, the CNI IPAM plugin that keeps a restored pod's address: in $NODE_BIN too, one of
+# the CNI plugin directories.
 link_shim() {
 	mkdir -p "$NODE_BIN"
 	ln -sfn "$PODSNAP_SHIM" "$NODE_BIN/containerd-shim-podsnap-v2"
 	if [ ! -x "$PODSNAP_SHIM" ]; then
 		log "warning: $PODSNAP_SHIM is not built yet: runtime handler 'podsnap' will fail until it is (the link is in place)"
 	fi
+	ln -sfn "$PODSNAP_IPAM" "$NODE_BIN/podsnap-ipam"
 }
 
+# The pod network: bridge $PODSNAP_BRIDGE, addresses from host-local through podsnap-ipam (so
+# that a restore with podsnap.io/keep-ip gets the checkpointed pod's address), or from
+# host-local alone while podsnap-ipam is not built. Written beside and moved into place, so
+# containerd (which reloads the directory on change) never sees no network; rewritten on every
+# node-up, so a node started before the build gets podsnap-ipam on the next.
 write_cni_config() {
+	local ipam_type=podsnap-ipam
+	if [ ! -x "$PODSNAP_IPAM" ]; then
+		log "warning: $PODSNAP_IPAM is not built yet: pods get addresses from host-local alone, and a restore with podsnap.io/keep-ip fails (cargo build -p podsnap-cni, then hack/node-up.sh again)"
+		ipam_type=host-local
+	fi
 	mkdir -p "$CNI_CONF_DIR" "$CNI_IPAM_DIR"
-	rm -f "$CNI_CONF_DIR"/*.conf "$CNI_CONF_DIR"/*.conflist "$CNI_CONF_DIR"/*.json
-	cat >"$CNI_CONF_DIR/10-podsnap.conflist" <<EOF
+	find "$CNI_CONF_DIR" -maxdepth 1 -type f \( -name '*.conf' -o -name '*.conflist' -o -name '*.json' \) \
+		! -name 10-podsnap.conflist -delete
+	cat >"$CNI_CONF_DIR/.10-podsnap.conflist.new" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "podsnap",
@@ -52,7 +66,8 @@ write_cni_config() {
       "ipMasq": false,
       "promiscMode": true,
       "ipam": {
-        "type": "host-local",
+        "type": "$ipam_type",
+        "delegate": "host-local",
         "dataDir": "$CNI_IPAM_DIR",
         "ranges": [[{ "subnet": "$PODSNAP_POD_CIDR" }]],
         "routes": [{ "dst": "0.0.0.0/0" }]
@@ -62,6 +77,7 @@ write_cni_config() {
   ]
 }
 EOF
+	mv -f "$CNI_CONF_DIR/.10-podsnap.conflist.new" "$CNI_CONF_DIR/10-podsnap.conflist"
 }
 
 # hosts.toml per registry: pull and resolve from the local registry over plain http. `server`
@@ -138,7 +154,7 @@ state = "$CONTAINERD_STATE"
         # only this handler passes them through to the shim.
         container_annotations = ["podsnap.io/*"]
     [plugins."io.containerd.cri.v1.runtime".cni]
-      bin_dirs = ["$CNI_BIN_DIR"]
+      bin_dirs = ["$CNI_BIN_DIR", "$NODE_BIN"]
       conf_dir = "$CNI_CONF_DIR"
       max_conf_num = 1
 
@@ -190,6 +206,7 @@ main() {
 	if pid_running "$CONTAINERD_PIDFILE" containerd >/dev/null; then
 		containerd_answers || die "containerd (pid $(cat "$CONTAINERD_PIDFILE")) runs but does not answer CRI: run hack/node-down.sh"
 		log "node is already up (containerd pid $(cat "$CONTAINERD_PIDFILE"))"
+		write_cni_config
 		start_podsnapd
 		return 0
 	fi

@@ -803,3 +803,34 @@ fn a_kubelet_restarted_mid_restore_restores_the_pod_again_and_never_starts_it_fr
     );
     drop(restored);
 }
+
+/// The talk's P1 "kept IP": a pod suspended (checkpointed, deleted) and resumed on the same
+/// node with `podsnap.io/keep-ip` has its old address again (podsnap-ipam in front of
+/// host-local), and counts on.
+#[test]
+fn a_pod_suspended_and_resumed_with_keep_ip_keeps_its_address() {
+    let cluster = Cluster::get();
+    let pod = cluster.create_pod(counter_pod("e2e-keep-ip", None));
+    pod.wait_ready();
+    wait_counting(&pod, "counter", 3);
+    let ip = pod.get()["status"]["podIP"]
+        .as_str()
+        .expect("the pod has an address")
+        .to_string();
+    let (location, before, _) = checkpoint(cluster, &pod, "counter");
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    drop(pod);
+
+    let mut resumed = counter_pod("e2e-keep-ip", Some(&name));
+    resumed["metadata"]["annotations"]["podsnap.io/keep-ip"] = json!("true");
+    let resumed = cluster.create_pod(resumed);
+    resumed.wait_ready();
+    assert_eq!(
+        resumed.get()["status"]["podIP"].as_str(),
+        Some(ip.as_str()),
+        "the resumed pod did not keep its address"
+    );
+    wait_counting(&resumed, "counter", 2);
+    let first = counts(&resumed.logs("counter"))[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+}

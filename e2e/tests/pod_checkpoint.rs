@@ -1,8 +1,9 @@
 //! Pod checkpoint and restore through podsnapd (CRI `CheckpointPod`/`RestorePod`) with the
 //! `podsnap` CLI: a two-container pod checkpointed (leaving it serving) and restored three times
 //! as independent replicas; a pod-wide consistent cut; every refused input; a deadline that
-//! expires mid-dump. Run with `cargo test -p podsnap-e2e -- --test-threads=1` against a node
-//! from `hack/node-up.sh` (which starts podsnapd).
+//! expires mid-dump; a pod resumed at its old address (`podsnap.io/keep-ip`). Run with
+//! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh` (which
+//! starts podsnapd).
 
 #![forbid(unsafe_code)]
 
@@ -1008,4 +1009,120 @@ impl Drop for ScratchRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A pod config like [`Workspace::pod_config`] that asks RestorePod to keep the checkpointed
+/// pod's address (the pod annotation, as the kubelet passes it).
+fn keep_ip_pod_config(ws: &Workspace, name: &str) -> std::path::PathBuf {
+    let path = ws.pod_config(name);
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["annotations"] = json!({"podsnap.io/keep-ip": "true"});
+    ws.write(&format!("{name}.pod.json"), &config)
+}
+
+#[test]
+fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused_leaving_nothing() {
+    let node = Node::get();
+    let mut ws = Workspace::new("keepip");
+    let marker = unique("kept");
+    let counter = ws.container_config(
+        "counter",
+        sh(&format!(
+            "mkdir -p /www; echo {marker} > /www/index.html; httpd -p 8080 -h /www; \
+             i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"
+        )),
+        json!([]),
+    );
+    let source_config = ws.pod_config(&unique("keepip-source"));
+    let source = ws.run_pod(Handler::Podsnap, &source_config);
+    let counter_id = ws.run_container(&source, &counter, &source_config);
+    let ip = pod_ip(&source);
+    assert!(!ip.is_empty(), "the source pod has no address");
+    wait_for("the source pod to serve and count", LIVENESS, || {
+        let served = http_get(&ip, "index.html")?;
+        let n = counts(node, &counter_id).last().copied().unwrap_or(0);
+        if served.contains(&marker) && n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("served {served:?}, count {n}"))
+        }
+    });
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.report());
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("podsnap-manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["pod"]["ips"][0].as_str(),
+        Some(ip.as_str()),
+        "the manifest does not record the pod's address: {}",
+        manifest["pod"]
+    );
+    let before = counts(node, &counter_id).last().copied().unwrap();
+
+    // The source still holds the address: the restore is refused naming it, and leaves no
+    // sandbox and no address grant behind.
+    let pods_before = pod_ids(node);
+    let busy_name = unique("keepip-busy");
+    let busy = keep_ip_pod_config(&ws, &busy_name);
+    let out = restore_created(&checkpoint, &busy, &[&counter]);
+    assert!(
+        !out.success(),
+        "restored onto a taken address: {}",
+        out.report()
+    );
+    let text = out.stdout.clone() + &out.stderr;
+    assert!(
+        text.contains("podsnap.io/keep-ip") && text.contains(&ip),
+        "the refusal does not name the option and the address {ip}: {}",
+        out.report()
+    );
+    assert_eq!(
+        pod_ids(node),
+        pods_before,
+        "a refused restore left a sandbox"
+    );
+    let grant =
+        std::path::Path::new(podsnap_cni::grant::GRANT_DIR).join(format!("{busy_name}-uid.json"));
+    assert!(!grant.exists(), "{} was left behind", grant.display());
+    assert!(
+        http_get(&ip, "index.html").unwrap().contains(&marker),
+        "the source stopped serving"
+    );
+
+    // Suspended (removed) and resumed: the restored pod has the source's address, serves there
+    // and counts on.
+    ws.remove_pod(&source);
+    let resumed_config = keep_ip_pod_config(&ws, &unique("keepip-resumed"));
+    let out = podsnap(&[
+        "pod",
+        "restore",
+        checkpoint.to_str().unwrap(),
+        "--pod-config",
+        resumed_config.to_str().unwrap(),
+        "--container-config",
+        counter.to_str().unwrap(),
+        "--start",
+    ]);
+    let resumed = restored_pod(&out);
+    ws.pods.push(resumed.clone());
+    assert_eq!(
+        pod_ip(&resumed),
+        ip,
+        "the resumed pod did not keep its address"
+    );
+    let resumed_counter = container_named(node, &resumed, "counter");
+    wait_for("the resumed pod to serve and count on", LIVENESS, || {
+        let served = http_get(&ip, "index.html")?;
+        let seen = counts(node, &resumed_counter);
+        if served.contains(&marker) && seen.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("served {served:?}, counts {seen:?}"))
+        }
+    });
+    let first = counts(node, &resumed_counter)[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+    ws.remove_pod(&resumed);
 }

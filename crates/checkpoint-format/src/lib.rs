@@ -56,13 +56,13 @@ pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 /// The manifest's major version, which this build writes. Versions follow one rule, here and
 /// in [`container::Metadata`]: a minor version only adds optional fields, so a reader accepts
 /// every minor version of a major version it reads; another major version is refused.
-/// Version 2 lists BLAKE3 digests (`blake3:<hex>`, see [`digest`]); version 1 (minor 1:
-/// `machine`) listed sha256, and is still read.
+/// Version 2 lists BLAKE3 digests (`blake3:<hex>`, see [`digest`]; minor 1: `pod.ips`);
+/// version 1 (minor 1: `machine`) listed sha256, and is still read.
 pub const VERSION: u32 = 2;
 /// The oldest major version this build reads.
 pub const OLDEST_READ: u32 = 1;
 /// The manifest's minor version this build writes.
-pub const MINOR: u32 = 0;
+pub const MINOR: u32 = 1;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 16 << 20;
 /// The directory of a pod checkpoint that holds the pod's emptyDir volume archives
@@ -133,6 +133,10 @@ pub struct PodEntry {
     pub runtime_handler: String,
     /// The CRI `PodSandboxConfig` as containerd reported it (JSON).
     pub config: serde_json::Value,
+    /// The pod's IP addresses, primary first (since version 2 minor 1; absent before, and for
+    /// a pod without any): what a restore with `podsnap.io/keep-ip` asks for again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// One container of the manifest.
@@ -713,6 +717,7 @@ mod tests {
                 uid: "u".into(),
                 runtime_handler: "podsnap".into(),
                 config: serde_json::json!({}),
+                ips: Vec::new(),
             },
             containers: vec![ContainerEntry {
                 name: "web".into(),

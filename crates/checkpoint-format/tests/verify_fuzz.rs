@@ -38,6 +38,7 @@ fn sample(root: &Path, container: &str) -> Manifest {
             uid: "u".into(),
             runtime_handler: "podsnap".into(),
             config: serde_json::json!({}),
+            ips: Vec::new(),
         },
         containers: vec![ContainerEntry {
             name: container.into(),

@@ -33,6 +33,7 @@ fn sample(root: &Path) -> Manifest {
             uid: "u".into(),
             runtime_handler: "podsnap".into(),
             config: serde_json::json!({}),
+            ips: Vec::new(),
         },
         containers: vec![container("web"), container("sidecar")],
         criu_version: "4.1.1".into(),

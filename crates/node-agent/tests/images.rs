@@ -108,6 +108,7 @@ fn checkpoint(dir: &Path, name: &str, pins_dir: &Path) -> PathBuf {
             uid: "u".into(),
             runtime_handler: "podsnap".into(),
             config: serde_json::json!({}),
+            ips: Vec::new(),
         },
         containers: vec![ContainerEntry {
             name: "counter".into(),

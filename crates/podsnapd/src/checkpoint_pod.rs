@@ -248,6 +248,7 @@ pub async fn checkpoint_pod(
         )));
     }
     let sandbox_config = verbose_info(&status.info)["config"].clone();
+    let ips = pod_ips(pod.network.as_ref());
     if has_own_user_namespace(&sandbox_config) {
         return Err(Status::failed_precondition(format!(
             "pod sandbox {sandbox} has a user namespace of its own (hostUsers: false): CRIU \
@@ -426,6 +427,7 @@ pub async fn checkpoint_pod(
                     uid: metadata.uid,
                     runtime_handler,
                     config: sandbox_config,
+                    ips,
                 },
                 containers,
                 criu_version: criu_rpc::Criu::new()
@@ -755,6 +757,18 @@ async fn estimate_size(
 
 /// Whether a sandbox config (containerd's JSON) gives the pod a user namespace of its own:
 /// `userns_options` present with a mode other than NODE (2); POD (0) is omitted by Go's JSON.
+/// The pod's addresses as CRI reports them, primary first; none for a pod without its own
+/// network (host network) or one CRI reports none for.
+pub fn pod_ips(network: Option<&cri_api::v1::PodSandboxNetworkStatus>) -> Vec<std::net::IpAddr> {
+    let Some(network) = network else {
+        return Vec::new();
+    };
+    std::iter::once(network.ip.as_str())
+        .chain(network.additional_ips.iter().map(|ip| ip.ip.as_str()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
 fn has_own_user_namespace(config: &serde_json::Value) -> bool {
     let userns = &config["linux"]["security_context"]["namespace_options"]["userns_options"];
     userns.is_object() && userns["mode"].as_i64().unwrap_or(0) != 2

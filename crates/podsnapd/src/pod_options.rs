@@ -99,15 +99,22 @@ impl CheckpointOptions {
 /// streams in. A RestorePod option, or an annotation of the pod (the kubelet sends no options).
 pub const LAZY_RESTORE: &str = podsnap_checkpoint_format::grant::LAZY_RESTORE_ANNOTATION;
 
+/// Give the restored pod the addresses the checkpointed pod had (`true`) or whatever the
+/// network hands out (`false`, default): for a pod suspended and resumed on the same node. A
+/// RestorePod option, or an annotation of the pod. Needs `podsnap-ipam` as the network's IPAM
+/// plugin (`podsnap_cni`); an address that is taken fails the restore.
+pub const KEEP_IP: &str = "podsnap.io/keep-ip";
+
 /// The options of a RestorePod call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestoreOptions {
     pub lazy: bool,
+    pub keep_ip: bool,
 }
 
 impl RestoreOptions {
-    /// The call's options; a pod annotation [`LAZY_RESTORE`] counts when the options do not
-    /// say. An unknown key or a bad value is refused.
+    /// The call's options; a pod annotation ([`LAZY_RESTORE`], [`KEEP_IP`]) counts when the
+    /// options do not say. An unknown key or a bad value is refused.
     pub fn parse(
         options: &HashMap<String, String>,
         pod_annotations: &HashMap<String, String>,
@@ -116,15 +123,19 @@ impl RestoreOptions {
         if let Some(value) = pod_annotations.get(LAZY_RESTORE) {
             parsed.lazy = boolean(&format!("pod annotation {LAZY_RESTORE}"), value)?;
         }
+        if let Some(value) = pod_annotations.get(KEEP_IP) {
+            parsed.keep_ip = boolean(&format!("pod annotation {KEEP_IP}"), value)?;
+        }
         let mut keys: Vec<_> = options.keys().collect();
         keys.sort();
         for key in keys {
             let value = options[key].as_str();
             match key.as_str() {
                 LAZY_RESTORE => parsed.lazy = boolean(key, value)?,
+                KEEP_IP => parsed.keep_ip = boolean(key, value)?,
                 other => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown restore option {other:?} (known: {LAZY_RESTORE})"
+                        "unknown restore option {other:?} (known: {LAZY_RESTORE}, {KEEP_IP})"
                     )));
                 }
             }
@@ -204,6 +215,15 @@ mod tests {
         let err = RestoreOptions::parse(&map(&[("x", "y")]), &none).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains(LAZY_RESTORE), "{}", err.message());
+        let keep = RestoreOptions::parse(&none, &map(&[(KEEP_IP, "true")])).unwrap();
+        assert!(keep.keep_ip && !keep.lazy);
+        assert!(
+            !RestoreOptions::parse(&map(&[(KEEP_IP, "false")]), &map(&[(KEEP_IP, "true")]))
+                .unwrap()
+                .keep_ip
+        );
+        let err = RestoreOptions::parse(&none, &map(&[(KEEP_IP, "1")])).unwrap_err();
+        assert!(err.message().contains(KEEP_IP), "{}", err.message());
         let err = RestoreOptions::parse(&none, &map(&[(LAZY_RESTORE, "yes")])).unwrap_err();
         assert!(
             err.message().contains("pod annotation") && err.message().contains("yes"),

@@ -1,6 +1,7 @@
 //! CRI `RestorePod`: verify a podsnap pod checkpoint before creating anything, check that the
 //! requested container configs match it, then create a new sandbox (its own network namespace
-//! and IP) and its containers through containerd's CRI, each marked with
+//! and a new IP, unless `podsnap.io/keep-ip` asks for the checkpointed pod's through
+//! [`podsnap_cni`]) and its containers through containerd's CRI, each marked with
 //! `podsnap.io/restore-from` so that the podsnap shim restores it from its checkpoint directory
 //! on `StartContainer`. Everything created is removed again if any step fails.
 //!
@@ -10,23 +11,25 @@
 //! the manifest verified here; without it the shim refuses the annotation.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cri_api::RuntimeServiceClient;
 use cri_api::v1::{
-    ContainerConfig, CreateContainerRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RestorePodRequest, RestorePodResponse, RestoredContainer, RunPodSandboxRequest,
-    StopPodSandboxRequest,
+    ContainerConfig, CreateContainerRequest, NamespaceMode, PodSandboxConfig,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RestorePodRequest,
+    RestorePodResponse, RestoredContainer, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use podsnap_checkpoint_format::verified::{Stamp, Stamps};
 use podsnap_checkpoint_format::{ContainerEntry, Manifest};
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::checkpoint_pod::{HANDLER, with_deadline};
+use crate::checkpoint_pod::{HANDLER, pod_ips, with_deadline};
 use crate::in_flight::{InFlight, Operation, Registry, Resource};
-use crate::pod_options::{LAZY_RESTORE, RestoreOptions};
+use crate::pod_options::{KEEP_IP, LAZY_RESTORE, RestoreOptions};
+use podsnap_cni::grant as ip_grant;
 
 use podsnap_checkpoint_format::grant::{
     self, GRANT_ANNOTATION, GRANT_DIR, RESTORE_ANNOTATION, RestoreGrant,
@@ -373,6 +376,105 @@ pub fn match_containers<'a>(
 }
 
 /// RestorePod, as the CRI contract describes it.
+/// `ips` as a list for messages.
+fn addresses(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The addresses a restore with [`KEEP_IP`] asks for: the checkpoint's, for a pod with a
+/// network of its own.
+pub fn kept_addresses(
+    config: &PodSandboxConfig,
+    manifest: &Manifest,
+) -> Result<Vec<IpAddr>, Status> {
+    let host_network = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|n| n.network == NamespaceMode::Node as i32);
+    if host_network {
+        return Err(Status::invalid_argument(format!(
+            "{KEEP_IP}: the pod uses the node's network: it has no address of its own to keep"
+        )));
+    }
+    if manifest.pod.ips.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "{KEEP_IP}: the checkpoint records no pod address (a pod without a network of its \
+             own, or a checkpoint taken before podsnap recorded addresses)"
+        )));
+    }
+    Ok(manifest.pod.ips.clone())
+}
+
+/// The address grant for the new pod (its UID names it), which podsnap-ipam honours while the
+/// sandbox's network is set up; removed when dropped.
+fn issue_ip_grant(config: &PodSandboxConfig, ips: &[IpAddr]) -> Result<ip_grant::Issued, Status> {
+    let uid = config
+        .metadata
+        .as_ref()
+        .map(|m| m.uid.as_str())
+        .unwrap_or_default();
+    ip_grant::issue(
+        Path::new(ip_grant::GRANT_DIR),
+        uid,
+        &ip_grant::IpGrant { ips: ips.to_vec() },
+    )
+    .map_err(|e| match e {
+        ip_grant::GrantError::BadUid(_) => Status::invalid_argument(format!("{KEEP_IP}: {e}")),
+        ip_grant::GrantError::Busy(_) => Status::failed_precondition(format!("{KEEP_IP}: {e}")),
+        e => Status::internal(format!("{KEEP_IP}: {e}")),
+    })
+}
+
+/// Checks that the network gave the new sandbox the addresses asked for: a network whose IPAM
+/// plugin is not podsnap-ipam ignores the grant, and the pod must not come up elsewhere.
+async fn check_kept_addresses(
+    cri: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+    wanted: &[IpAddr],
+    deadline: Option<Instant>,
+) -> Result<(), Status> {
+    let status = cri
+        .pod_sandbox_status(with_deadline(
+            PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox.to_string(),
+                verbose: false,
+            },
+            deadline,
+            "checking the restored pod's addresses",
+        )?)
+        .await
+        .map_err(|e| {
+            Status::new(
+                e.code(),
+                format!(
+                    "status of the restored pod sandbox {sandbox}: {}",
+                    e.message()
+                ),
+            )
+        })?
+        .into_inner();
+    let got = pod_ips(status.status.as_ref().and_then(|s| s.network.as_ref()));
+    if got.first() == wanted.first() && wanted.iter().all(|ip| got.contains(ip)) {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "{KEEP_IP}: the pod network gave the restored pod {} instead of the checkpoint's \
+             addresses {}: the network's IPAM plugin must be podsnap-ipam (see the README)",
+            if got.is_empty() {
+                "no address".to_string()
+            } else {
+                addresses(&got)
+            },
+            addresses(wanted)
+        )))
+    }
+}
+
 pub async fn restore_pod(
     mut cri: RuntimeServiceClient<Channel>,
     req: RestorePodRequest,
@@ -418,8 +520,19 @@ pub async fn restore_pod(
     let pairs = match_containers(&req.container_configs, &manifest)?;
     check_security(&config, &pairs, &manifest)?;
     grant::remove_stale(Path::new(GRANT_DIR));
+    // The checkpointed pod's addresses, asked of the network (podsnap-ipam) while the sandbox
+    // is created, and only then.
+    let kept_ips = if options.keep_ip {
+        Some(kept_addresses(&config, &manifest)?)
+    } else {
+        None
+    };
+    let ip_grant = match &kept_ips {
+        Some(ips) => Some(issue_ip_grant(&config, ips)?),
+        None => None,
+    };
 
-    let sandbox = cri
+    let created_sandbox = cri
         .run_pod_sandbox(with_deadline(
             RunPodSandboxRequest {
                 config: Some(config.clone()),
@@ -428,11 +541,20 @@ pub async fn restore_pod(
             deadline,
             "creating the pod sandbox",
         )?)
-        .await
+        .await;
+    drop(ip_grant);
+    let sandbox = created_sandbox
         .map_err(|e| {
+            let asked = match &kept_ips {
+                Some(ips) => format!(
+                    " with the checkpoint's addresses {} ({KEEP_IP})",
+                    addresses(ips)
+                ),
+                None => String::new(),
+            };
             Status::new(
                 e.code(),
-                format!("create the restored pod sandbox: {}", e.message()),
+                format!("create the restored pod sandbox{asked}: {}", e.message()),
             )
         })?
         .into_inner()
@@ -440,7 +562,15 @@ pub async fn restore_pod(
     let mut created: Vec<RestoredContainer> = Vec::new();
     let mut tokens = Vec::new();
     let mut failure = None;
+    if let Some(ips) = &kept_ips {
+        failure = check_kept_addresses(&mut cri, &sandbox, ips, deadline)
+            .await
+            .err();
+    }
     for (container, entry) in pairs {
+        if failure.is_some() {
+            break;
+        }
         let mut container = container.clone();
         let dir: &Path = &root.join(&entry.name);
         container
@@ -585,6 +715,7 @@ mod tests {
                 uid: "u".into(),
                 runtime_handler: HANDLER.into(),
                 config: serde_json::Value::Null,
+                ips: Vec::new(),
             },
             containers: names.iter().map(|n| entry(n)).collect(),
             criu_version: String::new(),
@@ -593,6 +724,41 @@ mod tests {
             files: Default::default(),
             machine: None,
         }
+    }
+
+    #[test]
+    fn keeping_the_address_needs_one_recorded_and_a_pod_network() {
+        let mut m = manifest(&["web"]);
+        let pod = PodSandboxConfig::default();
+        let err = kept_addresses(&pod, &m).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("records no pod address"),
+            "{}",
+            err.message()
+        );
+        m.pod.ips = vec!["10.88.0.4".parse().unwrap(), "fd00::4".parse().unwrap()];
+        assert_eq!(kept_addresses(&pod, &m).unwrap(), m.pod.ips);
+        let host = PodSandboxConfig {
+            linux: Some(cri_api::v1::LinuxPodSandboxConfig {
+                security_context: Some(cri_api::v1::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri_api::v1::NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = kept_addresses(&host, &m).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("node's network"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
