@@ -44,13 +44,13 @@ fn run(command: &str, stdin: &[u8]) -> Result<ExitCode, PluginError> {
     let status = child
         .wait()
         .map_err(|e| PluginError::new(code::IO, format!("wait for {}: {e}", plugin.display())))?;
-    if let Err(e) = written {
-        if status.success() {
-            return Err(PluginError::new(
-                code::IO,
-                format!("write the configuration to {}: {e}", plugin.display()),
-            ));
-        }
+    if let Err(e) = written
+        && status.success()
+    {
+        return Err(PluginError::new(
+            code::IO,
+            format!("write the configuration to {}: {e}", plugin.display()),
+        ));
     }
     if !delegation.requested.is_empty() && status.success() {
         eprintln!(
