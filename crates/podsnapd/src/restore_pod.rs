@@ -375,7 +375,6 @@ pub fn match_containers<'a>(
         .collect()
 }
 
-/// RestorePod, as the CRI contract describes it.
 /// `ips` as a list for messages.
 fn addresses(ips: &[IpAddr]) -> String {
     ips.iter()
@@ -475,6 +474,7 @@ async fn check_kept_addresses(
     }
 }
 
+/// RestorePod, as the CRI contract describes it.
 pub async fn restore_pod(
     mut cri: RuntimeServiceClient<Channel>,
     req: RestorePodRequest,
