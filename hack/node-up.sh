@@ -44,15 +44,21 @@ link_shim() {
 # that a restore with podsnap.io/keep-ip gets the checkpointed pod's address), or from
 # host-local alone while podsnap-ipam is not built. Written beside and moved into place, so
 # containerd (which reloads the directory on change) never sees no network; rewritten on every
-# node-up, so a node started before the build gets podsnap-ipam on the next.
+# node-up, so a node started before the build gets podsnap-ipam on the next. With `running`,
+# containerd is up already: it reads its CNI plugin directories only when it starts, so
+# podsnap-ipam is configured only if they include $NODE_BIN (a node started by an older
+# node-up.sh keeps host-local until it is restarted; bridge would find no podsnap-ipam).
 write_cni_config() {
 	local ipam_type=podsnap-ipam
 	if [ ! -x "$PODSNAP_IPAM" ]; then
 		log "warning: $PODSNAP_IPAM is not built yet: pods get addresses from host-local alone, and a restore with podsnap.io/keep-ip fails (cargo build -p podsnap-cni, then hack/node-up.sh again)"
 		ipam_type=host-local
+	elif [ "${1:-}" = running ] && ! grep -qF "\"$NODE_BIN\"" "$CONTAINERD_CONFIG" 2>/dev/null; then
+		log "warning: the running containerd does not look for CNI plugins in $NODE_BIN: pods get addresses from host-local alone until the node is restarted (hack/node-down.sh; hack/node-up.sh)"
+		ipam_type=host-local
 	fi
 	mkdir -p "$CNI_CONF_DIR" "$CNI_IPAM_DIR"
-	find "$CNI_CONF_DIR" -maxdepth 1 -type f \( -name '*.conf' -o -name '*.conflist' -o -name '*.json' \) \
+	find "$CNI_CONF_DIR" -maxdepth 1 \( -type f -o -type l \) \( -name '*.conf' -o -name '*.conflist' -o -name '*.json' \) \
 		! -name 10-podsnap.conflist -delete
 	cat >"$CNI_CONF_DIR/.10-podsnap.conflist.new" <<EOF
 {
@@ -206,7 +212,7 @@ main() {
 	if pid_running "$CONTAINERD_PIDFILE" containerd >/dev/null; then
 		containerd_answers || die "containerd (pid $(cat "$CONTAINERD_PIDFILE")) runs but does not answer CRI: run hack/node-down.sh"
 		log "node is already up (containerd pid $(cat "$CONTAINERD_PIDFILE"))"
-		write_cni_config
+		write_cni_config running
 		start_podsnapd
 		return 0
 	fi

@@ -165,7 +165,7 @@ stage_payload() {
 	for t in "$CNI_BIN_DIR"/*; do
 		strip_copy "$t" "$PODSNAP_PAYLOAD/cni/bin/$(basename "$t")"
 	done
-	for t in podsnapd containerd-shim-podsnap-v2 podsnap; do
+	for t in podsnapd containerd-shim-podsnap-v2 podsnap podsnap-ipam; do
 		strip_copy "$TARGET_DIR/$t" "$PODSNAP_PAYLOAD/target/$t"
 	done
 	[ -d "$REGISTRY_STORAGE/docker" ] || die "the registry has no images: run hack/images.sh"

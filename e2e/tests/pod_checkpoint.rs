@@ -1074,8 +1074,9 @@ fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused
     );
     let text = out.stdout.clone() + &out.stderr;
     assert!(
-        text.contains("podsnap.io/keep-ip") && text.contains(&ip),
-        "the refusal does not name the option and the address {ip}: {}",
+        text.contains("podsnap.io/keep-ip")
+            && text.contains(&format!("requested IP address {ip} is not available")),
+        "the refusal does not say that the address {ip} is taken: {}",
         out.report()
     );
     assert_eq!(

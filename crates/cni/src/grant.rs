@@ -37,10 +37,6 @@ pub enum GrantError {
     BadUid(String),
     #[error("an address grant names no address")]
     Empty,
-    #[error(
-        "an address grant for pod UID {0:?} exists already: another restore of this pod is setting up its network"
-    )]
-    Busy(String),
     #[error("address grant {path}: {reason}")]
     Untrusted { path: PathBuf, reason: String },
     #[error("address grant {path}: {source}")]
@@ -91,8 +87,9 @@ impl Drop for Issued {
     }
 }
 
-/// Writes the grant for pod `uid` into `dir` (created root-only if missing). Refused when one
-/// for that pod exists already and is not stale.
+/// Writes the grant for pod `uid` into `dir` (created root-only if missing). One for that pod
+/// that is there already is a leftover of a podsnapd that died while it held it (podsnapd
+/// restores a pod once at a time): it is replaced, so that the restore can be retried.
 pub fn issue(dir: &Path, uid: &str, grant: &IpGrant) -> Result<Issued, GrantError> {
     let path = grant_path(dir, uid)?;
     if grant.ips.is_empty() {
@@ -113,18 +110,18 @@ pub fn issue(dir: &Path, uid: &str, grant: &IpGrant) -> Result<Issued, GrantErro
         path: path.clone(),
         source,
     })?;
-    let mut file = match fs::OpenOptions::new()
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(GrantError::Io { path, source: e });
+        }
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&path)
-    {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(GrantError::Busy(uid.to_string()));
-        }
-        Err(source) => return Err(GrantError::Io { path, source }),
-    };
+        .map_err(io(&path))?;
     let issued = Issued { path };
     file.write_all(&data)
         .and_then(|()| file.sync_all())
@@ -245,15 +242,17 @@ mod tests {
     }
 
     #[test]
-    fn a_second_grant_for_one_pod_is_refused_while_the_first_is_held() {
+    fn a_leftover_grant_is_replaced_by_the_next_restore_of_its_pod() {
         let dir = tempfile::tempdir().unwrap();
-        let first = issue(dir.path(), "pod-a", &grant()).unwrap();
-        assert!(matches!(
-            issue(dir.path(), "pod-a", &grant()),
-            Err(GrantError::Busy(_))
-        ));
-        drop(first);
-        let _again = issue(dir.path(), "pod-a", &grant()).unwrap();
+        let leftover = issue(dir.path(), "pod-a", &grant()).unwrap();
+        std::mem::forget(leftover);
+        let other = IpGrant {
+            ips: vec!["10.88.0.8".parse().unwrap()],
+        };
+        let again = issue(dir.path(), "pod-a", &other).unwrap();
+        let data: IpGrant = serde_json::from_slice(&fs::read(again.path()).unwrap()).unwrap();
+        assert_eq!(data, other);
+        assert_eq!(fs::metadata(again.path()).unwrap().mode() & 0o777, 0o600);
     }
 
     #[test]
@@ -295,7 +294,7 @@ mod tests {
         fs::write(&open, serde_json::to_vec(&grant()).unwrap()).unwrap();
         fs::set_permissions(&open, fs::Permissions::from_mode(0o644)).unwrap();
         let err = read(&grants, "open").unwrap_err();
-        assert!(err.to_string().contains("private"), "{err}");
+        assert!(matches!(err, GrantError::Untrusted { .. }), "{err}");
     }
 
     #[test]

@@ -71,6 +71,22 @@ pub struct Delegation {
     pub requested: Vec<IpAddr>,
 }
 
+/// The CNI versions the plugin speaks: those of host-local (containernetworking/plugins 1.x),
+/// whose results it passes through.
+pub const SUPPORTED_VERSIONS: [&str; 7] = [
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
+
+/// The answer to `VERSION`, given without the delegate (a runtime may call VERSION with
+/// `CNI_PATH` unset, and with no network configuration).
+pub fn version_result(stdin: &[u8]) -> String {
+    json!({
+        "cniVersion": cni_version(stdin),
+        "supportedVersions": SUPPORTED_VERSIONS,
+    })
+    .to_string()
+}
+
 /// The `cniVersion` of a network configuration, for error results.
 pub fn cni_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
@@ -119,15 +135,7 @@ pub fn delegation(
             format!("the network configuration is not a JSON object: {e}"),
         )
     })?;
-    // VERSION may come with no more than a cniVersion: answer what the default delegate does.
     let Some(ipam) = config.get_mut("ipam") else {
-        if command == "VERSION" {
-            return Ok(Delegation {
-                plugin: DEFAULT_DELEGATE.to_string(),
-                stdin: stdin.to_vec(),
-                requested: Vec::new(),
-            });
-        }
         return Err(PluginError::new(
             code::INVALID_CONFIG,
             "the network configuration has no \"ipam\" object",
@@ -290,11 +298,15 @@ mod tests {
     }
 
     #[test]
-    fn a_configuration_without_ipam_is_refused_except_for_version() {
-        let bare = br#"{"cniVersion": "1.0.0"}"#;
-        assert_eq!(
-            delegation("VERSION", bare, None).unwrap().plugin,
-            "host-local"
+    fn version_is_answered_without_a_delegate_and_a_configuration_without_ipam_is_refused() {
+        let bare = br#"{"cniVersion": "0.4.0"}"#;
+        let version: Value = serde_json::from_str(&version_result(bare)).unwrap();
+        assert_eq!(version["cniVersion"], "0.4.0");
+        assert!(
+            version["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("1.0.0"))
         );
         let err = delegation("ADD", bare, None).unwrap_err();
         assert_eq!(err.code, code::INVALID_CONFIG);

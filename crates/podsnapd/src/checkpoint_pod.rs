@@ -755,8 +755,6 @@ async fn estimate_size(
     })
 }
 
-/// Whether a sandbox config (containerd's JSON) gives the pod a user namespace of its own:
-/// `userns_options` present with a mode other than NODE (2); POD (0) is omitted by Go's JSON.
 /// The pod's addresses as CRI reports them, primary first; none for a pod without its own
 /// network (host network) or one CRI reports none for.
 pub fn pod_ips(network: Option<&cri_api::v1::PodSandboxNetworkStatus>) -> Vec<std::net::IpAddr> {
@@ -769,6 +767,8 @@ pub fn pod_ips(network: Option<&cri_api::v1::PodSandboxNetworkStatus>) -> Vec<st
         .collect()
 }
 
+/// Whether a sandbox config (containerd's JSON) gives the pod a user namespace of its own:
+/// `userns_options` present with a mode other than NODE (2); POD (0) is omitted by Go's JSON.
 fn has_own_user_namespace(config: &serde_json::Value) -> bool {
     let userns = &config["linux"]["security_context"]["namespace_options"]["userns_options"];
     userns.is_object() && userns["mode"].as_i64().unwrap_or(0) != 2

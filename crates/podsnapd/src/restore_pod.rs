@@ -424,7 +424,6 @@ fn issue_ip_grant(config: &PodSandboxConfig, ips: &[IpAddr]) -> Result<ip_grant:
     )
     .map_err(|e| match e {
         ip_grant::GrantError::BadUid(_) => Status::invalid_argument(format!("{KEEP_IP}: {e}")),
-        ip_grant::GrantError::Busy(_) => Status::failed_precondition(format!("{KEEP_IP}: {e}")),
         e => Status::internal(format!("{KEEP_IP}: {e}")),
     })
 }

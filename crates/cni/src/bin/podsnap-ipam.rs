@@ -14,6 +14,10 @@ fn env(name: &str) -> String {
 }
 
 fn run(command: &str, stdin: &[u8]) -> Result<ExitCode, PluginError> {
+    if command == "VERSION" {
+        println!("{}", ipam::version_result(stdin));
+        return Ok(ExitCode::SUCCESS);
+    }
     // Only an ADD can ask for addresses, and only podsnapd can write the grant.
     let granted = if command == "ADD" {
         match ipam::pod_uid(&env("CNI_ARGS")) {
@@ -60,11 +64,15 @@ fn run(command: &str, stdin: &[u8]) -> Result<ExitCode, PluginError> {
             delegation.requested
         );
     }
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        None => ExitCode::FAILURE,
-    })
+    match status.code() {
+        Some(0) => Ok(ExitCode::SUCCESS),
+        Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        // Killed by a signal: it wrote no error result, so write one.
+        None => Err(PluginError::new(
+            code::IO,
+            format!("{} was killed ({status})", plugin.display()),
+        )),
+    }
 }
 
 fn main() -> ExitCode {
