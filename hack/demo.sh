@@ -3,8 +3,9 @@
 # (runtimeClassName: podsnap) is checkpointed by a PodCheckpoint, which its kubelet takes itself
 # (KEP-5823; no controller runs here), deleted, and created again with the annotation
 # checkpoint.k8s.io/restore-from naming that PodCheckpoint: the kubelet restores it through CRI
-# RestorePod and its log counts on from the checkpoint instead of from 0. Installs and builds what it needs (cached),
-# brings the cluster up, and takes it down again unless --keep is given.
+# RestorePod and its log counts on from the checkpoint instead of from 0, at the address it had
+# (podsnap.io/keep-ip). Installs and builds what it needs (cached), brings the cluster up, and
+# takes it down again unless --keep is given.
 #
 # hack/demo.sh --kind [--keep]: the same demo on the kind cluster, with PodCheckpoint and
 # PodRestore (hack/demo-kind.sh).
@@ -57,6 +58,7 @@ show get pods -o wide
 show logs counter-app
 
 before=$(last_count counter-app)
+ip=$(kubectl get pod counter-app -o jsonpath='{.status.podIP}')
 kubectl delete podcheckpoint counter-checkpoint --ignore-not-found --wait=true >/dev/null
 show apply -f examples/checkpoint.yaml
 printf "\n$ kubectl wait --for=jsonpath='{.status.phase}'=Ready podcheckpoint/counter-checkpoint\n" >&2
@@ -83,3 +85,6 @@ if [ "$first" -le 0 ] || [ "$first" -lt $((before + 1)) ] || [ "$first" -gt $((a
 	die "the restored pod started at count $first, not from the checkpoint (counter was at $before..$after)"
 fi
 log "the restored counter went on from count $((first - 1)): its first line is count: $first"
+restored_ip=$(kubectl get pod counter-app -o jsonpath='{.status.podIP}')
+[ "$restored_ip" = "$ip" ] || die "the restored pod has address $restored_ip, not its old $ip (podsnap.io/keep-ip)"
+log "and it kept its address $ip (podsnap.io/keep-ip)"
