@@ -834,3 +834,38 @@ fn a_pod_suspended_and_resumed_with_keep_ip_keeps_its_address() {
     let first = counts(&resumed.logs("counter"))[0];
     assert!(first > before, "counted from {first}, not on from {before}");
 }
+
+/// A pod with a native sidecar (a restartable init container): its regular containers are
+/// checkpointed and restored counting on; the sidecar is not part of the checkpoint and starts
+/// afresh from its image in the restored pod, before them, as the kubelet starts sidecars.
+#[test]
+fn a_pod_with_a_native_sidecar_restores_its_containers_and_starts_the_sidecar_afresh() {
+    let cluster = Cluster::get();
+    let with_sidecar = |restore_from: Option<&str>| {
+        let mut pod = counter_pod("e2e-sidecar", restore_from);
+        pod["spec"]["initContainers"] = json!([{
+            "name": "sidecar",
+            "image": COUNTER_IMAGE,
+            "restartPolicy": "Always",
+            "command": ["sh", "-c", "i=0; while true; do echo \"side: $i\"; i=$((i+1)); sleep 1; done"],
+        }]);
+        pod
+    };
+    let pod = cluster.create_pod(with_sidecar(None));
+    pod.wait_ready();
+    wait_counting(&pod, "counter", 3);
+    let (location, before, _) = checkpoint(cluster, &pod, "counter");
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    drop(pod);
+
+    let restored = cluster.create_pod(with_sidecar(Some(&name)));
+    restored.wait_ready();
+    wait_counting(&restored, "counter", 2);
+    let first = counts(&restored.logs("counter"))[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+    let side = restored.logs("sidecar");
+    assert!(
+        side.lines().next() == Some("side: 0"),
+        "the sidecar did not start afresh: {side}"
+    );
+}
