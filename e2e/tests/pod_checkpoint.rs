@@ -1048,6 +1048,7 @@ fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused
         }
     });
     let checkpoint = ws.checkpoint_dir("checkpoint");
+    let before = counts(node, &counter_id).last().copied().unwrap();
     let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
     assert!(out.success(), "{}", out.report());
     let manifest: Value =
@@ -1059,7 +1060,6 @@ fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused
         "the manifest does not record the pod's address: {}",
         manifest["pod"]
     );
-    let before = counts(node, &counter_id).last().copied().unwrap();
 
     // The source still holds the address: the restore is refused naming it, and leaves no
     // sandbox and no address grant behind.
