@@ -820,12 +820,36 @@ fn a_deployment_whose_template_references_a_checkpoint_warm_starts_every_replica
     });
     cluster.kubectl(["scale", "deployment", deployment, "--replicas=3"]);
     restored_replicas("after scaling to 0 and back");
+    // A rolling restart (a new ReplicaSet, its template annotated restartedAt): every new
+    // replica is restored from the checkpoint too, none started fresh.
+    let before: std::collections::BTreeSet<String> = replicas()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    cluster.kubectl(["rollout", "restart", "deployment", deployment]);
+    cluster.kubectl([
+        "rollout",
+        "status",
+        "deployment",
+        deployment,
+        "--timeout=300s",
+    ]);
+    restored_replicas("after a rolling restart");
+    let after: std::collections::BTreeSet<String> = replicas()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        before.is_disjoint(&after),
+        "the rolling restart kept replicas: {before:?} then {after:?}"
+    );
     clean();
 }
 
 /// The P2 tier for the other workload kinds: a Job's and a StatefulSet's pods, created by their
 /// controllers from templates that reference a PodCheckpoint, are restored from it once the
-/// namespace grants those controllers `restore` on it.
+/// namespace grants those controllers `restore` on it; so is the pod of the Job's retry (its
+/// first pod deleted, the Job controller replaces it within its backoffLimit).
 #[test]
 fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_pods() {
     let cluster = Cluster::get();
@@ -859,7 +883,7 @@ fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_
     cluster.apply(&json!({
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": "e2e-job", "namespace": "default"},
-        "spec": {"backoffLimit": 0, "template": template("e2e-job", "Never")}
+        "spec": {"backoffLimit": 1, "template": template("e2e-job", "Never")}
     }));
     cluster.apply(&json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -870,7 +894,8 @@ fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_
             "template": template("e2e-sts", "Always")
         }
     }));
-    for app in ["e2e-job", "e2e-sts"] {
+    // The one pod of `app`, restored: running, counting on from the checkpoint, with the event.
+    let restored_pod = |app: &str| -> String {
         let pod = wait_for(
             format!("the {app} pod running"),
             Duration::from_secs(180),
@@ -909,7 +934,22 @@ fn a_job_and_a_statefulset_whose_templates_reference_a_checkpoint_restore_their_
             events.iter().any(|e| e.starts_with("RestoreSucceeded:")),
             "{pod}: {events:#?}"
         );
-    }
+        pod
+    };
+    let first = restored_pod("e2e-job");
+    restored_pod("e2e-sts");
+    // A Job retry: its pod deleted, the Job controller creates another, restored as well.
+    cluster.kubectl([
+        "delete",
+        "pod",
+        "-n",
+        "default",
+        &first,
+        "--wait=true",
+        "--timeout=90s",
+    ]);
+    let retry = restored_pod("e2e-job");
+    assert_ne!(retry, first, "the Job did not retry");
     clean();
 }
 
