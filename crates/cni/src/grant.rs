@@ -8,6 +8,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -159,25 +160,44 @@ pub fn read(dir: &Path, uid: &str) -> Result<Option<IpGrant>, GrantError> {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    let file = match fs::OpenOptions::new()
+    // The directory is opened (not followed if a symlink) and checked, and the grant opened
+    // in that very directory, so neither can be swapped between the check and the read.
+    let dir_file = match fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
     {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(GrantError::Io { path, source }),
+        Err(source) => {
+            return Err(GrantError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
     };
-    let dir_meta = fs::symlink_metadata(dir).map_err(|source| GrantError::Io {
+    let dir_meta = dir_file.metadata().map_err(|source| GrantError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    if !dir_meta.is_dir() || dir_meta.uid() != 0 || dir_meta.mode() & 0o022 != 0 {
+    if dir_meta.uid() != 0 || dir_meta.mode() & 0o022 != 0 {
         return Err(untrusted(
             dir,
             "the grant directory is not a root-owned directory only root may write",
         ));
     }
+    let in_dir = Path::new("/proc/self/fd")
+        .join(dir_file.as_raw_fd().to_string())
+        .join(path.file_name().expect("a grant path has a file name"));
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&in_dir)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(GrantError::Io { path, source }),
+    };
     let meta = file.metadata().map_err(|source| GrantError::Io {
         path: path.clone(),
         source,
@@ -295,6 +315,26 @@ mod tests {
         fs::set_permissions(&open, fs::Permissions::from_mode(0o644)).unwrap();
         let err = read(&grants, "open").unwrap_err();
         assert!(matches!(err, GrantError::Untrusted { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_grant_directory_that_is_a_symlink_or_writable_by_others_is_refused() {
+        if !root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        let issued = issue(&real, "pod", &grant()).unwrap();
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&real, &linked).unwrap();
+        assert!(matches!(read(&linked, "pod"), Err(GrantError::Io { .. })));
+        assert_eq!(read(&real, "pod").unwrap(), Some(grant()));
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            read(&real, "pod"),
+            Err(GrantError::Untrusted { .. })
+        ));
+        drop(issued);
     }
 
     #[test]
