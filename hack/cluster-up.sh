@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring up a single-node Kubernetes cluster on this machine: the test node (node-up.sh), then
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the patched kubelet
-# (kubelet-patches/, feature gate PodLevelCheckpointRestore) with podsnapd as its CRI endpoint, a
+# (kubelet-patches/, feature gates PodLevelCheckpointRestore and PodCheckpointEndpoint) with podsnapd as its CRI endpoint, a
 # `podsnap` RuntimeClass, and an admin kubeconfig at $ADMIN_KUBECONFIG. Binaries are built from
 # the Go module proxy and cached (kube-build.sh). Idempotent. Stop it with hack/cluster-down.sh.
 #
@@ -232,8 +232,10 @@ serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+# PodCheckpointEndpoint: the admin's POST /checkpointpod (the tests and the README use it).
 featureGates:
   PodLevelCheckpointRestore: true
+  PodCheckpointEndpoint: true
 KC
 }
 

@@ -154,6 +154,7 @@ kubeadmConfigPatches:
     runtimeRequestTimeout: 5m
     featureGates:
       PodLevelCheckpointRestore: true
+      PodCheckpointEndpoint: true
 nodes:
   - role: control-plane
 EOF
