@@ -61,16 +61,8 @@ impl Drop for Netns {
     }
 }
 
-/// Runs podsnap-ipam as bridge would: the network configuration on stdin, CNI_* in the
-/// environment, with the plugin's own directory and the CNI plugins' in CNI_PATH.
+/// Runs podsnap-ipam on the test network (host-local's state in `data_dir`).
 fn ipam(command: &str, container: &str, uid: &str, data_dir: &Path) -> (bool, Value) {
-    let netns = Netns::new();
-    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_podsnap-ipam"));
-    let cni_path = format!(
-        "{}:{}",
-        plugin.parent().unwrap().display(),
-        cni_bin().display()
-    );
     let config = json!({
         "cniVersion": "1.0.0",
         "name": "podsnap-ipam-test",
@@ -82,6 +74,20 @@ fn ipam(command: &str, container: &str, uid: &str, data_dir: &Path) -> (bool, Va
             "ranges": [[{"subnet": "10.231.0.0/24"}]],
         },
     });
+    run_plugin(command, container, uid, &config)
+}
+
+/// Runs podsnap-ipam as bridge would: the network configuration on stdin, CNI_* in the
+/// environment, with the plugin's own directory and the CNI plugins' in CNI_PATH. Whether it
+/// succeeded, and its result (Null when it printed none).
+fn run_plugin(command: &str, container: &str, uid: &str, config: &Value) -> (bool, Value) {
+    let netns = Netns::new();
+    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_podsnap-ipam"));
+    let cni_path = format!(
+        "{}:{}",
+        plugin.parent().unwrap().display(),
+        cni_bin().display()
+    );
     let mut child = Command::new(&plugin)
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -166,26 +172,13 @@ fn host_local_gives_a_granted_pod_exactly_its_address_or_refuses() {
 
 #[test]
 fn a_bad_configuration_is_a_cni_error_result() {
-    let data = tempfile::tempdir().unwrap();
-    let plugin = env!("CARGO_BIN_EXE_podsnap-ipam");
-    let mut child = Command::new(plugin)
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_PATH", cni_bin())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"cniVersion": "0.4.0", "name": "x", "ipam": {"type": "podsnap-ipam", "delegate": "../sh"}}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = json!({
+        "cniVersion": "0.4.0",
+        "name": "x",
+        "ipam": {"type": "podsnap-ipam", "delegate": "../sh"},
+    });
+    let (ok, result) = run_plugin("ADD", "c1", "bad-config", &config);
+    assert!(!ok);
     assert_eq!(result["code"], 7, "{result}");
     assert_eq!(result["cniVersion"], "0.4.0");
-    drop(data);
 }

@@ -18,9 +18,11 @@ fn run(command: &str, stdin: &[u8]) -> Result<ExitCode, PluginError> {
         println!("{}", ipam::version_result(stdin));
         return Ok(ExitCode::SUCCESS);
     }
+    let cni_args = env("CNI_ARGS");
+    let pod_uid = ipam::pod_uid(&cni_args);
     // Only an ADD can ask for addresses, and only podsnapd can write the grant.
     let granted = if command == "ADD" {
-        match ipam::pod_uid(&env("CNI_ARGS")) {
+        match pod_uid {
             None => None,
             Some(uid) => match grant::read(Path::new(GRANT_DIR), uid) {
                 Ok(grant) => grant,
@@ -60,7 +62,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<ExitCode, PluginError> {
         eprintln!(
             "{}: pod {:?} got its checkpointed addresses {:?}",
             ipam::PLUGIN,
-            ipam::pod_uid(&env("CNI_ARGS")).unwrap_or_default(),
+            pod_uid.unwrap_or_default(),
             delegation.requested
         );
     }
