@@ -85,8 +85,9 @@ debian_orig() {
 	fi
 }
 
-# CRIU with podsnap's patches (hack/criu-*.patch): on Linux >= 6.16, getsockopt(SO_PASSCRED)
-# fails with EOPNOTSUPP on TCP/UDP sockets, and CRIU 4.1.1 then cannot dump any such socket.
+# CRIU with podsnap's patches (hack/criu-*.patch, each saying why at its top): TCP/UDP sockets on
+# Linux >= 6.16 (sockopt-eopnotsupp), restore into a pod's existing user namespace
+# (join-userns-at-clone) and rlimits of such tasks without CAP_SYS_RESOURCE (rlimits-from-proc).
 install_criu() {
 	local patches recipe
 	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)

@@ -1,7 +1,8 @@
 //! Pod checkpoint and restore through podsnapd (CRI `CheckpointPod`/`RestorePod`) with the
 //! `podsnap` CLI: a two-container pod checkpointed (leaving it serving) and restored three times
 //! as independent replicas; a pod-wide consistent cut; every refused input; a deadline that
-//! expires mid-dump; a pod resumed at its old address (`podsnap.io/keep-ip`). Run with
+//! expires mid-dump; a pod resumed at its old address (`podsnap.io/keep-ip`); a pod with a user
+//! namespace of its own restored into the new pod's (`hostUsers: false`). Run with
 //! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh` (which
 //! starts podsnapd).
 
@@ -35,12 +36,16 @@ fn counts(node: &Node, container: &str) -> Vec<u64> {
 }
 
 fn http_get(ip: &str, path: &str) -> Result<String, String> {
+    http_get_at(ip, 8080, path)
+}
+
+fn http_get_at(ip: &str, port: u16, path: &str) -> Result<String, String> {
     let out = CommandLine::new("curl")
         .args([
             "-sS",
             "--max-time",
             "5",
-            &format!("http://{ip}:8080/{path}"),
+            &format!("http://{ip}:{port}/{path}"),
         ])
         .timeout(Duration::from_secs(15))
         .run()
@@ -1126,4 +1131,188 @@ fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused
     let first = counts(node, &resumed_counter)[0];
     assert!(first > before, "counted from {first}, not on from {before}");
     ws.remove_pod(&resumed);
+}
+
+/// Pod and container configs in which the pod has a user namespace of its own (`hostUsers:
+/// false`) mapping container ids `0..65536` to host ids from `host_id`; the container runs
+/// `script`.
+fn user_namespace_configs(
+    ws: &Workspace,
+    name: &str,
+    host_id: u32,
+    container_id: u32,
+    script: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mapping = json!([{"host_id": host_id, "container_id": container_id, "length": 65536}]);
+    let namespaces =
+        json!({"pid": 1, "userns_options": {"mode": 0, "uids": mapping, "gids": mapping}});
+    let pod_path = ws.pod_config(name);
+    let mut pod: Value = serde_json::from_slice(&std::fs::read(&pod_path).unwrap()).unwrap();
+    pod["linux"]["security_context"]["namespace_options"] = namespaces.clone();
+    let pod = ws.write(&format!("{name}.pod.json"), &pod);
+    let container_path = ws.container_config(&format!("{name}-counter"), sh(script), json!([]));
+    let mut container: Value =
+        serde_json::from_slice(&std::fs::read(&container_path).unwrap()).unwrap();
+    container["metadata"]["name"] = json!("counter");
+    container["linux"]["security_context"]["namespace_options"] = namespaces;
+    let container = ws.write(&format!("{name}-counter.json"), &container);
+    (pod, container)
+}
+
+/// The user namespace of a process on this node, as `/proc/PID/ns/user` names it.
+fn user_namespace_of(pid: u64) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/user"))
+        .unwrap_or_else(|e| panic!("read the user namespace of pid {pid}: {e}"))
+        .display()
+        .to_string()
+}
+
+fn pid_in(info: &Value) -> u64 {
+    info["info"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid in {info}"))
+}
+
+/// A pod with a user namespace of its own (`hostUsers: false`) is checkpointed and restored
+/// under the new pod's mapping (another host range, as the kubelet picks one per pod): the
+/// restored processes are in the new sandbox's user namespace (so they hold its capabilities
+/// over the pod's network namespace: a port below 1024 binds), run as the new host ids, see
+/// the files they wrote as their own, and count on. A restore into a pod without a user
+/// namespace, or whose mapping covers other container ids, is refused and leaves nothing.
+#[test]
+fn podsnap_user_namespace_pod_is_restored_into_the_new_pods_user_namespace_counting_on() {
+    const SOURCE_HOST_ID: u32 = 65536 * 23;
+    const RESTORED_HOST_ID: u32 = 65536 * 24;
+    let node = Node::get();
+    let mut ws = Workspace::new("userns");
+    let marker = unique("userns");
+    let script = format!(
+        "echo written > /state; mkdir -p /www; echo {marker} > /www/index.html; \
+         httpd -p 80 -h /www; i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"
+    );
+    let (source_config, counter) =
+        user_namespace_configs(&ws, &unique("userns-source"), SOURCE_HOST_ID, 0, &script);
+    let source = ws.run_pod(Handler::Podsnap, &source_config);
+    let counter_id = ws.run_container(&source, &counter, &source_config);
+    let ip = pod_ip(&source);
+    let serve = |port: u16| http_get_at(&ip, port, "");
+    wait_for(
+        "the source pod to serve on port 80 and count",
+        LIVENESS,
+        || {
+            let served = serve(80)?;
+            let n = counts(node, &counter_id).last().copied().unwrap_or(0);
+            if served.contains(&marker) && n >= 3 {
+                Ok(())
+            } else {
+                Err(format!("served {served:?}, count {n}"))
+            }
+        },
+    );
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let before = counts(node, &counter_id).last().copied().unwrap();
+    let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.report());
+    ws.remove_pod(&source);
+
+    // Refused: a pod without a user namespace, and one whose mapping covers other container
+    // ids (the checkpoint's processes and files hold ids the new mapping would not map alike).
+    let pods_before = pod_ids(node);
+    let host_users = ws.pod_config(&unique("userns-host"));
+    let host_counter = ws.container_config("counter", sh(&script), json!([]));
+    let out = restore_created(&checkpoint, &host_users, &[&host_counter]);
+    assert!(!out.success(), "restored into the host's user namespace");
+    assert!(
+        (out.stdout.clone() + &out.stderr).contains("userns_options: checkpoint"),
+        "the refusal does not name the user namespace: {}",
+        out.report()
+    );
+    let (shifted, shifted_counter) =
+        user_namespace_configs(&ws, &unique("userns-shifted"), RESTORED_HOST_ID, 1, &script);
+    let out = restore_created(&checkpoint, &shifted, &[&shifted_counter]);
+    assert!(!out.success(), "restored under other container ids");
+    assert!(
+        (out.stdout.clone() + &out.stderr).contains("userns_options"),
+        "the refusal does not name the mapping: {}",
+        out.report()
+    );
+    assert_eq!(
+        pod_ids(node),
+        pods_before,
+        "a refused restore left a sandbox"
+    );
+
+    let (restored_config, restored_counter_config) = user_namespace_configs(
+        &ws,
+        &unique("userns-restored"),
+        RESTORED_HOST_ID,
+        0,
+        &script,
+    );
+    let out = podsnap(&[
+        "pod",
+        "restore",
+        checkpoint.to_str().unwrap(),
+        "--pod-config",
+        restored_config.to_str().unwrap(),
+        "--container-config",
+        restored_counter_config.to_str().unwrap(),
+        "--start",
+    ]);
+    let restored = restored_pod(&out);
+    ws.pods.push(restored.clone());
+    let restored_counter = container_named(node, &restored, "counter");
+    let ip = pod_ip(&restored);
+    let serve = |port: u16| http_get_at(&ip, port, "");
+    wait_for("the restored pod to serve and count on", LIVENESS, || {
+        let served = serve(80)?;
+        let seen = counts(node, &restored_counter);
+        if served.contains(&marker) && seen.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("served {served:?}, counts {seen:?}"))
+        }
+    });
+    let first = counts(node, &restored_counter)[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+
+    // In the new sandbox's user namespace, under the new mapping.
+    let sandbox_pid = pid_in(&node.inspect_pod(&restored));
+    let counter_pid = pid_in(&node.inspect(&restored_counter));
+    assert_eq!(
+        user_namespace_of(counter_pid),
+        user_namespace_of(sandbox_pid),
+        "the restored counter is not in its pod's user namespace"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{counter_pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some(RESTORED_HOST_ID.to_string().as_str()),
+        "the restored counter does not run as the new mapping's root: {uid_line}"
+    );
+    let run = |script: &str| {
+        let out = node.crictl_try(["exec", &restored_counter, "sh", "-c", script]);
+        assert!(out.success(), "{script}: {}", out.report());
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(
+        run("cat /proc/self/uid_map")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["0", &RESTORED_HOST_ID.to_string(), "65536"]
+    );
+    // Its writable layer came back with the ids it wrote it under, in the new mapping.
+    assert_eq!(
+        run("cat /state; stat -c %u:%g /state /www/index.html"),
+        "written\n0:0\n0:0"
+    );
+    // Root in the pod's user namespace binds a port below 1024 in the pod's network namespace.
+    run("httpd -p 81 -h /www");
+    wait_for(
+        "the restored container to serve on port 81",
+        LIVENESS,
+        || serve(81).and_then(|s| if s.contains(&marker) { Ok(()) } else { Err(s) }),
+    );
+    ws.remove_pod(&restored);
 }

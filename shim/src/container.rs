@@ -187,6 +187,9 @@ pub struct Container {
     pub op: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The lazy-pages daemon of a lazy restore (see [`LazyDaemon`]).
     lazy_daemon: Option<LazyDaemon>,
+    /// A restore into a user namespace: the spec with its bind sources staged where the
+    /// namespace's root reaches them ([`mount_sources`]), which CRIU binds from.
+    staged_spec: Option<Spec>,
     rootfs_mounted: bool,
 }
 
@@ -228,6 +231,7 @@ impl Container {
             }),
             op: Default::default(),
             lazy_daemon: None,
+            staged_spec: None,
             rootfs_mounted: false,
         };
         if let Some(dir) = spec_annotation(&container.spec, RESTORE_ANNOTATION) {
@@ -319,6 +323,7 @@ impl Container {
                     checkpoint.display()
                 )));
             }
+            self.staged_spec = self.stage_mount_sources().await?;
             return Ok(());
         }
         self.stage_mount_sources().await?;
@@ -350,15 +355,16 @@ impl Container {
     }
 
     /// For a container with a user namespace, makes its bind-mount sources reachable from
-    /// inside it ([`mount_sources`]) and points the bundle's `config.json` at them.
-    async fn stage_mount_sources(&self) -> Result<()> {
+    /// inside it ([`mount_sources`]) and points the bundle's `config.json` at them; returns
+    /// that spec.
+    async fn stage_mount_sources(&self) -> Result<Option<Spec>> {
         let id = self.id.clone();
         let bundle = self.bundle.clone();
         let spec = self.spec.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Spec>> {
             use anyhow::Context;
             let Some(staged) = mount_sources::stage(&bundle, &spec)? else {
-                return Ok(());
+                return Ok(None);
             };
             let path = bundle.join("config.json");
             let next = bundle.join(".config.json.podsnap");
@@ -371,7 +377,7 @@ impl Container {
                 let _ = std::fs::remove_file(&next);
                 mount_sources::release(&bundle);
             }
-            written
+            written.map(|()| Some(staged))
         })
         .await
         .map_err(|e| Error::internal(format!("container {id}: stage mounts: {e}")))?
@@ -452,6 +458,7 @@ impl Container {
         }
         let grant = self.restore_grant.clone();
         let spec = self.spec.clone();
+        let staged_spec = self.staged_spec.clone();
         let lazy = wants_lazy_restore(&id, &spec)?;
         let rootfs = self.rootfs();
         let cgroup = self.cgroup.clone();
@@ -482,6 +489,7 @@ impl Container {
             let (checked_id, checked_grant, checked_spec) =
                 (id.clone(), grant.clone(), spec.clone());
             let log_id = id.clone();
+            let error_id = id.clone();
             // Compressed pages are expanded into a private scratch directory first: CRIU reads
             // only plain images, and the checkpoint itself is never modified.
             let (scratch, images, metadata, descriptors, deferred) =
@@ -550,15 +558,16 @@ impl Container {
                     // Nothing the images hold may grant more than the new spec: checked before
                     // any process or mount exists.
                     crate::restore_policy::check_metadata(&metadata)?;
+                    checkpoint::userns::check(&checked_id, &metadata, &checked_spec)?;
                     let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
                     crate::restore_policy::check_credentials(&checked_spec, &threads)?;
                     Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors, deferred))
                 })
                 .await
-                .map_err(|e| Error::internal(format!("container {checked_id}: {e}")))?
+                .map_err(|e| Error::internal(format!("container {error_id}: {e}")))?
                 .map_err(|e| {
                     Error::FailedPrecondition(format!(
-                        "container {checked_id}: cannot restore: {e:#}"
+                        "container {error_id}: cannot restore: {e:#}"
                     ))
                 })?;
             let restored_id = id.clone();
@@ -567,7 +576,8 @@ impl Container {
                     // A container of a pod checkpoint: the pod's emptyDir volumes first.
                     let started = std::time::Instant::now();
                     crate::volumes::restore(&grant.checkpoint, &spec)?;
-                    crate::rootfs_diff::apply(&grant.container_dir(), &rootfs)?;
+                    let shift = checkpoint::userns::check(&restored_id, &metadata, &spec)?;
+                    crate::rootfs_diff::apply(&grant.container_dir(), &rootfs, shift.as_ref())?;
                     log::info!(
                         "container {restored_id}: volumes and writable layer restored in {} ms",
                         started.elapsed().as_millis()
@@ -578,6 +588,7 @@ impl Container {
                 let target = checkpoint::RestoreTarget {
                     id: &restored_id,
                     spec: &spec,
+                    mounts: staged_spec.as_ref().unwrap_or(&spec),
                     rootfs: &rootfs,
                     cgroup: &cgroup,
                     stdio: [stdin.as_ref(), stdout.as_ref(), stderr.as_ref()],

@@ -185,8 +185,30 @@ pub fn idmapped_bind(
     userns: &OwnedFd,
     attrs: BindAttrs,
 ) -> anyhow::Result<()> {
-    let source_c = CString::new(source.as_os_str().as_encoded_bytes())?;
     let target_c = CString::new(target.as_os_str().as_encoded_bytes())?;
+    let empty = c"";
+    let tree = idmapped_tree(source, userns, attrs)?;
+    // SAFETY: valid descriptor and NUL-terminated target path.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(errno(&format!("attach the idmapped {}", target.display())));
+    }
+    Ok(())
+}
+
+/// A detached copy of the mount tree at `source`, idmapped to the user namespace `userns`:
+/// reachable only through the returned descriptor, and gone with it.
+pub fn idmapped_tree(source: &Path, userns: &OwnedFd, attrs: BindAttrs) -> anyhow::Result<OwnedFd> {
+    let source_c = CString::new(source.as_os_str().as_encoded_bytes())?;
     let empty = c"";
     // SAFETY: valid NUL-terminated paths; the returned descriptor is owned below.
     let tree = unsafe {
@@ -235,21 +257,7 @@ pub fn idmapped_bind(
     if rc < 0 {
         return Err(errno(&format!("idmap {}", source.display())));
     }
-    // SAFETY: valid descriptor and NUL-terminated target path.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            target_c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc < 0 {
-        return Err(errno(&format!("attach the idmapped {}", target.display())));
-    }
-    Ok(())
+    Ok(tree)
 }
 
 /// The directory every lower layer lies in (their longest common parent), as containerd

@@ -171,9 +171,6 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
                 container.init.state
             )));
         }
-        if let Some(refusal) = checkpoint::user_namespace_refusal(id, &container.spec) {
-            return failed(Error::FailedPrecondition(refusal));
-        }
         captures.push(Capture {
             id: id.clone(),
             pid: container.init.pid,

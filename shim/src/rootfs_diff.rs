@@ -37,6 +37,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
 
+use crate::checkpoint::userns::IdShift;
+
 pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
 pub const DELETED_FILES: &str = "deleted.files";
 
@@ -213,8 +215,10 @@ fn split(relative: &Path) -> anyhow::Result<(&Path, &OsStr)> {
     Ok((relative.parent().unwrap_or(Path::new("")), name))
 }
 
-/// Applies `deleted.files` and `rootfs-diff.tar` from `dir` (either may be absent) to `rootfs`.
-pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
+/// Applies `deleted.files` and `rootfs-diff.tar` from `dir` (either may be absent) to `rootfs`,
+/// moving the archive's owners by `shift` (a container in a user namespace under a new host
+/// range, [`crate::checkpoint::userns`]).
+pub fn apply(dir: &Path, rootfs: &Path, shift: Option<&IdShift>) -> anyhow::Result<()> {
     const WHAT: &str = "the container's rootfs";
     let root = at::open_dir(rootfs).with_context(|| format!("open {}", rootfs.display()))?;
     let deleted_path = dir.join(DELETED_FILES);
@@ -242,7 +246,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
     }
     let tar_path = dir.join(ROOTFS_DIFF);
     if tar_path.exists() {
-        unpack_tree_at(&tar_path, root.as_fd(), WHAT)?;
+        unpack_shifted(&tar_path, root.as_fd(), WHAT, shift)?;
     }
     Ok(())
 }
@@ -257,6 +261,16 @@ pub fn unpack_tree(tar_path: &Path, root: &Path, what: &str) -> anyhow::Result<(
 /// Unpacks the tar file `tar_path` into the directory open as `root`, trusting nothing in it
 /// (see the module docs; `what` names `root` in messages).
 pub fn unpack_tree_at(tar_path: &Path, root: BorrowedFd, what: &str) -> anyhow::Result<()> {
+    unpack_shifted(tar_path, root, what, None)
+}
+
+/// [`unpack_tree_at`], every owner moved by `shift`.
+fn unpack_shifted(
+    tar_path: &Path,
+    root: BorrowedFd,
+    what: &str,
+    shift: Option<&IdShift>,
+) -> anyhow::Result<()> {
     let name = tar_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -276,7 +290,7 @@ pub fn unpack_tree_at(tar_path: &Path, root: BorrowedFd, what: &str) -> anyhow::
             Regular | Continuous | GNUSparse | Directory | Symlink | Link => {}
             other => bail!("{name} entry {path:?} is a {other:?}: refused"),
         }
-        unpack_entry(&mut entry, root, &relative, what, &mut directories)
+        unpack_entry(&mut entry, root, &relative, what, shift, &mut directories)
             .with_context(|| format!("unpack {path:?} from {name} into {what}"))?;
     }
     // Directory times last: creating what is in them changed them.
@@ -351,9 +365,13 @@ fn unpack_entry<R: Read>(
     root: BorrowedFd,
     relative: &Path,
     what: &str,
+    shift: Option<&IdShift>,
     directories: &mut Vec<(PathBuf, i64)>,
 ) -> anyhow::Result<()> {
-    let attributes = Attributes::of(entry.header())?;
+    let mut attributes = Attributes::of(entry.header())?;
+    if let Some(shift) = shift {
+        (attributes.uid, attributes.gid) = shift.apply(attributes.uid, attributes.gid);
+    }
     let (parent, name) = split(relative)?;
     let parent = open_parents(root, parent).context("open its directory")?;
     let parent = parent.as_fd();
@@ -844,7 +862,7 @@ pub(crate) mod tests {
 
         let rootfs = tempfile::tempdir().unwrap();
         fs::write(rootfs.path().join("gone"), b"old").unwrap();
-        apply(out.path(), rootfs.path()).unwrap();
+        apply(out.path(), rootfs.path(), None).unwrap();
         assert_eq!(
             fs::read(rootfs.path().join("data/sub/file")).unwrap(),
             b"hello"
@@ -890,7 +908,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(DELETED_FILES), br#"["/../../etc/passwd"]"#).unwrap();
         let rootfs = tempfile::tempdir().unwrap();
-        let err = apply(dir.path(), rootfs.path()).unwrap_err();
+        let err = apply(dir.path(), rootfs.path(), None).unwrap_err();
         assert!(err.to_string().contains("escapes"), "{err}");
     }
 
@@ -931,7 +949,7 @@ pub(crate) mod tests {
         symlink(outside.path(), rootfs.path().join("evil")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(DELETED_FILES), br#"["/evil/victim"]"#).unwrap();
-        assert!(apply(dir.path(), rootfs.path()).is_err());
+        assert!(apply(dir.path(), rootfs.path(), None).is_err());
         assert!(outside.path().join("victim").exists());
 
         // A tar entry written through the symlink is refused too.
@@ -941,7 +959,7 @@ pub(crate) mod tests {
             one_file("evil/victim", b"pwnd"),
         )
         .unwrap();
-        assert!(apply(dir.path(), rootfs.path()).is_err());
+        assert!(apply(dir.path(), rootfs.path(), None).is_err());
         assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
     }
 
@@ -1068,7 +1086,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(ROOTFS_DIFF), builder.into_inner().unwrap()).unwrap();
         let rootfs = tempfile::tempdir().unwrap();
-        let err = apply(dir.path(), rootfs.path()).unwrap_err();
+        let err = apply(dir.path(), rootfs.path(), None).unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
     }
 
@@ -1288,7 +1306,7 @@ pub(crate) mod tests {
             for v in &victims {
                 fs::write(etc.join(v), b"inside").unwrap();
             }
-            let _ = apply(dir.path(), root.path());
+            let _ = apply(dir.path(), root.path(), None);
         }
         stop.store(true, Ordering::Relaxed);
         racer.join().unwrap();
@@ -1362,7 +1380,7 @@ pub(crate) mod tests {
                 fs::write(&tar, data).unwrap();
                 let _ = unpack_tree(&tar, &self.root(), "the fuzzed root");
                 self.check(&before);
-                let _ = apply(work.path(), &self.root());
+                let _ = apply(work.path(), &self.root(), None);
                 self.check(&before);
             }
         }
@@ -1492,7 +1510,7 @@ pub(crate) mod tests {
                     serde_json::to_vec(&paths).unwrap(),
                 )
                 .unwrap();
-                let _ = apply(work.path(), &fixture.root());
+                let _ = apply(work.path(), &fixture.root(), None);
                 fixture.check(&before);
                 prop_assert!(fixture.root().is_dir());
             }
@@ -1503,7 +1521,7 @@ pub(crate) mod tests {
                 let before = fixture.outside_state();
                 let work = tempfile::tempdir().unwrap();
                 fs::write(work.path().join(DELETED_FILES), data).unwrap();
-                let _ = apply(work.path(), &fixture.root());
+                let _ = apply(work.path(), &fixture.root(), None);
                 fixture.check(&before);
             }
         }

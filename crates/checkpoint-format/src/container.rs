@@ -39,8 +39,10 @@ pub const MAJOR: u32 = 1;
 /// The minor version of [`Metadata`] this build writes. 1: `podsnap.sha256` lists BLAKE3
 /// digests. This one breaks the rule above, knowingly: a reader older than it, or `sha256sum
 /// -c`, takes each `blake3:` digest for a modified file and refuses the checkpoint. It fails
-/// closed (it never trusts such a checkpoint), with a misleading message.
-pub const MINOR: u32 = 1;
+/// closed (it never trusts such a checkpoint), with a misleading message. 2: a container in a
+/// user namespace ([`Metadata::user_namespace`], [`ExternalMount::Device`]); a reader older
+/// than it refuses such a checkpoint (an unknown mount kind), and reads the others as before.
+pub const MINOR: u32 = 2;
 
 /// Why a container checkpoint was refused or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,10 @@ pub enum ExternalMount {
     },
     /// A path masked with the host's /dev/null.
     DevNull { destination: String },
+    /// A device node bound from the host's node of the same path, as a runtime does for a
+    /// container in a user namespace (which cannot create device nodes): only one of the OCI
+    /// default devices or a device the new spec lists is ever bound again.
+    Device { destination: String },
 }
 
 impl ExternalMount {
@@ -118,7 +124,8 @@ impl ExternalMount {
         match self {
             ExternalMount::Spec { destination }
             | ExternalMount::Cgroup { destination, .. }
-            | ExternalMount::DevNull { destination } => destination,
+            | ExternalMount::DevNull { destination }
+            | ExternalMount::Device { destination } => destination,
         }
     }
 }
@@ -138,6 +145,27 @@ pub struct Metadata {
     pub ext_unix_sk: bool,
     pub file_locks: bool,
     pub shell_job: bool,
+    /// The container ran in a user namespace of its own (a pod's with `hostUsers: false`):
+    /// its id mappings. CRIU's images hold the ids inside the namespace, and the writable
+    /// layer's archive the host ids of these mappings; so the checkpoint restores under any
+    /// mapping that covers the same container-side ranges, wherever on the host they land.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespace: Option<UserNamespace>,
+}
+
+/// A user namespace's id mappings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct UserNamespace {
+    pub uids: Vec<IdMapping>,
+    pub gids: Vec<IdMapping>,
+}
+
+/// `length` ids from `container_id` inside a user namespace are `host_id`.. outside it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IdMapping {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub length: u32,
 }
 
 impl Metadata {

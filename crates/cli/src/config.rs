@@ -229,7 +229,16 @@ const NAMESPACE_OPTIONS: Fields = &[
     ("pid", Leaf),
     ("ipc", Leaf),
     ("target_id", Leaf),
+    (
+        "userns_options",
+        Message(&[
+            ("mode", Leaf),
+            ("uids", Repeated(ID_MAPPING)),
+            ("gids", Repeated(ID_MAPPING)),
+        ]),
+    ),
 ];
+const ID_MAPPING: Fields = &[("host_id", Leaf), ("container_id", Leaf), ("length", Leaf)];
 const SELINUX: Fields = &[
     ("user", Leaf),
     ("role", Leaf),
@@ -636,20 +645,21 @@ mod tests {
             }
             probes.len()
         }
-        assert_eq!(check::<PodSandboxConfig>(POD), 34);
-        assert_eq!(check::<ContainerConfig>(CONTAINER), 59);
+        assert_eq!(check::<PodSandboxConfig>(POD), 41);
+        assert_eq!(check::<ContainerConfig>(CONTAINER), 66);
     }
 
     #[test]
     fn errors_name_the_field_by_its_path() {
         let err = pod(serde_json::json!({
             "metadata": {"name": "a", "namespace": "b"},
-            "linux": {"security_context": {"namespace_options": {"userns_options": {"mode": 0}}}}
+            "linux": {"security_context": {"namespace_options": {"userns_options": {"uid_mappings": []}}}}
         }))
         .unwrap_err();
         assert!(
-            err.starts_with("linux.security_context.namespace_options.userns_options: ")
-                && err.contains("target_id"),
+            err.starts_with(
+                "linux.security_context.namespace_options.userns_options.uid_mappings: "
+            ) && err.contains("mode, uids, gids"),
             "{err}"
         );
         let err = container(serde_json::json!({

@@ -682,6 +682,7 @@ pub struct RestoreOptions<'fd> {
     lsm_mount_context: Option<String>,
     weak_sysctls: bool,
     mntns_compat_mode: bool,
+    join_user_namespace: Option<PathBuf>,
 }
 
 impl<'fd> RestoreOptions<'fd> {
@@ -695,6 +696,7 @@ impl<'fd> RestoreOptions<'fd> {
             lsm_mount_context: None,
             weak_sysctls: false,
             mntns_compat_mode: false,
+            join_user_namespace: None,
         }
     }
 
@@ -738,6 +740,16 @@ impl<'fd> RestoreOptions<'fd> {
     /// Restore mounts with the old mount engine (`--mntns-compat-mode`).
     pub fn mntns_compat_mode(mut self, on: bool) -> Self {
         self.mntns_compat_mode = on;
+        self
+    }
+
+    /// Restore into the existing user namespace at `path` (`--join-ns user:path`), e.g. a pod
+    /// sandbox's `/proc/PID/ns/user`. With podsnap's CRIU patch
+    /// (`hack/criu-4.1.1-join-userns-at-clone.patch`), when the images hold
+    /// a user namespace the root task is cloned inside this one, so its new pid, mount, ipc and
+    /// uts namespaces belong to it; needs [`rst_sibling`](Self::rst_sibling).
+    pub fn join_user_namespace(mut self, path: impl Into<PathBuf>) -> Self {
+        self.join_user_namespace = Some(path.into());
         self
     }
 
@@ -798,6 +810,15 @@ impl<'fd> RestoreOptions<'fd> {
         opts.lsm_mount_context = self.lsm_mount_context.clone();
         opts.weak_sysctls = flag(self.weak_sysctls);
         opts.mntns_compat_mode = flag(self.mntns_compat_mode);
+        opts.join_ns = self
+            .join_user_namespace
+            .iter()
+            .map(|path| rpc::JoinNamespace {
+                ns: "user".to_string(),
+                ns_file: path.display().to_string(),
+                extra_opt: None,
+            })
+            .collect();
         opts.notify_scripts = flag(notify_scripts);
         opts
     }

@@ -249,14 +249,6 @@ pub async fn checkpoint_pod(
     }
     let sandbox_config = verbose_info(&status.info)["config"].clone();
     let ips = pod_ips(pod.network.as_ref());
-    if has_own_user_namespace(&sandbox_config) {
-        return Err(Status::failed_precondition(format!(
-            "pod sandbox {sandbox} has a user namespace of its own (hostUsers: false): CRIU \
-             restores a user namespace only by creating a new one, so the restored containers \
-             would not be in the new pod's; such pods cannot be checkpointed yet"
-        )));
-    }
-
     let listed = cri
         .list_containers(with_deadline(
             ListContainersRequest {
@@ -767,13 +759,6 @@ pub fn pod_ips(network: Option<&cri_api::v1::PodSandboxNetworkStatus>) -> Vec<st
         .collect()
 }
 
-/// Whether a sandbox config (containerd's JSON) gives the pod a user namespace of its own:
-/// `userns_options` present with a mode other than NODE (2); POD (0) is omitted by Go's JSON.
-fn has_own_user_namespace(config: &serde_json::Value) -> bool {
-    let userns = &config["linux"]["security_context"]["namespace_options"]["userns_options"];
-    userns.is_object() && userns["mode"].as_i64().unwrap_or(0) != 2
-}
-
 /// The gRPC code of a pod service failure.
 pub fn grpc_code(code: podsnap_pod_api::ErrorCode) -> tonic::Code {
     use podsnap_pod_api::ErrorCode;
@@ -1148,16 +1133,5 @@ mod tests {
         assert_eq!(tree_size(&root, 100), 1000 + 24 + 4 * 512);
         assert!(tree_size(&root, 1) < 1000 + 24 + 4 * 512);
         assert_eq!(tree_size(&dir.path().join("missing"), 100), 0);
-    }
-
-    #[test]
-    fn a_pod_with_its_own_user_namespace_is_told_apart() {
-        let own = serde_json::json!({"linux": {"security_context": {"namespace_options": {
-            "userns_options": {"uids": [{"host_id": 65536, "length": 65536}]}}}}});
-        assert!(has_own_user_namespace(&own));
-        let host = serde_json::json!({"linux": {"security_context": {"namespace_options": {
-            "userns_options": {"mode": 2}}}}});
-        assert!(!has_own_user_namespace(&host));
-        assert!(!has_own_user_namespace(&serde_json::json!({"linux": {}})));
     }
 }

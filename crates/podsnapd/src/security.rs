@@ -33,6 +33,11 @@ enum Kind {
     Capabilities,
     /// An `Int64Value` message: set (to a number, 0 included, which Go omits) or not set.
     Int64Value,
+    /// A `UserNamespace` message: its mode, and the container side of its uid and gid
+    /// mappings. The host side is the kubelet's choice for each pod, so a restore may land
+    /// elsewhere on the host; the shim moves the writable layer's owners there, and the
+    /// processes keep their ids inside the namespace (`shim/src/checkpoint/userns.rs`).
+    UserNamespace,
 }
 
 /// Where a pod's or a container's security context is in its config (containerd's JSON).
@@ -43,7 +48,7 @@ const SHARED_CONTEXT: &[(&str, Kind)] = &[
     ("/namespace_options/network", Kind::Exact),
     ("/namespace_options/pid", Kind::Exact),
     ("/namespace_options/ipc", Kind::Exact),
-    ("/namespace_options/userns_options", Kind::Exact),
+    ("/namespace_options/userns_options", Kind::UserNamespace),
     ("/selinux_options", Kind::Exact),
     ("/run_as_user", Kind::Int64Value),
     ("/run_as_group", Kind::Int64Value),
@@ -80,6 +85,25 @@ fn normalise(value: Option<&Value>, kind: Kind) -> Value {
         return match value {
             Some(Value::Object(o)) => o.get("value").cloned().unwrap_or(json!(0)),
             _ => Value::Null,
+        };
+    }
+    if let Kind::UserNamespace = kind {
+        return match normalise(value, Kind::Exact) {
+            Value::Object(mut o) => {
+                for ids in ["uids", "gids"] {
+                    if let Some(Value::Array(maps)) = o.get_mut(ids) {
+                        for map in maps.iter_mut() {
+                            if let Value::Object(fields) = map {
+                                fields.remove("host_id");
+                            }
+                            *map = normalise(Some(map), Kind::Exact);
+                        }
+                        maps.sort_by_key(|v| v.to_string());
+                    }
+                }
+                Value::Object(o)
+            }
+            other => other,
         };
     }
     let value = match value {
@@ -373,6 +397,45 @@ mod tests {
         assert!(text.contains("no_new_privs"), "{text}");
         assert!(text.contains("drop_capabilities"), "{text}");
         assert_eq!(diff.len(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_user_namespace_may_move_on_the_host_but_not_inside() {
+        let mapping = |host_id: u32, container_id: u32, length: u32| cri_api::v1::IdMapping {
+            host_id,
+            container_id,
+            length,
+        };
+        let with = |maps: Vec<cri_api::v1::IdMapping>| {
+            let mut context = same_as_root();
+            context.namespace_options.as_mut().unwrap().userns_options =
+                Some(cri_api::v1::UserNamespace {
+                    mode: 0,
+                    uids: maps.clone(),
+                    gids: maps,
+                });
+            requested(context)
+        };
+        let mut checkpoint = root_checkpoint();
+        // Go's JSON omits a zero container_id.
+        checkpoint["linux"]["security_context"]["namespace_options"]["userns_options"] = json!({
+            "uids": [{"host_id": 65536 * 23, "length": 65536}],
+            "gids": [{"host_id": 65536 * 23, "length": 65536}],
+        });
+        for host in [65536 * 23, 65536 * 24] {
+            let diff = container_differences(&checkpoint, &with(vec![mapping(host, 0, 65536)]));
+            assert!(diff.is_empty(), "{diff:?}");
+        }
+        for maps in [
+            vec![mapping(65536 * 24, 1, 65536)],
+            vec![mapping(65536 * 24, 0, 1000)],
+            vec![],
+        ] {
+            let text = container_differences(&checkpoint, &with(maps)).join("; ");
+            assert!(text.contains("userns_options"), "{text}");
+        }
+        let text = container_differences(&checkpoint, &requested(same_as_root())).join("; ");
+        assert!(text.contains("userns_options"), "{text}");
     }
 
     #[test]

@@ -91,22 +91,6 @@ pub fn seal(images: &Path, follower: Follower) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why a container with a user namespace is not checkpointed (`None` when it has none).
-///
-/// CRIU 4.1.1 dumps such a container, but it restores a user namespace only by creating a new
-/// one from the dumped maps: the restored processes would not be in the new pod's user
-/// namespace, and would hold no capability over the pod's network namespace, which that one
-/// owns (`--join-ns user:` is documented as untested, and does not combine with a dumped user
-/// namespace). Refused before anything is frozen or written, never half-restored later.
-pub fn user_namespace_refusal(id: &str, spec: &Spec) -> Option<String> {
-    crate::mount_sources::has_user_namespace(spec).then(|| {
-        format!(
-            "container {id} runs in a user namespace (hostUsers: false): podsnap cannot yet \
-             restore a container into its pod's user namespace, so it is not checkpointed"
-        )
-    })
-}
-
 /// [`dump`] without [`seal`]: what must happen while the container is frozen. Returns the
 /// follower that hashed the page images as CRIU wrote them, for [`seal`].
 pub fn dump_unsealed(
@@ -115,9 +99,6 @@ pub fn dump_unsealed(
     opts: &CheckpointOptions,
 ) -> anyhow::Result<Follower> {
     let id = target.id;
-    if let Some(refusal) = user_namespace_refusal(id, target.spec) {
-        return Err(crate::error::Error::FailedPrecondition(refusal).into());
-    }
     let created = !images.exists();
     if created {
         private_dir(images)?;
@@ -192,6 +173,7 @@ fn dump_into(
         ext_unix_sk: opts.external_unix_sockets,
         file_locks: opts.file_locks,
         shell_job: opts.terminal,
+        user_namespace: super::userns::recorded(target.spec),
         ..Metadata::current()
     };
     let mut criu_opts = DumpOptions::new(pid, images)

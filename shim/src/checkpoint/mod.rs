@@ -8,13 +8,15 @@
 //! Mounts CRIU cannot dump from inside the container (bind mounts from the host, cgroup v1
 //! hierarchies, `/dev/null` masks) are declared external at dump and mapped to the new
 //! container's sources at restore; namespaces joined from the pod sandbox (network, pid) are
-//! external too. This module does not know the Task API or containerd's content store.
+//! external too, and a pod's user namespace is joined at restore ([`userns`]). This module does
+//! not know the Task API or containerd's content store.
 
 mod dump;
 pub mod lazy;
 mod mounts;
 pub mod page_check;
 mod restore;
+pub mod userns;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-pub use dump::{DumpTarget, Follower, dump_frozen, dump_unsealed, seal, user_namespace_refusal};
+pub use dump::{DumpTarget, Follower, dump_frozen, dump_unsealed, seal};
 pub use podsnap_checkpoint_format::container::{ExternalMount, Metadata, read_metadata, verify};
 pub use restore::{Pages, RestoreTarget, restore};
 

@@ -92,6 +92,15 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
             external.push(ExternalMount::DevNull {
                 destination: m.mount_point.clone(),
             });
+        } else if m.fs_type == "devtmpfs"
+            && m.mount_point.strip_prefix("/dev") == Some(m.root.as_str())
+            && bindable_device(spec, &m.mount_point)
+        {
+            // The host's node of the same path, bound by the runtime for a container in a
+            // user namespace (which cannot create device nodes).
+            external.push(ExternalMount::Device {
+                destination: m.mount_point.clone(),
+            });
         } else {
             bail!(
                 "mount {} ({} {}) comes from outside the container and is not in its spec: \
@@ -103,6 +112,27 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
         }
     }
     Ok(external)
+}
+
+/// Devices every OCI container has (runtime-spec's "default devices").
+const DEFAULT_DEVICES: [&str; 6] = [
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+];
+
+/// Whether the host's device node at `path` may be bound into a container of `spec`: one of
+/// the default devices, or one the spec lists.
+fn bindable_device(spec: &Spec, path: &str) -> bool {
+    DEFAULT_DEVICES.contains(&path)
+        || spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_ref())
+            .is_some_and(|d| d.iter().any(|d| d.path() == Path::new(path)))
 }
 
 /// The cgroup v1 controllers of `pid` (from `/proc/<pid>/cgroup`, in the kernel's order),
@@ -276,6 +306,16 @@ pub fn mount_sources(
                     .with_context(|| format!("cgroup mount at {destination}"))?
                 }
                 ExternalMount::DevNull { .. } => PathBuf::from("/dev/null"),
+                ExternalMount::Device { destination } => {
+                    // A path from the checkpoint becomes a host path only when the new spec
+                    // grants that device.
+                    ensure!(
+                        bindable_device(spec, destination),
+                        "the checkpoint binds the host's device {destination:?}, which the new \
+                         container's spec does not grant: refused"
+                    );
+                    PathBuf::from(destination)
+                }
             };
             let source = source.display().to_string();
             ensure!(
@@ -489,6 +529,38 @@ pub(crate) mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn device_nodes_bound_from_the_host_are_external_only_when_granted() {
+        let info = parse_mountinfo(
+            "1 0 0:1 / / rw - overlay overlay rw\n\
+             2 1 0:5 /zero /dev/zero rw,nosuid - devtmpfs udev rw\n\
+             3 1 0:5 /fuse /dev/fuse rw,nosuid - devtmpfs udev rw\n",
+        );
+        let err = external_mounts(&info, &Spec::default()).unwrap_err();
+        assert!(err.to_string().contains("/dev/fuse"), "{err}");
+        let external = external_mounts(&info[..2], &Spec::default()).unwrap();
+        assert_eq!(
+            external,
+            vec![ExternalMount::Device {
+                destination: "/dev/zero".into()
+            }]
+        );
+        // Not the node of another path, and never a device the new spec does not grant.
+        let other = parse_mountinfo("2 1 0:5 /sda /dev/zero rw - devtmpfs udev rw\n");
+        assert!(external_mounts(&other, &Spec::default()).is_err());
+        for destination in ["/dev/fuse", "/etc/shadow", "/dev/../etc/shadow"] {
+            let metadata = Metadata {
+                external_mounts: vec![ExternalMount::Device {
+                    destination: destination.into(),
+                }],
+                ..Metadata::current()
+            };
+            let err =
+                mount_sources(&metadata, &Spec::default(), Path::new("/k8s.io/x")).unwrap_err();
+            assert!(err.to_string().contains("does not grant"), "{err}");
+        }
     }
 
     #[test]

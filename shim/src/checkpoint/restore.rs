@@ -1,7 +1,7 @@
 //! Bringing a container back from a checkpoint directory with CRIU, into a created container.
 
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -17,6 +17,9 @@ use super::{CRIU_LOG_LEVEL, Metadata, joined_namespace, namespace_key, namespace
 pub struct RestoreTarget<'a> {
     pub id: &'a str,
     pub spec: &'a Spec,
+    /// The spec whose bind-mount sources CRIU binds: `spec`, or for a container in a user
+    /// namespace `spec` with its sources staged where the namespace's root reaches them.
+    pub mounts: &'a Spec,
     pub rootfs: &'a Path,
     /// The new container's cgroup (its `path` is relative to each hierarchy).
     pub cgroup: &'a crate::cgroup::ContainerCgroup,
@@ -47,16 +50,17 @@ pub fn restore(
     pages: Pages,
 ) -> anyhow::Result<(i32, Option<LazySession>)> {
     let id = target.id;
-    // No checkpoint holds a user namespace (see `user_namespace_refusal`), and none is restored
-    // into one: its processes would run outside the new container's mapping.
-    if crate::mount_sources::has_user_namespace(target.spec) {
-        return Err(crate::error::Error::FailedPrecondition(format!(
-            "container {id} has a user namespace (hostUsers: false): podsnap cannot yet \
-             restore a checkpoint into one"
-        ))
-        .into());
+    // Into the new pod's user namespace, under a mapping of the same container ids, or not at
+    // all (the writable layer, unpacked before, was checked by the same rule).
+    super::userns::check(id, metadata, target.spec)?;
+    let userns = joined_namespace(target.spec, oci_spec::runtime::LinuxNamespaceType::User);
+    if super::userns::recorded(target.spec).is_some() && userns.is_none() {
+        bail!(
+            "container {id} has a user namespace of its own rather than its pod's: podsnap \
+             restores only into a pod's user namespace"
+        );
     }
-    let sources = mount_sources(metadata, target.spec, &target.cgroup.path)?;
+    let sources = mount_sources(metadata, target.mounts, &target.cgroup.path)?;
     let mut namespace_fds = Vec::new();
     for name in &metadata.external_namespaces {
         let (typ, _) = namespace_kind(name);
@@ -75,7 +79,16 @@ pub fn restore(
         .tempdir()
         .context("create CRIU work directory")?;
     let cgroup = target.cgroup.path.display().to_string();
-    let mut opts = RestoreOptions::new(images)
+    // Inside a user namespace, CRIU's tasks read the images through a view they own.
+    let view = match &userns {
+        Some(_) => Some(super::userns::images_view(images, target.spec)?),
+        None => None,
+    };
+    let criu_images = match &view {
+        Some(fd) => std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        None => images.to_path_buf(),
+    };
+    let mut opts = RestoreOptions::new(&criu_images)
         .work_dir(work.path())
         .log_file("restore.log")
         .log_level(CRIU_LOG_LEVEL)
@@ -96,6 +109,9 @@ pub fn restore(
         // CRIU issue 2023): those need the compat engine. Everything else keeps mount-v2 (with
         // the compat engine a shared file was seen read back empty after a pod restore).
         .mntns_compat_mode(needs_compat_mounts(&sources));
+    if let Some(path) = &userns {
+        opts = opts.join_user_namespace(path);
+    }
     for (destination, source) in &sources {
         opts = opts.ext_mount(destination.as_str(), source.as_str());
     }
