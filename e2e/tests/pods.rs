@@ -675,8 +675,13 @@ fn user_namespace_pod(handler: Handler) {
     let node = Node::get();
     let (mut pod, context) = user_namespace_pod_with(handler, "userns", HOST_ID);
     let first = pod.run_container(
-        &ContainerConfig::shell("first", "echo written > /written && exec sleep 600")
-            .security_context(context.clone()),
+        // A loop, not one long sleep: a dump that leaves it running interrupts a sleep, and
+        // busybox's sleep then ends early (with or without a user namespace).
+        &ContainerConfig::shell(
+            "first",
+            "echo written > /written; while true; do sleep 1; done",
+        )
+        .security_context(context.clone()),
     );
     let second = pod.run_container(
         &ContainerConfig::shell("second", "exec sleep 600").security_context(context.clone()),
