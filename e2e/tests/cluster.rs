@@ -852,6 +852,49 @@ fn a_pod_suspended_and_resumed_with_keep_ip_keeps_its_address() {
     assert!(first > before, "counted from {first}, not on from {before}");
 }
 
+/// A pod with a user namespace of its own (`hostUsers: false`) is checkpointed through the
+/// kubelet and restored into a new pod, which the kubelet gives its own user namespace and host
+/// range: the restored counter counts on, inside the new pod's user namespace, as its root.
+#[test]
+fn a_pod_with_host_users_false_is_restored_into_its_new_user_namespace() {
+    let cluster = Cluster::get();
+    let without_host_users = |restore_from: Option<&str>| {
+        let mut pod = counter_pod("e2e-userns", restore_from);
+        pod["spec"]["hostUsers"] = json!(false);
+        pod
+    };
+    let pod = cluster.create_pod(without_host_users(None));
+    pod.wait_ready();
+    wait_counting(&pod, "counter", 3);
+    let uid_map = |pod: &KubePod<'_>| -> Vec<String> {
+        pod.exec("counter", &["cat", "/proc/self/uid_map"])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let source_map = uid_map(&pod);
+    assert_eq!(source_map[0], "0", "{source_map:?}");
+    assert_ne!(source_map[1], "0", "the pod runs in the host's user namespace");
+    let (location, before, _) = checkpoint(cluster, &pod, "counter");
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    drop(pod);
+
+    let restored = cluster.create_pod(without_host_users(Some(&name)));
+    restored.wait_ready();
+    wait_counting(&restored, "counter", 2);
+    let first = counts(&restored.logs("counter"))[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+    let restored_map = uid_map(&restored);
+    eprintln!("uid_map: checkpointed {source_map:?}, restored {restored_map:?}");
+    assert_eq!(restored_map[0], "0", "{restored_map:?}");
+    assert_ne!(restored_map[1], "0", "restored into the host's user namespace");
+    assert_eq!(
+        restored.exec("counter", &["id", "-u"]).trim(),
+        "0",
+        "the restored counter is not root inside its user namespace"
+    );
+}
+
 /// A pod with a native sidecar (a restartable init container): its regular containers are
 /// checkpointed and restored counting on; the sidecar is not part of the checkpoint and starts
 /// afresh from its image in the restored pod, before them, as the kubelet starts sidecars.
