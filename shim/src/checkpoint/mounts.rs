@@ -63,6 +63,11 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
         .map(|m| m.destination().display().to_string())
         .collect();
     let whole: Vec<&MountInfo> = mounts.iter().filter(|m| m.root == "/").collect();
+    // A node from the host's /dev: devtmpfs, or the file system that holds the host's /dev
+    // nodes (a tmpfs where the host is itself a container, as a kind node is).
+    let host_dev = host_dev_file_system();
+    let from_host_dev =
+        |m: &MountInfo| m.fs_type == "devtmpfs" || host_dev.as_deref() == Some(m.dev.as_str());
     let mut external = Vec::new();
     for m in mounts.iter().filter(|m| m.mount_point != "/") {
         if bind_destinations.contains(&m.mount_point) {
@@ -88,11 +93,11 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
                 controller,
                 whole: m.root == "/",
             });
-        } else if m.fs_type == "devtmpfs" && m.root == "/null" {
+        } else if from_host_dev(m) && m.root == "/null" {
             external.push(ExternalMount::DevNull {
                 destination: m.mount_point.clone(),
             });
-        } else if m.fs_type == "devtmpfs"
+        } else if from_host_dev(m)
             && m.mount_point.strip_prefix("/dev") == Some(m.root.as_str())
             && bindable_device(spec, &m.mount_point)
         {
@@ -112,6 +117,17 @@ pub fn external_mounts(mounts: &[MountInfo], spec: &Spec) -> anyhow::Result<Vec<
         }
     }
     Ok(external)
+}
+
+/// The `major:minor` of the file system holding the host's `/dev/null`, as mountinfo names it.
+fn host_dev_file_system() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata("/dev/null").ok()?.dev();
+    Some(format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    ))
 }
 
 /// Devices every OCI container has (runtime-spec's "default devices").
@@ -546,6 +562,26 @@ pub(crate) mod tests {
             vec![ExternalMount::Device {
                 destination: "/dev/zero".into()
             }]
+        );
+        // Where the host's /dev is a tmpfs (a kind node), its nodes are told by its device.
+        let dev = host_dev_file_system().unwrap();
+        let info = parse_mountinfo(&format!(
+            "2 1 {dev} /zero /dev/zero rw - tmpfs tmpfs rw\n\
+             3 1 {dev} /null /proc/kcore rw - tmpfs tmpfs rw\n\
+             4 1 0:99 /zero /dev/full rw - tmpfs tmpfs rw\n"
+        ));
+        let err = external_mounts(&info, &Spec::default()).unwrap_err();
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+        assert_eq!(
+            external_mounts(&info[..2], &Spec::default()).unwrap(),
+            vec![
+                ExternalMount::Device {
+                    destination: "/dev/zero".into()
+                },
+                ExternalMount::DevNull {
+                    destination: "/proc/kcore".into()
+                }
+            ]
         );
         // Not the node of another path, and never a device the new spec does not grant.
         let other = parse_mountinfo("2 1 0:5 /sda /dev/zero rw - devtmpfs udev rw\n");
