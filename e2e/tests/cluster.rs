@@ -874,7 +874,10 @@ fn a_pod_with_host_users_false_is_restored_into_its_new_user_namespace() {
     };
     let source_map = uid_map(&pod);
     assert_eq!(source_map[0], "0", "{source_map:?}");
-    assert_ne!(source_map[1], "0", "the pod runs in the host's user namespace");
+    assert_ne!(
+        source_map[1], "0",
+        "the pod runs in the host's user namespace"
+    );
     let (location, before, _) = checkpoint(cluster, &pod, "counter");
     let name = location.file_name().unwrap().to_str().unwrap().to_owned();
     drop(pod);
@@ -887,7 +890,10 @@ fn a_pod_with_host_users_false_is_restored_into_its_new_user_namespace() {
     let restored_map = uid_map(&restored);
     eprintln!("uid_map: checkpointed {source_map:?}, restored {restored_map:?}");
     assert_eq!(restored_map[0], "0", "{restored_map:?}");
-    assert_ne!(restored_map[1], "0", "restored into the host's user namespace");
+    assert_ne!(
+        restored_map[1], "0",
+        "restored into the host's user namespace"
+    );
     assert_eq!(
         restored.exec("counter", &["id", "-u"]).trim(),
         "0",
