@@ -559,6 +559,7 @@ impl Container {
                     // any process or mount exists.
                     crate::restore_policy::check_metadata(&metadata)?;
                     checkpoint::userns::check(&checked_id, &metadata, &checked_spec)?;
+                    checkpoint::userns::check_images(&checked_id, &metadata, &images)?;
                     let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
                     crate::restore_policy::check_credentials(&checked_spec, &threads)?;
                     Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors, deferred))

@@ -171,6 +171,9 @@ async fn checkpoint_sandbox(task: &PodTask, request: PodRequest) -> PodResponse 
                 container.init.state
             )));
         }
+        if let Some(refusal) = checkpoint::userns::refusal(id, &container.spec) {
+            return failed(Error::FailedPrecondition(refusal));
+        }
         captures.push(Capture {
             id: id.clone(),
             pid: container.init.pid,

@@ -370,7 +370,8 @@ fn unpack_entry<R: Read>(
 ) -> anyhow::Result<()> {
     let mut attributes = Attributes::of(entry.header())?;
     if let Some(shift) = shift {
-        (attributes.uid, attributes.gid) = shift.apply(attributes.uid, attributes.gid);
+        (attributes.uid, attributes.gid, attributes.mode) =
+            shift.apply(attributes.uid, attributes.gid, attributes.mode);
     }
     let (parent, name) = split(relative)?;
     let parent = open_parents(root, parent).context("open its directory")?;

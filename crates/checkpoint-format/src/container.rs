@@ -41,7 +41,9 @@ pub const MAJOR: u32 = 1;
 /// -c`, takes each `blake3:` digest for a modified file and refuses the checkpoint. It fails
 /// closed (it never trusts such a checkpoint), with a misleading message. 2: a container in a
 /// user namespace ([`Metadata::user_namespace`], [`ExternalMount::Device`]); a reader older
-/// than it refuses such a checkpoint (an unknown mount kind), and reads the others as before.
+/// than it ignores the first (it refuses to restore into a user namespace anyway, and the
+/// images' own user namespace is checked against the field by this one), refuses the second
+/// (an unknown mount kind), and reads the others as before.
 pub const MINOR: u32 = 2;
 
 /// Why a container checkpoint was refused or could not be written.

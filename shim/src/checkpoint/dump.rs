@@ -99,6 +99,9 @@ pub fn dump_unsealed(
     opts: &CheckpointOptions,
 ) -> anyhow::Result<Follower> {
     let id = target.id;
+    if let Some(refusal) = super::userns::refusal(id, target.spec) {
+        return Err(crate::error::Error::FailedPrecondition(refusal).into());
+    }
     let created = !images.exists();
     if created {
         private_dir(images)?;

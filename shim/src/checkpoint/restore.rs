@@ -53,6 +53,7 @@ pub fn restore(
     // Into the new pod's user namespace, under a mapping of the same container ids, or not at
     // all (the writable layer, unpacked before, was checked by the same rule).
     super::userns::check(id, metadata, target.spec)?;
+    super::userns::check_images(id, metadata, images)?;
     let userns = joined_namespace(target.spec, oci_spec::runtime::LinuxNamespaceType::User);
     if super::userns::recorded(target.spec).is_some() && userns.is_none() {
         bail!(

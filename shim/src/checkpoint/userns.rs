@@ -6,15 +6,16 @@
 //! has a user namespace whose mappings cover exactly the same container-side ranges, and
 //! nowhere else ([`check`]): the kubelet gives each pod its own host range, so only the host
 //! side may differ. The restored processes are cloned inside the new pod's user namespace
-//! (CRIU's `--join-ns user:`, with podsnap's CRIU patch 0002), keep their ids inside it and
-//! so run as the new host ids; the writable layer's owners are moved from the old host range
-//! to the new one ([`IdShift`]).
+//! (CRIU's `--join-ns user:`, with podsnap's `hack/criu-4.1.1-join-userns-at-clone.patch`),
+//! keep their ids inside it and so run as the new host ids; the writable layer's owners are
+//! moved from the old host range to the new one ([`IdShift`]). The CRIU images must agree with
+//! the metadata ([`check_images`]).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use oci_spec::runtime::{LinuxIdMapping, Spec};
+use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Spec};
 use podsnap_checkpoint_format::container::{IdMapping, Metadata, UserNamespace};
 
 /// The checkpoint's images as the restored tasks' root reads them: CRIU's tasks open images
@@ -73,6 +74,58 @@ pub fn recorded(spec: &Spec) -> Option<UserNamespace> {
     })
 }
 
+/// Why a container is not checkpointed (`None` when it may be): one with a user namespace that
+/// also shares its pod's process namespace (`shareProcessNamespace`), which CRIU cannot restore
+/// into a user namespace it joins (the patched CRIU refuses it). Refused before anything is
+/// frozen or written, never half-restored later.
+pub fn refusal(id: &str, spec: &Spec) -> Option<String> {
+    (crate::mount_sources::has_user_namespace(spec)
+        && super::joined_namespace(spec, LinuxNamespaceType::Pid).is_some())
+    .then(|| {
+        format!(
+            "container {id} has a user namespace (hostUsers: false) and shares its pod's process \
+             namespace (shareProcessNamespace): podsnap cannot restore such a container yet, so \
+             it is not checkpointed"
+        )
+    })
+}
+
+/// Whether CRIU's images hold a user namespace (`userns-*.img`: CRIU builds one from the maps
+/// in it when it restores without joining one).
+fn images_hold_user_namespace(images: &Path) -> anyhow::Result<bool> {
+    Ok(std::fs::read_dir(images)
+        .with_context(|| format!("list {}", images.display()))?
+        .flatten()
+        .any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("userns-") && name.ends_with(".img")
+        }))
+}
+
+/// Refuses a checkpoint whose CRIU images and metadata disagree on its user namespace: images
+/// with one, restored where the metadata says none, would have CRIU write the images' maps (any
+/// host ids) for a new user namespace; the metadata alone decides nothing.
+pub fn check_images(id: &str, metadata: &Metadata, images: &Path) -> anyhow::Result<()> {
+    let in_images = images_hold_user_namespace(images)?;
+    if in_images != metadata.user_namespace.is_some() {
+        bail!(
+            "container {id}: the checkpoint's CRIU images {} and its metadata {}: refused",
+            if in_images {
+                "hold a user namespace"
+            } else {
+                "hold no user namespace"
+            },
+            if in_images {
+                "records none"
+            } else {
+                "records one"
+            }
+        );
+    }
+    Ok(())
+}
+
 /// The container-side ranges of mappings, in order: what a restore must cover alike.
 fn container_side(maps: &[IdMapping]) -> Vec<(u32, u32)> {
     let mut side: Vec<(u32, u32)> = maps.iter().map(|m| (m.container_id, m.length)).collect();
@@ -111,6 +164,12 @@ pub fn check(id: &str, metadata: &Metadata, spec: &Spec) -> anyhow::Result<Optio
             "the checkpoint was taken in a user namespace (hostUsers: false) and container \
              {id} has none: refused, its processes would run in the host's"
         ),
+        (Some(_), Some(_)) if super::joined_namespace(spec, LinuxNamespaceType::Pid).is_some() => {
+            bail!(
+                "container {id} has a user namespace and shares its pod's process namespace: \
+                 podsnap cannot restore such a container yet"
+            )
+        }
         (Some(old), Some(new)) => {
             for (what, old, new) in [("uid", &old.uids, &new.uids), ("gid", &old.gids, &new.gids)] {
                 if container_side(old) != container_side(new) {
@@ -145,8 +204,9 @@ fn moves(old: &[IdMapping], new: &[IdMapping]) -> Vec<(IdMapping, u32)> {
 /// How the host ids of a checkpoint's writable layer move to the new container's mapping: an
 /// id in an old mapping goes to the same container id's host id in the new one. An id outside
 /// the old mappings was unmapped in the old container (seen there as the overflow id) and stays
-/// unmapped: kept, unless the new mappings cover it, when it becomes the host's overflow id
-/// (65534) rather than a file of the new container's.
+/// unmapped: it becomes the host's overflow id (65534), never host root's or another range's
+/// (an archive could name any id), and a file so owned loses its set-user-id or set-group-id
+/// bit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdShift {
     uids: Vec<(IdMapping, u32)>,
@@ -155,26 +215,28 @@ pub struct IdShift {
 
 const OVERFLOW_ID: u32 = 65534;
 
-fn shift(moves: &[(IdMapping, u32)], id: u32) -> u32 {
-    for (old, new_host) in moves {
+/// The new host id of `id`, or `None` when the old mappings do not cover it.
+fn shift(moves: &[(IdMapping, u32)], id: u32) -> Option<u32> {
+    moves.iter().find_map(|(old, new_host)| {
         let offset = id.wrapping_sub(old.host_id);
-        if id >= old.host_id && offset < old.length {
-            return new_host + offset;
-        }
-    }
-    if moves.iter().any(|(old, new_host)| {
-        id >= *new_host && u64::from(id) < u64::from(*new_host) + u64::from(old.length)
-    }) {
-        OVERFLOW_ID
-    } else {
-        id
-    }
+        (id >= old.host_id && offset < old.length).then(|| new_host + offset)
+    })
 }
 
 impl IdShift {
-    /// The new host uid and gid of a file the checkpoint's archive owns as `uid`, `gid`.
-    pub fn apply(&self, uid: u32, gid: u32) -> (u32, u32) {
-        (shift(&self.uids, uid), shift(&self.gids, gid))
+    /// The new host uid, gid and mode of a file the checkpoint's archive has as `uid`, `gid`
+    /// and `mode`.
+    pub fn apply(&self, uid: u32, gid: u32, mode: u32) -> (u32, u32, u32) {
+        let mut mode = mode;
+        let uid = shift(&self.uids, uid).unwrap_or_else(|| {
+            mode &= !(libc::S_ISUID as u32);
+            OVERFLOW_ID
+        });
+        let gid = shift(&self.gids, gid).unwrap_or_else(|| {
+            mode &= !(libc::S_ISGID as u32);
+            OVERFLOW_ID
+        });
+        (uid, gid, mode)
     }
 }
 
@@ -245,14 +307,50 @@ mod tests {
         let new = spec(Some(&[(0, 65536 * 24, 65536)]));
         let shift = check("c", &metadata(&old), &new).unwrap().unwrap();
         let (o, n) = (65536 * 23, 65536 * 24);
-        assert_eq!(shift.apply(o, o + 5), (n, n + 5));
-        assert_eq!(shift.apply(o + 65535, o), (n + 65535, n));
-        // Unmapped before: kept, or the overflow id where the new range would map it.
-        assert_eq!(shift.apply(0, 1000), (0, 1000));
-        assert_eq!(
-            shift.apply(n + 7, o + 65536 * 2),
-            (OVERFLOW_ID, o + 65536 * 2)
+        assert_eq!(shift.apply(o, o + 5, 0o6755), (n, n + 5, 0o6755));
+        assert_eq!(shift.apply(o + 65535, o, 0o644), (n + 65535, n, 0o644));
+        // Unmapped before, unmapped after: never host root's, nor a file of the new range, and
+        // without the set-id bit of an owner it lost.
+        let over = OVERFLOW_ID;
+        assert_eq!(shift.apply(0, o, 0o4755), (over, n, 0o755));
+        assert_eq!(shift.apply(o, 0, 0o6755), (n, over, 0o4755));
+        assert_eq!(shift.apply(n + 7, o - 1, 0o6755), (over, over, 0o755));
+    }
+
+    #[test]
+    fn images_and_metadata_must_agree_on_the_user_namespace() {
+        let images = tempfile::tempdir().unwrap();
+        let userns = spec(Some(&[(0, 65536, 65536)]));
+        let host = spec(None);
+        check_images("c", &metadata(&host), images.path()).unwrap();
+        let err = check_images("c", &metadata(&userns), images.path()).unwrap_err();
+        assert!(err.to_string().contains("hold no user namespace"), "{err}");
+        std::fs::write(images.path().join("userns-13.img"), b"").unwrap();
+        check_images("c", &metadata(&userns), images.path()).unwrap();
+        let err = check_images("c", &metadata(&host), images.path()).unwrap_err();
+        assert!(err.to_string().contains("records none"), "{err}");
+    }
+
+    #[test]
+    fn a_shared_process_namespace_with_a_user_namespace_is_refused() {
+        let mut shared = spec(Some(&[(0, 65536, 65536)]));
+        let mut linux = shared.linux().clone().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        namespaces[0] = LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Pid)
+            .path("/proc/1/ns/pid")
+            .build()
+            .unwrap();
+        linux.set_namespaces(Some(namespaces));
+        shared.set_linux(Some(linux));
+        assert!(
+            refusal("c", &shared)
+                .unwrap()
+                .contains("shareProcessNamespace")
         );
+        assert!(refusal("c", &spec(Some(&[(0, 65536, 65536)]))).is_none());
+        let err = check("c", &metadata(&shared), &shared).unwrap_err();
+        assert!(err.to_string().contains("process namespace"), "{err}");
     }
 
     #[test]
