@@ -229,11 +229,11 @@ impl IdShift {
     pub fn apply(&self, uid: u32, gid: u32, mode: u32) -> (u32, u32, u32) {
         let mut mode = mode;
         let uid = shift(&self.uids, uid).unwrap_or_else(|| {
-            mode &= !(libc::S_ISUID as u32);
+            mode &= !libc::S_ISUID;
             OVERFLOW_ID
         });
         let gid = shift(&self.gids, gid).unwrap_or_else(|| {
-            mode &= !(libc::S_ISGID as u32);
+            mode &= !libc::S_ISGID;
             OVERFLOW_ID
         });
         (uid, gid, mode)
