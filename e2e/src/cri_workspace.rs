@@ -152,6 +152,19 @@ impl Workspace {
         id
     }
 
+    /// `podsnap pod restore --start` of `checkpoint` with the given configs; the restored pod,
+    /// removed with the workspace.
+    pub fn restore_started(
+        &mut self,
+        checkpoint: &Path,
+        pod: &Path,
+        containers: &[&Path],
+    ) -> String {
+        let pod = restored_pod(&restore(checkpoint, pod, containers, true));
+        self.pods.push(pod.clone());
+        pod
+    }
+
     /// Removes a pod and checks nothing of it is left.
     pub fn remove_pod(&mut self, pod: &str) {
         let node = Node::get();
@@ -362,6 +375,11 @@ pub fn restore_configs(
 /// `podsnap pod restore` of `checkpoint` with the given configs, not started; the restored pod
 /// and `(container id, name)` pairs it printed.
 pub fn restore_created(checkpoint: &Path, pod: &Path, containers: &[&Path]) -> Finished {
+    restore(checkpoint, pod, containers, false)
+}
+
+/// `podsnap pod restore` of `checkpoint` with the given configs, started when `start`.
+fn restore(checkpoint: &Path, pod: &Path, containers: &[&Path], start: bool) -> Finished {
     let mut args = vec![
         "pod".to_string(),
         "restore".to_string(),
@@ -372,6 +390,9 @@ pub fn restore_created(checkpoint: &Path, pod: &Path, containers: &[&Path]) -> F
     for container in containers {
         args.push("--container-config".to_string());
         args.push(container.display().to_string());
+    }
+    if start {
+        args.push("--start".to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     podsnap(&args)

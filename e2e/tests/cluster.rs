@@ -47,6 +47,24 @@ fn checkpoint(
     (location, before, after)
 }
 
+/// Checkpoints the counting `pod`, removes it, and creates the pod `manifest` makes for that
+/// checkpoint; returns it once it is Ready and counting on from where the checkpoint left off.
+fn suspend_and_resume<'c>(
+    cluster: &'c Cluster,
+    pod: KubePod<'c>,
+    manifest: impl Fn(&str) -> Value,
+) -> KubePod<'c> {
+    let (location, before, _) = checkpoint(cluster, &pod, "counter");
+    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
+    drop(pod);
+    let resumed = cluster.create_pod(manifest(&name));
+    resumed.wait_ready();
+    wait_counting(&resumed, "counter", 2);
+    let first = counts(&resumed.logs("counter"))[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
+    resumed
+}
+
 /// Waits for an event whose text contains `needle` and returns all events.
 fn wait_event(pod: &KubePod<'_>, needle: &str) -> Vec<String> {
     wait_for(
@@ -834,22 +852,16 @@ fn a_pod_suspended_and_resumed_with_keep_ip_keeps_its_address() {
         .as_str()
         .expect("the pod has an address")
         .to_string();
-    let (location, before, _) = checkpoint(cluster, &pod, "counter");
-    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
-    drop(pod);
-
-    let mut resumed = counter_pod("e2e-keep-ip", Some(&name));
-    resumed["metadata"]["annotations"]["podsnap.io/keep-ip"] = json!("true");
-    let resumed = cluster.create_pod(resumed);
-    resumed.wait_ready();
+    let resumed = suspend_and_resume(cluster, pod, |name| {
+        let mut resumed = counter_pod("e2e-keep-ip", Some(name));
+        resumed["metadata"]["annotations"]["podsnap.io/keep-ip"] = json!("true");
+        resumed
+    });
     assert_eq!(
         resumed.get()["status"]["podIP"].as_str(),
         Some(ip.as_str()),
         "the resumed pod did not keep its address"
     );
-    wait_counting(&resumed, "counter", 2);
-    let first = counts(&resumed.logs("counter"))[0];
-    assert!(first > before, "counted from {first}, not on from {before}");
 }
 
 /// A pod with a user namespace of its own (`hostUsers: false`) is checkpointed through the
@@ -878,15 +890,7 @@ fn a_pod_with_host_users_false_is_restored_into_its_new_user_namespace() {
         source_map[1], "0",
         "the pod runs in the host's user namespace"
     );
-    let (location, before, _) = checkpoint(cluster, &pod, "counter");
-    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
-    drop(pod);
-
-    let restored = cluster.create_pod(without_host_users(Some(&name)));
-    restored.wait_ready();
-    wait_counting(&restored, "counter", 2);
-    let first = counts(&restored.logs("counter"))[0];
-    assert!(first > before, "counted from {first}, not on from {before}");
+    let restored = suspend_and_resume(cluster, pod, |name| without_host_users(Some(name)));
     let restored_map = uid_map(&restored);
     eprintln!("uid_map: checkpointed {source_map:?}, restored {restored_map:?}");
     // The kubelet picks each pod's range at random: the owners did move.
@@ -925,15 +929,7 @@ fn a_pod_with_a_native_sidecar_restores_its_containers_and_starts_the_sidecar_af
     let pod = cluster.create_pod(with_sidecar(None));
     pod.wait_ready();
     wait_counting(&pod, "counter", 3);
-    let (location, before, _) = checkpoint(cluster, &pod, "counter");
-    let name = location.file_name().unwrap().to_str().unwrap().to_owned();
-    drop(pod);
-
-    let restored = cluster.create_pod(with_sidecar(Some(&name)));
-    restored.wait_ready();
-    wait_counting(&restored, "counter", 2);
-    let first = counts(&restored.logs("counter"))[0];
-    assert!(first > before, "counted from {first}, not on from {before}");
+    let restored = suspend_and_resume(cluster, pod, |name| with_sidecar(Some(name)));
     let side = restored.logs("sidecar");
     assert!(
         side.lines().next() == Some("side: 0"),

@@ -132,20 +132,7 @@ fn podsnap_two_container_pod_is_checkpointed_serving_and_restored_as_three_indep
     let mut replicas = Vec::new();
     for n in 0..3 {
         let config = ws.pod_config(&unique(&format!("replica{n}")));
-        let out = podsnap(&[
-            "pod",
-            "restore",
-            checkpoint.to_str().unwrap(),
-            "--pod-config",
-            config.to_str().unwrap(),
-            "--container-config",
-            counter.to_str().unwrap(),
-            "--container-config",
-            web.to_str().unwrap(),
-            "--start",
-        ]);
-        let pod = restored_pod(&out);
-        ws.pods.push(pod.clone());
+        let pod = ws.restore_started(&checkpoint, &config, &[&counter, &web]);
         let ip = pod_ip(&pod);
         assert!(
             !ip.is_empty() && !ips.contains(&ip),
@@ -248,20 +235,7 @@ fn podsnap_pod_checkpoint_is_one_cut_across_containers_so_a_shared_sequence_has_
     ws.remove_pod(&pod);
 
     let replica_config = ws.pod_config(&unique("cut-restored"));
-    let out = podsnap(&[
-        "pod",
-        "restore",
-        checkpoint.to_str().unwrap(),
-        "--pod-config",
-        replica_config.to_str().unwrap(),
-        "--container-config",
-        a.to_str().unwrap(),
-        "--container-config",
-        b.to_str().unwrap(),
-        "--start",
-    ]);
-    let restored = restored_pod(&out);
-    ws.pods.push(restored.clone());
+    let restored = ws.restore_started(&checkpoint, &replica_config, &[&a, &b]);
     wait_for("the restored writers to go on", LIVENESS, || {
         let n = std::fs::read_to_string(data.join("trace"))
             .unwrap_or_default()
@@ -931,18 +905,7 @@ fn podsnap_pod_checkpoint_pushed_to_a_registry_and_pulled_back_restores_counting
     );
 
     let replica_config = ws.pod_config(&unique("pulled"));
-    let out = podsnap(&[
-        "pod",
-        "restore",
-        pulled.to_str().unwrap(),
-        "--pod-config",
-        replica_config.to_str().unwrap(),
-        "--container-config",
-        counter.to_str().unwrap(),
-        "--start",
-    ]);
-    let pod = restored_pod(&out);
-    ws.pods.push(pod.clone());
+    let pod = ws.restore_started(&pulled, &replica_config, &[&counter]);
     let restored = container_named(node, &pod, "counter");
     let seen = wait_for("the pulled pod to count on", LIVENESS, || {
         let seen = counts(node, &restored);
@@ -1101,18 +1064,7 @@ fn podsnap_pod_restored_with_keep_ip_gets_its_checkpointed_address_or_is_refused
     // and counts on.
     ws.remove_pod(&source);
     let resumed_config = keep_ip_pod_config(&ws, &unique("keepip-resumed"));
-    let out = podsnap(&[
-        "pod",
-        "restore",
-        checkpoint.to_str().unwrap(),
-        "--pod-config",
-        resumed_config.to_str().unwrap(),
-        "--container-config",
-        counter.to_str().unwrap(),
-        "--start",
-    ]);
-    let resumed = restored_pod(&out);
-    ws.pods.push(resumed.clone());
+    let resumed = ws.restore_started(&checkpoint, &resumed_config, &[&counter]);
     assert_eq!(
         pod_ip(&resumed),
         ip,
@@ -1249,18 +1201,7 @@ fn podsnap_user_namespace_pod_is_restored_into_the_new_pods_user_namespace_count
         0,
         &script,
     );
-    let out = podsnap(&[
-        "pod",
-        "restore",
-        checkpoint.to_str().unwrap(),
-        "--pod-config",
-        restored_config.to_str().unwrap(),
-        "--container-config",
-        restored_counter_config.to_str().unwrap(),
-        "--start",
-    ]);
-    let restored = restored_pod(&out);
-    ws.pods.push(restored.clone());
+    let restored = ws.restore_started(&checkpoint, &restored_config, &[&restored_counter_config]);
     let restored_counter = container_named(node, &restored, "counter");
     let ip = pod_ip(&restored);
     let serve = |port: u16| http_get_at(&ip, port, "");

@@ -492,7 +492,7 @@ impl Container {
             let error_id = id.clone();
             // Compressed pages are expanded into a private scratch directory first: CRIU reads
             // only plain images, and the checkpoint itself is never modified.
-            let (scratch, images, metadata, descriptors, deferred) =
+            let (scratch, images, metadata, descriptors, deferred, shift) =
                 tokio::task::spawn_blocking(move || {
                     let grant = checked_grant;
                     // A container of a pod checkpoint: every file it will read is verified
@@ -558,11 +558,18 @@ impl Container {
                     // Nothing the images hold may grant more than the new spec: checked before
                     // any process or mount exists.
                     crate::restore_policy::check_metadata(&metadata)?;
-                    checkpoint::userns::check(&checked_id, &metadata, &checked_spec)?;
+                    let shift = checkpoint::userns::check(&checked_id, &metadata, &checked_spec)?;
                     checkpoint::userns::check_images(&checked_id, &metadata, &images)?;
                     let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
                     crate::restore_policy::check_credentials(&checked_spec, &threads)?;
-                    Ok::<_, anyhow::Error>((scratch, images, metadata, descriptors, deferred))
+                    Ok::<_, anyhow::Error>((
+                        scratch,
+                        images,
+                        metadata,
+                        descriptors,
+                        deferred,
+                        shift,
+                    ))
                 })
                 .await
                 .map_err(|e| Error::internal(format!("container {error_id}: {e}")))?
@@ -577,7 +584,6 @@ impl Container {
                     // A container of a pod checkpoint: the pod's emptyDir volumes first.
                     let started = std::time::Instant::now();
                     crate::volumes::restore(&grant.checkpoint, &spec)?;
-                    let shift = checkpoint::userns::check(&restored_id, &metadata, &spec)?;
                     crate::rootfs_diff::apply(&grant.container_dir(), &rootfs, shift.as_ref())?;
                     log::info!(
                         "container {restored_id}: volumes and writable layer restored in {} ms",

@@ -50,17 +50,9 @@ pub fn restore(
     pages: Pages,
 ) -> anyhow::Result<(i32, Option<LazySession>)> {
     let id = target.id;
-    // Into the new pod's user namespace, under a mapping of the same container ids, or not at
-    // all (the writable layer, unpacked before, was checked by the same rule).
-    super::userns::check(id, metadata, target.spec)?;
-    super::userns::check_images(id, metadata, images)?;
+    // Into the new pod's user namespace: the caller checked the checkpoint may go there
+    // (`super::userns::check` and `check_images`, before any process or mount exists).
     let userns = joined_namespace(target.spec, oci_spec::runtime::LinuxNamespaceType::User);
-    if super::userns::recorded(target.spec).is_some() && userns.is_none() {
-        bail!(
-            "container {id} has a user namespace of its own rather than its pod's: podsnap \
-             restores only into a pod's user namespace"
-        );
-    }
     let sources = mount_sources(metadata, target.mounts, &target.cgroup.path)?;
     let mut namespace_fds = Vec::new();
     for name in &metadata.external_namespaces {

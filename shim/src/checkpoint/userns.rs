@@ -164,6 +164,12 @@ pub fn check(id: &str, metadata: &Metadata, spec: &Spec) -> anyhow::Result<Optio
             "the checkpoint was taken in a user namespace (hostUsers: false) and container \
              {id} has none: refused, its processes would run in the host's"
         ),
+        (Some(_), Some(_)) if super::joined_namespace(spec, LinuxNamespaceType::User).is_none() => {
+            bail!(
+                "container {id} has a user namespace of its own rather than its pod's: podsnap \
+                 restores only into a pod's user namespace"
+            )
+        }
         (Some(_), Some(_)) if super::joined_namespace(spec, LinuxNamespaceType::Pid).is_some() => {
             bail!(
                 "container {id} has a user namespace and shares its pod's process namespace: \
