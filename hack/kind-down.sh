@@ -39,9 +39,11 @@ for node in $nodes; do
 		podman volume rm -f "$volume" >/dev/null
 	done
 done
-if has_label container "$KIND_REGISTRY_NAME"; then
-	podman rm -f "$KIND_REGISTRY_NAME" >/dev/null
-fi
+for registry in "$KIND_REGISTRY_NAME" "$KIND_AUTH_REGISTRY_NAME"; do
+	if has_label container "$registry"; then
+		podman rm -f "$registry" >/dev/null
+	fi
+done
 # The kind network only when kind-up.sh made it and nothing else is on it.
 if has_label network "$KIND_NETWORK" && [ -z "$(podman ps -a --filter "network=$KIND_NETWORK" -q)" ]; then
 	podman network rm "$KIND_NETWORK" >/dev/null
@@ -54,7 +56,9 @@ rm -rf "$KIND_RUN"
 # Nothing of ours may be left: say what if something is.
 left=$(
 	kind_nodes
-	has_label container "$KIND_REGISTRY_NAME" && echo "$KIND_REGISTRY_NAME"
+	for registry in "$KIND_REGISTRY_NAME" "$KIND_AUTH_REGISTRY_NAME"; do
+		has_label container "$registry" && echo "$registry"
+	done
 	for node in $nodes; do podman volume ls -q --filter "label=$node=true"; done
 )
 [ -z "$left" ] || die "left behind after removing kind cluster $KIND_CLUSTER: $(echo "$left" | tr '\n' ' ')"

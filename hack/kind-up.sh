@@ -80,19 +80,33 @@ check_node_image() {
 	done
 }
 
-registry_up() {
-	local image
-	mkdir -p "$KIND_REGISTRY_STORAGE" "$KIND_RUN"
-	podman network exists "$KIND_NETWORK" || podman network create --label "$KIND_LABEL" "$KIND_NETWORK" >/dev/null
-	if [ "$(podman container inspect --format '{{.State.Running}}' "$KIND_REGISTRY_NAME" 2>/dev/null)" = true ]; then
+# registry_run NAME STORAGE CONFIG [PODMAN-ARGS...]: the registry container NAME on the kind
+# network (docker-registry, storage in STORAGE, configuration file CONFIG), unless it runs.
+registry_run() {
+	local name=$1 storage=$2 config=$3 image
+	shift 3
+	if [ "$(podman container inspect --format '{{.State.Running}}' "$name" 2>/dev/null)" = true ]; then
 		return 0
 	fi
-	if podman container exists "$KIND_REGISTRY_NAME"; then
-		has_label container "$KIND_REGISTRY_NAME" ||
-			die "a container named $KIND_REGISTRY_NAME exists and is not this script's: remove or rename it"
-		podman rm -f "$KIND_REGISTRY_NAME" >/dev/null
+	if podman container exists "$name"; then
+		has_label container "$name" ||
+			die "a container named $name exists and is not this script's: remove or rename it"
+		podman rm -f "$name" >/dev/null
 	fi
 	image=$("$PODSNAP_ROOT/hack/kind-image.sh" registry)
+	podman run -d --name "$name" --network "$KIND_NETWORK" \
+		--label "$KIND_LABEL" "$@" \
+		--volume "$storage:/var/lib/registry" \
+		--volume "$config:/etc/docker/registry/config.yml:ro" \
+		"$image" /usr/bin/docker-registry serve /etc/docker/registry/config.yml >/dev/null
+}
+
+# The cluster's registry (anonymous, published on the host), and a second one that takes only
+# the test bed's user (Basic auth, $KIND_AUTH_REGISTRY_HTPASSWD), for PodCheckpoints that name
+# a registry Secret.
+registry_up() {
+	mkdir -p "$KIND_REGISTRY_STORAGE" "$KIND_RUN/registry-auth/storage"
+	podman network exists "$KIND_NETWORK" || podman network create --label "$KIND_LABEL" "$KIND_NETWORK" >/dev/null
 	cat >"$KIND_RUN/registry.yml" <<'EOF'
 version: 0.1
 log:
@@ -103,14 +117,22 @@ storage:
 http:
   addr: :5000
 EOF
-	podman run -d --name "$KIND_REGISTRY_NAME" --network "$KIND_NETWORK" \
-		--label "$KIND_LABEL" \
-		--publish "$KIND_REGISTRY:5000" \
-		--volume "$KIND_REGISTRY_STORAGE:/var/lib/registry" \
-		--volume "$KIND_RUN/registry.yml:/etc/docker/registry/config.yml:ro" \
-		"$image" /usr/bin/docker-registry serve /etc/docker/registry/config.yml >/dev/null
+	printf '%s\n' "$KIND_AUTH_REGISTRY_HTPASSWD" >"$KIND_RUN/registry-auth/htpasswd"
+	cat "$KIND_RUN/registry.yml" - >"$KIND_RUN/registry-auth/registry.yml" <<'EOF'
+auth:
+  htpasswd:
+    realm: podsnap-kind
+    path: /etc/docker/registry/htpasswd
+EOF
+	registry_run "$KIND_REGISTRY_NAME" "$KIND_REGISTRY_STORAGE" "$KIND_RUN/registry.yml" \
+		--publish "$KIND_REGISTRY:5000"
+	registry_run "$KIND_AUTH_REGISTRY_NAME" "$KIND_RUN/registry-auth/storage" \
+		"$KIND_RUN/registry-auth/registry.yml" \
+		--volume "$KIND_RUN/registry-auth/htpasswd:/etc/docker/registry/htpasswd:ro"
 	wait_for registry "the kind registry on $KIND_REGISTRY" 30 \
 		curl -fsS --noproxy '*' -o /dev/null --max-time 2 "http://$KIND_REGISTRY/v2/"
+	wait_for registry "$KIND_AUTH_REGISTRY_NAME running" 30 \
+		test "$(podman container inspect --format '{{.State.Running}}' "$KIND_AUTH_REGISTRY_NAME")" = true
 }
 
 # wait_for WHAT DESCRIPTION SECONDS CMD...: until CMD succeeds, or die naming it.
@@ -253,7 +275,7 @@ patches:
     patch: |-
       - op: replace
         path: /data/insecure-registries
-        value: "$KIND_REGISTRY_NAME:5000"
+        value: "$KIND_REGISTRY_NAME:5000,$KIND_AUTH_REGISTRY_NAME:5000"
 EOF
 	# The CRDs first: the rest names their kinds.
 	kind_kubectl apply -f "$overlay/crds/" >/dev/null

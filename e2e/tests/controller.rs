@@ -2166,6 +2166,19 @@ fn node_agents_cannot_read_checkpointed_pod_specs() {
             refused.report()
         );
     }
+    // Secrets: by name in podsnap's namespace only (the controller's copies of registry
+    // credentials), never listed, never in a user's namespace.
+    for args in [
+        &["-n", "default", "get", "secret", "any"][..],
+        &["-n", "podsnap-system", "get", "secrets"][..],
+    ] {
+        let refused = as_agent(args);
+        assert!(
+            !refused.success() && refused.stderr.contains("forbidden"),
+            "{args:?}: {}",
+            refused.report()
+        );
+    }
 
     // Where the spec is: a PodTemplate the PodCheckpoint owns and names.
     let reference = &ready["status"]["podTemplateRef"];

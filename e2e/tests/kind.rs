@@ -167,6 +167,30 @@ fn agents_registry(cluster: &Cluster) -> String {
     registry.to_owned()
 }
 
+/// The registry of the test bed that takes only user `podsnap` (hack/kind-lib.sh,
+/// `KIND_AUTH_REGISTRY_NAME`), as the node agents' ConfigMap lists it.
+fn auth_registry(cluster: &Cluster) -> String {
+    let insecure = cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "configmap",
+        "podsnap-node-agent",
+        "-o",
+        "jsonpath={.data.insecure-registries}",
+    ]);
+    let registry = insecure
+        .split(',')
+        .map(str::trim)
+        .find(|r| r.contains("registry-auth"))
+        .unwrap_or_default();
+    assert!(
+        !registry.is_empty(),
+        "the node agents have no registry with authentication configured ({insecure:?}; hack/kind-up.sh sets one)"
+    );
+    registry.to_owned()
+}
+
 /// A counting pod `name` bound to `node` by name and its Ready PodCheckpoint `checkpoint`, stored
 /// as an image in `repository` (deletion policy Delete). Bound by name, not by a node selector:
 /// a pod restored from it keeps the checkpointed spec, and a selector for one worker would have
@@ -690,6 +714,154 @@ fn podsnap_drain_cordons_a_worker_and_moves_its_podsnap_pods_off_it() {
         "--wait=true",
         "--timeout=120s",
     ]);
+}
+
+/// Registry credentials per PodCheckpoint (`spec.storage.image.secretName`), against a registry
+/// that takes only its one user: anonymous, the push is refused (the registry does ask); naming
+/// a Secret that does not exist fails the checkpoint, naming it; naming the user's Secret, the
+/// controller copies its one entry for that registry (not the Secret's other entries) into
+/// podsnap-system, the source node's agent pushes with it, the other worker's agent pulls with it,
+/// and the pod counts on there. The copy goes with its PodCheckpoint.
+#[test]
+fn a_checkpoint_naming_a_registry_secret_is_pushed_and_pulled_with_its_credentials() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = auth_registry(cluster);
+    let repository = format!("{registry}/e2e/private");
+    let mut source = counter_pod("e2e-kind-cred");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 2);
+    let checkpoint_with = |name: &str, secret: Option<&str>| {
+        let mut manifest = checkpoint_of(name, &pod.name);
+        manifest["spec"]["storage"] = json!({"type": "Image", "image": {"repository": repository}});
+        if let Some(secret) = secret {
+            manifest["spec"]["storage"]["image"]["secretName"] = json!(secret);
+        }
+        manifest["spec"]["deletionPolicy"] = json!("Delete");
+        Object::create(cluster, manifest)
+    };
+
+    // Anonymous: the registry refuses the push.
+    let anonymous = checkpoint_with("e2e-kind-cred-anon", None);
+    let failed = anonymous.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "PushFailed", "{failed}");
+    drop(anonymous);
+
+    // A Secret that does not exist: failed, naming it (before the checkpoint if the controller
+    // sees it first, else by the agent instead of pushing).
+    let missing = checkpoint_with("e2e-kind-cred-missing", Some("e2e-no-such-secret"));
+    let failed = missing.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(
+                "Secret default/e2e-no-such-secret (spec.storage.image.secretName) does not exist"
+            ),
+        "{failed}"
+    );
+    drop(missing);
+
+    // The user's Secret, with an entry for another registry too.
+    let config = json!({"auths": {
+        registry.clone(): {"username": "podsnap", "password": "s3cret:with-colon"},
+        "elsewhere.example": {"username": "other", "password": "e2e-not-for-this-registry"},
+    }});
+    cluster.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "e2e-kind-regcred", "namespace": "default"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()},
+    }));
+    struct SecretGone<'c>(&'c Cluster);
+    impl Drop for SecretGone<'_> {
+        fn drop(&mut self) {
+            let _ =
+                self.0
+                    .kubectl_try(["delete", "secret", "e2e-kind-regcred", "--ignore-not-found"]);
+        }
+    }
+    let _secret = SecretGone(cluster);
+    let checkpoint = checkpoint_with("e2e-kind-cred-ckpt", Some("e2e-kind-regcred"));
+    let ready = checkpoint.wait_phase(&["Ready", "Failed"]);
+    assert_eq!(ready["status"]["phase"], "Ready", "{ready}");
+    let image = ready["status"]["image"]["reference"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        image.starts_with(&format!("{repository}@sha256:")),
+        "{ready}"
+    );
+    let after = *counts(&pod.logs("counter")).last().unwrap();
+    let copy_name = format!(
+        "podsnap-registry-{}",
+        ready["metadata"]["uid"].as_str().unwrap()
+    );
+    let copy: Value = serde_json::from_str(&cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "secret",
+        &copy_name,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let copied = copy["data"][".dockerconfigjson"]
+        .as_str()
+        .unwrap_or_default();
+    let copied = String::from_utf8(
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, copied).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        copied.contains(&registry) && !copied.contains("elsewhere"),
+        "{copied}"
+    );
+    drop(pod);
+
+    let mut restore = restore_of("e2e-kind-cred-r", "e2e-kind-cred-ckpt", 1);
+    restore["spec"]["nodeName"] = json!(to);
+    let restore = Object::create(cluster, restore);
+    let done = restore.wait_phase(&["Completed", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Completed", "{done}");
+    let restored = restored_pod(cluster, &done);
+    restored.wait_ready();
+    assert_eq!(&node_of(&restored), to);
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > 0 && seen[0] <= after + 1,
+        "checkpointed by count {after}, restored on {to} counting {seen:?}"
+    );
+    drop(restored);
+    drop(restore);
+    drop(checkpoint);
+    wait_for(
+        "the copy of the registry credentials to go with its PodCheckpoint",
+        Duration::from_secs(90),
+        || {
+            let left = cluster.kubectl([
+                "-n",
+                "podsnap-system",
+                "get",
+                "secret",
+                &copy_name,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]);
+            if left.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        },
+    );
 }
 
 /// A PodCheckpoint whose image cannot be pushed (a registry nobody listens on) fails with the

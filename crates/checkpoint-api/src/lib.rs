@@ -77,6 +77,27 @@ pub fn checkpointed_pod_template_name(uid: &str) -> String {
     format!("podcheckpoint-{uid}")
 }
 
+/// The Secret, in the podsnap controller's and node agents' namespace, that holds the registry
+/// credentials of the PodCheckpoint with UID `uid` for its node agents: one
+/// `kubernetes.io/dockerconfigjson` entry, for the registry its image goes to, copied by the
+/// controller from the Secret the PodCheckpoint or a pod restoring it names. Named by the UID,
+/// as the PodTemplate is.
+pub fn registry_credentials_name(uid: &str) -> String {
+    format!("podsnap-registry-{uid}")
+}
+
+/// The label on a [`registry_credentials_name`] Secret: the UID of its PodCheckpoint (the
+/// controller removes copies whose PodCheckpoint is gone).
+pub const REGISTRY_CREDENTIALS_FOR: &str = "podsnap.io/registry-credentials-for";
+
+/// The annotation on a [`registry_credentials_name`] Secret that says why it holds no
+/// credentials (the named Secret is missing, of another type, or has no entry for the
+/// registry): the node agent fails the push with it rather than pushing anonymously.
+pub const REGISTRY_CREDENTIALS_ERROR: &str = "podsnap.io/registry-credentials-error";
+
+/// The namespace podsnap's controller and node agents run in (`deploy/`), unless told another.
+pub const SYSTEM_NAMESPACE: &str = "podsnap-system";
+
 /// What a PodCheckpoint's status says about the `PodTemplate` that holds its pod spec: which one
 /// (name and UID) and the version the controller wrote. A restore refuses a template that is
 /// another object or was changed since (its resourceVersion moved): the spec restored pods
@@ -187,9 +208,20 @@ pub enum StorageType {
 pub struct ImageStorage {
     /// `registry/repository`, without tag or digest: the node agent pushes the checkpoint there
     /// tagged with the PodCheckpoint's UID and reports it by digest in `status.image`. The
-    /// node agents' registry access (insecure registries, credentials) is their configuration.
+    /// node agents reach registries as configured (insecure registries), with the credentials
+    /// of `secretName` or their own.
     #[schemars(length(min = 1, max = 255))]
     pub repository: String,
+    /// A Secret of type `kubernetes.io/dockerconfigjson` in this namespace with the registry's
+    /// credentials: the node agent pushes (and pulls) with its entry for the repository's
+    /// registry. The controller copies that one entry, and only it, for the agents; unset,
+    /// they use their own (Secret `podsnap-registry-auth` in their namespace), or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: Option<String>,
     /// Seal the image's config and layers to these keys, so that the registry holds none of
     /// the pod's memory, files or environment in the clear; only nodes holding one of the
     /// private keys can restore it.
@@ -216,6 +248,15 @@ impl PodCheckpointSpec {
             .filter(|s| s.type_ == StorageType::Image)
             .and_then(|s| s.image.as_ref())
             .map(|i| i.repository.as_str())
+    }
+
+    /// The Secret with the registry's credentials, when it is stored as an image and names one.
+    pub fn image_secret_name(&self) -> Option<&str> {
+        self.storage
+            .as_ref()
+            .filter(|s| s.type_ == StorageType::Image)
+            .and_then(|s| s.image.as_ref())
+            .and_then(|i| i.secret_name.as_deref())
     }
 
     /// The keys the image is sealed to, when it is stored as an encrypted image.

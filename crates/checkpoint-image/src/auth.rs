@@ -138,12 +138,43 @@ pub fn credentials(
     Err(bad("has neither `auth` nor `username` and `password`"))
 }
 
+/// A `.dockerconfigjson` with one entry: `credentials` for `registry` (`host[:port]`), as
+/// [`credentials`] reads it back. The copy of a Secret's entry that podsnap's controller gives
+/// the node agents holds this and nothing else of the Secret.
+pub fn single_entry(registry: &str, credentials: &Credentials) -> Vec<u8> {
+    let auth = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", credentials.username, credentials.password));
+    serde_json::to_vec(&serde_json::json!({"auths": {host(registry): {"auth": auth}}}))
+        .expect("a JSON object of strings serialises")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn a_single_entry_config_reads_back_for_its_registry_only() {
+        let robot = Credentials {
+            username: "robot".into(),
+            password: "p:ss wörd".into(),
+        };
+        let config = single_entry("Registry.Example:5000", &robot);
+        let text = String::from_utf8_lossy(&config).into_owned();
+        assert_eq!(
+            credentials(&config, "registry.example:5000").unwrap(),
+            Some(robot),
+            "{text}"
+        );
+        assert_eq!(
+            credentials(&config, "registry.example").unwrap(),
+            None,
+            "{text}"
+        );
+        assert!(!text.contains("p:ss"), "{text}");
     }
 
     #[test]

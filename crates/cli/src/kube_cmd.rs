@@ -55,6 +55,9 @@ pub struct CheckpointOptions {
     pub image: Option<String>,
     /// age public keys the image is sealed to (none: not encrypted).
     pub encrypt_to: Vec<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret of the namespace with the registry's
+    /// credentials (`spec.storage.image.secretName`).
+    pub registry_secret: Option<String>,
     /// The UID the source pod must have (`spec.sourcePodUID`): a pod of that name created
     /// again meanwhile is not checkpointed.
     pub source_pod_uid: Option<String>,
@@ -99,6 +102,7 @@ pub async fn create_checkpoint(
         deletion_policy,
         image,
         encrypt_to,
+        registry_secret,
         source_pod_uid,
     } = options;
     if !encrypt_to.is_empty() {
@@ -122,6 +126,7 @@ pub async fn create_checkpoint(
                 type_: StorageType::Image,
                 image: Some(ImageStorage {
                     repository,
+                    secret_name: registry_secret,
                     encryption: (!encrypt_to.is_empty()).then(|| ImageEncryption {
                         recipients: encrypt_to.clone(),
                     }),
@@ -136,13 +141,15 @@ pub async fn create_checkpoint(
         .with_context(|| format!("create PodCheckpoint {}/{name}", target.namespace))?;
     // An API server whose CRD predates encryption drops the field without a word: the
     // checkpoint would go to the registry in the clear. Refused instead.
-    if created.spec.image_recipients() != object.spec.image_recipients() {
+    if created.spec.image_recipients() != object.spec.image_recipients()
+        || created.spec.image_secret_name() != object.spec.image_secret_name()
+    {
         let _ = target
             .checkpoints()
             .delete(&name, &kube::api::DeleteParams::background())
             .await;
         anyhow::bail!(
-            "PodCheckpoint {}/{name}: the API server dropped spec.storage.image.encryption (its PodCheckpoint CRD is older than this podsnap: apply deploy/crds/); deleted, nothing was checkpointed",
+            "PodCheckpoint {}/{name}: the API server dropped spec.storage.image.encryption or secretName (its PodCheckpoint CRD is older than this podsnap: apply deploy/crds/); deleted, nothing was checkpointed",
             target.namespace
         );
     }

@@ -79,6 +79,10 @@ enum Command {
         /// holding a matching private key can restore it.
         #[arg(long, value_name = "AGE_PUBLIC_KEY", requires = "image")]
         encrypt_to: Vec<String>,
+        /// Push (and pull) with the credentials of this Secret of the namespace (type
+        /// kubernetes.io/dockerconfigjson), its entry for the image's registry.
+        #[arg(long, value_name = "SECRET", requires = "image")]
+        registry_secret: Option<String>,
         /// How long to wait for the outcome.
         #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
         wait: Duration,
@@ -302,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             deletion_policy,
             image,
             encrypt_to,
+            registry_secret,
             wait,
         } => {
             let target = kube_cmd::Target::new(namespace.namespace).await?;
@@ -311,6 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 deletion_policy,
                 image,
                 encrypt_to,
+                registry_secret,
                 source_pod_uid: None,
             };
             return kube_cmd::checkpoint(&target, &pod, options, wait).await;

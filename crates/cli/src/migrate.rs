@@ -43,6 +43,10 @@ pub struct MigrateOptions {
     /// Encrypt the checkpoint images to this age public key (repeat for several).
     #[arg(long, value_name = "AGE_PUBLIC_KEY")]
     pub encrypt_to: Vec<String>,
+    /// Push and pull with the credentials of this Secret (type kubernetes.io/dockerconfigjson)
+    /// of each pod's namespace.
+    #[arg(long, value_name = "SECRET")]
+    pub registry_secret: Option<String>,
     /// How long each step (checkpoint and push; restore) of each pod's migration may take.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = crate::duration::parse_duration)]
     pub wait: Duration,
@@ -129,6 +133,7 @@ async fn migrate_one(
             deletion_policy: Some("Delete".into()),
             image: Some(options.image.clone()),
             encrypt_to: options.encrypt_to.clone(),
+            registry_secret: options.registry_secret.clone(),
             // This pod, which is deleted once restored: not one created again under its name.
             source_pod_uid: source.metadata.uid.clone(),
         },

@@ -141,6 +141,8 @@ async fn reconcile_deletion(
         finalizers::remove(api, object, finalizers::IN_USE).await?;
         return Ok(Action::await_change());
     }
+    // No restore pulls it any more: the agents' copy of its registry credentials goes.
+    crate::credentials::remove(ctx, object).await?;
     if !has_finalizer(object, finalizers::NODE_DATA) {
         return Ok(Action::await_change());
     }
@@ -201,7 +203,9 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         Some(PodCheckpointPhase::Ready) => {
             keep_pod_spec(&ctx, &object).await?;
             if object.status.as_ref().is_some_and(|s| s.image.is_some()) {
-                let nodes = referencing_nodes(&ctx, &object).await?;
+                let (nodes, pull_secrets) = referencing_nodes(&ctx, &object).await?;
+                // Before the nodes are listed: their agents pull with it.
+                crate::credentials::ensure_from_pull_secrets(&ctx, &object, &pull_secrets).await?;
                 if !nodes.is_empty()
                     && !crate::restore::record_pull_nodes(&api, &name, &nodes).await?
                 {
@@ -217,7 +221,10 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
         Some(PodCheckpointPhase::Failed) => return Ok(Action::await_change()),
         Some(PodCheckpointPhase::Checkpointing) => {
             // The kubelet of its node takes it (KEP-5823) and ends it, or its node's agent
-            // once pushed; the kubelet fails one it finds abandoned by its own restart.
+            // once pushed; the kubelet fails one it finds abandoned by its own restart. Taken
+            // before this controller saw it Pending, its registry credentials are copied now:
+            // a Secret that gives none is said by the copy, and the agent fails the push.
+            crate::credentials::ensure(&ctx, &object).await?;
             keep_pod_spec(&ctx, &object).await?;
             return Ok(Action::await_change());
         }
@@ -266,6 +273,9 @@ pub async fn reconcile(object: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<
     if let Some(repository) = object.spec.image_repository()
         && let Err(message) = check_repository(repository)
     {
+        return fail(&ctx, &object, "InvalidStorage", &message).await;
+    }
+    if let Some(message) = crate::credentials::ensure(&ctx, &object).await? {
         return fail(&ctx, &object, "InvalidStorage", &message).await;
     }
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
@@ -366,11 +376,16 @@ async fn keep_pod_spec(ctx: &Context, object: &PodCheckpoint) -> Result<(), Erro
 /// `checkpoint.k8s.io/restore-from` names it), in its namespace and in those its
 /// `spec.restoreNamespaces` lists, that have not ended: an image checkpoint is pulled there (the
 /// node's agent pulls what `status.pullNodes` lists). Any such pod passed admission's `restore`
-/// check on this checkpoint when it was created.
-async fn referencing_nodes(ctx: &Context, object: &PodCheckpoint) -> Result<Vec<String>, Error> {
+/// check on this checkpoint when it was created. Also the `imagePullSecrets` of those pods,
+/// each with its pod's namespace, in order.
+async fn referencing_nodes(
+    ctx: &Context,
+    object: &PodCheckpoint,
+) -> Result<(Vec<String>, Vec<(String, String)>), Error> {
     let home = object.namespace().unwrap_or_else(|| "default".into());
     let name = object.name_any();
     let mut nodes = Vec::new();
+    let mut pull_secrets = Vec::new();
     for namespace in std::iter::once(&home).chain(&object.spec.restore_namespaces) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
         for pod in pods.list(&kube::api::ListParams::default()).await? {
@@ -385,13 +400,24 @@ async fn referencing_nodes(ctx: &Context, object: &PodCheckpoint) -> Result<Vec<
             if referenced.as_ref() == Some(&(home.clone(), name.clone()))
                 && !ended
                 && let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
-                && !nodes.contains(&node)
             {
-                nodes.push(node);
+                for secret in pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.image_pull_secrets.iter().flatten())
+                {
+                    let entry = (namespace.clone(), secret.name.clone());
+                    if !secret.name.is_empty() && !pull_secrets.contains(&entry) {
+                        pull_secrets.push(entry);
+                    }
+                }
+                if !nodes.contains(&node) {
+                    nodes.push(node);
+                }
             }
         }
     }
-    Ok(nodes)
+    Ok((nodes, pull_secrets))
 }
 
 /// The PodTemplate that keeps the checkpointed pod's `spec` for the PodCheckpoint `object`:

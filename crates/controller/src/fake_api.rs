@@ -6,7 +6,8 @@
 //! namespaced collection (a list), POST to a collection (409 `AlreadyExists` when the name is
 //! taken; a UID and resourceVersion are assigned), PATCH as a JSON merge patch (of the object, or
 //! of its status through `/status`; a `metadata.resourceVersion` in the patch is a precondition,
-//! 409 `Conflict` when the object has moved on). Events sent are accepted and kept only as
+//! 409 `Conflict` when the object has moved on), DELETE of an object (404 when absent; a list's
+//! label selector is not applied). Events sent are accepted and kept only as
 //! requests; events listed are those a test put. Anything else (a node proxy, say) is 405.
 
 use std::collections::BTreeMap;
@@ -161,6 +162,10 @@ impl FakeApi {
                 object["metadata"]["resourceVersion"] = json!(version);
                 (200, object.clone())
             }
+            ("DELETE", 2) => match state.objects.remove(&seen.path) {
+                Some(object) => (200, object),
+                None => status(404, "NotFound", &format!("{} not found", seen.path)),
+            },
             _ => status(405, "MethodNotAllowed", &seen.line()),
         }
     }
@@ -236,6 +241,7 @@ pub fn context(fake: &FakeApi) -> std::sync::Arc<crate::Context> {
             instance: None,
         },
         keep_last: 0,
+        system_namespace: "podsnap-system".into(),
         metrics: Default::default(),
         checkpoints: kube::runtime::reflector::store::Writer::default().as_reader(),
         restores: kube::runtime::reflector::store::Writer::default().as_reader(),

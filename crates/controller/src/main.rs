@@ -12,6 +12,7 @@
 use podsnap_checkpoint_api as api;
 use podsnap_checkpoint_api::finalizers;
 mod checkpoint;
+mod credentials;
 #[cfg(test)]
 mod fake_api;
 mod metrics;
@@ -46,6 +47,10 @@ struct Args {
     /// Where to serve Prometheus metrics (`/metrics`) over HTTP; "0" serves none.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_bind_address: String,
+    /// The namespace the node agents read their copies of registry credentials in (this
+    /// controller's own, in `deploy/`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = api::SYSTEM_NAMESPACE)]
+    namespace: String,
 }
 
 /// What every reconcile needs.
@@ -54,6 +59,8 @@ pub struct Context {
     pub reporter: Reporter,
     /// Retention: Ready checkpoints kept per source pod (0: all).
     pub keep_last: usize,
+    /// Where the node agents' copies of registry credentials are kept ([`credentials`]).
+    pub system_namespace: String,
     pub metrics: Arc<metrics::Metrics>,
     /// Every PodCheckpoint, as the PodCheckpoint controller's reflector has them (retention).
     pub checkpoints: Store<PodCheckpoint>,
@@ -148,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
             instance: std::env::var("HOSTNAME").ok(),
         },
         keep_last: args.keep_last,
+        system_namespace: args.namespace.clone(),
         metrics: Arc::new(metrics::Metrics::default()),
         checkpoints: checkpoints.store(),
         restores: restores.store(),
@@ -166,6 +174,26 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("serve metrics on {addr}: {e}"))
     };
+    // Copies of registry credentials whose PodCheckpoint went without this controller seeing
+    // it go (its deletion removes a copy when it comes here).
+    let collect_credentials = async {
+        let store = context.checkpoints.clone();
+        if store.wait_until_ready().await.is_err() {
+            return std::future::pending().await;
+        }
+        loop {
+            let uids = store.state().iter().filter_map(|c| c.uid()).collect();
+            match credentials::collect(&context, &uids).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    removed = n,
+                    "removed registry credentials of deleted PodCheckpoints"
+                ),
+                Err(error) => tracing::warn!(%error, "collecting registry credentials"),
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    };
     tracing::info!("podsnap-controller started");
     let checkpoints = checkpoints
         .run(
@@ -181,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         _ = checkpoints => {}
         _ = restores => {}
         result = serve_metrics => result?,
+        () = collect_credentials => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
     }
     Ok(())

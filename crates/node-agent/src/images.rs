@@ -32,16 +32,19 @@ pub struct RegistryConfig {
 }
 
 impl RegistryConfig {
-    /// A client for `registry` (host[:port]), with its credentials if the auth file has some.
-    pub fn client(&self, registry: &str) -> Result<Registry, String> {
-        let credentials = match &self.auth_file {
-            Some(path) => match std::fs::read(path) {
+    /// A client for `registry` (host[:port]), with the credentials `copied` (a PodCheckpoint's,
+    /// as the controller copied them) has for it, else those of the auth file, if any.
+    pub fn client(&self, registry: &str, copied: Option<&[u8]>) -> Result<Registry, String> {
+        let credentials = match (copied, &self.auth_file) {
+            (Some(config), _) => podsnap_checkpoint_image::auth::credentials(config, registry)
+                .map_err(|e| format!("the PodCheckpoint's registry credentials: {e}"))?,
+            (None, Some(path)) => match std::fs::read(path) {
                 Ok(bytes) => podsnap_checkpoint_image::auth::credentials(&bytes, registry)
                     .map_err(|e| format!("auth file {}: {e}", path.display()))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(format!("reading the auth file {}: {e}", path.display())),
             },
-            None => None,
+            (None, None) => None,
         };
         Registry::new(&Access {
             insecure: self.insecure.clone(),
@@ -96,6 +99,7 @@ pub async fn push(
     repository: &str,
     tag: &str,
     recipients: Option<&[String]>,
+    credentials: Option<&[u8]>,
 ) -> Result<Pushed, String> {
     let recipients = recipients
         .map(|keys| {
@@ -127,7 +131,7 @@ pub async fn push(
             .map_err(|e| at(e.to_string()))?;
     }
     let target = reference(&format!("{repository}:{tag}")).map_err(|e| e.to_string())?;
-    let registry = config.client(target.resolve_registry())?;
+    let registry = config.client(target.resolve_registry(), credentials)?;
     let options = PushOptions {
         annotations: BTreeMap::from([(KUBELET_RECORD_ANNOTATION.to_string(), record)]),
         recipients,
@@ -211,6 +215,7 @@ pub async fn pull(
     namespace: &str,
     uid: &str,
     max_bytes: u64,
+    credentials: Option<&[u8]>,
 ) -> Result<PullOutcome, String> {
     let checkpoint = checkpoint_in(dir, name)?;
     let source = reference(image).map_err(|e| e.to_string())?;
@@ -242,7 +247,7 @@ pub async fn pull(
             checkpoint.display()
         ));
     }
-    let registry = config.client(source.resolve_registry())?;
+    let registry = config.client(source.resolve_registry(), credentials)?;
     let identities = std::sync::Arc::new(config.identities()?);
     let staging = dir.join(format!(".pull-{name}"));
     if std::fs::symlink_metadata(&staging).is_ok() {

@@ -37,16 +37,18 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
+use k8s_openapi::api::core::v1::Secret;
 use podsnap_checkpoint_api::finalizers::{self, NODE_DATA};
 use podsnap_checkpoint_api::{
     CheckpointImageStatus, Condition, PodCheckpoint, PodCheckpointPhase, PodCheckpointStatus,
-    ready_reasons,
+    REGISTRY_CREDENTIALS_ERROR, ready_reasons, registry_credentials_name,
 };
 
 pub mod images;
 pub mod pulls;
 
 pub use images::RegistryConfig;
+pub use podsnap_checkpoint_api::SYSTEM_NAMESPACE;
 
 /// Why a reconcile failed (it is retried after a pause).
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,52 @@ pub struct Agent {
     pub max_pull_bytes: u64,
     /// How long a pulled checkpoint no pod on this node names is kept.
     pub pulled_ttl: Duration,
+    /// Where the controller keeps its copies of PodCheckpoints' registry credentials (its
+    /// namespace and this agent's).
+    pub credentials_namespace: String,
+}
+
+/// A PodCheckpoint's registry credentials, as the controller copied them for the agents from
+/// the Secret it names (`spec.storage.image.secretName`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// No copy, and it names no Secret: the agent's own credentials, if any.
+    Own,
+    /// The copy: a `.dockerconfigjson` with one entry.
+    Credentials(Vec<u8>),
+    /// It names a Secret the controller has not copied yet.
+    NotYet(String),
+    /// The Secret it names gives none: the controller's reason.
+    Refused(String),
+}
+
+/// The registry credentials of PodCheckpoint `uid`, which names Secret `named` or none.
+pub async fn copied_credentials(
+    agent: &Agent,
+    uid: &str,
+    named: Option<&str>,
+) -> Result<Copied, Error> {
+    let copies: Api<Secret> = Api::namespaced(agent.client.clone(), &agent.credentials_namespace);
+    let name = registry_credentials_name(uid);
+    let Some(copy) = copies.get_opt(&name).await? else {
+        return Ok(match named {
+            Some(secret) => Copied::NotYet(format!(
+                "the controller has not copied the registry credentials of Secret {secret} (to {}/{name}) yet",
+                agent.credentials_namespace
+            )),
+            None => Copied::Own,
+        });
+    };
+    if let Some(reason) = copy.annotations().get(REGISTRY_CREDENTIALS_ERROR) {
+        return Ok(Copied::Refused(reason.clone()));
+    }
+    match copy.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
+        Some(config) => Ok(Copied::Credentials(config.0.clone())),
+        None => Ok(Copied::Refused(format!(
+            "Secret {}/{name} has no .dockerconfigjson",
+            agent.credentials_namespace
+        ))),
+    }
 }
 
 /// Runs the agent until its watches end.
@@ -199,10 +247,20 @@ async fn push(
     let checkpoint = dir_name
         .ok_or_else(|| format!("location {location:?} names no checkpoint"))
         .and_then(|n| images::checkpoint_in(&agent.checkpoints_dir, n));
+    let credentials = match copied_credentials(agent, &uid, object.spec.image_secret_name()).await?
+    {
+        Copied::NotYet(why) => {
+            tracing::info!(checkpoint = %name, "waiting: {why}");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Copied::Refused(why) => Err(format!("registry credentials: {why}")),
+        Copied::Credentials(config) => Ok(Some(config)),
+        Copied::Own => Ok(None),
+    };
     tracing::info!(checkpoint = %name, %location, %repository, "pushing");
     let started = std::time::Instant::now();
-    let result = match checkpoint {
-        Ok(checkpoint) => {
+    let result = match (checkpoint, credentials) {
+        (Ok(checkpoint), Ok(credentials)) => {
             images::push(
                 &agent.registry,
                 &agent.pins_dir,
@@ -210,10 +268,11 @@ async fn push(
                 repository,
                 &uid,
                 object.spec.image_recipients(),
+                credentials.as_deref(),
             )
             .await
         }
-        Err(e) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let ended = match &result {
         Ok(pushed) => {

@@ -46,6 +46,8 @@ pub struct Wanted {
     pub namespace: String,
     /// The PodCheckpoint's UID: the kubelet record in the image must name it.
     pub uid: String,
+    /// The Secret with the registry's credentials it names, if any.
+    pub secret_name: Option<String>,
 }
 
 /// The pull a PodCheckpoint asks of `node`, if any: Ready, with an image, listing the node.
@@ -64,6 +66,7 @@ pub fn wanted(checkpoint: &PodCheckpoint, node: &str) -> Option<Wanted> {
         image,
         namespace: checkpoint.namespace()?,
         uid: checkpoint.uid()?,
+        secret_name: checkpoint.spec.image_secret_name().map(str::to_string),
     })
 }
 
@@ -296,17 +299,34 @@ fn start_pull(agent: &Arc<Agent>, recorder: &Recorder, pulls: &Arc<Mutex<Pulls>>
     let pulls = pulls.clone();
     tokio::spawn(async move {
         let started = Instant::now();
-        let result = images::pull(
-            &agent.registry,
-            &agent.pins_dir,
-            &agent.checkpoints_dir,
-            &wanted.name,
-            &wanted.image,
-            &wanted.namespace,
-            &wanted.uid,
-            agent.max_pull_bytes,
-        )
-        .await;
+        let credentials =
+            match crate::copied_credentials(&agent, &wanted.uid, wanted.secret_name.as_deref())
+                .await
+            {
+                Ok(crate::Copied::Own) => Ok(None),
+                Ok(crate::Copied::Credentials(config)) => Ok(Some(config)),
+                Ok(crate::Copied::NotYet(why) | crate::Copied::Refused(why)) => {
+                    Err(format!("registry credentials: {why}"))
+                }
+                Err(e) => Err(format!("reading the registry credentials: {e}")),
+            };
+        let result = match credentials {
+            Ok(credentials) => {
+                images::pull(
+                    &agent.registry,
+                    &agent.pins_dir,
+                    &agent.checkpoints_dir,
+                    &wanted.name,
+                    &wanted.image,
+                    &wanted.namespace,
+                    &wanted.uid,
+                    agent.max_pull_bytes,
+                    credentials.as_deref(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         let note = match &result {
             Ok(PullOutcome::Pulled { size }) => Some((
                 EventType::Normal,
@@ -450,6 +470,7 @@ mod tests {
                 image: "r.example/x@sha256:a".into(),
                 namespace: "team".into(),
                 uid: "uid-a".into(),
+                secret_name: None,
             })
         );
         assert_eq!(wanted(&ready("a", &["n2"]), "n3"), None);

@@ -147,9 +147,17 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
     let taken = checkpoint(source.path(), name, &source_pins);
     let repository = format!("{}/e2e/counter", registry.addr);
 
-    let pushed = images::push(&config, &source_pins, &taken, &repository, "uid-1", None)
-        .await
-        .unwrap();
+    let pushed = images::push(
+        &config,
+        &source_pins,
+        &taken,
+        &repository,
+        "uid-1",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     assert!(
         pushed
             .reference
@@ -175,6 +183,7 @@ async fn a_pinned_checkpoint_goes_up_with_its_record_and_comes_down_pinned_on_an
                     namespace,
                     uid,
                     1 << 30,
+                    None,
                 )
                 .await
             }
@@ -306,7 +315,7 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
     std::fs::remove_file(changed.join(format::MANIFEST)).unwrap();
     format::write_manifest(&changed, &mut rewritten).unwrap();
     format::verify(&changed).unwrap();
-    let err = images::push(&config, &pins_dir, &changed, &repository, "t", None)
+    let err = images::push(&config, &pins_dir, &changed, &repository, "t", None, None)
         .await
         .unwrap_err();
     assert!(err.contains("it was changed, and is not pushed"), "{err}");
@@ -317,7 +326,7 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
         "checkpoint-b_default-t",
         &node.path().join("other-pins"),
     );
-    let err = images::push(&config, &pins_dir, &unpinned, &repository, "t", None)
+    let err = images::push(&config, &pins_dir, &unpinned, &repository, "t", None, None)
         .await
         .unwrap_err();
     assert!(err.contains("has no pin of it"), "{err}");
@@ -325,7 +334,7 @@ async fn a_checkpoint_changed_since_podsnapd_pinned_it_or_never_pinned_stays_on_
     // No kubelet record beside it.
     let pinned = checkpoint(node.path(), "checkpoint-c_default-t", &pins_dir);
     std::fs::remove_file(images::record_path(&pinned)).unwrap();
-    let err = images::push(&config, &pins_dir, &pinned, &repository, "t", None)
+    let err = images::push(&config, &pins_dir, &pinned, &repository, "t", None, None)
         .await
         .unwrap_err();
     assert!(err.contains("the kubelet's record"), "{err}");
@@ -350,6 +359,7 @@ async fn an_encrypted_checkpoint_and_its_record_go_up_sealed_and_come_down_only_
         &repository,
         "uid-1",
         Some(&["age1nope".to_string()]),
+        None,
     )
     .await
     .unwrap_err();
@@ -362,6 +372,7 @@ async fn an_encrypted_checkpoint_and_its_record_go_up_sealed_and_come_down_only_
         &repository,
         "uid-1",
         Some(std::slice::from_ref(&public)),
+        None,
     )
     .await
     .unwrap();
@@ -406,6 +417,7 @@ async fn an_encrypted_checkpoint_and_its_record_go_up_sealed_and_come_down_only_
             "default",
             "uid-1",
             1 << 30,
+            None,
         )
     };
     // No key on this node (the optional Secret not created): refused, nothing left.

@@ -74,6 +74,10 @@ enum Mode {
         /// Seconds a pulled checkpoint no pod on this node names is kept.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         pulled_ttl: u64,
+        /// The namespace of the controller's copies of PodCheckpoints' registry credentials
+        /// (podsnap's own, in `deploy/`).
+        #[arg(long, env = "POD_NAMESPACE", default_value = podsnap_node_agent::SYSTEM_NAMESPACE)]
+        credentials_namespace: String,
     },
 }
 
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         identity_file,
         max_pull_size,
         pulled_ttl,
+        credentials_namespace,
     }) = args.mode
     {
         anyhow::ensure!(!node.is_empty(), "--node is empty");
@@ -122,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             },
             max_pull_bytes: max_pull_size,
             pulled_ttl: Duration::from_secs(pulled_ttl),
+            credentials_namespace,
         };
         return node_agent(agent).await;
     }
