@@ -39,7 +39,7 @@ for node in $nodes; do
 		podman volume rm -f "$volume" >/dev/null
 	done
 done
-for registry in "$KIND_REGISTRY_NAME" "$KIND_AUTH_REGISTRY_NAME"; do
+for registry in "$KIND_REGISTRY_NAME" "$KIND_PRIVATE_REGISTRY_NAME"; do
 	if has_label container "$registry"; then
 		podman rm -f "$registry" >/dev/null
 	fi
@@ -56,7 +56,7 @@ rm -rf "$KIND_RUN"
 # Nothing of ours may be left: say what if something is.
 left=$(
 	kind_nodes
-	for registry in "$KIND_REGISTRY_NAME" "$KIND_AUTH_REGISTRY_NAME"; do
+	for registry in "$KIND_REGISTRY_NAME" "$KIND_PRIVATE_REGISTRY_NAME"; do
 		has_label container "$registry" && echo "$registry"
 	done
 	for node in $nodes; do podman volume ls -q --filter "label=$node=true"; done

@@ -21,11 +21,13 @@ KIND_BIN=$PODSNAP_CACHE/kind/$KIND_VERSION/kind
 KIND_CLUSTER=${PODSNAP_KIND_CLUSTER:-podsnap}
 KIND_NETWORK=kind
 KIND_REGISTRY_NAME=$KIND_CLUSTER-registry
-# A second registry that takes only user podsnap, password s3cret:with-colon (Basic auth; a
-# test bed's credentials), reached by nodes as $KIND_AUTH_REGISTRY_NAME:5000, not published.
-KIND_AUTH_REGISTRY_NAME=$KIND_CLUSTER-registry-auth
+# A second registry, as a private one is: HTTPS with a certificate of its own CA (made by
+# kind-up.sh; the node agents trust it through the ConfigMap podsnap-registry-ca), and only
+# user podsnap, password s3cret:with-colon (Basic auth; a test bed's credentials). Nodes reach
+# it as $KIND_PRIVATE_REGISTRY_NAME:5000; it is not published on the host.
+KIND_PRIVATE_REGISTRY_NAME=$KIND_CLUSTER-private-registry
 # shellcheck disable=SC2016 # a bcrypt hash, not an expansion
-KIND_AUTH_REGISTRY_HTPASSWD='podsnap:$2b$04$AsJ5hGONhd99Vt81c1oThukojKwBfw9hQ1qE..z28rza1E7LJPeU6'
+KIND_PRIVATE_REGISTRY_HTPASSWD='podsnap:$2b$04$AsJ5hGONhd99Vt81c1oThukojKwBfw9hQ1qE..z28rza1E7LJPeU6'
 # The registry, published on the host for pushes; nodes pull from $KIND_REGISTRY_NAME:5000.
 KIND_REGISTRY=127.0.0.1:${PODSNAP_KIND_REGISTRY_PORT:-5001}
 # State of one cluster (its name in the path unless it is the default one).

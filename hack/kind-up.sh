@@ -101,11 +101,32 @@ registry_run() {
 		"$image" /usr/bin/docker-registry serve /etc/docker/registry/config.yml >/dev/null
 }
 
-# The cluster's registry (anonymous, published on the host), and a second one that takes only
-# the test bed's user (Basic auth, $KIND_AUTH_REGISTRY_HTPASSWD), for PodCheckpoints that name
-# a registry Secret.
+# private_registry_pki DIR: a CA (ca.crt) and the private registry's certificate it signed
+# (server.crt, server.key, for its name on the kind network), made once per cluster.
+private_registry_pki() {
+	local dir=$1
+	[ -s "$dir/server.crt" ] && [ -s "$dir/ca.crt" ] && return 0
+	(
+		cd "$dir"
+		umask 077
+		openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+			-subj "/CN=podsnap kind registry CA" -keyout ca.key -out ca.crt 2>/dev/null
+		openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+			-subj "/CN=$KIND_PRIVATE_REGISTRY_NAME" -keyout server.key -out server.csr 2>/dev/null
+		printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+			"$KIND_PRIVATE_REGISTRY_NAME" >server.ext
+		openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+			-extfile server.ext -out server.crt 2>/dev/null
+		chmod 0644 ca.crt server.crt
+	) || die "openssl could not make the private registry's certificates in $dir"
+}
+
+# The cluster's registry (anonymous, plain HTTP, published on the host), and a private one
+# (HTTPS with its own CA, Basic auth for $KIND_PRIVATE_REGISTRY_HTPASSWD's user), for
+# PodCheckpoints that name a registry Secret.
 registry_up() {
-	mkdir -p "$KIND_REGISTRY_STORAGE" "$KIND_RUN/registry-auth/storage"
+	local private=$KIND_RUN/private-registry
+	mkdir -p "$KIND_REGISTRY_STORAGE" "$private/storage"
 	podman network exists "$KIND_NETWORK" || podman network create --label "$KIND_LABEL" "$KIND_NETWORK" >/dev/null
 	cat >"$KIND_RUN/registry.yml" <<'EOF'
 version: 0.1
@@ -117,8 +138,12 @@ storage:
 http:
   addr: :5000
 EOF
-	printf '%s\n' "$KIND_AUTH_REGISTRY_HTPASSWD" >"$KIND_RUN/registry-auth/htpasswd"
-	cat "$KIND_RUN/registry.yml" - >"$KIND_RUN/registry-auth/registry.yml" <<'EOF'
+	private_registry_pki "$private"
+	printf '%s\n' "$KIND_PRIVATE_REGISTRY_HTPASSWD" >"$private/htpasswd"
+	cat "$KIND_RUN/registry.yml" - >"$private/registry.yml" <<'EOF'
+  tls:
+    certificate: /etc/docker/registry/tls/server.crt
+    key: /etc/docker/registry/tls/server.key
 auth:
   htpasswd:
     realm: podsnap-kind
@@ -126,13 +151,14 @@ auth:
 EOF
 	registry_run "$KIND_REGISTRY_NAME" "$KIND_REGISTRY_STORAGE" "$KIND_RUN/registry.yml" \
 		--publish "$KIND_REGISTRY:5000"
-	registry_run "$KIND_AUTH_REGISTRY_NAME" "$KIND_RUN/registry-auth/storage" \
-		"$KIND_RUN/registry-auth/registry.yml" \
-		--volume "$KIND_RUN/registry-auth/htpasswd:/etc/docker/registry/htpasswd:ro"
+	registry_run "$KIND_PRIVATE_REGISTRY_NAME" "$private/storage" "$private/registry.yml" \
+		--volume "$private/htpasswd:/etc/docker/registry/htpasswd:ro" \
+		--volume "$private/server.crt:/etc/docker/registry/tls/server.crt:ro" \
+		--volume "$private/server.key:/etc/docker/registry/tls/server.key:ro"
 	wait_for registry "the kind registry on $KIND_REGISTRY" 30 \
 		curl -fsS --noproxy '*' -o /dev/null --max-time 2 "http://$KIND_REGISTRY/v2/"
-	wait_for registry "$KIND_AUTH_REGISTRY_NAME running" 30 \
-		test "$(podman container inspect --format '{{.State.Running}}' "$KIND_AUTH_REGISTRY_NAME")" = true
+	wait_for registry "$KIND_PRIVATE_REGISTRY_NAME running" 30 \
+		test "$(podman container inspect --format '{{.State.Running}}' "$KIND_PRIVATE_REGISTRY_NAME")" = true
 }
 
 # wait_for WHAT DESCRIPTION SECONDS CMD...: until CMD succeeds, or die naming it.
@@ -267,7 +293,8 @@ images:
   - name: podsnap/podsnapd
     newName: ${2%:*}
     newTag: "${2##*:}"
-# The node agents push and pull checkpoint images to and from the cluster's registry (plain HTTP).
+# The node agents push and pull checkpoint images to and from the cluster's registry (plain
+# HTTP); the private one is HTTPS, its CA in the ConfigMap podsnap-registry-ca.
 patches:
   - target:
       kind: ConfigMap
@@ -275,8 +302,13 @@ patches:
     patch: |-
       - op: replace
         path: /data/insecure-registries
-        value: "$KIND_REGISTRY_NAME:5000,$KIND_AUTH_REGISTRY_NAME:5000"
+        value: "$KIND_REGISTRY_NAME:5000"
 EOF
+	# The private registry's CA, there before the agents start (they mount it, optional).
+	kind_kubectl create namespace podsnap-system --dry-run=client -o yaml | kind_kubectl apply -f - >/dev/null
+	kind_kubectl -n podsnap-system create configmap podsnap-registry-ca \
+		--from-file=ca.crt="$KIND_RUN/private-registry/ca.crt" --dry-run=client -o yaml |
+		kind_kubectl apply -f - >/dev/null
 	# The CRDs first: the rest names their kinds.
 	kind_kubectl apply -f "$overlay/crds/" >/dev/null
 	kind_kubectl wait --for condition=Established --timeout 60s \

@@ -167,9 +167,12 @@ fn agents_registry(cluster: &Cluster) -> String {
     registry.to_owned()
 }
 
-/// The registry of the test bed that takes only user `podsnap` (hack/kind-lib.sh,
-/// `KIND_AUTH_REGISTRY_NAME`), as the node agents' ConfigMap lists it.
-fn auth_registry(cluster: &Cluster) -> String {
+/// The private registry of the test bed (hack/kind-lib.sh, `KIND_PRIVATE_REGISTRY_NAME`):
+/// HTTPS with a certificate of its own CA, which the node agents trust through the ConfigMap
+/// podsnap-registry-ca, and only user `podsnap`. Not among the agents' plain-HTTP registries.
+fn private_registry(cluster: &Cluster) -> String {
+    let name = std::env::var("PODSNAP_KIND_CLUSTER").unwrap_or_else(|_| "podsnap".into());
+    let registry = format!("{name}-private-registry:5000");
     let insecure = cluster.kubectl([
         "-n",
         "podsnap-system",
@@ -179,16 +182,24 @@ fn auth_registry(cluster: &Cluster) -> String {
         "-o",
         "jsonpath={.data.insecure-registries}",
     ]);
-    let registry = insecure
-        .split(',')
-        .map(str::trim)
-        .find(|r| r.contains("registry-auth"))
-        .unwrap_or_default();
     assert!(
-        !registry.is_empty(),
-        "the node agents have no registry with authentication configured ({insecure:?}; hack/kind-up.sh sets one)"
+        !insecure.split(',').any(|r| r.trim() == registry),
+        "{registry} is reached over plain HTTP ({insecure:?}): the test wants HTTPS"
     );
-    registry.to_owned()
+    let ca = cluster.kubectl([
+        "-n",
+        "podsnap-system",
+        "get",
+        "configmap",
+        "podsnap-registry-ca",
+        "-o",
+        "jsonpath={.data.ca\\.crt}",
+    ]);
+    assert!(
+        ca.contains("BEGIN CERTIFICATE"),
+        "the ConfigMap podsnap-registry-ca has no CA certificate (hack/kind-up.sh makes it): {ca:?}"
+    );
+    registry
 }
 
 /// A counting pod `name` bound to `node` by name and its Ready PodCheckpoint `checkpoint`, stored
@@ -716,8 +727,10 @@ fn podsnap_drain_cordons_a_worker_and_moves_its_podsnap_pods_off_it() {
     ]);
 }
 
-/// Registry credentials per PodCheckpoint (`spec.storage.image.secretName`), against a registry
-/// that takes only its one user: anonymous, the push is refused (the registry does ask); naming
+/// Registry credentials per PodCheckpoint (`spec.storage.image.secretName`), against a private
+/// registry (HTTPS signed by its own CA, which the agents trust through the ConfigMap
+/// podsnap-registry-ca) that takes only its one user: anonymous, the push is refused (the
+/// registry does ask); naming
 /// a Secret that does not exist fails the checkpoint, naming it; naming the user's Secret, the
 /// controller copies its one entry for that registry (not the Secret's other entries) into
 /// podsnap-system, the source node's agent pushes with it, the other worker's agent pulls with it,
@@ -727,7 +740,7 @@ fn a_checkpoint_naming_a_registry_secret_is_pushed_and_pulled_with_its_credentia
     let cluster = Cluster::kind();
     let workers = workers(cluster);
     let (from, to) = (&workers[0], &workers[1]);
-    let registry = auth_registry(cluster);
+    let registry = private_registry(cluster);
     let repository = format!("{registry}/e2e/private");
     let mut source = counter_pod("e2e-kind-cred");
     source["spec"]["nodeName"] = json!(from);

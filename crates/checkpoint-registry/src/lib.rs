@@ -58,7 +58,7 @@ const MAX_MANIFEST: usize = 4 << 20;
 pub enum Error {
     #[error("{0}")]
     Image(#[from] image::Error),
-    #[error("registry {registry}: {context}: {source}")]
+    #[error("registry {registry}: {context}: {}", causes(source))]
     Registry {
         registry: String,
         context: String,
@@ -97,11 +97,46 @@ impl Error {
     }
 }
 
+/// `e` and what caused it, down to the first cause (reqwest says "error sending request" and
+/// keeps why, a refused certificate say, in its sources).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a TLS error is among the causes of `e`: a certificate not trusted, a name that does
+/// not match, a handshake refused. Configuration, which trying again does not change.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    // An io::Error's source() skips the error it wraps: open those (hyper-rustls nests two).
+    fn is_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+        e.downcast_ref::<rustls::Error>().is_some()
+            || e.downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| is_rustls(inner))
+    }
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        if is_rustls(cause) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Whether an oci-client error is one that passes.
 fn transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::RequestError(e) => {
-            e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+            (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()) && !is_tls(e)
         }
         OciDistributionError::ServerError { code, .. } => {
             *code >= 500 || *code == 429 || *code == 408
@@ -153,6 +188,9 @@ pub struct Access {
     pub credentials: Option<image::auth::Credentials>,
     /// Retries of what fails for a passing reason.
     pub retry: Retry,
+    /// PEM certificates of authorities trusted for HTTPS registries besides the system's (a
+    /// registry whose certificate a private CA signed); empty: the system's only.
+    pub ca_certificates: Vec<u8>,
 }
 
 /// What a push did.
@@ -239,12 +277,32 @@ impl Registry {
         // rustls needs one crypto provider for the process: ring, which kube already uses. A
         // second call finds it installed, which is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = Client::new(ClientConfig {
+        let roots = if access.ca_certificates.is_empty() {
+            Vec::new()
+        } else {
+            reqwest::Certificate::from_pem_bundle(&access.ca_certificates)
+                .map_err(|e| Error::Task(format!("the CA certificates: {e}")))?
+        };
+        if !access.ca_certificates.is_empty() && roots.is_empty() {
+            return Err(Error::Task(
+                "the CA certificates hold no PEM certificate".to_string(),
+            ));
+        }
+        let client = Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(access.insecure.clone()),
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
+            extra_root_certificates: if access.ca_certificates.is_empty() {
+                Vec::new()
+            } else {
+                vec![oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: access.ca_certificates.clone(),
+                }]
+            },
             ..Default::default()
-        });
+        })
+        .map_err(|e| Error::Task(format!("building the registry client: {e}")))?;
         let auth = match &access.credentials {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
@@ -253,6 +311,7 @@ impl Registry {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
+            .tls_certs_merge(roots)
             .build()
             .map_err(|e| Error::Task(format!("building the HTTP client: {e}")))?;
         Ok(Registry {
@@ -1038,6 +1097,7 @@ mod tests {
                 password: "p".into(),
             }),
             retry: Retry::default(),
+            ..Default::default()
         })
         .unwrap();
         let reference = reference("reg:5000/team/app:1").unwrap();

@@ -35,6 +35,15 @@ impl TestRegistry {
 
     /// A registry whose config has `extra` appended (top-level YAML sections).
     fn start_with(extra: &str) -> Self {
+        Self::start_config("", extra)
+    }
+
+    /// A registry whose `http` section has `http_extra` appended (indented YAML keys).
+    fn start_http_with(http_extra: &str) -> Self {
+        Self::start_config(http_extra, "")
+    }
+
+    fn start_config(http_extra: &str, extra: &str) -> Self {
         assert!(
             Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: run hack/install.sh (Debian package docker-registry)"
@@ -51,7 +60,7 @@ impl TestRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}{extra}",
                 storage.display()
             ),
         )
@@ -88,6 +97,7 @@ impl TestRegistry {
             insecure: vec![self.addr.clone()],
             credentials: None,
             retry: QUICK,
+            ca_certificates: Vec::new(),
         })
         .unwrap()
     }
@@ -451,6 +461,7 @@ async fn a_registry_that_is_down_is_a_registry_error_naming_it() {
         insecure: vec![addr.clone()],
         credentials: None,
         retry: QUICK,
+        ca_certificates: Vec::new(),
     })
     .unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -694,6 +705,7 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         insecure: vec![proxy.addr.clone()],
         credentials: None,
         retry: QUICK,
+        ca_certificates: Vec::new(),
     })
     .unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -734,6 +746,7 @@ async fn a_503_mid_upload_and_a_dropped_download_are_retried_a_404_is_not() {
         insecure: vec![proxy.addr.clone()],
         credentials: None,
         retry: QUICK,
+        ca_certificates: Vec::new(),
     })
     .unwrap();
     let tag = reference(&format!("{}/podsnap/down-for-good:1", proxy.addr)).unwrap();
@@ -787,6 +800,7 @@ async fn a_registry_with_basic_auth_takes_the_secrets_credentials_and_refuses_an
             insecure: vec![registry.addr.clone()],
             credentials,
             retry: QUICK,
+            ca_certificates: Vec::new(),
         })
         .unwrap()
     };
@@ -913,4 +927,81 @@ async fn an_encrypted_checkpoint_leaves_no_plaintext_in_the_registry_and_opens_o
     );
     assert_ne!(pulled.manifest_sha256, pulled.config_digest);
     assert_root_only(&target);
+}
+
+/// A certificate authority and a certificate it signed for 127.0.0.1, made with openssl (Debian's,
+/// as hack/install.sh has it): `(ca.crt, server.crt, server.key)` paths under `dir`.
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=podsnap-test-ca -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >server.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+  -extfile server.ext -out server.crt 2>/dev/null
+"#;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .expect("openssl (hack/install.sh installs it)");
+    assert!(status.success(), "openssl could not make the test CA");
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+/// A registry on HTTPS whose certificate a private CA signed: refused while that CA is not
+/// trusted (never retried as if it could pass, never sent over plain HTTP instead); pushed and
+/// pulled once it is (`Access::ca_certificates`, the agents' and the CLI's `--ca-file`). A CA
+/// file without a certificate is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_registry_signed_by_a_private_ca_is_reached_once_that_ca_is_trusted() {
+    let work = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(work.path());
+    let registry = TestRegistry::start_http_with(&format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.display(),
+        key.display()
+    ));
+    let source = work.path().join("checkpoint");
+    sample(&source, &noise(1 << 20, 21));
+    let tag = reference(&format!("{}/podsnap/tls:1", registry.addr)).unwrap();
+    let with = |ca_certificates: Vec<u8>| {
+        Registry::new(&Access {
+            insecure: Vec::new(),
+            credentials: None,
+            retry: QUICK,
+            ca_certificates,
+        })
+    };
+    let err = with(Vec::new())
+        .unwrap()
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        format!("{err:#}").to_lowercase().contains("certificate"),
+        "{err:#}"
+    );
+    let err = with(b"not a certificate".to_vec()).unwrap_err();
+    assert!(err.to_string().contains("no PEM certificate"), "{err}");
+
+    let client = with(std::fs::read(&ca).unwrap()).unwrap();
+    let pushed = client
+        .push(&source, &tag, &PushOptions::default())
+        .await
+        .unwrap();
+    let target = work.path().join("pulled");
+    let pulled = client
+        .pull(&tag, &target, 1 << 30, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, pushed.digest);
+    assert_eq!(tree(&target), tree(&source));
 }

@@ -19,6 +19,10 @@ pub struct RegistryArgs {
     /// A Docker config file holding the registry's credentials (anonymous without one).
     #[arg(long, value_name = "FILE", env = "REGISTRY_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
+    /// PEM certificates of the authorities that signed a registry's HTTPS certificate, trusted
+    /// besides the system's (a registry with a private CA).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -54,11 +58,21 @@ impl RegistryArgs {
             }
             None => None,
         };
-        Ok(Registry::new(&Access {
+        let ca_certificates = match &self.ca_file {
+            Some(path) => std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading the CA file {}: {e}", path.display()))?,
+            None => Vec::new(),
+        };
+        Registry::new(&Access {
             insecure: self.insecure.clone(),
             credentials,
             retry: Default::default(),
-        })?)
+            ca_certificates,
+        })
+        .map_err(|e| match &self.ca_file {
+            Some(path) => anyhow::anyhow!("--ca-file {}: {e}", path.display()),
+            None => e.into(),
+        })
     }
 }
 

@@ -26,6 +26,9 @@ pub struct RegistryConfig {
     /// credentials, per registry; anonymous where it has none, or when the file does not exist
     /// (an optional Secret not created).
     pub auth_file: Option<PathBuf>,
+    /// PEM certificates of authorities trusted for HTTPS registries besides the system's (a
+    /// ConfigMap's `ca.crt`); read for each client, none when it does not exist.
+    pub ca_file: Option<PathBuf>,
     /// An age identity file with the keys that open encrypted checkpoint images; read at each
     /// pull (a Secret mounted later, or updated, is seen), none when it does not exist.
     pub identity_file: Option<PathBuf>,
@@ -46,10 +49,19 @@ impl RegistryConfig {
             },
             (None, None) => None,
         };
+        let ca_certificates = match &self.ca_file {
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(format!("reading the CA file {}: {e}", path.display())),
+            },
+            None => Vec::new(),
+        };
         Registry::new(&Access {
             insecure: self.insecure.clone(),
             credentials,
             retry: Default::default(),
+            ca_certificates,
         })
         .map_err(|e| e.to_string())
     }

@@ -71,6 +71,7 @@ impl TestRegistry {
         RegistryConfig {
             insecure: vec![self.addr.clone()],
             auth_file: None,
+            ca_file: None,
             identity_file: None,
         }
     }

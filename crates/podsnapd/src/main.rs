@@ -64,6 +64,10 @@ enum Mode {
         /// registry credentials; anonymous where it has none.
         #[arg(long, value_name = "FILE")]
         auth_file: Option<PathBuf>,
+        /// PEM certificates of authorities trusted for HTTPS registries besides the system's
+        /// (a registry with a private CA); none where it does not exist.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// An age identity file (`podsnap keygen`; a Secret's key) with the private keys that
         /// open encrypted checkpoint images pulled here; none where it does not exist.
         #[arg(long, value_name = "FILE")]
@@ -100,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         pins_dir,
         insecure,
         auth_file,
+        ca_file,
         identity_file,
         max_pull_size,
         pulled_ttl,
@@ -123,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
             registry: podsnap_node_agent::RegistryConfig {
                 insecure: insecure.into_iter().filter(|r| !r.is_empty()).collect(),
                 auth_file,
+                ca_file,
                 identity_file,
             },
             max_pull_bytes: max_pull_size,
