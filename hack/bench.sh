@@ -12,6 +12,8 @@
 #                                               one of them (see target/release/podsnap-bench help)
 #        hack/bench.sh slow-start [N]           bench/slow-start.sh: time-to-ready of a slow-starting
 #                                               pod on the Kubernetes cluster, cold vs restored
+#        hack/bench.sh migrate [N]              bench/migrate.sh: downtime of a 1 GiB pod moved
+#                                               across kind workers vs its parts measured alone
 #
 # Environment: PODSNAP_BENCH_SKIP_BUILD=1 (use the release binaries already built),
 # PODSNAP_BENCH_DIR (where checkpoint images go; default /var/tmp).
@@ -27,6 +29,10 @@ cd "$PODSNAP_ROOT"
 if [ "${1:-}" = slow-start ]; then
 	shift
 	exec bench/slow-start.sh "$@"
+fi
+if [ "${1:-}" = migrate ]; then
+	shift
+	exec bench/migrate.sh "$@"
 fi
 
 release=$PODSNAP_ROOT/target/release
