@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use podsnap_e2e::cluster::{Cluster, KubePod, Object, checkpoint_of, counter_pod, counts};
+use podsnap_e2e::cluster::{
+    COUNTER_IMAGE, Cluster, KubePod, Object, checkpoint_of, counter_pod, counts,
+};
 use podsnap_e2e::wait_for;
 use serde_json::{Value, json};
 
@@ -875,6 +877,77 @@ fn a_checkpoint_naming_a_registry_secret_is_pushed_and_pulled_with_its_credentia
             }
         },
     );
+}
+
+/// Cancelling a push: a PodCheckpoint deleted while its node's agent pushes to a registry that
+/// never answers (a listener on the worker that reads and says nothing) is gone within seconds,
+/// its data on the node removed, rather than after the registry client's timeouts and retries
+/// (minutes); the source pod runs on.
+#[test]
+fn a_checkpoint_deleted_while_its_push_hangs_goes_at_once_and_leaves_nothing() {
+    let cluster = Cluster::kind();
+    let worker = workers(cluster).remove(0);
+    let silent = cluster.create_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "e2e-kind-silent-registry", "namespace": "default"},
+        "spec": {
+            "nodeName": worker, "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "listen", "image": COUNTER_IMAGE, "command": [
+                // nc's input is a FIFO nobody writes: it neither answers nor closes.
+                "sh", "-c", "mkfifo /tmp/f; exec 3<>/tmp/f; while true; do nc -l -p 5999 <&3 > /dev/null; done"
+            ]}]
+        }
+    }));
+    silent.wait_ready();
+    let pod = cluster.create_pod(counter_on("e2e-kind-hang", &worker));
+    pod.wait_ready();
+    let mut manifest = checkpoint_of("e2e-kind-hang-ckpt", &pod.name);
+    manifest["spec"]["storage"] =
+        json!({"type": "Image", "image": {"repository": "127.0.0.1:5999/e2e/hang"}});
+    manifest["spec"]["deletionPolicy"] = json!("Delete");
+    let checkpoint = Object::create(cluster, manifest);
+    let pushing = wait_for(
+        "the checkpoint to be taken and pushed",
+        Duration::from_secs(120),
+        || {
+            let object = checkpoint.get();
+            if object["status"]["reason"] == "Pushing" {
+                Ok(object)
+            } else {
+                Err(object["status"].to_string())
+            }
+        },
+    );
+    let location = cluster
+        .checkpoint_dir(&pushing["status"])
+        .display()
+        .to_string();
+    // The registry says nothing: the push hangs.
+    std::thread::sleep(Duration::from_secs(3));
+    let still = checkpoint.get();
+    assert_eq!(still["status"]["reason"], "Pushing", "{still}");
+    let started = std::time::Instant::now();
+    let deleted = cluster
+        .kubectl_try([
+            "delete",
+            "podcheckpoint",
+            "e2e-kind-hang-ckpt",
+            "--wait=true",
+            "--timeout=45s",
+        ])
+        .unwrap();
+    assert!(
+        deleted.success() && started.elapsed() < Duration::from_secs(30),
+        "deleting a PodCheckpoint whose push hangs took {:?}: {}",
+        started.elapsed(),
+        deleted.report()
+    );
+    let there = cluster
+        .node_exec(&worker, &["test", "-e", &location])
+        .success();
+    assert!(!there, "{location} is still on {worker}");
+    pod.wait_counting("counter", 2);
+    drop(silent);
 }
 
 /// A PodCheckpoint whose image cannot be pushed (a registry nobody listens on) fails with the

@@ -259,18 +259,29 @@ async fn push(
     };
     tracing::info!(checkpoint = %name, %location, %repository, "pushing");
     let started = std::time::Instant::now();
+    let api: Api<PodCheckpoint> = Api::namespaced(
+        agent.client.clone(),
+        &object.namespace().unwrap_or_else(|| "default".into()),
+    );
     let result = match (checkpoint, credentials) {
         (Ok(checkpoint), Ok(credentials)) => {
-            images::push(
-                &agent.registry,
-                &agent.pins_dir,
-                &checkpoint,
-                repository,
-                &uid,
-                object.spec.image_recipients(),
-                credentials.as_deref(),
-            )
-            .await
+            // A push stops when its PodCheckpoint is deleted (a cancelled migration, say): a
+            // registry that hangs or a large image does not hold the deletion up.
+            tokio::select! {
+                pushed = images::push(
+                    &agent.registry,
+                    &agent.pins_dir,
+                    &checkpoint,
+                    repository,
+                    &uid,
+                    object.spec.image_recipients(),
+                    credentials.as_deref(),
+                ) => pushed,
+                why = deleted_meanwhile(&api, &name, &uid) => {
+                    tracing::warn!(checkpoint = %name, seconds = started.elapsed().as_secs_f64(), "push stopped: {why}");
+                    Err(format!("push stopped: {why}"))
+                }
+            }
         }
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
@@ -304,10 +315,6 @@ async fn push(
             })
         }
     };
-    let api: Api<PodCheckpoint> = Api::namespaced(
-        agent.client.clone(),
-        &object.namespace().unwrap_or_else(|| "default".into()),
-    );
     let patch = serde_json::json!({
         "metadata": {"resourceVersion": object.resource_version()},
         "status": ended,
@@ -327,6 +334,30 @@ async fn push(
             Ok(Action::await_change())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// How often a push looks whether its PodCheckpoint is being deleted.
+const DELETION_POLL: Duration = Duration::from_secs(1);
+
+/// Returns once PodCheckpoint `name` (UID `uid`) is being deleted, gone, or replaced by another
+/// of that name: why. A failed read is tried again at the next poll.
+async fn deleted_meanwhile(api: &Api<PodCheckpoint>, name: &str, uid: &str) -> String {
+    loop {
+        tokio::time::sleep(DELETION_POLL).await;
+        match api.get_opt(name).await {
+            Ok(None) => return "the PodCheckpoint is gone".to_string(),
+            Ok(Some(o)) if o.uid().as_deref() != Some(uid) => {
+                return "the PodCheckpoint was replaced".to_string();
+            }
+            Ok(Some(o)) if o.meta().deletion_timestamp.is_some() => {
+                return "the PodCheckpoint is being deleted".to_string();
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                tracing::debug!(checkpoint = %name, error = %e, "reading the PodCheckpoint during its push")
+            }
+        }
     }
 }
 
