@@ -284,7 +284,7 @@ YAML
 	cluster_kubectl apply -f "$PODSNAP_ROOT/deploy/crds/" >/dev/null
 	cluster_kubectl apply -f "$PODSNAP_ROOT/deploy/rbac.yaml" >/dev/null
 	wait_for kube-apiserver "the checkpoint.k8s.io CRDs" 60 cluster_kubectl wait --for condition=Established --timeout 5s \
-		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io
+		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io crd/podmigrations.checkpoint.k8s.io
 }
 
 start_podsnap_controller() {

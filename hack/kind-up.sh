@@ -312,7 +312,7 @@ EOF
 	# The CRDs first: the rest names their kinds.
 	kind_kubectl apply -f "$overlay/crds/" >/dev/null
 	kind_kubectl wait --for condition=Established --timeout 60s \
-		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io >/dev/null
+		crd/podcheckpoints.checkpoint.k8s.io crd/podrestores.checkpoint.k8s.io crd/podmigrations.checkpoint.k8s.io >/dev/null
 	kind_kubectl apply -k "$overlay" >/dev/null
 	kind_kubectl -n podsnap-system rollout status deployment/podsnap-controller --timeout 180s >&2
 	kind_kubectl -n podsnap-system rollout status daemonset/podsnap-node-agent --timeout 180s >&2

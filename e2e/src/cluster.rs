@@ -925,7 +925,8 @@ kill -KILL "$(cri inspect -o go-template --template '{{.info.pid}}' "$id")""#,
     }
 }
 
-/// A checkpoint.k8s.io object (PodCheckpoint, PodRestore) created by a test, deleted when dropped.
+/// A checkpoint.k8s.io object (PodCheckpoint, PodRestore, PodMigration) created by a test,
+/// deleted when dropped.
 pub struct Object<'c> {
     cluster: &'c Cluster,
     kind: &'static str,
@@ -937,6 +938,7 @@ impl<'c> Object<'c> {
         let kind = match manifest["kind"].as_str() {
             Some("PodCheckpoint") => "podcheckpoint",
             Some("PodRestore") => "podrestore",
+            Some("PodMigration") => "podmigration",
             other => panic!("not a checkpoint.k8s.io kind: {other:?}"),
         };
         let name = manifest["metadata"]["name"].as_str().unwrap().to_owned();

@@ -879,6 +879,155 @@ fn a_checkpoint_naming_a_registry_secret_is_pushed_and_pulled_with_its_credentia
     );
 }
 
+/// A PodMigration: the controller does what `podsnap migrate` does. Through a registry nobody
+/// listens on it fails (the checkpoint's push failed), deletes what it created, and the source
+/// runs on; a pod with a hostPath volume is refused before anything is created; through the
+/// cluster's registry the pod moves to the other worker and counts on there, and the source is
+/// deleted only then.
+#[test]
+fn a_pod_migration_moves_a_pod_to_the_other_worker_or_leaves_it_running() {
+    let cluster = Cluster::kind();
+    let workers = workers(cluster);
+    let (from, to) = (&workers[0], &workers[1]);
+    let registry = agents_registry(cluster);
+    let mut source = counter_pod("e2e-kind-pmig");
+    source["spec"]["nodeName"] = json!(from);
+    let pod = cluster.create_pod(source);
+    pod.wait_ready();
+    pod.wait_counting("counter", 3);
+    let migration = |name: &str, pod: &str, repository: &str| {
+        json!({
+            "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodMigration",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"podName": pod, "targetNodeName": to, "image": {"repository": repository}}
+        })
+    };
+    let left_of = |name: &str| {
+        let all = cluster.kubectl(["get", "podcheckpoints,podrestores", "-o", "name"]);
+        all.lines()
+            .filter(|l| l.ends_with(&format!("/{name}")))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    // Through a registry nobody listens on: Failed, undone, the source counts on.
+    let failing = Object::create(
+        cluster,
+        migration(
+            "e2e-kind-pmig-fail",
+            "e2e-kind-pmig",
+            "127.0.0.1:9/e2e/nothing",
+        ),
+    );
+    let failed = failing.wait_phase(&["Succeeded", "Failed"]);
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["status"]["reason"], "CheckpointFailed", "{failed}");
+    let message = failed["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("PushFailed") && message.contains("the source pod runs on"),
+        "{failed}"
+    );
+    wait_for(
+        "the failed migration's PodCheckpoint to go",
+        Duration::from_secs(60),
+        || {
+            let left = left_of("e2e-kind-pmig-fail");
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join(" "))
+            }
+        },
+    );
+    assert_eq!(pod.get()["status"]["phase"], "Running");
+    drop(failing);
+
+    // A pod with a hostPath volume: refused, nothing created.
+    let mut pinned = counter_pod("e2e-kind-pmig-host");
+    pinned["spec"]["nodeName"] = json!(from);
+    pinned["spec"]["volumes"] = json!([{"name": "node-data", "hostPath": {"path": "/tmp"}}]);
+    let pinned = cluster.create_pod(pinned);
+    pinned.wait_ready();
+    let refusing = Object::create(
+        cluster,
+        migration(
+            "e2e-kind-pmig-host",
+            "e2e-kind-pmig-host",
+            &format!("{registry}/e2e/pmig"),
+        ),
+    );
+    let refused = refusing.wait_phase(&["Succeeded", "Failed"]);
+    assert_eq!(refused["status"]["reason"], "Unmovable", "{refused}");
+    assert!(
+        refused["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"node-data\" is a hostPath"),
+        "{refused}"
+    );
+    assert!(left_of("e2e-kind-pmig-host").is_empty());
+    drop(refusing);
+    drop(pinned);
+
+    // Moved.
+    let before = *counts(&pod.logs("counter")).last().unwrap();
+    let moving = Object::create(
+        cluster,
+        migration(
+            "e2e-kind-pmig-move",
+            "e2e-kind-pmig",
+            &format!("{registry}/e2e/pmig"),
+        ),
+    );
+    struct RestoreGone<'c>(&'c Cluster);
+    impl Drop for RestoreGone<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kubectl_try([
+                "delete",
+                "podrestore",
+                "e2e-kind-pmig-move",
+                "--ignore-not-found",
+            ]);
+        }
+    }
+    let _restore = RestoreGone(cluster);
+    let done = moving.wait_phase(&["Succeeded", "Failed"]);
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done}");
+    assert_eq!(done["status"]["targetNodeName"], to.as_str(), "{done}");
+    assert_eq!(done["status"]["sourceNodeName"], from.as_str(), "{done}");
+    let restored_name = done["status"]["restoredPodName"]
+        .as_str()
+        .unwrap_or_default();
+    let restored = cluster.existing_pod("default", restored_name);
+    restored.wait_ready();
+    assert_eq!(&node_of(&restored), to);
+    let seen = restored.wait_counting("counter", 2);
+    assert!(
+        seen[0] > before,
+        "checkpointed after count {before}, the moved pod counts {seen:?}"
+    );
+    wait_for(
+        "the source pod to be deleted",
+        Duration::from_secs(60),
+        || {
+            let there = cluster.kubectl([
+                "get",
+                "pod",
+                "e2e-kind-pmig",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]);
+            if there.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(there)
+            }
+        },
+    );
+    drop(pod);
+}
+
 /// Cancelling a push: a PodCheckpoint deleted while its node's agent pushes to a registry that
 /// never answers (a listener on the worker that reads and says nothing) is gone within seconds,
 /// its data on the node removed, rather than after the registry client's timeouts and retries

@@ -16,10 +16,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-use crate::{PodCheckpoint, PodRestore};
+use crate::{PodCheckpoint, PodMigration, PodRestore};
 
 /// What a CRD's file in `deploy/crds/` starts with, after the "generated" line.
-const HEADERS: [(&str, &str); 2] = [
+const HEADERS: [(&str, &str); 3] = [
     (
         "podcheckpoints.yaml",
         "# PodCheckpoint (KEP-5823): a checkpoint of one running pod, taken by podsnap-controller through\n\
@@ -30,14 +30,20 @@ const HEADERS: [(&str, &str); 2] = [
         "# PodRestore (KEP-5823): one or more pods restored from a Ready PodCheckpoint, on the checkpoint's\n\
          # node, by podsnap-controller (the kubelet restores them: checkpoint.k8s.io/restore-from).\n",
     ),
+    (
+        "podmigrations.yaml",
+        "# PodMigration (podsnap's, beside KEP-5823's kinds): one running pod moved to another node\n\
+         # through a checkpoint image by podsnap-controller (PodCheckpoint, PodRestore, source deleted).\n",
+    ),
 ];
 
 /// The CRDs, each with the name of its file in `deploy/crds/`.
-pub fn crds() -> [(&'static str, CustomResourceDefinition); 2] {
-    let [(checkpoints, _), (restores, _)] = HEADERS;
+pub fn crds() -> [(&'static str, CustomResourceDefinition); 3] {
+    let [(checkpoints, _), (restores, _), (migrations, _)] = HEADERS;
     [
         (checkpoints, not_nullable(PodCheckpoint::crd())),
         (restores, not_nullable(PodRestore::crd())),
+        (migrations, not_nullable(PodMigration::crd())),
     ]
 }
 

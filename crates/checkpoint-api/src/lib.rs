@@ -1,5 +1,5 @@
 //! The `checkpoint.k8s.io/v1alpha1` API (KEP-5823) as Rust types: `PodCheckpoint` and
-//! `PodRestore`. Their CustomResourceDefinitions, with validation (OpenAPI and CEL), printer
+//! `PodRestore`, and podsnap's `PodMigration` ([`migration`]). Their CustomResourceDefinitions, with validation (OpenAPI and CEL), printer
 //! columns, subresources and short names, are generated from these types ([`crds`]) into
 //! `deploy/crds/` by `cargo run -p podsnap-checkpoint-api --bin crdgen`; a unit test fails when
 //! the files there differ from what the types generate. The finalizers the controller and the
@@ -12,6 +12,7 @@
 
 pub mod crds;
 pub mod finalizers;
+pub mod migration;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +21,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crds::crds;
+pub use migration::{
+    MIGRATION_ANNOTATION, PodMigration, PodMigrationPhase, PodMigrationSpec, PodMigrationStatus,
+    unmovable,
+};
 
 /// The annotation that makes the (patched) kubelet restore a pod from a checkpoint.
 pub const RESTORE_FROM: &str = "checkpoint.k8s.io/restore-from";
@@ -695,6 +700,7 @@ wire_strings! {
     DeletionPolicy { Retain, Delete }
     PodCheckpointPhase { Pending, Checkpointing, Ready, Failed }
     PodRestorePhase { Pending, Restoring, Completed, Failed }
+    PodMigrationPhase { Pending, Checkpointing, Restoring, Succeeded, Failed }
     ConditionStatus { True, False, Unknown }
 }
 

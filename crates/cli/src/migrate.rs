@@ -24,12 +24,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::kube_cmd::{self, CheckpointOptions, RestoreOptions, Target};
-use podsnap_checkpoint_api::{PodCheckpoint, PodRestore, RUNTIME_CLASS};
+use podsnap_checkpoint_api::{PodCheckpoint, PodRestore, RUNTIME_CLASS, unmovable};
 
 /// What a migration needs besides its pod (the options `migrate` and `drain` share).
 #[derive(Debug, Clone, clap::Args)]
@@ -221,45 +221,6 @@ async fn migrate_one(
     })
 }
 
-/// Why a pod cannot be moved to another node, if it cannot: a hostPath volume (its data is the
-/// node's), or a device resource (GPU memory is not in a CRIU dump).
-pub fn unmovable(spec: &PodSpec) -> Option<String> {
-    if let Some(volume) = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.host_path.is_some())
-    {
-        return Some(format!(
-            "volume {:?} is a hostPath: its data stays on the node",
-            volume.name
-        ));
-    }
-    for container in spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter())
-    {
-        let resources = container.resources.iter().flat_map(|r| {
-            r.limits
-                .iter()
-                .flatten()
-                .chain(r.requests.iter().flatten())
-                .map(|(name, _)| name.as_str())
-        });
-        for name in resources {
-            if name.contains('/') && !name.starts_with("hugepages-") {
-                return Some(format!(
-                    "container {:?} uses device resource {name}: a device's state is not in the checkpoint",
-                    container.name
-                ));
-            }
-        }
-    }
-    None
-}
-
 /// The kubelet's timestamps of a container's log lines (of the last `since` seconds).
 async fn output_times(
     pods: &Api<Pod>,
@@ -369,31 +330,4 @@ pub async fn drain(
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(value: serde_json::Value) -> PodSpec {
-        serde_json::from_value(value).unwrap()
-    }
-
-    #[test]
-    fn host_paths_and_devices_are_unmovable_the_rest_is_not() {
-        let plain = spec(serde_json::json!({
-            "containers": [{"name": "app", "resources": {"limits": {"cpu": "1", "memory": "1Gi", "hugepages-2Mi": "4Mi"}}}],
-            "volumes": [{"name": "cache", "emptyDir": {}}]
-        }));
-        assert_eq!(unmovable(&plain), None);
-        let host = spec(serde_json::json!({
-            "containers": [{"name": "app"}],
-            "volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]
-        }));
-        assert!(unmovable(&host).unwrap().contains("\"data\" is a hostPath"));
-        let gpu = spec(serde_json::json!({
-            "containers": [{"name": "infer", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]
-        }));
-        assert!(unmovable(&gpu).unwrap().contains("nvidia.com/gpu"));
-    }
 }

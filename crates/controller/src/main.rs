@@ -1,5 +1,5 @@
 //! `podsnap-controller`: reconciles `PodCheckpoint` and `PodRestore` objects
-//! (`checkpoint.k8s.io/v1alpha1`, KEP-5823). A PodCheckpoint is taken through the kubelet's pod
+//! (`checkpoint.k8s.io/v1alpha1`, KEP-5823), and podsnap's `PodMigration` ([`migration`]). A PodCheckpoint is taken through the kubelet's pod
 //! checkpoint API (`POST /checkpointpod/{namespace}/{pod}`, kubelet-patches/) on the source pod's
 //! node, reached through the API server's node proxy; a PodRestore creates pods annotated
 //! `checkpoint.k8s.io/restore-from: <PodCheckpoint>`, pinned to the checkpoint's node, which the
@@ -16,6 +16,7 @@ mod credentials;
 #[cfg(test)]
 mod fake_api;
 mod metrics;
+mod migration;
 mod restore;
 mod status;
 
@@ -32,7 +33,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use api::{PodCheckpoint, PodRestore};
+use api::{PodCheckpoint, PodMigration, PodRestore};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -100,6 +101,18 @@ fn restores_of(
         .collect()
 }
 
+/// The PodMigration that created `object` (a PodCheckpoint or PodRestore annotated with its
+/// name): their changes reconcile it.
+fn migration_of<K: kube::Resource>(object: K) -> Option<ObjectRef<PodMigration>> {
+    let name = object
+        .meta()
+        .annotations
+        .as_ref()?
+        .get(api::MIGRATION_ANNOTATION)?
+        .clone();
+    Some(ObjectRef::new(&name).within(object.meta().namespace.as_deref()?))
+}
+
 /// The PodCheckpoint a bound pod restores from by reference (its `checkpoint.k8s.io/restore-from`
 /// names the object): the pod's changes reconcile it, so that an image checkpoint is pulled to
 /// the node of a pod created to restore it, by a PodRestore or by anyone else.
@@ -147,6 +160,21 @@ async fn main() -> anyhow::Result<()> {
         Api::<PodCheckpoint>::all(client.clone()),
         watcher::Config::default(),
         move |checkpoint| restores_of(&restore_store, &checkpoint),
+    );
+    // A PodMigration follows the PodCheckpoint and PodRestore it created.
+    let migrations = Controller::new(
+        Api::<PodMigration>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<PodCheckpoint>::all(client.clone()),
+        watcher::Config::default(),
+        migration_of,
+    )
+    .watches(
+        Api::<PodRestore>::all(client.clone()),
+        watcher::Config::default(),
+        migration_of,
     );
     let context = Arc::new(Context {
         client: client.clone(),
@@ -205,9 +233,13 @@ async fn main() -> anyhow::Result<()> {
     let restores = restores
         .run(restore::reconcile, requeue_on_error, context.clone())
         .for_each(|_| async {});
+    let migrations = migrations
+        .run(migration::reconcile, requeue_on_error, context.clone())
+        .for_each(|_| async {});
     tokio::select! {
         _ = checkpoints => {}
         _ = restores => {}
+        _ = migrations => {}
         result = serve_metrics => result?,
         () = collect_credentials => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),

@@ -1,0 +1,621 @@
+//! Reconciling a `PodMigration` ([`crate::api::migration`]): the objects `podsnap migrate`
+//! creates, created by the controller and followed to the end. Pending: the pod is checked (it
+//! runs, on runtime class podsnap, and can move: [`unmovable`]) and a PodCheckpoint of it is
+//! created (storage Image, deletion policy Delete, the pod's UID pinned, owned by the
+//! migration). Checkpointing: once it is Ready, a PodRestore of it on the target node.
+//! Restoring: once that is Completed (every restored container runs), the source pod is deleted
+//! (by its UID) and the migration has Succeeded. A failure at any step deletes the PodRestore and
+//! the PodCheckpoint, and the source runs on.
+//!
+//! Whoever creates a PodMigration has the controller checkpoint, restore and delete a pod for
+//! them: the ValidatingAdmissionPolicy podsnap-migrate (deploy/rbac.yaml) asks the authorizer
+//! whether they may do each themselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+
+use crate::api::{
+    CheckpointStorage, Condition, DeletionPolicy, MIGRATION_ANNOTATION, PodCheckpoint,
+    PodCheckpointPhase, PodCheckpointSpec, PodMigration, PodMigrationPhase, PodMigrationStatus,
+    PodRestore, PodRestorePhase, PodRestoreSpec, RUNTIME_CLASS, StorageType, unmovable,
+};
+use crate::status::{self, Owned, publish};
+use crate::{Context, Error};
+
+impl Owned for PodMigration {
+    fn failed(condition: Condition, reason: &str, message: &str) -> PodMigrationStatus {
+        let _ = condition;
+        PodMigrationStatus {
+            phase: Some(PodMigrationPhase::Failed),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            completion_time: Some(crate::api::now()),
+            ..Default::default()
+        }
+    }
+}
+
+/// How often a migration in progress is looked at besides its objects' watch events.
+const POLL: Duration = Duration::from_secs(5);
+
+pub async fn reconcile(object: Arc<PodMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if object.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let status = object.status.clone().unwrap_or_default();
+    match status.phase {
+        None | Some(PodMigrationPhase::Pending) => begin(&ctx, &object).await,
+        Some(PodMigrationPhase::Checkpointing) => checkpointing(&ctx, &object, &status).await,
+        Some(PodMigrationPhase::Restoring) => restoring(&ctx, &object, &status).await,
+        Some(PodMigrationPhase::Succeeded | PodMigrationPhase::Failed) => {
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn namespace_of(object: &PodMigration) -> String {
+    object.namespace().unwrap_or_else(|| "default".into())
+}
+
+/// The annotations of what a migration creates: its name.
+fn annotations(object: &PodMigration) -> std::collections::BTreeMap<String, String> {
+    [(MIGRATION_ANNOTATION.to_string(), object.name_any())].into()
+}
+
+/// Whether `meta` (of a PodCheckpoint or PodRestore found under the migration's name) was
+/// created by this migration.
+fn ours(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    object: &PodMigration,
+) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(MIGRATION_ANNOTATION))
+        == Some(&object.name_any())
+        && meta.creation_timestamp.as_ref().map(|t| t.0)
+            >= object.meta().creation_timestamp.as_ref().map(|t| t.0)
+}
+
+/// Fails the migration (before anything was created, or after [`undo`]).
+async fn fail(
+    ctx: &Context,
+    object: &PodMigration,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    status::fail_at_version(ctx, object, "Succeeded", reason, message).await
+}
+
+/// Deletes what the migration created (the PodRestore first: its pods go with it), then fails
+/// it: the source runs on.
+async fn undo(
+    ctx: &Context,
+    object: &PodMigration,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    let namespace = namespace_of(object);
+    let name = object.name_any();
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(restore) = restores.get_opt(&name).await?
+        && ours(restore.meta(), object)
+    {
+        delete_ignoring_absent(restores.delete(&name, &DeleteParams::background()).await)?;
+    }
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(checkpoint) = checkpoints.get_opt(&name).await?
+        && ours(checkpoint.meta(), object)
+    {
+        delete_ignoring_absent(checkpoints.delete(&name, &DeleteParams::background()).await)?;
+    }
+    fail(
+        ctx,
+        object,
+        reason,
+        &format!("{message}; the source pod runs on"),
+    )
+    .await
+}
+
+fn delete_ignoring_absent<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Pending: checks the pod and creates the PodCheckpoint.
+async fn begin(ctx: &Context, object: &PodMigration) -> Result<Action, Error> {
+    let namespace = namespace_of(object);
+    let name = object.name_any();
+    let pod_name = &object.spec.pod_name;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(pod) = pods.get_opt(pod_name).await? else {
+        return fail(
+            ctx,
+            object,
+            "SourcePodNotFound",
+            &format!("pod {namespace}/{pod_name} does not exist"),
+        )
+        .await;
+    };
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.runtime_class_name.as_deref() != Some(RUNTIME_CLASS) {
+        return fail(
+            ctx,
+            object,
+            "NotPodsnapPod",
+            &format!("pod {namespace}/{pod_name} runs with runtime class {:?}: only {RUNTIME_CLASS:?} pods can be migrated", spec.runtime_class_name.as_deref().unwrap_or("")),
+        )
+        .await;
+    }
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let Some(source_node) = spec.node_name.clone().filter(|_| running) else {
+        return fail(
+            ctx,
+            object,
+            "SourcePodNotRunning",
+            &format!("pod {namespace}/{pod_name} is not running on a node"),
+        )
+        .await;
+    };
+    if let Some(why) = unmovable(&spec) {
+        return fail(
+            ctx,
+            object,
+            "Unmovable",
+            &format!("pod {namespace}/{pod_name} cannot move: {why}"),
+        )
+        .await;
+    }
+    if object.spec.target_node_name.as_deref() == Some(source_node.as_str()) {
+        return fail(
+            ctx,
+            object,
+            "SameNode",
+            &format!("pod {namespace}/{pod_name} already runs on {source_node}"),
+        )
+        .await;
+    }
+    if let Err(message) = crate::checkpoint::check_repository(&object.spec.image.repository) {
+        return fail(
+            ctx,
+            object,
+            "InvalidStorage",
+            &message.replace("storage.image", "spec.image"),
+        )
+        .await;
+    }
+    let source_uid = pod.uid().unwrap_or_default();
+    let mut checkpoint = PodCheckpoint::new(
+        &name,
+        PodCheckpointSpec {
+            source_pod_name: pod_name.clone(),
+            source_pod_uid: Some(source_uid.clone()),
+            restore_namespaces: Vec::new(),
+            timeout_seconds: None,
+            deletion_policy: Some(DeletionPolicy::Delete),
+            storage: Some(CheckpointStorage {
+                type_: StorageType::Image,
+                image: Some(object.spec.image.clone()),
+            }),
+        },
+    );
+    checkpoint.metadata.namespace = Some(namespace.clone());
+    checkpoint.metadata.annotations = Some(annotations(object));
+    checkpoint.metadata.owner_references = object.controller_owner_ref(&()).map(|o| vec![o]);
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    match checkpoints
+        .create(&PostParams::default(), &checkpoint)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = checkpoints.get_opt(&name).await?;
+            if !existing.is_some_and(|c| ours(c.meta(), object)) {
+                return fail(ctx, object, "NameTaken", &format!("a PodCheckpoint {namespace}/{name} exists that this migration did not create")).await;
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let checkpointing = PodMigrationStatus {
+        phase: Some(PodMigrationPhase::Checkpointing),
+        source_pod_uid: Some(source_uid),
+        source_node_name: Some(source_node.clone()),
+        checkpoint_name: Some(name.clone()),
+        start_time: Some(crate::api::now()),
+        ..Default::default()
+    };
+    if !status::set_at_version(ctx, object, &checkpointing).await? {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    publish(
+        ctx,
+        object,
+        EventType::Normal,
+        "Checkpointing",
+        &format!(
+            "checkpointing pod {pod_name} on {source_node} to {}",
+            object.spec.image.repository
+        ),
+    )
+    .await;
+    Ok(Action::requeue(POLL))
+}
+
+/// Checkpointing: waits for the PodCheckpoint, then creates the PodRestore.
+async fn checkpointing(
+    ctx: &Context,
+    object: &PodMigration,
+    status: &PodMigrationStatus,
+) -> Result<Action, Error> {
+    let namespace = namespace_of(object);
+    let name = object.name_any();
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    let checkpoint = match checkpoints.get_opt(&name).await? {
+        Some(c) if ours(c.meta(), object) => c,
+        _ => {
+            return undo(
+                ctx,
+                object,
+                "CheckpointDeleted",
+                &format!("PodCheckpoint {namespace}/{name} was deleted"),
+            )
+            .await;
+        }
+    };
+    let checkpoint_status = checkpoint.status.clone().unwrap_or_default();
+    match checkpoint_status.phase {
+        Some(PodCheckpointPhase::Ready) => {}
+        Some(PodCheckpointPhase::Failed) => {
+            let why = format!(
+                "PodCheckpoint {name} failed: {}: {}",
+                checkpoint_status.reason.as_deref().unwrap_or("Failed"),
+                checkpoint_status.message.as_deref().unwrap_or("")
+            );
+            return undo(ctx, object, "CheckpointFailed", &why).await;
+        }
+        _ => return Ok(Action::requeue(POLL)),
+    }
+    let mut restore = PodRestore::new(
+        &name,
+        PodRestoreSpec {
+            checkpoint_name: name.clone(),
+            checkpoint_namespace: None,
+            replicas: Some(1),
+            pod_template: None,
+            node_name: object.spec.target_node_name.clone(),
+            lazy: None,
+        },
+    );
+    restore.metadata.namespace = Some(namespace.clone());
+    restore.metadata.annotations = Some(annotations(object));
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    match restores.create(&PostParams::default(), &restore).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = restores.get_opt(&name).await?;
+            if !existing.is_some_and(|r| ours(r.meta(), object)) {
+                return undo(
+                    ctx,
+                    object,
+                    "NameTaken",
+                    &format!(
+                        "a PodRestore {namespace}/{name} exists that this migration did not create"
+                    ),
+                )
+                .await;
+            }
+        }
+        // Refused (its admission, say): undone, said.
+        Err(kube::Error::Api(e)) if (400..500).contains(&e.code) => {
+            return undo(
+                ctx,
+                object,
+                "RestoreRefused",
+                &format!("creating PodRestore {namespace}/{name}: {}", e.message),
+            )
+            .await;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let restoring = PodMigrationStatus {
+        phase: Some(PodMigrationPhase::Restoring),
+        restore_name: Some(name.clone()),
+        checkpointed_time: Some(crate::api::now()),
+        ..Default::default()
+    };
+    if !status::set_at_version(ctx, object, &restoring).await? {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let image = checkpoint_status
+        .image
+        .map(|i| i.reference)
+        .unwrap_or_default();
+    let from = status.source_node_name.as_deref().unwrap_or("its node");
+    publish(
+        ctx,
+        object,
+        EventType::Normal,
+        "Restoring",
+        &format!(
+            "pod {} checkpointed on {from} as {image}; restoring",
+            object.spec.pod_name
+        ),
+    )
+    .await;
+    Ok(Action::requeue(POLL))
+}
+
+/// Restoring: waits for the PodRestore; once its pod runs, deletes the source.
+async fn restoring(
+    ctx: &Context,
+    object: &PodMigration,
+    status: &PodMigrationStatus,
+) -> Result<Action, Error> {
+    let namespace = namespace_of(object);
+    let name = object.name_any();
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let restore = match restores.get_opt(&name).await? {
+        Some(r) if ours(r.meta(), object) => r,
+        _ => {
+            return undo(
+                ctx,
+                object,
+                "RestoreDeleted",
+                &format!("PodRestore {namespace}/{name} was deleted"),
+            )
+            .await;
+        }
+    };
+    let restore_status = restore.status.clone().unwrap_or_default();
+    match restore_status.phase {
+        Some(PodRestorePhase::Completed) => {}
+        Some(PodRestorePhase::Failed) => {
+            let why = format!(
+                "PodRestore {name} failed: {}: {}",
+                restore_status.reason.as_deref().unwrap_or("Failed"),
+                restore_status.message.as_deref().unwrap_or("")
+            );
+            return undo(ctx, object, "RestoreFailed", &why).await;
+        }
+        _ => return Ok(Action::requeue(POLL)),
+    }
+    let Some(restored) = restore_status.restored_pod_name.clone() else {
+        return Ok(Action::requeue(POLL));
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let target = pods
+        .get_opt(&restored)
+        .await?
+        .and_then(|p| p.spec)
+        .and_then(|s| s.node_name)
+        .unwrap_or_default();
+    // The replacement runs: now the source goes, if it is still the pod checkpointed.
+    let source = &object.spec.pod_name;
+    let params = DeleteParams {
+        preconditions: status.source_pod_uid.clone().map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match pods.delete(source, &params).await {
+        Ok(_) => {}
+        // Gone already, or replaced by another pod of its name (not ours to delete).
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let succeeded = PodMigrationStatus {
+        phase: Some(PodMigrationPhase::Succeeded),
+        reason: Some("Migrated".into()),
+        message: Some(format!(
+            "pod {source} moved from {} to {target} as {restored}",
+            status.source_node_name.as_deref().unwrap_or("its node")
+        )),
+        restored_pod_name: Some(restored.clone()),
+        target_node_name: Some(target.clone()),
+        completion_time: Some(crate::api::now()),
+        ..Default::default()
+    };
+    if !status::set_at_version(ctx, object, &succeeded).await? {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    tracing::info!(migration = %name, pod = %source, %restored, %target, "migrated");
+    publish(
+        ctx,
+        object,
+        EventType::Normal,
+        "Migrated",
+        succeeded.message.as_deref().unwrap_or_default(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use serde_json::{Value, json};
+
+    use crate::fake_api::{FakeApi, context, path_of};
+
+    const GROUP: &str = "checkpoint.k8s.io/v1alpha1";
+
+    fn migration(status: Value) -> Value {
+        let mut object = json!({
+            "apiVersion": GROUP, "kind": "PodMigration",
+            "metadata": {"name": "m", "namespace": "default", "uid": "mig-uid",
+                         "resourceVersion": "1", "creationTimestamp": "2026-12-04T10:00:00Z"},
+            "spec": {"podName": "p", "targetNodeName": "n2",
+                     "image": {"repository": "registry.example/team/p"}},
+        });
+        if !status.is_null() {
+            object["status"] = status;
+        }
+        object
+    }
+
+    fn pod(volumes: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "default", "uid": "pod-uid"},
+            "spec": {"runtimeClassName": "podsnap", "nodeName": "n1",
+                     "containers": [{"name": "counter", "image": "busybox"}],
+                     "volumes": volumes},
+            "status": {"phase": "Running"},
+        })
+    }
+
+    fn path(plural: &str) -> String {
+        if plural == "pods" {
+            path_of("v1", "pods", "default", "p")
+        } else {
+            path_of(GROUP, plural, "default", "m")
+        }
+    }
+
+    async fn reconcile_stored(fake: &FakeApi) -> Action {
+        let object: PodMigration =
+            serde_json::from_value(fake.get(&path("podmigrations")).unwrap()).unwrap();
+        reconcile(Arc::new(object), context(fake)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_movable_pod_gets_a_pinned_image_checkpoint_owned_by_its_migration() {
+        let fake = FakeApi::default();
+        fake.put(&path("podmigrations"), migration(Value::Null));
+        fake.put(
+            &path("pods"),
+            pod(json!([{"name": "cache", "emptyDir": {}}])),
+        );
+        reconcile_stored(&fake).await;
+        let checkpoint = fake.get(&path("podcheckpoints")).expect("a PodCheckpoint");
+        assert_eq!(checkpoint["spec"]["sourcePodName"], "p");
+        assert_eq!(checkpoint["spec"]["sourcePodUID"], "pod-uid");
+        assert_eq!(checkpoint["spec"]["deletionPolicy"], "Delete");
+        assert_eq!(checkpoint["spec"]["storage"]["type"], "Image");
+        assert_eq!(
+            checkpoint["spec"]["storage"]["image"]["repository"],
+            "registry.example/team/p"
+        );
+        assert_eq!(
+            checkpoint["metadata"]["annotations"][MIGRATION_ANNOTATION],
+            "m"
+        );
+        assert_eq!(
+            checkpoint["metadata"]["ownerReferences"][0]["uid"],
+            "mig-uid"
+        );
+        let stored = fake.get(&path("podmigrations")).unwrap();
+        assert_eq!(stored["status"]["phase"], "Checkpointing", "{stored}");
+        assert_eq!(stored["status"]["sourceNodeName"], "n1");
+        assert_eq!(stored["status"]["sourcePodUID"], "pod-uid");
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_cannot_move_fails_the_migration_and_nothing_is_created() {
+        for (volumes, target, reason) in [
+            (
+                json!([{"name": "data", "hostPath": {"path": "/srv"}}]),
+                "n2",
+                "Unmovable",
+            ),
+            (json!([]), "n1", "SameNode"),
+        ] {
+            let fake = FakeApi::default();
+            let mut object = migration(Value::Null);
+            object["spec"]["targetNodeName"] = json!(target);
+            fake.put(&path("podmigrations"), object);
+            fake.put(&path("pods"), pod(volumes));
+            reconcile_stored(&fake).await;
+            let stored = fake.get(&path("podmigrations")).unwrap();
+            assert_eq!(stored["status"]["phase"], "Failed", "{stored}");
+            assert_eq!(stored["status"]["reason"], reason, "{stored}");
+            assert!(fake.get(&path("podcheckpoints")).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_is_undone_and_the_source_runs_on() {
+        let fake = FakeApi::default();
+        fake.put(
+            &path("podmigrations"),
+            migration(
+                json!({"phase": "Restoring", "sourcePodUID": "pod-uid", "sourceNodeName": "n1"}),
+            ),
+        );
+        fake.put(&path("pods"), pod(json!([])));
+        let created = |kind: &str, status: Value| {
+            json!({"apiVersion": GROUP, "kind": kind,
+                   "metadata": {"name": "m", "namespace": "default",
+                                "creationTimestamp": "2026-12-04T10:00:01Z",
+                                "annotations": {MIGRATION_ANNOTATION: "m"}},
+                   "spec": {"sourcePodName": "p", "checkpointName": "m"},
+                   "status": status})
+        };
+        fake.put(
+            &path("podcheckpoints"),
+            created("PodCheckpoint", json!({"phase": "Ready"})),
+        );
+        fake.put(
+            &path("podrestores"),
+            created(
+                "PodRestore",
+                json!({"phase": "Failed", "reason": "RestoreFailed", "message": "no room"}),
+            ),
+        );
+        reconcile_stored(&fake).await;
+        assert!(fake.get(&path("podrestores")).is_none());
+        assert!(fake.get(&path("podcheckpoints")).is_none());
+        assert!(fake.get(&path("pods")).is_some(), "the source is left");
+        let stored = fake.get(&path("podmigrations")).unwrap();
+        assert_eq!(stored["status"]["phase"], "Failed", "{stored}");
+        let message = stored["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("no room") && message.contains("the source pod runs on"),
+            "{stored}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_completed_restore_deletes_the_source_and_the_migration_succeeds() {
+        let fake = FakeApi::default();
+        fake.put(
+            &path("podmigrations"),
+            migration(
+                json!({"phase": "Restoring", "sourcePodUID": "pod-uid", "sourceNodeName": "n1"}),
+            ),
+        );
+        fake.put(&path("pods"), pod(json!([])));
+        fake.put(
+            &path_of("v1", "pods", "default", "m"),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "m", "namespace": "default"},
+                   "spec": {"nodeName": "n2", "containers": [{"name": "counter", "image": "busybox"}]}}),
+        );
+        fake.put(
+            &path("podrestores"),
+            json!({"apiVersion": GROUP, "kind": "PodRestore",
+                   "metadata": {"name": "m", "namespace": "default",
+                                "creationTimestamp": "2026-12-04T10:00:05Z",
+                                "annotations": {MIGRATION_ANNOTATION: "m"}},
+                   "spec": {"checkpointName": "m"},
+                   "status": {"phase": "Completed", "restoredPodName": "m"}}),
+        );
+        reconcile_stored(&fake).await;
+        assert!(fake.get(&path("pods")).is_none(), "the source is deleted");
+        let stored = fake.get(&path("podmigrations")).unwrap();
+        assert_eq!(stored["status"]["phase"], "Succeeded", "{stored}");
+        assert_eq!(stored["status"]["restoredPodName"], "m");
+        assert_eq!(stored["status"]["targetNodeName"], "n2");
+    }
+}
