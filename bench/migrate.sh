@@ -92,7 +92,8 @@ warm() { dd if=/dev/zero of=/dev/null bs=1536M count=1 status=none; }
 secs() {
 	local t0 t1
 	t0=$(date +%s.%N)
-	"$@" >/dev/null
+	# errexit does not reach into $(...): a failure is returned, and the caller's assignment fails.
+	"$@" >/dev/null || return
 	t1=$(date +%s.%N)
 	awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
 }
@@ -199,8 +200,8 @@ YAML
 	out=$(podsnap migrate "$name" --image "$KIND_REGISTRY_NAME:5000/bench/mig" --to "$to" 2>&1) ||
 		die "podsnap migrate $name failed: $out"
 	line=$(grep '^downtime ' <<<"$out") || die "podsnap migrate printed no downtime: $out"
-	new=$(grep -P '\t' <<<"$out" | tail -n1 | cut -f1)
-	checkpoint=$(grep -P '\t' <<<"$out" | tail -n1 | cut -f3)
+	new=$( (grep -P '\t' <<<"$out" || true) | tail -n1 | cut -f1)
+	checkpoint=$( (grep -P '\t' <<<"$out" || true) | tail -n1 | cut -f3)
 	if [ -z "$new" ] || [ -z "$checkpoint" ]; then
 		die "podsnap migrate named no new pod: $out"
 	fi

@@ -107,6 +107,7 @@ private_registry_pki() {
 	local dir=$1
 	[ -s "$dir/server.crt" ] && [ -s "$dir/ca.crt" ] && return 0
 	(
+		set -e
 		cd "$dir"
 		umask 077
 		openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \

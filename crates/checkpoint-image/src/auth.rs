@@ -91,8 +91,15 @@ pub fn credentials(
     if dockerconfigjson.len() > MAX_CONFIG {
         return Err(AuthError::TooLarge);
     }
-    let config: DockerConfig = serde_json::from_slice(dockerconfigjson)
-        .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    // Where, not what: serde's message can quote a value, a password say.
+    let config: DockerConfig = serde_json::from_slice(dockerconfigjson).map_err(|e| {
+        AuthError::Malformed(format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     let wanted = host(registry);
     let Some((key, entry)) = config.auths.iter().find(|(key, _)| host(key) == wanted) else {
         return Ok(None);
@@ -154,6 +161,20 @@ mod tests {
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn a_broken_config_is_refused_without_quoting_it() {
+        for broken in [
+            r#"{"auths": "hunter2-secret"}"#,
+            r#"{"auths": {"r.example": {"password": 12345678}}}"#,
+        ] {
+            let err = credentials(broken.as_bytes(), "r.example").unwrap_err().to_string();
+            assert!(
+                err.contains("line 1") && !err.contains("hunter2") && !err.contains("12345678"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -218,20 +218,25 @@ pub async fn remove(ctx: &Context, object: &PodCheckpoint) -> Result<(), Error> 
 }
 
 /// Removes the copies whose PodCheckpoint no longer exists (deleted while this controller was
-/// not running, or without a finalizer that brought its deletion here). `checkpoints` are the
-/// UIDs of every PodCheckpoint, from a synced store.
+/// not running, or without a finalizer that brought its deletion here), as `checkpoints` (a
+/// synced store of every PodCheckpoint) has them once the copies are listed: a copy made for a
+/// PodCheckpoint the store has not seen yet would otherwise go.
 pub async fn collect(
     ctx: &Context,
-    checkpoints: &std::collections::BTreeSet<String>,
+    checkpoints: &kube::runtime::reflector::Store<PodCheckpoint>,
 ) -> Result<usize, Error> {
     let copies: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.system_namespace);
-    let mut removed = 0;
-    for copy in copies
+    let listed = copies
         .list(&ListParams::default().labels(REGISTRY_CREDENTIALS_FOR))
-        .await?
-    {
+        .await?;
+    let existing: std::collections::BTreeSet<String> =
+        checkpoints.state().iter().filter_map(|c| c.uid()).collect();
+    let mut removed = 0;
+    for copy in listed {
         let owner = copy.labels().get(REGISTRY_CREDENTIALS_FOR);
-        if owner.is_some_and(|uid| !checkpoints.contains(uid)) {
+        // Only podsnap's own: its label and its name.
+        let ours = owner.is_some_and(|uid| copy.name_any() == registry_credentials_name(uid));
+        if ours && owner.is_some_and(|uid| !existing.contains(uid)) {
             match copies
                 .delete(&copy.name_any(), &DeleteParams::default())
                 .await
@@ -448,8 +453,11 @@ mod tests {
             &path_of("v1", "secrets", "podsnap-system", "podsnap-registry-gone"),
             copy("gone"),
         );
-        let existing = ["kept".to_string()].into_iter().collect();
-        assert_eq!(collect(&ctx, &existing).await.unwrap(), 1);
+        let mut writer = kube::runtime::reflector::store::Writer::<PodCheckpoint>::default();
+        let mut kept = checkpoint(Some("regcred"));
+        kept.metadata.uid = Some("kept".into());
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(kept));
+        assert_eq!(collect(&ctx, &writer.as_reader()).await.unwrap(), 1);
         assert!(
             fake.get(&path_of(
                 "v1",

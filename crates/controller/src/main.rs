@@ -210,8 +210,7 @@ async fn main() -> anyhow::Result<()> {
             return std::future::pending().await;
         }
         loop {
-            let uids = store.state().iter().filter_map(|c| c.uid()).collect();
-            match credentials::collect(&context, &uids).await {
+            match credentials::collect(&context, &store).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     removed = n,

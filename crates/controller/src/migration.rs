@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams, Preconditions};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -53,9 +54,12 @@ pub async fn reconcile(object: Arc<PodMigration>, ctx: Arc<Context>) -> Result<A
         None | Some(PodMigrationPhase::Pending) => begin(&ctx, &object).await,
         Some(PodMigrationPhase::Checkpointing) => checkpointing(&ctx, &object, &status).await,
         Some(PodMigrationPhase::Restoring) => restoring(&ctx, &object, &status).await,
-        Some(PodMigrationPhase::Succeeded | PodMigrationPhase::Failed) => {
+        Some(PodMigrationPhase::Failed) => {
+            // What an undo could not delete when it failed the migration.
+            clean_up(&ctx, &object).await?;
             Ok(Action::await_change())
         }
+        Some(PodMigrationPhase::Succeeded) => Ok(Action::await_change()),
     }
 }
 
@@ -68,18 +72,61 @@ fn annotations(object: &PodMigration) -> std::collections::BTreeMap<String, Stri
     [(MIGRATION_ANNOTATION.to_string(), object.name_any())].into()
 }
 
-/// Whether `meta` (of a PodCheckpoint or PodRestore found under the migration's name) was
-/// created by this migration.
-fn ours(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    object: &PodMigration,
-) -> bool {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(MIGRATION_ANNOTATION))
-        == Some(&object.name_any())
-        && meta.creation_timestamp.as_ref().map(|t| t.0)
-            >= object.meta().creation_timestamp.as_ref().map(|t| t.0)
+/// Whether `meta` (of a PodCheckpoint or PodRestore found under the migration's name) names the
+/// migration as its controlling owner. Anyone may write an annotation; the spec is compared too
+/// ([`checkpoint_ours`], [`restore_ours`]).
+fn owned_by(meta: &ObjectMeta, object: &PodMigration) -> bool {
+    let uid = object.uid();
+    uid.is_some()
+        && meta.owner_references.iter().flatten().any(|o| {
+            o.controller == Some(true) && Some(&o.uid) == uid.as_ref() && o.kind == "PodMigration"
+        })
+}
+
+/// The PodCheckpoint the migration creates for the pod of UID `pod_uid`.
+fn checkpoint_spec(object: &PodMigration, pod_uid: &str) -> PodCheckpointSpec {
+    PodCheckpointSpec {
+        source_pod_name: object.spec.pod_name.clone(),
+        source_pod_uid: Some(pod_uid.to_string()),
+        restore_namespaces: Vec::new(),
+        timeout_seconds: None,
+        deletion_policy: Some(DeletionPolicy::Delete),
+        storage: Some(CheckpointStorage {
+            type_: StorageType::Image,
+            image: Some(object.spec.image.clone()),
+        }),
+    }
+}
+
+/// The PodRestore the migration creates.
+fn restore_spec(object: &PodMigration) -> PodRestoreSpec {
+    PodRestoreSpec {
+        checkpoint_name: object.name_any(),
+        checkpoint_namespace: None,
+        replicas: Some(1),
+        pod_template: None,
+        node_name: object.spec.target_node_name.clone(),
+        lazy: None,
+    }
+}
+
+/// Whether `checkpoint` is the one this migration created: owned by it, and of the spec it
+/// gives (the same pod, by UID, to the same repository). One that someone else made under its
+/// name is never taken for it (it would be restored, and a pod deleted, on its say).
+fn checkpoint_ours(checkpoint: &PodCheckpoint, object: &PodMigration, pod_uid: &str) -> bool {
+    owned_by(checkpoint.meta(), object) && checkpoint.spec == checkpoint_spec(object, pod_uid)
+}
+
+/// Whether `restore` is the one this migration created (owned by it until the migration has
+/// succeeded, and of the spec it gives).
+fn restore_ours(restore: &PodRestore, object: &PodMigration) -> bool {
+    let annotated = restore
+        .annotations()
+        .get(MIGRATION_ANNOTATION)
+        .is_some_and(|m| *m == object.name_any());
+    // Released (ownerReferences removed) on success: the annotation and the spec remain. A
+    // PodRestore of that spec restores this migration's own checkpoint, whoever made it.
+    restore.spec == restore_spec(object) && (owned_by(restore.meta(), object) || annotated)
 }
 
 /// Fails the migration (before anything was created, or after [`undo`]).
@@ -92,35 +139,43 @@ async fn fail(
     status::fail_at_version(ctx, object, "Succeeded", reason, message).await
 }
 
-/// Deletes what the migration created (the PodRestore first: its pods go with it), then fails
-/// it: the source runs on.
+/// Fails the migration, then deletes what it created (the PodRestore first: its pods go with
+/// it): the source runs on. The failure is written first, so that its reason is the one kept;
+/// a deletion that does not happen now is done by the reconcile of the Failed migration.
 async fn undo(
     ctx: &Context,
     object: &PodMigration,
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    let namespace = namespace_of(object);
-    let name = object.name_any();
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Some(restore) = restores.get_opt(&name).await?
-        && ours(restore.meta(), object)
-    {
-        delete_ignoring_absent(restores.delete(&name, &DeleteParams::background()).await)?;
-    }
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Some(checkpoint) = checkpoints.get_opt(&name).await?
-        && ours(checkpoint.meta(), object)
-    {
-        delete_ignoring_absent(checkpoints.delete(&name, &DeleteParams::background()).await)?;
-    }
-    fail(
+    let failed = fail(
         ctx,
         object,
         reason,
         &format!("{message}; the source pod runs on"),
     )
-    .await
+    .await?;
+    clean_up(ctx, object).await?;
+    Ok(failed)
+}
+
+/// Deletes the PodRestore and the PodCheckpoint the migration created, if any are left.
+async fn clean_up(ctx: &Context, object: &PodMigration) -> Result<(), Error> {
+    let namespace = namespace_of(object);
+    let name = object.name_any();
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(restore) = restores.get_opt(&name).await?
+        && restore_ours(&restore, object)
+    {
+        delete_ignoring_absent(restores.delete(&name, &DeleteParams::background()).await)?;
+    }
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(checkpoint) = checkpoints.get_opt(&name).await?
+        && owned_by(checkpoint.meta(), object)
+    {
+        delete_ignoring_absent(checkpoints.delete(&name, &DeleteParams::background()).await)?;
+    }
+    Ok(())
 }
 
 fn delete_ignoring_absent<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
@@ -194,20 +249,7 @@ async fn begin(ctx: &Context, object: &PodMigration) -> Result<Action, Error> {
         .await;
     }
     let source_uid = pod.uid().unwrap_or_default();
-    let mut checkpoint = PodCheckpoint::new(
-        &name,
-        PodCheckpointSpec {
-            source_pod_name: pod_name.clone(),
-            source_pod_uid: Some(source_uid.clone()),
-            restore_namespaces: Vec::new(),
-            timeout_seconds: None,
-            deletion_policy: Some(DeletionPolicy::Delete),
-            storage: Some(CheckpointStorage {
-                type_: StorageType::Image,
-                image: Some(object.spec.image.clone()),
-            }),
-        },
-    );
+    let mut checkpoint = PodCheckpoint::new(&name, checkpoint_spec(object, &source_uid));
     checkpoint.metadata.namespace = Some(namespace.clone());
     checkpoint.metadata.annotations = Some(annotations(object));
     checkpoint.metadata.owner_references = object.controller_owner_ref(&()).map(|o| vec![o]);
@@ -219,7 +261,7 @@ async fn begin(ctx: &Context, object: &PodMigration) -> Result<Action, Error> {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = checkpoints.get_opt(&name).await?;
-            if !existing.is_some_and(|c| ours(c.meta(), object)) {
+            if !existing.is_some_and(|c| checkpoint_ours(&c, object, &source_uid)) {
                 return fail(ctx, object, "NameTaken", &format!("a PodCheckpoint {namespace}/{name} exists that this migration did not create")).await;
             }
         }
@@ -259,8 +301,9 @@ async fn checkpointing(
     let namespace = namespace_of(object);
     let name = object.name_any();
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pod_uid = status.source_pod_uid.as_deref().unwrap_or_default();
     let checkpoint = match checkpoints.get_opt(&name).await? {
-        Some(c) if ours(c.meta(), object) => c,
+        Some(c) if checkpoint_ours(&c, object, pod_uid) => c,
         _ => {
             return undo(
                 ctx,
@@ -284,25 +327,18 @@ async fn checkpointing(
         }
         _ => return Ok(Action::requeue(POLL)),
     }
-    let mut restore = PodRestore::new(
-        &name,
-        PodRestoreSpec {
-            checkpoint_name: name.clone(),
-            checkpoint_namespace: None,
-            replicas: Some(1),
-            pod_template: None,
-            node_name: object.spec.target_node_name.clone(),
-            lazy: None,
-        },
-    );
+    let mut restore = PodRestore::new(&name, restore_spec(object));
     restore.metadata.namespace = Some(namespace.clone());
     restore.metadata.annotations = Some(annotations(object));
+    // Owned until the migration has succeeded: deleting the migration half-way deletes the
+    // replacement with it (the source runs on); after, it owns the replacement alone.
+    restore.metadata.owner_references = object.controller_owner_ref(&()).map(|o| vec![o]);
     let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
     match restores.create(&PostParams::default(), &restore).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = restores.get_opt(&name).await?;
-            if !existing.is_some_and(|r| ours(r.meta(), object)) {
+            if !existing.is_some_and(|r| restore_ours(&r, object)) {
                 return undo(
                     ctx,
                     object,
@@ -364,7 +400,7 @@ async fn restoring(
     let name = object.name_any();
     let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &namespace);
     let restore = match restores.get_opt(&name).await? {
-        Some(r) if ours(r.meta(), object) => r,
+        Some(r) if restore_ours(&r, object) => r,
         _ => {
             return undo(
                 ctx,
@@ -398,7 +434,21 @@ async fn restoring(
         .and_then(|p| p.spec)
         .and_then(|s| s.node_name)
         .unwrap_or_default();
-    // The replacement runs: now the source goes, if it is still the pod checkpointed.
+    // The replacement runs: the PodRestore that owns it is no longer the migration's (deleting
+    // the migration now leaves it), and the source goes, if it is still the pod checkpointed.
+    let released = serde_json::json!({
+        "metadata": {"ownerReferences": null, "resourceVersion": restore.resource_version()},
+    });
+    match restores
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&released))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        Err(e) => return Err(e.into()),
+    }
     let source = &object.spec.pod_name;
     let params = DeleteParams {
         preconditions: status.source_pod_uid.clone().map(|uid| Preconditions {
@@ -483,6 +533,52 @@ mod tests {
         }
     }
 
+    /// A PodCheckpoint or PodRestore as the migration `m` creates it, with `status`.
+    fn created(kind: &str, status: Value) -> Value {
+        let spec = if kind == "PodCheckpoint" {
+            json!({"sourcePodName": "p", "sourcePodUID": "pod-uid", "deletionPolicy": "Delete",
+                   "storage": {"type": "Image", "image": {"repository": "registry.example/team/p"}}})
+        } else {
+            json!({"checkpointName": "m", "replicas": 1, "nodeName": "n2"})
+        };
+        json!({"apiVersion": GROUP, "kind": kind,
+               "metadata": {"name": "m", "namespace": "default", "resourceVersion": "7",
+                            "annotations": {MIGRATION_ANNOTATION: "m"},
+                            "ownerReferences": [{"apiVersion": GROUP, "kind": "PodMigration",
+                                                 "name": "m", "uid": "mig-uid", "controller": true}]},
+               "spec": spec,
+               "status": status})
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_someone_else_made_under_its_name_is_not_taken_for_its_own() {
+        for (field, value) in [
+            (
+                "/spec/storage/image/repository",
+                json!("attacker.example/x"),
+            ),
+            ("/spec/sourcePodUID", json!("another-pod")),
+            ("/metadata/ownerReferences", json!([])),
+        ] {
+            let fake = FakeApi::default();
+            fake.put(&path("podmigrations"), migration(Value::Null));
+            fake.put(&path("pods"), pod(json!([])));
+            let mut planted = created("PodCheckpoint", json!({"phase": "Ready"}));
+            *planted.pointer_mut(field).unwrap() = value;
+            fake.put(&path("podcheckpoints"), planted.clone());
+            reconcile_stored(&fake).await;
+            let stored = fake.get(&path("podmigrations")).unwrap();
+            assert_eq!(stored["status"]["reason"], "NameTaken", "{field}: {stored}");
+            assert_eq!(
+                fake.get(&path("podcheckpoints")).unwrap(),
+                planted,
+                "{field}: left as it is"
+            );
+            assert!(fake.get(&path("podrestores")).is_none());
+            assert!(fake.get(&path("pods")).is_some());
+        }
+    }
+
     async fn reconcile_stored(fake: &FakeApi) -> Action {
         let object: PodMigration =
             serde_json::from_value(fake.get(&path("podmigrations")).unwrap()).unwrap();
@@ -554,14 +650,6 @@ mod tests {
             ),
         );
         fake.put(&path("pods"), pod(json!([])));
-        let created = |kind: &str, status: Value| {
-            json!({"apiVersion": GROUP, "kind": kind,
-                   "metadata": {"name": "m", "namespace": "default",
-                                "creationTimestamp": "2026-12-04T10:00:01Z",
-                                "annotations": {MIGRATION_ANNOTATION: "m"}},
-                   "spec": {"sourcePodName": "p", "checkpointName": "m"},
-                   "status": status})
-        };
         fake.put(
             &path("podcheckpoints"),
             created("PodCheckpoint", json!({"phase": "Ready"})),
@@ -604,15 +692,18 @@ mod tests {
         );
         fake.put(
             &path("podrestores"),
-            json!({"apiVersion": GROUP, "kind": "PodRestore",
-                   "metadata": {"name": "m", "namespace": "default",
-                                "creationTimestamp": "2026-12-04T10:00:05Z",
-                                "annotations": {MIGRATION_ANNOTATION: "m"}},
-                   "spec": {"checkpointName": "m"},
-                   "status": {"phase": "Completed", "restoredPodName": "m"}}),
+            created(
+                "PodRestore",
+                json!({"phase": "Completed", "restoredPodName": "m"}),
+            ),
         );
         reconcile_stored(&fake).await;
         assert!(fake.get(&path("pods")).is_none(), "the source is deleted");
+        let restore = fake.get(&path("podrestores")).unwrap();
+        assert!(
+            restore["metadata"]["ownerReferences"].is_null(),
+            "released: {restore}"
+        );
         let stored = fake.get(&path("podmigrations")).unwrap();
         assert_eq!(stored["status"]["phase"], "Succeeded", "{stored}");
         assert_eq!(stored["status"]["restoredPodName"], "m");
