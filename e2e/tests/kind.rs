@@ -1028,6 +1028,93 @@ fn a_pod_migration_moves_a_pod_to_the_other_worker_or_leaves_it_running() {
     drop(pod);
 }
 
+/// Who may name a registry Secret, and who may migrate: a checkpointer who may not read a
+/// Secret cannot have a PodCheckpoint push with it (podsnap-registry-secret), and one who may
+/// create PodMigrations but not restore, create pods or delete the pod cannot have the
+/// controller do it for them (podsnap-migrate). Server-side dry runs: admission runs, nothing
+/// is created.
+#[test]
+fn naming_a_registry_secret_and_migrating_take_the_rights_they_use() {
+    let cluster = Cluster::kind();
+    let user = "e2e-kind-mover";
+    let bind = |role: &str| {
+        cluster.apply(&json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("e2e-kind-mover-{role}"), "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+        }));
+    };
+    struct Unbind<'c>(&'c Cluster);
+    impl Drop for Unbind<'_> {
+        fn drop(&mut self) {
+            for role in ["podsnap-checkpointer", "podsnap-migrator"] {
+                let _ = self.0.kubectl_try([
+                    "delete",
+                    "rolebinding",
+                    &format!("e2e-kind-mover-{role}"),
+                    "--ignore-not-found",
+                ]);
+            }
+        }
+    }
+    let _unbind = Unbind(cluster);
+    bind("podsnap-checkpointer");
+    bind("podsnap-migrator");
+    let create_as_user = |manifest: Value| {
+        cluster
+            .kubectl_command([
+                "create",
+                "--dry-run=server",
+                "-f",
+                "-",
+                &format!("--as={user}"),
+            ])
+            .input(manifest.to_string())
+            .run()
+            .unwrap()
+    };
+    let image = |secret: Option<&str>| {
+        let mut image = json!({"repository": "registry.example/team/web"});
+        if let Some(secret) = secret {
+            image["secretName"] = json!(secret);
+        }
+        image
+    };
+    let mut plain = checkpoint_of("e2e-kind-mover-ckpt", "web");
+    plain["spec"]["storage"] = json!({"type": "Image", "image": image(None)});
+    let allowed = wait_for(
+        "the checkpointer binding to take effect",
+        Duration::from_secs(30),
+        || {
+            let f = create_as_user(plain.clone());
+            if f.success() { Ok(f) } else { Err(f.report()) }
+        },
+    );
+    assert!(allowed.success());
+    let mut naming = plain.clone();
+    naming["spec"]["storage"]["image"] = image(Some("regcred"));
+    let refused = create_as_user(naming);
+    assert!(
+        !refused.success() && refused.stderr.contains("may not read Secret regcred"),
+        "{}",
+        refused.report()
+    );
+    let refused = create_as_user(json!({
+        "apiVersion": "checkpoint.k8s.io/v1alpha1", "kind": "PodMigration",
+        "metadata": {"name": "e2e-kind-mover-mig", "namespace": "default"},
+        "spec": {"podName": "web", "image": image(None)}
+    }));
+    assert!(
+        !refused.success()
+            && refused
+                .stderr
+                .contains("may not restore PodCheckpoint e2e-kind-mover-mig"),
+        "{}",
+        refused.report()
+    );
+}
+
 /// Cancelling a push: a PodCheckpoint deleted while its node's agent pushes to a registry that
 /// never answers (a listener on the worker that reads and says nothing) is gone within seconds,
 /// its data on the node removed, rather than after the registry client's timeouts and retries

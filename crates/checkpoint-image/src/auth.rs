@@ -169,7 +169,9 @@ mod tests {
             r#"{"auths": "hunter2-secret"}"#,
             r#"{"auths": {"r.example": {"password": 12345678}}}"#,
         ] {
-            let err = credentials(broken.as_bytes(), "r.example").unwrap_err().to_string();
+            let err = credentials(broken.as_bytes(), "r.example")
+                .unwrap_err()
+                .to_string();
             assert!(
                 err.contains("line 1") && !err.contains("hunter2") && !err.contains("12345678"),
                 "{err}"
