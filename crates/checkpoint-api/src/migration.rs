@@ -58,7 +58,15 @@ pub struct PodMigrationSpec {
     /// The registry repository the checkpoint goes through, with its credentials
     /// (`secretName`) and encryption, as a PodCheckpoint's `spec.storage.image`.
     pub image: ImageStorage,
+    /// How long the migration may take, from its start to the replacement running: past it,
+    /// it is undone (`DeadlineExceeded`) and the source runs on. 600 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub deadline_seconds: Option<i64>,
 }
+
+/// How long a migration may take when its spec does not say.
+pub const DEFAULT_DEADLINE_SECONDS: i64 = 600;
 
 /// Where a PodMigration is.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]

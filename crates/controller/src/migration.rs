@@ -63,6 +63,46 @@ pub async fn reconcile(object: Arc<PodMigration>, ctx: Arc<Context>) -> Result<A
     }
 }
 
+/// Why a migration in progress (Checkpointing or Restoring) is past its deadline, if it is:
+/// a replacement that never schedules, a push that never ends.
+fn overdue(
+    object: &PodMigration,
+    status: &PodMigrationStatus,
+    now: jiff::Timestamp,
+) -> Option<String> {
+    if !matches!(
+        status.phase,
+        Some(PodMigrationPhase::Checkpointing | PodMigrationPhase::Restoring)
+    ) {
+        return None;
+    }
+    let started: jiff::Timestamp = status.start_time.as_deref()?.parse().ok()?;
+    let deadline = object
+        .spec
+        .deadline_seconds
+        .unwrap_or(crate::api::migration::DEFAULT_DEADLINE_SECONDS);
+    let taken = now.duration_since(started).as_secs();
+    (taken > deadline).then(|| {
+        format!(
+            "not done {taken}s after it began ({} at the time), past its deadline of {deadline}s",
+            status.phase.map(|p| p.as_str()).unwrap_or_default()
+        )
+    })
+}
+
+/// A step still under way: looked at again shortly, or undone once past the deadline. Only
+/// here: a step that has ended (a Completed PodRestore) goes on whatever the time.
+async fn wait_or_undo(
+    ctx: &Context,
+    object: &PodMigration,
+    status: &PodMigrationStatus,
+) -> Result<Action, Error> {
+    match overdue(object, status, jiff::Timestamp::now()) {
+        Some(why) => undo(ctx, object, "DeadlineExceeded", &why).await,
+        None => Ok(Action::requeue(POLL)),
+    }
+}
+
 fn namespace_of(object: &PodMigration) -> String {
     object.namespace().unwrap_or_else(|| "default".into())
 }
@@ -325,7 +365,7 @@ async fn checkpointing(
             );
             return undo(ctx, object, "CheckpointFailed", &why).await;
         }
-        _ => return Ok(Action::requeue(POLL)),
+        _ => return wait_or_undo(ctx, object, status).await,
     }
     let mut restore = PodRestore::new(&name, restore_spec(object));
     restore.metadata.namespace = Some(namespace.clone());
@@ -422,7 +462,7 @@ async fn restoring(
             );
             return undo(ctx, object, "RestoreFailed", &why).await;
         }
-        _ => return Ok(Action::requeue(POLL)),
+        _ => return wait_or_undo(ctx, object, status).await,
     }
     let Some(restored) = restore_status.restored_pod_name.clone() else {
         return Ok(Action::requeue(POLL));
@@ -637,6 +677,42 @@ mod tests {
             assert_eq!(stored["status"]["phase"], "Failed", "{stored}");
             assert_eq!(stored["status"]["reason"], reason, "{stored}");
             assert!(fake.get(&path("podcheckpoints")).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_migration_past_its_deadline_is_undone_and_one_within_it_waits() {
+        for (start, deadline, undone) in [
+            ("2020-01-01T00:00:00Z", Value::Null, true),
+            (&*crate::api::now(), json!(60), false),
+        ] {
+            let fake = FakeApi::default();
+            let mut object = migration(json!({"phase": "Restoring", "sourcePodUID": "pod-uid",
+                                              "sourceNodeName": "n1", "startTime": start}));
+            if !deadline.is_null() {
+                object["spec"]["deadlineSeconds"] = deadline;
+            }
+            fake.put(&path("podmigrations"), object);
+            fake.put(&path("pods"), pod(json!([])));
+            fake.put(
+                &path("podcheckpoints"),
+                created("PodCheckpoint", json!({"phase": "Ready"})),
+            );
+            fake.put(
+                &path("podrestores"),
+                created("PodRestore", json!({"phase": "Restoring"})),
+            );
+            reconcile_stored(&fake).await;
+            let stored = fake.get(&path("podmigrations")).unwrap();
+            if undone {
+                assert_eq!(stored["status"]["reason"], "DeadlineExceeded", "{stored}");
+                assert!(fake.get(&path("podrestores")).is_none());
+                assert!(fake.get(&path("podcheckpoints")).is_none());
+            } else {
+                assert_eq!(stored["status"]["phase"], "Restoring", "{stored}");
+                assert!(fake.get(&path("podrestores")).is_some());
+            }
+            assert!(fake.get(&path("pods")).is_some(), "the source runs on");
         }
     }
 
