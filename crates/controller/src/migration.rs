@@ -753,11 +753,11 @@ mod tests {
     #[tokio::test]
     async fn a_completed_restore_deletes_the_source_and_the_migration_succeeds() {
         let fake = FakeApi::default();
+        // Past its deadline: a restore that has ended goes on all the same.
         fake.put(
             &path("podmigrations"),
-            migration(
-                json!({"phase": "Restoring", "sourcePodUID": "pod-uid", "sourceNodeName": "n1"}),
-            ),
+            migration(json!({"phase": "Restoring", "sourcePodUID": "pod-uid",
+                             "sourceNodeName": "n1", "startTime": "2020-01-01T00:00:00Z"})),
         );
         fake.put(&path("pods"), pod(json!([])));
         fake.put(
