@@ -149,10 +149,10 @@ fn a_pod_on_each_worker_checkpoints_and_restores_on_that_worker() {
     }
 }
 
-/// The registry the node agents push to and pull from, as kind-up configured them (the
-/// podsnap-node-agent ConfigMap's insecure registries).
-fn agents_registry(cluster: &Cluster) -> String {
-    let insecure = cluster.kubectl([
+/// The registries the node agents reach over plain HTTP (the podsnap-node-agent ConfigMap's
+/// `insecure-registries`, comma-separated).
+fn insecure_registries(cluster: &Cluster) -> String {
+    cluster.kubectl([
         "-n",
         "podsnap-system",
         "get",
@@ -160,7 +160,13 @@ fn agents_registry(cluster: &Cluster) -> String {
         "podsnap-node-agent",
         "-o",
         "jsonpath={.data.insecure-registries}",
-    ]);
+    ])
+}
+
+/// The registry the node agents push to and pull from, as kind-up configured them (the
+/// podsnap-node-agent ConfigMap's insecure registries).
+fn agents_registry(cluster: &Cluster) -> String {
+    let insecure = insecure_registries(cluster);
     let registry = insecure.split(',').next().unwrap_or_default().trim();
     assert!(
         !registry.is_empty(),
@@ -175,15 +181,7 @@ fn agents_registry(cluster: &Cluster) -> String {
 fn private_registry(cluster: &Cluster) -> String {
     let name = std::env::var("PODSNAP_KIND_CLUSTER").unwrap_or_else(|_| "podsnap".into());
     let registry = format!("{name}-private-registry:5000");
-    let insecure = cluster.kubectl([
-        "-n",
-        "podsnap-system",
-        "get",
-        "configmap",
-        "podsnap-node-agent",
-        "-o",
-        "jsonpath={.data.insecure-registries}",
-    ]);
+    let insecure = insecure_registries(cluster);
     assert!(
         !insecure.split(',').any(|r| r.trim() == registry),
         "{registry} is reached over plain HTTP ({insecure:?}): the test wants HTTPS"

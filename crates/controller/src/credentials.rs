@@ -207,14 +207,11 @@ pub async fn remove(ctx: &Context, object: &PodCheckpoint) -> Result<(), Error> 
         return Ok(());
     };
     let copies: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.system_namespace);
-    match copies
-        .delete(&registry_credentials_name(&uid), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    crate::delete_ignoring_absent(
+        copies
+            .delete(&registry_credentials_name(&uid), &DeleteParams::default())
+            .await,
+    )
 }
 
 /// Removes the copies whose PodCheckpoint no longer exists (deleted while this controller was

@@ -79,6 +79,15 @@ pub enum Error {
     Other(String),
 }
 
+/// A deletion's result, where the object being gone already is done too.
+pub(crate) fn delete_ignoring_absent<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) fn requeue_on_error<K, C>(_: Arc<K>, error: &Error, _: Arc<C>) -> Action {
     tracing::warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))

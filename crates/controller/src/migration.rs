@@ -207,23 +207,17 @@ async fn clean_up(ctx: &Context, object: &PodMigration) -> Result<(), Error> {
     if let Some(restore) = restores.get_opt(&name).await?
         && restore_ours(&restore, object)
     {
-        delete_ignoring_absent(restores.delete(&name, &DeleteParams::background()).await)?;
+        crate::delete_ignoring_absent(restores.delete(&name, &DeleteParams::background()).await)?;
     }
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &namespace);
     if let Some(checkpoint) = checkpoints.get_opt(&name).await?
         && owned_by(checkpoint.meta(), object)
     {
-        delete_ignoring_absent(checkpoints.delete(&name, &DeleteParams::background()).await)?;
+        crate::delete_ignoring_absent(
+            checkpoints.delete(&name, &DeleteParams::background()).await,
+        )?;
     }
     Ok(())
-}
-
-fn delete_ignoring_absent<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Pending: checks the pod and creates the PodCheckpoint.
