@@ -14,10 +14,10 @@ use podsnap_pod_api::{ContainerCapture, PodRequest, PodResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::cgroup::ContainerCgroup;
-use crate::checkpoint::{self, CheckpointOptions, DumpTarget, Follower};
+use crate::checkpoint::{self, BeforeSeize, CheckpointOptions, DumpTarget, Follower};
 use crate::container::State;
 use crate::error::Error;
 use crate::task::PodTask;
@@ -34,6 +34,147 @@ struct Capture {
     rootfs: PathBuf,
     cgroup: ContainerCgroup,
     upperdir: Option<PathBuf>,
+}
+
+/// Where a pod's CRIUs wait, started and set up, until the whole pod is frozen (their
+/// `pre-dump` notification, before they seize any task).
+struct FreezeGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// Its capture has not reached the gate yet.
+    Pending,
+    /// Its CRIU waits at the gate.
+    Waiting,
+    /// Its capture ended without reaching the gate (it failed before its CRIU was ready).
+    Ended,
+}
+
+struct GateState {
+    arrivals: Vec<Arrival>,
+    /// Set once: whether the CRIUs go on (the pod is frozen) or give up.
+    open: Option<bool>,
+}
+
+/// What [`FreezeGate::arrivals`] saw.
+enum Arrivals {
+    AllWaiting,
+    SomeEnded,
+    Expired,
+}
+
+impl FreezeGate {
+    fn new(captures: usize) -> Self {
+        FreezeGate {
+            state: Mutex::new(GateState {
+                arrivals: vec![Arrival::Pending; captures],
+                open: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Capture `i`'s CRIU is ready: waits until the gate opens (`Ok`) or is closed (`Err`).
+    fn wait(&self, i: usize) -> Result<(), String> {
+        let mut state = self.lock();
+        state.arrivals[i] = Arrival::Waiting;
+        self.changed.notify_all();
+        loop {
+            match state.open {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(
+                        "the pod checkpoint gave up before the freeze (see the other containers)"
+                            .into(),
+                    );
+                }
+                None => state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+
+    /// Capture `i` ended (its thread returns).
+    fn ended(&self, i: usize) {
+        let mut state = self.lock();
+        if state.arrivals[i] == Arrival::Pending {
+            state.arrivals[i] = Arrival::Ended;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until every capture waits at the gate, or one ended without reaching it, or the
+    /// deadline passed; in the last two cases the gate is closed (its CRIUs give up).
+    fn arrivals(&self, deadline: Option<Instant>) -> Arrivals {
+        let seen = self.arrive(deadline);
+        if !matches!(seen, Arrivals::AllWaiting) {
+            self.open(false);
+        }
+        seen
+    }
+
+    fn arrive(&self, deadline: Option<Instant>) -> Arrivals {
+        let mut state = self.lock();
+        loop {
+            if state.arrivals.contains(&Arrival::Ended) {
+                return Arrivals::SomeEnded;
+            }
+            if state.arrivals.iter().all(|a| *a == Arrival::Waiting) {
+                return Arrivals::AllWaiting;
+            }
+            state = match deadline {
+                None => self.changed.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Arrivals::Expired;
+                    }
+                    self.changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Lets the waiting CRIUs go on (`true`) or makes them give up; the first call decides.
+    fn open(&self, go: bool) {
+        let mut state = self.lock();
+        state.open.get_or_insert(go);
+        self.changed.notify_all();
+    }
+
+    /// Whether the gate let the CRIUs go on.
+    fn opened(&self) -> bool {
+        self.lock().open == Some(true)
+    }
+
+    /// The captures whose CRIU was waiting when the gate closed.
+    fn turned_back(&self) -> Vec<usize> {
+        let state = self.lock();
+        if state.open == Some(true) {
+            return Vec::new();
+        }
+        (0..state.arrivals.len())
+            .filter(|i| state.arrivals[*i] == Arrival::Waiting)
+            .collect()
+    }
+}
+
+/// Closes the gate when dropped, unless it was opened: no CRIU waits forever.
+struct GateCloser<'a>(&'a FreezeGate);
+
+impl Drop for GateCloser<'_> {
+    fn drop(&mut self) {
+        self.0.open(false);
+    }
 }
 
 /// The answer for a failed request: the error's code and message.
@@ -235,51 +376,102 @@ fn capture_pod(
     let guard = Arc::new(Mutex::new(guard));
     let watchdog = Watchdog::start(guard.clone(), deadline);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
-    // The freeze window starts here: starting the guard process is not part of it.
-    let first_freeze = Instant::now();
-    let guard_started = first_freeze.duration_since(start);
+    let guard_started = start.elapsed();
+    // The CRIUs start before the freeze: each, set up, waits at the gate (its `pre-dump`) until
+    // the whole pod is frozen, so that their start-up is not part of the freeze window.
+    let gate = Arc::new(FreezeGate::new(captures.len()));
+    let mut first_freeze = Instant::now();
+    let mut ready = None;
     let mut frozen = None;
     let mut captured = None;
     let mut response = None;
     // The page hashers of the captured containers, in `containers`' order.
     let mut followers = Vec::new();
-    let to_freeze = captures
-        .iter()
-        .map(|c| (c.id.as_str(), &c.cgroup))
-        .chain(bystanders.iter().map(|c| ("(not captured)", c)));
-    for (id, cgroup) in to_freeze {
-        if expired() {
-            response = Some(failed(Error::DeadlineExceeded(
-                "the deadline passed while the pod was being frozen".into(),
-            )));
-            break;
-        }
-        let mut locked = guard.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = locked.freeze(cgroup) {
-            response = Some(failed(Error::internal(format!(
-                "container {id}: freeze: {e:#}"
-            ))));
-            break;
-        }
-    }
-    let response = response.unwrap_or_else(|| {
-        frozen = Some(first_freeze.elapsed());
-        let results: Vec<anyhow::Result<(ContainerCapture, Follower)>> =
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = captures
+    let results: Vec<anyhow::Result<(ContainerCapture, Follower)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = captures
+            .iter()
+            .enumerate()
+            .map(|(i, capture)| {
+                let gate = gate.clone();
+                let opts = CheckpointOptions {
+                    before_seize: Some(BeforeSeize(Arc::new({
+                        let gate = gate.clone();
+                        move || gate.wait(i)
+                    }))),
+                    ..opts.clone()
+                };
+                scope.spawn(move || {
+                    let result = capture_container(capture, output_dir, &opts, deadline);
+                    gate.ended(i);
+                    result
+                })
+            })
+            .collect();
+        // Whatever happens below (a panic included), the CRIUs at the gate are let go.
+        let _closed = GateCloser(&gate);
+        match gate.arrivals(deadline) {
+            Arrivals::AllWaiting => {
+                ready = Some(start.elapsed());
+                // The freeze window starts here.
+                first_freeze = Instant::now();
+                let to_freeze = captures
                     .iter()
-                    .map(|capture| {
-                        scope.spawn(move || capture_container(capture, output_dir, opts, deadline))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked")))
-                    })
-                    .collect()
-            });
+                    .map(|c| (c.id.as_str(), &c.cgroup))
+                    .chain(bystanders.iter().map(|c| ("(not captured)", c)));
+                for (id, cgroup) in to_freeze {
+                    if expired() {
+                        response = Some(failed(Error::DeadlineExceeded(
+                            "the deadline passed while the pod was being frozen".into(),
+                        )));
+                        break;
+                    }
+                    let mut locked = guard.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = locked.freeze(cgroup) {
+                        response = Some(failed(Error::internal(format!(
+                            "container {id}: freeze: {e:#}"
+                        ))));
+                        break;
+                    }
+                }
+                if response.is_none() {
+                    frozen = Some(first_freeze.elapsed());
+                }
+                gate.open(response.is_none());
+            }
+            // A capture failed before its CRIU was ready: its error says why.
+            Arrivals::SomeEnded => {}
+            Arrivals::Expired => {
+                response = Some(failed(Error::DeadlineExceeded(
+                    "the deadline passed while CRIU was starting; nothing was frozen".into(),
+                )));
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked")))
+            })
+            .collect()
+    });
+    let response = if !gate.opened() {
+        // Those the gate turned back failed because of another's failure, which says why.
+        let turned_back = gate.turned_back();
+        let (theirs, own): (Vec<_>, Vec<_>) = results
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.err().map(|e| (i, Error::from(e))))
+            .partition(|(i, _)| turned_back.contains(i));
+        let own: Vec<Error> = own.into_iter().map(|(_, e)| e).collect();
+        match response {
+            Some(response) => response,
+            None if !own.is_empty() => failed_all(own),
+            None if !theirs.is_empty() => failed_all(theirs.into_iter().map(|(_, e)| e).collect()),
+            None => failed(Error::internal(
+                "the pod checkpoint gave up before the freeze".to_string(),
+            )),
+        }
+    } else {
         let mut containers = Vec::new();
         let mut errors = Vec::new();
         for result in results {
@@ -316,7 +508,7 @@ fn capture_pod(
         } else {
             failed_all(errors)
         }
-    });
+    };
     // Thaw everything we asked to freeze, whatever happened: a pod is never left frozen. The
     // caller hears the answer only after this.
     drop(watchdog);
@@ -380,9 +572,10 @@ fn capture_pod(
         failure => failure,
     };
     log::info!(
-        "pod capture: thaw guard started in {} ms; freeze window {window} ms (all frozen at {} \
-         ms, captured at {} ms); sealed in {} ms",
+        "pod capture: thaw guard started in {} ms, CRIU ready at {} ms; freeze window {window} ms \
+         (all frozen at {} ms, captured at {} ms); sealed in {} ms",
         guard_started.as_millis(),
+        ready.map_or(0, |d| d.as_millis()),
         frozen.map_or(0, |d| d.as_millis()),
         captured.map_or(0, |d| d.as_millis()),
         thawed.elapsed().as_millis()
@@ -447,4 +640,106 @@ fn capture_container(
         },
         follower,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `captures` threads, each doing `capture(i, gate)`, and the main thread's side of the
+    /// gate; returns what the main thread saw and each capture's outcome.
+    fn run_gate(
+        captures: usize,
+        deadline: Option<Instant>,
+        go: bool,
+        capture: impl Fn(usize, &FreezeGate) -> Result<(), String> + Sync,
+    ) -> (&'static str, Vec<Result<(), String>>, Vec<usize>) {
+        let gate = FreezeGate::new(captures);
+        let (seen, outcomes) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..captures)
+                .map(|i| {
+                    let (gate, capture) = (&gate, &capture);
+                    scope.spawn(move || {
+                        let outcome = capture(i, gate);
+                        gate.ended(i);
+                        outcome
+                    })
+                })
+                .collect();
+            let _closed = GateCloser(&gate);
+            let seen = match gate.arrivals(deadline) {
+                Arrivals::AllWaiting => {
+                    gate.open(go);
+                    "all waiting"
+                }
+                Arrivals::SomeEnded => "some ended",
+                Arrivals::Expired => "expired",
+            };
+            let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            (seen, outcomes)
+        });
+        (seen, outcomes, gate.turned_back())
+    }
+
+    #[test]
+    fn the_gate_opens_once_every_criu_waits_at_it() {
+        let (seen, outcomes, turned_back) = run_gate(3, None, true, |i, gate| {
+            std::thread::sleep(Duration::from_millis(10 * i as u64));
+            gate.wait(i)
+        });
+        assert_eq!(seen, "all waiting");
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert!(turned_back.is_empty());
+    }
+
+    #[test]
+    fn a_capture_failing_before_its_criu_is_ready_turns_the_others_back() {
+        let (seen, outcomes, turned_back) = run_gate(3, None, true, |i, gate| {
+            if i == 1 {
+                std::thread::sleep(Duration::from_millis(20));
+                return Err("mountinfo unreadable".into());
+            }
+            gate.wait(i)
+        });
+        assert_eq!(seen, "some ended");
+        assert_eq!(outcomes[1], Err("mountinfo unreadable".into()));
+        for i in [0, 2] {
+            assert!(
+                outcomes[i].as_ref().unwrap_err().contains("gave up before the freeze"),
+                "{outcomes:?}"
+            );
+        }
+        assert_eq!(turned_back, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_freeze_that_fails_turns_every_criu_back() {
+        let (seen, outcomes, turned_back) = run_gate(2, None, false, |i, gate| gate.wait(i));
+        assert_eq!(seen, "all waiting");
+        assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+        assert_eq!(turned_back, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_deadline_passing_before_every_criu_is_ready_turns_the_late_ones_back_too() {
+        let deadline = Some(Instant::now() + Duration::from_millis(30));
+        let (seen, outcomes, turned_back) = run_gate(2, deadline, true, |i, gate| {
+            if i == 1 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            gate.wait(i)
+        });
+        assert_eq!(seen, "expired");
+        assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+        assert_eq!(turned_back, vec![0, 1]);
+    }
+
+    #[test]
+    fn the_first_decision_stands() {
+        let gate = FreezeGate::new(1);
+        gate.open(true);
+        gate.open(false);
+        assert!(gate.opened());
+        assert_eq!(gate.wait(0), Ok(()));
+    }
 }

@@ -722,6 +722,7 @@ fn checkpoint_options(
         work_path: path(&o.work_path),
         timeout: None,
         criu_started: None,
+        before_seize: None,
     })
 }
 

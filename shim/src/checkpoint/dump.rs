@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use criu_rpc::{CgroupMode, Criu, DumpOptions};
+use criu_rpc::{CgroupMode, Criu, DumpOptions, Notification, NotifyError, NotifyScript};
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint_format::container as format;
 pub use podsnap_checkpoint_format::follow::Follower;
@@ -14,8 +14,8 @@ use crate::cgroup::ContainerCgroup;
 
 use super::mounts::{external_mounts, parse_mountinfo, v1_controllers};
 use super::{
-    CRIU_LOG_LEVEL, CheckpointOptions, Metadata, joined_namespace, namespace_key, namespace_kind,
-    private_dir,
+    BeforeSeize, CRIU_LOG_LEVEL, CheckpointOptions, Metadata, joined_namespace, namespace_key,
+    namespace_kind, private_dir,
 };
 
 /// Everything a dump needs to know about the container.
@@ -230,7 +230,18 @@ fn dump_into(
     }
     // The page images are hashed as CRIU writes them, on a core the dump leaves idle.
     let follower = Follower::start(images);
-    criu.dump(&criu_opts)?;
+    match &opts.before_seize {
+        Some(BeforeSeize(hook)) => {
+            let mut notify = |n: &mut Notification| -> Result<(), NotifyError> {
+                match n.script() {
+                    NotifyScript::PreDump => hook().map_err(NotifyError::from),
+                    _ => Ok(()),
+                }
+            };
+            criu.dump_with(&criu_opts, &mut notify)?;
+        }
+        None => criu.dump(&criu_opts)?,
+    }
     format::write_metadata(images, &metadata, &descriptors)?;
     // CRIU writes its statistics next to its log; checkpointctl reads them from the images.
     let _ = fs::copy(work.join("stats-dump"), images.join("stats-dump"));

@@ -46,6 +46,20 @@ pub struct CheckpointOptions {
     pub timeout: Option<std::time::Duration>,
     /// Told the pid of each CRIU started for the dump (a pod checkpoint's thaw guard).
     pub criu_started: Option<CriuStarted>,
+    /// Called when CRIU, started and set up, is about to seize the tasks (its `pre-dump`
+    /// notification): a pod checkpoint freezes the pod there, so that CRIU's start-up is not
+    /// part of the freeze window. An error makes CRIU give up before it touches any task.
+    pub before_seize: Option<BeforeSeize>,
+}
+
+/// The hook of [`CheckpointOptions::before_seize`].
+#[derive(Clone)]
+pub struct BeforeSeize(pub std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for BeforeSeize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeSeize")
+    }
 }
 
 /// A [`criu_rpc::SpawnHook`] carried in [`CheckpointOptions`].
