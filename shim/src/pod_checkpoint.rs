@@ -414,24 +414,23 @@ fn capture_pod(
                 ready = Some(start.elapsed());
                 // The freeze window starts here.
                 first_freeze = Instant::now();
-                let to_freeze = captures
+                let to_freeze: Vec<(&str, &ContainerCgroup)> = captures
                     .iter()
                     .map(|c| (c.id.as_str(), &c.cgroup))
-                    .chain(bystanders.iter().map(|c| ("(not captured)", c)));
-                for (id, cgroup) in to_freeze {
-                    if expired() {
-                        response = Some(failed(Error::DeadlineExceeded(
-                            "the deadline passed while the pod was being frozen".into(),
-                        )));
-                        break;
-                    }
-                    let mut locked = guard.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = locked.freeze(cgroup) {
-                        response = Some(failed(Error::internal(format!(
-                            "container {id}: freeze: {e:#}"
-                        ))));
-                        break;
-                    }
+                    .chain(bystanders.iter().map(|c| ("(not captured)", c)))
+                    .collect();
+                let freezing = guard
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .freeze_all(&to_freeze);
+                if let Err((id, e)) = freezing {
+                    response = Some(failed(Error::internal(format!(
+                        "container {id}: freeze: {e:#}"
+                    ))));
+                } else if expired() {
+                    response = Some(failed(Error::DeadlineExceeded(
+                        "the deadline passed while the pod was being frozen".into(),
+                    )));
                 }
                 if response.is_none() {
                     frozen = Some(first_freeze.elapsed());
@@ -705,7 +704,10 @@ mod tests {
         assert_eq!(outcomes[1], Err("mountinfo unreadable".into()));
         for i in [0, 2] {
             assert!(
-                outcomes[i].as_ref().unwrap_err().contains("gave up before the freeze"),
+                outcomes[i]
+                    .as_ref()
+                    .unwrap_err()
+                    .contains("gave up before the freeze"),
                 "{outcomes:?}"
             );
         }

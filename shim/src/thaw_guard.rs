@@ -308,13 +308,36 @@ impl ThawGuard {
         }
     }
 
-    /// Records `cgroup` (here and in the guard process), then freezes it.
-    pub fn freeze(&mut self, cgroup: &ContainerCgroup) -> anyhow::Result<()> {
-        if let (Some(process), Some((file, value))) = (self.process.as_ref(), thaw_file(cgroup)) {
-            tell(&process.stdin, &format!("{}\t{value}", file.display()));
+    /// Freezes every cgroup of `cgroups` at once: each is recorded (here and in the guard
+    /// process) and told to freeze before any is waited for, so that a pod's containers stop
+    /// within a few ms of each other rather than one after another. Returns the name of the
+    /// first that failed to freeze, and why; all are thawed by [`finish`](Self::finish) all
+    /// the same.
+    pub fn freeze_all<'a>(
+        &mut self,
+        cgroups: &[(&'a str, &'a ContainerCgroup)],
+    ) -> Result<(), (&'a str, anyhow::Error)> {
+        for (_, cgroup) in cgroups {
+            if let (Some(process), Some((file, value))) = (self.process.as_ref(), thaw_file(cgroup))
+            {
+                tell(&process.stdin, &format!("{}\t{value}", file.display()));
+            }
+            self.frozen.push((*cgroup).clone());
+            // Only a head start: the freeze below writes it again and waits, and says why
+            // should it fail.
+            if let Some((file, _)) = thaw_file(cgroup) {
+                let frozen = if file.ends_with("freezer.state") {
+                    "FROZEN"
+                } else {
+                    "1"
+                };
+                let _ = std::fs::write(&file, frozen);
+            }
         }
-        self.frozen.push(cgroup.clone());
-        cgroup.freeze(true)
+        for (name, cgroup) in cgroups {
+            cgroup.freeze(true).map_err(|e| (*name, e))?;
+        }
+        Ok(())
     }
 
     /// What tells the guard process about each CRIU started for the dump (it waits for them
@@ -341,6 +364,12 @@ impl ThawGuard {
     /// as it found it, frozen, when it ends, so [`ThawGuard::finish`] thaws them all again.
     pub fn thaw_all(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        // Every cgroup is told to thaw before any is waited for (as `freeze_all` freezes).
+        for cgroup in &self.frozen {
+            if let Some((file, value)) = thaw_file(cgroup) {
+                let _ = std::fs::write(&file, value);
+            }
+        }
         for cgroup in &self.frozen {
             if let Err(e) = cgroup.freeze(false) {
                 // libcgroups could not; write the file directly before giving up.
