@@ -61,6 +61,40 @@ impl ContainerCgroup {
             .with_context(|| format!("freeze={frozen} cgroup {}", self.path.display()))
     }
 
+    /// Waits up to `limit` for a freeze already asked of this cgroup to take hold, polling every
+    /// 200 µs (libcgroups polls every 10 ms, which a freeze window would pay); on v1 the freeze
+    /// is asked again while the state reads FREEZING, as runc does. Whether it is frozen.
+    pub fn frozen_within(&self, limit: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let frozen = if let Some(dir) = self.v1_dir("freezer") {
+                let state = dir.join("freezer.state");
+                match std::fs::read_to_string(&state).as_deref().map(str::trim) {
+                    Ok("FROZEN") => true,
+                    Ok("FREEZING") => {
+                        let _ = std::fs::write(&state, "FROZEN");
+                        false
+                    }
+                    _ => return false,
+                }
+            } else if let Some(dir) = self.v2_dir() {
+                match std::fs::read_to_string(dir.join("cgroup.events")) {
+                    Ok(events) => events.lines().any(|l| l.trim() == "frozen 1"),
+                    Err(_) => return false,
+                }
+            } else {
+                return false;
+            };
+            if frozen {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
     /// Applies new resource limits.
     pub fn update(&self, resources: &LinuxResources) -> anyhow::Result<()> {
         self.manager()?

@@ -335,7 +335,11 @@ impl ThawGuard {
             }
         }
         for (name, cgroup) in cgroups {
-            cgroup.freeze(true).map_err(|e| (*name, e))?;
+            // Most freezes take hold within a millisecond or two; one that does not gets
+            // libcgroups' own patient loop, which says why should it fail.
+            if !cgroup.frozen_within(Duration::from_millis(200)) {
+                cgroup.freeze(true).map_err(|e| (*name, e))?;
+            }
         }
         Ok(())
     }
