@@ -10,9 +10,10 @@
 //! gets a one-time restore grant ([`podsnap_checkpoint_format::grant`]) pinning the digest of
 //! the manifest verified here; without it the shim refuses the annotation.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
 use cri_api::RuntimeServiceClient;
@@ -145,11 +146,12 @@ pub fn open_checkpoint(checkpoint_path: &str, pages_later: bool) -> Result<Opene
         )));
     }
     let criu = criu_rpc::Criu::new().timeout(PREFLIGHT_TIMEOUT);
+    let mut facts = CriuFacts::of(&criu);
     let here = Here {
-        criu: criu.version().map(|v| v.to_string()).unwrap_or_default(),
+        criu: facts.version(&criu),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
     };
-    preflight(&criu, &here, &path, &manifest).map_err(|why| {
+    preflight(&criu, &here, &path, &manifest, &mut facts).map_err(|why| {
         Status::failed_precondition(format!(
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         ))
@@ -166,6 +168,77 @@ pub fn open_checkpoint(checkpoint_path: &str, pages_later: bool) -> Result<Opene
 /// The longest the CPU check of one container may take.
 const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// What this node's CRIU answered, kept while its binary stays the same file: its version, and
+/// the CPU records (`cpuinfo.img`) it accepted. Each answer costs a CRIU run (about 20 ms here)
+/// that every restore paid before; a record it refused, or an answer that failed, is asked
+/// again next time.
+#[derive(Default)]
+struct CriuFacts {
+    /// The binary the facts are about (device, inode, size, mtime); none is kept without one.
+    binary: Option<(u64, u64, u64, i64, i64)>,
+    version: Option<String>,
+    cpus_accepted: HashSet<Vec<u8>>,
+}
+
+static CRIU_FACTS: LazyLock<Mutex<CriuFacts>> = LazyLock::new(Default::default);
+
+impl CriuFacts {
+    /// The facts about `criu`'s binary (forgotten if it is another file than last time). The
+    /// lock is held through the preflight: restores side by side ask CRIU once.
+    fn of(criu: &criu_rpc::Criu) -> MutexGuard<'static, CriuFacts> {
+        let binary = binary_identity(criu.binary());
+        let mut facts = CRIU_FACTS.lock().unwrap_or_else(|e| e.into_inner());
+        if binary.is_none() || facts.binary != binary {
+            *facts = CriuFacts {
+                binary,
+                ..Default::default()
+            };
+        }
+        facts
+    }
+
+    fn version(&mut self, criu: &criu_rpc::Criu) -> String {
+        if let Some(version) = &self.version {
+            return version.clone();
+        }
+        match criu.version() {
+            Ok(version) => {
+                let version = version.to_string();
+                if self.binary.is_some() {
+                    self.version = Some(version.clone());
+                }
+                version
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    fn cpu_accepted(&self, record: &[u8]) -> bool {
+        self.cpus_accepted.contains(record)
+    }
+
+    fn accept_cpu(&mut self, record: Vec<u8>) {
+        if self.binary.is_some() {
+            self.cpus_accepted.insert(record);
+        }
+    }
+}
+
+/// The file a binary path names (a bare name looked up on `PATH`), as device, inode, size and
+/// modification time: another file, or the same one rewritten, is another binary.
+fn binary_identity(binary: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = if binary.components().count() > 1 || binary.is_absolute() {
+        binary.to_path_buf()
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| dir.join(binary))
+            .find(|candidate| candidate.is_file())?
+    };
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
 /// The CRIU and kernel versions of this node.
 struct Here {
     criu: String,
@@ -180,6 +253,7 @@ fn preflight(
     here: &Here,
     path: &Path,
     manifest: &Manifest,
+    facts: &mut CriuFacts,
 ) -> Result<(), String> {
     podsnap_checkpoint_format::versions_restorable(
         &manifest.criu_version,
@@ -196,8 +270,9 @@ fn preflight(
         if !record.is_file() {
             continue;
         }
-        if let Ok(bytes) = std::fs::read(&record)
-            && !checked.insert(bytes)
+        let bytes = std::fs::read(&record).ok();
+        if let Some(bytes) = &bytes
+            && (facts.cpu_accepted(bytes) || !checked.insert(bytes.clone()))
         {
             continue;
         }
@@ -213,6 +288,12 @@ fn preflight(
                 container.name
             ),
         })?;
+        // Accepted as read before the check: a record that changed meanwhile is not trusted.
+        if let Some(bytes) = bytes
+            && std::fs::read(&record).is_ok_and(|now| now == bytes)
+        {
+            facts.accept_cpu(bytes);
+        }
     }
     Ok(())
 }
@@ -909,14 +990,63 @@ mod tests {
             criu: criu.into(),
             kernel: kernel.into(),
         };
-        let err = preflight(&criu, &here("4.0.0", "6.8.0"), dir.path(), &taken).unwrap_err();
+        let err = preflight(
+            &criu,
+            &here("4.0.0", "6.8.0"),
+            dir.path(),
+            &taken,
+            &mut CriuFacts::default(),
+        )
+        .unwrap_err();
         assert!(
             err.contains("CRIU 4.1.1") && err.contains("CRIU 4.0.0"),
             "{err}"
         );
-        let err = preflight(&criu, &here("4.1.1", "6.1.0-28"), dir.path(), &taken).unwrap_err();
+        let err = preflight(
+            &criu,
+            &here("4.1.1", "6.1.0-28"),
+            dir.path(),
+            &taken,
+            &mut CriuFacts::default(),
+        )
+        .unwrap_err();
         assert!(err.contains("kernel 6.8.0-1"), "{err}");
         // No cpuinfo.img (a checkpoint from before it was recorded): not checked.
-        preflight(&criu, &here("4.1.1", "6.8.12"), dir.path(), &taken).unwrap();
+        preflight(
+            &criu,
+            &here("4.1.1", "6.8.12"),
+            dir.path(),
+            &taken,
+            &mut CriuFacts::default(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn criu_facts_are_about_one_binary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("criu");
+        std::fs::write(&binary, b"one").unwrap();
+        let first = binary_identity(&binary).expect("a file has an identity");
+        std::fs::write(&binary, b"another").unwrap();
+        assert_ne!(
+            binary_identity(&binary),
+            Some(first),
+            "rewritten: another binary"
+        );
+        assert!(binary_identity(&dir.path().join("missing")).is_none());
+        // A bare name is the file PATH finds.
+        assert!(binary_identity(Path::new("sh")).is_some());
+
+        let mut facts = CriuFacts::default();
+        facts.accept_cpu(b"cpu".to_vec());
+        assert!(
+            !facts.cpu_accepted(b"cpu"),
+            "nothing is kept without a binary"
+        );
+        facts.binary = Some(first);
+        facts.accept_cpu(b"cpu".to_vec());
+        assert!(facts.cpu_accepted(b"cpu"));
+        assert!(!facts.cpu_accepted(b"another cpu"));
     }
 }
