@@ -4,6 +4,9 @@
 //! container running. Memory: RSS and PSS (smaps_rollup) of every shim process whose command
 //! line has `-id <sandbox id>`: podsnap's shim and its zygote, or containerd-shim-runc-v2. The
 //! handlers alternate every iteration (podsnap first on even ones) so drift hits both alike.
+//! Memory is read twice: just after the start, and once every pod ran idle for longer than
+//! podsnap's zygote stays without work (it then exits, and a later create or exec spawns it
+//! again); the pods stay until then.
 
 use std::path::Path;
 use std::thread;
@@ -17,9 +20,16 @@ use crate::run::wait_for;
 /// Time the shims get to settle before their memory is read.
 const SETTLE: Duration = Duration::from_millis(500);
 
+/// How long every pod runs idle before its memory is read again: longer than podsnap's zygote
+/// stays without work (30 s, `shim/src/zygote.rs`).
+const IDLE: Duration = Duration::from_secs(36);
+
 struct Sample {
     seconds: f64,
+    pod: String,
     shims: Vec<ShimProcess>,
+    /// Read again after [`IDLE`].
+    idle_shims: Vec<ShimProcess>,
 }
 
 pub fn run(node: &Node, n: usize) -> Result<(), String> {
@@ -46,12 +56,20 @@ pub fn run(node: &Node, n: usize) -> Result<(), String> {
             samples[h as usize].push(s);
         }
     }
+    println!("waiting {IDLE:?} for every pod to run idle");
+    thread::sleep(IDLE);
+    for s in samples.iter_mut().flatten() {
+        s.idle_shims = procfs::shim_processes(&s.pod)?;
+    }
+    for s in samples.iter().flatten() {
+        cleanup.remove(&Item::Pod(s.pod.clone()))?;
+    }
     drop(cleanup);
     print_report(n, &samples);
     Ok(())
 }
 
-/// Starts a pod with one container on `h`, measures it, removes it.
+/// Starts a pod with one container on `h` and measures it; the pod stays.
 fn start_pod(
     node: &Node,
     cleanup: &mut Cleanup,
@@ -78,8 +96,12 @@ fn start_pod(
             h.name()
         ));
     }
-    cleanup.remove(&Item::Pod(pod))?;
-    Ok(Sample { seconds, shims })
+    Ok(Sample {
+        seconds,
+        pod,
+        shims,
+        idle_shims: Vec::new(),
+    })
 }
 
 fn print_report(n: usize, samples: &[Vec<Sample>; 2]) {
@@ -101,17 +123,77 @@ fn print_report(n: usize, samples: &[Vec<Sample>; 2]) {
     }
     print!("{}", t.render());
 
-    println!(
-        "\nshim memory per pod (processes with `-id <sandbox id>`), median of {n} pods, MiB \
-         (PSS shares pages among all shims of a kind on the node)"
+    let started = memory_table(
+        &format!(
+            "shim memory per pod just after its start (processes with `-id <sandbox id>`), \
+             median of {n} pods, MiB (PSS shares pages among all shims of a kind on the node)"
+        ),
+        samples,
+        |s| &s.shims,
     );
+    let idle = memory_table(
+        &format!(
+            "the same after {IDLE:?} idle (podsnap's zygote exits when it has nothing to do), \
+             MiB"
+        ),
+        samples,
+        |s| &s.idle_shims,
+    );
+    let (p, r) = (Handler::Podsnap as usize, Handler::Runc as usize);
+    println!();
+    println!(
+        "{}",
+        ratio(
+            "podsnap/runc start latency",
+            latency[p],
+            latency[r],
+            Some(1.0)
+        )
+    );
+    println!(
+        "{}",
+        ratio(
+            "podsnap/runc shim RSS per pod, just started",
+            started[p].0,
+            started[r].0,
+            None
+        )
+    );
+    println!(
+        "{}",
+        ratio(
+            "podsnap/runc shim RSS per pod, idle",
+            idle[p].0,
+            idle[r].0,
+            Some(0.5)
+        )
+    );
+    println!(
+        "{}",
+        ratio(
+            "podsnap/runc shim PSS per pod, idle",
+            idle[p].1,
+            idle[r].1,
+            None
+        )
+    );
+}
+
+/// Prints the memory of each handler's shim processes, by process and in total; returns the
+/// totals (RSS, PSS) by handler.
+fn memory_table(
+    title: &str,
+    samples: &[Vec<Sample>; 2],
+    shims: fn(&Sample) -> &Vec<ShimProcess>,
+) -> [(f64, f64); 2] {
+    println!("\n{title}");
     let mut t = Table::new(2, &["handler", "process", "RSS", "PSS"]);
     let mut total = [(0.0, 0.0); 2];
-    for h in handlers {
+    for h in [Handler::Podsnap, Handler::Runc] {
         let runs = &samples[h as usize];
         // Processes by comm, in pid order (shim before zygote).
         let mut comms: Vec<String> = Vec::new();
-        for p in runs.iter().flat_map(|s| &s.shims) {
+        for p in runs.iter().flat_map(|s| shims(s)) {
             if !comms.contains(&p.comm) {
                 comms.push(p.comm.clone());
             }
@@ -119,7 +201,7 @@ fn print_report(n: usize, samples: &[Vec<Sample>; 2]) {
         for comm in &comms {
             let of = |f: fn(&ShimProcess) -> u64| -> Vec<f64> {
                 let sum = |s: &Sample| {
-                    s.shims
+                    shims(s)
                         .iter()
                         .filter(|p| &p.comm == comm)
                         .map(f)
@@ -136,10 +218,10 @@ fn print_report(n: usize, samples: &[Vec<Sample>; 2]) {
         }
         let sum = |f: fn(&ShimProcess) -> u64| -> Vec<f64> {
             runs.iter()
-                .map(|s| s.shims.iter().map(f).sum::<u64>() as f64)
+                .map(|s| shims(s).iter().map(f).sum::<u64>() as f64)
                 .collect()
         };
-        let count = runs.iter().map(|s| s.shims.len()).max().unwrap_or(0);
+        let count = runs.iter().map(|s| shims(s).len()).max().unwrap_or(0);
         total[h as usize] = (median(&sum(|p| p.rss_kib)), median(&sum(|p| p.pss_kib)));
         t.row(vec![
             h.name().into(),
@@ -152,33 +234,5 @@ fn print_report(n: usize, samples: &[Vec<Sample>; 2]) {
         ]);
     }
     print!("{}", t.render());
-    let (p, r) = (Handler::Podsnap as usize, Handler::Runc as usize);
-    println!();
-    println!(
-        "{}",
-        ratio(
-            "podsnap/runc start latency",
-            latency[p],
-            latency[r],
-            Some(1.0)
-        )
-    );
-    println!(
-        "{}",
-        ratio(
-            "podsnap/runc shim RSS per pod",
-            total[p].0,
-            total[r].0,
-            Some(0.5)
-        )
-    );
-    println!(
-        "{}",
-        ratio(
-            "podsnap/runc shim PSS per pod",
-            total[p].1,
-            total[r].1,
-            None
-        )
-    );
+    total
 }

@@ -52,6 +52,9 @@ fn main() {
     if args.get(1).is_some_and(|a| a == thaw_guard::GUARD_ARG) {
         thaw_guard::run_guard();
     }
+    if args.get(1).is_some_and(|a| a == zygote::ZYGOTE_ARG) {
+        zygote::run_spawned();
+    }
     let serving = match containerd_shim::parse(&args[1..]) {
         Ok(flags) => flags.action.is_empty() && !flags.info && !flags.version,
         Err(_) => false,

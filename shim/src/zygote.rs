@@ -12,6 +12,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use libcontainer::container::builder::ContainerBuilder;
@@ -235,7 +236,27 @@ impl From<ZygoteError> for crate::error::Error {
     }
 }
 
-static CHANNEL: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
+/// The argument that makes the shim's binary a zygote (one the shim spawns again after an idle
+/// one left), serving the socket on fd 3.
+pub const ZYGOTE_ARG: &str = "--podsnap-zygote";
+
+/// How long a zygote with nothing to do stays: then the shim closes its socket and it exits,
+/// so that a running pod's shim holds no second process (the next create or exec spawns one
+/// again, a few ms).
+const IDLE: Duration = Duration::from_secs(30);
+
+/// The shim's side of the zygote's socket; `None` once an idle zygote was let go.
+struct Channel {
+    sock: Option<OwnedFd>,
+    last_used: Instant,
+}
+
+static CHANNEL: OnceLock<Mutex<Channel>> = OnceLock::new();
+
+fn channel() -> Result<std::sync::MutexGuard<'static, Channel>, ZygoteError> {
+    let channel = CHANNEL.get().ok_or(ZygoteError::NotRunning)?;
+    Ok(channel.lock().unwrap_or_else(|e| e.into_inner()))
+}
 
 /// Forks the zygote. Must be called while the process still has a single thread.
 pub fn start() -> anyhow::Result<()> {
@@ -251,35 +272,122 @@ pub fn start() -> anyhow::Result<()> {
     match unsafe { fork() }.context("fork the zygote")? {
         ForkResult::Child => {
             drop(shim_end);
-            serve(zygote_end)
+            serve(zygote_end, true)
         }
         ForkResult::Parent { .. } => {
             drop(zygote_end);
             CHANNEL
-                .set(Mutex::new(shim_end))
+                .set(Mutex::new(Channel {
+                    sock: Some(shim_end),
+                    last_used: Instant::now(),
+                }))
                 .map_err(|_| anyhow::anyhow!("zygote started twice"))?;
+            std::thread::Builder::new()
+                .name("zygote-idle".into())
+                .spawn(let_idle_go)
+                .context("start the zygote's idle watch")?;
             Ok(())
         }
     }
 }
 
+/// Closes the socket of a zygote idle for [`IDLE`]: it reads the end of it and exits.
+fn let_idle_go() {
+    loop {
+        std::thread::sleep(IDLE / 6);
+        let Ok(mut channel) = channel() else { return };
+        if channel.sock.is_some() && channel.last_used.elapsed() >= IDLE {
+            channel.sock = None;
+            log::debug!("the zygote was idle for {IDLE:?}: let go");
+        }
+    }
+}
+
+/// Spawns a zygote again (the shim's binary with [`ZYGOTE_ARG`], then the shim's own
+/// arguments, so that it is known as this pod's): spawned, not forked, since the shim has
+/// threads by now. Its socket is its fd 3.
+fn respawn() -> Result<OwnedFd, ZygoteError> {
+    use std::os::unix::process::CommandExt;
+    let failed = |what, source| ZygoteError::Channel { what, source };
+    let (shim_end, zygote_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| failed("create a socket for", e))?;
+    let fd = zygote_end.as_raw_fd();
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command
+        .arg(ZYGOTE_ARG)
+        .args(std::env::args_os().skip(1))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it gives the child the socket as fd 3, without
+    // close-on-exec (other children of the shim never see it: the original is CLOEXEC).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The child is reaped by the shim's reaper like any child of the shim.
+    command.spawn().map_err(|e| {
+        failed(
+            "spawn",
+            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    drop(zygote_end);
+    log::debug!("zygote spawned again");
+    Ok(shim_end)
+}
+
+/// The zygote spawned by [`respawn`]: serves fd 3 until the shim closes it.
+pub fn run_spawned() -> ! {
+    // SAFETY: fd 3 is the socket `respawn` gave this process, and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    serve(sock, false)
+}
+
 /// Sends `request` with `fds` to the zygote and waits for the pid it started. Blocking: call it
 /// from a blocking thread.
 pub fn call(request: &Request, fds: &[BorrowedFd<'_>]) -> Result<i32, ZygoteError> {
-    let channel = CHANNEL.get().ok_or(ZygoteError::NotRunning)?;
-    let channel = channel.lock().unwrap_or_else(|e| e.into_inner());
+    let mut channel = channel()?;
+    if channel.sock.is_none() {
+        channel.sock = Some(respawn()?);
+    }
+    let sock = channel.sock.as_ref().expect("set above").as_raw_fd();
     let payload = serde_json::to_vec(request)?;
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    send(channel.as_raw_fd(), &payload, &raw).map_err(|source| ZygoteError::Channel {
-        what: "send to",
-        source,
-    })?;
-    let (reply, _fds) = recv(channel.as_raw_fd())
+    let reply = send(sock, &payload, &raw)
         .map_err(|source| ZygoteError::Channel {
-            what: "receive from",
+            what: "send to",
             source,
-        })?
-        .ok_or(ZygoteError::Exited)?;
+        })
+        .and_then(|()| {
+            recv(sock).map_err(|source| ZygoteError::Channel {
+                what: "receive from",
+                source,
+            })
+        });
+    channel.last_used = Instant::now();
+    let (reply, _fds) = match reply {
+        Ok(Some(reply)) => reply,
+        // A zygote that died is spawned again by the next call.
+        Ok(None) => {
+            channel.sock = None;
+            return Err(ZygoteError::Exited);
+        }
+        Err(e) => {
+            channel.sock = None;
+            return Err(e);
+        }
+    };
+    drop(channel);
     let reply: Reply = serde_json::from_slice(&reply)?;
     relay(&reply.logs);
     match reply.response {
@@ -333,10 +441,16 @@ fn recv(sock: RawFd) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     Ok(Some((buf, fds)))
 }
 
-fn serve(sock: OwnedFd) -> ! {
+/// Serves the zygote's socket until the shim closes it (or dies: its end closes with it).
+/// `forked`: made by [`start`], from the shim's main thread, whose death it follows at once.
+/// (A spawned one does not ask for that: the signal would come when the shim *thread* that
+/// spawned it ends.)
+fn serve(sock: OwnedFd, forked: bool) -> ! {
     // SAFETY: plain prctl calls on this (single-threaded) process.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if forked {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
         libc::prctl(libc::PR_SET_NAME, c"podsnap-zygote".as_ptr());
     }
     if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
