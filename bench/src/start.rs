@@ -193,7 +193,7 @@ fn memory_table(
         let runs = &samples[h as usize];
         // Processes by comm, in pid order (shim before zygote).
         let mut comms: Vec<String> = Vec::new();
-        for p in runs.iter().flat_map(|s| shims(s)) {
+        for p in runs.iter().flat_map(shims) {
             if !comms.contains(&p.comm) {
                 comms.push(p.comm.clone());
             }
