@@ -127,6 +127,46 @@ fn podsnap_single_container_pod_runs_logs_execs_stops_and_is_removed_without_lea
 }
 
 #[test]
+fn podsnap_pod_idle_past_its_zygote_still_creates_and_execs_and_is_removed_without_leaks() {
+    let node = Node::get();
+    let mut pod = Pod::run(Handler::Podsnap, "zygote-idle");
+    let c = pod.run_container(&ContainerConfig::shell("main", "exec sleep 600"));
+    wait_for_state(node, &c, "CONTAINER_RUNNING");
+    let zygotes = || {
+        shim_processes(Handler::Podsnap, &pod.id)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                    .is_ok_and(|comm| comm.trim() == "podsnap-zygote")
+            })
+            .count()
+    };
+    assert_eq!(zygotes(), 1, "the shim forks its zygote at start");
+    // Idle for 30 s, the zygote is let go: the pod's shim is one process.
+    wait_for(
+        "the idle zygote to exit",
+        Duration::from_secs(90),
+        || match zygotes() {
+            0 => Ok(()),
+            n => Err(format!("{n} zygote(s)")),
+        },
+    );
+    assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
+    // An exec and a new container need one: it is spawned again.
+    let exec = pod.exec(&c, &["sh", "-c", "echo exec-$((6 * 7))"]);
+    assert_eq!((exec.code, exec.stdout.trim()), (0, "exec-42"), "{exec:?}");
+    assert_eq!(zygotes(), 1, "an exec spawns the zygote again");
+    let token = token("second");
+    let second = pod.run_container(&ContainerConfig::shell(
+        "second",
+        &format!("echo {token}; exec sleep 600"),
+    ));
+    wait_for_log(&pod, &second, &[&token]);
+    let footprint = pod.remove();
+    assert_nothing_left(node, &footprint);
+}
+
+#[test]
 fn runc_single_container_pod_lifecycle_matches_podsnap() {
     single_container_lifecycle(Handler::Runc);
 }

@@ -318,6 +318,10 @@ fn respawn() -> Result<OwnedFd, ZygoteError> {
     .map_err(|e| failed("create a socket for", e))?;
     let fd = zygote_end.as_raw_fd();
     let mut command = std::process::Command::new("/proc/self/exe");
+    // Named as the shim is (ps, leak checks), with the zygote's argument first.
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
     command
         .arg(ZYGOTE_ARG)
         .args(std::env::args_os().skip(1))
