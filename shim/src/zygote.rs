@@ -5,8 +5,14 @@
 //! time, so the shim never clones itself. It sends a [`Request`] (JSON) with the process's stdio
 //! file descriptors (`SCM_RIGHTS`) over a `SOCK_SEQPACKET` pair and gets back the new pid. The
 //! zygote creates containers as *siblings* (`CLONE_PARENT`), so every container process is a
-//! child of the shim, which reaps it. The zygote dies with the shim (`PR_SET_PDEATHSIG`).
-//! It does not own any state: the containers' state lives in libcontainer's state directory.
+//! child of the shim, which reaps it. The zygote dies with the shim (`PR_SET_PDEATHSIG`, and the
+//! end of its socket). It does not own any state: the containers' state lives in
+//! libcontainer's state directory.
+//!
+//! A zygote without work for 30 s is let go (the shim closes its socket and it exits), so that a
+//! running pod costs one process; the next create or exec spawns one again — the shim's own
+//! binary executed afresh with `--podsnap-zygote` (a fork is what a multi-threaded shim must
+//! not do), serving the socket on its fd 3 — at the cost of a few milliseconds once.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
