@@ -168,6 +168,15 @@ impl FreezeGate {
     }
 }
 
+/// Marks capture `.1` ended when dropped (see [`FreezeGate::ended`]).
+struct Ended<'a>(&'a FreezeGate, usize);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.ended(self.1);
+    }
+}
+
 /// Closes the gate when dropped, unless it was opened: no CRIU waits forever.
 struct GateCloser<'a>(&'a FreezeGate);
 
@@ -388,6 +397,9 @@ fn capture_pod(
     // The page hashers of the captured containers, in `containers`' order.
     let mut followers = Vec::new();
     let results: Vec<anyhow::Result<(ContainerCapture, Follower)>> = std::thread::scope(|scope| {
+        // Whatever happens below (a panic included, a thread that cannot start), the CRIUs at
+        // the gate are let go.
+        let _closed = GateCloser(&gate);
         let handles: Vec<_> = captures
             .iter()
             .enumerate()
@@ -401,14 +413,12 @@ fn capture_pod(
                     ..opts.clone()
                 };
                 scope.spawn(move || {
-                    let result = capture_container(capture, output_dir, &opts, deadline);
-                    gate.ended(i);
-                    result
+                    // Ended however the capture ends, a panic included.
+                    let _ended = Ended(&gate, i);
+                    capture_container(capture, output_dir, &opts, deadline)
                 })
             })
             .collect();
-        // Whatever happens below (a panic included), the CRIUs at the gate are let go.
-        let _closed = GateCloser(&gate);
         match gate.arrivals(deadline) {
             Arrivals::AllWaiting => {
                 ready = Some(start.elapsed());
@@ -659,9 +669,8 @@ mod tests {
                 .map(|i| {
                     let (gate, capture) = (&gate, &capture);
                     scope.spawn(move || {
-                        let outcome = capture(i, gate);
-                        gate.ended(i);
-                        outcome
+                        let _ended = Ended(gate, i);
+                        capture(i, gate)
                     })
                 })
                 .collect();
@@ -743,5 +752,26 @@ mod tests {
         gate.open(false);
         assert!(gate.opened());
         assert_eq!(gate.wait(0), Ok(()));
+    }
+
+    #[test]
+    fn a_capture_that_panics_before_its_criu_is_ready_turns_the_others_back() {
+        let gate = FreezeGate::new(2);
+        let seen = std::thread::scope(|scope| {
+            let _closed = GateCloser(&gate);
+            let waiting = scope.spawn(|| {
+                let _ended = Ended(&gate, 0);
+                gate.wait(0)
+            });
+            let panicked = scope.spawn(|| {
+                let _ended = Ended(&gate, 1);
+                panic!("capture thread panics");
+            });
+            let seen = matches!(gate.arrivals(None), Arrivals::SomeEnded);
+            assert!(panicked.join().is_err());
+            assert!(waiting.join().unwrap().is_err());
+            seen
+        });
+        assert!(seen, "a panicked capture counts as ended");
     }
 }

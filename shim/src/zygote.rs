@@ -338,7 +338,13 @@ fn respawn() -> Result<OwnedFd, ZygoteError> {
     // close-on-exec (other children of the shim never see it: the original is CLOEXEC).
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself would leave close-on-exec set: clear it then.
+            let done = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if done < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -360,6 +366,11 @@ fn respawn() -> Result<OwnedFd, ZygoteError> {
 pub fn run_spawned() -> ! {
     // SAFETY: fd 3 is the socket `respawn` gave this process, and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    // Close-on-exec again, so that no hook libcontainer runs from here inherits it.
+    // SAFETY: a plain fcntl on a descriptor this process owns.
+    if unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        std::process::exit(1);
+    }
     serve(sock, false)
 }
 

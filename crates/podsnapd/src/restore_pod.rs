@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
 use cri_api::RuntimeServiceClient;
@@ -151,7 +151,9 @@ pub fn open_checkpoint(checkpoint_path: &str, pages_later: bool) -> Result<Opene
         criu: facts.version(&criu),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
     };
-    preflight(&criu, &here, &path, &manifest, &mut facts).map_err(|why| {
+    let checked = preflight(&criu, &here, &path, &manifest, &mut facts);
+    facts.keep();
+    checked.map_err(|why| {
         Status::failed_precondition(format!(
             "checkpoint {checkpoint_path} cannot be restored on this node: {why}"
         ))
@@ -171,8 +173,9 @@ const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// What this node's CRIU answered, kept while its binary stays the same file: its version, and
 /// the CPU records (`cpuinfo.img`) it accepted. Each answer costs a CRIU run (about 20 ms here)
 /// that every restore paid before; a record it refused, or an answer that failed, is asked
-/// again next time.
-#[derive(Default)]
+/// again next time. A restore works on a copy ([`CriuFacts::of`]) and keeps what it learnt
+/// ([`CriuFacts::keep`]): no lock is held while CRIU runs.
+#[derive(Default, Clone)]
 struct CriuFacts {
     /// The binary the facts are about (device, inode, size, mtime); none is kept without one.
     binary: Option<(u64, u64, u64, i64, i64)>,
@@ -183,18 +186,29 @@ struct CriuFacts {
 static CRIU_FACTS: LazyLock<Mutex<CriuFacts>> = LazyLock::new(Default::default);
 
 impl CriuFacts {
-    /// The facts about `criu`'s binary (forgotten if it is another file than last time). The
-    /// lock is held through the preflight: restores side by side ask CRIU once.
-    fn of(criu: &criu_rpc::Criu) -> MutexGuard<'static, CriuFacts> {
+    /// A copy of the facts about `criu`'s binary (forgotten if it is another file than last
+    /// time).
+    fn of(criu: &criu_rpc::Criu) -> CriuFacts {
         let binary = binary_identity(criu.binary());
-        let mut facts = CRIU_FACTS.lock().unwrap_or_else(|e| e.into_inner());
-        if binary.is_none() || facts.binary != binary {
-            *facts = CriuFacts {
+        let mut known = CRIU_FACTS.lock().unwrap_or_else(|e| e.into_inner());
+        if binary.is_none() || known.binary != binary {
+            *known = CriuFacts {
                 binary,
                 ..Default::default()
             };
         }
-        facts
+        known.clone()
+    }
+
+    /// Keeps what this copy learnt, unless the binary changed meanwhile.
+    fn keep(self) {
+        let mut known = CRIU_FACTS.lock().unwrap_or_else(|e| e.into_inner());
+        if self.binary.is_some() && known.binary == self.binary {
+            if known.version.is_none() {
+                known.version = self.version;
+            }
+            known.cpus_accepted.extend(self.cpus_accepted);
+        }
     }
 
     fn version(&mut self, criu: &criu_rpc::Criu) -> String {
@@ -233,7 +247,12 @@ fn binary_identity(binary: &Path) -> Option<(u64, u64, u64, i64, i64)> {
     } else {
         std::env::split_paths(&std::env::var_os("PATH")?)
             .map(|dir| dir.join(binary))
-            .find(|candidate| candidate.is_file())?
+            .find(|candidate| {
+                use std::os::unix::fs::PermissionsExt;
+                // The first executable file, as exec finds it.
+                std::fs::metadata(candidate)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })?
     };
     let m = std::fs::metadata(path).ok()?;
     Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
