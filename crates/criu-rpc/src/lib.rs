@@ -77,6 +77,7 @@ pub type SpawnHook = Arc<dyn Fn(u32) + Send + Sync>;
 pub struct Criu {
     binary: PathBuf,
     timeout: Option<Duration>,
+    deadline: Option<Instant>,
     on_spawn: Option<SpawnHook>,
 }
 
@@ -85,6 +86,7 @@ impl fmt::Debug for Criu {
         f.debug_struct("Criu")
             .field("binary", &self.binary)
             .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline)
             .field("on_spawn", &self.on_spawn.is_some())
             .finish()
     }
@@ -196,6 +198,7 @@ impl Criu {
         Criu {
             binary: path.into(),
             timeout: None,
+            deadline: None,
             on_spawn: None,
         }
     }
@@ -215,6 +218,14 @@ impl Criu {
     /// seconds per GiB; choose accordingly.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Give up at `deadline` however often CRIU spoke before (a [`timeout`](Self::timeout)
+    /// starts again with each notification): swrk is killed and the call fails with
+    /// [`ErrorKind::Timeout`]. Time spent in [`Notify`] callbacks is not cut short.
+    pub fn deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -589,7 +600,10 @@ impl Criu {
         let mut callback_failure: Option<(String, NotifyError)> = None;
         let mut orphan_pts_master = None;
         loop {
-            let deadline = self.timeout.map(|t| Instant::now() + t);
+            let deadline = match (self.timeout.map(|t| Instant::now() + t), self.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let msg = match swrk.recv(deadline) {
                 Ok(msg) => msg,
                 Err(err) => {

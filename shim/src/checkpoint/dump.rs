@@ -223,7 +223,10 @@ fn dump_into(
         .collect();
     let mut criu = Criu::new();
     if let Some(timeout) = opts.timeout {
-        criu = criu.timeout(timeout);
+        // The whole dump within it: waiting at a notification does not start it again.
+        criu = criu
+            .timeout(timeout)
+            .deadline(std::time::Instant::now() + timeout);
     }
     if let Some(started) = &opts.criu_started {
         criu = criu.on_spawn(started.0.clone());
