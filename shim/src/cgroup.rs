@@ -61,37 +61,19 @@ impl ContainerCgroup {
             .with_context(|| format!("freeze={frozen} cgroup {}", self.path.display()))
     }
 
-    /// Waits up to `limit` for a freeze already asked of this cgroup to take hold, polling every
-    /// 200 µs (libcgroups polls every 10 ms, which a freeze window would pay); on v1 the freeze
-    /// is asked again while the state reads FREEZING, as runc does. Whether it is frozen.
-    pub fn frozen_within(&self, limit: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + limit;
-        loop {
-            let frozen = if let Some(dir) = self.v1_dir("freezer") {
-                let state = dir.join("freezer.state");
-                match std::fs::read_to_string(&state).as_deref().map(str::trim) {
-                    Ok("FROZEN") => true,
-                    Ok("FREEZING") => {
-                        let _ = std::fs::write(&state, "FROZEN");
-                        false
-                    }
-                    _ => return false,
-                }
-            } else if let Some(dir) = self.v2_dir() {
-                match std::fs::read_to_string(dir.join("cgroup.events")) {
-                    Ok(events) => events.lines().any(|l| l.trim() == "frozen 1"),
-                    Err(_) => return false,
-                }
-            } else {
-                return false;
-            };
-            if frozen {
-                return true;
-            }
-            if std::time::Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+    /// The file that freezes and thaws this cgroup: `freezer.state` on v1, `cgroup.freeze` on
+    /// v2.
+    pub fn freezer_file(&self) -> Option<FreezerFile> {
+        if let Some(dir) = self.v1_dir("freezer") {
+            Some(FreezerFile {
+                path: dir.join("freezer.state"),
+                v1: true,
+            })
+        } else {
+            self.v2_dir().map(|dir| FreezerFile {
+                path: dir.join("cgroup.freeze"),
+                v1: false,
+            })
         }
     }
 
@@ -250,5 +232,60 @@ impl ContainerCgroup {
             .filter_map(|c| self.v1_dir(c))
             .find_map(|dir| std::fs::read_to_string(dir.join("cpuacct.usage")).ok())
             .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+/// A cgroup's freezer file ([`ContainerCgroup::freezer_file`]), written directly where
+/// libcgroups' freeze would be too slow or would create a removed cgroup again.
+#[derive(Debug, Clone)]
+pub struct FreezerFile {
+    pub path: PathBuf,
+    v1: bool,
+}
+
+impl FreezerFile {
+    /// What to write to freeze (`true`) or thaw it.
+    pub fn value(&self, frozen: bool) -> &'static str {
+        match (self.v1, frozen) {
+            (true, true) => "FROZEN",
+            (true, false) => "THAWED",
+            (false, true) => "1",
+            (false, false) => "0",
+        }
+    }
+
+    /// Waits up to `limit` for a freeze already asked of the cgroup to take hold, polling every
+    /// 200 µs (libcgroups polls every 10 ms, which a freeze window would pay); on v1 the freeze
+    /// is asked again while the state reads FREEZING, as runc does. Whether it is frozen.
+    pub fn frozen_within(&self, limit: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        let events = self.path.with_file_name("cgroup.events");
+        loop {
+            let frozen = if self.v1 {
+                match std::fs::read_to_string(&self.path)
+                    .as_deref()
+                    .map(str::trim)
+                {
+                    Ok("FROZEN") => true,
+                    Ok("FREEZING") => {
+                        let _ = std::fs::write(&self.path, "FROZEN");
+                        false
+                    }
+                    _ => return false,
+                }
+            } else {
+                match std::fs::read_to_string(&events) {
+                    Ok(events) => events.lines().any(|l| l.trim() == "frozen 1"),
+                    Err(_) => return false,
+                }
+            };
+            if frozen {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 }

@@ -34,11 +34,10 @@ pub const GUARD_ARG: &str = "thaw-guard";
 
 /// The file that freezes and thaws a cgroup, and the value that thaws it.
 fn thaw_file(cgroup: &ContainerCgroup) -> Option<(PathBuf, &'static str)> {
-    if let Some(dir) = cgroup.v1_dir("freezer") {
-        Some((dir.join("freezer.state"), "THAWED"))
-    } else {
-        cgroup.v2_dir().map(|dir| (dir.join("cgroup.freeze"), "0"))
-    }
+    cgroup.freezer_file().map(|file| {
+        let value = file.value(false);
+        (file.path, value)
+    })
 }
 
 /// Whether `file` is one a guard may write: a freezer file under `/sys/fs/cgroup`.
@@ -317,27 +316,29 @@ impl ThawGuard {
         &mut self,
         cgroups: &[(&'a str, &'a ContainerCgroup)],
     ) -> Result<(), (&'a str, anyhow::Error)> {
-        for (_, cgroup) in cgroups {
-            if let (Some(process), Some((file, value))) = (self.process.as_ref(), thaw_file(cgroup))
-            {
-                tell(&process.stdin, &format!("{}\t{value}", file.display()));
+        // Each cgroup's freezer file is looked up once: the window is open from here.
+        let files: Vec<_> = cgroups.iter().map(|(_, c)| c.freezer_file()).collect();
+        for ((_, cgroup), file) in cgroups.iter().zip(&files) {
+            if let (Some(process), Some(file)) = (self.process.as_ref(), file) {
+                tell(
+                    &process.stdin,
+                    &format!("{}\t{}", file.path.display(), file.value(false)),
+                );
             }
             self.frozen.push((*cgroup).clone());
             // Only a head start: the freeze below writes it again and waits, and says why
             // should it fail.
-            if let Some((file, _)) = thaw_file(cgroup) {
-                let frozen = if file.ends_with("freezer.state") {
-                    "FROZEN"
-                } else {
-                    "1"
-                };
-                let _ = std::fs::write(&file, frozen);
+            if let Some(file) = file {
+                let _ = std::fs::write(&file.path, file.value(true));
             }
         }
-        for (name, cgroup) in cgroups {
+        for ((name, cgroup), file) in cgroups.iter().zip(&files) {
             // Most freezes take hold within a millisecond or two; one that does not gets
             // libcgroups' own patient loop, which says why should it fail.
-            if !cgroup.frozen_within(Duration::from_millis(200)) {
+            if !file
+                .as_ref()
+                .is_some_and(|f| f.frozen_within(Duration::from_millis(200)))
+            {
                 cgroup.freeze(true).map_err(|e| (*name, e))?;
             }
         }

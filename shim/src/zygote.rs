@@ -264,15 +264,19 @@ fn channel() -> Result<std::sync::MutexGuard<'static, Channel>, ZygoteError> {
     Ok(channel.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Forks the zygote. Must be called while the process still has a single thread.
-pub fn start() -> anyhow::Result<()> {
-    let (shim_end, zygote_end) = socketpair(
+/// The shim's and the zygote's ends of a new socket, both close-on-exec.
+fn socket_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .context("socketpair for the zygote")?;
+}
+
+/// Forks the zygote. Must be called while the process still has a single thread.
+pub fn start() -> anyhow::Result<()> {
+    let (shim_end, zygote_end) = socket_pair().context("socketpair for the zygote")?;
     // SAFETY: called from `main` before the tokio runtime or any other thread exists, so the
     // child is a faithful single-threaded copy.
     match unsafe { fork() }.context("fork the zygote")? {
@@ -315,13 +319,7 @@ fn let_idle_go() {
 fn respawn() -> Result<OwnedFd, ZygoteError> {
     use std::os::unix::process::CommandExt;
     let failed = |what, source| ZygoteError::Channel { what, source };
-    let (shim_end, zygote_end) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| failed("create a socket for", e))?;
+    let (shim_end, zygote_end) = socket_pair().map_err(|e| failed("create a socket for", e))?;
     let fd = zygote_end.as_raw_fd();
     let mut command = std::process::Command::new("/proc/self/exe");
     // Named as the shim is (ps, leak checks), with the zygote's argument first.

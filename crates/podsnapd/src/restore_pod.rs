@@ -1005,40 +1005,22 @@ mod tests {
         taken.kernel = "6.8.0-1".into();
         podsnap_checkpoint_format::write_manifest(dir.path(), &mut taken).unwrap();
         let criu = criu_rpc::Criu::new();
-        let here = |criu: &str, kernel: &str| Here {
-            criu: criu.into(),
-            kernel: kernel.into(),
+        let preflight_with = |criu_version: &str, kernel: &str| {
+            let here = Here {
+                criu: criu_version.into(),
+                kernel: kernel.into(),
+            };
+            preflight(&criu, &here, dir.path(), &taken, &mut CriuFacts::default())
         };
-        let err = preflight(
-            &criu,
-            &here("4.0.0", "6.8.0"),
-            dir.path(),
-            &taken,
-            &mut CriuFacts::default(),
-        )
-        .unwrap_err();
+        let err = preflight_with("4.0.0", "6.8.0").unwrap_err();
         assert!(
             err.contains("CRIU 4.1.1") && err.contains("CRIU 4.0.0"),
             "{err}"
         );
-        let err = preflight(
-            &criu,
-            &here("4.1.1", "6.1.0-28"),
-            dir.path(),
-            &taken,
-            &mut CriuFacts::default(),
-        )
-        .unwrap_err();
+        let err = preflight_with("4.1.1", "6.1.0-28").unwrap_err();
         assert!(err.contains("kernel 6.8.0-1"), "{err}");
         // No cpuinfo.img (a checkpoint from before it was recorded): not checked.
-        preflight(
-            &criu,
-            &here("4.1.1", "6.8.12"),
-            dir.path(),
-            &taken,
-            &mut CriuFacts::default(),
-        )
-        .unwrap();
+        preflight_with("4.1.1", "6.8.12").unwrap();
     }
 
     #[test]

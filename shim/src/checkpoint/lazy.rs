@@ -610,19 +610,12 @@ impl LazySession {
 /// Freezes (`true`) or thaws the container's cgroup by writing its freezer file, only if the
 /// cgroup is still there (libcgroups' freeze would create it again after a delete).
 fn freeze_if_there(cgroup: &ContainerCgroup, frozen: bool) -> std::io::Result<()> {
-    if let Some(dir) = cgroup.v2_dir() {
-        if dir.is_dir() {
-            fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+    match cgroup.freezer_file() {
+        Some(file) if file.path.parent().is_some_and(Path::is_dir) => {
+            fs::write(&file.path, file.value(frozen))
         }
-        return Ok(());
+        _ => Ok(()),
     }
-    if let Some(dir) = cgroup.v1_dir("freezer") {
-        fs::write(
-            dir.join("freezer.state"),
-            if frozen { "FROZEN" } else { "THAWED" },
-        )?;
-    }
-    Ok(())
 }
 
 /// Kills every process of the container: freezes it (so that none runs on meanwhile), sends
