@@ -14,6 +14,9 @@
 #                                               pod on the Kubernetes cluster, cold vs restored
 #        hack/bench.sh migrate [N]              bench/migrate.sh: downtime of a 1 GiB pod moved
 #                                               across kind workers vs its parts measured alone
+#        hack/bench.sh kubelet [N]              bench/kubelet.sh: a 1 GiB pod checkpointed and
+#                                               restored through the kubelet on the single-node
+#                                               cluster (release shim and podsnapd) vs raw CRIU
 #
 # Environment: PODSNAP_BENCH_SKIP_BUILD=1 (use the release binaries already built),
 # PODSNAP_BENCH_DIR (where checkpoint images go; default /var/tmp).
@@ -41,7 +44,7 @@ bench=$release/podsnap-bench
 packages=(-p containerd-shim-podsnap-v2 -p podsnap-bench)
 binaries=("$release_shim" "$bench")
 node_env=("PODSNAP_SHIM=$release_shim")
-if [ $# = 0 ] || [ "$1" = pod ]; then
+if [ $# = 0 ] || [ "$1" = pod ] || [ "$1" = kubelet ]; then
 	packages+=(-p podsnapd -p podsnap-cli)
 	binaries+=("$release/podsnapd" "$release/podsnap")
 	node_env+=("PODSNAPD_BINARY=$release/podsnapd")
@@ -83,7 +86,12 @@ run_bench() {
 	step "podsnap-bench $*" env PODSNAP_CLI="$release/podsnap" \
 		timeout --kill-after=30 3600 "$bench" "$@"
 }
-if [ $# = 0 ]; then
+if [ "${1:-}" = kubelet ]; then
+	shift
+	# The cluster's node-up (when bench/kubelet.sh brings the cluster up) keeps the release
+	# binaries; the kubelet talks to the release podsnapd.
+	step "bench/kubelet.sh $*" env "${node_env[@]}" timeout --kill-after=30 3600 bench/kubelet.sh "$@"
+elif [ $# = 0 ]; then
 	run_bench start
 	run_bench checkpoint
 	run_bench pod
