@@ -2,7 +2,8 @@
 //! `podsnap` CLI: a two-container pod checkpointed (leaving it serving) and restored three times
 //! as independent replicas; a pod-wide consistent cut; every refused input; a deadline that
 //! expires mid-dump; a pod resumed at its old address (`podsnap.io/keep-ip`); a pod with a user
-//! namespace of its own restored into the new pod's (`hostUsers: false`). Run with
+//! namespace of its own restored into the new pod's (`hostUsers: false`); a connection not yet
+//! accepted when the pod is checkpointed, kept by the pod and not failing its checkpoint. Run with
 //! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh` (which
 //! starts podsnapd).
 
@@ -988,6 +989,90 @@ impl Drop for ScratchRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection that a listening socket has not accepted yet when the pod is checkpointed (one
+/// "in flight" to CRIU) neither fails the checkpoint nor is lost: the pod, thawed, accepts it and
+/// reads what the client sent before the checkpoint; the restored copy listens at its own
+/// address without it. (With CRIU's network lock, which a checkpoint without established TCP
+/// connections no longer takes, this checkpoint failed: "In-flight connection".)
+#[test]
+fn podsnap_pod_checkpointed_with_a_connection_not_yet_accepted_keeps_it_and_restores_listening() {
+    let node = Node::get();
+    let mut ws = Workspace::new("in-flight");
+    let listener = podsnap_e2e::fixtures::listener();
+    let config = ws.container_config(
+        "listener",
+        json!(["/listener", "9090"]),
+        json!([{"container_path": "/listener", "host_path": listener, "readonly": true}]),
+    );
+    let got = |container: &str| {
+        let out = node.crictl_try(["exec", container, "cat", "/tmp/listener.got"]);
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out.report())
+        }
+    };
+    // Connects and sends `message`; the connection waits in the accept queue until
+    // `take_one_connection` and stays open meanwhile.
+    let connect = |ip: &str, message: &str| {
+        use std::io::Write;
+        let address: std::net::SocketAddr = format!("{ip}:9090").parse().unwrap();
+        let mut stream = wait_for(format_args!("a connection to {address}"), LIVENESS, || {
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+                .map_err(|e| e.to_string())
+        });
+        stream.write_all(message.as_bytes()).unwrap();
+        stream
+    };
+    let take_one_connection = |container: &str, message: &str| {
+        node.crictl(["exec", container, "kill", "-USR1", "1"]);
+        wait_for("the listener to accept and read", LIVENESS, || {
+            let seen = got(container)?;
+            if seen == message {
+                Ok(())
+            } else {
+                Err(format!("read {seen:?}"))
+            }
+        });
+    };
+
+    let source_config = ws.pod_config(&unique("source"));
+    let source = ws.run_pod(Handler::Podsnap, &source_config);
+    let id = ws.run_container(&source, &config, &source_config);
+    wait_for("the listener to listen", LIVENESS, || {
+        let out = node.crictl_try(["exec", &id, "cat", "/tmp/listener.ready"]);
+        if out.success() {
+            Ok(())
+        } else {
+            Err(out.report())
+        }
+    });
+    let message = unique("before-the-checkpoint");
+    let client = connect(&pod_ip(&source), &message);
+
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
+    assert!(
+        out.success(),
+        "{}\n{}",
+        out.report(),
+        node.log_excerpt(&[&source])
+    );
+    // Thawed, the source accepts the connection that waited through the checkpoint.
+    take_one_connection(&id, &message);
+    drop(client);
+    ws.remove_pod(&source);
+
+    let replica_config = ws.pod_config(&unique("replica"));
+    let replica = ws.restore_started(&checkpoint, &replica_config, &[&config]);
+    let restored = container_named(node, &replica, "listener");
+    let again = unique("after-the-restore");
+    let client = connect(&pod_ip(&replica), &again);
+    take_one_connection(&restored, &again);
+    drop(client);
+    ws.remove_pod(&replica);
 }
 
 /// A pod config like [`Workspace::pod_config`] that asks RestorePod to keep the checkpointed
