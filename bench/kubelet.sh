@@ -16,8 +16,8 @@
 #               against raw `criu restore --restore-detached`.
 #
 # The pod runs memtest (e2e/fixtures/memtest.c: 1 GiB of a pattern that does not compress) from
-# a hostPath; after every restore memtest checks each word of the restored memory (untimed), and
-# a bad word fails the benchmark. Every timed step starts after a `sync` and in memory the host
+# a hostPath; after every restore through the kubelet memtest checks each word of the restored
+# memory (untimed), and a bad word fails the benchmark. Every timed step starts after a `sync` and in memory the host
 # backs (this VM returns free memory to its host; see bench/src/pod.rs). Median of N each.
 #
 # Usage: bench/kubelet.sh [N]   (N=5; hack/bench.sh kubelet [N] runs it with the release shim and
@@ -38,7 +38,9 @@ runs=${1:-5}
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number, not $runs"
 mib=${KUBELET_BENCH_MIB:-1024}
 [[ $mib =~ ^[1-9][0-9]*$ ]] || die "KUBELET_BENCH_MIB must be a positive number, not $mib"
-command -v gcc >/dev/null || die "gcc is missing: run hack/install.sh"
+for t in gcc jq python3; do
+	command -v "$t" >/dev/null || die "$t is missing: run hack/install.sh"
+done
 
 cluster_was_up=0
 if pid_running "$(component_pidfile kubelet)" kubelet >/dev/null; then
@@ -145,9 +147,11 @@ import re, sys
 from datetime import datetime, timezone
 name, cid, plog, poff, clog, coff = sys.argv[1:]
 def stamp(text):
-    m = re.search(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z", text)
+    # RFC 3339: podsnapd writes UTC ("Z"), containerd its local time's offset.
+    m = re.search(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", text)
+    zone = timezone.utc if m.group(3) == "Z" else datetime.strptime(m.group(3).replace(":", ""), "%z").tzinfo
     frac = float("0" + (m.group(2) or ".0"))
-    return datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc).timestamp() + frac
+    return datetime.fromisoformat(m.group(1)).replace(tzinfo=zone).timestamp() + frac
 def lines(path, offset):
     with open(path, "rb") as f:
         f.seek(int(offset))
@@ -156,7 +160,9 @@ start = next((stamp(l) for l in lines(plog, poff)
               if f"RestorePod{{pod=default/{name} " in l and ": restoring pod " in l), None)
 end = next((stamp(l) for l in lines(clog, coff)
             if f'StartContainer for \\"{cid}\\" returns successfully' in l), None)
-print("nan" if start is None or end is None else "%.3f" % (end - start))
+if start is None or end is None:
+    sys.exit(f"no RestorePod of {name} in {plog}, or no StartContainer of {cid} in {clog}")
+print("%.3f" % (end - start))
 PY
 }
 
@@ -188,7 +194,7 @@ raw_once() {
 }
 
 kubelet_once() {
-	local name=bench-kubelet-$1 restored=bench-kubelet-$1-restored t0 answer checkpoint offsets
+	local name=bench-kubelet-$1 restored=bench-kubelet-$1-restored t0 answer checkpoint offsets events
 	pods+=("$name")
 	pod "$name" | kubectl apply -f - >/dev/null
 	kubectl wait --for condition=Ready --timeout 120s "pod/$name" >/dev/null
@@ -230,12 +236,13 @@ YAML
 	pod "$restored" "$checkpoint" | kubectl apply -f - >/dev/null
 	kubectl wait --for condition=Ready --timeout 300s "pod/$restored" >/dev/null
 	since "$t0" >>"$work/restore"
-	runtime_restore "$restored" "${offsets[@]}" >>"$work/restore-cri"
-	kubectl get pod "$restored" -o jsonpath='{.metadata.annotations}' | grep -q restore ||
-		die "pod $restored has no restore annotation"
-	kubectl get events --field-selector "involvedObject.name=$restored,reason=RestoreSucceeded" -o name | grep -q . ||
+	runtime_restore "$restored" "${offsets[@]}" >"$work/one" || die "the runtime's part of the restore of $restored is not in the logs"
+	cat "$work/one" >>"$work/restore-cri"
+	events=$(kubectl get events --field-selector "involvedObject.name=$restored,reason=RestoreSucceeded" -o name)
+	[ -n "$events" ] ||
 		die "the kubelet reported no RestoreSucceeded for $restored: $(kubectl get events --field-selector "involvedObject.name=$restored" 2>&1)"
-	log "[run $1] checkpoint endpoint $(tail -n1 "$work/endpoint")s, PodCheckpoint to Ready $(tail -n1 "$work/object")s, restore to running $(tail -n1 "$work/restore")s (runtime $(tail -n1 "$work/restore-cri")s); $(memtest_check "$restored")"
+	memtest_check "$restored" >"$work/check"
+	log "[run $1] checkpoint endpoint $(tail -n1 "$work/endpoint")s, PodCheckpoint to Ready $(tail -n1 "$work/object")s, restore to running $(tail -n1 "$work/restore")s (runtime $(tail -n1 "$work/restore-cri")s); $(cat "$work/check")"
 	kubectl delete pod "$restored" --grace-period=1 --wait=true --timeout=120s >/dev/null
 	rm -rf -- "$checkpoint"
 }

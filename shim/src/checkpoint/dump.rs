@@ -197,7 +197,7 @@ fn dump_into(
     if let Some(freezer) = &target.freezer {
         criu_opts = criu_opts.freeze_cgroup(freezer);
     }
-    if !opts.open_tcp {
+    if !opts.open_tcp && !opts.exit {
         criu_opts = without_network_lock(criu_opts);
     }
     // Only the controllers the runtime manages: named hierarchies (name=systemd) and the
@@ -261,17 +261,24 @@ fn dump_into(
     Ok(follower)
 }
 
-/// A dump that keeps no established TCP connection (it fails on one) neither locks the network
-/// nor fails on a connection a listening socket has not accepted yet.
+/// A dump that leaves its processes running and keeps no established TCP connection (it fails
+/// on one) neither locks the network nor fails on a connection that a listening socket has not
+/// accepted yet.
 ///
 /// CRIU's default lock adds iptables rules to the container's network namespace, the pod's, and
 /// removes them when the dump ends: about ten `iptables-restore` and `iptables` processes and
-/// four `setns` calls per container, 80 ms of the freeze window here (65 of them in the unlock)
+/// four `setns` calls per container, 80 ms of the freeze window here (65 of them in the unlock),
 /// for a lock that guards only TCP repair. Without it, a connection that arrives while the pod
 /// is frozen waits in the kernel's accept queue instead of having its packets dropped (a client
 /// retries a dropped SYN only after a second); CRIU leaves it out of the images
 /// (`--skip-in-flight`), and the pod, thawed, accepts it as if nothing had happened. With the
-/// lock, the same connection failed the dump whenever it arrived before the lock did.
+/// lock, the same connection failed the dump whenever it arrived before the lock did. The
+/// images record the method, and a restore of them unlocks nothing either (CRIU takes the
+/// method from the inventory, not from the restore's options).
+///
+/// A dump whose processes exit (`exit`: a suspend or a move) keeps CRIU's lock and fails on such
+/// a connection, as before: left out of the images, it would be reset when they exit (CRIU does
+/// not lift the lock after such a dump, so later SYNs are dropped and retried by their clients).
 fn without_network_lock(opts: DumpOptions) -> DumpOptions {
     opts.network_lock(NetworkLockMethod::Skip)
         .tcp_skip_in_flight(true)

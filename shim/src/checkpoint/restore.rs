@@ -5,9 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use criu_rpc::{
-    CgroupMode, Criu, NetworkLockMethod, Notification, NotifyError, NotifyScript, RestoreOptions,
-};
+use criu_rpc::{CgroupMode, Criu, Notification, NotifyError, NotifyScript, RestoreOptions};
 use oci_spec::runtime::Spec;
 
 use super::lazy::{LazyPages, LazySession};
@@ -104,13 +102,6 @@ pub fn restore(
         // CRIU issue 2023): those need the compat engine. Everything else keeps mount-v2 (with
         // the compat engine a shared file was seen read back empty after a pod restore).
         .mntns_compat_mode(needs_compat_mounts(&sources));
-    if !metadata.tcp_established {
-        // The pod's network namespace is new (its CNI made it) and CRIU locked nothing in it:
-        // its unlock would only fail to delete iptables rules that are not there, in four
-        // processes and two `setns` calls after every page is in (20 ms here). A restore of
-        // established connections keeps CRIU's lock for their repair.
-        opts = opts.network_lock(NetworkLockMethod::Skip);
-    }
     if let Some(path) = &userns {
         opts = opts.join_user_namespace(path);
     }
@@ -196,13 +187,6 @@ pub fn restore(
             restored
         }
     };
-    {
-        let _ = std::fs::create_dir_all("/tmp/podsnap-diag");
-        let _ = std::fs::copy(
-            work.path().join("restore.log"),
-            format!("/tmp/podsnap-diag/restore-{id}.log"),
-        );
-    }
     match restored {
         Ok(restored) => Ok((restored.pid, pages.map(|p| p.running(work)))),
         Err(e) => {
