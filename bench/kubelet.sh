@@ -31,6 +31,8 @@ exec </dev/null
 . "$(dirname "$0")/../hack/node-lib.sh"
 # shellcheck source=hack/cluster-lib.sh
 . "$(dirname "$0")/../hack/cluster-lib.sh"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 require_root
 cd "$PODSNAP_ROOT"
 
@@ -75,16 +77,7 @@ trap finish EXIT
 
 # memtest: for the pod (read from a hostPath, its files in the container's /tmp) and for the raw
 # runs (its files in $work).
-gcc -O2 -static -o "$work/memtest" e2e/fixtures/memtest.c
-sed "s|\"/tmp/memtest\\.|\"$work/memtest.|g" e2e/fixtures/memtest.c >"$work/memtest-raw.c"
-gcc -O2 -static -o "$work/memtest-raw" "$work/memtest-raw.c"
-
-# warm: touch and free 1.5 GiB, so that the next step works in memory the host backs.
-warm() { dd if=/dev/zero of=/dev/null bs=1536M count=1 status=none; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.3f\n", b - a}'; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f\n", a / b}'; }
-median() { sort -g | awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+build_memtest "$work"
 
 # pod NAME [CHECKPOINT]: the memtest pod's manifest, bound to the node, restored from CHECKPOINT
 # when given.
@@ -167,34 +160,38 @@ PY
 }
 
 raw_once() {
-	local dump=$work/raw-$1 t0
-	rm -f "$work/memtest.ready"
-	setsid "$work/memtest-raw" "$mib" </dev/null >/dev/null 2>&1 &
-	raw_pid=$!
-	for _ in $(seq 240); do [ -f "$work/memtest.ready" ] && break; sleep 0.25; done
-	[ -f "$work/memtest.ready" ] || die "the raw memtest did not fill its memory"
+	local dump=$work/raw-$1
+	start_raw_memtest "$work" "$mib"
 	mkdir "$dump"
 	sync
 	warm
-	t0=$(now)
-	"$PODSNAP_BIN/criu" dump -t "$raw_pid" --leave-running -o dump.log -v2 -D "$dump"
-	since "$t0" >>"$work/raw-dump"
+	secs "$PODSNAP_BIN/criu" dump -t "$raw_pid" --leave-running -o dump.log -v2 -D "$dump" >>"$work/raw-dump"
 	# The original goes first (CRIU restores the same pid).
 	kill -KILL -- "-$raw_pid"
 	wait "$raw_pid" 2>/dev/null || true
 	sync
 	warm
-	t0=$(now)
-	"$PODSNAP_BIN/criu" restore --restore-detached -o restore.log -v2 -D "$dump"
-	since "$t0" >>"$work/raw-restore"
+	secs "$PODSNAP_BIN/criu" restore --restore-detached -o restore.log -v2 -D "$dump" >>"$work/raw-restore"
 	kill -KILL -- "-$raw_pid" 2>/dev/null || true
 	raw_pid=
 	rm -rf "$dump"
 	log "[run $1] raw criu dump $(tail -n1 "$work/raw-dump")s, raw criu restore $(tail -n1 "$work/raw-restore")s"
 }
 
+# checkpoint_endpoint POD OUT: the kubelet's checkpoint of POD through its endpoint; its answer
+# in OUT.
+checkpoint_endpoint() {
+	kubectl create --raw "/api/v1/nodes/$NODE_NAME/proxy/checkpointpod/default/$1?timeout=300" -f /dev/null >"$2"
+}
+
+# restore_running NAME CHECKPOINT: pod NAME restored from CHECKPOINT, applied until it runs.
+restore_running() {
+	pod "$1" "$2" | kubectl apply -f - >/dev/null
+	kubectl wait --for condition=Ready --timeout 300s "pod/$1" >/dev/null
+}
+
 kubelet_once() {
-	local name=bench-kubelet-$1 restored=bench-kubelet-$1-restored t0 answer checkpoint offsets events
+	local name=bench-kubelet-$1 restored=bench-kubelet-$1-restored checkpoint offsets events
 	pods+=("$name")
 	pod "$name" | kubectl apply -f - >/dev/null
 	kubectl wait --for condition=Ready --timeout 120s "pod/$name" >/dev/null
@@ -204,26 +201,15 @@ kubelet_once() {
 	# The kubelet's checkpoint endpoint, answered.
 	sync
 	warm
-	t0=$(now)
-	answer=$(kubectl create --raw "/api/v1/nodes/$NODE_NAME/proxy/checkpointpod/default/$name?timeout=300" -f /dev/null)
-	since "$t0" >>"$work/endpoint"
-	checkpoint=$(jq -r '.items[0]' <<<"$answer")
-	[ -d "$checkpoint" ] || die "the kubelet answered no checkpoint directory: $answer"
+	secs checkpoint_endpoint "$name" "$work/answer" >>"$work/endpoint"
+	checkpoint=$(jq -r '.items[0]' "$work/answer")
+	[ -d "$checkpoint" ] || die "the kubelet answered no checkpoint directory: $(cat "$work/answer")"
 	checkpoints+=("$checkpoint")
 
 	# A PodCheckpoint object, created until Ready (its data removed with it afterwards).
-	objects+=("$name")
 	sync
 	warm
-	t0=$(now)
-	kubectl apply -f - >/dev/null <<YAML
-apiVersion: checkpoint.k8s.io/v1alpha1
-kind: PodCheckpoint
-metadata: {name: $name, namespace: default}
-spec: {sourcePodName: $name, deletionPolicy: Delete}
-YAML
-	kubectl wait --for=jsonpath='{.status.phase}'=Ready --timeout=300s "podcheckpoint/$name" >/dev/null
-	since "$t0" >>"$work/object"
+	secs checkpoint_via_kubelet "$name" "$name" >>"$work/object"
 	kubectl delete podcheckpoint "$name" --wait=true --timeout=120s >/dev/null
 	kubectl delete pod "$name" --grace-period=1 --wait=true --timeout=120s >/dev/null
 
@@ -232,10 +218,7 @@ YAML
 	offsets=("$(stat -c %s "$PODSNAPD_LOG")" "$(stat -c %s "$CONTAINERD_LOG")")
 	sync
 	warm
-	t0=$(now)
-	pod "$restored" "$checkpoint" | kubectl apply -f - >/dev/null
-	kubectl wait --for condition=Ready --timeout 300s "pod/$restored" >/dev/null
-	since "$t0" >>"$work/restore"
+	secs restore_running "$restored" "$checkpoint" >>"$work/restore"
 	runtime_restore "$restored" "${offsets[@]}" >"$work/one" || die "the runtime's part of the restore of $restored is not in the logs"
 	cat "$work/one" >>"$work/restore-cri"
 	events=$(kubectl get events --field-selector "involvedObject.name=$restored,reason=RestoreSucceeded" -o name)
@@ -264,8 +247,8 @@ Pod of one container x ${mib} MiB through the kubelet, median of $runs ($(date -
   restore, pod applied to its container running          $(printf '%.3f' "$restore") s
     of which RestorePod to StartContainer answered     $(printf '%.3f' "$restore_cri") s
   raw criu restore --restore-detached                     $(printf '%.3f' "$raw_restore") s
-RATIO checkpoint endpoint / raw criu dump $(div "$endpoint" "$raw_dump") (target <= 1.2)
-RATIO PodCheckpoint to Ready / raw criu dump $(div "$object" "$raw_dump")
-RATIO restore to running / raw criu restore $(div "$restore" "$raw_restore") (target <= 1.2)
-RATIO RestorePod to started / raw criu restore $(div "$restore_cri" "$raw_restore")
+RATIO checkpoint endpoint / raw criu dump $(printf '%.2f' "$(div "$endpoint" "$raw_dump")") (target <= 1.2)
+RATIO PodCheckpoint to Ready / raw criu dump $(printf '%.2f' "$(div "$object" "$raw_dump")")
+RATIO restore to running / raw criu restore $(printf '%.2f' "$(div "$restore" "$raw_restore")") (target <= 1.2)
+RATIO RestorePod to started / raw criu restore $(printf '%.2f' "$(div "$restore_cri" "$raw_restore")")
 EOF

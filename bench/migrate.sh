@@ -26,6 +26,8 @@ exec </dev/null
 . "$(dirname "$0")/../hack/lib.sh"
 # shellcheck source=hack/kind-lib.sh
 . "$(dirname "$0")/../hack/kind-lib.sh"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 require_root
 cd "$PODSNAP_ROOT"
 
@@ -68,9 +70,7 @@ finish() {
 trap finish EXIT
 
 # memtest: for the pod (its files in the container's /tmp) and for the raw runs (in $work).
-gcc -O2 -static -o "$work/memtest" e2e/fixtures/memtest.c
-sed "s|\"/tmp/memtest\\.|\"$work/memtest.|g" e2e/fixtures/memtest.c >"$work/memtest-raw.c"
-gcc -O2 -static -o "$work/memtest-raw" "$work/memtest-raw.c"
+build_memtest "$work"
 
 # The pod's image: a static busybox and memtest, pushed to the kind registry.
 mkdir -p "$work/image/tmp"
@@ -83,26 +83,6 @@ podman push --quiet --tls-verify=false "$image" >/dev/null
 mapfile -t workers < <(kubectl get nodes -l '!node-role.kubernetes.io/control-plane' -o name | sed 's|^node/||')
 [ "${#workers[@]}" -ge 2 ] || die "the kind cluster has ${#workers[@]} workers, the benchmark wants 2"
 from=${workers[0]} to=${workers[1]}
-
-# warm: this VM returns free memory to its host, which faults it back in at first touch; both
-# sides work in memory the host backs (as bench/src/pod.rs does).
-warm() { dd if=/dev/zero of=/dev/null bs=1536M count=1 status=none; }
-
-# secs CMD...: runs CMD, prints its wall time in seconds.
-secs() {
-	local t0 t1
-	t0=$(date +%s.%N)
-	# errexit does not reach into $(...): a failure is returned, and the caller's assignment fails.
-	"$@" >/dev/null || return
-	t1=$(date +%s.%N)
-	awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
-}
-
-# add A B / div A B: arithmetic on seconds.
-add() { awk -v a="$1" -v b="$2" 'BEGIN {print a + b}'; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN {print a / b}'; }
-
-median() { sort -g | awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 
 # layout DIR OUT: an OCI image layout at OUT with DIR (a CRIU dump) as one uncompressed tar layer.
 layout() {
@@ -143,19 +123,6 @@ PY
 skopeo_fresh() {
 	unshare --mount --propagation private sh -c \
 		'mount -t tmpfs -o mode=0700 podsnap-bench /var/lib/containers/cache && exec skopeo "$@"' skopeo "$@"
-}
-
-# checkpoint_via_kubelet NAME POD: a PodCheckpoint NAME of POD (node-local, its data removed
-# with it), created and waited for until Ready.
-checkpoint_via_kubelet() {
-	objects+=("$1")
-	kubectl apply -f - >/dev/null <<YAML
-apiVersion: checkpoint.k8s.io/v1alpha1
-kind: PodCheckpoint
-metadata: {name: $1, namespace: default}
-spec: {sourcePodName: $2, deletionPolicy: Delete}
-YAML
-	kubectl wait --for=jsonpath='{.status.phase}'=Ready --timeout=300s "podcheckpoint/$1"
 }
 
 # migrate_once N: one migration of a fresh pod; appends "downtime caused wait ckpt restore first"
@@ -229,11 +196,7 @@ PY
 # parts_once N: raw dump, transfer, raw restore of memtest-raw; appends "dump transfer restore".
 parts_once() {
 	local dump=$work/raw-$1 pulled=$work/pulled-$1 t_dump t_push t_pull t_restore
-	rm -f "$work/memtest.ready"
-	setsid "$work/memtest-raw" "$mib" </dev/null >/dev/null 2>&1 &
-	raw_pid=$!
-	for _ in $(seq 240); do [ -f "$work/memtest.ready" ] && break; sleep 0.25; done
-	[ -f "$work/memtest.ready" ] || die "the raw memtest did not fill its memory"
+	start_raw_memtest "$work" "$mib"
 	mkdir "$dump"
 	sync
 	warm

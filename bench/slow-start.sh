@@ -16,6 +16,8 @@ exec </dev/null
 . "$(dirname "$0")/../hack/node-lib.sh"
 # shellcheck source=hack/cluster-lib.sh
 . "$(dirname "$0")/../hack/cluster-lib.sh"
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 require_root
 cd "$PODSNAP_ROOT"
 
@@ -86,8 +88,6 @@ time_to_ready() {
 	t1=$(date +%s.%N)
 	awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f\n", b - a}'
 }
-
-median() { sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 
 cold=()
 for ((i = 1; i <= runs; i++)); do

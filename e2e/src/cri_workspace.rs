@@ -120,6 +120,20 @@ impl Workspace {
         )
     }
 
+    /// A container that runs `fixture` (a static test program from [`crate::fixtures`],
+    /// mounted read-only at `/<its file name>`) with `args`.
+    pub fn fixture_config(&self, name: &str, fixture: &Path, args: &[&str]) -> PathBuf {
+        let program = format!("/{}", fixture.file_name().unwrap().to_string_lossy());
+        let command: Vec<&str> = std::iter::once(program.as_str())
+            .chain(args.iter().copied())
+            .collect();
+        self.container_config(
+            name,
+            json!(command),
+            json!([{"container_path": program, "host_path": fixture, "readonly": true}]),
+        )
+    }
+
     /// `crictl runp` on handler podsnap.
     pub fn run_pod(&mut self, handler: Handler, config: &Path) -> String {
         let node = Node::get();
@@ -459,12 +473,7 @@ pub struct HogPod {
 impl HogPod {
     pub fn start(ws: &mut Workspace, name: &str, mib: u32) -> HogPod {
         let node = Node::get();
-        let memtest = crate::fixtures::memtest();
-        let hog = ws.container_config(
-            "hog",
-            json!(["/memtest", mib.to_string()]),
-            json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
-        );
+        let hog = ws.fixture_config("hog", crate::fixtures::memtest(), &[&mib.to_string()]);
         // Not a bare `sleep 3600`: a sleep CRIU interrupts (a leave-running dump, with runc
         // too) ends early, with status 0.
         let sidecar = ws.container_config(
@@ -479,14 +488,7 @@ impl HogPod {
         wait_for(
             "the hog to hold its memory",
             Duration::from_secs(120),
-            || {
-                let ready = node.crictl_try(["exec", &hog, "cat", "/tmp/memtest.ready"]);
-                if ready.success() {
-                    Ok(())
-                } else {
-                    Err(ready.report())
-                }
-            },
+            || file_in(node, &hog, "/tmp/memtest.ready"),
         );
         HogPod {
             pod,
@@ -508,14 +510,7 @@ impl HogPod {
         let result = wait_for(
             "memtest to check its pages",
             Duration::from_secs(60),
-            || {
-                let out = node.crictl_try(["exec", &self.hog, "cat", "/tmp/memtest.result"]);
-                if out.success() {
-                    Ok(out.stdout)
-                } else {
-                    Err(out.report())
-                }
-            },
+            || file_in(node, &self.hog, "/tmp/memtest.result"),
         );
         let pages = (u64::from(self.mib) << 20) / 4096;
         assert_eq!(
@@ -523,6 +518,16 @@ impl HogPod {
             format!("checked {pages} pages, 0 bad words"),
             "the hog's memory changed"
         );
+    }
+}
+
+/// What the file at `path` in `container` holds (`crictl exec cat`), or why it cannot be read.
+pub fn file_in(node: &Node, container: &str, path: &str) -> Result<String, String> {
+    let out = node.crictl_try(["exec", container, "cat", path]);
+    if out.success() {
+        Ok(out.stdout)
+    } else {
+        Err(out.report())
     }
 }
 

@@ -12,9 +12,9 @@
 use std::time::Duration;
 
 use podsnap_e2e::cri_workspace::{
-    Cri, HogPod, Stopped, Workspace, assert_refused, assert_status, container_named, freezer_state,
-    node_run, pod_ids, podsnap, restore_configs, restore_created, restored_pod, sh, unique,
-    wait_empty,
+    Cri, HogPod, Stopped, Workspace, assert_refused, assert_status, container_named, file_in,
+    freezer_state, node_run, pod_ids, podsnap, restore_configs, restore_created, restored_pod, sh,
+    unique, wait_empty,
 };
 use podsnap_e2e::{BUSYBOX, CommandLine, Handler, Node, wait_for};
 use serde_json::{Value, json};
@@ -544,26 +544,14 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
     let node = Node::get();
     let mut ws = Workspace::new("deadline");
     // 1 GiB touched: its dump takes longer than the deadline below.
-    let memtest = podsnap_e2e::fixtures::memtest();
-    let hog = ws.container_config(
-        "hog",
-        json!(["/memtest", "1024"]),
-        json!([{"container_path": "/memtest", "host_path": memtest, "readonly": true}]),
-    );
+    let hog = ws.fixture_config("hog", podsnap_e2e::fixtures::memtest(), &["1024"]);
     let config = ws.pod_config(&unique("deadline"));
     let pod = ws.run_pod(Handler::Podsnap, &config);
     let c = ws.run_container(&pod, &hog, &config);
     wait_for(
         "the hog to hold its memory",
         Duration::from_secs(120),
-        || {
-            let ready = node.crictl_try(["exec", &c, "cat", "/tmp/memtest.ready"]);
-            if ready.success() {
-                Ok(())
-            } else {
-                Err(ready.report())
-            }
-        },
+        || file_in(node, &c, "/tmp/memtest.ready"),
     );
     let checkpoint = ws.checkpoint_dir("checkpoint");
     let out = podsnap(&[
@@ -1000,20 +988,7 @@ impl Drop for ScratchRegistry {
 fn podsnap_pod_checkpointed_with_a_connection_not_yet_accepted_keeps_it_and_restores_listening() {
     let node = Node::get();
     let mut ws = Workspace::new("in-flight");
-    let listener = podsnap_e2e::fixtures::listener();
-    let config = ws.container_config(
-        "listener",
-        json!(["/listener", "9090"]),
-        json!([{"container_path": "/listener", "host_path": listener, "readonly": true}]),
-    );
-    let got = |container: &str| {
-        let out = node.crictl_try(["exec", container, "cat", "/tmp/listener.got"]);
-        if out.success() {
-            Ok(out.stdout)
-        } else {
-            Err(out.report())
-        }
-    };
+    let config = ws.fixture_config("listener", podsnap_e2e::fixtures::listener(), &["9090"]);
     // Connects and sends `message`; the connection waits in the accept queue until
     // `take_one_connection` and stays open meanwhile.
     let connect = |ip: &str, message: &str| {
@@ -1029,7 +1004,7 @@ fn podsnap_pod_checkpointed_with_a_connection_not_yet_accepted_keeps_it_and_rest
     let take_one_connection = |container: &str, message: &str| {
         node.crictl(["exec", container, "kill", "-USR1", "1"]);
         wait_for("the listener to accept and read", LIVENESS, || {
-            let seen = got(container)?;
+            let seen = file_in(node, container, "/tmp/listener.got")?;
             if seen == message {
                 Ok(())
             } else {
@@ -1042,12 +1017,7 @@ fn podsnap_pod_checkpointed_with_a_connection_not_yet_accepted_keeps_it_and_rest
     let source = ws.run_pod(Handler::Podsnap, &source_config);
     let id = ws.run_container(&source, &config, &source_config);
     wait_for("the listener to listen", LIVENESS, || {
-        let out = node.crictl_try(["exec", &id, "cat", "/tmp/listener.ready"]);
-        if out.success() {
-            Ok(())
-        } else {
-            Err(out.report())
-        }
+        file_in(node, &id, "/tmp/listener.ready")
     });
     let message = unique("before-the-checkpoint");
     let client = connect(&pod_ip(&source), &message);
