@@ -88,8 +88,9 @@ debian_orig() {
 # CRIU with podsnap's patches (hack/criu-*.patch, each saying why at its top): TCP/UDP sockets on
 # Linux >= 6.16 (sockopt-eopnotsupp), restore into a pod's existing user namespace
 # (join-userns-at-clone), rlimits of such tasks without CAP_SYS_RESOURCE (rlimits-from-proc),
-# their read-only sysfs where the host's is read-only (userns-mount-with-its-flags), and no
-# conntrack dump of the pod's (external) netns without --tcp-established (external-netns-conntrack).
+# their read-only sysfs where the host's is read-only (userns-mount-with-its-flags), no
+# conntrack dump of the pod's (external) netns without --tcp-established (external-netns-conntrack),
+# and a restored task joining its cgroup v1 hierarchies without the global lock (cgroup-v1-self-move).
 install_criu() {
 	local patches recipe
 	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)

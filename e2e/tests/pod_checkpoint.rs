@@ -3,7 +3,8 @@
 //! as independent replicas; a pod-wide consistent cut; every refused input; a deadline that
 //! expires mid-dump; a pod resumed at its old address (`podsnap.io/keep-ip`); a pod with a user
 //! namespace of its own restored into the new pod's (`hostUsers: false`); a connection not yet
-//! accepted when the pod is checkpointed, kept by the pod and not failing its checkpoint. Run with
+//! accepted when the pod is checkpointed, kept by the pod and not failing its checkpoint; a
+//! restored container in its own cgroup under the new config's memory limit. Run with
 //! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh` (which
 //! starts podsnapd).
 
@@ -1320,6 +1321,123 @@ fn podsnap_user_namespace_pod_is_restored_into_the_new_pods_user_namespace_count
         "the restored container to serve on port 81",
         LIVENESS,
         || serve(81).and_then(|s| if s.contains(&marker) { Ok(()) } else { Err(s) }),
+    );
+    ws.remove_pod(&restored);
+}
+
+/// The cgroup paths of `pid` (`/proc/<pid>/cgroup`) whose hierarchy holds controllers: every
+/// v1 controller hierarchy (not the named ones such as name=systemd), or the v2 one on a host
+/// without v1 controllers; `None` when the process is gone.
+fn controller_cgroups(pid: u64) -> Option<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let lines: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            Some((controllers.to_string(), path.to_string()))
+        })
+        .collect();
+    let v1: Vec<(String, String)> = lines
+        .iter()
+        .filter(|(c, _)| !c.is_empty() && !c.starts_with("name="))
+        .cloned()
+        .collect();
+    Some(if v1.is_empty() {
+        lines.into_iter().filter(|(c, _)| c.is_empty()).collect()
+    } else {
+        v1
+    })
+}
+
+/// A restored container runs in its own cgroup, under the new container config's memory limit
+/// rather than anything the checkpoint held: the restored init, and a process it forks after
+/// the restore, are in the cgroup named after the new container in every controller hierarchy
+/// (CRIU moves the restored tasks there itself), and that cgroup's memory limit is the one the
+/// new config sets (the source had none).
+#[test]
+fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memory_limit() {
+    const LIMIT: u64 = 96 << 20;
+    let node = Node::get();
+    let mut ws = Workspace::new("cgroups");
+    let script = "i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done";
+    let counter = ws.container_config("counter", sh(script), json!([]));
+    let config = ws.pod_config(&unique("cgroups"));
+    let source = ws.run_pod(Handler::Podsnap, &config);
+    let source_counter = ws.run_container(&source, &counter, &config);
+    wait_for("the source to count", LIVENESS, || {
+        match counts(node, &source_counter).last() {
+            Some(n) if *n >= 3 => Ok(()),
+            n => Err(format!("count {n:?}")),
+        }
+    });
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.report());
+    ws.remove_pod(&source);
+
+    let limited = ws.write(
+        "limited.json",
+        &json!({
+            "metadata": {"name": "counter"},
+            "image": {"image": BUSYBOX},
+            "command": sh(script),
+            "log_path": "limited.log",
+            "linux": {
+                "resources": {"memory_limit_in_bytes": LIMIT},
+                "security_context": {"namespace_options": {"pid": 1}},
+            },
+        }),
+    );
+    let restored = ws.restore_started(
+        &checkpoint,
+        &ws.pod_config(&unique("cgroups-restored")),
+        &[&limited],
+    );
+    let restored_counter = container_named(node, &restored, "counter");
+    wait_for(
+        "the restored counter to count on",
+        LIVENESS,
+        || match counts(node, &restored_counter).len() {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} counts")),
+        },
+    );
+    let init = pid_in(&node.inspect(&restored_counter));
+    let cgroups = controller_cgroups(init).expect("the restored init runs");
+    assert!(!cgroups.is_empty(), "no controller cgroups for pid {init}");
+    for (controllers, path) in &cgroups {
+        assert!(
+            path.ends_with(&format!("/{restored_counter}")),
+            "the restored init {init} is in {controllers} cgroup {path}, not its container's \
+             ({restored_counter})"
+        );
+    }
+    // A child forked after the restore (the loop's `sleep`, alive 0.2 s) inherits that cgroup.
+    let child_cgroups = wait_for("a child of the restored init", LIVENESS, || {
+        let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+            .unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|p| controller_cgroups(p.parse().ok()?))
+            .next()
+            .ok_or_else(|| "no child".to_string())
+    });
+    assert_eq!(
+        child_cgroups, cgroups,
+        "a child of the restored init is not in its cgroup"
+    );
+    let memory_limit = cgroups
+        .iter()
+        .find(|(c, _)| c.split(',').any(|c| c == "memory"))
+        .map(|(_, path)| format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+        .unwrap_or_else(|| format!("/sys/fs/cgroup{}/memory.max", cgroups[0].1));
+    let limit = std::fs::read_to_string(&memory_limit)
+        .unwrap_or_else(|e| panic!("read {memory_limit}: {e}"));
+    assert_eq!(
+        limit.trim(),
+        LIMIT.to_string(),
+        "{memory_limit} is not the new config's limit"
     );
     ws.remove_pod(&restored);
 }

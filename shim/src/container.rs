@@ -619,10 +619,8 @@ impl Container {
                     // The daemon reads the expanded pages until it exits.
                     session.keep(scratch);
                 }
-                if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref())
-                {
-                    cgroup.update(resources)?;
-                }
+                // The spec's resources were applied by `prepare`, before CRIU: CRIU (soft mode)
+                // leaves the properties of a cgroup it did not create alone.
                 record_restored(&restored_id, pid, &spec, &bundle, &state_root)?;
                 Ok::<_, anyhow::Error>((pid, session))
             })
