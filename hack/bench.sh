@@ -43,6 +43,11 @@ release_shim=$release/containerd-shim-podsnap-v2
 bench=$release/podsnap-bench
 packages=(-p containerd-shim-podsnap-v2 -p podsnap-bench)
 binaries=("$release_shim" "$bench")
+if [ "${1:-}" = kubelet ]; then
+	# bench/kubelet.sh drives the cluster with kubectl and raw CRIU: no podsnap-bench.
+	packages=(-p containerd-shim-podsnap-v2)
+	binaries=("$release_shim")
+fi
 node_env=("PODSNAP_SHIM=$release_shim")
 if [ $# = 0 ] || [ "$1" = pod ] || [ "$1" = kubelet ]; then
 	packages+=(-p podsnapd -p podsnap-cli)
