@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks podsnap against containerd's runc shim and raw CRIU (bench/, podsnap-bench): builds
-# the shim and podsnap-bench in release, points the node's `podsnap` handler at the release shim
+# the shim and podsnap-bench (for `kubelet`, the shim and podsnapd) in release, points the node's `podsnap` handler at the release shim
 # (hack/node-up.sh with PODSNAP_SHIM; the node is started when it is down), runs the benchmarks,
 # and then points the node back at the debug shim, or takes it down again when this script
 # brought it up. Pods already running keep the shim they were started with. The pod benchmark
@@ -43,13 +43,14 @@ release_shim=$release/containerd-shim-podsnap-v2
 bench=$release/podsnap-bench
 packages=(-p containerd-shim-podsnap-v2 -p podsnap-bench)
 binaries=("$release_shim" "$bench")
-if [ "${1:-}" = kubelet ]; then
-	# bench/kubelet.sh drives the cluster with kubectl and raw CRIU: no podsnap-bench.
-	packages=(-p containerd-shim-podsnap-v2)
-	binaries=("$release_shim")
-fi
 node_env=("PODSNAP_SHIM=$release_shim")
-if [ $# = 0 ] || [ "$1" = pod ] || [ "$1" = kubelet ]; then
+if [ "${1:-}" = kubelet ]; then
+	# bench/kubelet.sh drives the cluster with kubectl and raw CRIU: the release shim and
+	# podsnapd under the kubelet, neither podsnap-bench nor the CLI.
+	packages=(-p containerd-shim-podsnap-v2 -p podsnapd)
+	binaries=("$release_shim" "$release/podsnapd")
+	node_env+=("PODSNAPD_BINARY=$release/podsnapd")
+elif [ $# = 0 ] || [ "$1" = pod ]; then
 	packages+=(-p podsnapd -p podsnap-cli)
 	binaries+=("$release/podsnapd" "$release/podsnap")
 	node_env+=("PODSNAPD_BINARY=$release/podsnapd")

@@ -17,7 +17,9 @@
 //!   runs, as `criu restore --restore-detached` returns once the tree runs): the CLI's return,
 //!   or the last `crictl start`'s. `crictl ps` then confirms every container RUNNING; that
 //!   confirmation (a `crictl` process and its CRI call, about 20 ms) is printed on its own line,
-//!   not counted in the ratios;
+//!   not counted in the ratios. (d') counts its four `crictl start` processes, as a user
+//!   starting the containers one after another with crictl pays them (about 15 ms each here);
+//!   (d) runs one CLI process for the whole restore;
 //! - (e) `podsnap pod checkpoint` of a pod of one container holding 1 GiB vs raw
 //!   `criu dump --leave-running` of the same program run as a plain process;
 //! - (f) `podsnap pod restore --start` of (e)'s checkpoint until its container runs vs raw
@@ -127,7 +129,6 @@ struct Samples {
     b_slowest: Vec<f64>,
     b_bytes: u64,
     d_restore: Vec<f64>,
-    d_cli: Vec<f64>,
     d_restore_pod: Vec<f64>,
     d_one_by_one: Vec<f64>,
     d_running: Vec<f64>,
@@ -304,7 +305,6 @@ fn round(
                 if together {
                     s.d_restore.push(r.started);
                     s.d_running.push(r.until_running);
-                    s.d_cli.push(r.cli);
                     s.d_restore_pod.push(r.restore_pod);
                 } else {
                     s.d_one_by_one.push(r.started);
@@ -816,7 +816,6 @@ fn pod_restore(
     sync()?;
     let t0 = Instant::now();
     let (stdout, result) = cmd.run_keeping_stdout();
-    let cli_time = t0.elapsed().as_secs_f64();
     // Whatever it made goes again, even when it failed half-way.
     let mut lines = stdout.lines();
     let sandbox = lines.next().map(str::trim).filter(|l| !l.is_empty());
@@ -920,7 +919,6 @@ fn pod_restore(
     Ok(Restored {
         started,
         until_running: elapsed,
-        cli: cli_time,
         restore_pod: restore_pod as f64 / 1000.0,
     })
 }
@@ -983,12 +981,12 @@ fn warm_free_memory() -> Result<(), String> {
         .map(|_| ())
 }
 
-/// One pod restore: until every container's StartContainer answered, until `crictl ps` saw
-/// them all RUNNING, the CLI's whole run, and podsnapd's RestorePod.
+/// One pod restore: until every container's StartContainer answered (for [`Start::Together`]
+/// and [`Start::Lazily`], the CLI's whole run), until `crictl ps` saw them all RUNNING, and
+/// podsnapd's RestorePod.
 struct Restored {
     started: f64,
     until_running: f64,
-    cli: f64,
     restore_pod: f64,
 }
 
@@ -1055,11 +1053,6 @@ fn print_report(n: usize, s: &Samples, notes: &[String]) {
         &mut t,
         "    until crictl ps saw them RUNNING (crictl's start included)",
         &s.d_running,
-    );
-    row(
-        &mut t,
-        "    the CLI's run (RestorePod, 4 x StartContainer)",
-        &s.d_cli,
     );
     row(
         &mut t,

@@ -1372,6 +1372,7 @@ fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memor
         }
     });
     let checkpoint = ws.checkpoint_dir("checkpoint");
+    let before = counts(node, &source_counter).last().copied().unwrap();
     let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
     assert!(out.success(), "{}", out.report());
     ws.remove_pod(&source);
@@ -1403,6 +1404,9 @@ fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memor
             n => Err(format!("{n} counts")),
         },
     );
+    // Restored, not started afresh: it counts on from where the checkpoint left it.
+    let first = counts(node, &restored_counter)[0];
+    assert!(first > before, "counted from {first}, not on from {before}");
     let init = pid_in(&node.inspect(&restored_counter));
     let cgroups = controller_cgroups(init).expect("the restored init runs");
     assert!(!cgroups.is_empty(), "no controller cgroups for pid {init}");
