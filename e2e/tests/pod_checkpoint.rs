@@ -1354,7 +1354,7 @@ fn controller_cgroups(pid: u64) -> Option<Vec<(String, String)>> {
 /// rather than anything the checkpoint held: the restored init, and a process it forks after
 /// the restore, are in the cgroup named after the new container in every controller hierarchy
 /// (CRIU moves the restored tasks there itself), and that cgroup's memory limit is the one the
-/// new config sets (the source had none).
+/// new config sets (the source had none). The source, started afresh, is in its own too.
 #[test]
 fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memory_limit() {
     const LIMIT: u64 = 96 << 20;
@@ -1371,6 +1371,16 @@ fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memor
             n => Err(format!("count {n:?}")),
         }
     });
+    // A container started afresh joins its cgroup as libcgroups' v1 manager moves it (its
+    // intermediate process moves itself): the same check as for the restored one below.
+    let source_init = pid_in(&node.inspect(&source_counter));
+    for (controllers, path) in controller_cgroups(source_init).expect("the source runs") {
+        assert!(
+            path.ends_with(&format!("/{source_counter}")),
+            "the source's init {source_init} is in {controllers} cgroup {path}, not its \
+             container's ({source_counter})"
+        );
+    }
     let checkpoint = ws.checkpoint_dir("checkpoint");
     let before = counts(node, &source_counter).last().copied().unwrap();
     let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
