@@ -62,6 +62,8 @@ elif [ "$1" = registry ]; then
 fi
 
 if [ "${PODSNAP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
+	# The patched libcontainer and libcgroups the workspace builds (cheap when up to date).
+	"$PODSNAP_ROOT/hack/libcontainer.sh"
 	step "release build (fat LTO: minutes)" timeout --kill-after=30 3600 \
 		cargo build --release "${packages[@]}"
 fi

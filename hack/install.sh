@@ -225,8 +225,8 @@ main() {
 	step cri-tools install_cri_tools
 	step ginkgo install_ginkgo
 	step checkpointctl install_checkpointctl
-	# youki's libcontainer with podsnap's patch series (libcontainer-patches/), which the
-	# workspace builds from third_party/libcontainer.
+	# youki's libcontainer and libcgroups with podsnap's patch series (libcontainer-patches/,
+	# libcgroups-patches/), which the workspace builds from third_party/.
 	step libcontainer "$PODSNAP_ROOT/hack/libcontainer.sh"
 	log "install done in $(($(date +%s) - t0))s"
 }

@@ -17,6 +17,8 @@
 #                                           default, or libcgroups) in DIR, as a git repository
 #                                           with one commit, to edit its series there (git am -3)
 set -euo pipefail
+# crate_file's failures stop the run where they happen, inside $(...) too.
+shopt -s inherit_errexit
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
 
@@ -45,17 +47,17 @@ crate_file() {
 	local name=$1 version=${VERSION[$1]} sha256=${SHA256[$1]}
 	local crate=$PODSNAP_CACHE/src/$name-$version.crate cached
 	local url=https://static.crates.io/crates/$name/$name-$version.crate
-	mkdir -p "$PODSNAP_CACHE/src"
+	mkdir -p "$PODSNAP_CACHE/src" || die "cannot create $PODSNAP_CACHE/src"
 	if [ ! -f "$crate" ]; then
 		cached=$(find "$HOME/.cargo/registry/cache" -name "$name-$version.crate" 2>/dev/null | head -1 || true)
 		if [ -n "$cached" ]; then
-			cp "$cached" "$crate.part"
+			cp "$cached" "$crate.part" || die "cannot copy $cached to $crate.part"
 		else
 			curl -fsSL --retry 3 -o "$crate.part" "$url" || die "download $url failed"
 		fi
-		mv "$crate.part" "$crate"
+		mv "$crate.part" "$crate" || die "cannot move $crate.part to $crate"
 	fi
-	echo "$sha256  $crate" | sha256sum --check --quiet - ||
+	echo "$sha256  $crate" | sha256sum --check --quiet - >&2 ||
 		die "$crate is not $name $version as published (sha256 $sha256): remove it and rerun"
 	echo "$crate"
 }

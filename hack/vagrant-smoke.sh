@@ -204,6 +204,7 @@ cleanup() {
 trap cleanup EXIT
 
 start=$(date +%s)
+step youki hack/libcontainer.sh
 step build cargo build -p containerd-shim-podsnap-v2 -p podsnapd -p podsnap-cli -p podsnap-cni
 registry_answers || registry_mine=1
 step images hack/images.sh
