@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks podsnap against containerd's runc shim and raw CRIU (bench/, podsnap-bench): builds
-# the shim and podsnap-bench (for `kubelet`, the shim and podsnapd) in release, points the node's `podsnap` handler at the release shim
-# (hack/node-up.sh with PODSNAP_SHIM; the node is started when it is down), runs the benchmarks,
-# and then points the node back at the debug shim, or takes it down again when this script
-# brought it up. Pods already running keep the shim they were started with. The pod benchmark
+# the shim and podsnap-bench (for `kubelet`, the shim and podsnapd) in release, points the
+# node's `podsnap` handler at the release shim (hack/node-up.sh with PODSNAP_SHIM; the node is
+# started when it is down), runs the benchmarks, and then points the node back at the debug
+# shim, or takes it down again when this script brought it up. Pods already running keep the
+# shim they were started with. The pod benchmark
 # goes through podsnapd and the podsnap CLI: for it both are built in release too, and the node's
 # podsnapd is restarted from the release build (PODSNAPD_BINARY), then from the debug one again.
 #

@@ -17,8 +17,6 @@
 #                                           default, or libcgroups) in DIR, as a git repository
 #                                           with one commit, to edit its series there (git am -3)
 set -euo pipefail
-# crate_file's failures stop the run where they happen, inside $(...) too.
-shopt -s inherit_errexit
 # shellcheck source=hack/lib.sh
 . "$(dirname "$0")/lib.sh"
 
@@ -41,25 +39,27 @@ case ${1:-} in
 *) die "unknown argument $1 (see the header of $0)" ;;
 esac
 
-# crate_file NAME: the crate's file, downloaded once (or taken from cargo's cache) and checked
-# every time; its path on stdout.
-crate_file() {
-	local name=$1 version=${VERSION[$1]} sha256=${SHA256[$1]}
-	local crate=$PODSNAP_CACHE/src/$name-$version.crate cached
+# crate_path NAME: where the crate's file is cached.
+crate_path() { echo "$PODSNAP_CACHE/src/$1-${VERSION[$1]}.crate"; }
+
+# fetch_crate NAME: the crate's file, downloaded once (or taken from cargo's cache) and checked
+# every time.
+fetch_crate() {
+	local name=$1 version=${VERSION[$1]} sha256=${SHA256[$1]} crate cached
 	local url=https://static.crates.io/crates/$name/$name-$version.crate
-	mkdir -p "$PODSNAP_CACHE/src" || die "cannot create $PODSNAP_CACHE/src"
+	crate=$(crate_path "$name")
+	mkdir -p "$PODSNAP_CACHE/src"
 	if [ ! -f "$crate" ]; then
 		cached=$(find "$HOME/.cargo/registry/cache" -name "$name-$version.crate" 2>/dev/null | head -1 || true)
 		if [ -n "$cached" ]; then
-			cp "$cached" "$crate.part" || die "cannot copy $cached to $crate.part"
+			cp "$cached" "$crate.part"
 		else
 			curl -fsSL --retry 3 -o "$crate.part" "$url" || die "download $url failed"
 		fi
-		mv "$crate.part" "$crate" || die "cannot move $crate.part to $crate"
+		mv "$crate.part" "$crate"
 	fi
-	echo "$sha256  $crate" | sha256sum --check --quiet - >&2 ||
+	echo "$sha256  $crate" | sha256sum --check --quiet - ||
 		die "$crate is not $name $version as published (sha256 $sha256): remove it and rerun"
-	echo "$crate"
 }
 
 # pristine CRATE_FILE DIR: the crate's files in DIR, without cargo's bookkeeping.
@@ -71,8 +71,8 @@ pristine() {
 
 if [ -n "$base" ]; then
 	[ ! -e "$base" ] || die "$base exists: give a new directory"
-	crate=$(crate_file "$base_crate")
-	pristine "$crate" "$base"
+	fetch_crate "$base_crate"
+	pristine "$(crate_path "$base_crate")" "$base"
 	git -C "$base" init -q
 	git -C "$base" add -A
 	git -C "$base" -c user.name=podsnap -c user.email=podsnap@localhost commit -q \
@@ -86,16 +86,16 @@ trap 'rm -rf "$work"' EXIT
 
 # lay_out NAME: third_party/NAME, the crate with NAME-patches/*.patch applied.
 lay_out() {
-	local name=$1 crate patches=$PODSNAP_ROOT/$1-patches target=$PODSNAP_ROOT/third_party/$1
+	local name=$1 patches=$PODSNAP_ROOT/$1-patches target=$PODSNAP_ROOT/third_party/$1
 	local inputs patch series
-	crate=$(crate_file "$name")
+	fetch_crate "$name"
 	shopt -s nullglob
 	series=("$patches"/*.patch)
 	shopt -u nullglob
 	[ ${#series[@]} -gt 0 ] || die "no patches in $patches"
 	inputs=$( (echo "${SHA256[$name]}" && cat "${series[@]}") | sha256sum | cut -c1-16)
 
-	pristine "$crate" "$work/$name"
+	pristine "$(crate_path "$name")" "$work/$name"
 	for patch in "${series[@]}"; do
 		git -C "$work/$name" apply --whitespace=nowarn "$patch" ||
 			die "$(basename "$patch") no longer applies to $name ${VERSION[$name]} (see libcontainer-patches/README.md)"

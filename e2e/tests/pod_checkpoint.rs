@@ -1366,6 +1366,18 @@ fn controller_cgroups(pid: u64) -> Option<Vec<(String, String)>> {
     })
 }
 
+/// Asserts that `cgroups` (of `pid`, as [`controller_cgroups`] lists them) are some, and every
+/// one of them `container`'s own.
+fn assert_in_cgroups_of(container: &str, pid: u64, cgroups: &[(String, String)]) {
+    assert!(!cgroups.is_empty(), "no controller cgroups for pid {pid}");
+    for (controllers, path) in cgroups {
+        assert!(
+            path.ends_with(&format!("/{container}")),
+            "pid {pid} is in {controllers} cgroup {path}, not its container's ({container})"
+        );
+    }
+}
+
 /// A restored container runs in its own cgroup, under the new container config's memory limit
 /// rather than anything the checkpoint held: the restored init, and a process it forks after
 /// the restore, are in the cgroup named after the new container in every controller hierarchy
@@ -1398,17 +1410,7 @@ fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memor
             controllers.is_empty() || controllers.split(',').any(|c| LIBCGROUPS_V1.contains(&c))
         })
         .collect();
-    assert!(
-        !managed.is_empty(),
-        "no controller cgroups for pid {source_init}"
-    );
-    for (controllers, path) in managed {
-        assert!(
-            path.ends_with(&format!("/{source_counter}")),
-            "the source's init {source_init} is in {controllers} cgroup {path}, not its \
-             container's ({source_counter})"
-        );
-    }
+    assert_in_cgroups_of(&source_counter, source_init, &managed);
     let checkpoint = ws.checkpoint_dir("checkpoint");
     let before = counts(node, &source_counter).last().copied().unwrap();
     let out = podsnap(&["pod", "checkpoint", &source, checkpoint.to_str().unwrap()]);
@@ -1447,14 +1449,7 @@ fn podsnap_restored_container_runs_in_its_own_cgroup_under_the_new_configs_memor
     assert!(first > before, "counted from {first}, not on from {before}");
     let init = pid_in(&node.inspect(&restored_counter));
     let cgroups = controller_cgroups(init).expect("the restored init runs");
-    assert!(!cgroups.is_empty(), "no controller cgroups for pid {init}");
-    for (controllers, path) in &cgroups {
-        assert!(
-            path.ends_with(&format!("/{restored_counter}")),
-            "the restored init {init} is in {controllers} cgroup {path}, not its container's \
-             ({restored_counter})"
-        );
-    }
+    assert_in_cgroups_of(&restored_counter, init, &cgroups);
     // A child forked after the restore (the loop's `sleep`, alive 0.2 s) inherits that cgroup.
     let child_cgroups = wait_for("a child of the restored init", LIVENESS, || {
         let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
