@@ -20,6 +20,11 @@
 //! while the processes run. A page image that is not the manifest's kills the container at once; the restore is
 //! complete only when every page arrived and every page image was verified.
 //!
+//! The daemon starts beside the restore, not before it: the relay listens at once, and waits
+//! for the daemon to listen only once CRIU has connected, so that the daemon's exec and its own
+//! probe of the kernel (about 35 ms here) overlap the restore's. A task's userfaultfd that CRIU
+//! sends meanwhile waits in the relay's socket, and a fault on its memory waits for the daemon.
+//!
 //! The relay speaks CRIU's protocol (`criu/uffd.c`): per restored task a native `i32` pid, then
 //! for a live task (pid > 0) one byte carrying the userfaultfd as `SCM_RIGHTS`; at the end the
 //! `u32` "restore finished" mark, then end of stream.
@@ -195,11 +200,8 @@ impl LazyPages {
             }
         };
         let daemon = Daemon { pid, pidfd };
-        if let Err(e) = wait_ready(ready_read) {
-            daemon.kill();
-            let log = tail(&daemon_dir.join(DAEMON_LOG));
-            return Err(e.context(format!("the lazy-pages daemon did not start: {log}")));
-        }
+        // The relay listens at once; it waits for the daemon only once CRIU connected, so the
+        // daemon's start (its exec and its own kernel probe) runs beside the restore's.
         let socket = work.join(SOCKET);
         let listener = match UnixListener::bind(&socket) {
             Ok(l) => l,
@@ -215,12 +217,23 @@ impl LazyPages {
                 return Err(e).context("duplicate the relay's socket");
             }
         };
-        let upstream = daemon_dir.join(SOCKET);
+        let upstream = match daemon.pidfd.try_clone() {
+            Ok(pidfd) => Upstream {
+                ready: ready_read,
+                socket: daemon_dir.join(SOCKET),
+                log: daemon_dir.join(DAEMON_LOG),
+                pidfd: Some(pidfd),
+            },
+            Err(e) => {
+                daemon.kill();
+                return Err(e).context("duplicate the daemon's pidfd");
+            }
+        };
         let held = Held::default();
         let relay_held = held.clone();
         let relay = match std::thread::Builder::new()
             .name("lazy-relay".into())
-            .spawn(move || relay(listener, &upstream, &relay_held))
+            .spawn(move || relay(listener, upstream, &relay_held))
         {
             Ok(relay) => relay,
             Err(e) => {
@@ -380,39 +393,72 @@ fn read_exact_or_end(stream: &mut UnixStream, buf: &mut [u8]) -> anyhow::Result<
     Ok(true)
 }
 
+/// The daemon as the relay reaches it.
+struct Upstream {
+    /// The daemon's status pipe: one byte once it listens, end of file if it died first.
+    ready: OwnedFd,
+    /// Where it listens.
+    socket: PathBuf,
+    /// Its log, for the error if it never listens.
+    log: PathBuf,
+    /// Killed if it never listens (the watch on its exit then kills the container).
+    pidfd: Option<OwnedFd>,
+}
+
+impl Upstream {
+    /// Waits until the daemon listens and connects to it.
+    fn connect(self) -> anyhow::Result<UnixStream> {
+        let Upstream {
+            ready,
+            socket,
+            log,
+            pidfd,
+        } = self;
+        let connected = wait_ready(ready).and_then(|()| {
+            UnixStream::connect(&socket).with_context(|| format!("connect to {}", socket.display()))
+        });
+        connected.map_err(|e| {
+            if let Some(pidfd) = &pidfd {
+                kill_daemon(pidfd);
+            }
+            e.context(format!(
+                "the lazy-pages daemon did not start: {}",
+                tail(&log)
+            ))
+        })
+    }
+}
+
 /// Passes CRIU's messages on to the daemon, putting every userfaultfd into `held` before it
-/// passes it on (so that no error here ever releases one: only [`release`] does).
-fn relay(listener: UnixListener, upstream: &Path, held: &Held) -> anyhow::Result<()> {
+/// passes it on (so that no error here ever releases one: only [`release`] does). CRIU connects
+/// early in its restore and sends a task's userfaultfd only once it restored that task; the
+/// daemon is waited for in between. A daemon that never listens is killed, and every
+/// userfaultfd CRIU still sends is held until CRIU hangs up (the daemon's exit kills the
+/// container meanwhile).
+fn relay(listener: UnixListener, upstream: Upstream, held: &Held) -> anyhow::Result<()> {
     let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
     drop(listener);
-    let mut daemon = UnixStream::connect(upstream)
-        .with_context(|| format!("connect to {}", upstream.display()))?;
+    let mut daemon = match upstream.connect() {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            if let Err(drained) = hold_until_end(&mut restore, held) {
+                log::warn!("lazy restore: after the daemon failed: {drained:#}");
+            }
+            return Err(e);
+        }
+    };
     loop {
-        let mut word = [0u8; 4];
-        if !read_exact_or_end(&mut restore, &mut word)? {
+        let Some((pid, uffd)) = next_task(&mut restore, held)? else {
             // End of stream: the daemon sees its hangup.
             return Ok(());
-        }
-        let pid = i32::from_ne_bytes(word);
-        if u32::from_ne_bytes(word) == RESTORE_FINISHED || pid <= 0 {
-            daemon.write_all(&word).context("write to the daemon")?;
+        };
+        daemon
+            .write_all(&pid.to_ne_bytes())
+            .context("write to the daemon")?;
+        let Some(uffd) = uffd else {
             continue;
-        }
-        // A live task: its userfaultfd is received and held before anything goes to the
-        // daemon, whose death must never release it.
-        let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd()))
-            .context("receive a userfaultfd from CRIU")?;
-        let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
-            anyhow::anyhow!(
-                "CRIU sent task {pid} with {} descriptors ({received} byte(s)), not one userfaultfd",
-                fds.len()
-            )
-        })?;
-        let raw = [uffd.as_raw_fd()];
-        // Held from here on, whatever happens to the daemon (released only by `release`,
-        // after this thread has ended).
-        held.lock().unwrap_or_else(|p| p.into_inner()).push(uffd);
-        daemon.write_all(&word).context("write to the daemon")?;
+        };
+        let raw = [uffd];
         retry_eintr(|| {
             sendmsg::<()>(
                 daemon.as_raw_fd(),
@@ -424,6 +470,42 @@ fn relay(listener: UnixListener, upstream: &Path, held: &Held) -> anyhow::Result
         })
         .with_context(|| format!("pass task {pid}'s userfaultfd to the daemon"))?;
     }
+}
+
+/// Reads CRIU's next message: `None` at the end of the stream, else its word (a pid, or the
+/// end mark) and, for a live task, its userfaultfd, put into `held` (which keeps it open until
+/// [`release`]) before it is returned.
+fn next_task(
+    restore: &mut UnixStream,
+    held: &Held,
+) -> anyhow::Result<Option<(i32, Option<RawFd>)>> {
+    let mut word = [0u8; 4];
+    if !read_exact_or_end(restore, &mut word)? {
+        return Ok(None);
+    }
+    let pid = i32::from_ne_bytes(word);
+    if u32::from_ne_bytes(word) == RESTORE_FINISHED || pid <= 0 {
+        return Ok(Some((pid, None)));
+    }
+    // A live task: its userfaultfd is held before anything goes to the daemon, whose death
+    // must never release it.
+    let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd()))
+        .context("receive a userfaultfd from CRIU")?;
+    let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
+        anyhow::anyhow!(
+            "CRIU sent task {pid} with {} descriptors ({received} byte(s)), not one userfaultfd",
+            fds.len()
+        )
+    })?;
+    let raw = uffd.as_raw_fd();
+    held.lock().unwrap_or_else(|p| p.into_inner()).push(uffd);
+    Ok(Some((pid, Some(raw))))
+}
+
+/// Holds every userfaultfd CRIU still sends, until it hangs up.
+fn hold_until_end(restore: &mut UnixStream, held: &Held) -> anyhow::Result<()> {
+    while next_task(restore, held)?.is_some() {}
+    Ok(())
 }
 
 /// Calls `f` again while a signal (the shim's SIGCHLD) interrupts it.
@@ -719,23 +801,39 @@ mod tests {
     }
 
     impl Relay {
-        /// Starts the relay and connects to it as CRIU does.
+        /// Starts the relay and connects to it as CRIU does; the daemon says it listens once
+        /// CRIU connected.
         fn start() -> Relay {
+            let (relay, ready) = Relay::starting();
+            fs::File::from(ready).write_all(&[0]).unwrap();
+            relay
+        }
+
+        /// The same, with the daemon's status pipe not written yet (returned).
+        fn starting() -> (Relay, OwnedFd) {
             let dir = tempfile::tempdir().unwrap();
             let upstream_path = dir.path().join("daemon.socket");
             let upstream = UnixListener::bind(&upstream_path).unwrap();
             let listener = UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+            let (ready_read, ready_write) = nix::unistd::pipe().unwrap();
+            let daemon = Upstream {
+                ready: ready_read,
+                socket: upstream_path,
+                log: dir.path().join(DAEMON_LOG),
+                pidfd: None,
+            };
             let held = Held::default();
             let relay_held = held.clone();
-            let relay = std::thread::spawn(move || relay(listener, &upstream_path, &relay_held));
+            let relay = std::thread::spawn(move || relay(listener, daemon, &relay_held));
             let criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
-            Relay {
+            let relay = Relay {
                 _dir: dir,
                 upstream,
                 held,
                 relay,
                 criu,
-            }
+            };
+            (relay, ready_write)
         }
     }
 
@@ -837,6 +935,66 @@ mod tests {
         // Passing it on or the end mark fails; the copy is held all the same.
         let _ = relay.join().unwrap();
         assert_eq!(held.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn descriptors_sent_while_the_daemon_starts_are_passed_on_once_it_listens() {
+        let (
+            Relay {
+                _dir,
+                upstream,
+                held,
+                relay,
+                mut criu,
+            },
+            ready,
+        ) = Relay::starting();
+        // CRIU restored a task before the daemon listens.
+        let (_pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
+        send_task(&mut criu, 42, &pipe_write);
+        criu.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        drop(criu);
+        fs::File::from(ready).write_all(&[0]).unwrap();
+        let (mut daemon, _) = upstream.accept().unwrap();
+        let mut word = [0u8; 4];
+        daemon.read_exact(&mut word).unwrap();
+        assert_eq!(i32::from_ne_bytes(word), 42);
+        let (_, passed) = receive_descriptors(daemon.as_raw_fd()).unwrap();
+        assert_eq!(passed.len(), 1);
+        daemon.read_exact(&mut word).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), RESTORE_FINISHED);
+        relay.join().unwrap().unwrap();
+        assert_eq!(held.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_daemon_that_never_listens_fails_the_relay_which_holds_every_descriptor_sent() {
+        let (
+            Relay {
+                _dir,
+                upstream: _upstream,
+                held,
+                relay,
+                mut criu,
+            },
+            ready,
+        ) = Relay::starting();
+        // Two tasks restored, one before and one after the daemon died (its status pipe
+        // closed without a byte), then CRIU hangs up.
+        let (_read_1, write_1) = nix::unistd::pipe().unwrap();
+        send_task(&mut criu, 42, &write_1);
+        drop(ready);
+        let (_read_2, write_2) = nix::unistd::pipe().unwrap();
+        send_task(&mut criu, 43, &write_2);
+        drop(criu);
+        let err = relay.join().unwrap().unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("the lazy-pages daemon did not start")
+                && err.contains("exited before it listened"),
+            "{err}"
+        );
+        assert_eq!(held.lock().unwrap().len(), 2, "both userfaultfds held");
     }
 
     #[test]
