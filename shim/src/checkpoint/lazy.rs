@@ -37,7 +37,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,8 @@ pub struct LazyPages {
     cgroup: ContainerCgroup,
     daemon: Daemon,
     relay: JoinHandle<anyhow::Result<()>>,
+    /// Whether the relay reached the daemon: sent once, when it connected or gave up.
+    connected: mpsc::Receiver<Result<(), String>>,
     held: Held,
     /// A duplicate of the relay's listening socket: shutting it down wakes a relay that CRIU
     /// never reached.
@@ -231,9 +233,10 @@ impl LazyPages {
         };
         let held = Held::default();
         let relay_held = held.clone();
+        let (connected_tx, connected) = mpsc::channel();
         let relay = match std::thread::Builder::new()
             .name("lazy-relay".into())
-            .spawn(move || relay(listener, upstream, &relay_held))
+            .spawn(move || relay(listener, upstream, &relay_held, &connected_tx))
         {
             Ok(relay) => relay,
             Err(e) => {
@@ -261,11 +264,23 @@ impl LazyPages {
             cgroup,
             daemon,
             relay,
+            connected,
             held,
             listener: listener_dup,
             pages,
             daemon_dir,
         })
+    }
+
+    /// Waits until the relay reached the daemon (CRIU restored the processes, which may not
+    /// run on before their memory can be served); the error says why it could not.
+    pub fn wait_connected(&self) -> Result<(), String> {
+        match self.connected.recv() {
+            Ok(outcome) => outcome,
+            Err(mpsc::RecvError) => {
+                Err("the lazy-pages relay ended before it reached the daemon".to_string())
+            }
+        }
     }
 
     /// Whether the daemon has exited (its pidfd is readable then).
@@ -287,12 +302,18 @@ impl LazyPages {
 
     /// The restore failed: stops the daemon and the relay. CRIU may have failed after the
     /// processes resumed: any of them still there is killed before the userfaultfds go.
-    pub fn abort(self) {
+    /// Returns the relay's error, if it failed (e.g. the daemon never listened).
+    pub fn abort(self) -> Option<String> {
         self.daemon.kill();
         let _ =
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        let _ = self.relay.join();
+        let relayed = match self.relay.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("the lazy-pages relay panicked".to_string()),
+        };
         release(&self.held, Some(&self.cgroup));
+        relayed
     }
 
     /// The restore succeeded: the processes run and the daemon streams their pages from the
@@ -430,25 +451,36 @@ impl Upstream {
 }
 
 /// Passes CRIU's messages on to the daemon, putting every userfaultfd into `held` before it
-/// passes it on (so that no error here ever releases one: only [`release`] does). CRIU connects
-/// early in its restore and sends a task's userfaultfd only once it restored that task; the
-/// daemon is waited for in between. A daemon that never listens is killed, and every
-/// userfaultfd CRIU still sends is held until CRIU hangs up (the daemon's exit kills the
-/// container meanwhile).
-fn relay(listener: UnixListener, upstream: Upstream, held: &Held) -> anyhow::Result<()> {
+/// passes it on. CRIU connects early in its restore and sends a task's userfaultfd only once it
+/// restored that task; the daemon is waited for in between (`connected` says when it was
+/// reached, or why not). Whatever fails after CRIU connected (a daemon that never listens is
+/// killed, and the watch on its exit kills the container), every userfaultfd CRIU sent is held
+/// until it hangs up: one still queued in the socket would be released with it. Only
+/// [`release`] releases them.
+fn relay(
+    listener: UnixListener,
+    upstream: Upstream,
+    held: &Held,
+    connected: &mpsc::Sender<Result<(), String>>,
+) -> anyhow::Result<()> {
     let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
     drop(listener);
-    let mut daemon = match upstream.connect() {
-        Ok(daemon) => daemon,
-        Err(e) => {
-            if let Err(drained) = hold_until_end(&mut restore, held) {
-                log::warn!("lazy restore: after the daemon failed: {drained:#}");
-            }
-            return Err(e);
-        }
-    };
+    let daemon = upstream.connect();
+    let _ = connected.send(match &daemon {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{e:#}")),
+    });
+    let relayed = daemon.and_then(|daemon| forward(&mut restore, daemon, held));
+    if relayed.is_err() {
+        hold_until_end(&restore, held);
+    }
+    relayed
+}
+
+/// Passes CRIU's messages on to the daemon until CRIU's end of stream.
+fn forward(restore: &mut UnixStream, mut daemon: UnixStream, held: &Held) -> anyhow::Result<()> {
     loop {
-        let Some((pid, uffd)) = next_task(&mut restore, held)? else {
+        let Some((pid, uffd)) = next_task(restore, held)? else {
             // End of stream: the daemon sees its hangup.
             return Ok(());
         };
@@ -502,10 +534,50 @@ fn next_task(
     Ok(Some((pid, Some(raw))))
 }
 
-/// Holds every userfaultfd CRIU still sends, until it hangs up.
-fn hold_until_end(restore: &mut UnixStream, held: &Held) -> anyhow::Result<()> {
-    while next_task(restore, held)?.is_some() {}
-    Ok(())
+/// Holds every userfaultfd CRIU still sends, until it hangs up, whatever the bytes around them
+/// (after a relay error the stream may be out of step with CRIU's messages).
+fn hold_until_end(restore: &UnixStream, held: &Held) {
+    loop {
+        let mut bytes = [0u8; 64];
+        let mut space = nix::cmsg_space!([RawFd; 8]);
+        let mut iov = [std::io::IoSliceMut::new(&mut bytes)];
+        let received = retry_eintr(|| {
+            recvmsg::<()>(
+                restore.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map(|msg| {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for cmsg in cmsgs {
+                        if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                            // SAFETY: SCM_RIGHTS descriptors are new and ours.
+                            fds.extend(
+                                rights
+                                    .into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                }
+                (msg.bytes, fds)
+            })
+        });
+        match received {
+            Ok((bytes, fds)) => {
+                held.lock().unwrap_or_else(|p| p.into_inner()).extend(fds);
+                if bytes == 0 {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::warn!("lazy restore: read CRIU's lazy-pages socket to its end: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Calls `f` again while a signal (the shim's SIGCHLD) interrupts it.
@@ -824,7 +896,9 @@ mod tests {
             };
             let held = Held::default();
             let relay_held = held.clone();
-            let relay = std::thread::spawn(move || relay(listener, daemon, &relay_held));
+            let (connected, _) = mpsc::channel();
+            let relay =
+                std::thread::spawn(move || relay(listener, daemon, &relay_held, &connected));
             let criu = UnixStream::connect(dir.path().join(SOCKET)).unwrap();
             let relay = Relay {
                 _dir: dir,
@@ -926,15 +1000,17 @@ mod tests {
         // The daemon accepts, then dies.
         drop(upstream.accept().unwrap());
         drop(upstream);
+        // Two tasks, the second queued behind the first when passing the first on fails.
         let (_pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
         send_task(&mut criu, 42, &pipe_write);
-        // The relay may have given up already (passing the descriptor on failed) and closed
-        // its end: the end mark then meets a broken pipe.
-        let _ = criu.write_all(&RESTORE_FINISHED.to_ne_bytes());
+        let (_read_2, write_2) = nix::unistd::pipe().unwrap();
+        send_task(&mut criu, 43, &write_2);
+        criu.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
         drop(criu);
-        // Passing it on or the end mark fails; the copy is held all the same.
-        let _ = relay.join().unwrap();
-        assert_eq!(held.lock().unwrap().len(), 1);
+        // Passing them on fails; every copy is held all the same, the queued one too.
+        let err = relay.join().unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("daemon"), "{err:#}");
+        assert_eq!(held.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -188,17 +188,31 @@ pub fn restore(
         }
     };
     match restored {
-        Ok(restored) => Ok((restored.pid, pages.map(|p| p.running(work)))),
+        Ok(restored) => match pages {
+            None => Ok((restored.pid, None)),
+            // The processes run on only once their memory can be served: the daemon, which
+            // started beside CRIU, listens and the relay reached it.
+            Some(pages) => match pages.wait_connected() {
+                Ok(()) => Ok((restored.pid, Some(pages.running(work)))),
+                Err(why) => {
+                    // Every process is killed before the userfaultfds go.
+                    pages.abort();
+                    bail!("container {id}: lazy restore: {why}; its processes were killed")
+                }
+            },
+        },
         Err(e) => {
             let mut e = anyhow::Error::from(e);
             if let Some(pages) = pages {
-                if pages.daemon_exited() {
-                    e = e.context(format!(
-                        "the lazy-pages daemon died during the restore; {}",
-                        pages.daemon_log()
-                    ));
+                let exited = pages.daemon_exited();
+                let log = pages.daemon_log();
+                let relayed = pages.abort();
+                if exited {
+                    // The relay's error says more when the daemon never listened.
+                    e = e.context(relayed.unwrap_or_else(|| {
+                        format!("the lazy-pages daemon died during the restore; {log}")
+                    }));
                 }
-                pages.abort();
             }
             Err(e).with_context(|| format!("restore container {id}"))
         }
