@@ -1073,6 +1073,64 @@ mod tests {
         assert_eq!(held.lock().unwrap().len(), 2, "both userfaultfds held");
     }
 
+    /// A daemon that exits before it listens (a stand-in for `criu lazy-pages` that logs an
+    /// error and exits) while CRIU's restore has connected and sent a task: the restore learns
+    /// why, and the relay's error names the daemon's log.
+    #[test]
+    fn a_daemon_that_exits_before_it_listens_fails_the_restore_naming_its_log() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (images, work) = (dir.path().join("images"), dir.path().join("work"));
+        fs::create_dir(&images).unwrap();
+        fs::create_dir(&work).unwrap();
+        // argv: lazy-pages --images-dir I --work-dir W --log-file L ...
+        let criu = dir.path().join("criu");
+        fs::write(
+            &criu,
+            "#!/bin/sh\necho 'Error (criu/uffd.c): no userfaultfd here' > \"$5/$7\"\nexit 1\n",
+        )
+        .unwrap();
+        fs::set_permissions(&criu, fs::Permissions::from_mode(0o700)).unwrap();
+        let spec = oci_spec::runtime::SpecBuilder::default()
+            .linux(
+                oci_spec::runtime::LinuxBuilder::default()
+                    .cgroups_path(format!("/podsnap-unit-absent-{}", std::process::id()))
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let (daemon_started, daemon) = tokio::sync::oneshot::channel();
+        let pages = LazyPages::start(
+            &criu,
+            &images,
+            &work,
+            Start {
+                id: "c1".into(),
+                daemon_started,
+                deferred: Vec::new(),
+                cgroup: ContainerCgroup::of(&spec, "c1"),
+            },
+        )
+        .unwrap();
+        assert!(daemon.blocking_recv().is_ok(), "the daemon's pid was sent");
+        // CRIU's restore connects and sends a restored task.
+        let mut restore = UnixStream::connect(work.join(SOCKET)).unwrap();
+        let (_pipe_read, pipe_write) = nix::unistd::pipe().unwrap();
+        send_task(&mut restore, 42, &pipe_write);
+        let why = pages.wait_connected().unwrap_err();
+        assert!(
+            why.contains("the lazy-pages daemon did not start")
+                && why.contains("exited before it listened")
+                && why.contains("no userfaultfd here"),
+            "{why}"
+        );
+        // CRIU hangs up; aborting returns the relay's error.
+        drop(restore);
+        let relayed = pages.abort().expect("the relay's error");
+        assert!(relayed.contains("did not start"), "{relayed}");
+    }
+
     #[test]
     fn a_task_message_without_its_descriptor_fails_the_relay() {
         let Relay {
