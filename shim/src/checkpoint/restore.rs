@@ -209,9 +209,11 @@ pub fn restore(
                 let relayed = pages.abort();
                 if exited {
                     // The relay's error says more when the daemon never listened.
-                    e = e.context(relayed.unwrap_or_else(|| {
-                        format!("the lazy-pages daemon died during the restore; {log}")
-                    }));
+                    let relayed = relayed.map(|r| format!(" (the relay: {r})"));
+                    e = e.context(format!(
+                        "the lazy-pages daemon died during the restore; {log}{}",
+                        relayed.unwrap_or_default()
+                    ));
                 }
             }
             Err(e).with_context(|| format!("restore container {id}"))
