@@ -465,6 +465,8 @@ fn relay(
 ) -> anyhow::Result<()> {
     let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
     drop(listener);
+    // Killed if passing anything on fails too: the daemon's exit, watched, kills the container.
+    let daemon_pidfd = upstream.pidfd.as_ref().and_then(|p| p.try_clone().ok());
     let daemon = upstream.connect();
     let _ = connected.send(match &daemon {
         Ok(_) => Ok(()),
@@ -472,6 +474,9 @@ fn relay(
     });
     let relayed = daemon.and_then(|daemon| forward(&mut restore, daemon, held));
     if relayed.is_err() {
+        if let Some(pidfd) = &daemon_pidfd {
+            kill_daemon(pidfd);
+        }
         hold_until_end(&restore, held);
     }
     relayed
@@ -808,7 +813,10 @@ fn gone(cgroup: &ContainerCgroup) -> bool {
         match cgroup.pids() {
             Ok(pids) if pids.is_empty() => return true,
             // Its cgroup removed (the container deleted): nothing can be left in it.
-            Err(_) if cgroup.v2_dir().is_none() && cgroup.v1_dir("freezer").is_none() => {
+            Err(_)
+                if !cgroup.v2_dir().is_some_and(|dir| dir.is_dir())
+                    && cgroup.v1_dir("freezer").is_none() =>
+            {
                 return true;
             }
             _ => {}
@@ -1091,6 +1099,19 @@ mod tests {
         )
         .unwrap();
         fs::set_permissions(&criu, fs::Permissions::from_mode(0o700)).unwrap();
+        // A fork in another test thread may hold the script's write descriptor for a moment
+        // (ETXTBSY): run it once first, until it runs.
+        for attempt in 0.. {
+            match Command::new(&criu).stderr(Stdio::null()).status() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 50 => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => {
+                    other.unwrap();
+                    break;
+                }
+            }
+        }
         let spec = oci_spec::runtime::SpecBuilder::default()
             .linux(
                 oci_spec::runtime::LinuxBuilder::default()

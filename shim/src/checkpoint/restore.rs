@@ -190,8 +190,9 @@ pub fn restore(
     match restored {
         Ok(restored) => match pages {
             None => Ok((restored.pid, None)),
-            // The processes run on only once their memory can be served: the daemon, which
-            // started beside CRIU, listens and the relay reached it.
+            // CRIU resumed the processes; a fault on memory not yet copied waits (the shim holds
+            // every userfaultfd). The container is handed over as running only once that memory
+            // can be served: the daemon, started beside CRIU, listens and the relay reached it.
             Some(pages) => match pages.wait_connected() {
                 Ok(()) => Ok((restored.pid, Some(pages.running(work)))),
                 Err(why) => {
