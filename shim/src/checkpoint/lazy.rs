@@ -422,31 +422,24 @@ struct Upstream {
     socket: PathBuf,
     /// Its log, for the error if it never listens.
     log: PathBuf,
-    /// Killed if it never listens (the watch on its exit then kills the container).
+    /// Killed by the relay if anything fails (the watch on its exit then kills the container).
     pidfd: Option<OwnedFd>,
 }
 
 impl Upstream {
     /// Waits until the daemon listens and connects to it.
     fn connect(self) -> anyhow::Result<UnixStream> {
-        let Upstream {
-            ready,
-            socket,
-            log,
-            pidfd,
-        } = self;
-        let connected = wait_ready(ready).and_then(|()| {
-            UnixStream::connect(&socket).with_context(|| format!("connect to {}", socket.display()))
-        });
-        connected.map_err(|e| {
-            if let Some(pidfd) = &pidfd {
-                kill_daemon(pidfd);
-            }
-            e.context(format!(
-                "the lazy-pages daemon did not start: {}",
-                tail(&log)
-            ))
-        })
+        wait_ready(self.ready)
+            .and_then(|()| {
+                UnixStream::connect(&self.socket)
+                    .with_context(|| format!("connect to {}", self.socket.display()))
+            })
+            .map_err(|e| {
+                e.context(format!(
+                    "the lazy-pages daemon did not start: {}",
+                    tail(&self.log)
+                ))
+            })
     }
 }
 
@@ -459,14 +452,13 @@ impl Upstream {
 /// [`release`] releases them.
 fn relay(
     listener: UnixListener,
-    upstream: Upstream,
+    mut upstream: Upstream,
     held: &Held,
     connected: &mpsc::Sender<Result<(), String>>,
 ) -> anyhow::Result<()> {
     let (mut restore, _) = listener.accept().context("accept CRIU's restore")?;
     drop(listener);
-    // Killed if passing anything on fails too: the daemon's exit, watched, kills the container.
-    let daemon_pidfd = upstream.pidfd.as_ref().and_then(|p| p.try_clone().ok());
+    let daemon_pidfd = upstream.pidfd.take();
     let daemon = upstream.connect();
     let _ = connected.send(match &daemon {
         Ok(_) => Ok(()),
@@ -526,7 +518,8 @@ fn next_task(
     }
     // A live task: its userfaultfd is held before anything goes to the daemon, whose death
     // must never release it.
-    let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd()))
+    let mut byte = [0u8; 1];
+    let (received, fds) = retry_eintr(|| receive_descriptors(restore.as_raw_fd(), &mut byte))
         .context("receive a userfaultfd from CRIU")?;
     let [uffd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
         anyhow::anyhow!(
@@ -544,36 +537,10 @@ fn next_task(
 fn hold_until_end(restore: &UnixStream, held: &Held) {
     loop {
         let mut bytes = [0u8; 64];
-        let mut space = nix::cmsg_space!([RawFd; 8]);
-        let mut iov = [std::io::IoSliceMut::new(&mut bytes)];
-        let received = retry_eintr(|| {
-            recvmsg::<()>(
-                restore.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map(|msg| {
-                let mut fds = Vec::new();
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for cmsg in cmsgs {
-                        if let ControlMessageOwned::ScmRights(rights) = cmsg {
-                            // SAFETY: SCM_RIGHTS descriptors are new and ours.
-                            fds.extend(
-                                rights
-                                    .into_iter()
-                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
-                        }
-                    }
-                }
-                (msg.bytes, fds)
-            })
-        });
-        match received {
-            Ok((bytes, fds)) => {
+        match retry_eintr(|| receive_descriptors(restore.as_raw_fd(), &mut bytes)) {
+            Ok((received, fds)) => {
                 held.lock().unwrap_or_else(|p| p.into_inner()).extend(fds);
-                if bytes == 0 {
+                if received == 0 {
                     return;
                 }
             }
@@ -595,11 +562,12 @@ fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
     }
 }
 
-/// Receives one byte and the descriptors that came with it (`SCM_RIGHTS`, close-on-exec).
-fn receive_descriptors(socket: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
-    let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+/// Receives up to `buf.len()` bytes and the descriptors that came with them (`SCM_RIGHTS`,
+/// close-on-exec; room for 8, CRIU sends one per message). A truncated message (`MSG_CTRUNC`)
+/// returns none: nix cannot list its descriptors, which stay open, never released.
+fn receive_descriptors(socket: RawFd, buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         socket,
         &mut iov,
@@ -607,7 +575,7 @@ fn receive_descriptors(socket: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
         MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs()? {
+    for cmsg in msg.cmsgs().into_iter().flatten() {
         if let ControlMessageOwned::ScmRights(rights) = cmsg {
             // SAFETY: SCM_RIGHTS descriptors are new and ours.
             fds.extend(
@@ -1043,7 +1011,7 @@ mod tests {
         let mut word = [0u8; 4];
         daemon.read_exact(&mut word).unwrap();
         assert_eq!(i32::from_ne_bytes(word), 42);
-        let (_, passed) = receive_descriptors(daemon.as_raw_fd()).unwrap();
+        let (_, passed) = receive_descriptors(daemon.as_raw_fd(), &mut [0]).unwrap();
         assert_eq!(passed.len(), 1);
         daemon.read_exact(&mut word).unwrap();
         assert_eq!(u32::from_ne_bytes(word), RESTORE_FINISHED);

@@ -205,10 +205,9 @@ pub fn restore(
         Err(e) => {
             let mut e = anyhow::Error::from(e);
             if let Some(pages) = pages {
-                let exited = pages.daemon_exited();
-                let log = pages.daemon_log();
+                let log = pages.daemon_exited().then(|| pages.daemon_log());
                 let relayed = pages.abort();
-                if exited {
+                if let Some(log) = log {
                     // The relay's error says more when the daemon never listened.
                     let relayed = relayed.map(|r| format!(" (the relay: {r})"));
                     e = e.context(format!(
