@@ -84,6 +84,8 @@ pub struct LazyPages {
     relay: JoinHandle<anyhow::Result<()>>,
     /// Whether the relay reached the daemon: sent once, when it connected or gave up.
     connected: mpsc::Receiver<Result<(), String>>,
+    /// What `connected` said, once received.
+    outcome: std::cell::OnceCell<Result<(), String>>,
     held: Held,
     /// A duplicate of the relay's listening socket: shutting it down wakes a relay that CRIU
     /// never reached.
@@ -265,6 +267,7 @@ impl LazyPages {
             daemon,
             relay,
             connected,
+            outcome: std::cell::OnceCell::new(),
             held,
             listener: listener_dup,
             pages,
@@ -272,15 +275,18 @@ impl LazyPages {
         })
     }
 
-    /// Waits until the relay reached the daemon (CRIU restored the processes, which may not
-    /// run on before their memory can be served); the error says why it could not.
+    /// Waits until the relay reached the daemon, whose failure to listen must stop the
+    /// restore before any task could fault on memory nobody serves; the error says why it
+    /// could not. The answer is kept for later calls.
     pub fn wait_connected(&self) -> Result<(), String> {
-        match self.connected.recv() {
-            Ok(outcome) => outcome,
-            Err(mpsc::RecvError) => {
-                Err("the lazy-pages relay ended before it reached the daemon".to_string())
-            }
-        }
+        self.outcome
+            .get_or_init(|| match self.connected.recv() {
+                Ok(outcome) => outcome,
+                Err(mpsc::RecvError) => {
+                    Err("the lazy-pages relay ended before it reached the daemon".to_string())
+                }
+            })
+            .clone()
     }
 
     /// Whether the daemon has exited (its pidfd is readable then).

@@ -144,7 +144,20 @@ pub fn restore(
         }
     };
     let restored = match verifier {
-        None => criu.restore(&opts),
+        None => {
+            match &pages {
+                None => criu.restore(&opts),
+                // The daemon started beside CRIU: held at pre-restore (before any task exists)
+                // until the relay reached it, so that no restored task faults on memory nobody
+                // will serve; a failed notification makes CRIU give up.
+                Some(pages) => criu.restore_with(&opts, &mut |notification: &mut Notification| {
+                    match notification.script() {
+                        NotifyScript::PreRestore => pages.wait_connected().map_err(Into::into),
+                        _ => Ok(()),
+                    }
+                }),
+            }
+        }
         Some(mut verifier) => {
             // Held at post-restore (every page read, no process resumed) until the page images
             // are known to be the manifest's; a failed notification makes CRIU kill the tree.
@@ -190,9 +203,8 @@ pub fn restore(
     match restored {
         Ok(restored) => match pages {
             None => Ok((restored.pid, None)),
-            // CRIU resumed the processes; a fault on memory not yet copied waits (the shim holds
-            // every userfaultfd). The container is handed over as running only once that memory
-            // can be served: the daemon, started beside CRIU, listens and the relay reached it.
+            // Known at pre-restore already (CRIU 4.x always notifies it), else waited for here:
+            // the container is handed over only once its memory can be served.
             Some(pages) => match pages.wait_connected() {
                 Ok(()) => Ok((restored.pid, Some(pages.running(work)))),
                 Err(why) => {
