@@ -43,6 +43,9 @@ PATCHED_PACKAGES=(
 	./pkg/kubelet/server/
 	./pkg/kubelet/kuberuntime/
 )
+# The tests of pkg/kubelet itself that the patches add (the whole package's own tests are
+# upstream's and take far longer): the PodCheckpoint taker's.
+KUBELET_PACKAGE_TESTS='^TestPodCheckpointTaker'
 
 patch_hash=$(cat "$PODSNAP_ROOT"/kubelet-patches/*.patch | sha256sum | cut -c1-12)
 KUBE_DIR=$PODSNAP_CACHE/kube/$KUBERNETES_VERSION-$patch_hash
@@ -105,6 +108,7 @@ main() {
 	fi
 	if [ "$run_tests" = 1 ]; then
 		(cd "$dir" && step kubelet-patch-tests env GOFLAGS=-mod=mod go test "${PATCHED_PACKAGES[@]}")
+		(cd "$dir" && step kubelet-taker-tests env GOFLAGS=-mod=mod go test -run "$KUBELET_PACKAGE_TESTS" ./pkg/kubelet/)
 	fi
 	[ -n "$tree" ] || rm -rf "$dir"
 	echo "$KUBE_DIR/bin"
