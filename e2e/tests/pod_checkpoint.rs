@@ -739,6 +739,100 @@ fn podsnap_restore_never_grants_more_than_the_new_pod_spec() {
     ws.remove_pod(&pod);
 }
 
+/// Runs `script` with `sh -c`, as root on the node; panics naming it when it fails.
+fn shell(script: &str) {
+    let out = CommandLine::new("sh")
+        .args(["-c", script])
+        .run()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(out.success(), "{script}: {}", out.report());
+}
+
+#[test]
+fn podsnap_restore_refuses_a_device_in_the_checkpoints_dev_that_the_new_spec_does_not_give() {
+    // CRIU keeps a container's /dev (a tmpfs) as a tar that `tar --extract` unpacks as root at
+    // restore: a checkpoint brought from elsewhere (not pinned by this node) whose /dev holds
+    // the host's first disk, its manifest re-computed to match, must not restore.
+    let node = Node::get();
+    let mut ws = Workspace::new("dev-device");
+    let counter = ws.container_config(
+        "counter",
+        sh("i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done"),
+        json!([]),
+    );
+    let config = ws.pod_config(&unique("dev-device"));
+    let pod = ws.run_pod(Handler::Podsnap, &config);
+    let c = ws.run_container(&pod, &counter, &config);
+    let taken = ws.checkpoint_dir("taken");
+    Cri::new()
+        .checkpoint(&pod, taken.to_str().unwrap(), &[&c], &[])
+        .expect("a checkpoint of the counter");
+    ws.remove_pod(&pod);
+
+    let imported = ws.checkpoint_dir("imported");
+    shell(&format!(
+        "cp -a {}/. {}/",
+        taken.display(),
+        imported.display()
+    ));
+    let archives = CommandLine::new("find")
+        .args([
+            imported.to_str().unwrap(),
+            "-name",
+            "tmpfs-dev-*.tar.gz.img",
+        ])
+        .run()
+        .unwrap()
+        .stdout;
+    let dev = archives
+        .lines()
+        .find(|archive| {
+            let listing = CommandLine::new("tar")
+                .args(["--list", "--gzip", "--file", archive])
+                .run()
+                .unwrap()
+                .stdout;
+            listing.lines().any(|l| l == "./null")
+        })
+        .unwrap_or_else(|| panic!("no tmpfs archive holding /dev/null among {archives:?}"))
+        .to_string();
+    let unpacked = ws.path("dev-unpacked");
+    let unpacked = unpacked.display();
+    shell(&format!(
+        "mkdir {unpacked} && tar --extract --gzip --numeric-owner --file {dev} --directory {unpacked} \
+         && mknod {unpacked}/sda b 8 0 \
+         && tar --create --gzip --numeric-owner --file {dev} --directory {unpacked} ."
+    ));
+    let manifest_path = imported.join(podsnap_checkpoint_format::MANIFEST);
+    let mut manifest: podsnap_checkpoint_format::Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    std::fs::remove_file(&manifest_path).unwrap();
+    podsnap_checkpoint_format::write_manifest(&imported, &mut manifest).unwrap();
+
+    let replica = ws.pod_config(&unique("dev-device-replica"));
+    let out = restore_created(&imported, &replica, &[&counter]);
+    let restored = restored_pod(&out);
+    ws.pods.push(restored.clone());
+    let restored_c = container_named(node, &restored, "counter");
+    let started = node.crictl_try(["start", &restored_c]);
+    let text = started.stdout.clone() + &started.stderr;
+    assert!(
+        !started.success()
+            && text.contains("tmpfs archive tmpfs-dev-")
+            && text
+                .contains("./sda: block device 8:0, which the container's spec does not give it"),
+        "a checkpoint whose /dev holds a disk was restored: {}\n{}",
+        started.report(),
+        node.log_excerpt(&[&restored_c])
+    );
+    let inspected: Value = serde_json::from_str(&node.crictl(["inspect", &restored_c])).unwrap();
+    assert_ne!(
+        inspected["status"]["state"], "CONTAINER_RUNNING",
+        "the refused container runs"
+    );
+    ws.remove_pod(&restored);
+}
+
 #[test]
 fn podsnap_shim_killed_between_freeze_and_thaw_leaves_no_frozen_pod() {
     let mut ws = Workspace::new("shim-killed");

@@ -562,6 +562,7 @@ impl Container {
                     checkpoint::userns::check_images(&checked_id, &metadata, &images)?;
                     let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
                     crate::restore_policy::check_credentials(&checked_spec, &threads)?;
+                    crate::tmpfs_archives::check(&checked_spec, &images)?;
                     Ok::<_, anyhow::Error>((
                         scratch,
                         images,

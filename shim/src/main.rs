@@ -22,6 +22,7 @@
 //! | [`thaw_guard`] | the guard process and watchdog that thaw a pod whatever happens to the shim |
 //! | [`rootfs_diff`], [`volumes`] | the writable layer and emptyDir volumes: captured and unpacked through directory descriptors |
 //! | [`restore_policy`] | what a checkpoint may not make a restore do: credentials and mounts checked against the new spec |
+//! | [`tmpfs_archives`] | CRIU's tmpfs archives (a container's `/dev`): no device the new spec does not give, no name leaving the tmpfs |
 //! | [`info`] | the runtime's features for containerd (`containerd-shim-podsnap-v2 -info`) |
 //!
 //! The format of what is written (CRIU images aside) belongs to `podsnap-checkpoint-format`.
@@ -41,6 +42,7 @@ mod service;
 mod stdio;
 mod task;
 mod thaw_guard;
+mod tmpfs_archives;
 mod volumes;
 mod zygote;
 
