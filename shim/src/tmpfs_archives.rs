@@ -113,7 +113,9 @@ fn under_a_link(path: &Path, links: &HashSet<PathBuf>) -> bool {
 }
 
 fn check_archive(allowed: &Allowed, reader: impl std::io::Read) -> anyhow::Result<()> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+    // Every gzip member, as `gzip -d` (which `tar --gzip` runs) reads them: a second member
+    // would otherwise carry entries this check never sees.
+    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
     let mut seen = HashSet::new();
     let mut links = HashSet::new();
     for entry in archive.entries().context("read the archive")? {
@@ -188,8 +190,19 @@ mod tests {
 
     /// A gzipped archive of `members`: (name, kind, link target, device number).
     fn archive(members: &[(&str, tar::EntryType, &str, (u32, u32))]) -> Vec<u8> {
-        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let mut builder = tar::Builder::new(gz);
+        gzip(&tar_of(members))
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// The tar of `members`, uncompressed.
+    fn tar_of(members: &[(&str, tar::EntryType, &str, (u32, u32))]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
         for (name, kind, link, (major, minor)) in members {
             let mut header = tar::Header::new_gnu();
             header.set_entry_type(*kind);
@@ -208,7 +221,7 @@ mod tests {
             header.set_cksum();
             builder.append(&header, std::io::empty()).unwrap();
         }
-        builder.into_inner().unwrap().finish().unwrap()
+        builder.into_inner().unwrap()
     }
 
     fn spec_with(devices: &[(LinuxDeviceType, i64, i64)]) -> Spec {
@@ -278,6 +291,20 @@ mod tests {
         // A block device is not given by a character device of the same number.
         let char_only = spec_with(&[(LinuxDeviceType::C, 8, 0)]);
         assert!(checked(&char_only, &disk).contains("block device 8:0"));
+    }
+
+    #[test]
+    fn a_device_in_a_second_gzip_member_is_refused() {
+        // `gzip -d` reads on past the first member; so must the check. The first member ends
+        // where the device's header begins, without the archive's end.
+        let tar = tar_of(&[("./null", Char, "", (1, 3)), ("./sda", Block, "", (8, 0))]);
+        let mut two = gzip(&tar[..512]);
+        two.extend(gzip(&tar[512..]));
+        let message = match check_archive(&Allowed::of(&Spec::default()), &two[..]) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(message.contains("./sda: block device 8:0"), "{message}");
     }
 
     #[test]
