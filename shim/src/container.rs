@@ -43,15 +43,6 @@ pub fn spec_annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a String> {
 /// Where compressed checkpoints are expanded for a restore (on disk, not in memory).
 pub const SCRATCH_ROOT: &str = "/var/lib/podsnap/scratch";
 
-/// A new private directory under [`SCRATCH_ROOT`] for what CRIU reads in place of a
-/// checkpoint's own files (expanded pages, tmpfs archives written again as checked).
-fn restore_scratch() -> anyhow::Result<tempfile::TempDir> {
-    checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
-    Ok(tempfile::Builder::new()
-        .prefix("restore-")
-        .tempdir_in(SCRATCH_ROOT)?)
-}
-
 /// How long a process's output may take to drain after it exits.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -547,7 +538,10 @@ impl Container {
                         );
                     }
                     let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
-                        let dir = restore_scratch()?;
+                        checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
+                        let dir = tempfile::Builder::new()
+                            .prefix("restore-")
+                            .tempdir_in(SCRATCH_ROOT)?;
                         podsnap_checkpoint_format::pages::expand_into(&checkpoint, dir.path())?;
                         Some(dir)
                     } else {
@@ -568,15 +562,7 @@ impl Container {
                     checkpoint::userns::check_images(&checked_id, &metadata, &images)?;
                     let threads = podsnap_checkpoint_format::creds::thread_credentials(&images)?;
                     crate::restore_policy::check_credentials(&checked_spec, &threads)?;
-                    // CRIU unpacks the tmpfs archives written again as checked, never the
-                    // checkpoint's own.
-                    let scratch = crate::tmpfs_archives::rewrite(
-                        &checked_spec,
-                        &images,
-                        scratch,
-                        restore_scratch,
-                    )?;
-                    let images = scratch.as_ref().map_or(images, |d| d.path().to_path_buf());
+                    crate::tmpfs_archives::check(&checked_spec, &images)?;
                     Ok::<_, anyhow::Error>((
                         scratch,
                         images,

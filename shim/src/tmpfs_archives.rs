@@ -1,36 +1,37 @@
-//! CRIU's tmpfs archives, checked and written again before CRIU unpacks them as root.
+//! CRIU's tmpfs archives, checked before CRIU unpacks them as root.
 //!
 //! A checkpoint keeps the contents of each tmpfs mounted inside a container (its `/dev`, and
 //! any tmpfs the spec mounts) as a gzipped tar, `tmpfs-dev-<dev>.tar.gz.img` (or the older
-//! `tmpfs-<mnt id>.tar.gz.img`). CRIU's restore hands it to `tar --extract`, run as root on
+//! `tmpfs-<mnt id>.tar.gz.img`). CRIU's restore hands it to GNU `tar --extract`, run as root on
 //! the host while the container's mounts are built, which recreates whatever the archive
-//! lists: device nodes of any number, hard links, files of any owner (by name, too: the
-//! extract does not pass `--numeric-owner`). A device node is access to hardware (a disk by its
-//! block number), so [`rewrite`] reads each archive, refuses one that holds
+//! lists: device nodes of any number, hard links, files of any owner. A device node is access
+//! to hardware (a disk by its block number), so [`check`] refuses, before CRIU runs, an archive
+//! that holds
 //! - a character or block device the new spec does not give the container: its
 //!   `linux.devices`, and the devices every OCI container has (null, zero, full, random,
 //!   urandom, tty, console, ptmx);
+//! - a regular file with its set-user-ID or set-group-ID bit (a process of the new pod could
+//!   gain the file owner's ids by running it), or an owner or group by name (the extract maps
+//!   names to the host's ids: CRIU archives with `--numeric-owner`);
 //! - a member or hard-link target named by an absolute path or through `..`, or under an
 //!   earlier member that is a symbolic link; a member listed twice;
-//! - a regular file with its set-user-ID or set-group-ID bit (a process of the new pod could
-//!   gain the file owner's ids by running it);
-//! - a sparse file, a member of a kind `tar --create` does not write for a file system, or more
-//!   than [`MAX_CONTENT`] bytes of content,
+//! - more than [`MAX_BYTES`] of tar, or anything but what GNU tar writes for a file system in
+//!   its default (GNU) format: no pax or sparse members, no data after a header that is not a
+//!   regular file's or a long name's, numbers only as octal digits.
 //!
-//! and writes what it accepted into a new archive that CRIU reads instead (the checkpoint itself
-//! is never modified: CRIU gets a private directory of links to its images). Checking the
-//! archive as this crate parses it and letting GNU tar extract the original would trust that
-//! both parse it alike; they do not (where a directory's or a hard link's header claims data,
-//! sparse extension blocks, pax against GNU long names, owner names): `tar` only ever reads
-//! headers written here, from values checked here, with no owner names.
+//! The walk is over the tar's 512-byte blocks as GNU tar reads them (this crate's own reading
+//! with the `tar` crate was not: where a directory's or a hard link's header claims data, GNU
+//! tar reads none and takes the next block as a header, and the two parse numbers and names
+//! differently), and anything it cannot read as GNU tar would is refused: what it checked is
+//! what `tar` will create.
 //!
 //! The archive's bytes are verified against the checkpoint's digests before this runs; this
 //! is about what a well-formed archive may ask for.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
@@ -49,81 +50,28 @@ const DEFAULT_DEVICES: [(u32, u32); 8] = [
     (5, 2),
 ];
 
-/// The most content (regular files' bytes) one tmpfs archive may hold: far more than the
-/// tmpfs a container is given (`/dev` is 64 MiB), and a bound on the work a hostile archive
-/// (a few MiB of gzip that expand to terabytes) makes the restore do.
-pub const MAX_CONTENT: u64 = 4 << 30;
-
 /// Whether `name` is one of CRIU's tmpfs archives.
 fn is_tmpfs_archive(name: &str) -> bool {
     name.starts_with("tmpfs-") && name.ends_with(".tar.gz.img")
 }
 
-/// The tmpfs archives of the CRIU image directory `images`, by file name.
-fn archives(images: &Path) -> anyhow::Result<Vec<String>> {
-    let mut names = Vec::new();
-    let entries = fs::read_dir(images)
+/// Checks every tmpfs archive in the CRIU image directory `images` against `spec`.
+pub fn check(spec: &Spec, images: &Path) -> anyhow::Result<()> {
+    let allowed = Allowed::of(spec);
+    let entries = std::fs::read_dir(images)
         .with_context(|| format!("read the checkpoint's images in {}", images.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("read {}", images.display()))?;
-        if let Some(name) = entry.file_name().to_str().filter(|n| is_tmpfs_archive(n)) {
-            names.push(name.to_string());
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Checks every tmpfs archive of the CRIU image directory `images` against `spec`, and
-/// returns the directory CRIU is to restore from: `scratch` as given (`None`: `images`) when
-/// `images` holds no tmpfs archive; else a private directory holding each archive written
-/// again as checked, beside the other images: `scratch` itself when there is one (`images` is
-/// then `scratch`'s path, a copy of the checkpoint's images), else a new one from
-/// `new_scratch` with a symbolic link to each image of `images`.
-pub fn rewrite(
-    spec: &Spec,
-    images: &Path,
-    scratch: Option<tempfile::TempDir>,
-    new_scratch: impl FnOnce() -> anyhow::Result<tempfile::TempDir>,
-) -> anyhow::Result<Option<tempfile::TempDir>> {
-    let names = archives(images)?;
-    if names.is_empty() {
-        return Ok(scratch);
-    }
-    let allowed = Allowed::of(spec);
-    let dir = match scratch {
-        Some(dir) => dir,
-        None => {
-            let dir = new_scratch()?;
-            for entry in
-                fs::read_dir(images).with_context(|| format!("read {}", images.display()))?
-            {
-                let entry = entry.with_context(|| format!("read {}", images.display()))?;
-                let link = dir.path().join(entry.file_name());
-                std::os::unix::fs::symlink(entry.path(), &link)
-                    .with_context(|| format!("link {}", link.display()))?;
-            }
-            dir
-        }
-    };
-    for name in &names {
-        let source = images.join(name);
-        let checked = dir.path().join(format!(".{name}.checked"));
-        let input = File::open(&source)
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| is_tmpfs_archive(n)) else {
+            continue;
+        };
+        let file = File::open(entry.path())
             .with_context(|| format!("open the checkpoint's tmpfs archive {name}"))?;
-        let output = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&checked)
-            .with_context(|| format!("create {}", checked.display()))?;
-        rewrite_archive(&allowed, BufReader::new(input), BufWriter::new(output))
+        check_archive(&allowed, BufReader::new(file))
             .with_context(|| format!("the checkpoint's tmpfs archive {name}: refused"))?;
-        let target = dir.path().join(name);
-        fs::rename(&checked, &target)
-            .with_context(|| format!("rename {} to {}", checked.display(), target.display()))?;
     }
-    Ok(Some(dir))
+    Ok(())
 }
 
 /// The device nodes a spec allows in an archive, by kind and number.
@@ -174,154 +122,235 @@ fn under_a_link(path: &Path, links: &HashSet<PathBuf>) -> bool {
         .any(|a| !a.as_os_str().is_empty() && links.contains(a))
 }
 
-/// `path` as the new archive names it: `./` for the tmpfs itself (its mode and owner), the
-/// relative path below it.
-fn archive_name(path: &Path) -> PathBuf {
-    Path::new(".").join(path)
+/// The most tar (headers and content, decompressed) one tmpfs archive may hold: far more than
+/// the tmpfs a container is given (`/dev` is 64 MiB), and a bound on the work a hostile archive
+/// (a few MiB of gzip that expand to terabytes) makes the restore do.
+pub const MAX_BYTES: u64 = 4 << 30;
+
+/// The most a GNU long name or long link target may hold (`PATH_MAX`).
+const MAX_LONG_NAME: u64 = 4096;
+
+const BLOCK: usize = 512;
+
+/// A numeric field as GNU tar writes it: spaces, octal digits, then NULs or spaces.
+fn octal(field: &[u8]) -> Option<u64> {
+    let start = field.iter().position(|b| *b != b' ')?;
+    let digits = field[start..]
+        .iter()
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .count();
+    let rest = &field[start + digits..];
+    if digits == 0 || !rest.iter().all(|b| *b == 0 || *b == b' ') {
+        return None;
+    }
+    field[start..start + digits].iter().try_fold(0u64, |n, d| {
+        n.checked_mul(8)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
-/// Reads the gzipped tar `reader`, checks each member, and writes those it accepts to
-/// `writer` as a new gzipped tar; fails at the first member refused.
-fn rewrite_archive(allowed: &Allowed, reader: impl Read, writer: impl Write) -> anyhow::Result<()> {
-    // Every gzip member, as `gzip -d` would read them.
-    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
-    let mut out = tar::Builder::new(flate2::write::GzEncoder::new(
-        writer,
-        flate2::Compression::fast(),
-    ));
+/// A numeric field this check does not read (owner, time): octal, or GNU's base-256 (a first
+/// byte of 0x80 or 0xff). Anything else GNU tar refuses and then reads the next block as a
+/// header, while this walk would not.
+fn numeric(field: &[u8]) -> bool {
+    octal(field).is_some() || matches!(field.first(), Some(0x80 | 0xff))
+}
+
+/// A C string: `bytes` up to its first NUL.
+fn c_string(bytes: &[u8]) -> &[u8] {
+    bytes.split(|b| *b == 0).next().unwrap_or_default()
+}
+
+/// Reads exactly one block, or `None` at the end of the stream.
+fn next_block(reader: &mut impl Read, block: &mut [u8; BLOCK]) -> anyhow::Result<bool> {
+    let mut filled = 0;
+    while filled < BLOCK {
+        match reader.read(&mut block[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => bail!("the archive ends inside a block"),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("read the archive"),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads the `size` bytes of data after a header (whole blocks), keeping at most `keep`.
+fn data(reader: &mut impl Read, size: u64, keep: u64) -> anyhow::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    let mut left = size;
+    let mut block = [0u8; BLOCK];
+    while left > 0 {
+        ensure!(
+            next_block(reader, &mut block)?,
+            "the archive ends inside a member's data"
+        );
+        let n = left.min(BLOCK as u64);
+        if (kept.len() as u64) < keep {
+            kept.extend_from_slice(&block[..n as usize]);
+        }
+        left -= n;
+    }
+    Ok(kept)
+}
+
+fn check_archive(allowed: &Allowed, reader: impl Read) -> anyhow::Result<()> {
+    // Every gzip member, as `gzip -d` (which `tar --gzip` runs) reads them: a second member
+    // would otherwise carry entries this check never sees. The bound is one byte past the
+    // limit, so that reaching it is told from ending at it.
+    let mut reader =
+        std::io::BufReader::new(flate2::read::MultiGzDecoder::new(reader).take(MAX_BYTES + 1));
     let mut seen = HashSet::new();
     let mut links = HashSet::new();
-    let mut content = 0u64;
-    for entry in archive.entries().context("read the archive")? {
-        let mut entry = entry.context("read the archive")?;
-        let raw = entry.path().context("a member's name")?.into_owned();
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut long_link: Option<Vec<u8>> = None;
+    let mut read = 0u64;
+    let mut block = [0u8; BLOCK];
+    loop {
+        ensure!(
+            next_block(&mut reader, &mut block)?,
+            "the archive ends without its end-of-archive block"
+        );
+        read += BLOCK as u64;
+        if block.iter().all(|b| *b == 0) {
+            // GNU tar stops at the first zero block: nothing after it is extracted.
+            return Ok(());
+        }
+        ensure!(
+            &block[257..265] == b"ustar  \0",
+            "a header not in GNU tar's format (magic {:?})",
+            String::from_utf8_lossy(&block[257..265])
+        );
+        let checksum = octal(&block[148..156]).context("a header's checksum is not octal")?;
+        let sum: u64 = block
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if (148..156).contains(&i) {
+                    u64::from(b' ')
+                } else {
+                    u64::from(*b)
+                }
+            })
+            .sum();
+        ensure!(checksum == sum, "a header's checksum does not match");
+        let kind = block[156];
+        let size = octal(&block[124..136]).context("a header's size is not octal")?;
+        let mode = octal(&block[100..108]).context("a header's mode is not octal")?;
+        ensure!(
+            numeric(&block[108..116]) && numeric(&block[116..124]) && numeric(&block[136..148]),
+            "a header's owner, group or time is not a number GNU tar reads"
+        );
+        read = read.saturating_add(size.div_ceil(BLOCK as u64) * BLOCK as u64);
+        ensure!(read <= MAX_BYTES, "more than {MAX_BYTES} bytes of tar");
+        if kind == b'L' || kind == b'K' {
+            ensure!(size <= MAX_LONG_NAME, "a long name of {size} bytes");
+            let name = c_string(&data(&mut reader, size, size)?).to_vec();
+            let slot = if kind == b'L' {
+                &mut long_name
+            } else {
+                &mut long_link
+            };
+            ensure!(slot.is_none(), "two long names for one member");
+            *slot = Some(name);
+            continue;
+        }
+        let name_bytes = long_name
+            .take()
+            .unwrap_or_else(|| c_string(&block[..100]).to_vec());
+        let link_bytes = long_link
+            .take()
+            .unwrap_or_else(|| c_string(&block[157..257]).to_vec());
+        let raw = PathBuf::from(std::ffi::OsString::from_vec(name_bytes));
+        let who = raw.display().to_string();
+        ensure!(
+            c_string(&block[265..297]).is_empty() && c_string(&block[297..329]).is_empty(),
+            "{who}: an owner or group by name"
+        );
+        if kind == b'0' {
+            ensure!(
+                !raw.as_os_str().as_bytes().ends_with(b"/"),
+                "{who}: a regular file named as a directory"
+            );
+            ensure!(
+                mode & 0o6000 == 0,
+                "{who}: a file with its set-user-ID or set-group-ID bit (mode {mode:o})"
+            );
+            data(&mut reader, size, 0)?;
+        } else {
+            ensure!(
+                size == 0,
+                "{who}: data after a header of kind {:?}",
+                kind as char
+            );
+        }
         let path = member_path(&raw)?;
         ensure!(
             !under_a_link(&path, &links),
-            "{}: under a symbolic link of the archive",
-            raw.display()
+            "{who}: under a symbolic link of the archive"
         );
         ensure!(
             path.as_os_str().is_empty() || seen.insert(path.clone()),
-            "{}: listed twice",
-            raw.display()
+            "{who}: listed twice"
         );
-        let header = entry.header();
-        let kind = header.entry_type();
         ensure!(
-            !path.as_os_str().is_empty() || kind == tar::EntryType::Directory,
-            "{}: the tmpfs itself as a {kind:?}",
-            raw.display()
+            !path.as_os_str().is_empty() || kind == b'5',
+            "{who}: the tmpfs itself as a member of kind {:?}",
+            kind as char
         );
-        let mode = header.mode().context("a member's mode")? & 0o7777;
-        let mut new = tar::Header::new_gnu();
-        new.set_mode(mode);
-        new.set_uid(header.uid().context("a member's owner")?);
-        new.set_gid(header.gid().context("a member's group")?);
-        new.set_mtime(header.mtime().unwrap_or(0));
-        new.set_size(0);
-        let name = archive_name(&path);
+        let target = PathBuf::from(std::ffi::OsString::from_vec(link_bytes));
         match kind {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+            b'0' | b'5' | b'6' => {}
+            b'2' => {
                 ensure!(
-                    mode & 0o6000 == 0,
-                    "{}: a file with its set-user-ID or set-group-ID bit (mode {mode:o})",
-                    raw.display()
+                    !target.as_os_str().is_empty(),
+                    "{who}: a symbolic link without a target"
                 );
-                let size = entry.size();
-                content = content.saturating_add(size);
-                ensure!(
-                    content <= MAX_CONTENT,
-                    "more than {MAX_CONTENT} bytes of content"
-                );
-                new.set_entry_type(tar::EntryType::Regular);
-                new.set_size(size);
-                out.append_data(&mut new, &name, &mut entry)
-                    .with_context(|| format!("{}: copy", raw.display()))?;
-            }
-            tar::EntryType::Directory | tar::EntryType::Fifo => {
-                new.set_entry_type(kind);
-                out.append_data(&mut new, &name, std::io::empty())
-                    .with_context(|| format!("{}: copy", raw.display()))?;
-            }
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .context("a symbolic link's target")?
-                    .with_context(|| {
-                        format!("{}: a symbolic link without a target", raw.display())
-                    })?
-                    .into_owned();
-                new.set_entry_type(kind);
-                out.append_link(&mut new, &name, &target)
-                    .with_context(|| format!("{}: copy", raw.display()))?;
                 links.insert(path);
             }
-            tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .context("a hard link's target")?
-                    .with_context(|| format!("{}: a hard link without a target", raw.display()))?
-                    .into_owned();
-                let clean = member_path(&target)
-                    .with_context(|| format!("{}: a hard link to", raw.display()))?;
+            b'1' => {
+                let clean =
+                    member_path(&target).with_context(|| format!("{who}: a hard link to"))?;
                 ensure!(
                     !under_a_link(&clean, &links) && !links.contains(&clean),
-                    "{}: a hard link to {}, through a symbolic link of the archive",
-                    raw.display(),
+                    "{who}: a hard link to {}, through a symbolic link of the archive",
                     target.display()
                 );
-                new.set_entry_type(kind);
-                out.append_link(&mut new, &name, archive_name(&clean))
-                    .with_context(|| format!("{}: copy", raw.display()))?;
             }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                let number = header
-                    .device_major()
-                    .ok()
-                    .flatten()
-                    .zip(header.device_minor().ok().flatten())
-                    .with_context(|| format!("{}: a device without a number", raw.display()))?;
-                let (set, what) = if kind == tar::EntryType::Char {
+            b'3' | b'4' => {
+                let number = octal(&block[329..337])
+                    .zip(octal(&block[337..345]))
+                    .and_then(|(major, minor)| {
+                        Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?))
+                    })
+                    .with_context(|| format!("{who}: a device without a number"))?;
+                let (set, what) = if kind == b'3' {
                     (&allowed.char, "character")
                 } else {
                     (&allowed.block, "block")
                 };
                 ensure!(
                     set.contains(&number),
-                    "{}: {what} device {}:{}, which the container's spec does not give it",
-                    raw.display(),
+                    "{who}: {what} device {}:{}, which the container's spec does not give it",
                     number.0,
                     number.1
                 );
-                new.set_entry_type(kind);
-                new.set_device_major(number.0)?;
-                new.set_device_minor(number.1)?;
-                out.append_data(&mut new, &name, std::io::empty())
-                    .with_context(|| format!("{}: copy", raw.display()))?;
             }
-            tar::EntryType::GNUSparse => bail!("{}: a sparse file", raw.display()),
-            other => bail!("{}: a member of kind {other:?}", raw.display()),
+            other => bail!("{who}: a member of kind {:?}", other as char),
         }
     }
-    let mut writer = out
-        .into_inner()
-        .context("end the checked archive")?
-        .finish()
-        .context("end the checked archive")?;
-    writer.flush().context("write the checked archive")?;
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use oci_spec::runtime::{LinuxBuilder, LinuxDeviceBuilder};
+    use std::io::Write;
     use tar::EntryType::{Block, Char, Directory, Link, Regular, Symlink};
 
     type Member<'a> = (&'a str, tar::EntryType, &'a str, (u32, u32));
 
-    /// One raw 512-byte header: `name` written as is (a hostile archive's name is not what
+    /// One raw GNU header: `name` written as is (a hostile archive's name is not what
     /// `append_data` would accept), `size` whatever it claims.
     fn header(
         name: &str,
@@ -395,40 +424,43 @@ mod tests {
         spec
     }
 
-    /// The rewritten archive of the gzipped `archive`, or the error's text.
-    fn rewritten(spec: &Spec, archive: &[u8]) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        rewrite_archive(&Allowed::of(spec), archive, &mut out).map_err(|e| format!("{e:#}"))?;
-        Ok(out)
+    fn checked_gz(spec: &Spec, archive: &[u8]) -> String {
+        match check_archive(&Allowed::of(spec), archive) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("{e:#}"),
+        }
     }
 
     fn checked(spec: &Spec, members: &[Member]) -> String {
-        match rewritten(spec, &archive(members)) {
-            Ok(_) => "ok".into(),
-            Err(e) => e,
-        }
+        checked_gz(spec, &archive(members))
+    }
+
+    /// The tar of one raw header (and `data`), ended.
+    fn one(header: &tar::Header, data: &[u8]) -> Vec<u8> {
+        let mut tar = header.as_bytes().to_vec();
+        tar.extend_from_slice(data);
+        gzip(&end(tar))
     }
 
     /// What GNU tar, the program CRIU runs, lists of a gzipped archive.
     fn gnu_tar_lists(archive: &[u8]) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.tar.gz");
-        fs::write(&file, archive).unwrap();
+        fs_write(&file, archive);
         let out = std::process::Command::new("tar")
             .args(["--list", "--gzip", "--file"])
             .arg(&file)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    fn fs_write(path: &Path, bytes: &[u8]) {
+        std::fs::write(path, bytes).unwrap();
     }
 
     /// What a container's `/dev` holds as CRIU archives it.
@@ -448,32 +480,52 @@ mod tests {
     ];
 
     #[test]
-    fn a_containers_dev_is_written_again_as_it_was() {
-        let out = rewritten(&Spec::default(), &archive(DEV)).unwrap();
-        // The names as the tar crate writes them: `./` for the tmpfs, relative paths below it.
-        let names: Vec<&str> = DEV
-            .iter()
-            .map(|m| if m.0 == "./" { m.0 } else { &m.0[2..] })
-            .collect();
-        assert_eq!(gnu_tar_lists(&out), names);
-        let mut read = tar::Archive::new(flate2::read::GzDecoder::new(&out[..]));
-        for (entry, (name, kind, link, device)) in read.entries().unwrap().zip(DEV) {
-            let entry = entry.unwrap();
-            let header = entry.header();
-            assert_eq!(header.entry_type(), *kind, "{name}");
-            assert_eq!(header.mode().unwrap(), 0o644, "{name}");
-            if !link.is_empty() {
-                assert_eq!(
-                    entry.link_name().unwrap().unwrap(),
-                    Path::new(link),
-                    "{name}"
-                );
-            }
-            if matches!(kind, Char | Block) {
-                assert_eq!(header.device_major().unwrap(), Some(device.0), "{name}");
-                assert_eq!(header.device_minor().unwrap(), Some(device.1), "{name}");
-            }
-        }
+    fn a_containers_dev_passes() {
+        assert_eq!(checked(&Spec::default(), DEV), "ok");
+    }
+
+    #[test]
+    fn what_gnu_tar_writes_as_criu_runs_it_passes() {
+        // CRIU's own command line; no device (mknod needs root), everything else a tmpfs
+        // holds: files with content, a long name, a long link target, links, a FIFO.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tmpfs");
+        let long = "n".repeat(150);
+        std::fs::create_dir_all(root.join("sub").join(&long)).unwrap();
+        fs_write(&root.join("file"), &vec![7u8; 3000]);
+        fs_write(&root.join("sub").join(&long).join("inner"), b"x");
+        std::os::unix::fs::symlink("/proc/self/fd", root.join("fd")).unwrap();
+        std::os::unix::fs::symlink("t".repeat(180), root.join("far")).unwrap();
+        std::fs::hard_link(root.join("file"), root.join("again")).unwrap();
+        nix::unistd::mkfifo(
+            &root.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let out = std::process::Command::new("tar")
+            .args([
+                "--create",
+                "--gzip",
+                "--no-unquote",
+                "--no-wildcards",
+                "--one-file-system",
+                "--check-links",
+                "--preserve-permissions",
+                "--sparse",
+                "--numeric-owner",
+                "--directory",
+            ])
+            .arg(&root)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(checked_gz(&Spec::default(), &out.stdout), "ok");
+        assert_eq!(gnu_tar_lists(&out.stdout).len(), 9);
     }
 
     #[test]
@@ -506,32 +558,113 @@ mod tests {
         ]));
         let mut two = gzip(&tar[..512]);
         two.extend(gzip(&tar[512..]));
-        let message = rewritten(&Spec::default(), &two).unwrap_err();
+        let message = checked_gz(&Spec::default(), &two);
         assert!(message.contains("./sda: block device 8:0"), "{message}");
     }
 
     #[test]
-    fn a_header_hidden_where_gnu_tar_reads_no_data_never_reaches_it() {
-        // GNU tar reads no data after a directory's header, and none after a hard link's, whatever
-        // their size fields claim: it would take the next block as a header (a disk, here),
-        // which this crate skips as data. Written again, the archive holds no such block.
+    fn a_header_hidden_where_gnu_tar_reads_no_data_is_refused() {
+        // GNU tar reads no data after a directory's header, and none after a hard link's,
+        // whatever their size fields claim: it takes the next block as a header (a disk,
+        // here), which a reader skipping `size` bytes never sees.
         let hidden = header("./sda", Block, "", (8, 0), 0);
         for hider in [
             header("./", Directory, "", (0, 0), 512),
             header("./l", Link, "./null", (0, 0), 512),
+            header("./s", Symlink, "x", (0, 0), 512),
+            header("./d/", Regular, "", (0, 0), 512),
         ] {
             let mut tar = tar_of(&[("./null", Char, "", (1, 3))]);
             tar.extend_from_slice(hider.as_bytes());
             tar.extend_from_slice(hidden.as_bytes());
-            let tar = end(tar);
+            let archive = gzip(&end(tar));
+            let message = checked_gz(&Spec::default(), &archive);
             assert!(
-                gnu_tar_lists(&gzip(&tar)).contains(&"./sda".to_string()),
-                "GNU tar reads the hidden header"
+                message.contains("data after a header") || message.contains("named as a directory"),
+                "{message}"
             );
-            let out = rewritten(&Spec::default(), &gzip(&tar)).unwrap();
-            let listed = gnu_tar_lists(&out);
-            assert!(!listed.iter().any(|n| n.contains("sda")), "{listed:?}");
         }
+        // GNU tar does read the hidden header (checked on the directory's case).
+        let mut tar = header("./", Directory, "", (0, 0), 512).as_bytes().to_vec();
+        tar.extend_from_slice(hidden.as_bytes());
+        assert!(gnu_tar_lists(&gzip(&end(tar))).contains(&"./sda".to_string()));
+    }
+
+    #[test]
+    fn what_gnu_tar_parses_otherwise_is_refused() {
+        // A size GNU tar reads as base-64 (`+`), another as octal: the two would frame the
+        // archive differently.
+        let mut plus = header("./f", Regular, "", (0, 0), 0);
+        plus.as_old_mut().size.copy_from_slice(b"+0000001000\0");
+        plus.set_cksum();
+        assert!(checked_gz(&Spec::default(), &one(&plus, &[0; 512])).contains("size is not octal"));
+        // pax and sparse members, another format's magic.
+        for (kind, what) in [
+            (tar::EntryType::XHeader, "kind 'x'"),
+            (tar::EntryType::GNUSparse, "kind 'S'"),
+        ] {
+            let h = header("./p", kind, "", (0, 0), 0);
+            let message = checked_gz(&Spec::default(), &one(&h, &[]));
+            assert!(message.contains(what), "{message}");
+        }
+        let ustar = tar::Header::new_ustar();
+        assert!(
+            checked_gz(&Spec::default(), &one(&ustar, &[])).contains("not in GNU tar's format")
+        );
+        // A checksum that does not match, an archive cut short.
+        let mut bad = header("./f", Regular, "", (0, 0), 0);
+        bad.as_old_mut().name[0] = b'X';
+        assert!(checked_gz(&Spec::default(), &one(&bad, &[])).contains("checksum"));
+        let cut = gzip(&tar_of(DEV));
+        assert!(checked_gz(&Spec::default(), &cut).contains("without its end-of-archive block"));
+        assert!(checked_gz(&Spec::default(), b"\x1f\x8b garbage").contains("read the archive"));
+    }
+
+    #[test]
+    fn long_names_are_read_as_gnu_tar_reads_them() {
+        // A GNU long name is a C string: GNU tar stops at its first NUL, and so does the check.
+        let mut tar = Vec::new();
+        let name = b"./sub/../../etc\0padding";
+        tar.extend_from_slice(
+            header(
+                "././@LongLink",
+                tar::EntryType::GNULongName,
+                "",
+                (0, 0),
+                name.len() as u64,
+            )
+            .as_bytes(),
+        );
+        let mut data = name.to_vec();
+        data.resize(512, 0);
+        tar.extend_from_slice(&data);
+        tar.extend_from_slice(header("./short", Regular, "", (0, 0), 0).as_bytes());
+        let message = checked_gz(&Spec::default(), &gzip(&end(tar)));
+        assert!(
+            message.contains("./sub/../../etc: not a plain relative path"),
+            "{message}"
+        );
+        // A long name of more than PATH_MAX is refused before it is read.
+        let huge = header(
+            "././@LongLink",
+            tar::EntryType::GNULongName,
+            "",
+            (0, 0),
+            1 << 20,
+        );
+        assert!(checked_gz(&Spec::default(), &one(&huge, &[])).contains("a long name of"));
+    }
+
+    #[test]
+    fn set_id_files_and_owner_names_are_refused() {
+        let mut setuid = header("./su", Regular, "", (0, 0), 0);
+        setuid.set_mode(0o4755);
+        setuid.set_cksum();
+        assert!(checked_gz(&Spec::default(), &one(&setuid, &[])).contains("set-user-ID"));
+        let mut named = header("./f", Regular, "", (0, 0), 0);
+        named.as_gnu_mut().unwrap().set_username("root").unwrap();
+        named.set_cksum();
+        assert!(checked_gz(&Spec::default(), &one(&named, &[])).contains("owner or group by name"));
     }
 
     #[test]
@@ -576,80 +709,19 @@ mod tests {
     }
 
     #[test]
-    fn set_id_files_and_owner_names_do_not_pass() {
-        let mut setuid = header("./su", Regular, "", (0, 0), 0);
-        setuid.set_mode(0o4755);
-        setuid.set_cksum();
-        let tar = end(setuid.as_bytes().to_vec());
-        let message = rewritten(&Spec::default(), &gzip(&tar)).unwrap_err();
-        assert!(message.contains("set-user-ID"), "{message}");
-        // GNU tar's extract (no --numeric-owner) would give a file named owner "root" uid 0:
-        // the name is not written again.
-        let mut named = header("./f", Regular, "", (0, 0), 0);
-        named.set_uid(1000);
-        named.as_gnu_mut().unwrap().set_username("root").unwrap();
-        named.set_cksum();
-        let out = rewritten(&Spec::default(), &gzip(&end(named.as_bytes().to_vec()))).unwrap();
-        let mut read = tar::Archive::new(flate2::read::GzDecoder::new(&out[..]));
-        let entry = read.entries().unwrap().next().unwrap().unwrap();
-        assert_eq!(entry.header().uid().unwrap(), 1000);
-        assert_eq!(entry.header().username().unwrap(), Some(""));
-    }
-
-    #[test]
-    fn rewrite_links_the_other_images_and_names_a_refused_archive() {
-        let images = tempfile::tempdir().unwrap();
-        fs::write(images.path().join("pages-1.img"), b"pages").unwrap();
-        fs::write(images.path().join("tmpfs-dev-70.tar.gz.img"), archive(DEV)).unwrap();
-        let scratch = rewrite(&Spec::default(), images.path(), None, || {
-            Ok(tempfile::tempdir()?)
-        })
-        .unwrap()
-        .expect("a directory for CRIU");
-        let pages = scratch.path().join("pages-1.img");
-        assert_eq!(
-            fs::read_link(&pages).unwrap(),
-            images.path().join("pages-1.img")
+    fn only_tmpfs_archives_are_read_and_a_bad_one_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        fs_write(&dir.path().join("pages-1.img"), b"not an archive");
+        fs_write(&dir.path().join("tmpfs-dev-70.tar.gz.img"), &archive(DEV));
+        check(&Spec::default(), dir.path()).unwrap();
+        fs_write(
+            &dir.path().join("tmpfs-dev-72.tar.gz.img"),
+            &archive(&[("./sda", Block, "", (8, 0))]),
         );
-        let dev = scratch.path().join("tmpfs-dev-70.tar.gz.img");
-        assert!(!fs::symlink_metadata(&dev).unwrap().file_type().is_symlink());
-        assert_eq!(gnu_tar_lists(&fs::read(&dev).unwrap()).len(), DEV.len());
-        assert_eq!(
-            fs::read_dir(scratch.path()).unwrap().count(),
-            2,
-            "a temporary file is left"
-        );
-        // Without a tmpfs archive there is nothing to write: CRIU reads the images as they are.
-        fs::remove_file(images.path().join("tmpfs-dev-70.tar.gz.img")).unwrap();
-        let none = rewrite(&Spec::default(), images.path(), None, || unreachable!()).unwrap();
-        assert!(none.is_none());
-
-        fs::write(
-            images.path().join("tmpfs-dev-72.tar.gz.img"),
-            archive(&[("./sda", Block, "", (8, 0))]),
-        )
-        .unwrap();
-        let message = format!(
-            "{:#}",
-            rewrite(&Spec::default(), images.path(), None, || Ok(
-                tempfile::tempdir()?
-            ))
-            .unwrap_err()
-        );
+        let message = format!("{:#}", check(&Spec::default(), dir.path()).unwrap_err());
         assert!(
             message.starts_with("the checkpoint's tmpfs archive tmpfs-dev-72.tar.gz.img: refused"),
             "{message}"
-        );
-        fs::write(
-            images.path().join("tmpfs-dev-72.tar.gz.img"),
-            b"\x1f\x8b garbage",
-        )
-        .unwrap();
-        assert!(
-            rewrite(&Spec::default(), images.path(), None, || Ok(
-                tempfile::tempdir()?
-            ))
-            .is_err()
         );
     }
 }
