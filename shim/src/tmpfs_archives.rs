@@ -17,7 +17,10 @@
 //!   earlier member that is a symbolic link; a member listed twice;
 //! - more than [`MAX_BYTES`] of tar, or anything but what GNU tar writes for a file system in
 //!   its default (GNU) format: no pax or sparse members, no data after a header that is not a
-//!   regular file's or a long name's, numbers only as octal digits.
+//!   regular file's or a long name's, numbers only as octal digits;
+//! - more than one gzip member, bytes after it, or a back-reference before its start (the
+//!   inflater is zlib-rs, which refuses those; `gzip -d` reads them from the window a member
+//!   before left).
 //!
 //! The walk is over the tar's 512-byte blocks as GNU tar reads them (this crate's own reading
 //! with the `tar` crate was not: where a directory's or a hard link's header claims data, GNU
@@ -30,7 +33,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -149,8 +152,8 @@ fn octal(field: &[u8]) -> Option<u64> {
 }
 
 /// A numeric field this check does not read (owner, time): octal, or GNU's base-256 (a first
-/// byte of 0x80 or 0xff). Anything else GNU tar refuses and then reads the next block as a
-/// header, while this walk would not.
+/// byte of 0x80 or 0xff). GNU tar reports anything else as an error (and the restore fails);
+/// refused here first.
 fn numeric(field: &[u8]) -> bool {
     octal(field).is_some() || matches!(field.first(), Some(0x80 | 0xff))
 }
@@ -194,12 +197,32 @@ fn data(reader: &mut impl Read, size: u64, keep: u64) -> anyhow::Result<Vec<u8>>
     Ok(kept)
 }
 
+/// Checks the gzipped tar `reader`: one gzip member (what `tar --gzip` writes), read to its end
+/// (its CRC and length checked), nothing after it. `gzip -d`, which `tar --gzip` runs, reads on
+/// into further members, and decodes a back-reference before a member's start from what the
+/// member before left in its window, where another inflater reads zeros: with one member and an
+/// inflater that refuses such references (zlib-rs), both read the same bytes.
 fn check_archive(allowed: &Allowed, reader: impl Read) -> anyhow::Result<()> {
-    // Every gzip member, as `gzip -d` (which `tar --gzip` runs) reads them: a second member
-    // would otherwise carry entries this check never sees. The bound is one byte past the
-    // limit, so that reaching it is told from ending at it.
-    let mut reader =
-        std::io::BufReader::new(flate2::read::MultiGzDecoder::new(reader).take(MAX_BYTES + 1));
+    let mut input = BufReader::new(reader);
+    {
+        let gz = flate2::bufread::GzDecoder::new(&mut input);
+        // One byte past the bound, so that reaching it is told from ending at it.
+        let mut tar = gz.take(MAX_BYTES + 1);
+        walk(allowed, &mut tar)?;
+        // What follows the end-of-archive block, to the member's end: GNU tar reads it too.
+        std::io::copy(&mut tar, &mut std::io::sink()).context("read the archive")?;
+        ensure!(tar.limit() > 0, "more than {MAX_BYTES} bytes of tar");
+    }
+    ensure!(
+        input.fill_buf().context("read the archive")?.is_empty(),
+        "data after the archive's gzip member"
+    );
+    Ok(())
+}
+
+/// Walks the tar's blocks from `reader` up to its end-of-archive block, as GNU tar reads them.
+fn walk(allowed: &Allowed, reader: &mut impl Read) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(reader);
     let mut seen = HashSet::new();
     let mut links = HashSet::new();
     let mut long_name: Option<Vec<u8>> = None;
@@ -559,7 +582,66 @@ mod tests {
         let mut two = gzip(&tar[..512]);
         two.extend(gzip(&tar[512..]));
         let message = checked_gz(&Spec::default(), &two);
-        assert!(message.contains("./sda: block device 8:0"), "{message}");
+        assert!(
+            message.contains("without its end-of-archive block"),
+            "{message}"
+        );
+        // A whole archive, then another member: CRIU's tar writes one.
+        let mut more = archive(DEV);
+        more.extend(gzip(&tar));
+        let message = checked_gz(&Spec::default(), &more);
+        assert!(
+            message.contains("data after the archive's gzip member"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_back_reference_before_the_members_start_is_refused() {
+        // gzip -d decodes it from its window (what a member before left there), another
+        // inflater as zeros: the two would read different tars. zlib-rs refuses it.
+        let dictionary = header("./sda", Block, "", (8, 0), 0).as_bytes().to_vec();
+        let mut deflate = flate2::Compress::new(flate2::Compression::best(), false);
+        deflate.set_dictionary(&dictionary).unwrap();
+        let tail = end(dictionary.clone());
+        let mut raw = Vec::with_capacity(4096);
+        deflate
+            .compress_vec(&tail, &mut raw, flate2::FlushCompress::Finish)
+            .unwrap();
+        let mut crc = flate2::Crc::new();
+        crc.update(&tail);
+        let mut member = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        member.extend_from_slice(&raw);
+        member.extend_from_slice(&crc.sum().to_le_bytes());
+        member.extend_from_slice(&(tail.len() as u32).to_le_bytes());
+        let message = checked_gz(&Spec::default(), &member);
+        assert!(message.contains("read the archive"), "{message}");
+        // The stream itself is sound: with the window it refers to, it inflates to the tar.
+        let mut inflate = flate2::Decompress::new(false);
+        inflate.set_dictionary(&dictionary).unwrap();
+        let mut out = Vec::with_capacity(tail.len() + 16);
+        inflate
+            .decompress_vec(&raw, &mut out, flate2::FlushDecompress::Finish)
+            .unwrap();
+        assert_eq!(out, tail);
+    }
+
+    #[test]
+    fn data_after_the_end_of_archive_is_read_and_after_the_member_refused() {
+        // Blocks after the end GNU tar ignores; the member's CRC still covers them.
+        let mut tar = end(tar_of(DEV));
+        tar.extend_from_slice(header("./sda", Block, "", (8, 0), 0).as_bytes());
+        assert_eq!(checked_gz(&Spec::default(), &gzip(&tar)), "ok");
+        let mut corrupt = archive(DEV);
+        let n = corrupt.len();
+        corrupt[n - 8] ^= 1; // the CRC
+        assert!(checked_gz(&Spec::default(), &corrupt).contains("read the archive"));
+        let mut trailing = archive(DEV);
+        trailing.extend_from_slice(b"junk");
+        assert!(
+            checked_gz(&Spec::default(), &trailing)
+                .contains("data after the archive's gzip member")
+        );
     }
 
     #[test]
