@@ -163,23 +163,22 @@ fn c_string(bytes: &[u8]) -> &[u8] {
     bytes.split(|b| *b == 0).next().unwrap_or_default()
 }
 
-/// Reads exactly one block, or `None` at the end of the stream.
-fn next_block(reader: &mut impl Read, block: &mut [u8; BLOCK]) -> anyhow::Result<bool> {
-    let mut filled = 0;
-    while filled < BLOCK {
-        match reader.read(&mut block[filled..]) {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => bail!("the archive ends inside a block"),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("read the archive"),
-        }
+/// Reads exactly one block, or `false` at the end of the stream.
+fn next_block(reader: &mut impl BufRead, block: &mut [u8; BLOCK]) -> anyhow::Result<bool> {
+    if reader.fill_buf().context("read the archive")?.is_empty() {
+        return Ok(false);
     }
-    Ok(true)
+    match reader.read_exact(block) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            bail!("the archive ends inside a block")
+        }
+        Err(e) => Err(e).context("read the archive"),
+    }
 }
 
 /// Reads the `size` bytes of data after a header (whole blocks), keeping at most `keep`.
-fn data(reader: &mut impl Read, size: u64, keep: u64) -> anyhow::Result<Vec<u8>> {
+fn data(reader: &mut impl BufRead, size: u64, keep: u64) -> anyhow::Result<Vec<u8>> {
     let mut kept = Vec::new();
     let mut left = size;
     let mut block = [0u8; BLOCK];
