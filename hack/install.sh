@@ -90,11 +90,14 @@ debian_orig() {
 # (join-userns-at-clone), rlimits of such tasks without CAP_SYS_RESOURCE (rlimits-from-proc),
 # their read-only sysfs where the host's is read-only (userns-mount-with-its-flags), no
 # conntrack dump of the pod's (external) netns without --tcp-established (external-netns-conntrack),
-# and a restored task joining its cgroup v1 hierarchies without the global lock (cgroup-v1-self-move).
+# a restored task joining its cgroup v1 hierarchies without the global lock (cgroup-v1-self-move),
+# no kernel probes in every CRIU that only `criu check` reads (check-only-probes), and its kernel
+# facts cached in RUNDIR=$CRIU_RUNDIR, made when missing (kdat-cache-dir; hack/node-up.sh mounts a
+# tmpfs there where /run is none, as CRIU keeps the cache only on a tmpfs).
 install_criu() {
 	local patches recipe
 	patches=$(cat "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch | sha256sum | cut -c1-12)
-	recipe="criu-$CRIU_VERSION-r2-$patches"
+	recipe="criu-$CRIU_VERSION-r3-$patches-rundir=$CRIU_RUNDIR"
 	stamp_ok criu "$recipe" && [ -x "$PODSNAP_BIN/criu" ] && return 0
 	local tarball="$PODSNAP_CACHE/src/criu_$CRIU_VERSION.orig.tar.xz" dir patch
 	debian_orig criu "$CRIU_VERSION" xz "$CRIU_ORIG_SHA256"
@@ -103,7 +106,7 @@ install_criu() {
 	for patch in "$PODSNAP_ROOT"/hack/criu-"$CRIU_VERSION"-*.patch; do
 		patch -d "$dir/criu-$CRIU_VERSION" -p1 --quiet <"$patch"
 	done
-	make -C "$dir/criu-$CRIU_VERSION" -j"$(nproc)" criu >/dev/null
+	make -C "$dir/criu-$CRIU_VERSION" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >/dev/null
 	install -m 0755 "$dir/criu-$CRIU_VERSION/criu/criu" "$PODSNAP_BIN/criu"
 	rm -rf "$dir"
 	"$PODSNAP_BIN/criu" --version

@@ -15,6 +15,10 @@ export PODSNAP_REGISTRY=127.0.0.1:5000
 
 # Pinned versions of everything built from source.
 export CRIU_VERSION=4.1.1
+# Where CRIU caches what it probed of the kernel (its RUNDIR, built in; kept only on a tmpfs).
+export CRIU_RUNDIR=/run/criu
+# The name of the tmpfs hack/node-up.sh mounts there where /run is no tmpfs.
+export CRIU_RUNDIR_TMPFS=podsnap-criu-cache
 export CONTAINERD_VERSION=v2.4.2
 export RUNC_VERSION=v1.3.7
 export CRI_TOOLS_VERSION=v1.37.0

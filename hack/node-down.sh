@@ -121,6 +121,10 @@ main() {
 	stop_shims
 	registry_down
 	unmount_leftovers
+	# The tmpfs node-up mounted for CRIU's kernel cache, and nothing else there.
+	if [ "$(findmnt -n -o SOURCE --mountpoint "$CRIU_RUNDIR" 2>/dev/null)" = "$CRIU_RUNDIR_TMPFS" ]; then
+		umount "$CRIU_RUNDIR" || log "warning: cannot unmount $CRIU_RUNDIR"
+	fi
 	delete_bridge
 	# No pod is left, so no address is allocated: drop host-local's records, and sockets.
 	rm -rf "$CNI_IPAM_DIR" "$CONTAINERD_TMPDIR"

@@ -201,9 +201,22 @@ start_podsnapd() {
 	die "podsnapd did not listen on $PODSNAPD_SOCK (see $PODSNAPD_LOG)"
 }
 
+# CRIU caches what it probed of the kernel in $CRIU_RUNDIR, and only on a tmpfs, so that a boot
+# drops it (hack/criu-4.1.1-kdat-cache-dir.patch). Where /run is a tmpfs, as on a systemd host,
+# CRIU makes the directory itself; where it is not (this VM), every CRIU would probe the kernel
+# again (about 8 ms), so the node mounts a small tmpfs there (node-down unmounts it).
+criu_cache_dir() {
+	[ "$(stat -f -c %T /run)" = tmpfs ] && return 0
+	mountpoint -q "$CRIU_RUNDIR" && return 0
+	[ -d "$CRIU_RUNDIR" ] || mkdir -m 0700 "$CRIU_RUNDIR"
+	mount -t tmpfs -o mode=0700,size=1m,nosuid,nodev,noexec "$CRIU_RUNDIR_TMPFS" "$CRIU_RUNDIR" ||
+		log "warning: cannot mount a tmpfs on $CRIU_RUNDIR: CRIU keeps no kernel cache"
+}
+
 main() {
 	check_tools
 	mkdir -p "$PODSNAP_NODE_RUN" "$PODSNAP_NODE_LIB"
+	criu_cache_dir
 	link_shim
 	registry_up
 	if [ "${PODSNAP_SKIP_IMAGES:-0}" != 1 ]; then

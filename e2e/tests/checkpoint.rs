@@ -2,7 +2,7 @@
 //! task checkpoint` (leave running, `--exit`), `ctr container checkpoint`/`restore` (memory,
 //! files, the count going on; a zombie child kept), a 256 MiB process restored with every page verified, CRI's
 //! `crictl checkpoint --export` read by the upstream `checkpointctl`, CRIU killed mid-dump and
-//! the checkpoint of a container that is not running. Run with
+//! the checkpoint of a container that is not running, and CRIU's kernel facts cached on a tmpfs. Run with
 //! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh`.
 
 #![forbid(unsafe_code)]
@@ -560,4 +560,43 @@ fn podsnap_checkpoint_of_a_container_that_is_not_running_fails_naming_it() {
         images.display()
     );
     let _ = node;
+}
+
+/// CRIU keeps what it probed of the kernel in its run directory (`CRIU_RUNDIR`, /run/criu in
+/// podsnap's build), and only on a tmpfs: the node mounts one there where /run is none (this
+/// VM), so that every CRIU after the first (each restore's, dump's and lazy-pages daemon's)
+/// loads the facts instead of probing the kernel again.
+#[test]
+fn criu_keeps_its_kernel_facts_cached_on_a_tmpfs() {
+    let node = Node::get();
+    let criu = std::env::var_os("PODSNAP_CRIU")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| node.crictl.with_file_name("criu"));
+    let rundir = std::env::var("CRIU_RUNDIR").unwrap_or_else(|_| "/run/criu".to_string());
+    let check = CommandLine::new(&criu)
+        .args(["check", "--feature", "uffd-noncoop"])
+        .timeout(Duration::from_secs(60))
+        .run()
+        .expect("run criu check");
+    assert!(check.success(), "{}", check.report());
+    let cache = Path::new(&rundir).join("criu.kdat");
+    let meta = std::fs::metadata(&cache).unwrap_or_else(|e| {
+        panic!(
+            "{} after `criu check`: {e} (is {rundir} a tmpfs? see hack/node-up.sh)",
+            cache.display()
+        )
+    });
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "{} is not private",
+        cache.display()
+    );
+    let fs = nix::sys::statfs::statfs(&cache).expect("statfs the kdat cache");
+    assert_eq!(
+        fs.filesystem_type(),
+        nix::sys::statfs::TMPFS_MAGIC,
+        "{} is not on a tmpfs: a boot would not drop it",
+        cache.display()
+    );
 }
