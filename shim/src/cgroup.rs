@@ -3,6 +3,7 @@
 //! (`io.containerd.cgroups.v1.Metrics`). Creating and removing the cgroup is libcontainer's job.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use containerd_shim::protos::cgroups::metrics::{
@@ -18,10 +19,23 @@ use oci_spec::runtime::{LinuxResources, Spec};
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The cgroup of one container, named by the spec's `cgroupsPath`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ContainerCgroup {
     pub path: PathBuf,
     container_id: String,
+    /// libcgroups' manager of it, made once and shared by every clone: making one reads the
+    /// mount table again for each controller and logs which cgroup version it found, which
+    /// every `Stats` call, freeze and update would otherwise pay again.
+    manager: Arc<OnceLock<AnyCgroupManager>>,
+}
+
+impl std::fmt::Debug for ContainerCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerCgroup")
+            .field("path", &self.path)
+            .field("container_id", &self.container_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ContainerCgroup {
@@ -30,16 +44,28 @@ impl ContainerCgroup {
         Self {
             path: libcontainer::utils::get_cgroup_path(&configured, container_id),
             container_id: container_id.to_string(),
+            manager: Arc::default(),
         }
     }
 
-    fn manager(&self) -> anyhow::Result<AnyCgroupManager> {
-        libcgroups::common::create_cgroup_manager(CgroupConfig {
+    fn manager(&self) -> anyhow::Result<&AnyCgroupManager> {
+        if let Some(manager) = self.manager.get() {
+            return Ok(manager);
+        }
+        let made = libcgroups::common::create_cgroup_manager(CgroupConfig {
             cgroup_path: self.path.clone(),
             systemd_cgroup: false,
             container_name: self.container_id.clone(),
         })
-        .with_context(|| format!("open cgroup {}", self.path.display()))
+        .with_context(|| format!("open cgroup {}", self.path.display()))?;
+        // Two threads may make one at once: the first kept is everyone's.
+        Ok(self.manager.get_or_init(|| made))
+    }
+
+    /// Makes libcgroups' manager of the cgroup now, so that the next call that needs it does
+    /// not wait for it; a failure is left to that call to report.
+    pub fn warm(&self) {
+        let _ = self.manager();
     }
 
     /// Every process in the cgroup.

@@ -486,6 +486,10 @@ impl Container {
             } else {
                 (None, None)
             };
+            // libcgroups' manager of the cgroup is made beside the checks (it only reads the
+            // mount table), not after them on the way to CRIU.
+            let warm = cgroup.clone();
+            let warming = tokio::task::spawn_blocking(move || warm.warm());
             let (checked_id, checked_grant, checked_spec) =
                 (id.clone(), grant.clone(), spec.clone());
             let log_id = id.clone();
@@ -579,6 +583,7 @@ impl Container {
                         "container {error_id}: cannot restore: {e:#}"
                     ))
                 })?;
+            let _ = warming.await;
             let restored_id = id.clone();
             let restored = tokio::task::spawn_blocking(move || {
                 if let Some(grant) = &grant {
