@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::unix::fs::DirBuilderExt;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -455,7 +456,9 @@ fn podsnap_crictl_stats_reports_memory_and_cpu_of_a_running_container() {
     assert_nothing_left(node, &footprint);
 }
 
-/// SIGKILLs the pod's shim while a container runs, then `crictl rmp -f` must clean up.
+/// Where a podsnap shim expands a compressed checkpoint's page images for a restore.
+const SCRATCH_ROOT: &str = "/var/lib/podsnap/scratch";
+
 /// SIGKILLs the shim serving `pod` and waits until it is gone.
 fn kill_shim(handler: Handler, pod: &Pod) {
     let shim = serving_shim(handler, &pod.id)
@@ -471,14 +474,62 @@ fn kill_shim(handler: Handler, pod: &Pod) {
     );
 }
 
+/// SIGKILLs the pod's shim while a container runs, then `crictl rmp -f` must clean up, a
+/// podsnap shim's scratch directory of page images included.
 fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
     let node = Node::get();
     let mut pod = Pod::run(handler, "shim-killed");
     let c = pod.run_container(&ContainerConfig::shell("victim", "exec sleep 600"));
     wait_for_state(node, &c, "CONTAINER_RUNNING");
+    // What a podsnap shim killed mid-restore leaves: its scratch directory of expanded page
+    // images (the pod's memory), named by the shim (pid and start time).
+    // One named by a process that runs (this test) must stay.
+    let scratch = (handler == Handler::Podsnap).then(|| {
+        let shim = serving_shim(handler, &pod.id).expect("the pod's shim");
+        let root = std::path::Path::new(SCRATCH_ROOT);
+        if !root.exists() {
+            std::fs::DirBuilder::new().mode(0o700).create(root).unwrap();
+        }
+        let plant = |pid: u32, what: &str| {
+            let dir = root.join(format!("restore-{pid}-{}-e2e-{what}", start_time(pid)));
+            std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+            std::fs::write(dir.join("pages-1.img"), b"the pod's memory").unwrap();
+            dir
+        };
+        (
+            plant(shim.pid as u32, "dead"),
+            plant(std::process::id(), "live"),
+        )
+    });
     kill_shim(handler, &pod);
     let footprint = pod.force_remove();
     assert_nothing_left(node, &footprint);
+    if let Some((dead, live)) = scratch {
+        // containerd runs the shim binary's `delete` after a dead shim, which sweeps them.
+        wait_for(
+            format_args!("{} to be removed", dead.display()),
+            LIVENESS,
+            || {
+                if dead.exists() {
+                    Err(format!("{} is still there", dead.display()))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        let kept = live.join("pages-1.img").exists();
+        std::fs::remove_dir_all(&live).unwrap();
+        assert!(kept, "{} of a running process was removed", live.display());
+    }
+}
+
+/// The start time of process `pid` (clock ticks since boot, field 22 of its stat).
+fn start_time(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .expect("a start time")
+        .to_string()
 }
 
 #[test]

@@ -40,9 +40,6 @@ pub fn spec_annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a String> {
     spec.annotations().as_ref().and_then(|a| a.get(key))
 }
 
-/// Where compressed checkpoints are expanded for a restore (on disk, not in memory).
-pub const SCRATCH_ROOT: &str = "/var/lib/podsnap/scratch";
-
 /// How long a process's output may take to drain after it exits.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -542,10 +539,7 @@ impl Container {
                         );
                     }
                     let scratch = if podsnap_checkpoint_format::pages::is_compressed(&checkpoint) {
-                        checkpoint::private_dir(Path::new(SCRATCH_ROOT))?;
-                        let dir = tempfile::Builder::new()
-                            .prefix("restore-")
-                            .tempdir_in(SCRATCH_ROOT)?;
+                        let dir = crate::scratch::create(Path::new(crate::scratch::ROOT))?;
                         podsnap_checkpoint_format::pages::expand_into(&checkpoint, dir.path())?;
                         Some(dir)
                     } else {

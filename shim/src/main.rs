@@ -23,6 +23,7 @@
 //! | [`rootfs_diff`], [`volumes`] | the writable layer and emptyDir volumes: captured and unpacked through directory descriptors |
 //! | [`restore_policy`] | what a checkpoint may not make a restore do: credentials and mounts checked against the new spec |
 //! | [`tmpfs_archives`] | CRIU's tmpfs archives (a container's `/dev`): no device the new spec does not give, no name leaving the tmpfs |
+//! | [`scratch`] | a restore's expanded page images, removed when their shim no longer runs |
 //! | [`info`] | the runtime's features for containerd (`containerd-shim-podsnap-v2 -info`) |
 //!
 //! The format of what is written (CRIU images aside) belongs to `podsnap-checkpoint-format`.
@@ -38,6 +39,7 @@ mod oom;
 mod pod_checkpoint;
 mod restore_policy;
 mod rootfs_diff;
+mod scratch;
 mod service;
 mod stdio;
 mod task;

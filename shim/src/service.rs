@@ -87,6 +87,8 @@ impl Shim for Service {
                 .unwrap_or_else(|| "rootfs".into());
             unmount_rootfs(&bundle.join(root));
             let _ = std::fs::remove_file(podsnap_pod_api::socket_path(&id));
+            // A shim that died mid-restore left its expanded page images: the pod's memory.
+            crate::scratch::sweep(Path::new(crate::scratch::ROOT));
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
