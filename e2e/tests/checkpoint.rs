@@ -573,13 +573,33 @@ fn criu_keeps_its_kernel_facts_cached_on_a_tmpfs() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| node.crictl.with_file_name("criu"));
     let rundir = std::env::var("CRIU_RUNDIR").unwrap_or_else(|_| "/run/criu".to_string());
-    let check = CommandLine::new(&criu)
-        .args(["check", "--feature", "uffd-noncoop"])
-        .timeout(Duration::from_secs(60))
-        .run()
-        .expect("run criu check");
-    assert!(check.success(), "{}", check.report());
+    let work = private_dir("kdat");
+    let check = |log: &str| {
+        let check = CommandLine::new(&criu)
+            .arg("check")
+            .arg("-W")
+            .arg(work.path())
+            .args(["-v4", "-o", log])
+            .timeout(Duration::from_secs(60))
+            .run()
+            .expect("run criu check");
+        assert!(check.success(), "{}", check.report());
+        std::fs::read_to_string(work.path().join(log)).expect("criu check's log")
+    };
+    // The first may probe (no cache yet, or a stale one); the second must load the cache.
+    check("first.log");
     let cache = Path::new(&rundir).join("criu.kdat");
+    let second = check("second.log");
+    let loaded = format!("Loaded kdat cache from {}", cache.display());
+    assert!(
+        second.contains(&loaded),
+        "a second `criu check` did not log {loaded:?}:\n{}",
+        second
+            .lines()
+            .filter(|l| l.contains("kdat"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let meta = std::fs::metadata(&cache).unwrap_or_else(|e| {
         panic!(
             "{} after `criu check`: {e} (is {rundir} a tmpfs? see hack/node-up.sh)",
