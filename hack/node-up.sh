@@ -206,6 +206,8 @@ start_podsnapd() {
 # CRIU makes the directory itself; where it is not (this VM), every CRIU would probe the kernel
 # again (about 8 ms), so the node mounts a small tmpfs there (node-down unmounts it).
 criu_cache_dir() {
+	# A temporary file a killed CRIU left would keep every later one from saving the cache.
+	rm -f "$CRIU_RUNDIR/criu.kdat.tmp"
 	[ "$(stat -f -c %T /run)" = tmpfs ] && return 0
 	mountpoint -q "$CRIU_RUNDIR" && return 0
 	[ -d "$CRIU_RUNDIR" ] || mkdir -m 0700 "$CRIU_RUNDIR"
