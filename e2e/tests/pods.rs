@@ -487,9 +487,11 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
     let scratch = (handler == Handler::Podsnap).then(|| {
         let shim = serving_shim(handler, &pod.id).expect("the pod's shim");
         let root = std::path::Path::new(SCRATCH_ROOT);
-        if !root.exists() {
-            std::fs::DirBuilder::new().mode(0o700).create(root).unwrap();
-        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .unwrap();
         let plant = |pid: u32, what: &str| {
             let dir = root.join(format!("restore-{pid}-{}-e2e-{what}", start_time(pid)));
             std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
@@ -517,10 +519,37 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
                 }
             },
         );
+        // The sweep that removed it may not have looked at the live one yet: wait for every
+        // `delete` of the shim binary to end first.
+        wait_for("the shims' deletes to end", LIVENESS, || {
+            let deleting = shim_deletes();
+            if deleting.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still running: {deleting:?}"))
+            }
+        });
         let kept = live.join("pages-1.img").exists();
         std::fs::remove_dir_all(&live).unwrap();
         assert!(kept, "{} of a running process was removed", live.display());
     }
+}
+
+/// The pids of processes running `containerd-shim-podsnap-v2 ... delete`.
+fn shim_deletes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.first()
+                    .is_some_and(|a| a.ends_with(b"containerd-shim-podsnap-v2"))
+                    && args.contains(&&b"delete"[..])
+            })
+        })
+        .collect()
 }
 
 /// The start time of process `pid` (clock ticks since boot, field 22 of its stat).

@@ -3,10 +3,11 @@
 //! that made it. Each is named by its shim (`restore-<pid>-<start time>-XXXXXX` under
 //! [`ROOT`]: the pid and that process's start time, in clock ticks since boot), and one whose
 //! shim no longer runs (it crashed or was killed mid-restore) is removed by the next shim that
-//! restores a compressed checkpoint, or that containerd runs to clean up after a dead one
-//! (`delete`).
+//! restores a compressed checkpoint, that starts, or that containerd runs to clean up after a
+//! dead one (`delete`). One made before the host last booted is gone too, whatever its name.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -36,11 +37,21 @@ pub fn create(root: &Path) -> anyhow::Result<tempfile::TempDir> {
 /// first renamed to a trash name (at once), then removed, so that a sweep cut short (the `delete`
 /// containerd runs has a few seconds) leaves trash the next sweep removes, never a directory
 /// that looks made by a live shim. One whose name does not say its shim (made by a shim before
-/// this naming) is left alone.
+/// this naming) goes only if it was made before the host last booted. Nothing goes when this
+/// process cannot read its own entry in /proc (no /proc, or another pid namespace's): every
+/// shim would look gone.
 pub fn sweep(root: &Path) -> usize {
+    if procfs::process::Process::myself()
+        .and_then(|p| p.stat())
+        .is_err()
+    {
+        log::warn!("cannot read this process in /proc: scratch directories are not swept");
+        return 0;
+    }
     let Ok(entries) = fs::read_dir(root) else {
         return 0;
     };
+    let booted = procfs::boot_time_secs().ok();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -50,12 +61,19 @@ pub fn sweep(root: &Path) -> usize {
         let trash = if name.starts_with(TRASH) {
             entry.path()
         } else {
-            let Some((pid, start)) = owner(name) else {
-                continue;
-            };
-            if !gone(pid, start) {
+            if !name.starts_with(PREFIX) {
                 continue;
             }
+            let before_boot = booted.is_some_and(|booted| {
+                entry
+                    .metadata()
+                    .is_ok_and(|m| u64::try_from(m.ctime()).is_ok_and(|ctime| ctime < booted))
+            });
+            let owner = owner(name);
+            if !before_boot && !owner.is_some_and(|(pid, start)| gone(pid, start)) {
+                continue;
+            }
+            let pid = owner.map_or_else(|| "unknown".to_string(), |(pid, _)| pid.to_string());
             let trash = root.join(format!("{TRASH}{name}"));
             match fs::rename(entry.path(), &trash) {
                 Ok(()) => {}
@@ -72,7 +90,12 @@ pub fn sweep(root: &Path) -> usize {
             );
             trash
         };
-        match fs::remove_dir_all(&trash) {
+        let removal = if trash.is_dir() {
+            fs::remove_dir_all(&trash)
+        } else {
+            fs::remove_file(&trash)
+        };
+        match removal {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => log::warn!("cannot remove {}: {e}", trash.display()),
@@ -145,6 +168,9 @@ mod tests {
         assert_eq!(sweep(root.path()), 1, "a zombie's directory goes");
         assert!(!gone.exists());
         child.wait().unwrap();
+        fs::create_dir(&gone).unwrap();
+        assert_eq!(sweep(root.path()), 1, "a reaped process's directory goes");
+        assert!(!gone.exists());
         // This process, but started at another time: a reused pid.
         let reused = root
             .path()

@@ -68,6 +68,11 @@ impl Shim for Service {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // First, whatever else fails or runs out of time: a shim that died mid-restore left its
+        // expanded page images, the pod's memory.
+        tokio::task::spawn_blocking(|| crate::scratch::sweep(Path::new(crate::scratch::ROOT)))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?;
         let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         let id = self.id.clone();
         let state_dir = Path::new(STATE_ROOT).join(&self.namespace).join(&id);
@@ -87,8 +92,6 @@ impl Shim for Service {
                 .unwrap_or_else(|| "rootfs".into());
             unmount_rootfs(&bundle.join(root));
             let _ = std::fs::remove_file(podsnap_pod_api::socket_path(&id));
-            // A shim that died mid-restore left its expanded page images: the pod's memory.
-            crate::scratch::sweep(Path::new(crate::scratch::ROOT));
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
@@ -104,6 +107,8 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> PodTask {
+        // Scratch directories of shims that died (a host that crashed runs no `delete` for them).
+        tokio::task::spawn_blocking(|| crate::scratch::sweep(Path::new(crate::scratch::ROOT)));
         let (events_tx, mut events_rx): (crate::task::EventSender, _) = mpsc::unbounded_channel();
         let namespace = self.namespace.clone();
         tokio::spawn(async move {
