@@ -1,9 +1,10 @@
 //! Container checkpoint and restore through containerd's own paths on the podsnap shim: `ctr
 //! task checkpoint` (leave running, `--exit`), `ctr container checkpoint`/`restore` (memory,
 //! files, the count going on; a zombie child kept), a 256 MiB process restored with every page verified, CRI's
-//! `crictl checkpoint --export` read by the upstream `checkpointctl`, CRIU killed mid-dump and
-//! the checkpoint of a container that is not running, and CRIU's kernel facts cached on a tmpfs. Run with
-//! `cargo test -p podsnap-e2e -- --test-threads=1` against a node from `hack/node-up.sh`.
+//! `crictl checkpoint --export` read by the upstream `checkpointctl`, CRIU killed mid-dump,
+//! the checkpoint of a container that is not running, and CRIU's kernel facts cached on a
+//! tmpfs. Run with `cargo test -p podsnap-e2e -- --test-threads=1` against a node from
+//! `hack/node-up.sh`.
 
 #![forbid(unsafe_code)]
 

@@ -535,20 +535,19 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
     }
 }
 
-/// The pids of processes running `containerd-shim-podsnap-v2 ... delete`.
-fn shim_deletes() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                args.first()
-                    .is_some_and(|a| a.ends_with(b"containerd-shim-podsnap-v2"))
-                    && args.contains(&&b"delete"[..])
-            })
+/// The processes running the podsnap shim binary's `delete`.
+fn shim_deletes() -> Vec<String> {
+    podsnap_e2e::leaks::host_processes()
+        .into_iter()
+        .filter(|p| {
+            p.argv.first().is_some_and(|exe| {
+                std::path::Path::new(exe)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    == Some(Handler::Podsnap.shim_binary())
+            }) && p.argv.iter().any(|a| a == "delete")
         })
+        .map(|p| p.to_string())
         .collect()
 }
 
