@@ -665,6 +665,174 @@ fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
         })
 }
 
+/// When [`kill_the_lazy_daemon`] SIGKILLs the daemon.
+#[derive(Clone, Copy, Debug)]
+enum DaemonKill {
+    /// As soon as it listens: the shim's relay (most likely) has not connected yet.
+    AsSoonAsItListens,
+    /// Stopped as soon as it listens, killed once the relay's connection waits in its queue:
+    /// CRIU is (most likely) still making the tasks, which the shim kills as they appear.
+    OnceTheRelayConnects,
+    /// Stopped as soon as it listens, killed once a process of the container exists (a task
+    /// CRIU restores, whose restorer waits for a page).
+    OnceATaskWaits,
+}
+
+/// Restores a lazy replica named `name` from `checkpoint`, starts it and SIGKILLs its daemon
+/// `when`: the start fails naming the daemon, or the replica is killed (137); either way it
+/// never runs on, the shim says so, and no daemon is left.
+fn kill_the_lazy_daemon(ws: &mut Workspace, checkpoint: &Path, name: &str, when: DaemonKill) {
+    let node = Node::get();
+    let restored = restore_lazily(ws, checkpoint, name, false);
+    ws.pods.push(restored.clone());
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let watcher = {
+        let checkpoint = checkpoint.to_path_buf();
+        let hog = hog.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + LIVENESS;
+            let mut seen = Vec::new();
+            let daemon = loop {
+                let daemons = lazy_daemons(&checkpoint);
+                if let Some(daemon) = daemons.iter().find(|d| lazy_daemon_listens(d)) {
+                    break daemon.pid;
+                }
+                for daemon in daemons {
+                    if !seen.contains(&daemon.to_string()) {
+                        seen.push(daemon.to_string());
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("daemons seen, none listening: {seen:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let stopped = match when {
+                DaemonKill::AsSoonAsItListens => None,
+                DaemonKill::OnceTheRelayConnects => {
+                    let stopped = Stopped::pid(daemon, Some("criu"));
+                    while !lazy_daemon_has_a_connection_queued(daemon) {
+                        if Instant::now() > deadline {
+                            return Err("the shim's relay never connected".to_string());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Some(stopped)
+                }
+                DaemonKill::OnceATaskWaits => {
+                    let stopped = Stopped::pid(daemon, Some("criu"));
+                    while processes_of_container(&hog).is_empty() {
+                        if Instant::now() > deadline {
+                            return Err("no restored task appeared".to_string());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Some(stopped)
+                }
+            };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .map_err(|e| format!("SIGKILL the lazy-pages daemon {daemon}: {e}"))?;
+            drop(stopped);
+            Ok(())
+        })
+    };
+    let started = node.crictl_try(["start", &hog]);
+    watcher
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{when:?}: {e}"));
+    // Either the restore failed (the daemon died under its restorer) or the replica ran and
+    // was killed: never a replica running on.
+    wait_for("the replica to be stopped", LIVENESS, || {
+        match node.container_state(&hog).as_str() {
+            "CONTAINER_RUNNING" => Err("running".to_string()),
+            _ => Ok(()),
+        }
+    });
+    if started.success() {
+        let inspect = node.crictl(["inspect", &hog]);
+        let status: serde_json::Value =
+            serde_json::from_str(&inspect).expect("crictl inspect JSON");
+        assert_eq!(
+            status["status"]["exitCode"], 137,
+            "{when:?}: the replica was not killed: {}",
+            status["status"]
+        );
+    } else {
+        assert!(
+            started.stderr.contains("lazy-pages daemon"),
+            "{when:?}: the failed start does not name the daemon: {}\n{}",
+            started.report(),
+            node.log_excerpt(&[&hog])
+        );
+    }
+    wait_for("the shim to report the daemon's death", LIVENESS, || {
+        if log_lines(node, &hog, "exited with 137").is_empty() {
+            Err(node.log_excerpt(&[&hog]))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(
+        lazy_daemons(checkpoint).is_empty(),
+        "{when:?}: a daemon was left"
+    );
+    assert!(
+        processes_of_container(&hog).is_empty(),
+        "{when:?}: a process of the replica was left"
+    );
+    ws.remove_pod(&restored);
+}
+
+/// The host's processes in a cgroup of the container `id` (its name is in their cgroup path).
+fn processes_of_container(id: &str) -> Vec<i32> {
+    host_processes()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
+                .is_ok_and(|cgroups| cgroups.contains(id))
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Whether a connection waits in the queue of the daemon's listening socket: an entry of
+/// `/proc/net/unix` with the listener's name that is not the listener (a connection not yet
+/// accepted carries its name).
+fn lazy_daemon_has_a_connection_queued(daemon: i32) -> bool {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let entries: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 8)
+        .collect();
+    let Some(listener) = entries
+        .iter()
+        .find(|f| f[3] == "00010000" && inodes.iter().any(|i| i == f[6]))
+    else {
+        return false;
+    };
+    entries
+        .iter()
+        .any(|f| f[7] == listener[7] && f[6] != listener[6])
+}
+
 /// `podsnap pod restore` of the hog alone from `checkpoint`, lazily, started if `start`.
 fn restore_lazily(ws: &Workspace, checkpoint: &Path, name: &str, start: bool) -> String {
     let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique(name));
@@ -697,12 +865,12 @@ fn log_lines(node: &Node, container: &str, needle: &str) -> Vec<String> {
 }
 
 /// Lazy restore (`podsnap.io/lazy-restore=true`): a replica of the 1 GiB hog runs while its
-/// memory streams in from CRIU's lazy-pages daemon, and memtest finds every word intact. A second
-/// replica's daemon is stopped before it serves a page, memtest touches its memory (and waits
-/// for pages that do not come), then the daemon is SIGKILLed: the shim kills the replica, which
-/// never runs on the zeros the kernel would hand out once nobody serves its memory. A third
-/// replica, from a page image changed in place, is killed once its pages are hashed. No daemon
-/// is left any time, and removing each pod leaves nothing behind.
+/// memory streams in from CRIU's lazy-pages daemon, and memtest finds every word intact. Two
+/// replicas' daemons are SIGKILLed before they serve a page, one as soon as it listens, one
+/// stopped until a restored task waits for its memory: the shim fails the restore or kills the
+/// replica, which never runs on the zeros the kernel would hand out once nobody serves its
+/// memory. A last replica, from a page image changed in place, is killed once its pages are
+/// hashed. No daemon is left any time, and removing each pod leaves nothing behind.
 #[test]
 fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not_its_memory() {
     let node = Node::get();
@@ -740,89 +908,20 @@ fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not
     assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
     ws.remove_pod(&restored);
 
-    // The second replica: its daemon stopped as soon as it listens, before the restore that
-    // started it reaches CRIU. CRIU's restorer itself reads lazy memory, so the restore waits
-    // for the stopped daemon; then the daemon is SIGKILLed.
-    let stopper = {
-        let checkpoint = checkpoint.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + LIVENESS;
-            let mut seen = Vec::new();
-            loop {
-                let daemons = lazy_daemons(&checkpoint);
-                if let Some(daemon) = daemons.iter().find(|d| lazy_daemon_listens(d)) {
-                    return Ok(Stopped::pid(daemon.pid, Some("criu")));
-                }
-                for daemon in daemons {
-                    let seen_before = seen.iter().any(|s: &String| s == &daemon.to_string());
-                    if !seen_before {
-                        seen.push(daemon.to_string());
-                    }
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("daemons seen, none listening: {seen:?}"));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
-    let restored = restore_lazily(&ws, &checkpoint, "lazy-killed", false);
-    ws.pods.push(restored.clone());
-    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
-    let start = {
-        let hog = hog.clone();
-        std::thread::spawn(move || Node::get().crictl_try(["start", &hog]))
-    };
-    let stopped = stopper
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("no lazy-pages daemon listened: {e}"));
-    let daemon = lazy_daemons(&checkpoint)
-        .into_iter()
-        .next()
-        .expect("the stopped daemon");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL the lazy-pages daemon");
-    drop(stopped);
-    let started = start.join().unwrap();
-    // Either the restore failed (the daemon died under its restorer) or the replica ran and
-    // was killed: never a replica running on.
-    wait_for("the replica to be stopped", LIVENESS, || {
-        match node.container_state(&hog).as_str() {
-            "CONTAINER_RUNNING" => Err("running".to_string()),
-            _ => Ok(()),
-        }
-    });
-    if started.success() {
-        let inspect = node.crictl(["inspect", &hog]);
-        let status: serde_json::Value =
-            serde_json::from_str(&inspect).expect("crictl inspect JSON");
-        assert_eq!(
-            status["status"]["exitCode"], 137,
-            "the replica was not killed: {}",
-            status["status"]
-        );
-    } else {
-        assert!(
-            started.stderr.contains("lazy-pages daemon"),
-            "the failed start does not name the daemon: {}",
-            started.report()
-        );
+    // Three replicas whose daemons die before they serve a page: killed as soon as it listens
+    // (before the shim's relay reaches it); stopped, and killed once the relay reached it
+    // (while CRIU makes the tasks, which must not wait forever for memory nobody serves);
+    // stopped, so that CRIU's restorer (which itself reads lazy memory) waits for it, and
+    // killed once a restored task exists.
+    for (name, when) in [
+        ("lazy-killed", DaemonKill::AsSoonAsItListens),
+        ("lazy-reached", DaemonKill::OnceTheRelayConnects),
+        ("lazy-stopped", DaemonKill::OnceATaskWaits),
+    ] {
+        kill_the_lazy_daemon(&mut ws, &checkpoint, name, when);
     }
-    wait_for("the shim to report the daemon's death", LIVENESS, || {
-        if log_lines(node, &hog, "exited with 137").is_empty() {
-            Err(node.log_excerpt(&[&hog]))
-        } else {
-            Ok(())
-        }
-    });
-    assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
-    ws.remove_pod(&restored);
 
-    // A third replica from a page image changed in place (one byte, same size): a lazy restore
+    // A last replica from a page image changed in place (one byte, same size): a lazy restore
     // hashes the page images only while they stream in, so the replica may start, but it is
     // killed once its page image is found not to be the manifest's.
     let pages: Vec<_> = std::fs::read_dir(checkpoint.join("hog/checkpoint"))

@@ -940,6 +940,10 @@ fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
     )
 }
 
+/// How often a lazy restore whose daemon died kills the container's processes again while the
+/// restore is still under way (CRIU may add tasks after a kill).
+const LAZY_KILL_AGAIN: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Watches a lazy restore's daemon from its start (`daemon` brings its pid; never, if the
 /// restore failed first) to its exit. If it fails, during the restore or after, every process
 /// of the container is killed before any can read a page that will never arrive; then the
@@ -948,7 +952,7 @@ async fn watch_lazy_restore(
     id: String,
     mut exits: containerd_shim::asynchronous::monitor::Subscription,
     daemon: tokio::sync::oneshot::Receiver<(i32, std::os::fd::OwnedFd)>,
-    session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
+    mut session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
     cgroup: ContainerCgroup,
 ) {
     use containerd_shim::asynchronous::monitor::monitor_unsubscribe;
@@ -970,16 +974,27 @@ async fn watch_lazy_restore(
     let _ = monitor_unsubscribe(exits.id).await;
     // A monitor that stopped sending never saw the daemon exit: treat it as a failure.
     let exit_code = exit_code.unwrap_or(-1);
-    if exit_code != 0 {
-        // The restore may still be under way, its restorer waiting for a page.
-        let killed = cgroup.clone();
-        let _ = tokio::task::spawn_blocking(move || checkpoint::lazy::kill_all(&killed)).await;
+    let session = if exit_code != 0 {
         log::error!(
             "container {id}: its lazy-pages daemon (pid {daemon}) exited with {exit_code}: its \
-             processes were killed"
+             processes are killed"
         );
-    }
-    let Ok(session) = session.await else {
+        // The restore may still be under way: its restorer waiting for a page, or CRIU still
+        // making tasks, which would wait for pages forever (their userfaultfds are held) and
+        // CRIU for them. So every process of the container is killed again until the restore
+        // ended, one way or the other.
+        loop {
+            let killed = cgroup.clone();
+            let _ = tokio::task::spawn_blocking(move || checkpoint::lazy::kill_all(&killed)).await;
+            match tokio::time::timeout(LAZY_KILL_AGAIN, &mut session).await {
+                Ok(ended) => break ended,
+                Err(_elapsed) => {}
+            }
+        }
+    } else {
+        session.await
+    };
+    let Ok(session) = session else {
         log::warn!(
             "container {id}: its restore failed; its lazy-pages daemon (pid {daemon}) exited \
              with {exit_code}"
