@@ -711,7 +711,11 @@ fn kill_the_lazy_daemon(ws: &mut Workspace, checkpoint: &Path, name: &str, when:
                 DaemonKill::AsSoonAsItListens => None,
                 DaemonKill::OnceTheRelayConnects => {
                     let stopped = Stopped::pid(daemon, Some("criu"));
-                    while !lazy_daemon_has_a_connection_queued(daemon) {
+                    // (Or a task exists already: the daemon accepted the relay before it
+                    // was stopped.)
+                    while !lazy_daemon_has_a_connection_queued(daemon)
+                        && processes_of_container(&hog).is_empty()
+                    {
                         if Instant::now() > deadline {
                             return Err("the shim's relay never connected".to_string());
                         }
