@@ -670,7 +670,7 @@ fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
 enum DaemonKill {
     /// As soon as it listens: the shim's relay (most likely) has not connected yet.
     AsSoonAsItListens,
-    /// Stopped as soon as it listens, killed once the relay's connection waits in its queue:
+    /// Stopped as soon as it listens, killed once the relay's connection reached it:
     /// CRIU is (most likely) still making the tasks, which the shim kills as they appear.
     OnceTheRelayConnects,
     /// Stopped as soon as it listens, killed once a process of the container exists (a task
@@ -711,11 +711,7 @@ fn kill_the_lazy_daemon(ws: &mut Workspace, checkpoint: &Path, name: &str, when:
                 DaemonKill::AsSoonAsItListens => None,
                 DaemonKill::OnceTheRelayConnects => {
                     let stopped = Stopped::pid(daemon, Some("criu"));
-                    // (Or a task exists already: the daemon accepted the relay before it
-                    // was stopped.)
-                    while !lazy_daemon_has_a_connection_queued(daemon)
-                        && processes_of_container(&hog).is_empty()
-                    {
+                    while !lazy_daemon_was_reached(daemon) {
                         if Instant::now() > deadline {
                             return Err("the shim's relay never connected".to_string());
                         }
@@ -803,10 +799,10 @@ fn processes_of_container(id: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Whether a connection waits in the queue of the daemon's listening socket: an entry of
-/// `/proc/net/unix` with the listener's name that is not the listener (a connection not yet
-/// accepted carries its name).
-fn lazy_daemon_has_a_connection_queued(daemon: i32) -> bool {
+/// Whether a connection reached the daemon's listening socket: an entry of `/proc/net/unix`
+/// with the listener's name that is no listener (the kernel gives a connection's server end the
+/// listener's name, in its queue and after it was accepted).
+fn lazy_daemon_was_reached(daemon: i32) -> bool {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
         .map(|dir| {
             dir.flatten()
@@ -834,7 +830,7 @@ fn lazy_daemon_has_a_connection_queued(daemon: i32) -> bool {
     };
     entries
         .iter()
-        .any(|f| f[7] == listener[7] && f[6] != listener[6])
+        .any(|f| f[7] == listener[7] && f[3] != "00010000")
 }
 
 /// `podsnap pod restore` of the hog alone from `checkpoint`, lazily, started if `start`.

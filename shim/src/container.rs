@@ -464,7 +464,7 @@ impl Container {
         Ok(async move {
             // A lazy restore's daemon is a child of the shim, reaped by its reaper: its exit is
             // watched from before it starts, through the restore and after.
-            let (daemon_started, session_ready) = if lazy {
+            let (daemon_started, session_ready, restore_ended) = if lazy {
                 let exits = containerd_shim::asynchronous::monitor::monitor_subscribe(
                     containerd_shim::monitor::Topic::Pid,
                 )
@@ -472,16 +472,24 @@ impl Container {
                 .map_err(|e| Error::internal(format!("container {id}: watch exits: {e}")))?;
                 let (daemon_started, daemon) = tokio::sync::oneshot::channel();
                 let (session_ready, session) = tokio::sync::oneshot::channel();
+                // Never sent: dropped when the restore's thread ends, whatever becomes of this
+                // future (a Start whose caller gave up drops it while CRIU still runs).
+                let (restore_ended, ended) = tokio::sync::oneshot::channel::<()>();
                 tokio::spawn(watch_lazy_restore(
                     id.clone(),
                     exits,
                     daemon,
+                    ended,
                     session,
                     cgroup.clone(),
                 ));
-                (Some(daemon_started), Some(session_ready))
+                (
+                    Some(daemon_started),
+                    Some(session_ready),
+                    Some(restore_ended),
+                )
             } else {
-                (None, None)
+                (None, None, None)
             };
             // libcgroups' manager of the cgroup is made beside the checks (it only reads the
             // mount table), not after them on the way to CRIU.
@@ -580,6 +588,7 @@ impl Container {
             let _ = warming.await;
             let restored_id = id.clone();
             let restored = tokio::task::spawn_blocking(move || {
+                let _ended = restore_ended;
                 if let Some(grant) = &grant {
                     // A container of a pod checkpoint: the pod's emptyDir volumes first.
                     let started = std::time::Instant::now();
@@ -952,7 +961,8 @@ async fn watch_lazy_restore(
     id: String,
     mut exits: containerd_shim::asynchronous::monitor::Subscription,
     daemon: tokio::sync::oneshot::Receiver<(i32, std::os::fd::OwnedFd)>,
-    mut session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
+    mut restore_ended: tokio::sync::oneshot::Receiver<()>,
+    session: tokio::sync::oneshot::Receiver<checkpoint::lazy::LazySession>,
     cgroup: ContainerCgroup,
 ) {
     use containerd_shim::asynchronous::monitor::monitor_unsubscribe;
@@ -974,27 +984,27 @@ async fn watch_lazy_restore(
     let _ = monitor_unsubscribe(exits.id).await;
     // A monitor that stopped sending never saw the daemon exit: treat it as a failure.
     let exit_code = exit_code.unwrap_or(-1);
-    let session = if exit_code != 0 {
+    if exit_code != 0 {
         log::error!(
             "container {id}: its lazy-pages daemon (pid {daemon}) exited with {exit_code}: its \
              processes are killed"
         );
         // The restore may still be under way: its restorer waiting for a page, or CRIU still
         // making tasks, which would wait for pages forever (their userfaultfds are held) and
-        // CRIU for them. So every process of the container is killed again until the restore
-        // ended, one way or the other.
+        // CRIU for them. So every process of the container is killed again until the restore's
+        // thread ended, one way or the other.
         loop {
             let killed = cgroup.clone();
             let _ = tokio::task::spawn_blocking(move || checkpoint::lazy::kill_all(&killed)).await;
-            match tokio::time::timeout(LAZY_KILL_AGAIN, &mut session).await {
-                Ok(ended) => break ended,
-                Err(_elapsed) => {}
+            if tokio::time::timeout(LAZY_KILL_AGAIN, &mut restore_ended)
+                .await
+                .is_ok()
+            {
+                break;
             }
         }
-    } else {
-        session.await
-    };
-    let Ok(session) = session else {
+    }
+    let Ok(session) = session.await else {
         log::warn!(
             "container {id}: its restore failed; its lazy-pages daemon (pid {daemon}) exited \
              with {exit_code}"
