@@ -498,15 +498,19 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
             std::fs::write(dir.join("pages-1.img"), b"the pod's memory").unwrap();
             dir
         };
+        // One of the dead shim's that cannot be moved (immutable): the sweep in `delete` says
+        // so, and containerd logs it.
+        let stuck = Immutable::new(plant(shim.pid as u32, "stuck"));
         (
             plant(shim.pid as u32, "dead"),
             plant(std::process::id(), "live"),
+            stuck,
         )
     });
     kill_shim(handler, &pod);
     let footprint = pod.force_remove();
     assert_nothing_left(node, &footprint);
-    if let Some((dead, live)) = scratch {
+    if let Some((dead, live, stuck)) = scratch {
         // containerd runs the shim binary's `delete` after a dead shim, which sweeps them.
         wait_for(
             format_args!("{} to be removed", dead.display()),
@@ -532,6 +536,43 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
         let kept = live.join("pages-1.img").exists();
         std::fs::remove_dir_all(&live).unwrap();
         assert!(kept, "{} of a running process was removed", live.display());
+        let warned = std::fs::read_to_string(&node.containerd_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains("while cleaning up dead shim") && l.contains(&*stuck.0.to_string_lossy())
+            });
+        assert!(
+            warned,
+            "containerd logged no cleanup warning of the shim's delete about {}",
+            stuck.0.display()
+        );
+    }
+}
+
+/// A directory made immutable (`chattr +i`: not even root may rename or remove it), made
+/// mutable again and removed when dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(dir: std::path::PathBuf) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&dir)
+            .status()
+            .expect("run chattr");
+        assert!(status.success(), "chattr +i {}: {status}", dir.display());
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -68,6 +68,11 @@ impl Shim for Service {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // The shim's own logger is set up only when it serves: here what goes wrong goes to
+        // stderr, which containerd logs as the cleanup's warnings.
+        if log::set_logger(&DELETE_LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
         // First, whatever else fails or runs out of time: a shim that died mid-restore left its
         // expanded page images, the pod's memory.
         tokio::task::spawn_blocking(|| crate::scratch::sweep(Path::new(crate::scratch::ROOT)))
@@ -156,6 +161,28 @@ impl Shim for Service {
     ) -> containerd_shim::Result<containerd_shim::protos::types::introspection::RuntimeInfo> {
         Ok(crate::info::runtime_info(runtime_id))
     }
+}
+
+/// The `delete` subcommand's logger: this crate's warnings and errors, one line each, to
+/// stderr (its stdout carries the answer to containerd). libcgroups' notes about controllers
+/// this host lacks would repeat with every delete.
+struct DeleteLogger;
+
+static DELETE_LOGGER: DeleteLogger = DeleteLogger;
+
+impl log::Log for DeleteLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+            && metadata.target().starts_with(env!("CARGO_CRATE_NAME"))
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!("{}: {}", record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 #[cfg(test)]
