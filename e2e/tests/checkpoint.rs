@@ -487,7 +487,16 @@ fn podsnap_criu_killed_mid_dump_leaves_the_container_running_and_no_partial_imag
         let deadline = Instant::now() + Duration::from_secs(60);
         while !run.is_finished() && Instant::now() < deadline {
             if let Some(pid) = criu_children(shim).first() {
-                std::thread::sleep(Duration::from_millis(150));
+                // Killed while it writes the memory (a fixed delay raced a fast dump).
+                while !run.is_finished()
+                    && Instant::now() < deadline
+                    && !std::fs::read_dir(&images).is_ok_and(|d| {
+                        d.flatten()
+                            .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+                    })
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(*pid),
                     nix::sys::signal::Signal::SIGKILL,

@@ -592,12 +592,27 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
     let shim = wait_for("the restored pod's shim", LIVENESS, || {
         serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
     });
-    let criu = wait_for("its CRIU, restoring the hog", LIVENESS, || {
-        criu_of_shim(&restored)
-            .into_iter()
-            .find(|p| p.ppid == shim.pid)
-            .ok_or_else(|| format!("start finished: {}", start.is_finished()))
-    });
+    // Looked for without a pause: the CRIU lives about half a second.
+    let criu = {
+        let deadline = Instant::now() + LIVENESS;
+        loop {
+            if let Some(criu) = criu_of_shim(&restored)
+                .into_iter()
+                .find(|p| p.ppid == shim.pid)
+            {
+                break criu;
+            }
+            assert!(
+                !start.is_finished(),
+                "the restore ended before its CRIU was seen"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no CRIU restoring the hog after {LIVENESS:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
     let listed = task_list_while_stopped(criu.pid);
     let still_restoring = !start.is_finished();
     assert!(
@@ -886,11 +901,17 @@ fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not
     let restored = restore_lazily(&ws, &checkpoint, "lazy-replica", true);
     ws.pods.push(restored.clone());
     let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
-    assert!(
-        !log_lines(node, &hog, "stream in from the lazy-pages daemon").is_empty(),
-        "the replica was not restored lazily:\n{}",
-        node.log_excerpt(&[&hog])
-    );
+    // containerd copies the shim's log into its own a little after the Start answer.
+    wait_for("the shim to say the replica streams in", LIVENESS, || {
+        if log_lines(node, &hog, "stream in from the lazy-pages daemon").is_empty() {
+            Err(format!(
+                "the replica was not restored lazily:\n{}",
+                node.log_excerpt(&[&hog])
+            ))
+        } else {
+            Ok(())
+        }
+    });
     HogPod {
         pod: restored.clone(),
         hog: hog.clone(),
@@ -971,6 +992,14 @@ fn podsnap_lazy_restore_streams_every_page_and_a_killed_daemon_kills_the_pod_not
             Ok(())
         }
     });
-    assert!(lazy_daemons(&checkpoint).is_empty(), "a daemon was left");
+    // The daemon exits on its own once its process is gone.
+    wait_for("the tampered replica's daemon to exit", LIVENESS, || {
+        let left = lazy_daemons(&checkpoint);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("a daemon was left: {left:?}"))
+        }
+    });
     ws.remove_pod(&restored);
 }

@@ -394,9 +394,16 @@ fn podsnap_ctr_pause_freezes_a_cri_container_and_resume_continues_it() {
         let state = std::fs::read_to_string(&freezer).expect("read freezer.state");
         assert_eq!(state.trim(), "FROZEN", "{}", freezer.display());
     }
-    // Let output already on its way land, then the count must stand still.
-    std::thread::sleep(Duration::from_millis(500));
-    let frozen_at = last_count(&pod, "counter");
+    // Let output already on its way land (through the shim, containerd and the CRI log),
+    // then the count must stand still. A counter that runs on never settles here either.
+    let frozen_at = wait_for("the paused counter's output to settle", LIVENESS, || {
+        let before = last_count(&pod, "counter");
+        std::thread::sleep(Duration::from_millis(500));
+        match last_count(&pod, "counter") {
+            after if after == before => Ok(after),
+            after => Err(format!("count went from {before} to {after}")),
+        }
+    });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         last_count(&pod, "counter"),
@@ -536,16 +543,27 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
         let kept = live.join("pages-1.img").exists();
         std::fs::remove_dir_all(&live).unwrap();
         assert!(kept, "{} of a running process was removed", live.display());
-        let warned = std::fs::read_to_string(&node.containerd_log)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| {
-                l.contains("while cleaning up dead shim") && l.contains(&*stuck.0.to_string_lossy())
-            });
-        assert!(
-            warned,
-            "containerd logged no cleanup warning of the shim's delete about {}",
-            stuck.0.display()
+        // containerd logs a delete's stderr once it reaped it.
+        wait_for(
+            format_args!(
+                "containerd to log the delete's warning about {}",
+                stuck.0.display()
+            ),
+            LIVENESS,
+            || {
+                let warned = std::fs::read_to_string(&node.containerd_log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        l.contains("while cleaning up dead shim")
+                            && l.contains(&*stuck.0.to_string_lossy())
+                    });
+                if warned {
+                    Ok(())
+                } else {
+                    Err("no such line in containerd's log".to_string())
+                }
+            },
         );
     }
 }
@@ -555,7 +573,21 @@ fn pod_with_sigkilled_shim_is_removed_without_leaks(handler: Handler) {
 struct Immutable(std::path::PathBuf);
 
 impl Immutable {
+    /// Makes `dir` immutable, after removing what a test killed before its drop left of the
+    /// same kind (an immutable directory named like it stays otherwise, whatever sweeps it).
     fn new(dir: std::path::PathBuf) -> Immutable {
+        let suffix = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once("-e2e-"))
+            .map(|(_, what)| format!("-e2e-{what}"))
+            .expect("a planted directory's name");
+        for entry in std::fs::read_dir(dir.parent().unwrap()).unwrap().flatten() {
+            let path = entry.path();
+            if path != dir && path.to_string_lossy().ends_with(&suffix) {
+                drop(Immutable(path));
+            }
+        }
         let status = std::process::Command::new("chattr")
             .arg("+i")
             .arg(&dir)
@@ -794,7 +826,8 @@ fn podsnap_container_joining_a_busy_shared_pid_namespace_starts() {
     ));
     wait_for(
         "the busy container to use up a few thousand pids",
-        LIVENESS,
+        // 5000 fork and exec beside the probes' crictl exec, on a slow node.
+        Duration::from_secs(90),
         || {
             let out = pod.exec(&busy, &["sh", "-c", "/bin/true & echo $!"]);
             let pid: u32 = out.stdout.trim().parse().unwrap_or(0);

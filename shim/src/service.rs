@@ -178,7 +178,15 @@ impl log::Log for DeleteLogger {
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            eprintln!("{}: {}", record.level(), record.args());
+            // Never a panic (eprintln!'s) when nobody reads stderr any more (containerd
+            // restarted): the cleanup goes on.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{}: {}",
+                record.level(),
+                record.args()
+            );
         }
     }
 
