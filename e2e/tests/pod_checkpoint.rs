@@ -544,7 +544,7 @@ fn podsnap_bad_pod_checkpoint_and_restore_requests_are_refused_and_leave_nothing
 fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leaves_no_checkpoint() {
     let node = Node::get();
     let mut ws = Workspace::new("deadline");
-    // 1 GiB touched: its dump takes longer than the deadline below.
+    // 1 GiB touched: its dump is long enough to be caught writing memory.
     let hog = ws.fixture_config("hog", podsnap_e2e::fixtures::memtest(), &["1024"]);
     let config = ws.pod_config(&unique("deadline"));
     let pod = ws.run_pod(Handler::Podsnap, &config);
@@ -555,23 +555,44 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
         || file_in(node, &c, "/tmp/memtest.ready"),
     );
     let checkpoint = ws.checkpoint_dir("checkpoint");
-    let out = podsnap(&[
-        "pod",
-        "checkpoint",
-        &pod,
-        checkpoint.to_str().unwrap(),
-        "--timeout",
-        "300ms",
-    ]);
-    // Mid-dump as a rule; on a loaded node the deadline may pass before CRIU was even ready,
-    // which the answer says too.
-    let text = out.stdout.clone() + &out.stderr;
-    let needle = if text.contains("while CRIU was starting") {
-        "nothing was frozen"
-    } else {
-        "no answer from criu"
+    // The hog's CRIU is caught writing its memory and stopped there (SIGSTOP) until the call
+    // answers, so that the deadline passes mid-dump however fast or slow the node is (a
+    // deadline short enough to pass mid-dump left podsnapd too little time on a slow node).
+    let call = {
+        let (pod, target) = (pod.clone(), checkpoint.to_str().unwrap().to_string());
+        std::thread::spawn(move || {
+            podsnap(&["pod", "checkpoint", &pod, &target, "--timeout", "3s"])
+        })
     };
-    assert_refused(&out, "DeadlineExceeded", needle);
+    let shim = wait_for("the pod's shim", LIVENESS, || {
+        podsnap_e2e::serving_shim(Handler::Podsnap, &pod).ok_or_else(|| "none".to_string())
+    });
+    let stopped = {
+        let deadline = std::time::Instant::now() + LIVENESS;
+        loop {
+            assert!(
+                !call.is_finished(),
+                "the checkpoint ended before its CRIU wrote memory: {}",
+                call.join().unwrap().report()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no CRIU writing memory after {LIVENESS:?}"
+            );
+            let criu = podsnap_e2e::leaks::host_processes().into_iter().find(|p| {
+                p.ppid == shim.pid
+                    && std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                        .is_ok_and(|comm| comm.trim() == "criu")
+            });
+            if let Some(criu) = criu.filter(|_| holds_page_images(&checkpoint, 3)) {
+                break Stopped::pid(criu.pid, Some("criu"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let out = call.join().unwrap();
+    drop(stopped);
+    assert_refused(&out, "DeadlineExceeded", "no answer from criu");
     let freezer = format!("/sys/fs/cgroup/freezer/k8s.io/{c}/freezer.state");
     wait_for("the pod to be thawed", LIVENESS, || {
         let state = std::fs::read_to_string(&freezer).unwrap_or_default();
@@ -584,6 +605,18 @@ fn podsnap_pod_checkpoint_whose_deadline_expires_mid_dump_thaws_the_pod_and_leav
     assert_eq!(node.container_state(&c), "CONTAINER_RUNNING");
     wait_empty(&checkpoint, LIVENESS);
     ws.remove_pod(&pod);
+}
+
+/// Whether `dir` holds one of CRIU's page images (`pages-*`), down to `depth` levels below.
+fn holds_page_images(dir: &std::path::Path, depth: u32) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("pages-")
+                || (depth > 0
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+                    && holds_page_images(&e.path(), depth - 1))
+        })
+    })
 }
 
 #[test]
