@@ -653,11 +653,9 @@ fn lazy_daemons(checkpoint: &Path) -> Vec<HostProcess> {
         .collect()
 }
 
-/// Whether a lazy-pages daemon listens on its socket yet: one of its descriptors is a unix
-/// socket in the accepting state in `/proc/net/unix` (CRIU binds it by a relative name, so
-/// it is found by inode).
-fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid))
+/// The inodes of the sockets process `pid` holds (its `/proc/<pid>/fd` links `socket:[N]`).
+fn socket_inodes(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
             dir.flatten()
                 .filter_map(|e| std::fs::read_link(e.path()).ok())
@@ -669,15 +667,46 @@ fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// A unix socket as `/proc/net/unix` lists it (Num RefCount Protocol Flags Type St Inode
+/// [Path]).
+struct UnixSocket {
+    /// Whether it listens (`__SO_ACCEPTCON`, flags `00010000`).
+    listening: bool,
+    inode: String,
+    path: Option<String>,
+}
+
+/// The host's unix sockets, from `/proc/net/unix`.
+fn unix_sockets() -> Vec<UnixSocket> {
     std::fs::read_to_string("/proc/net/unix")
         .unwrap_or_default()
         .lines()
-        .any(|l| {
+        .filter_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
-            // Num RefCount Protocol Flags Type St Inode [Path]; __SO_ACCEPTCON = 00010000.
-            fields.len() >= 7 && fields[3] == "00010000" && inodes.iter().any(|i| i == fields[6])
+            (fields.len() >= 7).then(|| UnixSocket {
+                listening: fields[3] == "00010000",
+                inode: fields[6].to_string(),
+                path: fields.get(7).map(|p| p.to_string()),
+            })
         })
+        .collect()
+}
+
+/// The listening socket of lazy-pages daemon `pid`, once it listens (CRIU binds it by a
+/// relative name, so it is found by inode).
+fn lazy_daemon_listener(pid: i32) -> Option<UnixSocket> {
+    let inodes = socket_inodes(pid);
+    unix_sockets()
+        .into_iter()
+        .find(|s| s.listening && inodes.contains(&s.inode))
+}
+
+/// Whether a lazy-pages daemon listens on its socket yet.
+fn lazy_daemon_listens(daemon: &HostProcess) -> bool {
+    lazy_daemon_listener(daemon.pid).is_some()
 }
 
 /// When [`kill_the_lazy_daemon`] SIGKILLs the daemon.
@@ -818,34 +847,12 @@ fn processes_of_container(id: &str) -> Vec<i32> {
 /// with the listener's name that is no listener (the kernel gives a connection's server end the
 /// listener's name, in its queue and after it was accepted).
 fn lazy_daemon_was_reached(daemon: i32) -> bool {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
-        .map(|dir| {
-            dir.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    l.to_str()?
-                        .strip_prefix("socket:[")?
-                        .strip_suffix(']')
-                        .map(str::to_string)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    let entries: Vec<Vec<&str>> = table
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() >= 8)
-        .collect();
-    let Some(listener) = entries
-        .iter()
-        .find(|f| f[3] == "00010000" && inodes.iter().any(|i| i == f[6]))
-    else {
+    let Some(listener) = lazy_daemon_listener(daemon).filter(|l| l.path.is_some()) else {
         return false;
     };
-    entries
+    unix_sockets()
         .iter()
-        .any(|f| f[7] == listener[7] && f[3] != "00010000")
+        .any(|s| !s.listening && s.path == listener.path)
 }
 
 /// `podsnap pod restore` of the hog alone from `checkpoint`, lazily, started if `start`.
