@@ -13,6 +13,7 @@
 
 mod dump;
 pub mod lazy;
+mod mapped_digest;
 mod mounts;
 pub mod page_check;
 mod restore;
