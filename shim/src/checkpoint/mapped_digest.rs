@@ -5,13 +5,14 @@
 //! pages beside it, the copy into the shim cost as much CPU as the hash (`perf`, 2026-12-05).
 //!
 //! A mapped file that shrinks under its mapping raises SIGBUS at the first access past its new
-//! end, which would kill the shim, and the shim is the parent of the pod's containers. So every
-//! mapping being hashed is registered in [`MAPPINGS`], and a handler installed once (the first
-//! time a page image is hashed) catches a SIGBUS at an address inside one: it maps a page of
-//! zeros over the faulting page and marks the mapping, whose hashing then stops with
-//! [`Hashed::Shrank`] (the caller refuses that page image). A SIGBUS anywhere else is handed to
-//! the handler that was there before (Rust's stack-overflow handler) or, where there was none,
-//! the default action is restored and the faulting access repeats and kills as it always did.
+//! end (so does a read error of a page not yet cached), which would kill the shim, and the shim
+//! is the parent of the pod's containers. So every mapping being hashed is registered in
+//! [`MAPPINGS`] with the thread hashing it, and a handler installed once (the first time a page
+//! image is hashed) catches a fault of that thread inside it: it maps zeros over the rest of the
+//! mapping and marks it, and the hashing stops. Then the file's size tells a shrink
+//! ([`Hashed::Shrank`]: the caller refuses the page image) from a read error (an error). Any other
+//! SIGBUS goes to the handler that was there before (Rust's stack-overflow handler) or, where
+//! there was none, to the default action: a fault repeats and kills as it always did.
 //!
 //! A page image that cannot be mapped (no free registration, `mmap` refused) is hashed through
 //! `read` as before.
@@ -21,7 +22,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use podsnap_checkpoint_format::digest::{self, Algorithm};
 
@@ -36,16 +37,20 @@ pub enum Hashed {
     Cancelled,
 }
 
-/// How much is hashed between two looks at the cancel flag and the mapping's SIGBUS mark.
+/// How much is hashed between two looks at the cancel flag and the mapping's SIGBUS mark; each
+/// chunk's page table entries are dropped once it is hashed, so the shim maps no more than this
+/// of a page image at a time (the page cache keeps the pages).
 const CHUNK: usize = 8 << 20;
 
 /// How many page images may be hashed through mappings at once in this process (a pod's
 /// containers restoring together hash theirs on a thread each); one more is read instead.
 const REGISTRATIONS: usize = 64;
 
-/// One mapping being hashed: `[start, end)`, and whether a SIGBUS hit it.
+/// One mapping being hashed: `[start, end)`, the thread hashing it (a fault is delivered to the
+/// thread that faulted), and whether a SIGBUS hit it.
 struct Registration {
     claimed: AtomicBool,
+    thread: AtomicI32,
     start: AtomicUsize,
     end: AtomicUsize,
     faulted: AtomicBool,
@@ -56,6 +61,7 @@ struct Registration {
 static MAPPINGS: [Registration; REGISTRATIONS] = [const {
     Registration {
         claimed: AtomicBool::new(false),
+        thread: AtomicI32::new(0),
         start: AtomicUsize::new(0),
         end: AtomicUsize::new(0),
         faulted: AtomicBool::new(false),
@@ -64,6 +70,10 @@ static MAPPINGS: [Registration; REGISTRATIONS] = [const {
 
 /// The SIGBUS disposition before [`install`], which a SIGBUS outside [`MAPPINGS`] goes to.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+/// [`on_sigbus`]'s own disposition, put back after a SIGBUS sent by a process went to the
+/// previous handler (Rust's resets the default action).
+static OURS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// The page size, set by [`install`] before the handler can run.
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(0);
@@ -78,12 +88,24 @@ pub fn digest(file: &mut File, algorithm: Algorithm, cancel: &AtomicBool) -> io:
     if len > 0
         && let Some(mapping) = Mapping::new(file, len)
     {
-        return mapping.hash(algorithm, cancel, |_| {});
+        let hashed = mapping.hash(algorithm, cancel, |_| {})?;
+        drop(mapping);
+        if hashed == Hashed::Shrank && file.metadata()?.len() >= len as u64 {
+            // A fault, yet the file is as long as it was: its pages could not be read.
+            return read_digest(file, algorithm, cancel).and_then(|_| {
+                Err(io::Error::other(
+                    "a page of it could not be read through its mapping",
+                ))
+            });
+        }
+        return Ok(hashed);
     }
     read_digest(file, algorithm, cancel)
 }
 
-/// The digest through `read` (an empty file, or one that could not be mapped).
+/// The digest through `read` from where the file's offset is (an empty file, or one that could
+/// not be mapped, whose offset nobody moved; or, after a mapping's read error, to find the
+/// error `read` gives).
 fn read_digest(file: &mut File, algorithm: Algorithm, cancel: &AtomicBool) -> io::Result<Hashed> {
     struct Cancellable<'a> {
         file: &'a mut File,
@@ -113,7 +135,8 @@ struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `len` bytes of `file`; `None` when no registration is free or `mmap` refuses.
+    /// Maps `len` bytes of `file` for this thread to hash; `None` when no registration is free
+    /// or `mmap` refuses.
     fn new(file: &File, len: usize) -> Option<Mapping> {
         install()?;
         let registration = MAPPINGS.iter().find(|r| {
@@ -138,11 +161,13 @@ impl Mapping {
             return None;
         }
         registration.faulted.store(false, Ordering::Release);
-        let page = PAGE_SIZE.load(Ordering::Relaxed);
-        registration.end.store(
-            address as usize + len.div_ceil(page) * page,
-            Ordering::Release,
-        );
+        // SAFETY: gettid has no preconditions.
+        registration
+            .thread
+            .store(unsafe { libc::gettid() }, Ordering::Release);
+        registration
+            .end
+            .store(address as usize + rounded_up(len), Ordering::Release);
         registration
             .start
             .store(address as usize, Ordering::Release);
@@ -170,16 +195,26 @@ impl Mapping {
             }
             let n = CHUNK.min(self.len - offset);
             // SAFETY: `offset + n <= len`, inside the mapping, which lives as long as `self`.
-            // The bytes are only hashed; a write to the file meanwhile changes them under us
-            // (a different digest, or an identity the callers find changed), a truncation
-            // raises SIGBUS, which the handler answers with a page of zeros and the mark
-            // checked below.
+            // Strictly, Rust's aliasing rules want no change under a shared slice, and a write
+            // to the file, or the SIGBUS handler's zeros, would be one; as with any mapped
+            // file (memmap2 says the same), the bytes are only read once, by the hash, and such
+            // a change ends in a digest or an identity the callers refuse. A truncation raises
+            // SIGBUS, which the handler answers with zeros and the mark checked below.
             let bytes =
                 unsafe { std::slice::from_raw_parts((self.address as *const u8).add(offset), n) };
             hasher.update(bytes);
             if self.registration.faulted.load(Ordering::Acquire) {
                 return Ok(Hashed::Shrank);
             }
+            // SAFETY: drops this chunk's page table entries (the page cache keeps its pages);
+            // a later access would map them again. Page-aligned: CHUNK is a multiple of pages.
+            unsafe {
+                libc::madvise(
+                    (self.address as *mut u8).add(offset).cast(),
+                    rounded_up(n),
+                    libc::MADV_DONTNEED,
+                )
+            };
             offset += n;
         }
         Ok(Hashed::Digest(hasher.finish()))
@@ -190,10 +225,17 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         self.registration.start.store(0, Ordering::Release);
         self.registration.end.store(0, Ordering::Release);
+        self.registration.thread.store(0, Ordering::Release);
         // SAFETY: the mapping `new` made, unmapped once; no slice of it outlives `hash`.
         unsafe { libc::munmap(self.address, self.len) };
         self.registration.claimed.store(false, Ordering::Release);
     }
+}
+
+/// `len` rounded up to whole pages.
+fn rounded_up(len: usize) -> usize {
+    let page = PAGE_SIZE.load(Ordering::Relaxed);
+    len.div_ceil(page) * page
 }
 
 /// Installs [`on_sigbus`] once; `None` when that failed (page images are then read).
@@ -214,54 +256,74 @@ fn install() -> Option<()> {
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
             let mut previous: libc::sigaction = std::mem::zeroed();
-            // PREVIOUS is set before the handler is: a SIGBUS outside our mappings between the
-            // two would otherwise find no previous disposition.
+            // PREVIOUS and OURS are set before the handler is, which reads them.
             if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) != 0 {
                 return false;
             }
             let _ = PREVIOUS.set(previous);
+            let _ = OURS.set(action);
             libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) == 0
         }
     });
     installed.then_some(())
 }
 
-/// The SIGBUS handler (async-signal-safe: atomics, `mmap`, `sigaction` and the previous
-/// handler only).
+/// The SIGBUS handler: async-signal-safe on Linux (atomics, `gettid`, `mmap`, `sigaction`,
+/// `raise`, errno saved and restored, and the previous handler).
 extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo.
-    let address = unsafe { (*info).si_addr() } as usize;
-    let page = PAGE_SIZE.load(Ordering::Relaxed);
-    for registration in &MAPPINGS {
-        let start = registration.start.load(Ordering::Acquire);
-        let end = registration.end.load(Ordering::Acquire);
-        if start != 0 && start <= address && address < end {
-            // SAFETY: replaces one page of a mapping this module owns (registered, so not yet
-            // unmapped) with a private page of zeros; the faulting read then reads zeros.
-            let zeros = unsafe {
-                libc::mmap(
-                    (address & !(page - 1)) as *mut c_void,
-                    page,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if zeros != libc::MAP_FAILED {
-                registration.faulted.store(true, Ordering::Release);
-                return;
+    // SAFETY: errno is this thread's; the kernel hands an SA_SIGINFO handler a valid siginfo.
+    let (errno, code, address) = unsafe {
+        (
+            *libc::__errno_location(),
+            (*info).si_code,
+            (*info).si_addr() as usize,
+        )
+    };
+    // A fault (code > 0; a process's kill or tgkill has code <= 0) of this thread, inside the
+    // mapping it is hashing.
+    if code > 0 {
+        // SAFETY: gettid has no preconditions.
+        let thread = unsafe { libc::gettid() };
+        for registration in &MAPPINGS {
+            if registration.thread.load(Ordering::Acquire) != thread {
+                continue;
+            }
+            let start = registration.start.load(Ordering::Acquire);
+            let end = registration.end.load(Ordering::Acquire);
+            if start != 0 && start <= address && address < end {
+                let page = address & !(PAGE_SIZE.load(Ordering::Relaxed) - 1);
+                // SAFETY: replaces the rest of a mapping this thread owns (registered, so not
+                // yet unmapped) with private zeros: the faulting read, and the reads after it
+                // up to the next look at the mark, read zeros.
+                let zeros = unsafe {
+                    libc::mmap(
+                        page as *mut c_void,
+                        end - page,
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                if zeros != libc::MAP_FAILED {
+                    registration.faulted.store(true, Ordering::Release);
+                    // SAFETY: as above.
+                    unsafe { *libc::__errno_location() = errno };
+                    return;
+                }
             }
         }
     }
     // Not ours: what would have happened without this module.
-    match PREVIOUS.get() {
-        Some(previous)
-            if previous.sa_sigaction != libc::SIG_DFL && previous.sa_sigaction != libc::SIG_IGN =>
-        {
-            // SAFETY: the previous handler was installed for SIGBUS with these flags; it gets
-            // the arguments the kernel gave this one.
-            unsafe {
+    // SAFETY: the previous handler was installed for SIGBUS with these flags and gets the
+    // arguments the kernel gave this one; the sigaction calls install dispositions `install`
+    // made or read; raise sends this signal to this thread.
+    unsafe {
+        match PREVIOUS.get() {
+            Some(previous)
+                if previous.sa_sigaction != libc::SIG_DFL
+                    && previous.sa_sigaction != libc::SIG_IGN =>
+            {
                 if previous.sa_flags & libc::SA_SIGINFO != 0 {
                     let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void) =
                         std::mem::transmute(previous.sa_sigaction);
@@ -271,17 +333,28 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context
                         std::mem::transmute(previous.sa_sigaction);
                     handler(signal);
                 }
+                if code <= 0
+                    && let Some(ours) = OURS.get()
+                {
+                    // A signal a process sent does not repeat: this handler goes back, for
+                    // the page images hashed later.
+                    libc::sigaction(libc::SIGBUS, ours, std::ptr::null_mut());
+                }
             }
-        }
-        _ => {
-            // SAFETY: resets SIGBUS to its default action; the faulting access repeats when
-            // this handler returns and the kernel ends the process as it would have.
-            unsafe {
+            Some(previous) if previous.sa_sigaction == libc::SIG_IGN && code <= 0 => {}
+            _ => {
                 let mut default: libc::sigaction = std::mem::zeroed();
                 default.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(libc::SIGBUS, &default, std::ptr::null_mut());
+                if code <= 0 {
+                    // A sent signal does not repeat: sent again (delivered when this handler
+                    // returns), it has its default action, as it would have had.
+                    libc::raise(libc::SIGBUS);
+                }
+                // A fault repeats when this handler returns and the kernel ends the process.
             }
         }
+        *libc::__errno_location() = errno;
     }
 }
 
@@ -436,5 +509,38 @@ mod tests {
             .unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+    }
+
+    /// A SIGBUS a process sends (no fault) goes to the previous handler, which does not end
+    /// the shim, and leaves this module's handler in place: a page image that shrinks later is
+    /// still caught. Run in a child, as the test above.
+    #[test]
+    fn a_sigbus_sent_by_a_process_leaves_the_handler_in_place() {
+        const CHILD: &str = "PODSNAP_MAPPED_DIGEST_SENT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let (_dir, page) = file_of(&pattern(4096));
+            digest(
+                &mut File::open(&page).unwrap(),
+                Algorithm::Blake3,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            // SAFETY: sends SIGBUS to this thread, as `kill -BUS` would to the shim.
+            assert_eq!(unsafe { libc::raise(libc::SIGBUS) }, 0);
+            a_page_image_that_shrinks_while_mapped_is_reported_and_the_process_lives();
+            return;
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "checkpoint::mapped_digest::tests::a_sigbus_sent_by_a_process_leaves_the_handler_in_place",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
     }
 }
