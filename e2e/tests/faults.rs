@@ -641,6 +641,99 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
     ws.remove_pod(&pod_id);
 }
 
+/// A restore whose caller gives up: `crictl start` with a 3 s deadline while the restoring CRIU
+/// is stopped (SIGSTOP, caught as soon as the shim runs it). containerd's deadline drops the
+/// shim's Start, and with it the restore: the shim kills its CRIU (a stopped CRIU dies only by
+/// SIGKILL), and containerd, as after any failed start, kills and deletes the task. The replica
+/// ends EXITED; no CRIU of it and no process of it is left, then or a second later.
+#[test]
+fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
+    let mut ws = Workspace::new("fault-restore-deadline");
+    let pod = HogPod::start(&mut ws, "fault-restore-deadline", HOG_MIB);
+    let checkpoint = ws.checkpoint_dir("checkpoint");
+    Cri::new()
+        .checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[])
+        .expect("the checkpoint");
+    let hog_config = ws.path("hog.json");
+    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique("restore-deadline"));
+    let out = podsnap_e2e::cri_workspace::restore_created(&checkpoint, &replica, &[&hog_config]);
+    let restored = podsnap_e2e::cri_workspace::restored_pod(&out);
+    ws.pods.push(restored.clone());
+    let node = Node::get();
+    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let start = {
+        let hog = hog.clone();
+        std::thread::spawn(move || Node::get().crictl_try(["--timeout", "3s", "start", &hog]))
+    };
+    let shim = wait_for("the restored pod's shim", LIVENESS, || {
+        serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
+    });
+    let criu = {
+        let deadline = Instant::now() + LIVENESS;
+        loop {
+            if let Some(criu) = criu_of_shim(&restored)
+                .into_iter()
+                .find(|p| p.ppid == shim.pid)
+            {
+                break criu;
+            }
+            assert!(
+                !start.is_finished(),
+                "the restore ended before its CRIU was seen"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no CRIU restoring the hog after {LIVENESS:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let stopped = Stopped::pid(criu.pid, Some("criu"));
+    let started = start.join().unwrap();
+    assert!(
+        !started.success(),
+        "the start succeeded with its CRIU stopped: {}",
+        started.report()
+    );
+    assert!(
+        started.stderr.contains("DeadlineExceeded") || started.stderr.contains("deadline"),
+        "the start failed, but not by its deadline: {}",
+        started.report()
+    );
+    // The shim killed its CRIU when the start was dropped; were it still there, it goes on now.
+    drop(stopped);
+    wait_exited(criu.pid, "the restoring CRIU");
+    wait_for("the replica's processes to be gone", LIVENESS, || {
+        let left = processes_of_container(&hog);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("processes of {hog} still run: {left:?}"))
+        }
+    });
+    wait_for("the replica to be EXITED", LIVENESS, || {
+        let state = node.crictl([
+            "inspect",
+            "-o",
+            "go-template",
+            "--template",
+            "{{.status.state}}",
+            &hog,
+        ]);
+        if state.trim() == "CONTAINER_EXITED" {
+            Ok(())
+        } else {
+            Err(format!("state {}", state.trim()))
+        }
+    });
+    // Nothing of it runs a second later either (a CRIU still restoring would have made it).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(processes_of_container(&hog), Vec::<i32>::new());
+    ws.remove_pod(&restored);
+    let pod_id = pod.pod.clone();
+    ws.remove_pod(&pod_id);
+}
+
 /// The lazy-pages daemons serving `checkpoint` (their command line names its images).
 fn lazy_daemons(checkpoint: &Path) -> Vec<HostProcess> {
     let prefix = checkpoint.display().to_string();
