@@ -17,7 +17,7 @@
 //! | [`idmap`], [`mount_sources`] | user-namespace pods: idmapped rootfs layers and bind mounts, bind sources the namespace's root can reach |
 //! | [`cgroup`], [`oom`] | a container's cgroup (v1 and v2): freeze, update, pids, metrics; OOM events |
 //! | [`stdio`] | FIFOs and terminals between containerd and the container |
-//! | [`checkpoint`] | one container with CRIU: `mounts` (what is external), `dump`, `restore` |
+//! | [`checkpoint`] | one container with CRIU: `mounts` (what is external), `dump`, `restore`; `page_check` and `mapped_digest` verify the page images while CRIU reads them, `lazy` serves them on demand |
 //! | [`pod_checkpoint`] | the pod socket: freeze the pod, dump its containers in parallel, capture volumes, thaw |
 //! | [`thaw_guard`] | the guard process and watchdog that thaw a pod whatever happens to the shim |
 //! | [`rootfs_diff`], [`volumes`] | the writable layer and emptyDir volumes: captured and unpacked through directory descriptors |
