@@ -641,11 +641,28 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
     ws.remove_pod(&pod_id);
 }
 
-/// A restore whose caller gives up: `crictl start` with a 3 s deadline while the restoring CRIU
-/// is stopped (SIGSTOP, caught as soon as the shim runs it). containerd's deadline drops the
-/// shim's Start, and with it the restore: the shim kills its CRIU (a stopped CRIU dies only by
-/// SIGKILL), and containerd, as after any failed start, kills and deletes the task. The replica
-/// ends EXITED; no CRIU of it and no process of it is left, then or a second later.
+/// The CRI state of container `id` (`CONTAINER_RUNNING`, `CONTAINER_EXITED`, ...).
+fn container_state(node: &Node, id: &str) -> String {
+    node.crictl([
+        "inspect",
+        "-o",
+        "go-template",
+        "--template",
+        "{{.status.state}}",
+        id,
+    ])
+    .trim()
+    .to_string()
+}
+
+/// A restore whose caller gives up: `crictl start` with a 10 s deadline while the restoring
+/// CRIU is stopped (SIGSTOP, caught as soon as the shim runs it). containerd's deadline drops the
+/// shim's Start and containerd, as after any failed start, deletes the task. The shim's restore
+/// runs to its end regardless, holding the container's operation lock, so that delete waits for
+/// CRIU (let go 5 s later) and for the kill of what it restored (nobody waits for it any more).
+/// The replica ends EXITED, no process of it is left, then or a second later, and the pod's
+/// removal finds none of its cgroups. Before, the delete ran while CRIU was stopped and CRIU,
+/// let go, made the deleted container's cgroups again, left behind.
 #[test]
 fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
     let mut ws = Workspace::new("fault-restore-deadline");
@@ -663,7 +680,7 @@ fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
     let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
     let start = {
         let hog = hog.clone();
-        std::thread::spawn(move || Node::get().crictl_try(["--timeout", "3s", "start", &hog]))
+        std::thread::spawn(move || Node::get().crictl_try(["--timeout", "10s", "start", &hog]))
     };
     let shim = wait_for("the restored pod's shim", LIVENESS, || {
         serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
@@ -700,9 +717,26 @@ fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
         "the start failed, but not by its deadline: {}",
         started.report()
     );
-    // The shim killed its CRIU when the start was dropped; were it still there, it goes on now.
+    // containerd's kill and delete of the failed task come now. Let them run while CRIU is
+    // stopped (they answer in about a second when nothing holds them; the shim holds them
+    // until the restore ended): CRIU goes on after 5 s, or once the container is EXITED.
+    let held = Instant::now();
+    while Instant::now() < held + Duration::from_secs(5)
+        && container_state(node, &hog) != "CONTAINER_EXITED"
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(stopped);
     wait_exited(criu.pid, "the restoring CRIU");
+    // containerd marks the container EXITED once it killed and deleted the task.
+    wait_for("the replica to be EXITED", LIVENESS, || {
+        let state = container_state(node, &hog);
+        if state == "CONTAINER_EXITED" {
+            Ok(())
+        } else {
+            Err(format!("state {state}"))
+        }
+    });
     wait_for("the replica's processes to be gone", LIVENESS, || {
         let left = processes_of_container(&hog);
         if left.is_empty() {
@@ -711,22 +745,7 @@ fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
             Err(format!("processes of {hog} still run: {left:?}"))
         }
     });
-    wait_for("the replica to be EXITED", LIVENESS, || {
-        let state = node.crictl([
-            "inspect",
-            "-o",
-            "go-template",
-            "--template",
-            "{{.status.state}}",
-            &hog,
-        ]);
-        if state.trim() == "CONTAINER_EXITED" {
-            Ok(())
-        } else {
-            Err(format!("state {}", state.trim()))
-        }
-    });
-    // Nothing of it runs a second later either (a CRIU still restoring would have made it).
+    // Nothing of it runs a second later either.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(processes_of_container(&hog), Vec::<i32>::new());
     ws.remove_pod(&restored);

@@ -71,6 +71,9 @@ pub struct PodTask {
     oom: mpsc::UnboundedSender<String>,
 }
 
+/// How long the kill of a restore whose caller had gone waits for its exit.
+const ABANDONED_RESTORE_EXIT: Duration = Duration::from_secs(10);
+
 fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> crate::error::Result<&'a mut Container> {
     pod.containers
         .get_mut(id)
@@ -210,6 +213,47 @@ impl PodTask {
         Ok(())
     }
 
+    /// What follows the start of a container's init (`pid`): its OOM notifications and the
+    /// `TaskStart` event.
+    fn started(&self, container: &Container, pid: i32) {
+        if let Err(e) = crate::oom::watch(&container.cgroup, &container.id, self.oom.clone()) {
+            log::warn!("container {}: no OOM notifications: {e:#}", container.id);
+        }
+        self.send_event(TaskStart {
+            container_id: container.id.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        });
+    }
+
+    /// Kills container `id`, restored after the caller of its Start had gone (containerd answered
+    /// the start as failed and deletes the task next), and waits for its init's exit to be
+    /// recorded, so that the delete, held by the restore's operation lock until this returns,
+    /// finds it stopped.
+    async fn kill_abandoned_restore(&self, id: &str) {
+        log::warn!("container {id}: restored after containerd gave up on its start: killed");
+        let exited = {
+            let mut pod = self.pod.lock().await;
+            let Ok(container) = container_mut(&mut pod, id) else {
+                return;
+            };
+            let mut exited = container.init.exited.subscribe();
+            if let Err(e) = container.kill(None, libc::SIGKILL as u32, true).await {
+                log::warn!("container {id}: kill the abandoned restore: {e}");
+            }
+            async move { exited.wait_for(|e| e.is_some()).await.is_ok() }
+        };
+        if !matches!(
+            tokio::time::timeout(ABANDONED_RESTORE_EXIT, exited).await,
+            Ok(true)
+        ) {
+            log::warn!(
+                "container {id}: no exit of the abandoned restore within \
+                 {ABANDONED_RESTORE_EXIT:?}"
+            );
+        }
+    }
+
     /// Applies an exit that was reaped before `pid` was recorded, if there was one.
     fn claim_early_exit(&self, pod: &mut Pod, pid: i32) {
         if let Some((code, at, _)) = pod.early_exits.remove(&pid)
@@ -304,9 +348,9 @@ impl Task for PodTask {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let _op = self.begin(&req.id).await?;
+        let op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
-        let mut container = container_mut(&mut pod, &req.id)?;
+        let container = container_mut(&mut pod, &req.id)?;
         let pid = if let Some(exec) = exec_id(&req.exec_id) {
             let pid = container.start_exec(exec).await?;
             self.claim_early_exit(&mut pod, pid);
@@ -335,30 +379,57 @@ impl Task for PodTask {
                     .into());
                 }
             }
-            let pid = if container.checkpoint.is_some() {
+            if container.checkpoint.is_some() {
                 // A restore: run without the container map (seconds for a large container),
                 // so exits, state and wait of the pod's other containers go on meanwhile; this
-                // container's own operation lock keeps it as it is.
+                // container's own operation lock keeps it as it is. It runs to its end on a
+                // task of its own, lock included, even when containerd gives up on this Start
+                // (its deadline drops this future): CRIU's thread goes on either way, and the
+                // delete containerd sends after a failed start, let in meanwhile, removed the
+                // container under CRIU (which then made its cgroups again, left behind). That
+                // delete now waits for the restore; a restore that succeeded after its caller
+                // gave up is killed first (containerd answered the start as failed), so the
+                // delete finds it stopped.
                 let job = container.restore_job()?;
                 drop(pod);
-                let restored = job.await;
-                pod = self.pod.lock().await;
-                container = container_mut(&mut pod, &req.id)?;
-                let pid = container.commit_restore(restored?);
-                self.claim_early_exit(&mut pod, pid);
-                container = container_mut(&mut pod, &req.id)?;
-                pid
-            } else {
-                container.start_init().await?
-            };
-            if let Err(e) = crate::oom::watch(&container.cgroup, &req.id, self.oom.clone()) {
-                log::warn!("container {}: no OOM notifications: {e:#}", req.id);
+                let task = self.clone();
+                let id = req.id.clone();
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let _op = op;
+                    let restored = job.await;
+                    let mut pod = task.pod.lock().await;
+                    let committed = restored.and_then(|restored| {
+                        Ok(container_mut(&mut pod, &id)?.commit_restore(restored))
+                    });
+                    let Ok(pid) = committed else {
+                        drop(pod);
+                        let _ = answer.send(committed);
+                        return;
+                    };
+                    task.claim_early_exit(&mut pod, pid);
+                    let Ok(container) = container_mut(&mut pod, &id) else {
+                        return;
+                    };
+                    task.started(container, pid);
+                    drop(pod);
+                    if answer.send(Ok(pid)).is_err() {
+                        task.kill_abandoned_restore(&id).await;
+                    }
+                });
+                let pid = answered.await.map_err(|_| {
+                    Error::internal(format!(
+                        "container {}: the restore ended unanswered",
+                        req.id
+                    ))
+                })??;
+                return Ok(StartResponse {
+                    pid: pid as u32,
+                    ..Default::default()
+                });
             }
-            self.send_event(TaskStart {
-                container_id: req.id.clone(),
-                pid: pid as u32,
-                ..Default::default()
-            });
+            let pid = container.start_init().await?;
+            self.started(container, pid);
             pid
         };
         Ok(StartResponse {
