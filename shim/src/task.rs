@@ -71,6 +71,11 @@ pub struct PodTask {
     oom: mpsc::UnboundedSender<String>,
 }
 
+/// How long before ttrpc's deadline of a Start a restore must be committed to be answered:
+/// containerd's own deadline passed a little earlier (the request's transit), and the answer
+/// needs to travel back.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
+
 /// How long the kill of a restore whose caller had gone waits for its exit.
 const ABANDONED_RESTORE_EXIT: Duration = Duration::from_secs(10);
 
@@ -226,12 +231,14 @@ impl PodTask {
         });
     }
 
-    /// Kills container `id`, restored after the caller of its Start had gone (containerd answered
-    /// the start as failed and deletes the task next), and waits for its init's exit to be
+    /// Kills container `id`, restored after the caller of its Start had gone or too close to its
+    /// deadline (containerd answered the start as failed and deletes the task next), and waits for its init's exit to be
     /// recorded, so that the delete, held by the restore's operation lock until this returns,
     /// finds it stopped.
     async fn kill_abandoned_restore(&self, id: &str) {
-        log::warn!("container {id}: restored after containerd gave up on its start: killed");
+        log::warn!(
+            "container {id}: restored after containerd gave up on its start, or too late to answer it: killed"
+        );
         let exited = {
             let mut pod = self.pod.lock().await;
             let Ok(container) = container_mut(&mut pod, id) else {
@@ -347,7 +354,13 @@ impl Task for PodTask {
         })
     }
 
-    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+    async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        // containerd's own deadline passes before ttrpc's timer, which starts when the request
+        // arrives: a restore committed after this point may answer nobody.
+        let answer_by = (ctx.timeout_nano > 0).then(|| {
+            Instant::now()
+                + Duration::from_nanos(ctx.timeout_nano as u64).saturating_sub(ANSWER_MARGIN)
+        });
         let op = self.begin(&req.id).await?;
         let mut pod = self.pod.lock().await;
         let container = container_mut(&mut pod, &req.id)?;
@@ -402,18 +415,34 @@ impl Task for PodTask {
                     let committed = restored.and_then(|restored| {
                         Ok(container_mut(&mut pod, &id)?.commit_restore(restored))
                     });
-                    let Ok(pid) = committed else {
-                        drop(pod);
-                        let _ = answer.send(committed);
-                        return;
+                    let pid = match committed {
+                        Ok(pid) => pid,
+                        Err(e) => {
+                            drop(pod);
+                            if let Err(Err(e)) = answer.send(Err(e)) {
+                                log::warn!(
+                                    "container {id}: restore failed after containerd gave up \
+                                     on its start: {e}"
+                                );
+                            }
+                            return;
+                        }
                     };
                     task.claim_early_exit(&mut pod, pid);
-                    let Ok(container) = container_mut(&mut pod, &id) else {
-                        return;
-                    };
-                    task.started(container, pid);
+                    let late = answer_by.is_some_and(|by| Instant::now() >= by);
+                    if !late && let Ok(container) = container_mut(&mut pod, &id) {
+                        task.started(container, pid);
+                    }
                     drop(pod);
-                    if answer.send(Ok(pid)).is_err() {
+                    let answered = if late {
+                        let _ = answer.send(Err(Error::DeadlineExceeded(format!(
+                            "container {id}: restored after its start's deadline"
+                        ))));
+                        false
+                    } else {
+                        answer.send(Ok(pid)).is_ok()
+                    };
+                    if !answered {
                         task.kill_abandoned_restore(&id).await;
                     }
                 });
