@@ -567,52 +567,83 @@ fn podsnap_a_pod_being_checkpointed_still_answers_state() {
     ws.remove_pod(&pod_id);
 }
 
-/// Nor across a restore: with the CRIU restoring a 1 GiB container stopped (SIGSTOP) in the
-/// middle of its StartContainer, containerd's task list still answers for the restored pod.
-#[test]
-fn podsnap_a_pod_being_restored_still_answers_state() {
-    let mut ws = Workspace::new("fault-restore-state");
-    let pod = HogPod::start(&mut ws, "fault-restore-state", HOG_MIB);
+/// A hog pod, and a replica restored from its checkpoint whose hog is being started.
+struct Restoring {
+    pod: HogPod,
+    restored: String,
+    hog: String,
+    /// `crictl start` of the replica's hog, on a thread of its own.
+    start: std::thread::JoinHandle<podsnap_e2e::Finished>,
+    /// The CRIU restoring it, caught as soon as the replica's shim ran it.
+    criu: HostProcess,
+}
+
+/// A hog pod `fault-<name>` checkpointed, a replica restored from it (created), and its hog
+/// started with `crictl <flags> start` on a thread, until the CRIU restoring it is seen.
+fn restoring_replica(ws: &mut Workspace, name: &str, flags: &[&str]) -> Restoring {
+    let pod = HogPod::start(ws, &format!("fault-{name}"), HOG_MIB);
     let checkpoint = ws.checkpoint_dir("checkpoint");
     Cri::new()
         .checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[])
         .expect("the checkpoint");
     // The hog's config as HogPod wrote it (the same name writes the same file).
     let hog_config = ws.path("hog.json");
-    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique("restore-state"));
+    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique(name));
     let out = podsnap_e2e::cri_workspace::restore_created(&checkpoint, &replica, &[&hog_config]);
     let restored = podsnap_e2e::cri_workspace::restored_pod(&out);
     ws.pods.push(restored.clone());
-    let node = Node::get();
-    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
+    let hog = podsnap_e2e::cri_workspace::container_named(Node::get(), &restored, "hog");
     let start = {
-        let hog = hog.clone();
-        std::thread::spawn(move || Node::get().crictl_try(["start", &hog]))
+        let args: Vec<String> = flags
+            .iter()
+            .map(|f| f.to_string())
+            .chain(["start".to_string(), hog.clone()])
+            .collect();
+        std::thread::spawn(move || Node::get().crictl_try(args))
     };
     let shim = wait_for("the restored pod's shim", LIVENESS, || {
         serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
     });
     // Looked for without a pause: the CRIU lives about half a second.
-    let criu = {
-        let deadline = Instant::now() + LIVENESS;
-        loop {
-            if let Some(criu) = criu_of_shim(&restored)
-                .into_iter()
-                .find(|p| p.ppid == shim.pid)
-            {
-                break criu;
-            }
-            assert!(
-                !start.is_finished(),
-                "the restore ended before its CRIU was seen"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "no CRIU restoring the hog after {LIVENESS:?}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
+    let deadline = Instant::now() + LIVENESS;
+    let criu = loop {
+        if let Some(criu) = criu_of_shim(&restored)
+            .into_iter()
+            .find(|p| p.ppid == shim.pid)
+        {
+            break criu;
         }
+        assert!(
+            !start.is_finished(),
+            "the restore ended before its CRIU was seen"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no CRIU restoring the hog after {LIVENESS:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     };
+    Restoring {
+        pod,
+        restored,
+        hog,
+        start,
+        criu,
+    }
+}
+
+/// Nor across a restore: with the CRIU restoring a 1 GiB container stopped (SIGSTOP) in the
+/// middle of its StartContainer, containerd's task list still answers for the restored pod.
+#[test]
+fn podsnap_a_pod_being_restored_still_answers_state() {
+    let mut ws = Workspace::new("fault-restore-state");
+    let Restoring {
+        pod,
+        restored,
+        hog,
+        start,
+        criu,
+    } = restoring_replica(&mut ws, "restore-state", &[]);
     let listed = task_list_while_stopped(criu.pid);
     let still_restoring = !start.is_finished();
     assert!(
@@ -641,20 +672,6 @@ fn podsnap_a_pod_being_restored_still_answers_state() {
     ws.remove_pod(&pod_id);
 }
 
-/// The CRI state of container `id` (`CONTAINER_RUNNING`, `CONTAINER_EXITED`, ...).
-fn container_state(node: &Node, id: &str) -> String {
-    node.crictl([
-        "inspect",
-        "-o",
-        "go-template",
-        "--template",
-        "{{.status.state}}",
-        id,
-    ])
-    .trim()
-    .to_string()
-}
-
 /// A restore whose caller gives up: `crictl start` with a 10 s deadline while the restoring
 /// CRIU is stopped (SIGSTOP, caught as soon as the shim runs it). containerd's deadline drops the
 /// shim's Start and containerd, as after any failed start, deletes the task. The shim's restore
@@ -666,45 +683,14 @@ fn container_state(node: &Node, id: &str) -> String {
 #[test]
 fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
     let mut ws = Workspace::new("fault-restore-deadline");
-    let pod = HogPod::start(&mut ws, "fault-restore-deadline", HOG_MIB);
-    let checkpoint = ws.checkpoint_dir("checkpoint");
-    Cri::new()
-        .checkpoint(&pod.pod, checkpoint.to_str().unwrap(), &[&pod.hog], &[])
-        .expect("the checkpoint");
-    let hog_config = ws.path("hog.json");
-    let replica = ws.pod_config(&podsnap_e2e::cri_workspace::unique("restore-deadline"));
-    let out = podsnap_e2e::cri_workspace::restore_created(&checkpoint, &replica, &[&hog_config]);
-    let restored = podsnap_e2e::cri_workspace::restored_pod(&out);
-    ws.pods.push(restored.clone());
+    let Restoring {
+        pod,
+        restored,
+        hog,
+        start,
+        criu,
+    } = restoring_replica(&mut ws, "restore-deadline", &["--timeout", "10s"]);
     let node = Node::get();
-    let hog = podsnap_e2e::cri_workspace::container_named(node, &restored, "hog");
-    let start = {
-        let hog = hog.clone();
-        std::thread::spawn(move || Node::get().crictl_try(["--timeout", "10s", "start", &hog]))
-    };
-    let shim = wait_for("the restored pod's shim", LIVENESS, || {
-        serving_shim(Handler::Podsnap, &restored).ok_or_else(|| "not yet".to_string())
-    });
-    let criu = {
-        let deadline = Instant::now() + LIVENESS;
-        loop {
-            if let Some(criu) = criu_of_shim(&restored)
-                .into_iter()
-                .find(|p| p.ppid == shim.pid)
-            {
-                break criu;
-            }
-            assert!(
-                !start.is_finished(),
-                "the restore ended before its CRIU was seen"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "no CRIU restoring the hog after {LIVENESS:?}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
     let stopped = Stopped::pid(criu.pid, Some("criu"));
     let started = start.join().unwrap();
     assert!(
@@ -722,7 +708,7 @@ fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
     // until the restore ended): CRIU goes on after 5 s, or once the container is EXITED.
     let held = Instant::now();
     while Instant::now() < held + Duration::from_secs(5)
-        && container_state(node, &hog) != "CONTAINER_EXITED"
+        && node.container_state(&hog) != "CONTAINER_EXITED"
     {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -730,7 +716,7 @@ fn podsnap_a_restore_whose_start_deadline_passes_leaves_no_process_behind() {
     wait_exited(criu.pid, "the restoring CRIU");
     // containerd marks the container EXITED once it killed and deleted the task.
     wait_for("the replica to be EXITED", LIVENESS, || {
-        let state = container_state(node, &hog);
+        let state = node.container_state(&hog);
         if state == "CONTAINER_EXITED" {
             Ok(())
         } else {

@@ -98,11 +98,9 @@ pub fn digest(file: &mut File, algorithm: Algorithm, cancel: &AtomicBool) -> io:
             // A fault, yet the file is as long as it was: its pages could not be read (or it
             // shrank and grew back meanwhile; either way the restore fails, as a failed check
             // rather than a refused checkpoint).
-            return read_digest(file, algorithm, cancel).and_then(|_| {
-                Err(io::Error::other(
-                    "a page of it could not be read through its mapping",
-                ))
-            });
+            return Err(io::Error::other(
+                "a page of it could not be read through its mapping",
+            ));
         }
         return Ok(hashed);
     }
@@ -110,8 +108,7 @@ pub fn digest(file: &mut File, algorithm: Algorithm, cancel: &AtomicBool) -> io:
 }
 
 /// The digest through `read` from where the file's offset is (an empty file, or one that could
-/// not be mapped, whose offset nobody moved; or, after a mapping's read error, to find the
-/// error `read` gives).
+/// not be mapped, whose offset nobody moved).
 fn read_digest(file: &mut File, algorithm: Algorithm, cancel: &AtomicBool) -> io::Result<Hashed> {
     struct Cancellable<'a> {
         file: &'a mut File,
@@ -464,6 +461,21 @@ mod tests {
         );
     }
 
+    /// This test binary run again for the test `name` of this module alone, with `variable`
+    /// set to `value` (which makes that test do its child's part); its stderr is dropped.
+    fn in_child(name: &str, variable: &str, value: &std::ffi::OsStr) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &format!("checkpoint::mapped_digest::tests::{name}"),
+                "--test-threads=1",
+            ])
+            .env(variable, value)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     /// A SIGBUS outside the registered mappings still ends the process by SIGBUS: the test
     /// runs itself again in a child, which installs the handler, then faults on a mapping of
     /// its own past the end of its file.
@@ -509,17 +521,12 @@ mod tests {
             unreachable!("the read past the end did not fault");
         }
         let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "checkpoint::mapped_digest::tests::a_sigbus_elsewhere_still_kills_the_process",
-                "--test-threads=1",
-            ])
-            .env(CHILD, dir.path().join("elsewhere"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
+        let status = in_child(
+            "a_sigbus_elsewhere_still_kills_the_process",
+            CHILD,
+            dir.path().join("elsewhere").as_os_str(),
+        )
+        .status;
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
     }
@@ -543,16 +550,11 @@ mod tests {
             a_page_image_that_shrinks_while_mapped_is_reported_and_the_process_lives();
             return;
         }
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "checkpoint::mapped_digest::tests::a_sigbus_sent_by_a_process_leaves_the_handler_in_place",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .stderr(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let output = in_child(
+            "a_sigbus_sent_by_a_process_leaves_the_handler_in_place",
+            CHILD,
+            "1".as_ref(),
+        );
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{:?}: {stdout}", output.status);
         // The child ran this very test (a renamed module would match no test and pass).
